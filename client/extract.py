@@ -1,0 +1,434 @@
+"""`fedmets site extract`: radiomics features of every usable patient of a site, in parallel,
+with a per-patient cache.
+
+For each patient that ``client.site_check.check_site`` passes: load (``client.ingest``),
+preprocess and crop (``client.preprocess``), build the peritumoral ring (``client.peritumoral``),
+extract PyRadiomics features of tumour and ring (``client.radiomics_features``), save the deep
+crop. Patients run one per task on ``compute.workers`` processes (ITK single-threaded in each).
+
+Outputs under ``paths.output``: ``features.parquet`` (one row per extracted patient: patient_id,
+label, tumour_*, ring_*, then ``shared.clinical.encoded_columns()``) and
+``extraction_report.json`` (counts, reasons, timing). A patient that fails is recorded with its
+stage, file and field and the run goes on; a worker process that dies is replaced and the
+patients it held are retried alone.
+
+Cache: ``paths.cache/extract/<patient>/`` holds ``features.json`` and ``crop.npz``, valid while
+the cache key matches: sha256 of the CT and tumour-mask files, the parameter file, the extraction
+settings (``[preprocess]``, margin, RTSTRUCT ROI pattern), the fedmets code version and the
+PyRadiomics/SimpleITK versions. Entries are written atomically (temporary file + rename, JSON
+last), so an interrupted run resumes where it stopped. A failure caused by the data (bad image,
+empty ring, PyRadiomics rejecting a mask) is cached too and reported again without recomputing;
+other failures (disk, memory, a dead worker) are retried on the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import resource
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import radiomics
+import SimpleITK as sitk
+
+import shared
+from client.ingest import (
+    PatientDataError,
+    PatientRecord,
+    load_patient_images,
+    read_manifest,
+    shown_path,
+)
+from client.peritumoral import peritumoral_ring
+from client.preprocess import ImageContentError, prepare_patient, save_crop
+from client.radiomics_features import (
+    REGIONS,
+    extractor_for,
+    params_file,
+    region_features,
+    use_one_thread,
+)
+from client.site_check import check_site
+from shared.clinical import encode_clinical
+from shared.config import SiteConfig
+
+FEATURES_FILE = "features.parquet"
+REPORT_FILE = "extraction_report.json"
+CACHE_FOLDER = "extract"
+ENTRY_FILE = "features.json"
+CROP_FILE = "crop.npz"
+
+# The input a failure at each stage points at when the error itself names none.
+_STAGE_FIELD = {
+    "clinical": "clinical",
+    "hash": "ct",
+    "load": "ct",
+    "preprocess": "ct",
+    "ring": "tumour_mask",
+    "radiomics (tumour)": "tumour_mask",
+    "radiomics (ring)": "tumour_mask",
+    "cache": "paths.cache",
+    "worker": "ct",
+}
+_IMAGE_FIELD = {"ct": "ct", "tumour": "tumour_mask"}
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One patient for a worker: its record, the site config and where its cache entry goes."""
+
+    record: PatientRecord
+    cfg: SiteConfig
+    params: Path
+    key: str
+    entry: Path
+
+
+def extract_site(
+    cfg: SiteConfig,
+    workers: int | None = None,
+    on_patient_done: Callable[[int, int], None] | None = None,
+    on_patient_checked: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Check the site, extract every usable patient, write features.parquet and
+    extraction_report.json under ``paths.output``, and return the report.
+
+    ``workers`` defaults to ``compute.workers``. ``on_patient_checked(done, total)`` is called
+    after each patient of the site check, ``on_patient_done(done, total)`` after each usable
+    patient's extraction (cached, extracted or failed), both in this process. Raises
+    FileNotFoundError when the parameter file is missing; patient-level problems never raise."""
+    started = time.perf_counter()
+    workers = workers or cfg.compute.workers
+    params = params_file(cfg.radiomics.params)
+    if not params.is_file():
+        raise FileNotFoundError(f"radiomics.params: file not found: {params}")
+    check = check_site(cfg, workers, on_patient_checked)
+    usable = set(check.usable)
+    records = [r for r in read_manifest(cfg)[0] if r.patient_id in usable] if usable else []
+    fingerprint = settings_fingerprint(cfg, params)
+    use_clinical = "clinical" in cfg.data.modalities
+    cache_root = cfg.paths.cache / CACHE_FOLDER
+
+    features: dict[str, dict[str, float]] = {}
+    clinical: dict[str, pd.DataFrame] = {}
+    failed: dict[str, dict[str, str]] = {}
+    seconds: list[float] = []
+    peak_rss_mb = 0.0
+    done = 0
+    cached = 0
+    tasks = []
+
+    def finish() -> None:
+        nonlocal done
+        done += 1
+        if on_patient_done:
+            on_patient_done(done, len(records))
+
+    for record in records:
+        entry = cache_root / _entry_name(record.patient_id)
+        stage = "clinical"
+        try:
+            if use_clinical:
+                row = pd.DataFrame([record.clinical], index=[record.patient_id])
+                clinical[record.patient_id] = encode_clinical(row)
+            stage = "hash"
+            key = cache_key(record, fingerprint)
+        except (ValueError, OSError) as error:
+            failed[record.patient_id] = _failure(record, cfg, stage, error, entry) | {
+                "cached": False
+            }
+            finish()
+            continue
+        hit = read_entry(entry, key)
+        if hit is None:
+            tasks.append(_Task(record, cfg, params, key, entry))
+            continue
+        if "features" in hit:
+            features[record.patient_id] = hit["features"]
+            cached += 1
+        else:
+            failed[record.patient_id] = hit["failure"] | {"cached": True}
+        finish()
+
+    def collect(task: _Task, result: dict) -> None:
+        nonlocal peak_rss_mb
+        patient_id = task.record.patient_id
+        if "features" in result:
+            features[patient_id] = result["features"]
+            seconds.append(result["seconds"])
+        else:
+            failed[patient_id] = result["failure"]
+        peak_rss_mb = max(peak_rss_mb, result.get("peak_rss_mb", 0.0))
+        finish()
+
+    restarts = _run_tasks(tasks, workers, collect)
+
+    order = [r for r in records if r.patient_id in features]
+    table = _feature_table(order, features, clinical)
+    output = cfg.paths.output
+    output.mkdir(parents=True, exist_ok=True)
+    _write_atomically(output / FEATURES_FILE, lambda path: table.to_parquet(path, index=False))
+    elapsed = time.perf_counter() - started
+    columns = {region: sum(c.startswith(f"{region}_") for c in table.columns) for region in REGIONS}
+    columns["clinical"] = table.shape[1] - 2 - sum(columns.values())
+    report = {
+        "site_id": cfg.site_id,
+        "config": str(cfg.source) if cfg.source else None,
+        "params_file": str(params),
+        "settings": fingerprint,
+        "workers": workers,
+        "counts": {
+            "total": check.n_patients,
+            "quarantined": len(check.quarantined),
+            "usable": len(records),
+            "extracted": len(features) - cached,
+            "cached": cached,
+            "failed": len(failed),
+        },
+        "quarantined": check.quarantined,
+        "site_problems": list(check.site_problems),
+        "failed": failed,
+        "features_per_region": columns,
+        "seconds": round(elapsed, 3),
+        "patients_per_minute": round(60 * len(features) / elapsed, 2),
+        "mean_seconds_per_extracted_patient": (
+            round(sum(seconds) / len(seconds), 3) if seconds else None
+        ),
+        "peak_worker_rss_mb": round(peak_rss_mb, 1) if tasks else None,
+        "worker_restarts": restarts,
+        "features_file": str(output / FEATURES_FILE),
+    }
+    text = json.dumps(report, indent=2) + "\n"
+    _write_atomically(output / REPORT_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    return report
+
+
+# ---- cache --------------------------------------------------------------------------------------
+
+
+def settings_fingerprint(cfg: SiteConfig, params: Path) -> dict:
+    """Everything besides the input files that changes a patient's features or crop."""
+    return {
+        "code_version": shared.__version__,
+        "pyradiomics": radiomics.__version__,
+        "simpleitk": sitk.Version.VersionString(),
+        "params_sha256": hashlib.sha256(params.read_bytes()).hexdigest(),
+        "rtstruct_roi_pattern": cfg.data.rtstruct_roi_pattern,
+        "peritumoral_margin_mm": cfg.radiomics.peritumoral_margin_mm,
+        "preprocess": cfg.preprocess.model_dump(),
+    }
+
+
+def cache_key(record: PatientRecord, fingerprint: dict) -> str:
+    """sha256 over the settings fingerprint and the contents of the CT and tumour-mask inputs
+    (a folder, e.g. a DICOM series, counts with every file in it)."""
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode())
+    for path in (record.ct_path, record.tumour_mask_path):
+        digest.update(_content_digest(Path(path)).encode())
+    return digest.hexdigest()
+
+
+def read_entry(entry: Path, key: str) -> dict | None:
+    """The cache entry in ``entry`` if its key is ``key``: ``{"features": {...}}`` (when its crop
+    is there too) or ``{"failure": {...}}``; else None."""
+    try:
+        stored = json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if stored.get("cache_key") != key:
+        return None
+    if "features" in stored and (entry / CROP_FILE).is_file():
+        return {"features": stored["features"]}
+    return {"failure": stored["failure"]} if "failure" in stored else None
+
+
+def _content_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(file, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _entry_name(patient_id: str) -> str:
+    """A folder name for the patient: the id itself when it is filename-safe, else a safe form
+    plus a hash of the id (so two ids never share an entry)."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", patient_id):
+        return patient_id
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", patient_id)[:64]
+    return f"{safe}-{hashlib.sha256(patient_id.encode()).hexdigest()[:12]}"
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ---- one patient (runs in a worker process) ----------------------------------------------------
+
+
+def _extract_patient(task: _Task) -> dict:
+    """Extract one patient and write its cache entry; never raises: a problem comes back as
+    ``{"failure": {...}}``, success as ``{"features": {...}, "seconds": s}``."""
+    started = time.perf_counter()
+    record, cfg = task.record, task.cfg
+    margin = cfg.radiomics.peritumoral_margin_mm
+    stage = "load"
+    try:
+        images = load_patient_images(record, cfg)
+        stage = "preprocess"
+        prepared = prepare_patient(images.ct, images.tumour, cfg.preprocess, margin)
+        stage = "ring"
+        ring = peritumoral_ring(
+            prepared.ct,
+            prepared.tumour,
+            prepared.body,
+            margin,
+            cfg.preprocess.air_threshold_hu,
+            cfg.preprocess.bone_threshold_hu,
+        )
+        extractor = extractor_for(task.params)
+        box = prepared.radiomics_box
+        ct = box.crop(prepared.ct)
+        features: dict[str, float] = {}
+        for region, mask in zip(REGIONS, (prepared.tumour, ring), strict=True):
+            stage = f"radiomics ({region})"
+            features |= region_features(extractor, ct, box.crop(mask), region)
+        stage = "cache"
+        task.entry.mkdir(parents=True, exist_ok=True)
+        save_crop(task.entry / CROP_FILE, prepared, ring)
+        seconds = time.perf_counter() - started
+        _write_entry(task, {"seconds": seconds, "features": features})
+        result: dict = {"features": features, "seconds": seconds}
+    except Exception as error:  # noqa: BLE001 - any failure is this patient's, never the run's
+        failure = _failure(record, cfg, stage, error, task.entry)
+        result = {"failure": failure | {"cached": False}}
+        # Bad input gives the same failure next time: remember it. Other errors (disk, memory)
+        # may pass, so the patient is tried again on the next run.
+        if stage != "cache" and isinstance(error, PatientDataError | ValueError):
+            with contextlib.suppress(OSError):  # not remembering it only costs a retry
+                task.entry.mkdir(parents=True, exist_ok=True)
+                (task.entry / CROP_FILE).unlink(missing_ok=True)
+                _write_entry(task, {"failure": failure})
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _write_entry(task: _Task, content: dict) -> None:
+    """Write the patient's features.json (cache key, id and ``content``) atomically."""
+    text = json.dumps({"cache_key": task.key, "patient_id": task.record.patient_id, **content})
+    _write_atomically(task.entry / ENTRY_FILE, lambda path: path.write_text(text, "utf-8"))
+
+
+def _failure(
+    record: PatientRecord, cfg: SiteConfig, stage: str, error: BaseException, entry: Path
+) -> dict[str, str]:
+    """What went wrong, where: stage, file (as in the manifest), field (input kind) and a
+    one-line message naming all of them and the patient."""
+    field = _STAGE_FIELD[stage]
+    if isinstance(error, PatientDataError):
+        file, field, detail = str(error.file), error.field, error.message
+    else:
+        if isinstance(error, ImageContentError):
+            field = _IMAGE_FIELD[error.image]
+        detail = str(error).strip() or type(error).__name__
+        file = {
+            "ct": shown_path(record.ct_path, cfg),
+            "tumour_mask": shown_path(record.tumour_mask_path, cfg),
+            "paths.cache": str(entry),
+        }.get(field, f"{shown_path(cfg.data.manifest, cfg)} row {record.row}")
+    detail = " ".join(detail.split())  # ITK messages span lines
+    return {
+        "stage": stage,
+        "file": file,
+        "field": field,
+        "message": f"patient {record.patient_id}: {file}: {field}: {stage}: {detail}",
+    }
+
+
+# ---- process pool -------------------------------------------------------------------------------
+
+
+def _run_tasks(tasks: list[_Task], workers: int, collect: Callable[[_Task, dict], None]) -> int:
+    """Run ``tasks`` on up to ``workers`` processes (at most 2 per worker queued), calling
+    ``collect(task, result)`` in this process for each. When a worker dies (crash, out of memory)
+    the pool is replaced; the patients in flight are retried one at a time, and one that kills a
+    worker on its own is recorded as failed. Returns how many times the pool was replaced."""
+    queue, suspects, restarts = deque(tasks), deque(), 0
+    # Workers fork from a server process that imported this module once (fast pool starts and
+    # restarts) and that never ran ITK or a progress-bar thread (safe to fork).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    while queue or suspects:
+        crashed: list[_Task] = []
+        alone = False
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(queue) + len(suspects)),
+            mp_context=context,
+            initializer=use_one_thread,
+        ) as pool:
+            in_flight: dict = {}
+            while (queue or suspects or in_flight) and not crashed:
+                if suspects and not in_flight:
+                    alone = True
+                    task = suspects.popleft()
+                    in_flight[pool.submit(_extract_patient, task)] = task
+                while not suspects and queue and len(in_flight) < 2 * workers:
+                    alone = False
+                    task = queue.popleft()
+                    in_flight[pool.submit(_extract_patient, task)] = task
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    task = in_flight.pop(future)
+                    try:
+                        collect(task, future.result())
+                    except BrokenProcessPool:
+                        crashed.append(task)
+            for future, task in in_flight.items():  # the pool broke: these fail too
+                try:
+                    collect(task, future.result())
+                except BrokenProcessPool:
+                    crashed.append(task)
+        if crashed:
+            restarts += 1
+            if alone:
+                (task,) = crashed
+                error = RuntimeError("worker process died (crash or out of memory) on its own")
+                failure = _failure(task.record, task.cfg, "worker", error, task.entry)
+                collect(task, {"failure": failure | {"cached": False}})
+            else:
+                suspects.extend(crashed)
+    return restarts
+
+
+def _feature_table(
+    records: list[PatientRecord],
+    features: dict[str, dict[str, float]],
+    clinical: dict[str, pd.DataFrame],
+) -> pd.DataFrame:
+    """patient_id, label (nullable Int64), tumour_*, ring_*, encoded clinical columns."""
+    ids = [r.patient_id for r in records]
+    head = pd.DataFrame(
+        {
+            "patient_id": pd.Series(ids, dtype="string"),
+            "label": pd.array([r.label for r in records], dtype="Int64"),
+        }
+    )
+    parts = [head, pd.DataFrame([features[i] for i in ids], dtype="float64")]
+    if clinical and ids:
+        parts.append(pd.concat([clinical[i] for i in ids]).reset_index(drop=True))
+    return pd.concat(parts, axis=1)

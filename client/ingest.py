@@ -1,0 +1,641 @@
+"""Hospital-side ingest: read the site's manifest and load one patient's CT and masks.
+
+Accepted inputs (see docs/hospital_guide.md):
+
+- CT: a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``,
+  ``.mhd``) file in HU, or a folder holding one DICOM CT series (rescale slope/intercept applied,
+  slices must be evenly spaced).
+- Tumour mask: a mask file on the CT grid (values 0/1, or 0/255), or a DICOM RTSTRUCT whose ROI
+  is picked by ``data.rtstruct_roi_pattern``.
+- Organ mask: a label-map file on the CT grid with the labels of :data:`shared.organs.ORGAN_LABELS`.
+
+A mask is "on the CT grid" when its size is equal, spacing agrees within a relative 1e-3, origin
+within 0.5 mm or a quarter of the smallest CT spacing (whichever is less), and direction cosines
+within 1e-3. RTSTRUCT contours are rasterised here onto the CT grid (a voxel is inside when its
+centre is inside or on the contour polygon; holes are cut by inner contours). rt-utils 1.2.7 is
+not used for reading because it allocates (columns, rows) slices and clips the mask of
+non-square images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import nibabel
+import numpy as np
+import pandas as pd
+import pydicom
+import SimpleITK as sitk
+
+from shared.clinical import CLINICAL_COLUMNS
+from shared.config import SiteConfig
+from shared.organs import ORGAN_LABELS, ORGAN_NAMES
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd")
+PATH_COLUMNS = {"ct": "ct_path", "tumour_mask": "tumour_mask_path", "organ_mask": "organ_mask_path"}
+SPACING_RTOL = 1e-3
+ORIGIN_ATOL_MM = 0.5
+ORIGIN_ATOL_VOXELS = 0.25
+DIRECTION_ATOL = 1e-3
+SLICE_GAP_RTOL = 1e-2  # DICOM slice gaps may differ from their median by this fraction
+CONTOUR_PLANE_ATOL_VOXELS = 0.25  # an RTSTRUCT contour plane must lie this close to a CT slice
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """One manifest row, paths resolved to absolute."""
+
+    patient_id: str
+    ct_path: Path  # a NIfTI/NRRD/MHA file or a DICOM series folder
+    tumour_mask_path: Path  # a mask file (NIfTI/NRRD/MHA) or an RTSTRUCT .dcm file
+    organ_mask_path: Path | None
+    clinical: dict[str, object]  # raw clinical cells, None for empty
+    label: int | None
+    row: int  # 1-based data row number in the manifest (for messages)
+
+
+@dataclass
+class PatientImages:
+    """One patient's images, all on the CT grid (identical size, spacing, origin, direction)."""
+
+    ct: sitk.Image  # HU, float32 or int16, 3D
+    tumour: sitk.Image  # uint8 0/1 on the CT grid
+    organs: sitk.Image | None  # uint8 labels (shared.organs.ORGAN_LABELS) on the CT grid
+
+
+class PatientDataError(Exception):
+    """A problem with one patient's data: ``patient_id``, ``file`` (as shown, or None),
+    ``field`` (manifest column or input kind), ``message`` and the manifest ``row`` if known.
+
+    str() = 'patient HA-0003: masks/HA-0003_tumour.nii.gz: tumour_mask: mask is empty'
+    """
+
+    def __init__(
+        self, patient_id: str, file: str | None, field: str, message: str, row: int | None = None
+    ) -> None:
+        self.patient_id = patient_id
+        self.file = file
+        self.field = field
+        self.message = message
+        self.row = row
+        super().__init__(f"patient {patient_id}: {self.problem}")
+
+    @property
+    def problem(self) -> str:
+        """The message without the patient: 'file: field: message'."""
+        where = f"{self.file}: " if self.file else ""
+        return f"{where}{self.field}: {self.message}"
+
+    def __reduce__(self):  # pickle by fields (for process pools)
+        return PatientDataError, (self.patient_id, self.file, self.field, self.message, self.row)
+
+
+# ---- manifest ---------------------------------------------------------------------------------
+
+
+def shown_path(path: Path, cfg: SiteConfig) -> str:
+    """``path`` relative to ``data.root`` when inside it (as in the manifest), else absolute."""
+    try:
+        return path.relative_to(cfg.data.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def required_columns(cfg: SiteConfig) -> list[str]:
+    """Manifest columns this site must have, given its ``data.modalities``."""
+    columns = [cfg.data.id_column, PATH_COLUMNS["ct"], PATH_COLUMNS["tumour_mask"]]
+    if "organ_mask" in cfg.data.modalities:
+        columns.append(PATH_COLUMNS["organ_mask"])
+    if "clinical" in cfg.data.modalities:
+        columns += list(CLINICAL_COLUMNS)
+    return [*columns, cfg.data.label_column]
+
+
+def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDataError]]:
+    """Rows that parse, and one problem per defect of the rows that don't (empty id, duplicate id,
+    empty path cell, label not 0/1). Empty label cells give ``label=None``.
+
+    Raise ValueError naming the manifest when it cannot be read, lacks a required column or has
+    no rows, or when ``data.mode`` is not ``"images"``.
+    """
+    manifest = cfg.data.manifest
+    if cfg.data.mode != "images":
+        raise ValueError(f"{manifest}: data.mode is {cfg.data.mode!r}; ingest needs 'images'")
+    table = _read_csv(manifest)
+    missing = [column for column in required_columns(cfg) if column not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{manifest}: missing column(s) {', '.join(missing)}"
+            f" (columns found: {', '.join(table.columns)})"
+        )
+    if table.empty:
+        raise ValueError(f"{manifest}: no patient rows")
+    name = shown_path(manifest, cfg)
+    records: list[PatientRecord] = []
+    problems: list[PatientDataError] = []
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for row, cells in enumerate(table.to_dict("records"), start=1):
+        cells = {key: (value.strip() or None) for key, value in cells.items()}
+        record, row_problems = _parse_row(cells, row, name, cfg)
+        problems += row_problems
+        if record is not None:
+            records.append(record)
+        if cells[cfg.data.id_column] is not None:
+            rows_of[cells[cfg.data.id_column]].append(row)
+    for patient_id, rows in rows_of.items():
+        if len(rows) > 1:
+            where = ", ".join(map(str, rows[:-1])) + f" and {rows[-1]}"
+            message = f"id used by rows {where}; ids must be unique"
+            problems += [
+                PatientDataError(patient_id, name, cfg.data.id_column, message, row) for row in rows
+            ]
+    duplicated = {patient_id for patient_id, rows in rows_of.items() if len(rows) > 1}
+    records = [record for record in records if record.patient_id not in duplicated]
+    return records, sorted(problems, key=lambda problem: problem.row)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """The manifest as text cells ('' for empty); ValueError naming the file if unreadable."""
+    try:
+        return pd.read_csv(
+            path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
+        )
+    except FileNotFoundError:
+        raise ValueError(f"{path}: manifest file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a manifest file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: manifest is not UTF-8 text") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: manifest is empty") from None
+    except pd.errors.ParserError as error:
+        raise ValueError(f"{path}: not a valid CSV file ({str(error).strip()})") from None
+
+
+def _parse_row(
+    cells: dict[str, str | None], row: int, manifest: str, cfg: SiteConfig
+) -> tuple[PatientRecord | None, list[PatientDataError]]:
+    data = cfg.data
+    patient_id = cells[data.id_column] or f"(row {row})"
+
+    def problem(column: str, message: str) -> PatientDataError:
+        return PatientDataError(patient_id, manifest, column, message, row)
+
+    problems = [] if cells[data.id_column] else [problem(data.id_column, "empty id cell")]
+    paths: dict[str, Path | None] = {}
+    for modality, column in PATH_COLUMNS.items():
+        if modality not in data.modalities:
+            paths[modality] = None
+        elif cells[column] is None:
+            problems.append(problem(column, f"empty cell: the {modality} file is required"))
+        else:
+            paths[modality] = (data.root / Path(cells[column]).expanduser()).resolve()
+    label = cells[data.label_column]
+    if label is not None:
+        try:
+            number = float(label)
+        except ValueError:
+            number = None
+        if number not in (0.0, 1.0):
+            problems.append(problem(data.label_column, f"label must be 0 or 1, got {label!r}"))
+    if problems:
+        return None, problems
+    clinical = (
+        {column: cells[column] for column in CLINICAL_COLUMNS}
+        if "clinical" in data.modalities
+        else {}
+    )
+    record = PatientRecord(
+        patient_id=patient_id,
+        ct_path=paths["ct"],
+        tumour_mask_path=paths["tumour_mask"],
+        organ_mask_path=paths["organ_mask"],
+        clinical=clinical,
+        label=None if label is None else int(float(label)),
+        row=row,
+    )
+    return record, []
+
+
+# ---- images -----------------------------------------------------------------------------------
+
+
+def load_patient_images(record: PatientRecord, cfg: SiteConfig) -> PatientImages:
+    """Read the CT and masks of one patient; raise PatientDataError for the first problem
+    (missing, unreadable or corrupt file, mask off the CT grid, empty or non-binary tumour mask,
+    unknown organ label, RTSTRUCT without a matching ROI)."""
+    images, problems = try_load_patient_images(record, cfg)
+    if problems:
+        raise problems[0]
+    return images
+
+
+def try_load_patient_images(
+    record: PatientRecord, cfg: SiteConfig
+) -> tuple[PatientImages | None, list[PatientDataError]]:
+    """Like :func:`load_patient_images`, but return every problem found (images None if any)."""
+    loader = _Loader(record, cfg)
+    problems = []
+    ct = frame = None
+    try:
+        ct, frame = loader.ct()
+    except PatientDataError as error:
+        problems.append(error)
+    tumour = organs = None
+    try:
+        tumour = loader.tumour(ct, frame)
+    except PatientDataError as error:
+        problems.append(error)
+    if record.organ_mask_path is not None:
+        try:
+            organs = loader.organs(ct)
+        except PatientDataError as error:
+            problems.append(error)
+    if problems:
+        return None, problems
+    return PatientImages(ct=ct, tumour=tumour, organs=organs), []
+
+
+class _Loader:
+    """Reads one patient's files, turning every failure into a PatientDataError."""
+
+    def __init__(self, record: PatientRecord, cfg: SiteConfig) -> None:
+        self.record = record
+        self.cfg = cfg
+
+    def error(self, path: Path, field: str, message: str) -> PatientDataError:
+        shown = shown_path(path, self.cfg)
+        return PatientDataError(self.record.patient_id, shown, field, message, self.record.row)
+
+    def ct(self) -> tuple[sitk.Image, str | None]:
+        """The CT in HU (int16 when integer-valued and in range, else float32) and its DICOM
+        frame of reference UID (None for non-DICOM files)."""
+        path = self.record.ct_path
+        if path.is_dir():
+            image, frame = self.dicom_series(path)
+        else:
+            image, frame = self.image_file(path, "ct"), None
+        self.check_3d_scalar(image, path, "ct")
+        low, high = _min_max(image)
+        integer = image.GetPixelID() in _INTEGER_TYPES
+        pixel = sitk.sitkInt16 if integer and -32768 <= low and high <= 32767 else sitk.sitkFloat32
+        return (image if image.GetPixelID() == pixel else sitk.Cast(image, pixel)), frame
+
+    def tumour(self, ct: sitk.Image | None, frame: str | None) -> sitk.Image | None:
+        """The tumour mask as uint8 0/1 on the CT grid (None when the CT could not be read and
+        the mask cannot be checked against it)."""
+        path = self.record.tumour_mask_path
+        if not path.exists():
+            raise self.error(path, "tumour_mask", "file not found")
+        if path.is_dir():
+            raise self.error(path, "tumour_mask", "is a folder; expected a mask file or RTSTRUCT")
+        if not path.name.lower().endswith(IMAGE_SUFFIXES):
+            return None if ct is None else self.rtstruct(path, ct, frame)
+        mask = self.image_file(path, "tumour_mask")
+        self.check_3d_scalar(mask, path, "tumour_mask")
+        values = self.values(mask, path, "tumour_mask")
+        if not (set(values) <= {0, 1} or set(values) <= {0, 255}):
+            raise self.error(
+                path, "tumour_mask", f"values must be 0/1 (or 0/255), found {_listed(values)}"
+            )
+        if values.max() == 0:
+            raise self.error(path, "tumour_mask", "mask is empty")
+        if ct is None:
+            return None
+        self.check_grid(mask, ct, path, "tumour_mask")
+        binary = sitk.Cast(mask != 0, sitk.sitkUInt8)
+        binary.CopyInformation(ct)
+        return binary
+
+    def organs(self, ct: sitk.Image | None) -> sitk.Image | None:
+        """The organ label map as uint8 on the CT grid (None without a readable CT)."""
+        path = self.record.organ_mask_path
+        labels = self.image_file(path, "organ_mask")
+        self.check_3d_scalar(labels, path, "organ_mask")
+        unknown = sorted(set(self.values(labels, path, "organ_mask")) - {0, *ORGAN_NAMES})
+        if unknown:
+            known = ", ".join(f"{value} {name}" for name, value in ORGAN_LABELS.items())
+            raise self.error(
+                path,
+                "organ_mask",
+                f"unknown label(s) {_listed(unknown)} (known: 0 background, {known})",
+            )
+        if ct is None:
+            return None
+        self.check_grid(labels, ct, path, "organ_mask")
+        labels = sitk.Cast(labels, sitk.sitkUInt8)
+        labels.CopyInformation(ct)
+        return labels
+
+    # -- readers
+
+    def image_file(self, path: Path, field: str) -> sitk.Image:
+        if not path.exists():
+            raise self.error(path, field, "file not found")
+        if path.is_dir():
+            raise self.error(path, field, "is a folder; expected an image file")
+        if field != "ct" and not path.name.lower().endswith(IMAGE_SUFFIXES):
+            raise self.error(path, field, f"unsupported file type; use {_formats()}")
+        truncated = _nifti_truncation(path) if path.name.lower().endswith(NIFTI_SUFFIXES) else None
+        if truncated:
+            raise self.error(path, field, f"corrupt file: {truncated}")
+        try:
+            return sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise self.error(path, field, f"cannot read the image ({_itk_reason(error)})") from None
+
+    def dicom_series(self, folder: Path) -> tuple[sitk.Image, str | None]:
+        """Read the one CT series in ``folder``; check modality and even slice spacing."""
+        reader = sitk.ImageSeriesReader()
+        series = [
+            reader.GetGDCMSeriesFileNames(str(folder), uid)
+            for uid in reader.GetGDCMSeriesIDs(str(folder))
+        ]
+        if not series:
+            raise self.error(folder, "ct", "no DICOM image series found in the folder")
+        modalities = [_dicom_tag(files[0], "0008|0060") for files in series]
+        ct_series = [
+            files for files, modality in zip(series, modalities, strict=True) if modality == "CT"
+        ]
+        if len(ct_series) != 1:
+            found = ", ".join(
+                f"{len(files)} slice(s) of {modality or '?'}"
+                for files, modality in zip(series, modalities, strict=True)
+            )
+            raise self.error(folder, "ct", f"expected one CT series in the folder, found {found}")
+        files = ct_series[0]
+        if len(files) < 2:
+            raise self.error(folder, "ct", "the CT series has a single slice")
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        try:
+            image = reader.Execute()
+        except RuntimeError as error:
+            reason = _itk_reason(error)
+            raise self.error(folder, "ct", f"cannot read the DICOM series ({reason})") from None
+        normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+        try:
+            positions = [
+                np.dot(normal, np.array(reader.GetMetaData(i, "0020|0032").split("\\"), float))
+                for i in range(len(files))
+            ]
+        except (RuntimeError, ValueError):
+            raise self.error(folder, "ct", "a slice lacks a valid ImagePositionPatient") from None
+        gaps = np.diff(positions)
+        median = float(np.median(gaps))
+        if median <= 0 or np.max(np.abs(gaps - median)) > SLICE_GAP_RTOL * median:
+            raise self.error(
+                folder,
+                "ct",
+                f"slices are not evenly spaced (gaps {gaps.min():.3g} to {gaps.max():.3g} mm):"
+                " missing or duplicate slices?",
+            )
+        frame = (
+            reader.GetMetaData(0, "0020|0052").strip()
+            if reader.HasMetaDataKey(0, "0020|0052")
+            else None
+        )
+        return image, frame or None
+
+    def rtstruct(self, path: Path, ct: sitk.Image, frame: str | None) -> sitk.Image:
+        """Rasterise the RTSTRUCT ROI chosen by ``data.rtstruct_roi_pattern`` onto the CT grid."""
+        field = "tumour_mask"
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as error:  # pydicom raises many types for a damaged or foreign file
+            raise self.error(
+                path,
+                field,
+                f"not a mask image ({_formats()}) nor a readable DICOM file"
+                f" ({type(error).__name__}: {error})",
+            ) from None
+        if ds.get("Modality") != "RTSTRUCT":
+            raise self.error(
+                path, field, f"DICOM modality is {ds.get('Modality')!r}, expected 'RTSTRUCT'"
+            )
+        try:
+            name, roi_frame, contours = _select_roi(ds, self.cfg.data.rtstruct_roi_pattern)
+        except ValueError as error:
+            raise self.error(path, field, str(error)) from None
+        if frame and roi_frame and roi_frame != frame:
+            raise self.error(
+                path,
+                field,
+                f"ROI {name!r} is in frame of reference {roi_frame}, the CT series in {frame}:"
+                " the RTSTRUCT belongs to another scan",
+            )
+        try:
+            array = _rasterise(contours, ct)
+        except ValueError as error:
+            raise self.error(path, field, f"ROI {name!r}: {error}") from None
+        if not array.any():
+            raise self.error(path, field, f"ROI {name!r} is empty (no closed planar contour)")
+        mask = sitk.GetImageFromArray(array)
+        mask.CopyInformation(ct)
+        return mask
+
+    # -- checks
+
+    def check_3d_scalar(self, image: sitk.Image, path: Path, field: str) -> None:
+        if image.GetDimension() != 3:
+            raise self.error(
+                path,
+                field,
+                f"must be a 3D image, got {image.GetDimension()}D of size {image.GetSize()}",
+            )
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise self.error(
+                path,
+                field,
+                f"must have one value per voxel, got "
+                f"{image.GetNumberOfComponentsPerPixel()} (colour/vector image)",
+            )
+
+    def values(self, mask: sitk.Image, path: Path, field: str) -> np.ndarray:
+        try:
+            return _distinct_integers(sitk.GetArrayViewFromImage(mask))
+        except ValueError as error:
+            raise self.error(path, field, str(error)) from None
+
+    def check_grid(self, mask: sitk.Image, ct: sitk.Image, path: Path, field: str) -> None:
+        differences = grid_differences(mask, ct)
+        if differences:
+            raise self.error(path, field, "not on the CT grid: " + "; ".join(differences))
+
+
+_INTEGER_TYPES = {
+    sitk.sitkInt8,
+    sitk.sitkUInt8,
+    sitk.sitkInt16,
+    sitk.sitkUInt16,
+    sitk.sitkInt32,
+    sitk.sitkUInt32,
+    sitk.sitkInt64,
+    sitk.sitkUInt64,
+}
+
+
+def grid_differences(image: sitk.Image, reference: sitk.Image) -> list[str]:
+    """How ``image``'s grid differs from ``reference``'s (size, spacing mm, origin mm,
+    direction), within the module's tolerances; empty when they agree."""
+    differences = []
+    if image.GetSize() != reference.GetSize():
+        differences.append(f"size {image.GetSize()} vs CT {reference.GetSize()} voxels")
+    spacing, ct_spacing = np.array(image.GetSpacing()), np.array(reference.GetSpacing())
+    if not np.allclose(spacing, ct_spacing, rtol=SPACING_RTOL, atol=0):
+        differences.append(f"spacing {_vector(spacing)} vs CT {_vector(ct_spacing)} mm")
+    origin, ct_origin = np.array(image.GetOrigin()), np.array(reference.GetOrigin())
+    tolerance = min(ORIGIN_ATOL_MM, ORIGIN_ATOL_VOXELS * ct_spacing.min())
+    if np.max(np.abs(origin - ct_origin)) > tolerance:
+        differences.append(
+            f"origin {_vector(origin)} vs CT {_vector(ct_origin)} mm (tolerance {tolerance:.3g} mm)"
+        )
+    if not np.allclose(image.GetDirection(), reference.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
+        differences.append(
+            f"direction {_vector(image.GetDirection())} vs CT {_vector(reference.GetDirection())}"
+        )
+    return differences
+
+
+def _select_roi(ds: pydicom.Dataset, pattern: str) -> tuple[str, str | None, list]:
+    """(name, frame of reference UID, contour items) of the one ROI whose name matches
+    ``pattern`` (ignoring case); ValueError naming the ROIs found otherwise."""
+    try:
+        rois = {int(item.ROINumber): item for item in ds.get("StructureSetROISequence", [])}
+        names = {number: str(item.get("ROIName", "")).strip() for number, item in rois.items()}
+        chosen = [n for n, name in names.items() if re.search(pattern, name, re.IGNORECASE)]
+        if len(chosen) != 1:
+            what = "no ROI matches" if not chosen else f"{len(chosen)} ROIs match"
+            found = ", ".join(map(repr, names.values())) or "none"
+            raise ValueError(f"{what} data.rtstruct_roi_pattern {pattern!r} (ROIs found: {found})")
+        number = chosen[0]
+        frame = str(rois[number].get("ReferencedFrameOfReferenceUID", "")) or None
+        contours = next(
+            (
+                list(item.get("ContourSequence", []))
+                for item in ds.get("ROIContourSequence", [])
+                if int(item.ReferencedROINumber) == number
+            ),
+            [],
+        )
+    except (AttributeError, KeyError, TypeError) as error:
+        raise ValueError(f"malformed RTSTRUCT ({type(error).__name__}: {error})") from None
+    return names[number], frame, contours
+
+
+def _rasterise(contours, ct: sitk.Image) -> np.ndarray:
+    """(z, y, x) uint8 mask of the CLOSED_PLANAR contours (ContourData in mm, patient LPS) on the
+    CT grid; ValueError when a contour leaves the grid or does not lie on a CT slice."""
+    size = np.array(ct.GetSize())  # (x, y, z)
+    to_index = np.linalg.inv(np.asarray(ct.GetDirection()).reshape(3, 3) @ np.diag(ct.GetSpacing()))
+    origin = np.asarray(ct.GetOrigin())
+    polygons: dict[int, list[np.ndarray]] = defaultdict(list)
+    for contour in contours:
+        if contour.get("ContourGeometricType", "CLOSED_PLANAR") != "CLOSED_PLANAR":
+            continue
+        try:
+            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+        except (AttributeError, ValueError):
+            raise ValueError("a contour has no valid ContourData (x, y, z triplets)") from None
+        index = (points - origin) @ to_index.T  # (n, 3) continuous (x, y, z) voxel index
+        if np.any(index < -0.5 - 1e-6) or np.any(index > size - 0.5 + 1e-6):
+            raise ValueError("a contour lies outside the CT volume")
+        slice_ = np.rint(index[:, 2])
+        if np.max(np.abs(index[:, 2] - slice_)) > CONTOUR_PLANE_ATOL_VOXELS or np.ptp(slice_):
+            raise ValueError(
+                f"a contour at z = {points[0, 2]:.2f} mm does not lie on a CT slice"
+                " (contours must be drawn on this CT's axial slices)"
+            )
+        polygons[int(slice_[0])].append(np.rint(index[:, :2]).astype(np.int32))
+    mask = np.zeros(size[::-1], dtype=np.uint8)
+    for k, slice_polygons in polygons.items():
+        cv2.fillPoly(mask[k], slice_polygons, 1)
+    return mask
+
+
+def _distinct_integers(array: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a label array; ValueError if it holds non-integer values."""
+    if array.dtype.kind == "f":
+        fractional = array != np.round(array)  # NaN counts as fractional
+        if fractional.any():
+            raise ValueError(
+                f"non-integer value(s) such as {array[fractional].flat[0]:g}: a mask holds whole "
+                "labels (was it resampled with linear interpolation?)"
+            )
+    if array.min() >= 0 and array.max() <= 255:
+        counts = np.bincount(array.astype(np.uint8, copy=False).ravel(), minlength=256)
+        return np.flatnonzero(counts)
+    return np.unique(array).astype(np.int64)
+
+
+def _nifti_truncation(path: Path) -> str | None:
+    """Why a NIfTI file holds less data than its header announces, or None. ITK reads such a
+    file (plain or gzipped) without error and fills the missing voxels with zeros."""
+    try:
+        header = nibabel.load(path).header
+    except Exception:  # nibabel raises many types for a damaged header; ITK then reports it
+        return None
+    expected = header.get_data_offset() + int(np.prod(header.get_data_shape())) * (
+        header.get_data_dtype().itemsize
+    )
+    if path.name.lower().endswith(".gz"):
+        size = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as error:
+            return f"the gzip data is truncated or damaged ({error})"
+    else:
+        size = path.stat().st_size
+    if size < expected:
+        return f"{size} bytes of data where the header announces {expected}: truncated"
+    return None
+
+
+def _min_max(image: sitk.Image) -> tuple[float, float]:
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    return stats.GetMinimum(), stats.GetMaximum()
+
+
+def _dicom_tag(path: str, key: str) -> str | None:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else None
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The informative line of an ITK exception (drop file/line prefixes)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "ERROR:" in line or "Description:" in line:
+            reason = line.split("ERROR:")[-1].split("Description:")[-1].strip()
+            return re.sub(r"^\w+\(0x[0-9a-f]+\):\s*", "", reason)
+    return lines[-1] if lines else type(error).__name__
+
+
+def _formats() -> str:
+    return "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd)"
+
+
+def _listed(values) -> str:
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values[:10])) + (
+        f" and {len(values) - 10} more" if len(values) > 10 else ""
+    )
+
+
+def _vector(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

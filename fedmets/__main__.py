@@ -1,0 +1,3 @@
+from fedmets.cli import app
+
+app()

@@ -1,0 +1,402 @@
+"""`fedmets` command line. Each command imports its implementation lazily so that start-up stays
+fast (no torch import for `config check`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="fedmets: federated distant-metastasis prediction for head-and-neck cancer.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(
+    help="Validate site and federation configuration files.", no_args_is_help=True
+)
+app.add_typer(config_app, name="config")
+site_app = typer.Typer(help="Hospital-side commands on this site's own data.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """fedmets command line."""
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(
+    files: Annotated[list[str], typer.Argument(help="Site or federation TOML files.")],
+    schema_only: Annotated[
+        bool, typer.Option("--schema-only", help="Skip checking that data paths exist.")
+    ] = False,
+) -> None:
+    """Validate config files; print every problem and exit 1 if any file has one."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from shared.config import check_config_file
+
+    table = Table()
+    table.add_column("file", overflow="fold")  # never cut a path short
+    table.add_column("kind")
+    table.add_column("status")
+    all_problems: list[str] = []
+    for file in files:
+        kind, problems = check_config_file(file, check_paths=not schema_only)
+        status = Text(f"{len(problems)} problem(s)", "red") if problems else Text("ok", "green")
+        table.add_row(Text(file), kind, status)
+        all_problems += problems
+    console.print(table)
+    for problem in all_problems:
+        err_console.print(problem, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1 if all_problems else 0)
+
+
+# ---- synth ------------------------------------------------------------------------------------
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the cohort to.")],
+    preset: Annotated[str, typer.Option(help="tiny | demo | paper")] = "demo",
+    sites: Annotated[
+        int | None, typer.Option(help="Number of sites (default: the preset's).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Cohort seed: same seed, identical files.")] = 7,
+    workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Generate a synthetic multi-site HNSCC cohort (CT, masks, manifests, site configs)."""
+    import os
+    import time
+
+    from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from simulation.synth import generate_cohort
+
+    started = time.perf_counter()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        "{task.completed}/{task.total} patients",
+        TimeElapsedColumn(),
+        "ETA",
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"rendering {preset} cohort", total=None)
+        try:
+            summary = generate_cohort(
+                preset,
+                sites,
+                seed,
+                out,
+                workers=workers or os.cpu_count() or 1,
+                overwrite=overwrite,
+                on_patient_done=lambda done, total: progress.update(
+                    task, completed=done, total=total
+                ),
+            )
+        except (ValueError, FileExistsError) as error:
+            err_console.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(1) from error
+    _print_cohort_summary(summary, out, time.perf_counter() - started)
+
+
+def _print_cohort_summary(summary: dict, out: Path, seconds: float) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary['preset']} cohort, seed {summary['seed']} -> {out}")
+    for column in (
+        "site",
+        "patients",
+        "DM+",
+        "prevalence",
+        "in-plane mm",
+        "slice mm",
+        "contrast",
+        "noise HU",
+        "median GTV cc",
+        "MB/patient",
+        "oracle AUC",
+    ):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    for site in summary["sites"]:
+        spacing = site["spacing_mm"]
+        table.add_row(
+            site["site_id"],
+            str(site["n_patients"]),
+            str(site["positives"]),
+            f"{site['prevalence']:.1%}",
+            f"{spacing[0]:.2f}",
+            f"{spacing[2]:.2f}",
+            f"{site['contrast_share']:.0%}",
+            f"{site['noise_hu']:.1f}",
+            f"{site['median_volume_cc']:.1f}",
+            f"{site['mb_per_patient']:.2f}",
+            "n/a" if site["oracle_auc"] is None else f"{site['oracle_auc']:.3f}",
+        )
+    oracle = summary["oracle_auc"]
+    table.add_section()
+    table.add_row(
+        "all",
+        str(summary["n_patients"]),
+        str(summary["positives"]),
+        f"{summary['prevalence']:.1%}",
+        "",
+        "",
+        "",
+        "",
+        "",
+        f"{summary['mb_per_patient']:.2f}",
+        f"{oracle['pooled']:.3f}",
+    )
+    console.print(table)
+    console.print(
+        f"oracle AUC of the risk model's parts alone: image {oracle['image_part_only']:.3f}, "
+        f"clinical {oracle['clinical_part_only']:.3f}; written in {seconds:.1f} s. "
+        f"Site configs: {out}/<site>/site.toml"
+    )
+
+
+# ---- split ------------------------------------------------------------------------------------
+
+
+@app.command()
+def split(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="Cohort folder or feature table CSV.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="New (empty) folder for the site folders.")],
+    scheme: Annotated[str, typer.Option(help="iid | dirichlet | quantity | column")],
+    sites: Annotated[
+        int | None, typer.Option(help="Number of sites (not with --scheme column).")
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(help="Dirichlet concentration; smaller = more skew.")
+    ] = 0.5,
+    column: Annotated[
+        str | None, typer.Option(help="Column to split on for --scheme column.")
+    ] = None,
+    label: Annotated[str, typer.Option(help="Binary 0/1 label column.")] = "dm",
+    id_column: Annotated[str, typer.Option("--id", help="Unique patient id column.")] = (
+        "patient_id"
+    ),
+    seed: Annotated[int, typer.Option(help="Same seed, same split.")] = 0,
+    min_per_site: Annotated[int, typer.Option(help="Fewest rows any site may get.")] = 2,
+) -> None:
+    """Re-partition a cohort folder or feature table into simulated federated sites."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from simulation.site_files import split_input
+
+    try:
+        record = split_input(
+            input_path,
+            out,
+            scheme,
+            n_sites=sites,
+            alpha=alpha,
+            column=column,
+            label_column=label,
+            id_column=id_column,
+            seed=seed,
+            min_per_site=min_per_site,
+        )
+    except (ValueError, OSError) as error:
+        message = Text.assemble(("error: ", "red"), str(error))
+        err_console.print(message, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
+    table = Table(title=f"{scheme} split, seed {seed}")
+    for name in ("site", "n", "positives", "prevalence"):
+        table.add_column(name, justify="left" if name == "site" else "right")
+    for site in record["sites"]:
+        table.add_row(
+            site["site_id"], str(site["n"]), str(site["positives"]), f"{site['prevalence']:.1%}"
+        )
+    console.print(table)
+    if record["moved_rows"]:
+        console.print(f"{record['moved_rows']} row(s) moved so every site has >= {min_per_site}.")
+    console.print(
+        f"{record['n_rows']} rows in {len(record['sites'])} site folders under {out}", markup=False
+    )
+
+
+# ---- site -------------------------------------------------------------------------------------
+
+SITE_CHECK_FULL_TABLE = 40  # patients; above this the table lists only the quarantined ones
+
+
+@site_app.command("check")
+def site_check(
+    config: Annotated[Path, typer.Option("--config", help="This site's TOML config.")],
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Parallel processes (default: compute.workers).")
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="JSON report path (default: <paths.output>/site_check.json)."),
+    ] = None,
+) -> None:
+    """Check the site's manifest, images, masks and clinical data; quarantine bad patients.
+
+    Exits 0 when at least one patient is usable, 1 when none is or the config is wrong."""
+    import json
+    import time
+
+    from rich.progress import BarColumn, Progress, TimeElapsedColumn
+    from rich.table import Table
+    from rich.text import Text
+
+    from client.site_check import check_site
+    from shared.config import ConfigError, check_paths, load_site_config
+
+    try:
+        cfg = load_site_config(config)
+        problems = check_paths(cfg, config)
+    except ConfigError as error:
+        problems = error.problems
+    for problem in problems:
+        err_console.print(problem, markup=False, highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+
+    started = time.perf_counter()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        "{task.completed}/{task.total} patients",
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(f"checking {cfg.site_id}", total=None)
+        result = check_site(
+            cfg,
+            workers,
+            on_patient_done=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    seconds = time.perf_counter() - started
+
+    table = Table(title=f"site check: {cfg.site_id}")
+    table.add_column("patient")
+    table.add_column("status")
+    table.add_column("problems", overflow="fold")
+    for patient_id, messages in result.quarantined.items():
+        table.add_row(Text(patient_id), Text("quarantined", "red"), Text("\n".join(messages)))
+    if result.n_patients <= SITE_CHECK_FULL_TABLE:
+        for patient_id in result.usable:
+            table.add_row(Text(patient_id), Text("ok", "green"), "")
+    elif result.usable:
+        table.add_row(Text(f"{len(result.usable)} others"), Text("ok", "green"), "")
+    if result.quarantined or result.usable:
+        console.print(table)
+    for problem in result.site_problems:
+        err_console.print(Text.assemble(("error: ", "red"), problem), soft_wrap=True)
+
+    path = report or cfg.paths.output / "site_check.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    console.print(
+        f"{len(result.usable)} of {result.n_patients} patients usable,"
+        f" {len(result.quarantined)} quarantined ({seconds:.1f} s). Report: {path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(0 if result.usable else 1)
+
+
+# ---- site extract -----------------------------------------------------------------------------
+
+
+@site_app.command("extract")
+def site_extract(
+    config: Annotated[Path, typer.Option("--config", help="This site's TOML config.")],
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Parallel processes (default: compute.workers).")
+    ] = None,
+) -> None:
+    """Check the site, then extract PyRadiomics features of tumour and peritumoral ring for every
+    usable patient (cached per patient) into <paths.output>/features.parquet.
+
+    Exits 0 when at least one patient has features, 1 when none has or the config is wrong."""
+    from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from client.extract import extract_site
+    from shared.config import ConfigError, check_paths, load_site_config
+
+    try:
+        cfg = load_site_config(config)
+        problems = check_paths(cfg, config)
+    except ConfigError as error:
+        problems = error.problems
+    for problem in problems:
+        err_console.print(problem, markup=False, highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        "{task.completed}/{task.total} patients",
+        TimeElapsedColumn(),
+        "ETA",
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        checking = progress.add_task(f"checking {cfg.site_id}", total=None)
+        extracting = progress.add_task(f"extracting {cfg.site_id}", total=None, visible=False)
+
+        def checked(done: int, total: int) -> None:
+            progress.update(checking, completed=done, total=total)
+
+        def extracted(done: int, total: int) -> None:
+            progress.update(extracting, completed=done, total=total, visible=True)
+
+        try:
+            report = extract_site(cfg, workers, extracted, checked)
+        except (ValueError, OSError) as error:
+            err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+            raise typer.Exit(1) from error
+
+    for patient_id, reasons in report["quarantined"].items():
+        for reason in reasons:
+            err_console.print(
+                f"quarantined: patient {patient_id}: {reason}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+    for failure in report["failed"].values():
+        err_console.print(
+            f"failed: {failure['message']}", markup=False, highlight=False, soft_wrap=True
+        )
+    for problem in report["site_problems"]:
+        err_console.print(Text.assemble(("error: ", "red"), problem), soft_wrap=True)
+    counts, per_region = report["counts"], report["features_per_region"]
+    with_features = counts["extracted"] + counts["cached"]
+    console.print(
+        f"{with_features} patients in {report['features_file']} ({counts['extracted']} extracted,"
+        f" {counts['cached']} cached), {counts['failed']} failed, {counts['quarantined']}"
+        f" quarantined; features: {per_region['tumour']} tumour, {per_region['ring']} ring,"
+        f" {per_region['clinical']} clinical; {report['seconds']:.1f} s"
+        f" ({report['patients_per_minute']:.1f} patients/min)."
+        f" Report: {cfg.paths.output / 'extraction_report.json'}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(0 if with_features else 1)

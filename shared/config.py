@@ -1,0 +1,508 @@
+"""Site and federation configuration: pydantic models, TOML loaders and plain-English errors.
+
+A site config (one TOML file per hospital) says where that hospital's data lives and how to run
+locally; a federation config says which stages to run and how to aggregate them. Relative paths
+in either file are resolved against the folder of the TOML file (``data.manifest`` against
+``data.root``), so loaded configs hold absolute paths only.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{1,31}$"
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+)$"
+PATTERN_MEANINGS = {
+    NAME_PATTERN: "lowercase letters, digits, - and _",
+    DEVICE_PATTERN: "'auto', 'cpu', 'cuda' or 'cuda:N'",
+}
+
+Modality = Literal["ct", "tumour_mask", "organ_mask", "clinical", "radiomics_table"]
+Stage = Literal["census", "folds", "selection", "image", "deep_features", "fusion", "evaluate"]
+STAGE_ORDER: tuple[str, ...] = Stage.__args__
+IMAGE_MODALITIES = ("ct", "tumour_mask", "organ_mask")
+# RTSTRUCT ROI names taken as the primary tumour (matched ignoring case).
+DEFAULT_ROI_PATTERN = r"^(gtvp|gtv-?1|gtv_?primary|gtv)$"
+
+
+class ConfigError(Exception):
+    """A config file that could not be read or validated; ``problems`` holds one line each."""
+
+    def __init__(self, path: str | Path, problems: list[str]) -> None:
+        self.path = Path(path)
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _rule_error(message: str, key: str | None = None) -> PydanticCustomError:
+    """A rule violation whose message is shown as is; ``key`` names the field of a model rule."""
+    context = {"message": message} if key is None else {"message": message, "key": key}
+    return PydanticCustomError("fedmets_rule", "{message}", context)
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Make ``value`` absolute against the TOML file's folder (the working directory if none)."""
+    base_dir = (info.context or {}).get("base_dir", Path.cwd())
+    return (Path(base_dir) / value.expanduser()).resolve()
+
+
+# A path in a config file, made absolute on load.
+ConfigPath = Annotated[Path, Field(strict=False), AfterValidator(_resolve_path)]
+
+
+class _Section(BaseModel):
+    """Base of every config model: unknown keys are errors and TOML types must match exactly."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+def _section(**kwargs: Any) -> Any:
+    """A sub-table that may be left out: its defaults are validated (and paths resolved) too."""
+    return Field(default_factory=dict, validate_default=True, **kwargs)
+
+
+# ---- site config ------------------------------------------------------------------------------
+
+
+class DataSection(_Section):
+    """``[data]``: where the hospital's cohort lives and which inputs it has."""
+
+    root: ConfigPath
+    manifest: Annotated[Path, Field(strict=False)]
+    mode: Literal["images", "tabular"] = "images"
+    modalities: list[Modality] = ["ct", "tumour_mask", "organ_mask", "clinical"]
+    id_column: str = Field("patient_id", min_length=1)
+    label_column: str = Field("dm", min_length=1)
+    rtstruct_roi_pattern: str = Field(DEFAULT_ROI_PATTERN, min_length=1)
+
+    @field_validator("rtstruct_roi_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise _rule_error(
+                f"not a valid regular expression ({error}), got {pattern!r}"
+            ) from None
+        return pattern
+
+    @field_validator("modalities")
+    @classmethod
+    def _no_duplicate_modalities(cls, modalities: list[str]) -> list[str]:
+        repeated = sorted({m for m in modalities if modalities.count(m) > 1})
+        if repeated:
+            raise _rule_error(f"lists {_quoted(repeated)} more than once")
+        return modalities
+
+    @model_validator(mode="after")
+    def _resolve_manifest_and_check_mode(self) -> DataSection:
+        self.manifest = (self.root / self.manifest.expanduser()).resolve()
+        if self.mode == "images":
+            missing = [m for m in ("ct", "tumour_mask") if m not in self.modalities]
+            if missing:
+                raise _rule_error(f"mode 'images' needs {_quoted(missing)} here", "modalities")
+        else:
+            problems = []
+            if "radiomics_table" not in self.modalities:
+                problems.append("mode 'tabular' needs 'radiomics_table' here")
+            images = [m for m in IMAGE_MODALITIES if m in self.modalities]
+            if images:
+                problems.append(f"mode 'tabular' must not list {_quoted(images)}")
+            if problems:
+                raise _rule_error("; ".join(problems), "modalities")
+        return self
+
+
+class ComputeSection(_Section):
+    """``[compute]``: local hardware."""
+
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    workers: int = Field(2, ge=1, le=256)
+
+
+class PathsSection(_Section):
+    """``[paths]``: where the site writes its cache and outputs."""
+
+    cache: ConfigPath = Path("cache")
+    output: ConfigPath = Path("output")
+
+
+class RadiomicsSection(_Section):
+    """``[radiomics]``: feature extraction settings."""
+
+    # "default" (~1500 features per region) and "fast" (~300) name the parameter files shipped
+    # in client/resources; anything else is the path of a PyRadiomics parameter file.
+    params: Literal["default", "fast"] | Path = "default"
+    peritumoral_margin_mm: float = Field(5.0, gt=0, le=30)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _resolve_params(cls, value: object, info: ValidationInfo) -> object:
+        if value in ("default", "fast") or isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value:
+            raise _rule_error(
+                f"must be 'default', 'fast' or the path of a parameter file, got {_show(value)}"
+            )
+        return _resolve_path(Path(value), info)
+
+
+class PreprocessSection(_Section):
+    """``[preprocess]``: the grid images are resampled to, the HU window, the crops around the
+    tumour and the HU thresholds that define the peritumoral ring (HU and mm throughout)."""
+
+    spacing_mm: list[Annotated[float, Field(gt=0, le=10)]] = [1.0, 1.0, 1.0]  # x, y, z
+    ct_interpolator: Literal["bspline", "linear"] = "bspline"
+    hu_window: list[Annotated[float, Field(ge=-2000, le=5000)]] = [-1000.0, 1000.0]
+    crop_margin_mm: float = Field(10.0, ge=0, le=100)
+    crop_voxels: list[Annotated[int, Field(ge=8, le=512)]] = [64, 64, 64]  # x, y, z
+    body_threshold_hu: float = Field(-500.0, ge=-1000, le=0)
+    air_threshold_hu: float = Field(-200.0, ge=-1000, le=0)
+    bone_threshold_hu: float = Field(300.0, ge=0, le=3000)
+
+    @field_validator("spacing_mm", "hu_window", "crop_voxels", mode="before")
+    @classmethod
+    def _list_length(cls, value: object, info: ValidationInfo) -> object:
+        count, what = {
+            "spacing_mm": (3, "3 numbers (x, y, z) in mm"),
+            "hu_window": (2, "2 numbers (lowest, highest) in HU"),
+            "crop_voxels": (3, "3 integers (x, y, z)"),
+        }[info.field_name]
+        if not isinstance(value, list) or len(value) != count:
+            raise _rule_error(f"must be a list of {what}, got {_show(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PreprocessSection:
+        low, high = self.hu_window
+        if low >= high:
+            raise _rule_error(f"lowest must be < highest, got {_show(self.hu_window)}", "hu_window")
+        return self
+
+
+class SiteConfig(_Section):
+    """One hospital's site config."""
+
+    site_id: str = Field(pattern=NAME_PATTERN)
+    display_name: str | None = None
+    seed: int = Field(0, ge=0)
+    data: DataSection
+    compute: ComputeSection = _section()
+    paths: PathsSection = _section()
+    radiomics: RadiomicsSection = _section()
+    preprocess: PreprocessSection = _section()
+
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The TOML file this config was loaded from (``None`` if built in code)."""
+        return self._source
+
+
+# ---- federation config ------------------------------------------------------------------------
+
+
+class RunSection(_Section):
+    """``[run]``: names the run and where the server writes its results."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    output_dir: ConfigPath = Path("runs")
+    seed: int = Field(0, ge=0)
+
+
+class FederationSection(_Section):
+    """``[federation]``: how many sites must take part and how long a round may take."""
+
+    min_sites: int = Field(2, ge=1)
+    round_timeout_s: float = Field(600.0, gt=0)
+
+
+class StagesSection(_Section):
+    """``[stages]``: which pipeline stages run, and how many rounds and epochs."""
+
+    enabled: list[Stage] = Field(list(STAGE_ORDER), min_length=1)
+    image_rounds: int = Field(5, ge=1)
+    fusion_rounds: int = Field(20, ge=1)
+    local_epochs: int = Field(1, ge=1)
+
+    @field_validator("enabled")
+    @classmethod
+    def _in_pipeline_order(cls, enabled: list[str]) -> list[str]:
+        repeated = sorted({s for s in enabled if enabled.count(s) > 1})
+        if repeated:
+            raise _rule_error(f"lists {_quoted(repeated)} more than once")
+        for earlier, later in zip(enabled, enabled[1:], strict=False):
+            if STAGE_ORDER.index(earlier) > STAGE_ORDER.index(later):
+                raise _rule_error(
+                    f"must follow the pipeline order ({', '.join(STAGE_ORDER)}),"
+                    f" got '{earlier}' before '{later}'"
+                )
+        return enabled
+
+
+class StrategySection(_Section):
+    """``[strategy]``: the server's aggregation strategy."""
+
+    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    proximal_mu: float = Field(0.0, ge=0)
+    server_learning_rate: float = Field(0.01, gt=0)
+
+    @model_validator(mode="after")
+    def _fedprox_needs_mu(self) -> StrategySection:
+        if self.name == "fedprox" and self.proximal_mu <= 0:
+            raise _rule_error(
+                f"must be > 0 when strategy.name is 'fedprox', got {_show(self.proximal_mu)}",
+                "proximal_mu",
+            )
+        return self
+
+
+class CvSection(_Section):
+    """``[cv]``: cross-validation folds."""
+
+    folds: int = Field(5, ge=2, le=10)
+    seed: int = Field(7, ge=0)
+
+
+class SelectionSection(_Section):
+    """``[selection]``: radiomics feature selection."""
+
+    correlation_threshold: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(36, ge=1)
+    rf_trees: int = Field(200, ge=10)
+
+
+class DpSection(_Section):
+    """``[dp]``: differential privacy (off unless ``mode`` says otherwise)."""
+
+    mode: Literal["off", "sample", "client"] = "off"
+    epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _epsilon_when_on(self) -> DpSection:
+        if self.mode != "off" and self.epsilon is None:
+            raise _rule_error(f"required when dp.mode is '{self.mode}'", "epsilon")
+        return self
+
+
+class FederationConfig(_Section):
+    """A federated run: stages, strategy, cross-validation, selection and privacy settings."""
+
+    run: RunSection
+    federation: FederationSection = _section()
+    stages: StagesSection = _section()
+    strategy: StrategySection = _section()
+    cv: CvSection = _section()
+    selection: SelectionSection = _section()
+    dp: DpSection = _section()
+
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The TOML file this config was loaded from (``None`` if built in code)."""
+        return self._source
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+ConfigModel = TypeVar("ConfigModel", SiteConfig, FederationConfig)
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate a site config; raise ConfigError listing every problem."""
+    return _load(SiteConfig, path, _read_toml(path))
+
+
+def load_federation_config(path: str | Path) -> FederationConfig:
+    """Read and validate a federation config; raise ConfigError listing every problem."""
+    return _load(FederationConfig, path, _read_toml(path))
+
+
+def check_paths(cfg: SiteConfig, source: str | Path) -> list[str]:
+    """Problems for the site's paths that must already exist; ``source`` prefixes each line."""
+    problems = []
+    if not cfg.data.root.is_dir():
+        found = "not a folder" if cfg.data.root.exists() else "folder not found"
+        problems.append(f"{source}: data.root: {found}: {cfg.data.root}")
+    if not cfg.data.manifest.is_file():
+        problems.append(f"{source}: data.manifest: file not found: {cfg.data.manifest}")
+    if isinstance(cfg.radiomics.params, Path) and not cfg.radiomics.params.is_file():
+        problems.append(f"{source}: radiomics.params: file not found: {cfg.radiomics.params}")
+    return problems
+
+
+# check_config_file's ``check_paths`` flag hides the function above inside it.
+_check_site_paths = check_paths
+
+
+def check_config_file(path: str | Path, check_paths: bool = True) -> tuple[str, list[str]]:
+    """Tell whether ``path`` is a "site" or "federation" config and list its problems.
+
+    The kind is "unknown" when the file cannot be read or has neither ``site_id`` nor ``[run]``.
+    With ``check_paths`` a valid site config's data paths must also exist.
+    """
+    try:
+        data = _read_toml(path)
+    except ConfigError as error:
+        return "unknown", error.problems
+    if "site_id" in data:
+        kind, model = "site", SiteConfig
+    elif isinstance(data.get("run"), dict):
+        kind, model = "federation", FederationConfig
+    else:
+        return "unknown", [
+            f"{path}: cannot tell whether this is a site config (needs site_id)"
+            " or a federation config (needs [run])"
+        ]
+    try:
+        cfg = _load(model, path, data)
+    except ConfigError as error:
+        return kind, error.problems
+    if kind == "site" and check_paths:
+        return kind, _check_site_paths(cfg, path)
+    return kind, []
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file, turning every way it can fail into a ConfigError."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, [f"{path}: file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError(path, [f"{path}: is a folder, not a file"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, [f"{path}: not UTF-8 text"]) from None
+    except OSError as error:
+        raise ConfigError(path, [f"{path}: cannot read ({error.strerror})"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(path, [f"{path}: {_toml_error(str(error), text)}"]) from None
+
+
+def _toml_error(message: str, text: str) -> str:
+    """Rephrase tomllib's message as "line L, column C: invalid TOML (...)"."""
+    where = re.search(r" \(at line (\d+), column (\d+)\)$", message)
+    if where:
+        line, column = where.groups()
+        message = message[: where.start()]
+    else:  # "(at end of document)"
+        message = message.removesuffix(" (at end of document)")
+        lines = text.splitlines() or [""]
+        line, column = str(len(lines)), str(len(lines[-1]) + 1)
+    return f"line {line}, column {column}: invalid TOML ({message})"
+
+
+def _load(model: type[ConfigModel], path: str | Path, data: dict[str, Any]) -> ConfigModel:
+    """Validate parsed TOML against ``model``, resolving paths against the file's folder."""
+    source = Path(path).resolve()
+    try:
+        cfg = model.model_validate(data, context={"base_dir": source.parent})
+    except ValidationError as error:
+        problems = [f"{path}: {_problem(model, detail)}" for detail in error.errors()]
+        raise ConfigError(path, problems) from None
+    cfg._source = source
+    return cfg
+
+
+# ---- error messages ---------------------------------------------------------------------------
+
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "model_type": "a table",
+    "dict_type": "a table",
+    "path_type": "a path (a string)",
+}
+
+
+def _problem(model: type[BaseModel], detail: ErrorDetails) -> str:
+    """One pydantic error as "<dotted.key>: <what is wrong>"."""
+    loc, kind, ctx, value = detail["loc"], detail["type"], detail.get("ctx", {}), detail["input"]
+    got = f"got {_show(value)}"
+    if kind == "fedmets_rule":
+        loc = (*loc, ctx["key"]) if "key" in ctx else loc
+        message = ctx["message"]
+    elif kind in _TYPE_NAMES:
+        message = f"must be {_TYPE_NAMES[kind]}, {got}"
+    elif kind == "missing":
+        message = "required key is missing"
+    elif kind == "extra_forbidden":
+        allowed = ", ".join(_model_at(model, loc[:-1]).model_fields)
+        message = f"unknown key (allowed here: {allowed})"
+    elif kind in ("literal_error", "enum"):
+        message = f"must be one of {ctx['expected'].replace(' or ', ', ')}, {got}"
+    elif kind == "string_pattern_mismatch":
+        pattern = ctx["pattern"]
+        meaning = f" ({PATTERN_MEANINGS[pattern]})" if pattern in PATTERN_MEANINGS else ""
+        message = f"must match {pattern}{meaning}, {got}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        symbol, bound = {
+            "greater_than": (">", "gt"),
+            "greater_than_equal": (">=", "ge"),
+            "less_than": ("<", "lt"),
+            "less_than_equal": ("<=", "le"),
+        }[kind]
+        message = f"must be {symbol} {_show(ctx[bound])}, {got}"
+    elif kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
+        message = "must not be empty"
+    else:
+        message = f"{detail['msg']}, {got}"
+    return f"{_dotted(loc)}: {message}"
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """('data', 'modalities', 2) -> 'data.modalities[2]'."""
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+    return key or "(top level)"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The section model found by following the table names in ``loc`` from ``model``."""
+    for part in loc:
+        model = model.model_fields[str(part)].annotation
+    return model
+
+
+def _show(value: object) -> str:
+    """A value as the user would have written it in TOML."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)
+
+
+def _quoted(names: list[str]) -> str:
+    """['a', 'b', 'c'] -> "'a', 'b' and 'c'"."""
+    quoted = [f"'{name}'" for name in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]

@@ -1,0 +1,242 @@
+"""`fedmets site extract` end to end on a real synthetic site: parallel PyRadiomics extraction,
+the per-patient cache, per-patient failures, a worker crash, and the command line."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+from client.extract import FEATURES_FILE, REPORT_FILE, extract_site
+from client.ingest import load_patient_images, read_manifest
+from client.peritumoral import peritumoral_ring
+from client.preprocess import prepare_patient
+from client.radiomics_features import params_file
+from shared.clinical import encode_clinical, encoded_columns
+from shared.config import load_site_config
+from simulation.site_files import write_site_config
+from simulation.synth import generate_cohort
+
+IDS = [f"HA-{n:04d}" for n in range(1, 9)]
+CORRUPT_CT = "HA-0002"  # unreadable CT file: quarantined by the site check
+TUMOUR_IN_AIR = "HA-0003"  # passes the check, but no tissue around the tumour: fails at "ring"
+GOOD = [i for i in IDS if i not in (CORRUPT_CT, TUMOUR_IN_AIR)]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("extract") / "cohort"
+    generate_cohort("tiny", 2, 5, out, workers=2)
+    return out
+
+
+def make_site(cohort: Path, folder: Path, margin: float = 5.0, params: str = "fast") -> Path:
+    """A site of 8 hospital_a patients (two of them broken) in ``folder``; returns its TOML."""
+    source = cohort / "hospital_a"
+    manifest = pd.read_csv(source / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest = manifest[manifest["patient_id"].isin(IDS)]
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+        for path in (source / sub).glob("HA-000[1-8]_*"):
+            shutil.copy(path, folder / sub / path.name)
+    manifest.to_csv(folder / "manifest.csv", index=False)
+    (folder / "images" / f"{CORRUPT_CT}_ct.nii.gz").write_bytes(b"not an image")
+    tumour_path = folder / "masks" / f"{TUMOUR_IN_AIR}_tumour.nii.gz"
+    tumour = sitk.ReadImage(str(tumour_path))
+    in_air = np.zeros(sitk.GetArrayViewFromImage(tumour).shape, np.uint8)
+    in_air[1:4, 1:4, 1:4] = 1  # 27 voxels of 3x3x4 mm = 0.97 cc in the corner of the FOV
+    moved = sitk.GetImageFromArray(in_air)
+    moved.CopyInformation(tumour)
+    sitk.WriteImage(moved, str(tumour_path), useCompression=True)
+    return write_site_config(
+        folder,
+        "hospital_a",
+        mode="images",
+        modalities=["ct", "tumour_mask", "organ_mask", "clinical"],
+        seed=1,
+        peritumoral_margin_mm=margin,
+        radiomics_params=params,
+    )
+
+
+def entry_times(cache: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def site(cohort, tmp_path_factory):
+    """(config, report, features table, cache file mtimes) after a first, cold extraction."""
+    toml = make_site(cohort, tmp_path_factory.mktemp("site") / "hospital_a")
+    cfg = load_site_config(toml)
+    report = extract_site(cfg, workers=2)
+    table = pd.read_parquet(cfg.paths.output / FEATURES_FILE)
+    return cfg, report, table, entry_times(cfg.paths.cache)
+
+
+def test_cold_run_extracts_every_usable_patient_and_reports_the_bad_ones(site):
+    cfg, report, _, _ = site
+    assert report == json.loads((cfg.paths.output / REPORT_FILE).read_text())
+    assert report["counts"] == {
+        "total": 8,
+        "quarantined": 1,
+        "usable": 7,
+        "extracted": 6,
+        "cached": 0,
+        "failed": 1,
+    }
+    (reason,) = report["quarantined"][CORRUPT_CT]
+    assert f"images/{CORRUPT_CT}_ct.nii.gz: ct: cannot read the image" in reason
+    failure = report["failed"][TUMOUR_IN_AIR]
+    assert failure["stage"] == "ring" and failure["field"] == "tumour_mask"
+    assert failure["cached"] is False
+    assert failure["file"] == f"masks/{TUMOUR_IN_AIR}_tumour.nii.gz"
+    assert failure["message"].startswith(
+        f"patient {TUMOUR_IN_AIR}: masks/{TUMOUR_IN_AIR}_tumour.nii.gz: tumour_mask: ring: "
+        "peritumoral ring is empty"
+    )
+    assert report["features_per_region"] == {"tumour": 293, "ring": 293, "clinical": 28}
+    assert report["worker_restarts"] == 0 and report["patients_per_minute"] > 0
+    assert 0 < report["peak_worker_rss_mb"] < 2000
+
+
+def test_feature_table_rows_columns_labels_and_clinical(site):
+    cfg, _, table, _ = site
+    assert list(table["patient_id"]) == GOOD
+    assert list(table.columns[:2]) == ["patient_id", "label"]
+    radiomic = [c for c in table.columns if c.startswith(("tumour_", "ring_"))]
+    assert len(radiomic) == 2 * 293 and not [c for c in table.columns if "diagnostics" in c]
+    assert list(table.columns[2 + len(radiomic) :]) == encoded_columns()
+    assert table[radiomic].dtypes.eq("float64").all()
+    assert table[[c for c in radiomic if "_shape_" not in c]].notna().all().all()
+    manifest = pd.read_csv(cfg.data.manifest, dtype=str, keep_default_na=False)
+    manifest = manifest.set_index("patient_id").loc[GOOD]
+    assert list(table["label"]) == [int(v) for v in manifest["dm"]]
+    expected = encode_clinical(manifest).reset_index(drop=True)
+    pd.testing.assert_frame_equal(table[encoded_columns()], expected)
+
+
+def test_features_equal_a_direct_pyradiomics_call(site):
+    cfg, _, table, _ = site
+    records = {r.patient_id: r for r in read_manifest(cfg)[0]}
+    images = load_patient_images(records[GOOD[0]], cfg)
+    margin = cfg.radiomics.peritumoral_margin_mm
+    prepared = prepare_patient(images.ct, images.tumour, cfg.preprocess, margin)
+    ring = peritumoral_ring(prepared.ct, prepared.tumour, prepared.body, margin)
+    box = prepared.radiomics_box
+    extractor = RadiomicsFeatureExtractor(str(params_file("fast")))
+    row = table.set_index("patient_id").loc[GOOD[0]]
+    for region, mask in (("tumour", prepared.tumour), ("ring", ring)):
+        direct = extractor.execute(box.crop(prepared.ct), box.crop(mask), label=1)
+        direct = {k: float(v) for k, v in direct.items() if not k.startswith("diagnostics_")}
+        mine = row[[c for c in table.columns if c.startswith(f"{region}_")]]
+        assert [c.removeprefix(f"{region}_") for c in mine.index] == list(direct)
+        np.testing.assert_allclose(mine.to_numpy(float), list(direct.values()), rtol=1e-9)
+    crop = np.load(cfg.paths.cache / "extract" / GOOD[0] / "crop.npz")
+    np.testing.assert_array_equal(crop["ring"], prepared.deep_box.array(ring))
+
+
+def test_second_run_is_all_cached_and_touches_no_entry(site):
+    cfg, first, table, times = site
+    report = extract_site(cfg, workers=2)
+    assert report["counts"]["cached"] == 6 and report["counts"]["extracted"] == 0
+    # the failure came from the data: it is remembered, not recomputed
+    assert report["failed"][TUMOUR_IN_AIR] == first["failed"][TUMOUR_IN_AIR] | {"cached": True}
+    assert report["peak_worker_rss_mb"] is None  # no worker was started
+    assert entry_times(cfg.paths.cache) == times
+    assert report["seconds"] < first["seconds"] / 3
+    pd.testing.assert_frame_equal(pd.read_parquet(cfg.paths.output / FEATURES_FILE), table)
+
+
+def test_a_lost_entry_is_all_that_is_redone(site):
+    cfg, _, table, times = site
+    shutil.rmtree(cfg.paths.cache / "extract" / GOOD[2])
+    report = extract_site(cfg, workers=2)
+    assert (report["counts"]["extracted"], report["counts"]["cached"]) == (1, 5)
+    again = entry_times(cfg.paths.cache)
+    changed = {name for name in again if again[name] != times.get(name)}
+    assert changed == {f"extract/{GOOD[2]}/features.json", f"extract/{GOOD[2]}/crop.npz"}
+    pd.testing.assert_frame_equal(pd.read_parquet(cfg.paths.output / FEATURES_FILE), table)
+
+
+def test_changing_margin_or_params_invalidates_the_cache(site, tmp_path):
+    cfg, _, table, _ = site
+    folder = tmp_path / "hospital_a"
+    shutil.copytree(cfg.data.root, folder)  # with its warm cache
+    toml = folder / "site.toml"
+    text = toml.read_text()
+    toml.write_text(text.replace("peritumoral_margin_mm = 5.0", "peritumoral_margin_mm = 8.0"))
+    report = extract_site(load_site_config(toml), workers=2)
+    assert (report["counts"]["extracted"], report["counts"]["cached"]) == (6, 0)
+    wider = pd.read_parquet(folder / "output" / FEATURES_FILE)
+    tumour = [c for c in table.columns if c.startswith("tumour_")]
+    pd.testing.assert_frame_equal(wider[tumour], table[tumour], rtol=1e-9)  # same tumour
+    volume = "ring_original_shape_VoxelVolume"
+    assert (wider[volume] > 1.3 * table[volume]).all()
+
+    params = folder / "coarse.yaml"
+    params.write_text(params_file("fast").read_text().replace("binWidth: 25", "binWidth: 50"))
+    toml.write_text(text.replace('params = "fast"', 'params = "coarse.yaml"'))
+    report = extract_site(load_site_config(toml), workers=2)
+    assert (report["counts"]["extracted"], report["counts"]["cached"]) == (6, 0)
+    coarse = pd.read_parquet(folder / "output" / FEATURES_FILE)
+    entropy = "tumour_original_firstorder_Entropy"
+    assert (coarse[entropy] < table[entropy]).all()
+    assert report["settings"]["params_sha256"] != site[1]["settings"]["params_sha256"]
+
+
+def test_a_worker_that_dies_is_replaced_and_its_patients_retried(cohort, tmp_path):
+    cfg = load_site_config(make_site(cohort, tmp_path / "hospital_a"))
+    killed = []
+
+    def kill_a_worker(done: int, total: int) -> None:
+        if not killed:
+            worker = multiprocessing.active_children()[0]
+            os.kill(worker.pid, signal.SIGKILL)
+            killed.append(worker.pid)
+
+    report = extract_site(cfg, workers=2, on_patient_done=kill_a_worker)
+    assert killed and report["worker_restarts"] == 1
+    assert report["counts"]["extracted"] == 6 and list(report["failed"]) == [TUMOUR_IN_AIR]
+    table = pd.read_parquet(cfg.paths.output / FEATURES_FILE)
+    assert list(table["patient_id"]) == GOOD
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "fedmets", "site", "extract", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_the_feature_table_and_exits_0_despite_a_bad_patient(site):
+    cfg = site[0]
+    shutil.rmtree(cfg.paths.output)
+    result = run_cli("--config", str(cfg.source), "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    table = pd.read_parquet(cfg.paths.output / FEATURES_FILE)
+    assert list(table["patient_id"]) == GOOD
+    columns = set(table.columns)
+    assert {"tumour_original_firstorder_Mean", "ring_original_glcm_Idm"} <= columns
+    assert set(encoded_columns()) <= columns
+    assert "6 patients in" in result.stdout and "1 failed" in result.stdout
+    assert f"patient {TUMOUR_IN_AIR}:" in result.stderr and CORRUPT_CT in result.stderr
+    assert (cfg.paths.output / REPORT_FILE).is_file()
+
+
+def test_cli_rejects_a_bad_config(tmp_path):
+    toml = tmp_path / "site.toml"
+    toml.write_text('site_id = "Bad Name"\n')
+    result = run_cli("--config", str(toml))
+    assert result.returncode == 1
+    assert (
+        "site_id: must match" in result.stderr and "data: required key is missing" in result.stderr
+    )

@@ -1,0 +1,140 @@
+"""PyRadiomics features of tumour and ring on real synthetic patients: the shipped parameter
+files, their feature counts, and equality with a direct PyRadiomics call."""
+
+import math
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+from client.ingest import load_patient_images, read_manifest
+from client.peritumoral import peritumoral_ring
+from client.preprocess import prepare_patient
+from client.radiomics_features import extractor_for, params_file, region_features, use_one_thread
+from shared.config import PreprocessSection, load_site_config
+from simulation.synth import generate_cohort
+
+MARGIN_MM = 5.0
+TEXTURE_PER_IMAGE = {"firstorder": 18, "glcm": 24, "glrlm": 16, "glszm": 16, "gldm": 14, "ngtdm": 5}
+
+
+@pytest.fixture(scope="module")
+def regions(tmp_path_factory):
+    """{patient_id: (ct, tumour, ring)} radiomics crops of three hospital_b patients."""
+    out = tmp_path_factory.mktemp("radiomics") / "cohort"
+    generate_cohort("tiny", 2, 13, out, workers=2)
+    cfg = load_site_config(out / "hospital_b" / "site.toml")
+    crops = {}
+    for record in read_manifest(cfg)[0][:3]:
+        images = load_patient_images(record, cfg)
+        prepared = prepare_patient(images.ct, images.tumour, PreprocessSection(), MARGIN_MM)
+        ring = peritumoral_ring(prepared.ct, prepared.tumour, prepared.body, MARGIN_MM)
+        box = prepared.radiomics_box
+        crops[record.patient_id] = (
+            box.crop(prepared.ct),
+            box.crop(prepared.tumour),
+            box.crop(ring),
+        )
+    return crops
+
+
+def test_presets_ship_inside_the_client_package():
+    package = Path(str(resources.files("client.resources")))
+    assert params_file("default") == package / "radiomics_full.yaml"
+    assert params_file("fast") == package / "radiomics_fast.yaml"
+    for name in ("default", "fast"):
+        settings = yaml.safe_load(params_file(name).read_text())["setting"]
+        assert settings["binWidth"] == 25 and settings["label"] == 1
+        assert settings["resampledPixelSpacing"] == [1, 1, 1]
+    assert params_file(Path("/site/custom.yaml")) == Path("/site/custom.yaml")
+
+
+def test_features_equal_a_direct_pyradiomics_call(regions):
+    path = params_file("fast")
+    direct_extractor = RadiomicsFeatureExtractor(str(path))
+    for ct, tumour, ring in regions.values():
+        for region, mask in (("tumour", tumour), ("ring", ring)):
+            mine = region_features(extractor_for(path), ct, mask, region)
+            direct = direct_extractor.execute(ct, mask)
+            direct = {k: float(v) for k, v in direct.items() if not k.startswith("diagnostics_")}
+            assert list(mine) == [f"{region}_{name}" for name in direct]
+            for (name, value), expected in zip(mine.items(), direct.values(), strict=True):
+                assert math.isclose(value, expected, rel_tol=1e-9) or (
+                    math.isnan(value) and math.isnan(expected)
+                ), name
+
+
+def counts(features: dict[str, float], region: str) -> tuple[Counter, Counter]:
+    """(features per image type, features per class of the original image)."""
+    names = [name.removeprefix(f"{region}_") for name in features]
+    assert len(names) == len(features)  # every name carries the prefix
+    image_types = Counter(name.split("_")[0] for name in names)
+    classes = Counter(name.split("_")[1] for name in names if name.startswith("original_"))
+    return image_types, classes
+
+
+def test_fast_preset_gives_293_features_per_region(regions):
+    ct, tumour, ring = next(iter(regions.values()))
+    extractor = extractor_for(params_file("fast"))
+    for region, mask in (("tumour", tumour), ("ring", ring)):
+        features = region_features(extractor, ct, mask, region)
+        image_types, classes = counts(features, region)
+        assert len(features) == 293
+        assert image_types == {
+            "original": 107,
+            "log-sigma-2-0-mm-3D": 93,
+            "log-sigma-4-0-mm-3D": 93,
+        }
+        assert classes == TEXTURE_PER_IMAGE | {"shape": 14}
+        assert not any("diagnostics" in name for name in features)
+
+
+def test_full_preset_gives_about_1500_features_per_region(regions):
+    """Run once, on the patient with the smallest tumour (the slow part of this file)."""
+    ct, tumour, ring = min(regions.values(), key=lambda r: sitk.GetArrayViewFromImage(r[1]).sum())
+    extractor = extractor_for(params_file("default"))
+    for region, mask in (("tumour", tumour), ("ring", ring)):
+        features = region_features(extractor, ct, mask, region)
+        image_types, _ = counts(features, region)
+        assert len(features) == 1502  # 16 image types x 93 + 14 shape
+        wavelets = [t for t in image_types if t.startswith("wavelet-")]
+        logs = [t for t in image_types if t.startswith("log-sigma-")]
+        assert len(wavelets) == 8 and len(logs) == 5
+        assert image_types["square"] == image_types["squareroot"] == 93
+        assert np.isfinite([v for k, v in features.items() if "_shape_" in k]).all()
+
+
+def test_a_custom_parameter_file_from_the_site_config(regions, tmp_path):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "mine.yaml").write_text(
+        "imageType: {Original: {}}\nfeatureClass: {firstorder: [Mean, Median]}\n"
+        "setting: {binWidth: 10, label: 1}\n"
+    )
+    (tmp_path / "site.toml").write_text(
+        'site_id = "hospital_z"\n[data]\nroot = "."\nmanifest = "m.csv"\n'
+        '[radiomics]\nparams = "params/mine.yaml"\n'
+    )
+    path = params_file(load_site_config(tmp_path / "site.toml").radiomics.params)
+    assert path == tmp_path / "params" / "mine.yaml"
+    ct, tumour, _ = next(iter(regions.values()))
+    features = region_features(extractor_for(path), ct, tumour, "tumour")
+    mean = float(sitk.GetArrayViewFromImage(ct)[sitk.GetArrayViewFromImage(tumour) == 1].mean())
+    assert list(features) == [
+        "tumour_original_firstorder_Mean",
+        "tumour_original_firstorder_Median",
+    ]
+    assert features["tumour_original_firstorder_Mean"] == pytest.approx(mean, rel=1e-6)
+
+
+def test_workers_run_itk_on_one_thread():
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        use_one_thread()
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
