@@ -1,0 +1,195 @@
+"""Binary-classification metrics for DM prediction, on raw scores and from score histograms.
+
+Scores are predicted probabilities of DM in [0, 1]; labels are 0/1 (1 = DM). A patient is
+predicted positive when ``score >= threshold`` (scikit-learn's ``roc_curve`` convention). Pick
+the threshold on training scores (:func:`youden_threshold`) and apply it to test scores.
+
+Metrics that need both classes (AUC; sensitivity needs positives, specificity negatives) are
+``None`` on a subset that lacks them, with ``auc_note`` saying why, so per-site or per-fold
+evaluation of a small subset never fails.
+
+The federated protocol pools evaluation without sharing scores: each site sends
+:func:`score_histograms` (counts per class over fixed bins on [0, 1]), the server adds them and
+calls :func:`metrics_from_histograms`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy.stats import norm, rankdata
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
+
+ArrayLike = np.ndarray | list[float] | list[int]
+
+
+def _binary_inputs(y_true: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) int 0/1 labels and (n,) float scores, or a ValueError."""
+    y = np.asarray(y_true)
+    s = np.asarray(scores, dtype=float)
+    if y.ndim != 1 or y.shape != s.shape or y.size == 0:
+        raise ValueError(f"y_true and scores must be equal-length 1-D, got {y.shape}, {s.shape}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"y_true must be 0/1, got values {np.unique(y).tolist()}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    return y.astype(int), s
+
+
+def _single_class_note(y: np.ndarray) -> str | None:
+    """Why an AUC cannot be computed on labels ``y``, or None when it can."""
+    positives = int(y.sum())
+    if positives in (0, y.size):
+        return f"AUC undefined: only {'positives' if positives else 'negatives'} ({y.size})"
+    return None
+
+
+def delong_auc_variance(y_true: ArrayLike, scores: ArrayLike) -> tuple[float, float]:
+    """AUC and its DeLong variance by the fast midrank algorithm (Sun & Xu, IEEE SPL 2014);
+    needs at least 2 patients of each class."""
+    y, s = _binary_inputs(y_true, scores)
+    pos, neg = s[y == 1], s[y == 0]
+    m, n = pos.size, neg.size
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong needs >= 2 positives and >= 2 negatives, got {m} and {n}")
+    tz = rankdata(np.concatenate([pos, neg]))  # midranks: ties count half
+    tx, ty = rankdata(pos), rankdata(neg)
+    auc = (tz[:m].sum() - m * (m + 1) / 2) / (m * n)
+    v10 = (tz[:m] - tx) / n  # per positive: share of negatives scored below it
+    v01 = 1.0 - (tz[m:] - ty) / m  # per negative: share of positives scored above it
+    return float(auc), float(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
+
+
+def binary_metrics(
+    y_true: ArrayLike, scores: ArrayLike, threshold: float, level: float = 0.95
+) -> dict[str, Any]:
+    """Metrics of probabilities ``scores`` (n,) against labels ``y_true`` (n,):
+
+    ``n``, ``positives``; ``auc`` with ``auc_ci`` (two-sided ``level`` DeLong interval,
+    clipped to [0, 1]; None under 2 patients of a class) and ``auc_note`` (why either is None);
+    at ``threshold``: ``acc``, ``sen`` (None without positives), ``spe`` (None without
+    negatives); ``brier`` (mean squared error of the probabilities)."""
+    y, s = _binary_inputs(y_true, scores)
+    positives = int(y.sum())
+    tn, fp, fn, tp = confusion_matrix(y, (s >= threshold).astype(int), labels=[0, 1]).ravel()
+    result: dict[str, Any] = {
+        "n": int(y.size),
+        "positives": positives,
+        "auc": None,
+        "auc_ci": None,
+        "auc_note": _single_class_note(y),
+        "threshold": float(threshold),
+        "acc": float((tp + tn) / y.size),
+        "sen": float(tp / (tp + fn)) if positives else None,
+        "spe": float(tn / (tn + fp)) if positives < y.size else None,
+        "brier": float(brier_score_loss(y, s, labels=[0, 1])),
+    }
+    if result["auc_note"] is None:
+        result["auc"] = float(roc_auc_score(y, s))
+        if min(positives, y.size - positives) < 2:
+            result["auc_note"] = "AUC interval undefined: fewer than 2 patients of a class"
+        else:
+            auc, variance = delong_auc_variance(y, s)
+            half = norm.ppf(0.5 + level / 2) * np.sqrt(variance)
+            result["auc_ci"] = (float(max(0.0, auc - half)), float(min(1.0, auc + half)))
+    return result
+
+
+def youden_threshold(y_true: ArrayLike, scores: ArrayLike) -> float:
+    """The score threshold maximising Youden's J = sen + spe - 1 on (training) ``scores``,
+    from scikit-learn's ``roc_curve`` (the highest such threshold on ties); needs both
+    classes."""
+    y, s = _binary_inputs(y_true, scores)
+    note = _single_class_note(y)
+    if note is not None:
+        raise ValueError(f"youden_threshold needs both classes: {note}")
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    finite = np.isfinite(thresholds)  # the first point (threshold inf) predicts no positive
+    best = np.argmax(tpr[finite] - fpr[finite])
+    return float(thresholds[finite][best])
+
+
+def calibration(y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10) -> dict[str, Any]:
+    """Reliability curve over ``n_bins`` equal-width bins on [0, 1] (scikit-learn's
+    ``calibration_curve``; bin i holds (e_i, e_i+1], the first also 0): per non-empty bin the
+    observed DM rate ``prob_true``, the mean probability ``prob_pred`` and the patient count
+    ``counts``; ``edges`` (n_bins + 1,)."""
+    y, p = _binary_inputs(y_true, prob)
+    prob_true, prob_pred = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)
+    return {
+        "prob_true": prob_true,
+        "prob_pred": prob_pred,
+        "counts": counts[counts > 0],
+        "edges": edges,
+    }
+
+
+class ScoreHistograms(NamedTuple):
+    """Per-class counts of scores over fixed bins: ``pos_counts``, ``neg_counts`` (bins,) int;
+    ``edges`` (bins + 1,) from 0 to 1. Bin i holds [e_i, e_i+1), the last also 1."""
+
+    pos_counts: np.ndarray
+    neg_counts: np.ndarray
+    edges: np.ndarray
+
+
+def score_histograms(
+    y_true: ArrayLike, scores: ArrayLike, bins: int | ArrayLike = 1000
+) -> ScoreHistograms:
+    """Histogram ``scores`` in [0, 1] per class over ``bins`` equal-width bins (or the given
+    increasing edges from 0 to 1). Counts from several sites with the same edges add up to the
+    pooled counts."""
+    y, s = _binary_inputs(y_true, scores)
+    if s.min() < 0 or s.max() > 1:
+        raise ValueError("scores must lie in [0, 1]")
+    edges = np.linspace(0.0, 1.0, bins + 1) if np.isscalar(bins) else np.asarray(bins, float)
+    if edges[0] != 0 or edges[-1] != 1 or np.any(np.diff(edges) <= 0):
+        raise ValueError("bin edges must increase from 0 to 1")
+    pos_counts, _ = np.histogram(s[y == 1], bins=edges)
+    neg_counts, _ = np.histogram(s[y == 0], bins=edges)
+    return ScoreHistograms(pos_counts, neg_counts, edges)
+
+
+def metrics_from_histograms(
+    pos_counts: ArrayLike, neg_counts: ArrayLike, edges: ArrayLike, threshold: float
+) -> dict[str, Any]:
+    """``auc``, ``acc``, ``sen``, ``spe`` (None where undefined, ``auc_note`` why) from
+    per-class score counts over bins ``edges``.
+
+    AUC is the Mann-Whitney probability that a positive outscores a negative, a pair in the
+    same bin counting half; it approaches the exact AUC as bins narrow. At ``threshold`` the
+    bins from the edge nearest to it upwards count as positive (``threshold_used``): exact for
+    a threshold on a bin edge, otherwise off by under one bin width."""
+    pos = np.asarray(pos_counts, dtype=float)
+    neg = np.asarray(neg_counts, dtype=float)
+    edges = np.asarray(edges, dtype=float)
+    if pos.shape != neg.shape or edges.shape != (pos.size + 1,):
+        raise ValueError(
+            f"need bins counts per class and bins + 1 edges, got "
+            f"{pos.shape}, {neg.shape}, {edges.shape}"
+        )
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos + n_neg == 0:
+        raise ValueError("the histograms are empty")
+    first = int(np.argmin(np.abs(edges[:-1] - threshold)))
+    tp, fp = pos[first:].sum(), neg[first:].sum()
+    auc, note = None, None
+    if n_pos and n_neg:
+        below = np.cumsum(neg) - neg  # negatives in lower bins
+        auc = float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+    else:
+        note = f"AUC undefined: only {'positives' if n_pos else 'negatives'}"
+    return {
+        "n": int(n_pos + n_neg),
+        "positives": int(n_pos),
+        "auc": auc,
+        "auc_note": note,
+        "threshold_used": float(edges[first]),
+        "acc": float((tp + n_neg - fp) / (n_pos + n_neg)),
+        "sen": float(tp / n_pos) if n_pos else None,
+        "spe": float((n_neg - fp) / n_neg) if n_neg else None,
+    }

@@ -1,0 +1,251 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from shared.models import (
+    BACKBONES,
+    FUSION_GROUPS,
+    IMAGE_PRESETS,
+    FusionNet,
+    ImageModelConfig,
+    build_image_model,
+    count_parameters,
+    group_subsets,
+    positive_class_weight,
+)
+from shared.reproducibility import set_seed
+
+SMALL = IMAGE_PRESETS["cpu-small"]
+
+
+def _documented_feature_dim(cfg: ImageModelConfig) -> int:
+    """D as the ImageClassifier docstring states it."""
+    if cfg.backbone == "swin3d":
+        return cfg.embed_dim * 16
+    if cfg.backbone == "resnet3d":
+        return cfg.widths[-1]
+    channels = cfg.init_features
+    for i, layers in enumerate(cfg.depths):  # dense blocks, halved by each transition
+        channels += layers * cfg.growth_rate
+        channels = channels // 2 if i < len(cfg.depths) - 1 else channels
+    return channels
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_shapes(backbone: str) -> None:
+    cfg = SMALL[backbone]
+    model = build_image_model(cfg)
+    x = torch.randn(2, cfg.in_channels, cfg.crop_voxels, cfg.crop_voxels, cfg.crop_voxels)
+    assert model(x).shape == (2,)
+    features = model.deep_features(x)
+    assert features.shape == (2, model.feature_dim) == (2, _documented_feature_dim(cfg))
+    ct_only = build_image_model(
+        ImageModelConfig.model_validate({**cfg.model_dump(), "in_channels": 1})
+    )
+    assert ct_only(x[:, :1]).shape == (2,)
+
+
+def test_preset_parameter_budgets() -> None:
+    counts = {
+        preset: {b: count_parameters(build_image_model(cfg)) for b, cfg in configs.items()}
+        for preset, configs in IMAGE_PRESETS.items()
+    }
+    assert counts["cpu-small"]["swin3d"] < 2_000_000 < counts["gpu"]["swin3d"]
+    for preset, by_backbone in counts.items():
+        swin = by_backbone["swin3d"]
+        for backbone in ("resnet3d", "densenet3d"):
+            assert swin / 3 < by_backbone[backbone] < 3 * swin, (preset, backbone, by_backbone)
+    assert IMAGE_PRESETS["cpu-small"]["swin3d"].crop_voxels == 32
+    assert IMAGE_PRESETS["gpu"]["swin3d"].crop_voxels == 96
+    assert IMAGE_PRESETS["gpu"]["swin3d"].embed_dim == 48
+
+
+def _all_models() -> list[nn.Module]:
+    images = [
+        build_image_model(cfg) for configs in IMAGE_PRESETS.values() for cfg in configs.values()
+    ]
+    fusion = [FusionNet({"deep": 8, "clinical": 3}, norm=norm) for norm in ("layer", "none")]
+    return images + fusion
+
+
+def test_no_batchnorm_and_opacus_accepts_every_model() -> None:
+    validators = pytest.importorskip("opacus.validators")
+    for model in _all_models():
+        batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert not batch_norms
+        assert not [b for b in model.buffers() if b.dtype.is_floating_point]  # no running stats
+        validators.ModuleValidator.validate(model, strict=True)
+
+
+def test_cnn_norms_are_group_norms_and_swin_norms_layer_norms() -> None:
+    for backbone, cfg in SMALL.items():
+        norms = {type(m) for m in build_image_model(cfg).modules() if "Norm" in type(m).__name__}
+        assert norms == ({nn.LayerNorm} if backbone == "swin3d" else {nn.GroupNorm})
+
+
+def _one_step(cfg: ImageModelConfig, seed: int) -> tuple[dict, torch.Tensor, list[torch.Tensor]]:
+    """Initial weights, outputs after one AdamW step, and that step's gradients."""
+    set_seed(seed)
+    model = build_image_model(cfg)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, cfg.in_channels, cfg.crop_voxels, cfg.crop_voxels, cfg.crop_voxels)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = nn.functional.binary_cross_entropy_with_logits(model(x), torch.tensor([0.0, 1.0]))
+    loss.backward()
+    optimiser.step()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return initial, model(x).detach(), grads
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_same_seed_same_weights_outputs_and_gradients(backbone: str) -> None:
+    cfg = SMALL[backbone]
+    first, second, other = _one_step(cfg, 3), _one_step(cfg, 3), _one_step(cfg, 4)
+    assert first[0].keys() == second[0].keys()
+    assert all(torch.equal(first[0][k], second[0][k]) for k in first[0])
+    assert torch.equal(first[1], second[1])
+    assert all(torch.equal(a, b) for a, b in zip(first[2], second[2], strict=True))
+    assert not all(torch.equal(first[0][k], other[0][k]) for k in first[0])
+
+
+def test_set_seed_seeds_python_numpy_and_torch() -> None:
+    def draws() -> tuple[float, float, float]:
+        legacy_numpy = np.random.rand()  # noqa: NPY002 - the global generator set_seed seeds
+        return random.random(), legacy_numpy, torch.rand(1).item()
+
+    set_seed(11)
+    first = draws()
+    set_seed(11)
+    assert draws() == first
+    set_seed(12)
+    assert draws() != first
+
+
+def test_swin_features_without_gradients_match_the_training_path() -> None:
+    set_seed(0)
+    model = build_image_model(SMALL["swin3d"]).eval()
+    x = torch.randn(2, 2, 32, 32, 32)
+    with torch.no_grad():
+        fused = model.deep_features(x)  # scaled_dot_product_attention path
+    torch.testing.assert_close(fused, model.deep_features(x).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_swin_overfits_eight_crops() -> None:
+    set_seed(0)
+    cfg = ImageModelConfig(
+        backbone="swin3d", embed_dim=12, num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1)
+    )
+    model = build_image_model(cfg)
+    x = torch.randn(8, 2, 32, 32, 32)
+    y = torch.tensor([0.0, 1.0] * 4)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(20):
+        optimiser.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_fusion_net_learns_a_separable_problem() -> None:
+    set_seed(1)
+    dims = {"deep": 16, "radiomics": 12, "clinical": 5}
+    groups = {g: torch.randn(256, d) for g, d in dims.items()}
+    signal = groups["radiomics"][:, 0] - groups["clinical"][:, 1] + 0.5 * groups["deep"][:, 2]
+    y = (signal > 0).float()
+    model = FusionNet(dims, hidden=(32, 16), dropout=0.1)
+    x = model.concat(groups)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_class_weight(y.numpy())))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        optimiser.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimiser.step()
+    with torch.no_grad():
+        assert roc_auc_score(y.numpy(), model.eval()(x).numpy()) > 0.9
+
+
+@pytest.mark.parametrize("subset", group_subsets())
+def test_fusion_net_takes_any_subset_of_groups(subset: tuple[str, ...]) -> None:
+    dims = {"deep": 6, "radiomics": 4, "clinical": 3}
+    model = FusionNet({g: dims[g] for g in reversed(subset)}, hidden=(8,))
+    assert model.input_groups == subset  # always in FUSION_GROUPS order
+    groups = {g: torch.full((5, d), float(i)) for i, (g, d) in enumerate(dims.items())}
+    x = model.concat(groups)  # groups not in the subset are ignored
+    assert x.shape == (5, sum(dims[g] for g in subset))
+    assert x[0].tolist() == [float(FUSION_GROUPS.index(g)) for g in subset for _ in range(dims[g])]
+    assert model(x).shape == (5,)
+
+
+def test_group_subsets_are_the_seven_ablations() -> None:
+    subsets = group_subsets()
+    assert len(subsets) == len(set(subsets)) == 7
+    assert FUSION_GROUPS in subsets and ("clinical",) in subsets
+
+
+def test_fusion_net_refuses_bad_groups() -> None:
+    with pytest.raises(ValueError, match="groups among"):
+        FusionNet({"genomics": 3})
+    with pytest.raises(ValueError, match="groups among"):
+        FusionNet({})
+    model = FusionNet({"deep": 4, "clinical": 2})
+    with pytest.raises(ValueError, match="width 3"):
+        model.concat({"deep": torch.zeros(2, 4), "clinical": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="missing"):
+        model.concat({"deep": torch.zeros(2, 4)})
+    assert not [
+        m for m in FusionNet({"deep": 4}, norm="none").modules() if isinstance(m, nn.LayerNorm)
+    ]
+
+
+def _tiny_densenet() -> nn.Module:
+    cfg = ImageModelConfig(
+        backbone="densenet3d", init_features=8, growth_rate=8, depths=(1, 1, 1, 1), norm_groups=4
+    )
+    return build_image_model(cfg)  # dropout 0: per-sample gradients add up to the batch's
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: FusionNet({"radiomics": 6, "clinical": 3}, hidden=(8, 4), dropout=0.0), (9,)),
+        (_tiny_densenet, (2, 32, 32, 32)),
+    ],
+)
+def test_opacus_per_sample_gradients(make, shape: tuple[int, ...]) -> None:
+    grad_sample = pytest.importorskip("opacus.grad_sample")
+    set_seed(2)
+    model = make()
+    wrapped = grad_sample.GradSampleModule(model, loss_reduction="sum")
+    x = torch.randn(3, *shape, requires_grad=True)  # Opacus's backward hooks expect an input grad
+    wrapped(x).sum().backward()
+    for p in model.parameters():
+        assert p.grad_sample.shape == (3, *p.shape)
+        torch.testing.assert_close(p.grad_sample.sum(0), p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_positive_class_weight() -> None:
+    assert positive_class_weight([0, 0, 0, 1]) == pytest.approx(3.0)
+    assert positive_class_weight(np.array([1, 1, 0])) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        positive_class_weight([0, 0, 0])
+
+
+def test_config_rules() -> None:
+    with pytest.raises(ValidationError, match="multiple of 32"):
+        ImageModelConfig(backbone="resnet3d", crop_voxels=48)
+    with pytest.raises(ValidationError, match="divide"):
+        ImageModelConfig(backbone="swin3d", embed_dim=12, num_heads=(5, 2, 4, 8))
+    with pytest.raises(ValidationError, match="4 depths"):
+        ImageModelConfig(backbone="resnet3d", depths=(1, 1, 1))
+    with pytest.raises(ValidationError):
+        ImageModelConfig(backbone="swin3d", kernel=3)
+    with pytest.raises(ValidationError):
+        ImageModelConfig(backbone="vit3d")
