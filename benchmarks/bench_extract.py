@@ -109,7 +109,8 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
         f"{platform.python_version()}, PyRadiomics {radiomics.__version__}, ITK threads "
-        f"{sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} (plain loop)"
+        f"{sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} (plain loop), load average"
+        f" {os.getloadavg()[0]:.2f} before"
     )
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_site_config(
@@ -142,7 +143,8 @@ def main() -> None:
     print(
         f"per patient inside a worker: {cold['mean_seconds_per_extracted_patient']:.3f} s;"
         f" peak RSS per worker {cold['peak_worker_rss_mb']:.0f} MB (largest child process"
-        f" {children_mb:.0f} MB); this process {self_mb:.0f} MB"
+        f" {children_mb:.0f} MB); this process {self_mb:.0f} MB; load average"
+        f" {os.getloadavg()[0]:.2f} after"
     )
 
 

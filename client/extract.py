@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import re
 import resource
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -128,6 +129,7 @@ def extract_site(
     done = 0
     cached = 0
     tasks = []
+    mask_bytes: dict[str, int] = {}
 
     def finish() -> None:
         nonlocal done
@@ -144,6 +146,7 @@ def extract_site(
                 clinical[record.patient_id] = encode_clinical(row)
             stage = "hash"
             key = cache_key(record, fingerprint)
+            mask_bytes[record.patient_id] = record.tumour_mask_path.stat().st_size
         except (ValueError, OSError) as error:
             failed[record.patient_id] = _failure(record, cfg, stage, error, entry) | {
                 "cached": False
@@ -172,6 +175,9 @@ def extract_site(
         peak_rss_mb = max(peak_rss_mb, result.get("peak_rss_mb", 0.0))
         finish()
 
+    # Largest tumour-mask files first: the file grows with the tumour, and so does the time to
+    # extract it; a big patient started last would run alone while the other workers idle.
+    tasks.sort(key=lambda task: -mask_bytes[task.record.patient_id])
     restarts = _run_tasks(tasks, workers, collect)
 
     order = [r for r in records if r.patient_id in features]
@@ -363,6 +369,13 @@ def _failure(
 # ---- process pool -------------------------------------------------------------------------------
 
 
+def _init_worker() -> None:
+    """Worker set-up: ITK on one thread; Ctrl-C left to the main process, which lets the
+    patients in flight finish (their cache entries are kept) before it stops."""
+    use_one_thread()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_tasks(tasks: list[_Task], workers: int, collect: Callable[[_Task, dict], None]) -> int:
     """Run ``tasks`` on up to ``workers`` processes (at most 2 per worker queued), calling
     ``collect(task, result)`` in this process for each. When a worker dies (crash, out of memory)
@@ -375,22 +388,24 @@ def _run_tasks(tasks: list[_Task], workers: int, collect: Callable[[_Task, dict]
     context.set_forkserver_preload([__name__])
     while queue or suspects:
         crashed: list[_Task] = []
-        alone = False
+        alone: _Task | None = None  # a suspect running on its own
+        broken = False  # the pool refused a task: a worker died between two results
         with ProcessPoolExecutor(
             max_workers=min(workers, len(queue) + len(suspects)),
             mp_context=context,
-            initializer=use_one_thread,
+            initializer=_init_worker,
         ) as pool:
             in_flight: dict = {}
-            while (queue or suspects or in_flight) and not crashed:
+            while (queue or suspects or in_flight) and not (crashed or broken):
                 if suspects and not in_flight:
-                    alone = True
-                    task = suspects.popleft()
-                    in_flight[pool.submit(_extract_patient, task)] = task
-                while not suspects and queue and len(in_flight) < 2 * workers:
-                    alone = False
-                    task = queue.popleft()
-                    in_flight[pool.submit(_extract_patient, task)] = task
+                    broken = not _submitted(pool, in_flight, suspects[0])
+                    alone = None if broken else suspects.popleft()
+                while not broken and alone is None and not suspects and queue:
+                    if len(in_flight) >= 2 * workers:
+                        break
+                    broken = not _submitted(pool, in_flight, queue[0])
+                    if not broken:
+                        queue.popleft()
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in finished:
                     task = in_flight.pop(future)
@@ -398,21 +413,30 @@ def _run_tasks(tasks: list[_Task], workers: int, collect: Callable[[_Task, dict]
                         collect(task, future.result())
                     except BrokenProcessPool:
                         crashed.append(task)
+                    else:
+                        alone = None if task is alone else alone
             for future, task in in_flight.items():  # the pool broke: these fail too
                 try:
                     collect(task, future.result())
                 except BrokenProcessPool:
                     crashed.append(task)
-        if crashed:
-            restarts += 1
-            if alone:
-                (task,) = crashed
-                error = RuntimeError("worker process died (crash or out of memory) on its own")
-                failure = _failure(task.record, task.cfg, "worker", error, task.entry)
-                collect(task, {"failure": failure | {"cached": False}})
-            else:
-                suspects.extend(crashed)
+        restarts += bool(crashed or broken)
+        if crashed and alone is not None:  # it killed a worker on its own
+            error = RuntimeError("worker process died (crash or out of memory) on its own")
+            failure = _failure(alone.record, alone.cfg, "worker", error, alone.entry)
+            collect(alone, {"failure": failure | {"cached": False}})
+        else:
+            suspects.extend(crashed)
     return restarts
+
+
+def _submitted(pool: ProcessPoolExecutor, in_flight: dict, task: _Task) -> bool:
+    """Queue ``task`` on ``pool`` (recorded in ``in_flight``); False if the pool is broken."""
+    try:
+        in_flight[pool.submit(_extract_patient, task)] = task
+    except BrokenProcessPool:
+        return False
+    return True
 
 
 def _feature_table(

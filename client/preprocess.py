@@ -11,7 +11,7 @@ tumour and body (nearest neighbour) in one pass onto an axis-aligned LPS grid of
   bounding-box centre (what the deep model reads; a tumour larger than the crop is cut at its
   edges).
 
-The grid is anchored to the scan, not to the crop (its voxel centres sit a quarter of a voxel past
+The grid is anchored to the scan, not to the crop (its voxel centres sit a third of a voxel past
 the scan's first voxel centre), so a voxel's value does not depend on how far the crop reaches.
 
 The CT is then clipped to ``hu_window``; voxels outside the scan's field of view read -1024 HU.
@@ -120,11 +120,12 @@ def prepare_patient(
     )  # outer faces of the tumour's bounding box, LPS mm
     low, high = corners.min(axis=0), corners.max(axis=0)
 
-    # Grid voxel centres sit a quarter of a grid voxel past the scan's voxel centres, the same
-    # whatever the crop: nearest-neighbour resampling then never meets a sample exactly halfway
-    # between two scan voxels (for integer spacing ratios), whose outcome would hang on rounding.
+    # Grid voxel centres sit a third of a grid voxel past the scan's first voxel centre, whatever
+    # the crop: nearest-neighbour resampling then never meets a sample exactly halfway between
+    # two scan voxels when one spacing is a whole multiple of the other (up or down), where the
+    # outcome would hang on rounding.
     spacing = np.array(settings.spacing_mm)
-    anchor = np.array(ct.GetOrigin()) + spacing / 4
+    anchor = np.array(ct.GetOrigin()) + spacing / 3
     n_deep = np.array(settings.crop_voxels)
     deep_first = np.rint(((low + high) / 2 - anchor) / spacing - (n_deep - 1) / 2).astype(int)
     context = ring_margin_mm + settings.crop_margin_mm

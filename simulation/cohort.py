@@ -104,6 +104,8 @@ class Preset:
     # Draw exactly round(target * n) positives per site (weighted by true risk) instead of one
     # Bernoulli per patient: keeps every fold of a tiny site supplied with positives.
     fixed_positive_count: bool = False
+    # PyRadiomics parameter set written into the site configs ("default" = full, "fast" = CPU).
+    radiomics_params: str = "default"
 
 
 PRESETS: dict[str, Preset] = {
@@ -117,6 +119,7 @@ PRESETS: dict[str, Preset] = {
         prevalence_range=(0.25, 0.35),
         description="plumbing tests: a dozen patients per site, coarse voxels, enriched DM",
         fixed_positive_count=True,
+        radiomics_params="fast",
     ),
     "demo": Preset(
         name="demo",

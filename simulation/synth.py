@@ -198,6 +198,7 @@ def generate_cohort(
             mode="images",
             modalities=IMAGE_MODALITIES,
             seed=seed * 1000 + site.index + 1,
+            radiomics_params=preset.radiomics_params,
         )
         site_truth = truth[truth["site_id"] == site.site_id]
         site_summaries.append(

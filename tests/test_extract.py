@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +30,9 @@ from simulation.synth import generate_cohort
 
 IDS = [f"HA-{n:04d}" for n in range(1, 9)]
 CORRUPT_CT = "HA-0002"  # unreadable CT file: quarantined by the site check
+EMPTY_MASK = "HA-0004"  # tumour mask of zeros: quarantined by the site check
 TUMOUR_IN_AIR = "HA-0003"  # passes the check, but no tissue around the tumour: fails at "ring"
-GOOD = [i for i in IDS if i not in (CORRUPT_CT, TUMOUR_IN_AIR)]
+GOOD = [i for i in IDS if i not in (CORRUPT_CT, EMPTY_MASK, TUMOUR_IN_AIR)]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def make_site(cohort: Path, folder: Path, margin: float = 5.0, params: str = "fast") -> Path:
-    """A site of 8 hospital_a patients (two of them broken) in ``folder``; returns its TOML."""
+    """A site of 8 hospital_a patients (three of them broken) in ``folder``; returns its TOML."""
     source = cohort / "hospital_a"
     manifest = pd.read_csv(source / "manifest.csv", dtype=str, keep_default_na=False)
     manifest = manifest[manifest["patient_id"].isin(IDS)]
@@ -57,6 +60,8 @@ def make_site(cohort: Path, folder: Path, margin: float = 5.0, params: str = "fa
     moved = sitk.GetImageFromArray(in_air)
     moved.CopyInformation(tumour)
     sitk.WriteImage(moved, str(tumour_path), useCompression=True)
+    empty_path = folder / "masks" / f"{EMPTY_MASK}_tumour.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(empty_path)) * 0, str(empty_path), useCompression=True)
     return write_site_config(
         folder,
         "hospital_a",
@@ -89,14 +94,17 @@ def test_cold_run_extracts_every_usable_patient_and_reports_the_bad_ones(site):
     assert report == json.loads((cfg.paths.output / REPORT_FILE).read_text())
     assert report["counts"] == {
         "total": 8,
-        "quarantined": 1,
-        "usable": 7,
-        "extracted": 6,
+        "quarantined": 2,
+        "usable": 6,
+        "extracted": 5,
         "cached": 0,
         "failed": 1,
     }
     (reason,) = report["quarantined"][CORRUPT_CT]
     assert f"images/{CORRUPT_CT}_ct.nii.gz: ct: cannot read the image" in reason
+    assert report["quarantined"][EMPTY_MASK] == [
+        f"masks/{EMPTY_MASK}_tumour.nii.gz: tumour_mask: mask is empty"
+    ]
     failure = report["failed"][TUMOUR_IN_AIR]
     assert failure["stage"] == "ring" and failure["field"] == "tumour_mask"
     assert failure["cached"] is False
@@ -149,7 +157,7 @@ def test_features_equal_a_direct_pyradiomics_call(site):
 def test_second_run_is_all_cached_and_touches_no_entry(site):
     cfg, first, table, times = site
     report = extract_site(cfg, workers=2)
-    assert report["counts"]["cached"] == 6 and report["counts"]["extracted"] == 0
+    assert report["counts"]["cached"] == 5 and report["counts"]["extracted"] == 0
     # the failure came from the data: it is remembered, not recomputed
     assert report["failed"][TUMOUR_IN_AIR] == first["failed"][TUMOUR_IN_AIR] | {"cached": True}
     assert report["peak_worker_rss_mb"] is None  # no worker was started
@@ -162,7 +170,7 @@ def test_a_lost_entry_is_all_that_is_redone(site):
     cfg, _, table, times = site
     shutil.rmtree(cfg.paths.cache / "extract" / GOOD[2])
     report = extract_site(cfg, workers=2)
-    assert (report["counts"]["extracted"], report["counts"]["cached"]) == (1, 5)
+    assert (report["counts"]["extracted"], report["counts"]["cached"]) == (1, 4)
     again = entry_times(cfg.paths.cache)
     changed = {name for name in again if again[name] != times.get(name)}
     assert changed == {f"extract/{GOOD[2]}/features.json", f"extract/{GOOD[2]}/crop.npz"}
@@ -177,7 +185,7 @@ def test_changing_margin_or_params_invalidates_the_cache(site, tmp_path):
     text = toml.read_text()
     toml.write_text(text.replace("peritumoral_margin_mm = 5.0", "peritumoral_margin_mm = 8.0"))
     report = extract_site(load_site_config(toml), workers=2)
-    assert (report["counts"]["extracted"], report["counts"]["cached"]) == (6, 0)
+    assert (report["counts"]["extracted"], report["counts"]["cached"]) == (5, 0)
     wider = pd.read_parquet(folder / "output" / FEATURES_FILE)
     tumour = [c for c in table.columns if c.startswith("tumour_")]
     pd.testing.assert_frame_equal(wider[tumour], table[tumour], rtol=1e-9)  # same tumour
@@ -188,7 +196,7 @@ def test_changing_margin_or_params_invalidates_the_cache(site, tmp_path):
     params.write_text(params_file("fast").read_text().replace("binWidth: 25", "binWidth: 50"))
     toml.write_text(text.replace('params = "fast"', 'params = "coarse.yaml"'))
     report = extract_site(load_site_config(toml), workers=2)
-    assert (report["counts"]["extracted"], report["counts"]["cached"]) == (6, 0)
+    assert (report["counts"]["extracted"], report["counts"]["cached"]) == (5, 0)
     coarse = pd.read_parquet(folder / "output" / FEATURES_FILE)
     entropy = "tumour_original_firstorder_Entropy"
     assert (coarse[entropy] < table[entropy]).all()
@@ -207,9 +215,38 @@ def test_a_worker_that_dies_is_replaced_and_its_patients_retried(cohort, tmp_pat
 
     report = extract_site(cfg, workers=2, on_patient_done=kill_a_worker)
     assert killed and report["worker_restarts"] == 1
-    assert report["counts"]["extracted"] == 6 and list(report["failed"]) == [TUMOUR_IN_AIR]
+    assert report["counts"]["extracted"] == 5 and list(report["failed"]) == [TUMOUR_IN_AIR]
     table = pd.read_parquet(cfg.paths.output / FEATURES_FILE)
     assert list(table["patient_id"]) == GOOD
+
+
+def test_a_patient_that_kills_every_worker_it_runs_on_fails_alone(cohort, tmp_path):
+    toml = make_site(cohort, tmp_path / "hospital_a")
+    manifest = pd.read_csv(tmp_path / "hospital_a" / "manifest.csv", dtype=str)
+    manifest[manifest["patient_id"] == GOOD[0]].to_csv(toml.parent / "manifest.csv", index=False)
+    killed: set[int] = set()
+    stop = threading.Event()
+
+    def kill_every_worker() -> None:  # as a patient that crashes whatever worker runs it would
+        while not stop.is_set():
+            for worker in multiprocessing.active_children():
+                if worker.pid not in killed:
+                    os.kill(worker.pid, signal.SIGKILL)
+                    killed.add(worker.pid)
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_every_worker)
+    killer.start()
+    try:
+        report = extract_site(load_site_config(toml), workers=2)
+    finally:
+        stop.set()
+        killer.join()
+    # tried with others (none here), then alone: failed, and the run still ends normally
+    assert report["worker_restarts"] == 2 and len(killed) == 2
+    failure = report["failed"][GOOD[0]]
+    assert failure["stage"] == "worker" and "died" in failure["message"]
+    assert report["counts"]["extracted"] == 0
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -227,8 +264,9 @@ def test_cli_writes_the_feature_table_and_exits_0_despite_a_bad_patient(site):
     columns = set(table.columns)
     assert {"tumour_original_firstorder_Mean", "ring_original_glcm_Idm"} <= columns
     assert set(encoded_columns()) <= columns
-    assert "6 patients in" in result.stdout and "1 failed" in result.stdout
-    assert f"patient {TUMOUR_IN_AIR}:" in result.stderr and CORRUPT_CT in result.stderr
+    assert "5 patients in" in result.stdout and "1 failed, 2 quarantined" in result.stdout
+    assert f"failed: patient {TUMOUR_IN_AIR}: masks/" in result.stderr
+    assert f"quarantined: patient {EMPTY_MASK}: masks/" in result.stderr
     assert (cfg.paths.output / REPORT_FILE).is_file()
 
 

@@ -86,6 +86,20 @@ def test_same_result_whatever_the_input_orientation(patients, prepared):
         np.testing.assert_allclose(array(again.ct), array(prepared.ct), atol=1e-2)
 
 
+def test_a_voxel_does_not_depend_on_how_far_the_crop_reaches(patients, prepared):
+    _, images = patients[0]
+    wider = prepare_patient(
+        images.ct, images.tumour, PreprocessSection(crop_margin_mm=25.0), MARGIN_MM
+    )
+    offset = wider.ct.TransformPhysicalPointToIndex(prepared.ct.GetOrigin())
+    assert wider.ct.TransformIndexToPhysicalPoint(offset) == pytest.approx(prepared.ct.GetOrigin())
+    x, y, z = offset
+    nx, ny, nz = prepared.ct.GetSize()
+    for name in ("tumour", "body", "ct"):
+        inner = array(getattr(wider, name))[z : z + nz, y : y + ny, x : x + nx]
+        np.testing.assert_allclose(inner, array(getattr(prepared, name)), rtol=0, atol=1e-3)
+
+
 def test_configured_spacing_window_and_interpolator_are_applied(patients):
     _, images = patients[1]
     settings = PreprocessSection(
