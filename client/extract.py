@@ -19,6 +19,10 @@ PyRadiomics/SimpleITK versions. Entries are written atomically (temporary file +
 last), so an interrupted run resumes where it stopped. A failure caused by the data (bad image,
 empty ring, PyRadiomics rejecting a mask) is cached too and reported again without recomputing;
 other failures (disk, memory, a dead worker) are retried on the next run.
+
+Tabular mode (``data.mode = "tabular"``): the features come from the site's feature table
+(``client.tabular``), written in the same layout with the table's radiomics column names instead
+of tumour_*/ring_*; no worker, no cache, no crop.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from client.radiomics_features import (
     use_one_thread,
 )
 from client.site_check import check_site
+from client.tabular import load_feature_table
 from shared.clinical import encode_clinical
 from shared.config import SiteConfig
 
@@ -110,6 +115,8 @@ def extract_site(
     patient's extraction (cached, extracted or failed), both in this process. Raises
     FileNotFoundError when the parameter file is missing; patient-level problems never raise."""
     started = time.perf_counter()
+    if cfg.data.mode == "tabular":
+        return _extract_table(cfg, started, on_patient_done, on_patient_checked)
     workers = workers or cfg.compute.workers
     params = params_file(cfg.radiomics.params)
     if not params.is_file():
@@ -213,6 +220,60 @@ def extract_site(
         ),
         "peak_worker_rss_mb": round(peak_rss_mb, 1) if tasks else None,
         "worker_restarts": restarts,
+        "features_file": str(output / FEATURES_FILE),
+    }
+    text = json.dumps(report, indent=2) + "\n"
+    _write_atomically(output / REPORT_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    return report
+
+
+def _extract_table(
+    cfg: SiteConfig,
+    started: float,
+    on_patient_done: Callable[[int, int], None] | None,
+    on_patient_checked: Callable[[int, int], None] | None,
+) -> dict:
+    """extract_site for a tabular site: the usable rows of its feature table, same report keys
+    (``features_per_region`` adds ``radiomics``, the table's radiomics columns)."""
+    loaded = load_feature_table(cfg)
+    table, n_usable = loaded.features, len(loaded.features)
+    for callback in (on_patient_checked, on_patient_done):
+        if callback:
+            callback(loaded.n_rows, loaded.n_rows)
+    output = cfg.paths.output
+    output.mkdir(parents=True, exist_ok=True)
+    _write_atomically(output / FEATURES_FILE, lambda path: table.to_parquet(path, index=False))
+    columns = {region: sum(c.startswith(f"{region}_") for c in table.columns) for region in REGIONS}
+    columns["radiomics"] = len(loaded.radiomics_columns)
+    columns["clinical"] = table.shape[1] - 2 - columns["radiomics"]
+    elapsed = time.perf_counter() - started
+    report = {
+        "site_id": cfg.site_id,
+        "config": str(cfg.source) if cfg.source else None,
+        "params_file": None,
+        "settings": {
+            "code_version": shared.__version__,
+            "radiomics_pattern": cfg.data.radiomics_pattern,
+            "clinical_columns": loaded.clinical_sources,
+        },
+        "workers": None,
+        "counts": {
+            "total": loaded.n_rows,
+            "quarantined": len(loaded.quarantined),
+            "usable": n_usable,
+            "extracted": n_usable,
+            "cached": 0,
+            "failed": 0,
+        },
+        "quarantined": loaded.quarantined,
+        "site_problems": loaded.site_problems,
+        "failed": {},
+        "features_per_region": columns,
+        "seconds": round(elapsed, 3),
+        "patients_per_minute": round(60 * n_usable / elapsed, 2),
+        "mean_seconds_per_extracted_patient": None,
+        "peak_worker_rss_mb": None,
+        "worker_restarts": 0,
         "features_file": str(output / FEATURES_FILE),
     }
     text = json.dumps(report, indent=2) + "\n"

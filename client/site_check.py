@@ -9,7 +9,8 @@ Per patient (each problem names the patient, the file and the field):
 - plausibility: CT values in HU (below, constants) and tumour volume 0.5..500 cc.
 
 A patient with any problem is quarantined: listed with its problems and left out; the rest go
-on. Site-level problems (manifest unreadable, a required column missing) stop the check.
+on. Site-level problems (manifest unreadable, a required column missing) stop the check. A site in
+tabular mode (``data.mode = "tabular"``) has its feature table checked by ``client.tabular``.
 
 CT values: the lowest value may be below -1100 HU only as padding (one value covering >= 1 % of
 the voxels, e.g. -2048 or -3024 outside the reconstruction circle), which is then ignored. The
@@ -38,6 +39,7 @@ from client.ingest import (
     shown_path,
     try_load_patient_images,
 )
+from client.tabular import load_feature_table
 from shared.clinical import validate_clinical
 from shared.config import SiteConfig
 
@@ -77,7 +79,16 @@ def check_site(
     on_patient_done: Callable[[int, int], None] | None = None,
 ) -> SiteCheckReport:
     """Run every check on every patient of the site, ``workers`` processes in parallel (default
-    ``compute.workers``); ``on_patient_done(done, total)`` is called after each patient."""
+    ``compute.workers``); ``on_patient_done(done, total)`` is called after each patient (once,
+    for all rows, in tabular mode)."""
+    if cfg.data.mode == "tabular":
+        table = load_feature_table(cfg)
+        if on_patient_done:
+            on_patient_done(table.n_rows, table.n_rows)
+        usable = table.features["patient_id"].tolist()
+        return SiteCheckReport(
+            cfg.site_id, table.n_rows, usable, table.quarantined, table.site_problems
+        )
     try:
         records, row_problems = read_manifest(cfg)
     except ValueError as error:

@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from shared.clinical import CLINICAL_COLUMNS
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{1,31}$"
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+)$"
 PATTERN_MEANINGS = {
@@ -39,6 +41,12 @@ STAGE_ORDER: tuple[str, ...] = Stage.__args__
 IMAGE_MODALITIES = ("ct", "tumour_mask", "organ_mask")
 # RTSTRUCT ROI names taken as the primary tumour (matched ignoring case).
 DEFAULT_ROI_PATTERN = r"^(gtvp|gtv-?1|gtv_?primary|gtv)$"
+# Tabular mode: feature-table columns taken as radiomics (matched ignoring case): PyRadiomics
+# image-type prefixes, and fedmets' own tumour_*/ring_* columns.
+DEFAULT_RADIOMICS_PATTERN = (
+    r"^(original|wavelet|log|square|squareroot|logarithm|exponential|gradient|lbp)[-_]"
+    r"|^(tumour|ring)_"
+)
 
 
 class ConfigError(Exception):
@@ -90,8 +98,11 @@ class DataSection(_Section):
     id_column: str = Field("patient_id", min_length=1)
     label_column: str = Field("dm", min_length=1)
     rtstruct_roi_pattern: str = Field(DEFAULT_ROI_PATTERN, min_length=1)
+    radiomics_pattern: str = Field(DEFAULT_RADIOMICS_PATTERN, min_length=1)
+    # Tabular mode: clinical schema column -> column of the feature table.
+    clinical_columns: dict[str, Annotated[str, Field(min_length=1)]] = {}
 
-    @field_validator("rtstruct_roi_pattern")
+    @field_validator("rtstruct_roi_pattern", "radiomics_pattern")
     @classmethod
     def _compiles(cls, pattern: str) -> str:
         try:
@@ -101,6 +112,17 @@ class DataSection(_Section):
                 f"not a valid regular expression ({error}), got {pattern!r}"
             ) from None
         return pattern
+
+    @field_validator("clinical_columns")
+    @classmethod
+    def _schema_names(cls, mapping: dict[str, str]) -> dict[str, str]:
+        unknown = [name for name in mapping if name not in CLINICAL_COLUMNS]
+        allowed = f"(allowed here: {', '.join(CLINICAL_COLUMNS)})"
+        if len(unknown) == 1:
+            raise _rule_error(f"unknown key {allowed}", unknown[0])
+        if unknown:
+            raise _rule_error(f"unknown keys {_quoted(unknown)} {allowed}")
+        return mapping
 
     @field_validator("modalities")
     @classmethod

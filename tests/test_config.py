@@ -97,6 +97,19 @@ def test_site_paths_resolved_against_toml_folder(tmp_path: Path) -> None:
     assert cfg.paths.output == (tmp_path / "configs" / "output").resolve()
     assert cfg.compute.device == "auto" and cfg.compute.workers == 2
     assert cfg.radiomics.params == "default"
+    assert cfg.data.clinical_columns == {}
+    assert cfg.data.radiomics_pattern.startswith("^(original|wavelet|log|")
+
+
+def test_tabular_keys(tmp_path: Path) -> None:
+    text = SITE.replace('mode = "images"', 'mode = "tabular"').replace(
+        '["ct", "tumour_mask", "clinical"]',
+        '["radiomics_table", "clinical"]\nradiomics_pattern = "_[xy]$"\n'
+        'clinical_columns = {t_stage = "tstage", hpv = "overall_hpv_status"}',
+    )
+    cfg = load_site_config(write(tmp_path, text))
+    assert cfg.data.radiomics_pattern == "_[xy]$"
+    assert cfg.data.clinical_columns == {"t_stage": "tstage", "hpv": "overall_hpv_status"}
 
 
 def test_radiomics_presets_and_preprocess_settings(tmp_path: Path) -> None:
@@ -226,6 +239,20 @@ INVALID = {
         SITE.replace('mode = "images"', 'mode = "images"\nrtstruct_roi_pattern = "(gtv"'),
         "data.rtstruct_roi_pattern: not a valid regular expression (missing ), unterminated"
         " subpattern at position 0), got '(gtv'",
+    ),
+    "unknown clinical_columns key": (
+        SITE.replace('mode = "images"', 'mode = "images"\nclinical_columns = {tstage = "T"}'),
+        "data.clinical_columns.tstage: unknown key (allowed here: age, sex, smoking, alcohol,"
+        " t_stage, n_stage, hpv, subsite)",
+    ),
+    "clinical_columns value not a string": (
+        SITE.replace('mode = "images"', 'mode = "images"\nclinical_columns = {age = 3}'),
+        "data.clinical_columns.age: must be a string, got 3",
+    ),
+    "bad radiomics pattern": (
+        SITE.replace('mode = "images"', 'mode = "images"\nradiomics_pattern = "[x"'),
+        "data.radiomics_pattern: not a valid regular expression (unterminated character set at"
+        " position 0), got '[x'",
     ),
     "duplicate modality": (
         SITE.replace('"clinical"]', '"clinical", "ct"]'),
