@@ -238,6 +238,22 @@ def split(
 SITE_CHECK_FULL_TABLE = 40  # patients; above this the table lists only the quarantined ones
 
 
+def _load_site_config_or_exit(config: Path):
+    """The site config at ``config`` with its paths checked; prints the problems and exits 1."""
+    from shared.config import ConfigError, check_paths, load_site_config
+
+    try:
+        cfg = load_site_config(config)
+        problems = check_paths(cfg, config)
+    except ConfigError as error:
+        problems = error.problems
+    for problem in problems:
+        err_console.print(problem, markup=False, highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    return cfg
+
+
 @site_app.command("check")
 def site_check(
     config: Annotated[Path, typer.Option("--config", help="This site's TOML config.")],
@@ -260,17 +276,8 @@ def site_check(
     from rich.text import Text
 
     from client.site_check import check_site
-    from shared.config import ConfigError, check_paths, load_site_config
 
-    try:
-        cfg = load_site_config(config)
-        problems = check_paths(cfg, config)
-    except ConfigError as error:
-        problems = error.problems
-    for problem in problems:
-        err_console.print(problem, markup=False, highlight=False, soft_wrap=True)
-    if problems:
-        raise typer.Exit(1)
+    cfg = _load_site_config_or_exit(config)
 
     started = time.perf_counter()
     with Progress(
@@ -336,17 +343,8 @@ def site_extract(
     from rich.text import Text
 
     from client.extract import extract_site
-    from shared.config import ConfigError, check_paths, load_site_config
 
-    try:
-        cfg = load_site_config(config)
-        problems = check_paths(cfg, config)
-    except ConfigError as error:
-        problems = error.problems
-    for problem in problems:
-        err_console.print(problem, markup=False, highlight=False, soft_wrap=True)
-    if problems:
-        raise typer.Exit(1)
+    cfg = _load_site_config_or_exit(config)
 
     with Progress(
         "[progress.description]{task.description}",
@@ -388,11 +386,16 @@ def site_extract(
         err_console.print(Text.assemble(("error: ", "red"), problem), soft_wrap=True)
     counts, per_region = report["counts"], report["features_per_region"]
     with_features = counts["extracted"] + counts["cached"]
+    radiomics = (
+        f"{per_region['radiomics']} radiomics"
+        if "radiomics" in per_region
+        else f"{per_region['tumour']} tumour, {per_region['ring']} ring"
+    )
     console.print(
         f"{with_features} patients in {report['features_file']} ({counts['extracted']} extracted,"
         f" {counts['cached']} cached), {counts['failed']} failed, {counts['quarantined']}"
-        f" quarantined; features: {per_region['tumour']} tumour, {per_region['ring']} ring,"
-        f" {per_region['clinical']} clinical; {report['seconds']:.1f} s"
+        f" quarantined; features: {radiomics}, {per_region['clinical']} clinical;"
+        f" {report['seconds']:.1f} s"
         f" ({report['patients_per_minute']:.1f} patients/min)."
         f" Report: {cfg.paths.output / 'extraction_report.json'}",
         markup=False,
@@ -400,3 +403,103 @@ def site_extract(
         soft_wrap=True,
     )
     raise typer.Exit(0 if with_features else 1)
+
+
+# ---- study ------------------------------------------------------------------------------------
+
+
+@app.command()
+def study(
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, OOF CSV, PNGs.")],
+    cohort: Annotated[
+        Path | None, typer.Option(help="Cohort folder of site configs (<site>/site.toml).")
+    ] = None,
+    table: Annotated[
+        Path | None, typer.Option(help="Feature table CSV (tabular mode, no images).")
+    ] = None,
+    label: Annotated[str, typer.Option(help="Tabular mode: 0/1 label column.")] = "label",
+    id_column: Annotated[str, typer.Option("--id", help="Tabular mode: patient id column.")] = (
+        "patient_id"
+    ),
+    preset: Annotated[str, typer.Option(help="tiny | demo | paper | gpu")] = "demo",
+    folds: Annotated[
+        int | None, typer.Option(min=2, help="Cross-validation folds (default: the preset's).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Same seed, same folds, same results.")] = 0,
+    backbones: Annotated[
+        str, typer.Option(help="Comma-separated image backbones; the first is the main one.")
+    ] = "swin3d,resnet3d,densenet3d",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Extraction processes (default: compute.workers).")
+    ] = None,
+) -> None:
+    """Centralised cross-validated study (the paper's reference): image model, deep features,
+    radiomics selection, fusion net and ablations, fitted on training folds only."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from shared.models import BACKBONES
+    from simulation.study import PRESETS, load_cohort, load_table, run_study
+
+    if (cohort is None) == (table is None):
+        err_console.print("[red]error:[/red] give exactly one of --cohort and --table")
+        raise typer.Exit(1)
+    chosen = [b.strip() for b in backbones.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BACKBONES] + ([] if preset in PRESETS else [preset])
+    if unknown:
+        err_console.print(f"[red]error:[/red] unknown backbone or preset: {', '.join(unknown)}")
+        raise typer.Exit(1)
+    try:
+        data = load_cohort(cohort, workers) if cohort else load_table(table, label, id_column)
+        result = run_study(
+            data,
+            PRESETS[preset],
+            out,
+            folds=folds,
+            seed=seed,
+            backbones=chosen,
+            device=device,
+            log=lambda message: console.print(message, markup=False, highlight=False),
+        )
+    except (ValueError, OSError) as error:
+        err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+        raise typer.Exit(1) from error
+    metrics = result.metrics
+    cfg = metrics["config"]
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    grid = Table(
+        title=f"{cfg['folds']}-fold CV, {cfg['n_patients']} patients ({cfg['positives']} DM+),"
+        f" preset {preset}, seed {seed}"
+    )
+    for column in ("model", "AUC [95% CI]", "ACC", "SEN", "SPE", "Brier", "oracle AUC"):
+        grid.add_column(column, justify="left" if column == "model" else "right")
+    for key, model in metrics["models"].items():
+        pooled = model["pooled"]
+        ci = pooled["auc_ci"]
+        interval = "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        grid.add_row(
+            key,
+            number(pooled["auc"]) + interval,
+            number(pooled["acc"]),
+            number(pooled["sen"]),
+            number(pooled["spe"]),
+            number(pooled["brier"]),
+            number(pooled["oracle_auc"]),
+        )
+    console.print(grid)
+    if metrics["oracle_auc"] is not None:
+        console.print(
+            f"oracle AUC (true risk): cohort {metrics['oracle_auc']:.3f},"
+            f" patients used {number(metrics['oracle_auc_used'])}"
+        )
+    console.print(
+        f"{metrics['timing_s']['total']:.0f} s. Results: {out}/metrics.json,"
+        f" oof_predictions.csv, roc.png, calibration.png, ablation.png",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
