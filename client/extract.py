@@ -330,6 +330,11 @@ def _content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def crop_path(cfg: SiteConfig, patient_id: str) -> Path:
+    """Where the deep-model crop of ``patient_id`` is cached (``client.preprocess.save_crop``)."""
+    return cfg.paths.cache / CACHE_FOLDER / _entry_name(patient_id) / CROP_FILE
+
+
 def _entry_name(patient_id: str) -> str:
     """A folder name for the patient: the id itself when it is filename-safe, else a safe form
     plus a hash of the id (so two ids never share an entry)."""

@@ -1,0 +1,743 @@
+"""`fedmets study`: the centralised reference study of the seed paper, and the baseline the
+federated system must match.
+
+Input: a cohort folder of site configs (``COHORT/*/site.toml``; a site whose
+``features.parquet`` is missing is extracted first with ``client.extract.extract_site`` and its
+own config) -- radiomics, clinical and deep-model crops pooled over sites -- or one feature table
+CSV (tabular mode: radiomics and clinical columns, no images).
+
+Stratified k-fold cross-validation (seeded). In each fold, everything fitted sees the training
+folds only:
+
+1. image model (per backbone) trained on the training crops, early-stopped on a stratified inner
+   validation split of the training rows;
+2. deep features (n, D) of every patient from that fold's model; standardised with the training
+   rows' mean and SD;
+3. radiomics: median imputation, then ``shared.selection.RadiomicsSelector`` (constant columns
+   dropped, standardised, correlation filter, random-forest top-k) fitted on the training rows;
+   clinical columns standardised with the training rows' statistics;
+4. a ``FusionNet`` per feature-group subset (ablations) trained on the training rows (early stop
+   on an inner split), its Youden threshold taken on its own predictions for all training rows,
+   then applied to the held-out fold.
+
+Out-of-fold predictions are pooled over folds: AUC with its DeLong 95% CI, accuracy,
+sensitivity, specificity (each patient classified at its own fold's threshold), Brier score,
+calibration; per fold and per subsite too, beside the oracle AUC of the synthetic cohort's true
+risk on the same patients. Outputs in ``RUN/``: ``metrics.json``, ``oof_predictions.csv`` and
+PNG figures (``roc.png``, ``calibration.png``, ``ablation.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.impute import SimpleImputer
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from client.extract import FEATURES_FILE, crop_path, extract_site
+from client.tabular import CLINICAL_NAMES, load_feature_table
+from client.training import (
+    HU_WINDOW,
+    CropDataset,
+    Fit,
+    MaskChannel,
+    extract_deep_features,
+    load_crops,
+    predict_proba,
+    resolve_device,
+    train_fusion,
+    train_image_model,
+)
+from shared.clinical import CLINICAL_COLUMNS, encoded_columns
+from shared.config import SiteConfig, load_site_config
+from shared.metrics import binary_metrics, calibration, youden_threshold
+from shared.models import (
+    BACKBONES,
+    FUSION_GROUPS,
+    IMAGE_PRESETS,
+    FusionNet,
+    ImageModelConfig,
+    build_image_model,
+    group_subsets,
+    positive_class_weight,
+)
+from shared.reproducibility import set_seed
+from shared.selection import RadiomicsSelector
+
+NO_IMAGE = "none"
+"""Backbone part of the model key of models without deep features ("none/radiomics")."""
+
+
+# ---- presets -----------------------------------------------------------------------------------
+
+
+def _image_configs(crop: int, **per_backbone: dict) -> dict[str, ImageModelConfig]:
+    """One ImageModelConfig per backbone at ``crop``^3 (CT + mask channel, dropout 0.2)."""
+    return {
+        name: ImageModelConfig(
+            backbone=name, crop_voxels=crop, in_channels=2, dropout=0.2, **per_backbone[name]
+        )
+        for name in BACKBONES
+    }
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """Every setting of a study run besides data, folds and seed (units: epochs, rows)."""
+
+    name: str
+    image_models: dict[str, ImageModelConfig]  # backbone -> config (one crop size for all)
+    mask_channel: MaskChannel = "ring"  # image channel 1
+    fit: Fit = "resize"  # crop.npz -> crop_voxels^3: resize the whole crop or centre-crop it
+    hu_window: tuple[float, float] = HU_WINDOW
+    augment: bool = True
+    image_epochs: int = 10
+    image_lr: float = 3e-4
+    image_batch: int = 8
+    image_val_fraction: float = 0.15  # inner split of the training rows for early stopping
+    image_patience: int | None = None
+    fusion_hidden: tuple[int, ...] = (64, 32)
+    fusion_dropout: float = 0.3
+    fusion_epochs: int = 200
+    fusion_lr: float = 1e-3
+    fusion_batch: int = 32
+    fusion_weight_decay: float = 1e-3
+    fusion_val_fraction: float = 0.2
+    fusion_patience: int = 25
+    fusion_members: int = 5  # nets averaged, each early-stopped on its own inner split
+    correlation_threshold: float = 0.9
+    top_k: int = 36
+    rf_trees: int = 200
+    folds: int = 5
+
+    def to_json(self) -> dict:
+        """Plain JSON-able settings (image configs as dicts)."""
+        data = asdict(self)
+        data["image_models"] = {k: v.model_dump() for k, v in self.image_models.items()}
+        return data
+
+
+PRESETS: dict[str, StudyPreset] = {
+    # Seconds to a minute on a laptop CPU: 32^3 crops, very narrow networks, 2 epochs.
+    "tiny": StudyPreset(
+        name="tiny",
+        image_models=_image_configs(
+            32,
+            swin3d={"embed_dim": 8, "num_heads": (1, 2, 4, 8), "depths": (1, 1, 1, 1)},
+            resnet3d={"widths": (8, 8, 16, 16), "depths": (1, 1, 1, 1), "norm_groups": 4},
+            densenet3d={
+                "init_features": 8,
+                "growth_rate": 4,
+                "depths": (2, 2, 2, 2),
+                "norm_groups": 4,
+            },
+        ),
+        image_epochs=2,
+        image_batch=4,
+        image_val_fraction=0.25,
+        fusion_hidden=(16,),
+        fusion_epochs=40,
+        fusion_patience=10,
+        fusion_members=2,
+        rf_trees=50,
+        folds=3,
+    ),
+    # CPU minutes: 32^3 crops, the narrow "cpu-small" networks, a few epochs.
+    "demo": StudyPreset(
+        name="demo",
+        image_models=IMAGE_PRESETS["cpu-small"],
+        image_epochs=12,
+        image_lr=1e-3,
+    ),
+    # The paper's protocol at 64^3 on a CPU (hours) or a small GPU.
+    "paper": StudyPreset(
+        name="paper",
+        image_models={
+            name: ImageModelConfig.model_validate({**cfg.model_dump(), "crop_voxels": 64})
+            for name, cfg in IMAGE_PRESETS["cpu-small"].items()
+        },
+        image_epochs=40,
+        image_lr=2e-4,
+        image_patience=10,
+    ),
+    # A GPU: 96^3 crops, Swin UNETR encoder as published (embed 48), mixed precision.
+    "gpu": StudyPreset(
+        name="gpu",
+        image_models=IMAGE_PRESETS["gpu"],
+        image_epochs=60,
+        image_lr=1e-4,
+        image_batch=16,
+        image_patience=15,
+    ),
+}
+"""Study presets by name: the one place their settings live."""
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyData:
+    """Pooled patients: ``ids``, ``labels`` 0/1, ``site``, ``subsite`` (``"unknown"`` when
+    missing) (n,); ``radiomics`` (n, p) float (NaN allowed); ``clinical`` (n, q) encoded
+    (``shared.clinical``) or None; ``crops`` crop.npz paths (n,) or None (tabular);
+    ``true_risk`` (n,) of a synthetic cohort or None; ``oracle`` (oracle.json) or None."""
+
+    source: str
+    mode: str
+    ids: np.ndarray
+    labels: np.ndarray
+    site: np.ndarray
+    subsite: np.ndarray
+    radiomics: pd.DataFrame
+    clinical: pd.DataFrame | None
+    crops: list[Path] | None = None
+    true_risk: np.ndarray | None = None
+    oracle: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def load_cohort(cohort: Path, workers: int | None = None) -> StudyData:
+    """Pool the sites of ``cohort`` (``*/site.toml``, sorted): features, labels and crops
+    (none at all when a site is in tabular mode). Sites without ``features.parquet`` are
+    extracted first. Patients without a label are left
+    out (counted in ``notes``). The oracle comes from ``cohort/ground_truth`` when present."""
+    configs = sorted(Path(cohort).glob("*/site.toml"))
+    if not configs:
+        raise ValueError(f"no site configs (*/site.toml) under {cohort}")
+    tables, notes = [], []
+    crops: list[Path] | None = []
+    for path in configs:
+        cfg = load_site_config(path)
+        features = cfg.paths.output / FEATURES_FILE
+        if not features.is_file():
+            extract_site(cfg, workers)
+            notes.append(f"{cfg.site_id}: features extracted")
+        table = pd.read_parquet(features)
+        unlabelled = table["label"].isna()
+        if unlabelled.any():
+            notes.append(f"{cfg.site_id}: {int(unlabelled.sum())} patients without label left out")
+        table = table[~unlabelled].reset_index(drop=True)
+        table.insert(0, "site", cfg.site_id)
+        tables.append(table)
+        if cfg.data.mode == "tabular":
+            notes.append(f"{cfg.site_id}: tabular site, no crops: no deep models in this study")
+            crops = None
+        for pid in table["patient_id"] if crops is not None else []:
+            crop = crop_path(cfg, str(pid))
+            if not crop.is_file():
+                raise FileNotFoundError(f"{cfg.site_id}: patient {pid}: crop not found: {crop}")
+            crops.append(crop)
+    columns = [set(t.columns) for t in tables]
+    if any(c != columns[0] for c in columns):
+        raise ValueError("the sites' features.parquet columns differ (different radiomics params?)")
+    pooled = pd.concat(tables, ignore_index=True)
+    radiomics = [c for c in pooled.columns if c.startswith(("tumour_", "ring_"))]
+    clinical = [c for c in encoded_columns() if c in pooled.columns]
+    ids = pooled["patient_id"].astype(str).to_numpy()
+    if len(set(ids)) != len(ids):
+        raise ValueError("patient ids repeat across sites")
+    data = StudyData(
+        source=str(cohort),
+        mode="cohort",
+        ids=ids,
+        labels=pooled["label"].astype(int).to_numpy(),
+        site=pooled["site"].to_numpy(str),
+        subsite=_decode_subsite(pooled),
+        radiomics=pooled[radiomics].astype(float),
+        clinical=pooled[clinical].astype(float) if clinical else None,
+        crops=crops,
+        notes=notes,
+    )
+    _attach_oracle(data, Path(cohort) / "ground_truth")
+    return data
+
+
+def _decode_subsite(encoded: pd.DataFrame) -> np.ndarray:
+    """Subsite names (n,) from the one-hot ``subsite_*`` columns; "unknown" where none is set."""
+    categories = CLINICAL_COLUMNS["subsite"].categories
+    columns = [f"subsite_{c.lower()}" for c in categories]
+    if not all(c in encoded.columns for c in columns):
+        return np.full(len(encoded), "unknown")
+    onehot = encoded[columns].to_numpy()
+    names = np.array(categories)[onehot.argmax(axis=1)]
+    return np.where(onehot.max(axis=1) > 0, names, "unknown")
+
+
+def _attach_oracle(data: StudyData, truth_dir: Path) -> None:
+    """Read oracle.json and the true risks (truth.csv, by patient_id) when present."""
+    if (truth_dir / "oracle.json").is_file():
+        data.oracle = json.loads((truth_dir / "oracle.json").read_text(encoding="utf-8"))
+    if (truth_dir / "truth.csv").is_file():
+        truth = pd.read_csv(truth_dir / "truth.csv", dtype={"patient_id": str})
+        risk = truth.set_index("patient_id")["true_risk"].reindex(data.ids)
+        if risk.notna().all():
+            data.true_risk = risk.to_numpy(float)
+        else:
+            data.notes.append(f"truth.csv lacks {int(risk.isna().sum())} patients: no oracle")
+
+
+def load_table(path: Path, label: str, id_column: str) -> StudyData:
+    """Tabular mode: one feature table CSV, read as a tabular site reads it
+    (``client.tabular.load_feature_table``): radiomics = the columns matching
+    ``shared.config.DEFAULT_RADIOMICS_PATTERN``; clinical = the table's columns named in
+    ``client.tabular.CLINICAL_NAMES``, mapped onto the fedmets schema and encoded (absent schema
+    columns count as missing; no clinical group when the table has none of them). Rows that
+    fail the checks (no 0/1 label, a bad cell) are left out and counted in ``notes``."""
+    path = Path(path).resolve()
+    header = {str(c).lower() for c in pd.read_csv(path, nrows=0).columns}
+    names = {n for field, more in CLINICAL_NAMES.items() for n in (field, *more)}
+    with_clinical = bool(header & names)
+    data = {
+        "root": str(path.parent),
+        "manifest": path.name,
+        "mode": "tabular",
+        "modalities": ["radiomics_table", *(["clinical"] if with_clinical else [])],
+        "id_column": id_column,
+        "label_column": label,
+    }
+    cfg = SiteConfig.model_validate(
+        {"site_id": "table", "data": data}, context={"base_dir": path.parent}
+    )
+    loaded = load_feature_table(cfg)
+    if loaded.site_problems:
+        raise ValueError("; ".join(loaded.site_problems))
+    notes = []
+    if loaded.quarantined:
+        first = next(iter(loaded.quarantined.values()))[0]
+        notes.append(f"{len(loaded.quarantined)} rows left out, e.g. {first}")
+    if with_clinical:
+        mapped = {k: v for k, v in loaded.clinical_sources.items() if v is not None}
+        notes.append("clinical columns: " + ", ".join(f"{v}->{k}" for k, v in mapped.items()))
+    table = loaded.features
+    clinical = table[encoded_columns()].astype(float) if with_clinical else None
+    return StudyData(
+        source=str(path),
+        mode="table",
+        ids=table["patient_id"].astype(str).to_numpy(),
+        labels=table["label"].astype(int).to_numpy(),
+        site=np.full(len(table), "table"),
+        subsite=_decode_subsite(table) if with_clinical else np.full(len(table), "unknown"),
+        radiomics=table[loaded.radiomics_columns].astype(float),
+        clinical=clinical,
+        notes=notes,
+    )
+
+
+# ---- the study ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldRecord:
+    """What one fold fitted, kept for inspection: row indices (into StudyData), the ids handed
+    to the radiomics selector and the fitted selector itself."""
+
+    fold: int
+    train: np.ndarray
+    test: np.ndarray
+    selector_fit_ids: np.ndarray
+    selector: RadiomicsSelector
+    image_histories: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class StudyResult:
+    """``metrics`` as written to metrics.json, ``oof`` as oof_predictions.csv, and the folds."""
+
+    metrics: dict
+    oof: pd.DataFrame
+    folds: list[FoldRecord]
+
+
+def _child_seed(seed: int, *keys: int) -> int:
+    """A 31-bit seed derived from ``seed`` and ``keys`` (distinct streams per fold and task)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0] % 2**31)
+
+
+def model_key(backbone: str | None, groups: Sequence[str]) -> str:
+    """``"<backbone>/<group>+<group>"``, e.g. ``"swin3d/deep+radiomics+clinical"``,
+    ``"none/clinical"``."""
+    return f"{backbone or NO_IMAGE}/{'+'.join(groups)}"
+
+
+def run_study(
+    data: StudyData,
+    preset: StudyPreset,
+    out: Path,
+    folds: int | None = None,
+    seed: int = 0,
+    backbones: Sequence[str] = BACKBONES,
+    device: str = "auto",
+    log: Callable[[str], None] | None = None,
+) -> StudyResult:
+    """Run the cross-validated study on ``data`` and write metrics.json, oof_predictions.csv
+    and the figures into ``out``. ``backbones`` are ignored in tabular mode."""
+    started = time.perf_counter()
+    say = log or (lambda message: None)
+    n_folds = folds or preset.folds
+    torch_device = resolve_device(device)
+    backbones = list(backbones) if data.crops is not None else []
+    y = data.labels
+    timing = {"crops": 0.0, "selection": 0.0, "fusion": 0.0, "deep_features": 0.0}
+    timing["image_training"] = dict.fromkeys(backbones, 0.0)
+
+    images = None
+    if backbones:
+        sides = {preset.image_models[b].crop_voxels for b in backbones}
+        if len(sides) != 1:
+            raise ValueError(f"backbones need one crop size, got {sorted(sides)}")
+        tic = time.perf_counter()
+        say(f"loading {len(data.crops)} crops at {sides.pop()}^3")
+        images = load_crops(
+            data.crops,
+            preset.image_models[backbones[0]].crop_voxels,
+            preset.mask_channel,
+            preset.hu_window,
+            preset.fit,
+        )
+        timing["crops"] = time.perf_counter() - tic
+
+    groups_available = ["radiomics"] + (["clinical"] if data.clinical is not None else [])
+    plain_subsets = [s for s in group_subsets() if set(s) <= set(groups_available)]
+    deep_subsets = [
+        s for s in group_subsets() if "deep" in s and set(s) - {"deep"} <= set(groups_available)
+    ]
+    keys = [model_key(None, s) for s in plain_subsets] + [
+        model_key(b, s) for b in backbones for s in deep_subsets
+    ]
+    scores = {k: np.full(len(y), np.nan) for k in keys}
+    decisions = {k: np.zeros(len(y), dtype=int) for k in keys}
+    per_fold: dict[str, list[dict]] = {k: [] for k in keys}
+    fold_of = np.full(len(y), -1)
+    records: list[FoldRecord] = []
+
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for fold, (train, test) in enumerate(splitter.split(np.zeros(len(y)), y)):
+        fold_of[test] = fold
+        say(f"fold {fold + 1}/{n_folds}: {len(train)} training, {len(test)} test patients")
+        tic = time.perf_counter()
+        features, selector = _tabular_groups(data, train, preset, _child_seed(seed, fold, 0))
+        timing["selection"] += time.perf_counter() - tic
+        record = FoldRecord(fold, train, test, data.ids[train].copy(), selector)
+        records.append(record)
+        for backbone in [None, *backbones]:
+            if backbone is not None:
+                deep, history = _deep_group(
+                    images,
+                    y,
+                    train,
+                    preset,
+                    backbone,
+                    _child_seed(seed, fold, 1),
+                    torch_device,
+                    timing,
+                    say,
+                )
+                features = {**features, "deep": deep}
+                record.image_histories[backbone] = history
+            for subset in deep_subsets if backbone else plain_subsets:
+                key = model_key(backbone, subset)
+                tic = time.perf_counter()
+                fold_scores, threshold = _fit_fusion(
+                    {g: features[g] for g in subset},
+                    y,
+                    train,
+                    test,
+                    preset,
+                    _child_seed(seed, fold, 2),
+                )
+                timing["fusion"] += time.perf_counter() - tic
+                scores[key][test] = fold_scores
+                decisions[key][test] = fold_scores >= threshold
+                per_fold[key].append(
+                    {"fold": fold, **_summary(y[test], fold_scores, threshold, data, test)}
+                )
+
+    models = {
+        key: {
+            "pooled": _pooled(y, scores[key], decisions[key], data, np.arange(len(y)), True),
+            "per_subsite": {
+                name: _pooled(
+                    y, scores[key], decisions[key], data, np.flatnonzero(data.subsite == name)
+                )
+                for name in sorted(set(data.subsite))
+            },
+            "per_fold": per_fold[key],
+        }
+        for key in keys
+    }
+    oracle_used = _oracle_auc(data, np.arange(len(y)))
+    timing["total"] = time.perf_counter() - started
+    metrics = {
+        "config": {
+            "mode": data.mode,
+            "source": data.source,
+            "preset": preset.to_json(),
+            "folds": n_folds,
+            "seed": seed,
+            "backbones": backbones,
+            "device": str(torch_device),
+            "n_patients": int(len(y)),
+            "positives": int(y.sum()),
+            "radiomics_columns": int(data.radiomics.shape[1]),
+            "clinical_columns": 0 if data.clinical is None else int(data.clinical.shape[1]),
+            "threshold_rule": "Youden J on the fusion net's predictions for all training rows",
+            "notes": data.notes,
+        },
+        "oracle_auc": None if data.oracle is None else data.oracle.get("pooled"),
+        "oracle_auc_used": oracle_used,
+        "models": models,
+        "timing_s": _rounded(timing),
+    }
+    oof = pd.DataFrame(
+        {
+            "patient_id": data.ids,
+            "site": data.site,
+            "subsite": data.subsite,
+            "fold": fold_of,
+            "label": y,
+        }
+    )
+    for key in keys:
+        oof[key] = scores[key]
+    if data.true_risk is not None:
+        oof["oracle_true_risk"] = data.true_risk
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    oof.to_csv(out / "oof_predictions.csv", index=False)
+    write_figures(metrics, oof, out, main_models(metrics))
+    return StudyResult(metrics, oof, records)
+
+
+def _tabular_groups(
+    data: StudyData, train: np.ndarray, preset: StudyPreset, seed: int
+) -> tuple[dict[str, np.ndarray], RadiomicsSelector]:
+    """Radiomics (median-imputed, selected, standardised) and clinical (standardised) matrices
+    of every patient, (n, k) and (n, q) float32, fitted on the ``train`` rows only."""
+    radiomics = data.radiomics.replace([np.inf, -np.inf], np.nan)
+    imputer = SimpleImputer(strategy="median").set_output(transform="pandas")
+    imputer.fit(radiomics.iloc[train])
+    selector = RadiomicsSelector(
+        preset.correlation_threshold, preset.top_k, preset.rf_trees, random_state=seed
+    )
+    selector.fit(imputer.transform(radiomics.iloc[train]), data.labels[train])
+    groups = {"radiomics": selector.transform(imputer.transform(radiomics)).to_numpy(np.float32)}
+    if data.clinical is not None:
+        scaler = StandardScaler().fit(data.clinical.iloc[train])
+        groups["clinical"] = scaler.transform(data.clinical).astype(np.float32)
+    return groups, selector
+
+
+def _deep_group(
+    images: np.ndarray,
+    y: np.ndarray,
+    train: np.ndarray,
+    preset: StudyPreset,
+    backbone: str,
+    seed: int,
+    device: torch.device,
+    timing: dict,
+    say: Callable[[str], None],
+) -> tuple[np.ndarray, dict]:
+    """Stage 1 + 2: train the fold's image model on the training crops (inner stratified
+    validation split for early stopping), then deep features (n, D) of every patient,
+    standardised with the training rows' statistics."""
+    fit_rows, val_rows = train_test_split(
+        train, test_size=preset.image_val_fraction, stratify=y[train], random_state=seed
+    )
+    set_seed(seed)
+    model = build_image_model(preset.image_models[backbone])
+    say(f"  {backbone}: training on {len(fit_rows)} crops ({len(val_rows)} inner validation)")
+    tic = time.perf_counter()
+    history = train_image_model(
+        model,
+        CropDataset(images[fit_rows], y[fit_rows], augment=preset.augment, seed=seed),
+        epochs=preset.image_epochs,
+        lr=preset.image_lr,
+        pos_weight=positive_class_weight(y[fit_rows]),
+        seed=seed,
+        device=device,
+        val_dataset=CropDataset(images[val_rows], y[val_rows]),
+        batch_size=preset.image_batch,
+        patience=preset.image_patience,
+    )
+    timing["image_training"][backbone] += time.perf_counter() - tic
+    tic = time.perf_counter()
+    deep = extract_deep_features(model, CropDataset(images), device)
+    timing["deep_features"] += time.perf_counter() - tic
+    scaler = StandardScaler().fit(deep[train])
+    val_auc = history["val_auc"][history["best_epoch"] - 1] if history["val_auc"] else None
+    say(
+        f"  {backbone}: best epoch {history['best_epoch']}/{history['epochs_run']}, inner"
+        f" validation AUC {val_auc if val_auc is None else round(val_auc, 3)},"
+        f" {history['seconds']:.0f} s"
+    )
+    return scaler.transform(deep).astype(np.float32), history
+
+
+def _fit_fusion(
+    groups: dict[str, np.ndarray],
+    y: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    preset: StudyPreset,
+    seed: int,
+) -> tuple[np.ndarray, float]:
+    """Train ``preset.fusion_members`` FusionNets on the ``train`` rows of ``groups`` (each
+    (n, width)), each early-stopped on its own seeded inner split of those rows, and average
+    their probabilities; return the ``test`` rows' averaged probabilities and the Youden
+    threshold of the averaged predictions for the training rows."""
+    train_scores, test_scores = [], []
+    for member in range(preset.fusion_members):
+        member_seed = _child_seed(seed, member)
+        set_seed(member_seed)
+        model = FusionNet(
+            {g: m.shape[1] for g, m in groups.items()}, preset.fusion_hidden, preset.fusion_dropout
+        )
+        X = np.concatenate([groups[g] for g in model.input_groups], axis=1)
+        train_fusion(
+            model,
+            X[train],
+            y[train],
+            epochs=preset.fusion_epochs,
+            lr=preset.fusion_lr,
+            pos_weight=positive_class_weight(y[train]),
+            seed=member_seed,
+            val_fraction=preset.fusion_val_fraction,
+            patience=preset.fusion_patience,
+            batch_size=preset.fusion_batch,
+            weight_decay=preset.fusion_weight_decay,
+        )
+        train_scores.append(predict_proba(model, X[train]))
+        test_scores.append(predict_proba(model, X[test]))
+    threshold = youden_threshold(y[train], np.mean(train_scores, axis=0))
+    return np.mean(test_scores, axis=0), threshold
+
+
+def _oracle_auc(data: StudyData, rows: np.ndarray) -> float | None:
+    """AUC of the true risk on ``rows`` (synthetic cohorts only; None if single-class)."""
+    if data.true_risk is None or len(set(data.labels[rows])) < 2:
+        return None
+    return float(roc_auc_score(data.labels[rows], data.true_risk[rows]))
+
+
+def _summary(
+    y: np.ndarray, scores: np.ndarray, threshold: float, data: StudyData, rows: np.ndarray
+) -> dict:
+    """binary_metrics at ``threshold`` plus the oracle AUC on the same rows."""
+    result = binary_metrics(y, scores, threshold)
+    return {**result, "oracle_auc": _oracle_auc(data, rows)}
+
+
+def _pooled(
+    y: np.ndarray,
+    scores: np.ndarray,
+    decisions: np.ndarray,
+    data: StudyData,
+    rows: np.ndarray,
+    with_calibration: bool = False,
+) -> dict:
+    """Pooled out-of-fold metrics over ``rows``: AUC, DeLong CI, Brier from the scores
+    (``shared.metrics.binary_metrics``); ACC/SEN/SPE from each patient's decision at its own
+    fold's threshold; optionally the calibration curve; the oracle AUC on the same rows."""
+    y, s, d = y[rows], scores[rows], decisions[rows]
+    result = binary_metrics(y, s, threshold=0.5)  # threshold-free parts only; see below
+    positives, negatives = int(y.sum()), int(len(y) - y.sum())
+    result.pop("threshold")
+    result["acc"] = float((d == y).mean())
+    result["sen"] = float(d[y == 1].mean()) if positives else None
+    result["spe"] = float(1 - d[y == 0].mean()) if negatives else None
+    if with_calibration:
+        cal = calibration(y, s)
+        result["calibration"] = {k: np.asarray(v).tolist() for k, v in cal.items() if k != "edges"}
+    result["oracle_auc"] = _oracle_auc(data, rows)
+    return result
+
+
+def _rounded(timing: dict) -> dict:
+    return {
+        k: _rounded(v) if isinstance(v, dict) else round(float(v), 2) for k, v in timing.items()
+    }
+
+
+# ---- figures -----------------------------------------------------------------------------------
+
+
+def main_models(metrics: dict) -> list[str]:
+    """The models shown in the ROC and calibration figures: each single group (deep of the first
+    backbone) and everything fused with the first backbone (or radiomics + clinical in tabular
+    mode)."""
+    keys = list(metrics["models"])
+    backbones = metrics["config"]["backbones"]
+    main = backbones[0] if backbones else None
+    wanted = [model_key(None, ("clinical",)), model_key(None, ("radiomics",))]
+    if main:
+        wanted += [model_key(main, ("deep",)), model_key(main, FUSION_GROUPS)]
+    else:
+        wanted.append(model_key(None, ("radiomics", "clinical")))
+    return [k for k in wanted if k in keys]
+
+
+def write_figures(metrics: dict, oof: pd.DataFrame, out: Path, shown: Sequence[str]) -> None:
+    """roc.png (ROC of ``shown`` and of the oracle), calibration.png (reliability of ``shown``)
+    and ablation.png (pooled AUC with 95% CI of every model) in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    y = oof["label"].to_numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    curves = [(k, oof[k].to_numpy(), "-") for k in shown]
+    if "oracle_true_risk" in oof:
+        curves.append(("oracle (true risk)", oof["oracle_true_risk"].to_numpy(), "--"))
+    for name, s, style in curves:
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, style, label=f"{name} (AUC {roc_auc_score(y, s):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, pooled out-of-fold")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name in shown:
+        cal = metrics["models"][name]["pooled"]["calibration"]
+        ax.plot(cal["prob_pred"], cal["prob_true"], "o-", label=name)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="mean predicted probability", ylabel="observed DM rate", title="Calibration")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=120)
+    plt.close(fig)
+
+    names = list(metrics["models"])
+    auc = np.array([metrics["models"][k]["pooled"]["auc"] for k in names], dtype=float)
+    ci = [
+        metrics["models"][k]["pooled"]["auc_ci"] or (a, a) for k, a in zip(names, auc, strict=True)
+    ]
+    err = np.abs(np.array(ci, dtype=float).T - auc)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    ax.barh(range(len(names)), auc, xerr=err, color="tab:blue", alpha=0.7, capsize=3)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0.5, color="grey", linestyle=":")
+    if metrics["oracle_auc_used"] is not None:
+        ax.axvline(metrics["oracle_auc_used"], color="tab:red", linestyle="--", label="oracle")
+        ax.legend(fontsize=7)
+    ax.set(xlim=(0, 1), xlabel="pooled out-of-fold AUC (95% DeLong CI)", title="Ablations")
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=120)
+    plt.close(fig)

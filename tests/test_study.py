@@ -1,0 +1,190 @@
+"""`fedmets study` end to end: a tiny synthetic cohort through extraction, image models, selection
+and fusion; tabular mode on synthetic and real feature tables; leakage checks; the CLI."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.impute import SimpleImputer
+
+from shared.models import group_subsets
+from simulation.study import PRESETS, load_cohort, load_table, model_key, run_study
+from simulation.synth import generate_cohort
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+REAL_TABLE = REAL / "head_neck_pet_ct_gtvp_radiomics_dm.csv"
+POOLED_KEYS = {"auc", "auc_ci", "acc", "sen", "spe", "brier", "n", "positives", "oracle_auc"}
+
+
+def noise_table(
+    path: Path, n: int = 300, p: int = 300, seed: int = 0, signal: bool = False
+) -> Path:
+    """A feature table CSV: ``p`` Gaussian noise radiomics columns (``original_noise_<i>``),
+    clinical columns in the fedmets schema, a 0/1 ``label`` (20% positives). With ``signal``
+    the first two features shift with the label."""
+    rng = np.random.default_rng(seed)
+    label = (rng.random(n) < 0.2).astype(int)
+    features = rng.normal(size=(n, p))
+    if signal:
+        features[:, :2] += 1.0 * label[:, None]
+    table = pd.DataFrame(features, columns=[f"original_noise_{i}" for i in range(p)])
+    table.insert(0, "pid", [f"P{i:04d}" for i in range(n)])
+    table["label"] = label
+    table["age"] = rng.integers(30, 85, n)
+    table["sex"] = rng.choice(["M", "F"], n)
+    table["n_stage"] = rng.choice(["N0", "N1", "N2", "N3", ""], n)
+    table["subsite"] = rng.choice(["oropharynx", "larynx"], n)
+    table.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cohort_run(tmp_path_factory):
+    """The tiny preset on a 2-site tiny cohort (fast radiomics, 32^3 crops), 2 folds, two
+    backbones: (cohort folder, out folder, StudyResult)."""
+    root = tmp_path_factory.mktemp("study")
+    cohort = root / "cohort"
+    generate_cohort("tiny", 2, 11, cohort, workers=2)
+    for toml in cohort.glob("*/site.toml"):
+        text = toml.read_text().replace('params = "default"', 'params = "fast"')
+        toml.write_text(text + "\n[preprocess]\ncrop_voxels = [32, 32, 32]\n")
+    out = root / "run"
+    data = load_cohort(cohort, workers=2)
+    result = run_study(
+        data, PRESETS["tiny"], out, folds=2, seed=3, backbones=["swin3d", "resnet3d"]
+    )
+    return cohort, out, result
+
+
+def test_cohort_metrics_structure(cohort_run):
+    cohort, out, result = cohort_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result.metrics))
+    assert set(metrics) == {"config", "oracle_auc", "oracle_auc_used", "models", "timing_s"}
+    oracle = json.loads((cohort / "ground_truth" / "oracle.json").read_text())["pooled"]
+    assert metrics["oracle_auc"] == oracle
+    assert 0.5 < metrics["oracle_auc_used"] <= 1
+    n, positives = metrics["config"]["n_patients"], metrics["config"]["positives"]
+    assert n == 48 and 0 < positives < n  # every tiny patient extracts
+    expected = [model_key(None, s) for s in group_subsets() if "deep" not in s] + [
+        model_key(b, s) for b in ("swin3d", "resnet3d") for s in group_subsets() if "deep" in s
+    ]
+    assert list(metrics["models"]) == expected
+    for model in metrics["models"].values():
+        pooled = model["pooled"]
+        assert POOLED_KEYS <= set(pooled)
+        assert (pooled["n"], pooled["positives"]) == (n, positives)
+        assert 0 <= pooled["auc"] <= 1 and 0 <= pooled["brier"] <= 1
+        low, high = pooled["auc_ci"]
+        assert 0 <= low <= pooled["auc"] <= high <= 1
+        for rate in ("acc", "sen", "spe"):
+            assert 0 <= pooled[rate] <= 1
+        assert pooled["oracle_auc"] == pytest.approx(metrics["oracle_auc_used"])
+        folds = model["per_fold"]
+        assert [f["fold"] for f in folds] == [0, 1]
+        assert sum(f["n"] for f in folds) == n
+        assert sum(f["positives"] for f in folds) == positives
+        # pooled accuracy = patients classified right at their fold's threshold, over folds
+        assert sum(f["acc"] * f["n"] for f in folds) == pytest.approx(pooled["acc"] * n)
+        subsites = model["per_subsite"]
+        assert sum(s["n"] for s in subsites.values()) == n
+        assert sum(s["positives"] for s in subsites.values()) == positives
+        for s in subsites.values():
+            single_class = s["positives"] in (0, s["n"])
+            assert (s["auc"] is None) == single_class
+    oof = pd.read_csv(out / "oof_predictions.csv")
+    assert len(oof) == n and set(oof["fold"]) == {0, 1}
+    assert oof[expected].notna().all().all()
+    assert ((oof[expected] >= 0) & (oof[expected] <= 1)).all().all()
+    for figure in ("roc.png", "calibration.png", "ablation.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(metrics["timing_s"]["image_training"]) == {"swin3d", "resnet3d"}
+
+
+def test_selector_sees_training_rows_only(cohort_run):
+    _, _, result = cohort_run
+    data = load_cohort(cohort_run[0])  # features are cached now: no extraction
+    radiomics = data.radiomics.replace([np.inf, -np.inf], np.nan)
+    for fold in result.folds:
+        test_ids = set(data.ids[fold.test])
+        assert not test_ids & set(fold.selector_fit_ids)
+        assert sorted(fold.selector_fit_ids) == sorted(data.ids[fold.train])
+        # the selector's standardisation statistics are those of the training rows alone
+        train = radiomics.iloc[fold.train]
+        imputed = SimpleImputer(strategy="median").set_output(transform="pandas").fit(train)
+        columns = fold.selector.scaler_.feature_names_in_
+        train_mean = imputed.transform(train)[columns].mean().to_numpy()
+        all_mean = imputed.transform(radiomics)[columns].mean().to_numpy()
+        np.testing.assert_allclose(fold.selector.scaler_.mean_, train_mean, rtol=1e-9)
+        assert not np.allclose(fold.selector.scaler_.mean_, all_mean, rtol=1e-9)
+
+
+def test_same_seed_same_metrics(tmp_path):
+    table = noise_table(tmp_path / "t.csv", n=120, p=40, signal=True)
+    runs = []
+    for name in ("a", "b"):
+        data = load_table(table, "label", "pid")
+        result = run_study(data, PRESETS["tiny"], tmp_path / name, seed=5)
+        runs.append({k: v for k, v in result.metrics.items() if k != "timing_s"})
+        assert result.metrics["models"]["none/radiomics"]["pooled"]["auc"] > 0.6  # it learns
+    assert json.dumps(runs[0]) == json.dumps(runs[1])
+    other = run_study(load_table(table, "label", "pid"), PRESETS["tiny"], tmp_path / "c", seed=6)
+    assert other.metrics["models"] != runs[0]["models"]
+
+
+def test_permuted_labels_give_chance_auc(tmp_path):
+    """Many noise features, few rows: selection fitted on all rows would pick features that
+    happen to match the test rows' labels too and lift the AUC well above 0.5."""
+    table = pd.read_csv(noise_table(tmp_path / "noise.csv", n=240, p=400, seed=1))
+    aucs = []
+    for permutation in range(3):
+        shuffled = table.copy()
+        shuffled["label"] = np.random.default_rng(permutation).permutation(table["label"])
+        shuffled.drop(columns=["age", "sex", "n_stage", "subsite"]).to_csv(
+            tmp_path / "perm.csv", index=False
+        )
+        data = load_table(tmp_path / "perm.csv", "label", "pid")
+        result = run_study(data, PRESETS["tiny"], tmp_path / f"p{permutation}", seed=permutation)
+        aucs.append(result.metrics["models"]["none/radiomics"]["pooled"]["auc"])
+    assert abs(np.mean(aucs) - 0.5) < 0.1, aucs
+
+
+@pytest.mark.skipif(not REAL_TABLE.is_file(), reason=f"real reference table absent: {REAL_TABLE}")
+def test_real_table(tmp_path):
+    data = load_table(REAL_TABLE, "Distant", "id")
+    assert (len(data.ids), int(data.labels.sum())) == (201, 19)
+    # 98 CT (_x) + 98 PET (_y) + 7 unsuffixed original_* features; no outcome column
+    assert data.radiomics.shape[1] == 203
+    assert all(c.startswith("original_") for c in data.radiomics.columns)
+    assert set(data.subsite) == {"oropharynx"}
+    result = run_study(data, PRESETS["demo"], tmp_path / "real", seed=0)
+    pooled = result.metrics["models"]["none/radiomics"]["pooled"]
+    print("real table, radiomics pooled AUC", pooled["auc"], pooled["auc_ci"])
+    assert pooled["auc"] > 0.55
+
+
+def test_cli_tabular(tmp_path):
+    table = noise_table(tmp_path / "t.csv", n=90, p=30, signal=True)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedmets", "study", "--table", str(table), "--label"]
+    command += ["label", "--id", "pid", "--preset", "tiny", "--folds", "2", "--out", str(out)]
+    wide = {**os.environ, "COLUMNS": "200"}  # one table row per line
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=wide)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["folds"] == 2 and metrics["oracle_auc"] is None
+    assert re.search(r"none/radiomics\+clinical\s+\S+ \[", done.stdout.replace("│", " "))
+    for figure in ("roc.png", "calibration.png", "ablation.png"):
+        assert (out / figure).is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "fedmets", "study", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "exactly one of --cohort and --table" in bad.stderr
