@@ -25,6 +25,21 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _patient_progress():
+    """A rich progress bar counting patients, with elapsed time and ETA."""
+    from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        "{task.completed}/{task.total} patients",
+        TimeElapsedColumn(),
+        "ETA",
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
 @app.callback()
 def _root() -> None:
     """fedmets command line."""
@@ -80,20 +95,10 @@ def synth(
     import os
     import time
 
-    from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
     from simulation.synth import generate_cohort
 
     started = time.perf_counter()
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        "{task.completed}/{task.total} patients",
-        TimeElapsedColumn(),
-        "ETA",
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
+    with _patient_progress() as progress:
         task = progress.add_task(f"rendering {preset} cohort", total=None)
         try:
             summary = generate_cohort(
@@ -339,22 +344,13 @@ def site_extract(
     usable patient (cached per patient) into <paths.output>/features.parquet.
 
     Exits 0 when at least one patient has features, 1 when none has or the config is wrong."""
-    from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
     from rich.text import Text
 
     from client.extract import extract_site
 
     cfg = _load_site_config_or_exit(config)
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        "{task.completed}/{task.total} patients",
-        TimeElapsedColumn(),
-        "ETA",
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
+    with _patient_progress() as progress:
         checking = progress.add_task(f"checking {cfg.site_id}", total=None)
         extracting = progress.add_task(f"extracting {cfg.site_id}", total=None, visible=False)
 
