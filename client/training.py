@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from shared.reproducibility import set_seed
 
 MaskChannel = Literal["ring", "tumour", "none"]
+Monitor = Literal["loss", "auc"]
 Fit = Literal["resize", "crop"]
 
 HU_WINDOW: tuple[float, float] = (-200.0, 300.0)
@@ -211,10 +212,15 @@ def _fit(
     batch_size: int,
     weight_decay: float,
     patience: int | None,
+    monitor: Monitor = "loss",
+    proximal_mu: float = 0.0,
 ) -> dict:
-    """Shared loop: AdamW + weighted BCE for ``epochs`` (or until ``patience`` epochs without a
-    lower validation loss); restores the best validation epoch's weights when ``val`` is given.
-    Returns the history (per-epoch losses, validation AUC, best epoch, seconds)."""
+    """Shared loop: AdamW + weighted BCE (plus FedProx's ``proximal_mu / 2 * ||w - w_start||^2``
+    when ``proximal_mu`` > 0) for ``epochs`` (or until ``patience`` epochs without a
+    better validation score: lower loss, or with ``monitor="auc"`` higher AUC, ties going to
+    the earlier epoch, the loss deciding where the AUC is undefined); restores the best
+    validation epoch's weights when ``val`` is given. Returns the history (per-epoch losses,
+    validation AUC, best epoch, seconds)."""
     started = time.perf_counter()
     set_seed(seed)
     model.to(device)
@@ -228,8 +234,9 @@ def _fit(
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(pos_weight), device=device))
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     autocast, scaler = _autocast(device)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     history: dict = {"train_loss": [], "val_loss": [], "val_auc": [], "best_epoch": None}
-    best_loss, best_state, waited = np.inf, None, 0
+    best_score, best_state, waited = np.inf, None, 0
     for epoch in range(epochs):
         model.train()
         total, count = 0.0, 0
@@ -239,11 +246,15 @@ def _fit(
             with autocast:
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
+            total += loss.item() * len(y)
+            count += len(y)
+            if anchor:
+                pairs = zip(model.parameters(), anchor, strict=True)
+                drift = sum(((p - a) ** 2).sum() for p, a in pairs)
+                loss = loss + proximal_mu / 2 * drift
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
-            total += loss.item() * len(y)
-            count += len(y)
         history["train_loss"].append(total / max(count, 1))
         if val is None:
             continue
@@ -254,8 +265,9 @@ def _fit(
         history["val_loss"].append(val_loss)
         both = 0 < labels.sum() < len(labels)
         history["val_auc"].append(float(roc_auc_score(labels, logits)) if both else None)
-        if val_loss < best_loss:
-            best_loss, best_state, waited = val_loss, copy.deepcopy(model.state_dict()), 0
+        score = -history["val_auc"][-1] if monitor == "auc" and both else val_loss
+        if score < best_score:
+            best_score, best_state, waited = score, copy.deepcopy(model.state_dict()), 0
             history["best_epoch"] = epoch + 1
         else:
             waited += 1
@@ -297,10 +309,12 @@ def train_image_model(
     batch_size: int = 8,
     weight_decay: float = 1e-4,
     patience: int | None = None,
+    proximal_mu: float = 0.0,
 ) -> dict:
     """Train an image classifier ((B, C, S, S, S) -> (B,) logits) in place on ``dataset``
     (augmenting or not, as built). With ``val_dataset`` (unaugmented, from the training rows
     only) the best-validation-loss weights are kept and ``patience`` stops early.
+    ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) weights.
 
     Returns ``{"train_loss": [...], "val_loss": [...], "val_auc": [...], "best_epoch",
     "epochs_run", "seconds"}`` (losses are mean weighted BCE per sample)."""
@@ -317,6 +331,7 @@ def train_image_model(
         batch_size,
         weight_decay,
         patience,
+        proximal_mu=proximal_mu,
     )
 
 
@@ -352,12 +367,15 @@ def train_fusion(
     batch_size: int = 32,
     weight_decay: float = 1e-4,
     device: torch.device | str = "cpu",
+    monitor: Monitor = "loss",
+    proximal_mu: float = 0.0,
 ) -> dict:
     """Train a fusion network ((B, F) -> (B,) logits) in place on ``X`` (n, F) float32 (already
     scaled) and 0/1 ``y`` (n,). A stratified ``val_fraction`` of the rows (drawn with ``seed``)
-    is held out for early stopping (best validation loss kept, ``patience`` epochs); 0 trains
-    on every row for ``epochs``. Returns the history as :func:`train_image_model`, plus
-    ``val_rows`` (indices into X of the held-out rows)."""
+    is held out for early stopping (the epoch with the best validation ``monitor``, loss or
+    AUC, is kept; ``patience`` epochs); 0 trains on every row for ``epochs``. Returns the
+    history as :func:`train_image_model`, plus ``val_rows`` (indices into X of the held-out
+    rows). ``proximal_mu`` > 0 adds FedProx's pull towards the starting weights."""
     device = resolve_device(device) if isinstance(device, str) else device
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.float32)
@@ -385,6 +403,8 @@ def train_fusion(
             batch_size,
             weight_decay,
             patience,
+            monitor,
+            proximal_mu,
         )
     history["val_rows"] = np.sort(val_rows).tolist()
     return history

@@ -499,3 +499,33 @@ def study(
         highlight=False,
         soft_wrap=True,
     )
+
+
+# ---- simulate ---------------------------------------------------------------------------------
+
+
+@app.command()
+def simulate(
+    cohort: Annotated[Path, typer.Option(help="Cohort folder with one <site>/site.toml per site.")],
+    out: Annotated[Path, typer.Option(help="Run folder (created).")],
+    preset: Annotated[str, typer.Option(help="tiny | demo | gpu")] = "demo",
+    config: Annotated[
+        Path | None, typer.Option(help="A federation TOML instead of the preset.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of folds, models and sites.")] = 7,
+    workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
+    baselines: Annotated[
+        bool, typer.Option(help="Also run the centralised and local-only baselines.")
+    ] = True,
+) -> None:
+    """Run the federated protocol on every site of COHORT in Flower's simulation engine, then the
+    centralised and local-only baselines; write RUN/metrics.json and RUN/summary.txt."""
+    from simulation.simulate import simulate as run_simulation
+
+    metrics = run_simulation(
+        cohort, out, preset, config, seed, workers, baselines, log=lambda m: console.print(m)
+    )
+    from simulation.simulate import summary_text
+
+    console.print(summary_text(metrics), markup=False, highlight=False)
+    console.print(f"metrics: {out / 'metrics.json'}")

@@ -185,3 +185,14 @@ def encode_clinical(table: pd.DataFrame) -> pd.DataFrame:
             else:
                 matrix[row, where[f"{name}_{str(value).lower()}"]] = 1.0
     return pd.DataFrame(matrix, index=table.index, columns=columns)
+
+
+def decode_subsite(encoded: pd.DataFrame) -> np.ndarray:
+    """Subsite names (n,) from the one-hot ``subsite_*`` columns; "unknown" where none is set."""
+    categories = CLINICAL_COLUMNS["subsite"].categories
+    columns = [f"subsite_{c.lower()}" for c in categories]
+    if not all(c in encoded.columns for c in columns):
+        return np.full(len(encoded), "unknown")
+    onehot = encoded[columns].to_numpy()
+    names = np.array(categories)[onehot.argmax(axis=1)]
+    return np.where(onehot.max(axis=1) > 0, names, "unknown")

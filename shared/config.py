@@ -38,6 +38,8 @@ PATTERN_MEANINGS = {
 Modality = Literal["ct", "tumour_mask", "organ_mask", "clinical", "radiomics_table"]
 Stage = Literal["census", "folds", "selection", "image", "deep_features", "fusion", "evaluate"]
 STAGE_ORDER: tuple[str, ...] = Stage.__args__
+Backbone = Literal["swin3d", "resnet3d", "densenet3d"]  # shared.models.BACKBONES
+ImagePreset = Literal["cpu-small", "gpu"]  # shared.models.IMAGE_PRESETS
 IMAGE_MODALITIES = ("ct", "tumour_mask", "organ_mask")
 # RTSTRUCT ROI names taken as the primary tumour (matched ignoring case).
 DEFAULT_ROI_PATTERN = r"^(gtvp|gtv-?1|gtv_?primary|gtv)$"
@@ -218,6 +220,12 @@ class PreprocessSection(_Section):
         return self
 
 
+class PrivacySection(_Section):
+    """``[privacy]``: the site's own floor on what it releases."""
+
+    min_patients: int = Field(5, ge=1)
+
+
 class SiteConfig(_Section):
     """One hospital's site config."""
 
@@ -229,6 +237,7 @@ class SiteConfig(_Section):
     paths: PathsSection = _section()
     radiomics: RadiomicsSection = _section()
     preprocess: PreprocessSection = _section()
+    privacy: PrivacySection = _section()
 
     _source: Path | None = PrivateAttr(None)
 
@@ -254,6 +263,7 @@ class FederationSection(_Section):
 
     min_sites: int = Field(2, ge=1)
     round_timeout_s: float = Field(600.0, gt=0)
+    min_patients: int = Field(5, ge=1)
 
 
 class StagesSection(_Section):
@@ -263,6 +273,7 @@ class StagesSection(_Section):
     image_rounds: int = Field(5, ge=1)
     fusion_rounds: int = Field(20, ge=1)
     local_epochs: int = Field(1, ge=1)
+    fusion_local_epochs: int = Field(5, ge=1)
 
     @field_validator("enabled")
     @classmethod
@@ -312,6 +323,28 @@ class SelectionSection(_Section):
     rf_trees: int = Field(200, ge=10)
 
 
+class ModelSection(_Section):
+    """``[model]``: the image backbone and the fusion network, and how sites train them."""
+
+    backbone: Backbone = "swin3d"
+    image_preset: ImagePreset = "cpu-small"
+    mask_channel: Literal["ring", "tumour", "none"] = "ring"
+    image_lr: float = Field(1e-3, gt=0)
+    image_batch: int = Field(8, ge=1)
+    fusion_hidden: list[int] = Field([32], min_length=1)
+    fusion_dropout: float = Field(0.3, ge=0, lt=1)
+    fusion_lr: float = Field(1e-3, gt=0)
+    fusion_batch: int = Field(32, ge=1)
+    fusion_weight_decay: float = Field(1e-3, ge=0)
+
+
+class EvaluationSection(_Section):
+    """``[evaluation]``: how held-out folds are scored."""
+
+    histogram_bins: int = Field(10000, ge=100, le=100000)
+    validation_fraction: float = Field(0.2, gt=0, lt=0.5)
+
+
 class DpSection(_Section):
     """``[dp]``: differential privacy (off unless ``mode`` says otherwise)."""
 
@@ -336,6 +369,8 @@ class FederationConfig(_Section):
     strategy: StrategySection = _section()
     cv: CvSection = _section()
     selection: SelectionSection = _section()
+    model: ModelSection = _section()
+    evaluation: EvaluationSection = _section()
     dp: DpSection = _section()
 
     _source: Path | None = PrivateAttr(None)

@@ -193,3 +193,60 @@ def metrics_from_histograms(
         "sen": float(tp / n_pos) if n_pos else None,
         "spe": float((n_neg - fp) / n_neg) if n_neg else None,
     }
+
+
+def youden_from_histograms(pos_counts: ArrayLike, neg_counts: ArrayLike, edges: ArrayLike) -> float:
+    """The bin edge maximising Youden's J when every bin from it upwards counts as positive
+    (the highest such edge on ties): the federated twin of :func:`youden_threshold`, exact on
+    the edges. Needs both classes."""
+    pos = np.asarray(pos_counts, dtype=float)
+    neg = np.asarray(neg_counts, dtype=float)
+    if not pos.sum() or not neg.sum():
+        raise ValueError("youden_from_histograms needs both classes")
+    tpr = pos[::-1].cumsum()[::-1] / pos.sum()  # share of positives in bins >= i
+    fpr = neg[::-1].cumsum()[::-1] / neg.sum()
+    j = tpr - fpr
+    best = len(j) - 1 - int(np.argmax(j[::-1]))
+    return float(np.asarray(edges, dtype=float)[best])
+
+
+def auc_ci_from_histograms(
+    pos_counts: ArrayLike, neg_counts: ArrayLike, level: float = 0.95
+) -> tuple[float, float] | None:
+    """Two-sided ``level`` DeLong interval of the histogram AUC (clipped to [0, 1]); every
+    patient of a bin has the same placement value, so DeLong's structural components follow
+    from the counts. None under 2 patients of a class."""
+    pos = np.asarray(pos_counts, dtype=float)
+    neg = np.asarray(neg_counts, dtype=float)
+    m, n = pos.sum(), neg.sum()
+    if m < 2 or n < 2:
+        return None
+    v10 = (np.cumsum(neg) - neg + 0.5 * neg) / n  # per bin: share of negatives below a positive
+    v01 = 1.0 - (np.cumsum(pos) - 0.5 * pos) / m  # per bin: share of positives above a negative
+    auc = float((pos * v10).sum() / m)
+    var10 = (pos * (v10 - auc) ** 2).sum() / (m - 1)
+    var01 = (neg * (v01 - auc) ** 2).sum() / (n - 1)
+    half = norm.ppf(0.5 + level / 2) * np.sqrt(var10 / m + var01 / n)
+    return float(max(0.0, auc - half)), float(min(1.0, auc + half))
+
+
+def calibration_from_histograms(
+    pos_counts: ArrayLike, neg_counts: ArrayLike, edges: ArrayLike, n_bins: int = 10
+) -> dict[str, list[float]]:
+    """Reliability curve from fine per-class histograms, merged into ``n_bins`` equal-width
+    bins: per non-empty bin the observed DM rate ``prob_true``, the mean of the fine bins'
+    centres ``prob_pred`` (within half a fine bin of the true mean) and ``counts``."""
+    pos = np.asarray(pos_counts, dtype=float)
+    neg = np.asarray(neg_counts, dtype=float)
+    edges = np.asarray(edges, dtype=float)
+    centres = (edges[:-1] + edges[1:]) / 2
+    coarse = np.minimum((centres * n_bins).astype(int), n_bins - 1)
+    total = np.bincount(coarse, pos + neg, n_bins)
+    positives = np.bincount(coarse, pos, n_bins)
+    weighted = np.bincount(coarse, (pos + neg) * centres, n_bins)
+    keep = total > 0
+    return {
+        "prob_true": (positives[keep] / total[keep]).tolist(),
+        "prob_pred": (weighted[keep] / total[keep]).tolist(),
+        "counts": total[keep].astype(int).tolist(),
+    }

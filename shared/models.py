@@ -249,7 +249,18 @@ def group_subsets() -> list[tuple[str, ...]]:
 class FusionNet(nn.Module):
     """Fully connected network: (B, F) -> (B,) DM logits, F = the summed widths of
     ``input_groups``. Each hidden layer is Linear -> LayerNorm (``norm="layer"``) or nothing
-    (``norm="none"``) -> ReLU -> Dropout."""
+    (``norm="none"``) -> ReLU -> Dropout.
+
+    Two optional guards against one wide group swamping the others on a small cohort:
+
+    - ``bottleneck``: ``{group: k}``; that group's columns first pass through their own linear
+      map to ``k`` values (a learnt per-group compression, e.g. 384 deep features -> 8) before
+      the concatenation feeds the hidden layers; groups not named pass through unchanged.
+    - ``group_dropout``: in training mode only, each group of each sample is replaced by zeros
+      (the training mean of standardised inputs: "this group is missing") with this
+      probability, so the network cannot lean on one group alone (modality dropout). No
+      effect with a single group or in eval mode.
+    """
 
     def __init__(
         self,
@@ -257,18 +268,34 @@ class FusionNet(nn.Module):
         hidden: Sequence[int] = (64, 32),
         dropout: float = 0.2,
         norm: Literal["layer", "none"] = "layer",
+        bottleneck: Mapping[str, int] | None = None,
+        group_dropout: float = 0.0,
     ) -> None:
-        """``group_dims``: the width of each group used (a subset of :data:`FUSION_GROUPS`)."""
+        """``group_dims``: the width of each group used (a subset of :data:`FUSION_GROUPS`);
+        ``bottleneck`` may name groups not used (ignored)."""
         super().__init__()
         unknown = sorted(set(group_dims) - set(FUSION_GROUPS))
         if unknown or not group_dims:
             raise ValueError(f"group_dims needs groups among {FUSION_GROUPS}, got {unknown}")
         if any(width < 1 for width in group_dims.values()):
             raise ValueError(f"every group needs a width >= 1, got {dict(group_dims)}")
+        bottleneck = dict(bottleneck or {})
+        if sorted(set(bottleneck) - set(FUSION_GROUPS)) or any(k < 1 for k in bottleneck.values()):
+            raise ValueError(f"bottleneck needs widths >= 1 of groups among {FUSION_GROUPS}")
+        if not 0 <= group_dropout < 1:
+            raise ValueError(f"group_dropout must be in [0, 1), got {group_dropout}")
         self.input_groups = tuple(g for g in FUSION_GROUPS if g in group_dims)
         self.group_dims = {g: int(group_dims[g]) for g in self.input_groups}
+        self.group_dropout = float(group_dropout)
+        self.bottleneck = nn.ModuleDict(
+            {
+                g: nn.Linear(self.group_dims[g], int(bottleneck[g]))
+                for g in self.input_groups
+                if g in bottleneck
+            }
+        )
         layers: list[nn.Module] = []
-        width = sum(self.group_dims.values())
+        width = sum(int(bottleneck.get(g, d)) for g, d in self.group_dims.items())
         for size in hidden:
             layers.append(nn.Linear(width, size))
             if norm == "layer":
@@ -293,7 +320,17 @@ class FusionNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) -> (B,) logits."""
-        return self.net(x).squeeze(-1)
+        if not len(self.bottleneck) and not (self.training and self.group_dropout > 0):
+            return self.net(x).squeeze(-1)
+        parts = list(torch.split(x, list(self.group_dims.values()), dim=-1))
+        if self.training and self.group_dropout > 0 and len(parts) > 1:
+            keep = torch.rand(x.shape[0], len(parts), device=x.device) >= self.group_dropout
+            parts = [p * keep[:, i : i + 1].to(p.dtype) for i, p in enumerate(parts)]
+        parts = [
+            self.bottleneck[g](p) if g in self.bottleneck else p
+            for g, p in zip(self.input_groups, parts, strict=True)
+        ]
+        return self.net(torch.cat(parts, dim=-1)).squeeze(-1)
 
 
 def positive_class_weight(labels: np.ndarray | Sequence[int]) -> float:

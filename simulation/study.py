@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -50,6 +51,7 @@ from client.training import (
     CropDataset,
     Fit,
     MaskChannel,
+    Monitor,
     extract_deep_features,
     load_crops,
     predict_proba,
@@ -57,7 +59,7 @@ from client.training import (
     train_fusion,
     train_image_model,
 )
-from shared.clinical import CLINICAL_COLUMNS, encoded_columns
+from shared.clinical import decode_subsite, encoded_columns
 from shared.config import SiteConfig, load_site_config
 from shared.metrics import binary_metrics, calibration, youden_threshold
 from shared.models import (
@@ -114,6 +116,10 @@ class StudyPreset:
     fusion_val_fraction: float = 0.2
     fusion_patience: int = 25
     fusion_members: int = 5  # nets averaged, each early-stopped on its own inner split
+    fusion_bottleneck: dict[str, int] = field(default_factory=dict)  # group -> learnt width
+    fusion_group_dropout: float = 0.0  # P(a group of a sample is zeroed) in fusion training
+    fusion_monitor: Monitor = "loss"  # fusion early stopping: inner-split loss or AUC
+    deep_components: int | None = None  # PCA (whitened, training rows) of the deep features
     correlation_threshold: float = 0.9
     top_k: int = 36
     rf_trees: int = 200
@@ -252,7 +258,7 @@ def load_cohort(cohort: Path, workers: int | None = None) -> StudyData:
         ids=ids,
         labels=pooled["label"].astype(int).to_numpy(),
         site=pooled["site"].to_numpy(str),
-        subsite=_decode_subsite(pooled),
+        subsite=decode_subsite(pooled),
         radiomics=pooled[radiomics].astype(float),
         clinical=pooled[clinical].astype(float) if clinical else None,
         crops=crops,
@@ -260,17 +266,6 @@ def load_cohort(cohort: Path, workers: int | None = None) -> StudyData:
     )
     _attach_oracle(data, Path(cohort) / "ground_truth")
     return data
-
-
-def _decode_subsite(encoded: pd.DataFrame) -> np.ndarray:
-    """Subsite names (n,) from the one-hot ``subsite_*`` columns; "unknown" where none is set."""
-    categories = CLINICAL_COLUMNS["subsite"].categories
-    columns = [f"subsite_{c.lower()}" for c in categories]
-    if not all(c in encoded.columns for c in columns):
-        return np.full(len(encoded), "unknown")
-    onehot = encoded[columns].to_numpy()
-    names = np.array(categories)[onehot.argmax(axis=1)]
-    return np.where(onehot.max(axis=1) > 0, names, "unknown")
 
 
 def _attach_oracle(data: StudyData, truth_dir: Path) -> None:
@@ -326,7 +321,7 @@ def load_table(path: Path, label: str, id_column: str) -> StudyData:
         ids=table["patient_id"].astype(str).to_numpy(),
         labels=table["label"].astype(int).to_numpy(),
         site=np.full(len(table), "table"),
-        subsite=_decode_subsite(table) if with_clinical else np.full(len(table), "unknown"),
+        subsite=decode_subsite(table) if with_clinical else np.full(len(table), "unknown"),
         radiomics=table[loaded.radiomics_columns].astype(float),
         clinical=clinical,
         notes=notes,
@@ -575,14 +570,17 @@ def _deep_group(
     tic = time.perf_counter()
     deep = extract_deep_features(model, CropDataset(images), device)
     timing["deep_features"] += time.perf_counter() - tic
-    scaler = StandardScaler().fit(deep[train])
+    deep = StandardScaler().fit(deep[train]).transform(deep)
+    if preset.deep_components:
+        pca = PCA(preset.deep_components, whiten=True, random_state=seed).fit(deep[train])
+        deep = pca.transform(deep)
     val_auc = history["val_auc"][history["best_epoch"] - 1] if history["val_auc"] else None
     say(
         f"  {backbone}: best epoch {history['best_epoch']}/{history['epochs_run']}, inner"
         f" validation AUC {val_auc if val_auc is None else round(val_auc, 3)},"
         f" {history['seconds']:.0f} s"
     )
-    return scaler.transform(deep).astype(np.float32), history
+    return deep.astype(np.float32), history
 
 
 def _fit_fusion(
@@ -602,7 +600,11 @@ def _fit_fusion(
         member_seed = _child_seed(seed, member)
         set_seed(member_seed)
         model = FusionNet(
-            {g: m.shape[1] for g, m in groups.items()}, preset.fusion_hidden, preset.fusion_dropout
+            {g: m.shape[1] for g, m in groups.items()},
+            preset.fusion_hidden,
+            preset.fusion_dropout,
+            bottleneck=preset.fusion_bottleneck,
+            group_dropout=preset.fusion_group_dropout,
         )
         X = np.concatenate([groups[g] for g in model.input_groups], axis=1)
         train_fusion(
@@ -617,6 +619,7 @@ def _fit_fusion(
             patience=preset.fusion_patience,
             batch_size=preset.fusion_batch,
             weight_decay=preset.fusion_weight_decay,
+            monitor=preset.fusion_monitor,
         )
         train_scores.append(predict_proba(model, X[train]))
         test_scores.append(predict_proba(model, X[test]))

@@ -249,3 +249,26 @@ def test_config_rules() -> None:
         ImageModelConfig(backbone="swin3d", kernel=3)
     with pytest.raises(ValidationError):
         ImageModelConfig(backbone="vit3d")
+
+
+def test_fusion_net_bottleneck_and_group_dropout() -> None:
+    set_seed(4)
+    dims = {"deep": 40, "radiomics": 6, "clinical": 3}
+    plain = FusionNet(dims, hidden=(8,))
+    model = FusionNet(dims, (8,), dropout=0.0, bottleneck={"deep": 2}, group_dropout=0.5)
+    assert model.input_groups == plain.input_groups and model.group_dims == plain.group_dims
+    assert model.bottleneck["deep"].weight.shape == (2, 40)
+    assert model.net[0].in_features == 2 + 6 + 3  # deep compressed, the others as they are
+    x = model.concat({g: torch.randn(64, d) for g, d in dims.items()})
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))  # no group dropout in eval mode
+    model.train()
+    dropped = model(x)
+    assert dropped.shape == (64,) and not torch.allclose(dropped, model.eval()(x))
+    # group dropout needs two groups or more
+    only_clinical = FusionNet({"clinical": 3}, (4,), dropout=0.0, group_dropout=0.9).train()
+    assert torch.allclose(only_clinical(x[:, -3:]), only_clinical.eval()(x[:, -3:]))  # one group
+    with pytest.raises(ValueError, match="bottleneck"):
+        FusionNet(dims, bottleneck={"genomics": 2})
+    with pytest.raises(ValueError, match="group_dropout"):
+        FusionNet(dims, group_dropout=1.0)

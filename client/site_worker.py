@@ -1,0 +1,581 @@
+"""A site's side of the federated protocol: one handler per route of ``shared.wire``, working on
+the site's own extracted features, crops and disk.
+
+:class:`SiteWorker` answers a request payload with a reply payload (plain dicts, see
+``shared.wire``); ``client.client_app`` wraps it for Flower, and the simulation calls it in
+process for the centralised and local-only baselines. A worker may also stand for several
+sites pooled (the centralised baseline): each patient keeps its own site's fold.
+
+Everything a site keeps between messages lives on its disk under
+``<paths.cache>/federated/<run>/`` (a site's process may restart between messages): the fold
+assignment, the deep features of each fold, the held-out scores of each fold, the model-input
+cache. Nothing in a reply has a per-patient axis: sums over training rows, model weights,
+histograms and counts only; a reply whose patients are fewer than ``min_patients`` (the larger
+of the site's ``[privacy] min_patients`` and the server's) carries its count alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.ensemble import RandomForestClassifier
+from torch import nn
+
+from client.extract import FEATURES_FILE, REPORT_FILE, crop_path
+from client.training import (
+    CropDataset,
+    extract_deep_features,
+    get_state,
+    load_crops,
+    predict_proba,
+    resolve_device,
+    set_state,
+    train_fusion,
+    train_image_model,
+)
+from shared import wire
+from shared.clinical import decode_subsite, encoded_columns
+from shared.config import SiteConfig
+from shared.metrics import score_histograms
+from shared.models import (
+    IMAGE_PRESETS,
+    FusionNet,
+    ImageClassifier,
+    ImageModelConfig,
+    build_image_model,
+)
+
+STATE_DIR = "federated"
+IMAGE_MODEL = "image"
+"""Name of the image model's weights (``weights:image``)."""
+
+
+class SiteNotReady(RuntimeError):
+    """The site cannot take part yet (features not extracted, no labelled patient)."""
+
+
+@dataclass
+class SiteData:
+    """A site's usable patients (n,): ``ids``, ``labels`` 0/1, ``site`` (the site id per row),
+    ``subsite``; ``radiomics`` (n, p) raw float (NaN where PyRadiomics gave none);
+    ``clinical`` (n, q) encoded or None; ``crops`` crop.npz paths or None (tabular);
+    ``quarantined``/``unlabelled`` counts; ``settings`` the extraction fingerprint."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    site: np.ndarray
+    subsite: np.ndarray
+    radiomics: pd.DataFrame
+    clinical: pd.DataFrame | None
+    crops: list[Path] | None
+    quarantined: int
+    unlabelled: int
+    settings: dict
+
+
+def load_site_data(configs: Sequence[SiteConfig]) -> SiteData:
+    """Features, labels and crops of the labelled patients of ``configs`` (one site, or
+    several pooled in order); SiteNotReady names what is missing."""
+    parts = [_one_site(cfg) for cfg in configs]
+    columns = [list(p["table"].columns) for p in parts]
+    if any(c != columns[0] for c in columns):
+        raise SiteNotReady("the pooled sites' feature columns differ")
+    table = pd.concat([p["table"] for p in parts], ignore_index=True)
+    radiomics = [c for c in table.columns if c not in ("patient_id", "label", *encoded_columns())]
+    clinical = [c for c in encoded_columns() if c in table.columns]
+    crops = None
+    if all(p["crops"] is not None for p in parts):
+        crops = [c for p in parts for c in p["crops"]]
+    return SiteData(
+        ids=table["patient_id"].to_numpy(dtype=str),
+        labels=table["label"].astype(int).to_numpy(),
+        site=np.concatenate([np.full(len(p["table"]), p["site"]) for p in parts]),
+        subsite=decode_subsite(table),
+        radiomics=table[radiomics].astype(float).replace([np.inf, -np.inf], np.nan),
+        clinical=table[clinical].astype(float) if clinical else None,
+        crops=crops,
+        quarantined=sum(p["quarantined"] for p in parts),
+        unlabelled=sum(p["unlabelled"] for p in parts),
+        settings=parts[0]["settings"],
+    )
+
+
+def _one_site(cfg: SiteConfig) -> dict:
+    features = cfg.paths.output / FEATURES_FILE
+    if not features.is_file():
+        raise SiteNotReady(
+            f"{cfg.site_id}: no extracted features at {features}; run "
+            f"`fedmets site extract --config {cfg.source or 'SITE.toml'}` first"
+        )
+    table = pd.read_parquet(features)
+    report_path = cfg.paths.output / REPORT_FILE
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    unlabelled = table["label"].isna()
+    table = table[~unlabelled].reset_index(drop=True)
+    if table.empty:
+        raise SiteNotReady(f"{cfg.site_id}: no labelled patient in {features}")
+    crops = None
+    if cfg.data.mode == "images":
+        crops = [crop_path(cfg, str(pid)) for pid in table["patient_id"]]
+        missing = [str(p) for p in crops if not p.is_file()]
+        if missing:
+            raise SiteNotReady(f"{cfg.site_id}: {len(missing)} crops missing, e.g. {missing[0]}")
+    counts = report.get("counts", {})
+    return {
+        "site": cfg.site_id,
+        "table": table,
+        "crops": crops,
+        "quarantined": int(counts.get("quarantined", 0)) + int(counts.get("failed", 0)),
+        "unlabelled": int(unlabelled.sum()),
+        "settings": report.get("settings", {"mode": cfg.data.mode}),
+    }
+
+
+def digest(value: object) -> str:
+    """sha256 hex of ``value`` as canonical JSON."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def site_seed(seed: int, site_id: str, *keys: int) -> int:
+    """A 31-bit seed for ``site_id``'s own randomness, derived from the run's ``seed``."""
+    entropy = [seed, zlib.crc32(site_id.encode()), *keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] % 2**31)
+
+
+def assign_folds(
+    labels: np.ndarray, folds: int, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified fold of each patient (n,) in 0..folds-1, and per fold the inner validation
+    rows among its training rows as a (folds, n) bool mask: each class shuffled and dealt
+    round-robin to folds, then ``val_fraction`` of each class of the training rows (rounded)
+    drawn for validation."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=int)
+    for value in (0, 1):
+        rows = rng.permutation(np.flatnonzero(labels == value))
+        fold[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    val = np.zeros((folds, len(labels)), dtype=bool)
+    for f in range(folds):
+        for value in (0, 1):
+            rows = np.flatnonzero((fold != f) & (labels == value))
+            take = int(round(val_fraction * len(rows)))
+            val[f, rng.choice(rows, size=take, replace=False)] = True
+    return fold, val
+
+
+class SiteWorker:
+    """Answers the protocol's requests for one site (``configs`` of length 1) or several sites
+    pooled. ``state_root``: where per-run state goes (default ``<first site's paths.cache>/
+    federated``)."""
+
+    def __init__(self, configs: Sequence[SiteConfig], state_root: Path | None = None) -> None:
+        self.configs = list(configs)
+        self.site_id = self.configs[0].site_id if len(self.configs) == 1 else "pooled"
+        self.state_root = Path(state_root or self.configs[0].paths.cache / STATE_DIR)
+        self.data = load_site_data(self.configs)
+        self.device = resolve_device(self.configs[0].compute.device)
+        self.handlers: dict[str, Callable[[dict], dict]] = {
+            "query.census": self.census,
+            "query.folds": self.folds,
+            "query.moments": self.moments,
+            "query.covariance": self.covariance,
+            "query.importance": self.importance,
+            "train.image": self.train_image,
+            "query.validate": self.validate,
+            "query.deep_features": self.deep_features,
+            "train.fusion": self.train_fusion,
+            "query.train_scores": self.train_scores,
+            "query.evaluation": self.evaluation,
+        }
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    def handle(self, route_name: str, request: Mapping[str, Any]) -> dict:
+        """The reply payload to ``request`` on ``route_name``."""
+        wire.route(route_name)
+        return self.handlers[route_name](dict(request))
+
+    def min_patients(self, request: Mapping[str, Any]) -> int:
+        """The release floor: the larger of the site's and the server's."""
+        own = max(cfg.privacy.min_patients for cfg in self.configs)
+        return max(own, int(request.get("min_patients", 1)))
+
+    def _state(self, request: Mapping[str, Any]) -> Path:
+        run = str(request["run"])
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", run):
+            raise ValueError(f"run name {run!r} is not a safe folder name")
+        path = self.state_root / run
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _partition(self, request: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """The stored fold (n,) and inner-validation mask (folds, n); checked against the ids."""
+        path = self._state(request) / "folds.npz"
+        if not path.is_file():
+            raise SiteNotReady(f"{self.site_id}: no fold assignment yet (query.folds first)")
+        with np.load(path) as stored:
+            if not np.array_equal(stored["ids"], self.data.ids):
+                raise SiteNotReady(f"{self.site_id}: the patients changed since folds were made")
+            return stored["fold"], stored["val"]
+
+    def _rows(self, request: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Row masks of the request's fold: ``train`` (all training rows), ``fit`` (training
+        minus inner validation), ``val`` and ``test``."""
+        fold, val = self._partition(request)
+        f = int(request["fold"])
+        train = fold != f
+        return {"train": train, "fit": train & ~val[f], "val": val[f], "test": fold == f}
+
+    def _released(self, request: Mapping[str, Any], n: int, reply: dict) -> dict:
+        """``reply`` when ``n`` patients may be released on, else the count alone."""
+        return reply if n >= self.min_patients(request) else {"n": int(n)}
+
+    # ---- census, folds, selection --------------------------------------------------------------
+
+    def census(self, request: dict) -> dict:
+        data = self.data
+        return {
+            "site_id": self.site_id,
+            "protocol": wire.PROTOCOL_VERSION,
+            "mode": "images" if data.crops is not None else "tabular",
+            "n": len(data.ids),
+            "positives": int(data.labels.sum()),
+            "quarantined": data.quarantined,
+            "unlabelled": data.unlabelled,
+            "radiomics_columns": data.radiomics.shape[1],
+            "clinical_columns": 0 if data.clinical is None else data.clinical.shape[1],
+            "has_images": int(data.crops is not None),
+            "schema_hash": digest(
+                [list(data.radiomics.columns), [] if data.clinical is None else list(data.clinical)]
+            ),
+            "params_hash": digest(data.settings),
+        }
+
+    def folds(self, request: dict) -> dict:
+        k, seed = int(request["folds"]), int(request["seed"])
+        val_fraction = float(request.get("val_fraction", 0.2))
+        fold = np.empty(len(self.data.ids), dtype=int)
+        val = np.zeros((k, len(self.data.ids)), dtype=bool)
+        for site_id in dict.fromkeys(self.data.site):  # each site its own stratified folds
+            rows = np.flatnonzero(self.data.site == site_id)
+            site_fold, site_val = assign_folds(
+                self.data.labels[rows], k, val_fraction, site_seed(seed, site_id)
+            )
+            fold[rows], val[:, rows] = site_fold, site_val
+        np.savez(self._state(request) / "folds.npz", ids=self.data.ids, fold=fold, val=val)
+        y = self.data.labels
+        return {
+            "n": len(y),
+            "fold_sizes": np.bincount(fold, minlength=k).astype(np.int64),
+            "fold_positives": np.bincount(fold, weights=y, minlength=k).astype(np.int64),
+        }
+
+    def moments(self, request: dict) -> dict:
+        train = self._rows(request)["train"]
+        X = self.data.radiomics.to_numpy()[train]
+        reply = {
+            "n": int(train.sum()),
+            "positives": int(self.data.labels[train].sum()),
+            "radiomics_count": np.isfinite(X).sum(axis=0).astype(np.float64),
+            "radiomics_sum": np.nansum(X, axis=0),
+        }
+        if self.data.clinical is not None:
+            C = self.data.clinical.to_numpy()[train]
+            reply |= {"clinical_sum": C.sum(axis=0), "clinical_sumsq": (C**2).sum(axis=0)}
+        return self._released(request, reply["n"], reply)
+
+    def covariance(self, request: dict) -> dict:
+        train = self._rows(request)["train"]
+        mean = np.asarray(request["radiomics_mean"], dtype=np.float64)
+        X = self.data.radiomics.to_numpy()[train]
+        centred = np.where(np.isfinite(X), X, mean) - mean
+        reply = {
+            "n": int(train.sum()),
+            "centred_sum": centred.sum(axis=0),
+            "cross_products": centred.T @ centred,
+        }
+        return self._released(request, reply["n"], reply)
+
+    def importance(self, request: dict) -> dict:
+        train = self._rows(request)["train"]
+        X = self._radiomics(request)[train]
+        y = self.data.labels[train]
+        reply: dict[str, Any] = {"n": int(train.sum()), "positives": int(y.sum())}
+        if 0 < y.sum() < len(y):
+            forest = RandomForestClassifier(
+                n_estimators=int(request["trees"]),
+                class_weight="balanced",
+                random_state=site_seed(int(request["seed"]), self.site_id, int(request["fold"])),
+                n_jobs=1,
+            )
+            reply["importances"] = forest.fit(X, y).feature_importances_.astype(np.float64)
+        return self._released(request, reply["n"], reply)
+
+    def _radiomics(self, request: Mapping[str, Any]) -> np.ndarray:
+        """The requested radiomics columns of every row, standardised by the request's pooled
+        mean and scale, missing values at the mean (0): (n, k) float32."""
+        columns = np.asarray(request["radiomics_columns"], dtype=int)
+        X = self.data.radiomics.to_numpy()[:, columns]
+        z = (X - request["radiomics_mean"]) / request["radiomics_scale"]
+        return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
+
+    # ---- image model ---------------------------------------------------------------------------
+
+    def _image_config(self, request: Mapping[str, Any]) -> ImageModelConfig:
+        cfg = IMAGE_PRESETS[str(request["image_preset"])][str(request["backbone"])]
+        channels = 1 if request["mask_channel"] == "none" else 2
+        return ImageModelConfig.model_validate({**cfg.model_dump(), "in_channels": channels})
+
+    def _images(self, request: Mapping[str, Any]) -> np.ndarray:
+        """Model inputs (n, C, S, S, S) float32, cached on disk per input setting."""
+        if self.data.crops is None:
+            raise SiteNotReady(f"{self.site_id}: a tabular site has no images")
+        cfg = self._image_config(request)
+        key = digest(
+            [cfg.crop_voxels, str(request["mask_channel"]), [str(p) for p in self.data.crops]]
+        )
+        path = self.state_root / f"inputs-{key[:16]}.npy"
+        if not path.is_file():
+            images = load_crops(self.data.crops, cfg.crop_voxels, request["mask_channel"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial.npy")
+            np.save(partial, images)
+            partial.replace(path)
+        return np.load(path)
+
+    def _image_model(self, request: Mapping[str, Any]) -> ImageClassifier:
+        model = build_image_model(self._image_config(request))
+        set_state(model, request[wire.WEIGHTS_PREFIX + IMAGE_MODEL])
+        return model
+
+    def train_image(self, request: dict) -> dict:
+        rows = self._rows(request)["fit"]
+        n = int(rows.sum())
+        if n < self.min_patients(request) or len(set(self.data.labels[rows])) < 2:
+            return {"n": n}
+        model = self._image_model(request)
+        images = self._images(request)
+        seed = site_seed(int(request["seed"]), self.site_id, int(request["fold"]))
+        history = train_image_model(
+            model,
+            CropDataset(images[rows], self.data.labels[rows], augment=True, seed=seed),
+            epochs=int(request["epochs"]),
+            lr=float(request["lr"]),
+            pos_weight=float(request["pos_weight"]),
+            seed=seed,
+            device=self.device,
+            batch_size=int(request["batch"]),
+            proximal_mu=float(request["proximal_mu"]),
+        )
+        return {
+            "n": n,
+            wire.WEIGHTS_PREFIX + IMAGE_MODEL: get_state(model),
+            "train_loss_sum": float(history["train_loss"][-1] * n),
+        }
+
+    def deep_features(self, request: dict) -> dict:
+        model = self._image_model(request)
+        deep = extract_deep_features(model, CropDataset(self._images(request)), self.device)
+        np.save(self._state(request) / f"deep-fold{int(request['fold'])}.npy", deep)
+        train = self._rows(request)["train"]
+        reply = {
+            "n": int(train.sum()),
+            "deep_sum": deep[train].sum(axis=0, dtype=np.float64),
+            "deep_sumsq": (deep[train].astype(np.float64) ** 2).sum(axis=0),
+        }
+        return self._released(request, reply["n"], reply)
+
+    # ---- fusion --------------------------------------------------------------------------------
+
+    def _groups(self, request: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Standardised feature groups of every row: radiomics (n, k), clinical (n, q), deep
+        (n, D) when the fold's deep features exist."""
+        groups = {"radiomics": self._radiomics(request)}
+        if self.data.clinical is not None and "clinical_mean" in request:
+            C = self.data.clinical.to_numpy()
+            groups["clinical"] = (
+                (C - request["clinical_mean"]) / request["clinical_scale"]
+            ).astype(np.float32)
+        deep_file = self._state(request) / f"deep-fold{int(request['fold'])}.npy"
+        if "deep_mean" in request and deep_file.is_file():
+            deep = np.load(deep_file)
+            groups["deep"] = ((deep - request["deep_mean"]) / request["deep_scale"]).astype(
+                np.float32
+            )
+        return groups
+
+    def _fusion_models(
+        self, request: Mapping[str, Any], groups: Mapping[str, np.ndarray]
+    ) -> dict[str, tuple[FusionNet, np.ndarray]]:
+        """Each ``weights:<model>`` of the request as (loaded FusionNet, its input matrix)."""
+        models = {}
+        for key, state in request.items():
+            if not key.startswith(wire.WEIGHTS_PREFIX):
+                continue
+            name = key.removeprefix(wire.WEIGHTS_PREFIX)
+            used = fusion_groups(name)
+            net = FusionNet(
+                {g: groups[g].shape[1] for g in used},
+                hidden=list(np.atleast_1d(request["hidden"]).astype(int)),
+                dropout=float(request["dropout"]),
+            )
+            set_state(net, state)
+            models[name] = (net, np.concatenate([groups[g] for g in net.input_groups], axis=1))
+        return models
+
+    def train_fusion(self, request: dict) -> dict:
+        rows = self._rows(request)["fit"]
+        n = int(rows.sum())
+        if n < self.min_patients(request) or len(set(self.data.labels[rows])) < 2:
+            return {"n": n}
+        y = self.data.labels[rows]
+        reply: dict[str, Any] = {"n": n}
+        seed = site_seed(int(request["seed"]), self.site_id, int(request["fold"]))
+        for name, (net, X) in self._fusion_models(request, self._groups(request)).items():
+            history = train_fusion(
+                net,
+                X[rows],
+                y,
+                epochs=int(request["epochs"]),
+                lr=float(request["lr"]),
+                pos_weight=float(request["pos_weight"]),
+                seed=seed,
+                val_fraction=0.0,
+                patience=None,
+                batch_size=int(request["batch"]),
+                weight_decay=float(request["weight_decay"]),
+                proximal_mu=float(request["proximal_mu"]),
+            )
+            reply[wire.WEIGHTS_PREFIX + name] = get_state(net)
+            reply[f"train_loss_sum:{name}"] = float(history["train_loss"][-1] * n)
+        return reply
+
+    def validate(self, request: dict) -> dict:
+        rows = self._rows(request)["val"]
+        n = int(rows.sum())
+        if n < self.min_patients(request):
+            return {"n": n}
+        y = torch.from_numpy(self.data.labels[rows].astype(np.float32))
+        loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(request["pos_weight"])))
+        reply: dict[str, Any] = {"n": n}
+        if request["stage"] == "image":
+            model = self._image_model(request)
+            images = np.asarray(self._images(request)[rows])
+            probs = extract_probabilities(model, images, self.device)
+            reply[f"val_loss_sum:{IMAGE_MODEL}"] = _loss_sum(loss, probs, y)
+            return reply
+        groups = self._groups(request)
+        for name, (net, X) in self._fusion_models(request, groups).items():
+            reply[f"val_loss_sum:{name}"] = _loss_sum(loss, predict_proba(net, X[rows]), y)
+        return reply
+
+    def train_scores(self, request: dict) -> dict:
+        """Histograms of the training rows' scores (for the threshold); the held-out rows'
+        scores are kept on the site's disk for :meth:`evaluation`."""
+        rows = self._rows(request)
+        y = self.data.labels
+        bins = int(request["bins"])
+        reply: dict[str, Any] = {"n": int(rows["train"].sum())}
+        held_out = {}
+        for name, (net, X) in self._fusion_models(request, self._groups(request)).items():
+            scores = predict_proba(net, X)
+            hist = score_histograms(y[rows["train"]], scores[rows["train"]], bins)
+            reply[f"hist_pos:{name}"] = hist.pos_counts.astype(np.int64)
+            reply[f"hist_neg:{name}"] = hist.neg_counts.astype(np.int64)
+            held_out[name] = scores[rows["test"]]
+        fold = int(request["fold"])
+        np.savez(
+            self._state(request) / f"scores-fold{fold}.npz",
+            rows=np.flatnonzero(rows["test"]),
+            **{_safe(k): v for k, v in held_out.items()},
+        )
+        return self._released(request, reply["n"], reply)
+
+    def evaluation(self, request: dict) -> dict:
+        """Out-of-fold results per model, over the whole site and per subsite group: score
+        histograms, the confusion counts at each fold's threshold and the Brier sum."""
+        thresholds = {
+            k.removeprefix("thresholds:"): np.asarray(v, dtype=float)
+            for k, v in request.items()
+            if k.startswith("thresholds:")
+        }
+        state = self._state(request)
+        n = len(self.data.ids)
+        scores = {name: np.full(n, np.nan) for name in thresholds}
+        cut = {name: np.full(n, np.nan) for name in thresholds}
+        for fold in range(len(next(iter(thresholds.values())))):
+            path = state / f"scores-fold{fold}.npz"
+            if not path.is_file():
+                continue
+            with np.load(path) as stored:
+                for name in thresholds:
+                    scores[name][stored["rows"]] = stored[_safe(name)]
+                    cut[name][stored["rows"]] = thresholds[name][fold]
+        scored = np.isfinite(next(iter(scores.values())))
+        reply: dict[str, Any] = {"n": int(scored.sum()), "suppressed": 0}
+        floor = self.min_patients(request)
+        groups = {"": scored} | {
+            f"@{s}": scored & (self.data.subsite == s) for s in sorted(set(self.data.subsite))
+        }
+        for suffix, rows in groups.items():
+            if rows.sum() < floor:
+                reply["suppressed"] += 1
+                continue
+            y = self.data.labels[rows]
+            for name in thresholds:
+                s, t = scores[name][rows], cut[name][rows]
+                hist = score_histograms(y, s, int(request["bins"]))
+                predicted = s >= t
+                confusion = [
+                    (predicted & (y == 1)).sum(),
+                    (~predicted & (y == 1)).sum(),
+                    (~predicted & (y == 0)).sum(),
+                    (predicted & (y == 0)).sum(),
+                ]
+                reply[f"hist_pos:{name}{suffix}"] = hist.pos_counts.astype(np.int64)
+                reply[f"hist_neg:{name}{suffix}"] = hist.neg_counts.astype(np.int64)
+                reply[f"confusion:{name}{suffix}"] = np.asarray(confusion, dtype=np.int64)
+                reply[f"brier_sum:{name}{suffix}"] = float(((s - y) ** 2).sum())
+            if suffix:
+                reply[f"group_n:{suffix[1:]}"] = int(rows.sum())
+        return self._released(request, reply["n"], reply)
+
+
+def fusion_groups(model: str) -> tuple[str, ...]:
+    """The feature groups of a model key ``"<backbone>/<group>+<group>"``."""
+    return tuple(model.split("/", 1)[1].split("+"))
+
+
+@torch.no_grad()
+def extract_probabilities(
+    model: ImageClassifier, images: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """Eval-mode DM probabilities (n,) of an image model on inputs (n, C, S, S, S)."""
+    model.to(device).eval()
+    out = [
+        torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))).cpu()
+        for batch in np.array_split(images, max(1, len(images) // 16))
+    ]
+    return torch.cat(out).double().numpy()
+
+
+def _loss_sum(loss: nn.Module, probs: np.ndarray, y: torch.Tensor) -> float:
+    """Summed weighted BCE of probabilities ``probs`` (n,) against ``y`` (n,)."""
+    p = torch.from_numpy(np.clip(probs, 1e-7, 1 - 1e-7)).float()
+    return float(loss(torch.logit(p), y)) * len(y)
+
+
+def _safe(name: str) -> str:
+    """A model key as an npz entry name."""
+    return re.sub(r"[^A-Za-z0-9]", "_", name)

@@ -1,0 +1,604 @@
+"""The federated protocol, driven from the server: census, folds, per fold federated selection,
+FedAvg training of the image model and of the fusion networks, thresholds, and the pooled
+evaluation from histograms.
+
+The protocol talks to the sites through a :class:`SiteLink` (``ask(route, requests)``), so the
+same code runs over Flower (``server.server_app``) and in process (the simulation's centralised
+and local-only baselines). Every request and reply is a ``shared.wire`` payload.
+
+Per fold ``f`` (the sites' own stratified folds; training rows = every other fold):
+
+1. ``query.moments`` -> pooled radiomics means (over non-missing values) and clinical means/SDs;
+2. ``query.covariance`` (centred at those means, missing values at the mean) -> the pooled
+   covariance: constant columns dropped, then ``shared.selection.correlation_filter`` on the
+   pooled correlation -- exactly the filter of the pooled training rows;
+3. ``query.importance`` -> random-forest importances per site, averaged weighted by training
+   patients -> the ``top_k`` columns;
+4. image model (image mode): ``image_rounds`` rounds of ``train.image`` + aggregation +
+   ``query.validate`` on the sites' inner validation rows; the round with the lowest pooled
+   validation loss is kept; ``query.deep_features`` -> pooled deep-feature means/SDs;
+5. fusion: one network per feature-group subset (the ablations), ``fusion_rounds`` rounds of
+   ``train.fusion`` + aggregation + validation, best round kept per network;
+6. ``query.train_scores`` -> pooled training-score histograms -> Youden threshold per network.
+
+Finally ``query.evaluation`` returns each site's out-of-fold histograms, confusion counts at
+each fold's threshold and Brier sums: pooled, per-site and per-subsite metrics follow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from server.aggregation import Aggregator
+from shared import wire
+from shared.config import FederationConfig
+from shared.metrics import (
+    auc_ci_from_histograms,
+    calibration_from_histograms,
+    metrics_from_histograms,
+    youden_from_histograms,
+)
+from shared.models import (
+    FUSION_GROUPS,
+    IMAGE_PRESETS,
+    FusionNet,
+    ImageModelConfig,
+    build_image_model,
+    group_subsets,
+)
+from shared.reproducibility import set_seed
+from shared.selection import correlation_filter
+
+NO_IMAGE = "none"
+IMAGE = "image"
+Payload = dict[str, Any]
+
+
+class ProtocolError(RuntimeError):
+    """The run cannot go on: sites disagree, too few answered, nothing to train on."""
+
+
+class SiteLink(Protocol):
+    """How the protocol reaches the sites."""
+
+    def sites(self) -> list[str]:
+        """The ids of the sites currently taking part."""
+        ...
+
+    def ask(self, route: str, requests: Mapping[str, Payload]) -> dict[str, Payload]:
+        """Send ``requests[site]`` on ``route`` to each site; the replies of the sites that
+        answered in time (missing ones are dropouts, recorded by the protocol)."""
+        ...
+
+    def rename(self, names: Mapping[str, str]) -> None:
+        """Call the sites by the ids their census gave (``old key -> site id``)."""
+        ...
+
+
+@dataclass
+class RunRecord:
+    """What the run did, for the report: census, folds, selection, training curves, thresholds,
+    dropouts, timing."""
+
+    census: dict[str, Payload] = field(default_factory=dict)
+    folds: list[dict] = field(default_factory=list)
+    dropouts: list[dict] = field(default_factory=list)
+    timing_s: dict[str, float] = field(default_factory=dict)
+
+
+def model_key(backbone: str | None, groups: tuple[str, ...]) -> str:
+    """``"<backbone>/<group>+<group>"`` (``"none/..."`` without deep features)."""
+    return f"{backbone or NO_IMAGE}/{'+'.join(groups)}"
+
+
+def main_model(models: list[str]) -> str:
+    """The model of the headline numbers: every group fused (the last, widest key)."""
+    return max(models, key=lambda k: (len(k.split("/", 1)[1].split("+")), k.startswith(NO_IMAGE)))
+
+
+class FederatedProtocol:
+    """Runs the protocol of ``cfg`` over ``link``; ``log`` receives progress lines."""
+
+    def __init__(
+        self,
+        link: SiteLink,
+        cfg: FederationConfig,
+        run: str,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.link = link
+        self.cfg = cfg
+        self.run = run
+        self.say = log or (lambda message: None)
+        self.record = RunRecord()
+        self.base = {"run": run, "min_patients": cfg.federation.min_patients}
+
+    # ---- messaging -----------------------------------------------------------------------------
+
+    def _ask(self, route: str, payload: Payload | Mapping[str, Payload], **where: Any) -> dict:
+        """Ask every site (the same ``payload``, or per-site payloads keyed by site id); record
+        dropouts; ProtocolError when fewer than ``min_sites`` answered."""
+        sites = self.link.sites()
+        per_site = payload if set(payload) == set(sites) and sites else None
+        requests = {s: {**self.base, **(per_site[s] if per_site else payload)} for s in sites}
+        replies = self.link.ask(route, requests)
+        for site in sorted(set(sites) - set(replies)):
+            self.record.dropouts.append({"route": route, "site": site, **where})
+            self.say(f"  site {site} did not answer {route} {where or ''}: dropped")
+        if len(replies) < self.cfg.federation.min_sites:
+            raise ProtocolError(
+                f"{route}: {len(replies)} of {len(sites)} sites answered "
+                f"({', '.join(sorted(replies)) or 'none'}); min_sites is "
+                f"{self.cfg.federation.min_sites}"
+            )
+        return replies
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def run_all(self) -> dict:
+        """The whole protocol; returns the results (``models``: per model pooled, per-site
+        and per-subsite metrics) with the run record."""
+        started = time.perf_counter()
+        census = self.census()
+        images = all(c["has_images"] for c in census.values()) and "image" in (
+            self.cfg.stages.enabled
+        )
+        clinical = all(c["clinical_columns"] > 0 for c in census.values())
+        backbone = self.cfg.model.backbone if images else None
+        groups = ("radiomics",) + (("clinical",) if clinical else ())
+        models = [model_key(None, s) for s in group_subsets() if set(s) <= set(groups)]
+        if images:
+            models += [
+                model_key(backbone, s)
+                for s in group_subsets()
+                if "deep" in s and set(s) - {"deep"} <= set(groups)
+            ]
+        self.folds()
+        thresholds = {m: np.full(self.cfg.cv.folds, np.nan) for m in models}
+        for fold in range(self.cfg.cv.folds):
+            tic = time.perf_counter()
+            fold_record = self.run_fold(fold, models, images)
+            for m, t in fold_record["thresholds"].items():
+                thresholds[m][fold] = t
+            fold_record["seconds"] = round(time.perf_counter() - tic, 1)
+            self.record.folds.append(fold_record)
+        results = self.evaluate(thresholds)
+        self.record.timing_s["total"] = round(time.perf_counter() - started, 1)
+        return {
+            "run": self.run,
+            "models": results,
+            "main_model": main_model(models),
+            "backbone": backbone,
+            "census": self.record.census,
+            "folds": self.record.folds,
+            "dropouts": self.record.dropouts,
+            "timing_s": self.record.timing_s,
+        }
+
+    def census(self) -> dict[str, Payload]:
+        """Ask every site for its counts and hashes; refuse a run whose sites disagree."""
+        replies = self._ask("query.census", {"protocol": wire.PROTOCOL_VERSION})
+        for site, reply in replies.items():
+            if reply["protocol"] != wire.PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"site {site} speaks protocol {reply['protocol']}, the server "
+                    f"{wire.PROTOCOL_VERSION}: update fedmets at that site"
+                )
+        names = {key: reply["site_id"] for key, reply in replies.items()}
+        if len(set(names.values())) < len(names):
+            raise ProtocolError(f"two SuperNodes claim the same site id: {sorted(names.values())}")
+        self.link.rename(names)
+        replies = {names[key]: reply for key, reply in replies.items()}
+        reference = min(replies)
+        for key, what in (
+            ("schema_hash", "feature schema (radiomics and clinical columns)"),
+            ("params_hash", "extraction settings (radiomics parameters, margin, preprocessing)"),
+            ("mode", "data mode"),
+        ):
+            differing = sorted(s for s in replies if replies[s][key] != replies[reference][key])
+            if differing:
+                raise ProtocolError(
+                    f"sites {', '.join(differing)} differ from {reference} in their {what}: "
+                    f"{key} {replies[differing[0]][key]!s:.16} vs "
+                    f"{replies[reference][key]!s:.16}; extract every site with the same "
+                    f"fedmets version and settings"
+                )
+        self.record.census = replies
+        total = sum(r["n"] for r in replies.values())
+        sizes = ", ".join(f"{s} {r['n']}" for s, r in sorted(replies.items()))
+        self.say(
+            f"census: {len(replies)} sites, {total} patients, "
+            f"{sum(r['positives'] for r in replies.values())} DM+ "
+            f"({sizes})"
+        )
+        return replies
+
+    def folds(self) -> None:
+        replies = self._ask(
+            "query.folds",
+            {
+                "fold": -1,
+                "folds": self.cfg.cv.folds,
+                "seed": self.cfg.cv.seed,
+                "val_fraction": self.cfg.evaluation.validation_fraction,
+            },
+        )
+        for site, reply in sorted(replies.items()):
+            self.say(f"folds: {site} sizes {reply['fold_sizes'].tolist()}")
+
+    def run_fold(self, fold: int, models: list[str], images: bool) -> dict:
+        k = self.cfg.cv.folds
+        self.say(f"fold {fold + 1}/{k}: selection")
+        where = {"fold": fold}
+        standardise, pos_weight, selection = self.select(fold, where)
+        record: dict[str, Any] = {"fold": fold, "selection": selection, "pos_weight": pos_weight}
+        dims = {"radiomics": len(standardise["radiomics_columns"])}
+        if "clinical_mean" in standardise:
+            dims["clinical"] = len(standardise["clinical_mean"])
+        if images:
+            image_weights, record["image"] = self.train_image(fold, pos_weight)
+            deep = self.deep_statistics(fold, image_weights)
+            standardise |= deep
+            dims["deep"] = len(deep["deep_mean"])
+        fusion_weights, record["fusion"] = self.train_fusion(
+            fold, models, dims, standardise, pos_weight
+        )
+        record["thresholds"] = self.thresholds(fold, fusion_weights, standardise)
+        return record
+
+    # ---- selection -----------------------------------------------------------------------------
+
+    def select(self, fold: int, where: dict) -> tuple[Payload, float, dict]:
+        """Pooled standardisation, correlation filter and forest ranking on the fold's
+        training rows -> the standardisation payload of the selected columns."""
+        moments = self._usable(self._ask("query.moments", {"fold": fold}, **where), "radiomics_sum")
+        n = sum(r["n"] for r in moments.values())
+        positives = sum(r["positives"] for r in moments.values())
+        if positives == 0 or positives == n:
+            raise ProtocolError(f"fold {fold}: the training rows have one class only")
+        pos_weight = (n - positives) / positives
+        count = sum(r["radiomics_count"] for r in moments.values())
+        mean = np.where(count > 0, sum(r["radiomics_sum"] for r in moments.values()), 0.0)
+        mean = mean / np.maximum(count, 1)
+        standardise: Payload = {}
+        if all("clinical_sum" in r for r in moments.values()):
+            c_mean = sum(r["clinical_sum"] for r in moments.values()) / n
+            c_var = sum(r["clinical_sumsq"] for r in moments.values()) / n - c_mean**2
+            c_sd = np.sqrt(np.maximum(c_var * n / max(n - 1, 1), 0.0))
+            standardise |= {
+                "clinical_mean": c_mean,
+                "clinical_scale": np.where(c_sd > 0, c_sd, 1.0),
+            }
+
+        cov_replies = self._usable(
+            self._ask("query.covariance", {"fold": fold, "radiomics_mean": mean}, **where),
+            "cross_products",
+        )
+        m = sum(r["n"] for r in cov_replies.values())
+        sums = sum(r["centred_sum"] for r in cov_replies.values())
+        cross = sum(r["cross_products"] for r in cov_replies.values())
+        cov = (cross - np.outer(sums, sums) / m) / (m - 1)
+        sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+        varying = np.flatnonzero(sd > 1e-12 * np.maximum(np.abs(mean), 1.0))
+        corr = cov[np.ix_(varying, varying)] / np.outer(sd[varying], sd[varying])
+        kept = varying[correlation_filter(corr, self.cfg.selection.correlation_threshold)]
+
+        ranking = self._ask(
+            "query.importance",
+            {
+                "fold": fold,
+                "radiomics_columns": kept,
+                "radiomics_mean": mean[kept],
+                "radiomics_scale": sd[kept],
+                "trees": self.cfg.selection.rf_trees,
+                "seed": self.cfg.run.seed,
+            },
+            **where,
+        )
+        ranked = {s: r for s, r in ranking.items() if "importances" in r}
+        if not ranked:
+            raise ProtocolError(f"fold {fold}: no site could rank features (one class each)")
+        weights = np.array([r["n"] for r in ranked.values()], dtype=float)
+        importance = np.average(
+            [r["importances"] for r in ranked.values()], axis=0, weights=weights
+        )
+        order = np.argsort(-importance, kind="stable")[: self.cfg.selection.top_k]
+        selected = kept[order]
+        standardise |= {
+            "radiomics_columns": selected,
+            "radiomics_mean": mean[selected],
+            "radiomics_scale": sd[selected],
+        }
+        self.say(
+            f"  {len(mean)} radiomics columns -> {len(varying)} varying -> {len(kept)} after "
+            f"|r| <= {self.cfg.selection.correlation_threshold} -> top {len(selected)} "
+            f"(ranked by {len(ranked)} sites)"
+        )
+        selection = {
+            "columns": int(len(mean)),
+            "varying": int(len(varying)),
+            "after_correlation_filter": int(len(kept)),
+            "selected": selected.tolist(),
+            "importance": importance[order].round(6).tolist(),
+            "ranked_by": sorted(ranked),
+        }
+        return standardise, pos_weight, selection
+
+    def _usable(self, replies: dict[str, Payload], needed: str) -> dict[str, Payload]:
+        """The replies that carry ``needed`` (the others held back: too few patients)."""
+        usable = {s: r for s, r in replies.items() if needed in r}
+        if not usable:
+            raise ProtocolError(f"no site released {needed} (each under min_patients)")
+        return usable
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def _image_config(self) -> ImageModelConfig:
+        model = self.cfg.model
+        cfg = IMAGE_PRESETS[model.image_preset][model.backbone]
+        channels = 1 if model.mask_channel == "none" else 2
+        return ImageModelConfig.model_validate({**cfg.model_dump(), "in_channels": channels})
+
+    def _image_settings(self) -> Payload:
+        model = self.cfg.model
+        return {
+            "backbone": model.backbone,
+            "image_preset": model.image_preset,
+            "mask_channel": model.mask_channel,
+        }
+
+    def _seed(self, *keys: int) -> int:
+        return int(np.random.SeedSequence([self.cfg.run.seed, *keys]).generate_state(1)[0] % 2**31)
+
+    def _federated_rounds(
+        self,
+        stage: str,
+        fold: int,
+        rounds: int,
+        initial: dict[str, dict[str, np.ndarray]],
+        train_request: Payload,
+        validate_request: Payload,
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+        """``rounds`` rounds of ``train.<stage>`` + aggregation + validation of every model in
+        ``initial`` (name -> state); returns the best-validation state per model and the
+        curves."""
+        strategy = self.cfg.strategy
+        aggregators = {m: Aggregator(strategy.name, strategy.server_learning_rate) for m in initial}
+        current = {m: dict(state) for m, state in initial.items()}
+        best = {m: (np.inf, current[m], 0) for m in initial}
+        curves: dict[str, dict[str, list]] = {
+            m: {"train_loss": [], "val_loss": [], "sites": []} for m in initial
+        }
+        for r in range(1, rounds + 1):
+            weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
+            replies = self._ask(
+                f"train.{stage}",
+                {
+                    **train_request,
+                    **weights,
+                    "fold": fold,
+                    "round": r,
+                    "seed": self._seed(fold, r, len(stage)),
+                },
+                fold=fold,
+                round=r,
+                stage=stage,
+            )
+            trained = {s: rep for s, rep in replies.items() if len(rep) > 1}
+            if not trained:
+                raise ProtocolError(f"{stage} round {r}: no site could train (too few patients)")
+            n_fit = [trained[s]["n"] for s in sorted(trained)]
+            for m in initial:
+                states = [trained[s][wire.WEIGHTS_PREFIX + m] for s in sorted(trained)]
+                current[m] = aggregators[m].step(current[m], states, n_fit)
+                loss_key = "train_loss_sum" if stage == IMAGE else f"train_loss_sum:{m}"
+                curves[m]["train_loss"].append(
+                    float(sum(trained[s][loss_key] for s in trained) / sum(n_fit))
+                )
+                curves[m]["sites"].append(sorted(trained))
+            weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
+            checked = self._ask(
+                "query.validate",
+                {**validate_request, **weights, "fold": fold, "stage": stage},
+                fold=fold,
+                round=r,
+                stage=f"validate {stage}",
+            )
+            checked = {s: rep for s, rep in checked.items() if len(rep) > 1}
+            n_val = sum(rep["n"] for rep in checked.values())
+            for m in initial:
+                val = (
+                    sum(rep[f"val_loss_sum:{m}"] for rep in checked.values()) / n_val
+                    if n_val
+                    else np.nan
+                )
+                curves[m]["val_loss"].append(float(val))
+                if val < best[m][0] or not n_val:
+                    best[m] = (val, current[m], r)
+            if stage == IMAGE or r == rounds or r % 5 == 0:
+                shown = IMAGE if stage == IMAGE else main_model(list(initial))
+                self.say(
+                    f"  {stage} round {r}/{rounds}: train loss "
+                    f"{curves[shown]['train_loss'][-1]:.4f}, validation loss "
+                    f"{curves[shown]['val_loss'][-1]:.4f} ({len(trained)} sites)"
+                )
+        for m in initial:
+            curves[m]["best_round"] = best[m][2]
+        return {m: best[m][1] for m in initial}, curves
+
+    def train_image(self, fold: int, pos_weight: float) -> tuple[dict[str, np.ndarray], dict]:
+        set_seed(self._seed(fold, 1))
+        model = build_image_model(self._image_config())
+        initial = {IMAGE: {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}}
+        settings = self._image_settings()
+        best, curves = self._federated_rounds(
+            IMAGE,
+            fold,
+            self.cfg.stages.image_rounds,
+            initial,
+            {
+                **settings,
+                "epochs": self.cfg.stages.local_epochs,
+                "lr": self.cfg.model.image_lr,
+                "batch": self.cfg.model.image_batch,
+                "proximal_mu": self.cfg.strategy.proximal_mu,
+                "pos_weight": pos_weight,
+            },
+            {**settings, "pos_weight": pos_weight},
+        )
+        self.say(f"  image model: best round {curves[IMAGE]['best_round']}")
+        return best[IMAGE], curves[IMAGE]
+
+    def deep_statistics(self, fold: int, weights: dict[str, np.ndarray]) -> Payload:
+        replies = self._usable(
+            self._ask(
+                "query.deep_features",
+                {**self._image_settings(), "fold": fold, wire.WEIGHTS_PREFIX + IMAGE: weights},
+                fold=fold,
+            ),
+            "deep_sum",
+        )
+        n = sum(r["n"] for r in replies.values())
+        mean = sum(r["deep_sum"] for r in replies.values()) / n
+        var = sum(r["deep_sumsq"] for r in replies.values()) / n - mean**2
+        sd = np.sqrt(np.maximum(var * n / max(n - 1, 1), 0.0))
+        return {"deep_mean": mean, "deep_scale": np.where(sd > 1e-8, sd, 1.0)}
+
+    def _fusion_settings(self) -> Payload:
+        model = self.cfg.model
+        return {"hidden": list(model.fusion_hidden), "dropout": model.fusion_dropout}
+
+    def train_fusion(
+        self,
+        fold: int,
+        models: list[str],
+        dims: dict[str, int],
+        standardise: Payload,
+        pos_weight: float,
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+        model = self.cfg.model
+        initial = {}
+        for i, name in enumerate(models):
+            used = name.split("/", 1)[1].split("+")
+            set_seed(self._seed(fold, 2, i))
+            net = FusionNet(
+                {g: dims[g] for g in FUSION_GROUPS if g in used}, **self._fusion_settings()
+            )
+            initial[name] = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+        self.say(f"  fusion: {len(models)} networks ({', '.join(models)})")
+        best, curves = self._federated_rounds(
+            "fusion",
+            fold,
+            self.cfg.stages.fusion_rounds,
+            initial,
+            {
+                **standardise,
+                **self._fusion_settings(),
+                "epochs": self.cfg.stages.fusion_local_epochs,
+                "lr": model.fusion_lr,
+                "batch": model.fusion_batch,
+                "weight_decay": model.fusion_weight_decay,
+                "proximal_mu": self.cfg.strategy.proximal_mu,
+                "pos_weight": pos_weight,
+            },
+            {**standardise, **self._fusion_settings(), "pos_weight": pos_weight},
+        )
+        return best, curves
+
+    def thresholds(
+        self, fold: int, weights: dict[str, dict[str, np.ndarray]], standardise: Payload
+    ) -> dict[str, float]:
+        """Youden threshold per model from the pooled training-score histograms."""
+        bins = self.cfg.evaluation.histogram_bins
+        replies = self._usable(
+            self._ask(
+                "query.train_scores",
+                {
+                    **standardise,
+                    **self._fusion_settings(),
+                    "fold": fold,
+                    "bins": bins,
+                    **{wire.WEIGHTS_PREFIX + m: s for m, s in weights.items()},
+                },
+                fold=fold,
+            ),
+            f"hist_pos:{next(iter(weights))}",
+        )
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        out = {}
+        for m in weights:
+            pos = sum(r[f"hist_pos:{m}"] for r in replies.values())
+            neg = sum(r[f"hist_neg:{m}"] for r in replies.values())
+            out[m] = youden_from_histograms(pos, neg, edges)
+        return out
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, thresholds: dict[str, np.ndarray]) -> dict:
+        """Pooled, per-site and per-subsite out-of-fold metrics of every model."""
+        bins = self.cfg.evaluation.histogram_bins
+        replies = self._ask(
+            "query.evaluation",
+            {"bins": bins, **{f"thresholds:{m}": t for m, t in thresholds.items()}},
+        )
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        results = {}
+        for m in thresholds:
+            per_site = {
+                s: _metrics([r], m, edges)
+                for s, r in sorted(replies.items())
+                if f"hist_pos:{m}" in r
+            }
+            subsites = sorted(
+                {
+                    k.split(":", 1)[1]
+                    for r in replies.values()
+                    for k in r
+                    if k.startswith("group_n:")
+                }
+            )
+            results[m] = {
+                "pooled": _metrics(list(replies.values()), m, edges, with_calibration=True),
+                "per_site": per_site,
+                "per_subsite": {
+                    name: _metrics(list(replies.values()), f"{m}@{name}", edges)
+                    for name in subsites
+                },
+            }
+        return results
+
+
+def _metrics(
+    replies: list[Payload], key: str, edges: np.ndarray, with_calibration: bool = False
+) -> dict | None:
+    """Metrics of model (or model@subsite) ``key`` from the sites' summed evaluation replies:
+    AUC and its DeLong CI from the histograms, ACC/SEN/SPE from the confusion counts at each
+    fold's threshold (exact), Brier from the summed squared errors."""
+    have = [r for r in replies if f"hist_pos:{key}" in r]
+    if not have:
+        return None
+    pos = sum(r[f"hist_pos:{key}"] for r in have)
+    neg = sum(r[f"hist_neg:{key}"] for r in have)
+    tp, fn, tn, fp = (int(v) for v in sum(r[f"confusion:{key}"] for r in have))
+    n = tp + fn + tn + fp
+    base = metrics_from_histograms(pos, neg, edges, threshold=0.5)
+    result = {
+        "n": n,
+        "positives": tp + fn,
+        "sites": len(have),
+        "auc": base["auc"],
+        "auc_ci": auc_ci_from_histograms(pos, neg),
+        "auc_note": base["auc_note"],
+        "acc": (tp + tn) / n,
+        "sen": tp / (tp + fn) if tp + fn else None,
+        "spe": tn / (tn + fp) if tn + fp else None,
+        "brier": sum(r[f"brier_sum:{key}"] for r in have) / n,
+    }
+    if with_calibration:
+        result["calibration"] = calibration_from_histograms(pos, neg, edges)
+    return result

@@ -1,0 +1,117 @@
+"""The coordinating centre's Flower ServerApp: runs ``server.protocol.FederatedProtocol`` over
+the connected SuperNodes and writes the results.
+
+Run config (``pyproject.toml`` ``[tool.flwr.app.config]``, override with ``flwr run
+--run-config``): ``federation-config`` (the federation TOML, relative to the app folder or
+absolute) and ``out`` (results folder; default ``[run] output_dir / [run] name``). Writes
+``OUT/federated.json`` (results and run record) and ``OUT/server.log`` (progress).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from server.protocol import FederatedProtocol, ProtocolError
+from server.results import to_jsonable
+from shared import wire
+from shared.config import FederationConfig, load_federation_config
+
+app = ServerApp()
+APP_DIR = Path(__file__).resolve().parent.parent
+NODE_POLL_S = 1.0
+
+
+class FlowerLink:
+    """``server.protocol.SiteLink`` over a Flower Grid: sites are SuperNodes, named by their
+    node id until the census tells their site ids."""
+
+    def __init__(self, grid: Grid, cfg: FederationConfig, say: Any) -> None:
+        self.grid = grid
+        self.timeout = cfg.federation.round_timeout_s
+        self.say = say
+        self.nodes: dict[str, int] = {}
+        deadline = time.monotonic() + self.timeout
+        while True:
+            ids = sorted(grid.get_node_ids())
+            if len(ids) >= cfg.federation.min_sites or time.monotonic() > deadline:
+                break
+            time.sleep(NODE_POLL_S)
+        if len(ids) < cfg.federation.min_sites:
+            raise ProtocolError(
+                f"{len(ids)} SuperNodes connected after {self.timeout:.0f} s; min_sites is "
+                f"{cfg.federation.min_sites}"
+            )
+        self.nodes = {f"node-{i}": i for i in ids}
+
+    def sites(self) -> list[str]:
+        return sorted(self.nodes)
+
+    def rename(self, names: Mapping[str, str]) -> None:
+        self.nodes = {names.get(key, key): node for key, node in self.nodes.items()}
+
+    def ask(self, route: str, requests: Mapping[str, dict]) -> dict[str, dict]:
+        by_node = {self.nodes[site]: site for site in requests}
+        messages = [
+            Message(
+                content=wire.to_records(route, request, reply=False),
+                dst_node_id=self.nodes[site],
+                message_type=route,
+            )
+            for site, request in requests.items()
+        ]
+        replies = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            site = by_node.get(reply.metadata.src_node_id)
+            if site is None:
+                continue
+            if reply.has_error():
+                self.say(f"  {site}: {route} failed: {reply.error.reason}", WARNING)
+                continue
+            replies[site] = wire.from_records(reply.content)
+        return replies
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Load the federation config, run the protocol, write the results."""
+    cfg_path = Path(str(context.run_config["federation-config"]))
+    if not cfg_path.is_absolute():
+        cfg_path = APP_DIR / cfg_path
+    cfg = load_federation_config(cfg_path)
+    out = Path(str(context.run_config.get("out") or cfg.run.output_dir / cfg.run.name))
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "server.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("fedmets.server")
+    logger.setLevel(INFO)
+    logger.addHandler(handler)
+
+    def say(message: str, level: int = INFO) -> None:
+        log(level, "[fedmets] %s", message)
+        logger.log(level, message)
+
+    try:
+        link = FlowerLink(grid, cfg, say)
+        results = FederatedProtocol(link, cfg, cfg.run.name, say).run_all()
+        results["config"] = cfg.model_dump(mode="json")
+        (out / "federated.json").write_text(
+            json.dumps(to_jsonable(results), indent=1) + "\n", encoding="utf-8"
+        )
+        say(f"results written to {out / 'federated.json'}")
+    except ProtocolError as error:
+        say(f"run stopped: {error}", WARNING)
+        (out / "error.txt").write_text(f"{error}\n", encoding="utf-8")
+        raise
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,335 @@
+"""What crosses the network between the server and a site, defined once for both sides.
+
+Every message of the federated protocol is a *route* (Flower message type, e.g.
+``"query.moments"``) with a declared request and a declared reply. A payload is a flat dict:
+``name -> value``, each name declared in :data:`ROUTES` with a :class:`Kind`. Values are
+
+- ``int`` / ``float`` / ``bool`` / ``str`` scalars -> one Flower ``ConfigRecord`` ("scalars");
+- ``numpy`` arrays -> one ``ArrayRecord`` ("arrays");
+- model weights ``{parameter name: array}`` under names ``weights:<model>`` -> one
+  ``ArrayRecord`` each.
+
+A name may end in ``:*``: it then stands for a family (``hist_pos:*`` matches
+``hist_pos:swin3d/deep+clinical``). :func:`check_reply` is the wire audit's rule book: a site's
+reply may carry only declared names, each of an allowed kind, every aggregate over at least
+``min_patients`` patients, no array whose length is the site's patient count, and no free text
+(strings are hashes, site ids or fixed enums only). Nothing with a per-patient axis, no ids, no
+images.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+PROTOCOL_VERSION = 1
+"""Bumped whenever a route's request or reply changes; the census refuses other versions."""
+
+
+class Kind(StrEnum):
+    """What a payload entry is, for the audit: the only kinds a site may send back."""
+
+    COUNT = "count"  # integers: patients, positives, per-fold counts (small fixed-size arrays)
+    HASH = "hash"  # hex digests of schemas and parameters
+    ENUM = "enum"  # one of a fixed set of words (site mode, status)
+    SITE = "site"  # the site's own id
+    AGGREGATE = "aggregate"  # sums/means/importances over >= min_patients patients
+    HISTOGRAM = "histogram"  # class-conditional score counts over fixed bins
+    METRIC = "metric"  # a scalar summed or averaged over >= min_patients patients
+    WEIGHTS = "weights"  # model parameters
+    SETTING = "setting"  # server -> site only: configuration, indices, global statistics
+
+
+REPLY_KINDS = frozenset(Kind) - {Kind.SETTING}
+ENUM_WORDS = frozenset({"images", "tabular", "ok", "refused"})
+HEX = re.compile(r"^[0-9a-f]{8,128}$")
+SITE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{1,31}$")
+WEIGHTS_PREFIX = "weights:"
+SCALARS = "scalars"
+ARRAYS = "arrays"
+
+
+class WireError(ValueError):
+    """A payload that breaks its route's declaration (raised before anything is sent)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One message type: its request and reply fields (name -> kind); ``count_field`` names the
+    reply field holding the number of patients the reply's aggregates are computed over."""
+
+    name: str
+    request: Mapping[str, Kind]
+    reply: Mapping[str, Kind]
+    count_field: str | None = "n"
+
+    def reply_kind(self, key: str) -> Kind | None:
+        """The declared kind of reply field ``key`` (families ``prefix:*`` included)."""
+        return _lookup(self.reply, key)
+
+    def request_kind(self, key: str) -> Kind | None:
+        """The declared kind of request field ``key``."""
+        return _lookup(self.request, key)
+
+
+def _lookup(fields: Mapping[str, Kind], key: str) -> Kind | None:
+    if key in fields:
+        return fields[key]
+    if ":" in key:
+        return fields.get(key.split(":", 1)[0] + ":*")
+    return None
+
+
+S, C, A = Kind.SETTING, Kind.COUNT, Kind.AGGREGATE
+_RUN = {"run": S, "fold": S, "min_patients": S}
+_STANDARDISE = {
+    "radiomics_columns": S,  # (k,) int: indices of the selected radiomics columns
+    "radiomics_mean": S,
+    "radiomics_scale": S,
+    "clinical_mean": S,
+    "clinical_scale": S,
+    "deep_mean": S,
+    "deep_scale": S,
+}
+_IMAGE = {"backbone": S, "image_preset": S, "mask_channel": S}
+
+ROUTES: dict[str, Route] = {
+    r.name: r
+    for r in (
+        Route(
+            "query.census",
+            {"run": S, "protocol": S, "min_patients": S},
+            {
+                "site_id": Kind.SITE,
+                "protocol": C,
+                "mode": Kind.ENUM,
+                "n": C,
+                "positives": C,
+                "quarantined": C,
+                "unlabelled": C,
+                "radiomics_columns": C,
+                "clinical_columns": C,
+                "has_images": C,
+                "schema_hash": Kind.HASH,
+                "params_hash": Kind.HASH,
+            },
+        ),
+        Route(
+            "query.folds",
+            {**_RUN, "folds": S, "seed": S, "val_fraction": S},
+            {"n": C, "fold_sizes": C, "fold_positives": C},
+        ),
+        Route(
+            "query.moments",
+            _RUN,
+            {
+                "n": C,
+                "positives": C,
+                "radiomics_count": A,  # (p,) non-missing values per column
+                "radiomics_sum": A,  # (p,)
+                "clinical_sum": A,  # (q,)
+                "clinical_sumsq": A,  # (q,)
+            },
+        ),
+        Route(
+            "query.covariance",
+            {**_RUN, "radiomics_mean": S},
+            {"n": C, "centred_sum": A, "cross_products": A},  # (p,), (p, p)
+        ),
+        Route(
+            "query.importance",
+            {**_RUN, **_STANDARDISE, "trees": S, "seed": S},
+            {"n": C, "positives": C, "importances": A},  # (k_kept,)
+        ),
+        Route(
+            "train.image",
+            {
+                **_RUN,
+                **_IMAGE,
+                "round": S,
+                "epochs": S,
+                "lr": S,
+                "batch": S,
+                "proximal_mu": S,
+                "pos_weight": S,
+                "seed": S,
+                "weights:*": S,
+            },
+            {"n": C, "weights:*": Kind.WEIGHTS, "train_loss_sum": Kind.METRIC},
+        ),
+        Route(
+            "query.validate",
+            {
+                **_RUN,
+                **_IMAGE,
+                **_STANDARDISE,
+                "stage": S,
+                "pos_weight": S,
+                "hidden": S,
+                "dropout": S,
+                "weights:*": S,
+            },
+            {"n": C, "val_loss_sum:*": Kind.METRIC},
+        ),
+        Route(
+            "query.deep_features",
+            {**_RUN, **_IMAGE, "weights:*": S},
+            {"n": C, "deep_sum": A, "deep_sumsq": A},  # (D,), (D,) over training rows
+        ),
+        Route(
+            "train.fusion",
+            {
+                **_RUN,
+                **_STANDARDISE,
+                "round": S,
+                "epochs": S,
+                "lr": S,
+                "batch": S,
+                "weight_decay": S,
+                "proximal_mu": S,
+                "pos_weight": S,
+                "seed": S,
+                "hidden": S,
+                "dropout": S,
+                "weights:*": S,
+            },
+            {"n": C, "weights:*": Kind.WEIGHTS, "train_loss_sum:*": Kind.METRIC},
+        ),
+        Route(
+            "query.train_scores",
+            {**_RUN, **_STANDARDISE, "bins": S, "hidden": S, "dropout": S, "weights:*": S},
+            {"n": C, "hist_pos:*": Kind.HISTOGRAM, "hist_neg:*": Kind.HISTOGRAM},
+        ),
+        Route(
+            "query.evaluation",
+            {"run": S, "min_patients": S, "bins": S, "thresholds:*": S},
+            {
+                "n": C,
+                "hist_pos:*": Kind.HISTOGRAM,  # out-of-fold test scores, per model[@subsite]
+                "hist_neg:*": Kind.HISTOGRAM,
+                "confusion:*": C,  # (tp, fn, tn, fp) at each fold's threshold
+                "brier_sum:*": Kind.METRIC,
+                "group_n:*": C,  # patients per subsite group (suppressed groups absent)
+                "suppressed": C,  # groups left out for having < min_patients patients
+            },
+        ),
+    )
+}
+
+
+def route(name: str) -> Route:
+    """The declared route ``name``; WireError for an unknown one."""
+    if name not in ROUTES:
+        raise WireError(f"unknown route {name!r}; known: {', '.join(ROUTES)}")
+    return ROUTES[name]
+
+
+# ---- encoding ----------------------------------------------------------------------------------
+
+
+def to_records(route_name: str, payload: Mapping[str, Any], reply: bool) -> RecordDict:
+    """Encode a request (``reply=False``) or reply of ``route_name`` as a Flower RecordDict;
+    WireError for a field the route does not declare in that direction."""
+    spec = route(route_name)
+    scalars: dict[str, Any] = {}
+    arrays: dict[str, Array] = {}
+    records = RecordDict()
+    for key, value in payload.items():
+        kind = spec.reply_kind(key) if reply else spec.request_kind(key)
+        if kind is None:
+            side = "reply" if reply else "request"
+            raise WireError(f"{route_name}: {side} field {key!r} is not declared in shared.wire")
+        if key.startswith(WEIGHTS_PREFIX):
+            records[key] = ArrayRecord(
+                array_dict={k: Array(np.ascontiguousarray(v)) for k, v in value.items()}
+            )
+        elif isinstance(value, np.ndarray):
+            arrays[key] = Array(np.ascontiguousarray(value))
+        elif isinstance(value, (bool, int, float, str)) and not isinstance(value, np.generic):
+            scalars[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            arrays[key] = Array(np.asarray(value))
+        else:
+            raise WireError(f"{route_name}: field {key!r} has an unsupported type {type(value)}")
+    records[SCALARS] = ConfigRecord(scalars)
+    records[ARRAYS] = ArrayRecord(array_dict=arrays)
+    return records
+
+
+def from_records(records: RecordDict) -> dict[str, Any]:
+    """Decode a RecordDict written by :func:`to_records` back into a payload."""
+    payload: dict[str, Any] = {}
+    for key, record in records.items():
+        if key == SCALARS:
+            payload.update(dict(record))
+        elif key == ARRAYS:
+            payload.update({k: v.numpy() for k, v in record.items()})
+        elif key.startswith(WEIGHTS_PREFIX):
+            payload[key] = {k: v.numpy() for k, v in record.items()}
+    return payload
+
+
+# ---- the audit rules ---------------------------------------------------------------------------
+
+
+def check_reply(route_name: str, payload: Mapping[str, Any], min_patients: int) -> list[str]:
+    """Every way ``payload`` (a site's reply on ``route_name``) breaks the rules of what may
+    leave a site; empty when it may be sent."""
+    spec = route(route_name)
+    problems = []
+    for key, value in payload.items():
+        kind = spec.reply_kind(key)
+        if kind is None or kind not in REPLY_KINDS:
+            problems.append(f"{key}: not a declared reply field of {route_name}")
+            continue
+        problems += [f"{key}: {p}" for p in _kind_problems(kind, value)]
+    count = payload.get(spec.count_field) if spec.count_field else None
+    aggregated = any(
+        spec.reply_kind(k) in (Kind.AGGREGATE, Kind.HISTOGRAM, Kind.METRIC, Kind.WEIGHTS)
+        for k in payload
+    )
+    if aggregated and (not isinstance(count, int) or count < min_patients):
+        problems.append(
+            f"{spec.count_field}: aggregates need >= {min_patients} patients, got {count!r}"
+        )
+    return problems
+
+
+MAX_COUNT_VALUES = 64
+"""Longest integer array of kind COUNT (per-fold counts, a confusion matrix)."""
+
+
+def _kind_problems(kind: Kind, value: Any) -> list[str]:
+    """Problems of one reply value of ``kind``: types, integer counts, constrained strings."""
+    if kind == Kind.WEIGHTS:
+        if not isinstance(value, Mapping) or not all(
+            isinstance(v, np.ndarray) and v.dtype.kind in "iuf" for v in value.values()
+        ):
+            return ["weights must be a mapping of numeric arrays"]
+        return []
+    if kind == Kind.HASH:
+        return [] if isinstance(value, str) and HEX.match(value) else ["not a hex digest"]
+    if kind == Kind.SITE:
+        return [] if isinstance(value, str) and SITE_ID.match(value) else ["not a site id"]
+    if kind == Kind.ENUM:
+        return [] if value in ENUM_WORDS else [f"not one of {sorted(ENUM_WORDS)}"]
+    if isinstance(value, str):
+        return ["free text may not leave a site"]
+    if kind == Kind.HISTOGRAM:
+        ok = isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu"
+        return [] if ok else ["a histogram is a 1-D array of integer counts"]
+    if kind == Kind.COUNT:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biu":
+            return ["counts must be integers"]
+        if array.size > MAX_COUNT_VALUES:
+            return [f"more than {MAX_COUNT_VALUES} counts"]
+        return []
+    array = np.asarray(value)
+    return [] if array.dtype.kind in "biuf" else [f"values of dtype {array.dtype} may not leave"]

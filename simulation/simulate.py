@@ -1,0 +1,372 @@
+"""`fedmets simulate`: the whole federated protocol with every site of a cohort in Flower's
+simulation engine, then the same pipeline centralised (all sites pooled into one) and local-only
+(each site alone), and one metrics file comparing them.
+
+Steps, for ``simulate(cohort, preset, out)``:
+
+1. every site of ``cohort`` (``*/site.toml``) is extracted if its features are missing;
+2. ``OUT/federation.toml`` is written from the preset (or the given federation config);
+3. a SuperLink in simulation mode is started on free loopback ports with ``FLWR_HOME=OUT/
+   flwr-home`` and runtime dependency installation off; ``flwr run`` submits this app with one
+   simulated SuperNode per site (``site-configs`` in the run config); the ServerApp writes
+   ``OUT/federated/federated.json``; the SuperLink is stopped afterwards, whatever happened;
+4. the same ``server.protocol.FederatedProtocol`` runs in process over one pooled worker
+   (``centralized``) and over each site alone (``local_only``);
+5. ``OUT/metrics.json`` and ``OUT/summary.txt``.
+
+Everything is seeded by the federation config's ``[run] seed`` and ``[cv] seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from client.extract import FEATURES_FILE, extract_site
+from client.site_worker import SiteWorker
+from server.protocol import FederatedProtocol
+from server.results import to_jsonable
+from shared.config import FederationConfig, SiteConfig, load_federation_config, load_site_config
+from simulation.in_process import InProcessLink
+
+APP_DIR = Path(__file__).resolve().parent.parent
+"""The Flower app (the folder holding pyproject.toml's ``[tool.flwr.app]``)."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Plumbing: seconds per fold on 2 cores.
+    "tiny": {
+        "federation": {"min_patients": 3, "min_sites": 1},
+        "stages": {"image_rounds": 2, "fusion_rounds": 6, "fusion_local_epochs": 3},
+        "cv": {"folds": 3},
+        "selection": {"top_k": 10, "rf_trees": 20},
+        "model": {"fusion_hidden": [16]},
+        "evaluation": {"histogram_bins": 2000},
+    },
+    # The demo cohort (400 patients, 4 sites) on 2 CPU cores.
+    "demo": {
+        "stages": {
+            "image_rounds": 5,
+            "local_epochs": 2,
+            "fusion_rounds": 30,
+            "fusion_local_epochs": 3,
+        },
+        "cv": {"folds": 5},
+    },
+    # A GPU site: the published Swin UNETR encoder at 96^3.
+    "gpu": {
+        "stages": {"image_rounds": 20, "local_epochs": 3, "fusion_rounds": 30},
+        "model": {"image_preset": "gpu", "image_lr": 1e-4, "image_batch": 16},
+    },
+}
+"""Federation settings per preset, on top of ``FederationConfig``'s defaults."""
+
+SERVER_START_TIMEOUT_S = 30.0
+
+
+def federation_config(preset: str, name: str, seed: int) -> FederationConfig:
+    """The preset's federation config with run name ``name`` and both seeds ``seed``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    data = json.loads(json.dumps(PRESETS[preset]))
+    data["run"] = {"name": name, "seed": seed}
+    data.setdefault("cv", {})["seed"] = seed
+    return FederationConfig.model_validate(data)
+
+
+def site_configs(cohort: Path) -> list[SiteConfig]:
+    """The cohort's site configs (``*/site.toml``, sorted)."""
+    paths = sorted(Path(cohort).glob("*/site.toml"))
+    if not paths:
+        raise ValueError(f"no site configs (*/site.toml) under {cohort}")
+    return [load_site_config(p) for p in paths]
+
+
+def simulate(
+    cohort: Path,
+    out: Path,
+    preset: str = "demo",
+    config: Path | None = None,
+    seed: int = 7,
+    workers: int | None = None,
+    baselines: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the federated simulation and the baselines; write and return ``OUT/metrics.json``."""
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    configs = site_configs(cohort)
+    for cfg in configs:
+        if not (cfg.paths.output / FEATURES_FILE).is_file():
+            log(f"extracting {cfg.site_id} (features missing)")
+            extract_site(cfg, workers)
+    name = out.name.lower().replace(".", "-")[:32] if len(out.name) > 1 else "simulation"
+    fed = load_federation_config(config) if config else federation_config(preset, name, seed)
+    fed_path = out / "federation.toml"
+    fed_path.write_text(
+        tomli_w.dumps(fed.model_dump(mode="json", exclude_none=True)), encoding="utf-8"
+    )
+    timing = {}
+
+    tic = time.perf_counter()
+    federated = run_flower_simulation(configs, fed_path, out, log)
+    timing["federated"] = time.perf_counter() - tic
+    metrics: dict[str, Any] = {
+        "config": {
+            "cohort": str(Path(cohort).resolve()),
+            "preset": None if config else preset,
+            "federation": fed.model_dump(mode="json"),
+            "sites": [c.site_id for c in configs],
+        },
+        "oracle_auc": _oracle(Path(cohort)),
+        "main_model": federated["main_model"],
+        "federated": _summary(federated),
+        "census": federated["census"],
+        "dropouts": federated["dropouts"],
+    }
+    if baselines:
+        tic = time.perf_counter()
+        log("centralised baseline: the same protocol on all sites pooled")
+        pooled = SiteWorker(configs, state_root=out / "centralized-state")
+        centralized = FederatedProtocol(
+            InProcessLink({"pooled": pooled}), _single_site(fed), f"{fed.run.name}-pooled", log
+        ).run_all()
+        timing["centralized"] = time.perf_counter() - tic
+        metrics["centralized"] = _summary(centralized)
+        tic = time.perf_counter()
+        local: dict[str, Any] = {}
+        for cfg in configs:
+            log(f"local-only baseline: {cfg.site_id} alone")
+            worker = SiteWorker([cfg], state_root=out / "local-state" / cfg.site_id)
+            local[cfg.site_id] = _summary(
+                FederatedProtocol(
+                    InProcessLink({cfg.site_id: worker}),
+                    _single_site(fed),
+                    f"{fed.run.name}-local",
+                    lambda message: None,
+                ).run_all()
+            )
+        timing["local_only"] = time.perf_counter() - tic
+        main = federated["main_model"]
+        metrics["local_only"] = {
+            "per_site": {s: r["models"][main]["pooled"] for s, r in local.items()},
+            "models": {s: r["models"] for s, r in local.items()},
+        }
+        metrics["ablation"] = {
+            m: {
+                "federated": federated["models"][m]["pooled"],
+                "centralized": centralized["models"][m]["pooled"],
+            }
+            for m in federated["models"]
+        }
+    timing["total"] = time.perf_counter() - started
+    metrics["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
+    metrics = to_jsonable(metrics)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    (out / "summary.txt").write_text(summary_text(metrics), encoding="utf-8")
+    return metrics
+
+
+def _single_site(fed: FederationConfig) -> FederationConfig:
+    """``fed`` for a one-site baseline (min_sites 1)."""
+    data = fed.model_dump(mode="json")
+    data["federation"]["min_sites"] = 1
+    return FederationConfig.model_validate(data)
+
+
+def _summary(result: dict) -> dict:
+    """A protocol result as metrics.json holds it: the main model's pooled and per-site
+    metrics up front, every model below."""
+    main = result["main_model"]
+    return {
+        "pooled": result["models"][main]["pooled"],
+        "per_site": result["models"][main]["per_site"],
+        "models": result["models"],
+        "folds": result["folds"],
+        "timing_s": result["timing_s"],
+    }
+
+
+def _oracle(cohort: Path) -> float | None:
+    path = cohort / "ground_truth" / "oracle.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("pooled") if path.is_file() else None
+
+
+# ---- Flower ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env |= {
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    }
+    return env
+
+
+def _flower_bin(name: str) -> str:
+    """A Flower executable of this Python environment."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def run_flower_simulation(
+    configs: list[SiteConfig], fed_path: Path, out: Path, log: Callable[[str], None]
+) -> dict:
+    """Start a simulation SuperLink (owned by this call), ``flwr run`` the app with one
+    SuperNode per site, stop the SuperLink; return ``OUT/federated/federated.json``."""
+    home = out / "flwr-home"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    port = _free_port()  # one port serves the Fleet, Control and Runtime APIs
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n",
+        encoding="utf-8",
+    )
+    env = _flower_env(home)
+    result_dir = out / "federated"
+    shutil.rmtree(result_dir, ignore_errors=True)
+    link_log = (out / "superlink.log").open("w", encoding="utf-8")
+    superlink = subprocess.Popen(
+        [
+            _flower_bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(home / "state.db"),
+        ],
+        env=env,
+        stdout=link_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_port(port, superlink)
+        run_config = (
+            f"federation-config='{fed_path}' out='{result_dir}' "
+            f"site-configs='{','.join(str(c.source) for c in configs)}'"
+        )
+        federation_config = f"num-supernodes={len(configs)} client-resources-num-cpus=1"
+        command = [
+            _flower_bin("flwr"),
+            "run",
+            str(APP_DIR),
+            "sim",
+            "--run-config",
+            run_config,
+            "--federation-config",
+            federation_config,
+            "--stream",
+        ]
+        log(f"flwr run: {len(configs)} simulated SuperNodes, FLWR_HOME={home}")
+        with (out / "flwr-run.log").open("w", encoding="utf-8") as run_log:
+            process = subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            for line in process.stdout:
+                run_log.write(line)
+                if "[fedmets]" in line:
+                    log(line.split("[fedmets]", 1)[1].strip())
+            process.wait()
+        result = result_dir / "federated.json"
+        if not result.is_file():
+            error = result_dir / "error.txt"
+            reason = error.read_text(encoding="utf-8").strip() if error.is_file() else ""
+            where = reason or f"see {out / 'flwr-run.log'}"
+            raise RuntimeError(f"the federated run wrote no results ({where})")
+        return json.loads(result.read_text(encoding="utf-8"))
+    finally:
+        _stop(superlink)
+        link_log.close()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {process.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"flower-superlink did not open port {port} in {SERVER_START_TIMEOUT_S} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop ``process`` and its session (the SuperLink's ServerApp and simulation children)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+# ---- summary -----------------------------------------------------------------------------------
+
+
+def _fmt(metrics: dict | None) -> str:
+    if not metrics or metrics.get("auc") is None:
+        return "n/a"
+    ci = metrics.get("auc_ci") or (None, None)
+    ci_text = f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci[0] is not None else ""
+    parts = [f"AUC {metrics['auc']:.3f}{ci_text}"]
+    for key in ("acc", "sen", "spe"):
+        if metrics.get(key) is not None:
+            parts.append(f"{key.upper()} {metrics[key]:.3f}")
+    return ", ".join(parts)
+
+
+def summary_text(metrics: dict) -> str:
+    """The human summary of a simulation's metrics.json."""
+    main = metrics["main_model"]
+    lines = [
+        f"fedmets simulation: {len(metrics['config']['sites'])} sites, model {main}",
+        f"oracle AUC (true risk, pooled): {metrics['oracle_auc']}",
+        f"federated   pooled: {_fmt(metrics['federated']['pooled'])}",
+    ]
+    if "centralized" in metrics:
+        lines.append(f"centralised pooled: {_fmt(metrics['centralized']['pooled'])}")
+    lines.append("per site (federated model | the site alone):")
+    for site in metrics["config"]["sites"]:
+        local = metrics.get("local_only", {}).get("per_site", {}).get(site)
+        lines.append(
+            f"  {site:14s} {_fmt(metrics['federated']['per_site'].get(site))} | {_fmt(local)}"
+        )
+    if "ablation" in metrics:
+        lines.append("ablation (pooled AUC, federated | centralised):")
+        for model, row in metrics["ablation"].items():
+            fed, cen = row["federated"] or {}, row["centralized"] or {}
+            lines.append(f"  {model:34s} {fed.get('auc') or 0:.3f} | {cen.get('auc') or 0:.3f}")
+    if metrics.get("dropouts"):
+        lines.append(f"dropouts: {len(metrics['dropouts'])}")
+    lines.append(f"time (s): {metrics['timing_s']}")
+    return "\n".join(lines) + "\n"
