@@ -157,14 +157,14 @@ def assign_folds(
     labels: np.ndarray, folds: int, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified fold of each patient (n,) in 0..folds-1, and per fold the inner validation
-    rows among its training rows as a (folds, n) bool mask: each class shuffled and dealt
-    round-robin to folds, then ``val_fraction`` of each class of the training rows (rounded)
+    rows among its training rows as a (folds, n) bool mask: positives then negatives, each
+    shuffled, dealt round-robin to the folds (fold sizes and positives differ by at most one),
+    then ``val_fraction`` of each class of the training rows (rounded)
     drawn for validation."""
     rng = np.random.default_rng(seed)
     fold = np.empty(len(labels), dtype=int)
-    for value in (0, 1):
-        rows = rng.permutation(np.flatnonzero(labels == value))
-        fold[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == v)) for v in (1, 0)])
+    fold[order] = (np.arange(len(order)) + rng.integers(folds)) % folds
     val = np.zeros((folds, len(labels)), dtype=bool)
     for f in range(folds):
         for value in (0, 1):

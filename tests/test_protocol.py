@@ -1,0 +1,232 @@
+"""The federated protocol in process: federated selection equals the pooled one, nothing of a
+test fold is used, the histogram evaluation matches the pooled scores, sites that disagree are
+refused, dropouts are recorded and bounded, results repeat under a seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from client.site_worker import SiteWorker, assign_folds
+from server.protocol import FederatedProtocol, ProtocolError
+from shared.clinical import encoded_columns
+from shared.config import FederationConfig, load_site_config
+from shared.selection import correlation_filter
+from simulation.in_process import InProcessLink
+from simulation.site_files import write_site_config
+
+SITES = {"site_a": (70, 0.3), "site_b": (50, 0.2), "site_c": (36, 0.25)}  # patients, prevalence
+P = 24
+
+
+def _features(n: int, prevalence: float, rng: np.random.Generator, prefix: str) -> pd.DataFrame:
+    """A features.parquet table: 24 radiomics columns (pairs of near-duplicates, one
+    constant, a few NaN), encoded clinical columns, labels from a latent factor."""
+    latent = rng.normal(size=(n, 4))
+    label = latent[:, 0] + 0.5 * rng.normal(size=n) > np.quantile(latent[:, 0], 1 - prevalence)
+    columns = {}
+    for j in range(P):
+        base = (latent[:, j % 4] + rng.normal(scale=0.5 + j / 8, size=n)) * (1 + j)
+        columns[f"tumour_original_f{j:02d}"] = base * 1e3 + 5e4  # large values: centring matters
+    columns["tumour_original_f05"] = columns["tumour_original_f01"] * 1.001 + 0.01
+    columns["tumour_original_f07"] = np.full(n, 3.0)  # constant
+    radiomics = pd.DataFrame(columns)
+    radiomics.iloc[rng.choice(n, 3, replace=False), 2] = np.nan
+    clinical = pd.DataFrame(0.0, index=range(n), columns=encoded_columns())
+    clinical["age"] = rng.normal(62, 9, n) + 4 * label
+    clinical["sex_male"] = rng.random(n) < 0.75
+    table = pd.concat(
+        [
+            pd.DataFrame({"patient_id": [f"{prefix}-{i:03d}" for i in range(n)], "label": label}),
+            radiomics,
+            clinical,
+        ],
+        axis=1,
+    )
+    return table.astype({"label": float})
+
+
+@pytest.fixture()
+def sites(tmp_path: Path) -> dict[str, Path]:
+    """Three tabular sites with features.parquet ready: site id -> site.toml."""
+    rng = np.random.default_rng(5)
+    paths = {}
+    for site, (n, prevalence) in SITES.items():
+        folder = tmp_path / site
+        (folder / "output").mkdir(parents=True)
+        _features(n, prevalence, rng, site).to_parquet(folder / "output" / "features.parquet")
+        (folder / "features.csv").write_text("unused\n")
+        paths[site] = write_site_config(
+            folder,
+            site,
+            mode="tabular",
+            modalities=["radiomics_table", "clinical"],
+            seed=1,
+            manifest="features.csv",
+        )
+    return paths
+
+
+def _cfg(**sections) -> FederationConfig:
+    data = {
+        "run": {"name": "test-run", "seed": 3},
+        "cv": {"folds": 3, "seed": 3},
+        "stages": {"fusion_rounds": 4, "fusion_local_epochs": 2},
+        "selection": {"top_k": 6, "rf_trees": 20},
+        "model": {"fusion_hidden": [8], "fusion_lr": 1e-2},
+        "evaluation": {"histogram_bins": 5000},
+        "federation": {"min_sites": 2, "min_patients": 5},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return FederationConfig.model_validate(data)
+
+
+def _link(sites: dict[str, Path]) -> InProcessLink:
+    return InProcessLink({s: SiteWorker([load_site_config(p)]) for s, p in sites.items()})
+
+
+def test_assign_folds_is_stratified_and_inner_validation_is_inside_training() -> None:
+    labels = np.array([1] * 7 + [0] * 23)
+    fold, val = assign_folds(labels, 5, 0.2, seed=0)
+    assert sorted(np.bincount(fold)) == [6, 6, 6, 6, 6]
+    assert set(np.bincount(fold[labels == 1], minlength=5)) <= {1, 2}
+    for f in range(5):
+        assert not (val[f] & (fold == f)).any()
+        assert val[f].sum() == round(0.2 * (fold != f).sum())
+
+
+def test_federated_selection_equals_the_pooled_filter(sites) -> None:
+    cfg = _cfg()
+    protocol = FederatedProtocol(_link(sites), cfg, "test-run")
+    protocol.census()
+    protocol.folds()
+    standardise, _, selection = protocol.select(1, {"fold": 1})
+
+    # the pooled reference: every site's training rows of fold 1, mean-imputed, np.corrcoef
+    rows = []
+    for path in sites.values():
+        cfg_site = load_site_config(path)
+        table = pd.read_parquet(cfg_site.paths.output / "features.parquet")
+        stored = np.load(cfg_site.paths.cache / "federated" / "test-run" / "folds.npz")
+        rows.append(table[stored["fold"] != 1])
+    pooled = pd.concat(rows)
+    X = pooled[[c for c in pooled if c.startswith("tumour_")]].to_numpy()
+    X = np.where(np.isnan(X), np.nanmean(X, axis=0), X)
+    varying = np.flatnonzero(X.std(axis=0) > 0)
+    kept = varying[correlation_filter(np.corrcoef(X[:, varying].T), 0.9)]
+    assert selection["varying"] == P - 1  # the constant column is gone
+    assert selection["after_correlation_filter"] == len(kept) < P - 1  # near-duplicates too
+    assert set(standardise["radiomics_columns"]) <= set(kept)
+    assert len(standardise["radiomics_columns"]) == cfg.selection.top_k
+    np.testing.assert_allclose(
+        standardise["radiomics_mean"], X.mean(axis=0)[standardise["radiomics_columns"]], rtol=1e-9
+    )
+
+
+def test_selection_never_reads_a_test_fold_row(sites) -> None:
+    """Scrambling the features of every test-fold row of fold 0 at every site leaves fold 0's
+    selection and standardisation unchanged (labels stay: the sites stratify folds on them)."""
+    first = FederatedProtocol(_link(sites), _cfg(), "test-run")
+    first.census()
+    first.folds()
+    before = first.select(0, {"fold": 0})[0]
+    rng = np.random.default_rng(0)
+    for path in sites.values():
+        cfg_site = load_site_config(path)
+        stored = np.load(cfg_site.paths.cache / "federated" / "test-run" / "folds.npz")
+        features = cfg_site.paths.output / "features.parquet"
+        table = pd.read_parquet(features)
+        test = stored["fold"] == 0
+        radiomics = [c for c in table if c.startswith("tumour_")]
+        table.loc[test, radiomics] = rng.normal(size=(test.sum(), len(radiomics))) * 1e6
+        table.loc[test, "age"] = rng.uniform(18, 100, test.sum())
+        table.to_parquet(features)
+    second = FederatedProtocol(_link(sites), _cfg(), "test-run")
+    second.census()
+    second.folds()  # same seed: the same folds
+    after = second.select(0, {"fold": 0})[0]
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+
+
+def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
+    cfg = _cfg(stages={"fusion_rounds": 10})
+    result = FederatedProtocol(_link(sites), cfg, "test-run").run_all()
+    assert result["main_model"] == "none/radiomics+clinical"
+    assert set(result["models"]) == {"none/radiomics", "none/clinical", "none/radiomics+clinical"}
+    scores, labels, decisions = [], [], []
+    for site, path in sites.items():
+        cfg_site = load_site_config(path)
+        table = pd.read_parquet(cfg_site.paths.output / "features.parquet")
+        for fold in range(cfg.cv.folds):
+            state = cfg_site.paths.cache / "federated" / "test-run" / f"scores-fold{fold}.npz"
+            with np.load(state) as stored:
+                s = stored["none_radiomics_clinical"]
+                scores.append(s)
+                labels.append(table["label"].to_numpy()[stored["rows"]])
+                threshold = result["folds"][fold]["thresholds"]["none/radiomics+clinical"]
+                decisions.append(s >= threshold)
+        assert result["models"]["none/radiomics+clinical"]["per_site"][site]["n"] == len(table)
+    y, s, d = np.concatenate(labels), np.concatenate(scores), np.concatenate(decisions)
+    pooled = result["models"]["none/radiomics+clinical"]["pooled"]
+    assert abs(pooled["auc"] - roc_auc_score(y, s)) < 1e-3
+    assert pooled["acc"] == pytest.approx((d == y).mean(), abs=1e-12)
+    assert pooled["sen"] == pytest.approx(d[y == 1].mean(), abs=1e-12)
+    assert pooled["brier"] == pytest.approx(((s - y) ** 2).mean(), rel=1e-9)
+    assert pooled["auc_ci"][0] < pooled["auc"] < pooled["auc_ci"][1]
+    assert pooled["auc"] > 0.7  # the latent factor drives both radiomics and labels
+
+
+def test_same_seed_same_results(sites) -> None:
+    first = FederatedProtocol(_link(sites), _cfg(), "run-one").run_all()
+    second = FederatedProtocol(_link(sites), _cfg(), "run-two").run_all()
+    for model in first["models"]:
+        assert first["models"][model]["pooled"] == second["models"][model]["pooled"]
+
+
+def test_census_refuses_sites_with_another_schema(sites) -> None:
+    cfg_site = load_site_config(sites["site_b"])
+    features = cfg_site.paths.output / "features.parquet"
+    pd.read_parquet(features).rename(columns={"tumour_original_f03": "tumour_other"}).to_parquet(
+        features
+    )
+    with pytest.raises(ProtocolError, match=r"site_b differ from site_a in their feature schema"):
+        FederatedProtocol(_link(sites), _cfg(), "test-run").census()
+
+
+class _DroppingLink(InProcessLink):
+    """Loses one site's replies from a given route on (a site gone mid-run)."""
+
+    def __init__(self, workers, lost: str, from_route: str) -> None:
+        super().__init__(workers)
+        self.lost, self.from_route, self.gone = lost, from_route, False
+
+    def ask(self, route, requests):
+        self.gone = self.gone or route == self.from_route
+        return {
+            s: r
+            for s, r in super().ask(route, requests).items()
+            if not (self.gone and s == self.lost)
+        }
+
+
+def test_a_dropped_site_is_recorded_and_too_few_sites_stop_the_run(sites) -> None:
+    workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
+    result = FederatedProtocol(
+        _DroppingLink(workers, "site_c", "train.fusion"), _cfg(), "test-run"
+    ).run_all()
+    assert {d["site"] for d in result["dropouts"]} == {"site_c"}
+    assert result["models"]["none/radiomics+clinical"]["pooled"]["n"] == sum(
+        n for s, (n, _) in SITES.items() if s != "site_c"
+    )
+    with pytest.raises(ProtocolError, match=r"train.fusion: 2 of 3 sites answered .* min_sites"):
+        FederatedProtocol(
+            _DroppingLink(workers, "site_c", "train.fusion"),
+            _cfg(federation={"min_sites": 3}),
+            "test-run",
+        ).run_all()

@@ -1,0 +1,73 @@
+"""shared.wire: payloads survive Flower records; the release rules refuse what may not leave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared import wire
+
+
+def test_round_trip_through_flower_records() -> None:
+    request = {
+        "run": "r1",
+        "fold": 2,
+        "min_patients": 5,
+        "radiomics_mean": np.linspace(0, 1, 7),
+        "weights:none/clinical": {"net.0.weight": np.ones((3, 2), np.float32)},
+    }
+    records = wire.to_records("query.validate", request, reply=False)
+    back = wire.from_records(records)
+    assert back["run"] == "r1" and back["fold"] == 2
+    np.testing.assert_array_equal(back["radiomics_mean"], request["radiomics_mean"])
+    np.testing.assert_array_equal(
+        back["weights:none/clinical"]["net.0.weight"], np.ones((3, 2), np.float32)
+    )
+
+
+def test_undeclared_fields_are_refused_before_sending() -> None:
+    with pytest.raises(WireError := wire.WireError, match="'patient_ids' is not declared"):
+        wire.to_records("query.moments", {"n": 10, "patient_ids": np.arange(3)}, reply=True)
+    with pytest.raises(WireError, match="unknown route"):
+        wire.route("query.everything")
+
+
+def _moments(n: int) -> dict:
+    return {"n": n, "positives": 3, "radiomics_sum": np.ones(4), "radiomics_count": np.ones(4)}
+
+
+def test_a_valid_reply_passes() -> None:
+    assert wire.check_reply("query.moments", _moments(12), min_patients=5) == []
+
+
+@pytest.mark.parametrize(
+    ("route", "reply", "problem"),
+    [
+        ("query.moments", _moments(4), "aggregates need >= 5 patients, got 4"),
+        ("query.moments", {**_moments(12), "ids": np.arange(12)}, "not a declared reply field"),
+        ("query.census", {"site_id": "Hospital A!"}, "not a site id"),
+        ("query.census", {"schema_hash": "written by hand"}, "not a hex digest"),
+        ("query.census", {"mode": "see patient 17"}, "not one of"),
+        ("query.folds", {"n": 12, "fold_sizes": np.array([4.5, 7.5])}, "counts must be integers"),
+        ("query.folds", {"n": 12, "fold_sizes": np.arange(100)}, "more than 64 counts"),
+        (  # per-patient scores smuggled as a histogram
+            "query.train_scores",
+            {"n": 12, "hist_pos:none/clinical": np.random.default_rng(0).random(12)},
+            "1-D array of integer counts",
+        ),
+        (
+            "train.fusion",
+            {"n": 12, "weights:none/clinical": {"w": np.array(["a"])}},
+            "mapping of numeric arrays",
+        ),
+    ],
+)
+def test_replies_that_may_not_leave(route: str, reply: dict, problem: str) -> None:
+    problems = wire.check_reply(route, reply, min_patients=5)
+    assert any(problem in p for p in problems), problems
+
+
+def test_every_route_declares_a_patient_count() -> None:
+    for spec in wire.ROUTES.values():
+        assert spec.reply_kind(spec.count_field) == wire.Kind.COUNT, spec.name
+        assert wire.Kind.SETTING not in spec.reply.values(), spec.name
