@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from client.site_worker import SiteWorker
 from shared import wire
 
@@ -45,31 +43,6 @@ def audit_path(worker: SiteWorker) -> Path:
     return worker.configs[0].paths.output / "audit" / AUDIT_FILE
 
 
-def describe(route_name: str, payload: Mapping[str, Any]) -> dict[str, dict]:
-    """Per field: kind, shape, dtype and bytes (weights: parameter count and bytes)."""
-    spec = wire.route(route_name)
-    fields = {}
-    for key, value in payload.items():
-        kind = spec.reply_kind(key)
-        if isinstance(value, Mapping):
-            arrays = [np.asarray(v) for v in value.values()]
-            fields[key] = {
-                "kind": str(kind),
-                "tensors": len(arrays),
-                "values": int(sum(a.size for a in arrays)),
-                "bytes": int(sum(a.nbytes for a in arrays)),
-            }
-        else:
-            array = np.asarray(value)
-            fields[key] = {
-                "kind": str(kind),
-                "shape": list(array.shape),
-                "dtype": str(array.dtype),
-                "bytes": int(array.nbytes),
-            }
-    return fields
-
-
 def _log(
     worker: SiteWorker,
     route_name: str,
@@ -87,7 +60,7 @@ def _log(
         "patients": reply.get("n"),
         "sent": not problems,
         "problems": problems,
-        "fields": describe(route_name, reply),
+        "fields": wire.describe(route_name, reply),
     }
     path = audit_path(worker)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,11 @@ each fold's threshold and Brier sums: pooled, per-site and per-subsite metrics f
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -110,13 +112,50 @@ class FederatedProtocol:
         cfg: FederationConfig,
         run: str,
         log: Callable[[str], None] | None = None,
+        checkpoints: Path | None = None,
     ) -> None:
+        """``checkpoints``: a folder where every finished step (and every training round) is
+        saved; a protocol given a folder that already holds some resumes after the last one."""
         self.link = link
         self.cfg = cfg
         self.run = run
         self.say = log or (lambda message: None)
         self.record = RunRecord()
         self.base = {"run": run, "min_patients": cfg.federation.min_patients}
+        self.checkpoints = Path(checkpoints) if checkpoints else None
+        if self.checkpoints:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _load(self, key: str) -> Any:
+        """The checkpoint ``key`` (and the run record saved with it), or None."""
+        path = self.checkpoints / f"{key}.pkl" if self.checkpoints else None
+        if path is None or not path.is_file():
+            return None
+        with path.open("rb") as handle:
+            saved = pickle.load(handle)
+        self.record.dropouts = saved["dropouts"]
+        return saved["value"]
+
+    def _save(self, key: str, value: Any) -> None:
+        if self.checkpoints is None:
+            return
+        path = self.checkpoints / f"{key}.pkl"
+        partial = path.with_suffix(".partial")
+        with partial.open("wb") as handle:
+            pickle.dump({"value": value, "dropouts": self.record.dropouts}, handle)
+        partial.replace(path)
+
+    def _step(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or its checkpointed result when resuming."""
+        saved = self._load(key)
+        if saved is not None:
+            self.say(f"  resumed {key} from its checkpoint")
+            return saved
+        value = compute()
+        self._save(key, value)
+        return value
 
     # ---- messaging -----------------------------------------------------------------------------
 
@@ -235,20 +274,27 @@ class FederatedProtocol:
         k = self.cfg.cv.folds
         self.say(f"fold {fold + 1}/{k}: selection")
         where = {"fold": fold}
-        standardise, pos_weight, selection = self.select(fold, where)
+        standardise, pos_weight, selection = self._step(
+            f"fold{fold}-selection", lambda: self.select(fold, where)
+        )
         record: dict[str, Any] = {"fold": fold, "selection": selection, "pos_weight": pos_weight}
         dims = {"radiomics": len(standardise["radiomics_columns"])}
         if "clinical_mean" in standardise:
             dims["clinical"] = len(standardise["clinical_mean"])
         if images:
-            image_weights, record["image"] = self.train_image(fold, pos_weight)
-            deep = self.deep_statistics(fold, image_weights)
+            image_weights, record["image"] = self._step(
+                f"fold{fold}-image", lambda: self.train_image(fold, pos_weight)
+            )
+            deep = self._step(f"fold{fold}-deep", lambda: self.deep_statistics(fold, image_weights))
             standardise |= deep
             dims["deep"] = len(deep["deep_mean"])
-        fusion_weights, record["fusion"] = self.train_fusion(
-            fold, models, dims, standardise, pos_weight
+        fusion_weights, record["fusion"] = self._step(
+            f"fold{fold}-fusion",
+            lambda: self.train_fusion(fold, models, dims, standardise, pos_weight),
         )
-        record["thresholds"] = self.thresholds(fold, fusion_weights, standardise)
+        record["thresholds"] = self._step(
+            f"fold{fold}-thresholds", lambda: self.thresholds(fold, fusion_weights, standardise)
+        )
         return record
 
     # ---- selection -----------------------------------------------------------------------------
@@ -374,7 +420,13 @@ class FederatedProtocol:
         curves: dict[str, dict[str, list]] = {
             m: {"train_loss": [], "val_loss": [], "sites": []} for m in initial
         }
-        for r in range(1, rounds + 1):
+        progress = f"fold{fold}-{stage}-rounds"
+        start = 1
+        saved = self._load(progress)
+        if saved is not None:
+            start, current, best, curves, aggregators = saved
+            self.say(f"  {stage}: resuming at round {start}/{rounds}")
+        for r in range(start, rounds + 1):
             weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
             replies = self._ask(
                 f"train.{stage}",
@@ -427,6 +479,7 @@ class FederatedProtocol:
                     f"{curves[shown]['train_loss'][-1]:.4f}, validation loss "
                     f"{curves[shown]['val_loss'][-1]:.4f} ({len(trained)} sites)"
                 )
+            self._save(progress, (r + 1, current, best, curves, aggregators))
         for m in initial:
             curves[m]["best_round"] = best[m][2]
         return {m: best[m][1] for m in initial}, curves

@@ -3,14 +3,18 @@ the connected SuperNodes and writes the results.
 
 Run config (``pyproject.toml`` ``[tool.flwr.app.config]``, override with ``flwr run
 --run-config``): ``federation-config`` (the federation TOML, relative to the app folder or
-absolute) and ``out`` (results folder; default ``[run] output_dir / [run] name``). Writes
-``OUT/federated.json`` (results and run record) and ``OUT/server.log`` (progress).
+absolute), ``out`` (results folder; default ``[run] output_dir / [run] name``) and ``resume``
+(continue from ``OUT/checkpoints/`` after a stop; otherwise they are cleared). Writes
+``OUT/federated.json`` (results and run record), ``OUT/server.log`` (progress),
+``OUT/received.jsonl`` (what each site sent: fields and sizes, never values) and
+``OUT/checkpoints/`` (every finished step and training round).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Mapping
 from logging import INFO, WARNING
@@ -33,13 +37,20 @@ NODE_POLL_S = 1.0
 
 class FlowerLink:
     """``server.protocol.SiteLink`` over a Flower Grid: sites are SuperNodes, named by their
-    node id until the census tells their site ids."""
+    node id until the census tells their site ids.
 
-    def __init__(self, grid: Grid, cfg: FederationConfig, say: Any) -> None:
+    Each ``ask`` goes to the SuperNodes connected at that moment: a site whose node is gone is
+    not waited for (the protocol records it as a dropout), and a node that connects later (a
+    restarted SuperNode, or a new node id for a known site) is asked for its census first and
+    rejoins under its site id. Every reply received is described (fields, kinds, shapes, bytes;
+    never values) in ``received.jsonl`` beside the results, for the wire audit."""
+
+    def __init__(self, grid: Grid, cfg: FederationConfig, say: Any, received: Path) -> None:
         self.grid = grid
         self.timeout = cfg.federation.round_timeout_s
         self.say = say
-        self.nodes: dict[str, int] = {}
+        self.received = received
+        self.named = False
         deadline = time.monotonic() + self.timeout
         while True:
             ids = sorted(grid.get_node_ids())
@@ -51,15 +62,41 @@ class FlowerLink:
                 f"{len(ids)} SuperNodes connected after {self.timeout:.0f} s; min_sites is "
                 f"{cfg.federation.min_sites}"
             )
-        self.nodes = {f"node-{i}": i for i in ids}
+        self.nodes: dict[str, int] = {f"node-{i}": i for i in ids}
 
     def sites(self) -> list[str]:
         return sorted(self.nodes)
 
     def rename(self, names: Mapping[str, str]) -> None:
         self.nodes = {names.get(key, key): node for key, node in self.nodes.items()}
+        self.named = True
 
     def ask(self, route: str, requests: Mapping[str, dict]) -> dict[str, dict]:
+        connected = set(self.grid.get_node_ids())
+        if self.named:
+            self._admit(connected - set(self.nodes.values()), next(iter(requests.values())))
+        targets = {s: r for s, r in requests.items() if self.nodes.get(s) in connected}
+        return self._send(route, targets)
+
+    def _admit(self, new_nodes: set[int], request: Mapping[str, Any]) -> None:
+        """Ask nodes not seen before for their census; known sites rejoin on their new node."""
+        if not new_nodes:
+            return
+        census = {"run": request["run"], "min_patients": request["min_patients"]}
+        census["protocol"] = wire.PROTOCOL_VERSION
+        keys = {f"node-{n}": n for n in new_nodes}
+        self.nodes.update(keys)
+        replies = self._send("query.census", {k: census for k in keys})
+        for key in keys:
+            node = self.nodes.pop(key)
+            site = replies.get(key, {}).get("site_id")
+            if site in self.nodes:
+                self.nodes[site] = node
+                self.say(f"  site {site} rejoined (node {node})")
+            elif site is not None:
+                self.say(f"  node {node} says it is site {site}, not in this run: ignored", WARNING)
+
+    def _send(self, route: str, requests: Mapping[str, dict]) -> dict[str, dict]:
         by_node = {self.nodes[site]: site for site in requests}
         messages = [
             Message(
@@ -78,7 +115,22 @@ class FlowerLink:
                 self.say(f"  {site}: {route} failed: {reply.error.reason}", WARNING)
                 continue
             replies[site] = wire.from_records(reply.content)
+            self._log_receipt(route, site, requests[site], replies[site])
         return replies
+
+    def _log_receipt(self, route: str, site: str, request: dict, reply: dict) -> None:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "site": site,
+            "run": str(request.get("run", "")),
+            "route": route,
+            "fold": request.get("fold"),
+            "round": request.get("round"),
+            "patients": reply.get("n"),
+            "fields": wire.describe(route, reply),
+        }
+        with self.received.open("a", encoding="utf-8") as log_file:
+            log_file.write(json.dumps(entry) + "\n")
 
 
 @app.main()
@@ -90,6 +142,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_federation_config(cfg_path)
     out = Path(str(context.run_config.get("out") or cfg.run.output_dir / cfg.run.name))
     out.mkdir(parents=True, exist_ok=True)
+    resume = str(context.run_config.get("resume", "false")).lower() in ("true", "1", "yes")
     handler = logging.FileHandler(out / "server.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger = logging.getLogger("fedmets.server")
@@ -101,8 +154,11 @@ def main(grid: Grid, context: Context) -> None:
         logger.log(level, message)
 
     try:
-        link = FlowerLink(grid, cfg, say)
-        results = FederatedProtocol(link, cfg, cfg.run.name, say).run_all()
+        link = FlowerLink(grid, cfg, say, out / "received.jsonl")
+        checkpoints = out / "checkpoints"
+        if not resume and checkpoints.exists():
+            shutil.rmtree(checkpoints)
+        results = FederatedProtocol(link, cfg, cfg.run.name, say, checkpoints).run_all()
         results["config"] = cfg.model_dump(mode="json")
         (out / "federated.json").write_text(
             json.dumps(to_jsonable(results), indent=1) + "\n", encoding="utf-8"

@@ -333,3 +333,28 @@ def _kind_problems(kind: Kind, value: Any) -> list[str]:
         return []
     array = np.asarray(value)
     return [] if array.dtype.kind in "biuf" else [f"values of dtype {array.dtype} may not leave"]
+
+
+def describe(route_name: str, payload: Mapping[str, Any]) -> dict[str, dict]:
+    """Per field: kind, shape, dtype and bytes (weights: parameter count and bytes)."""
+    spec = route(route_name)
+    fields = {}
+    for key, value in payload.items():
+        kind = spec.reply_kind(key)
+        if isinstance(value, Mapping):
+            arrays = [np.asarray(v) for v in value.values()]
+            fields[key] = {
+                "kind": str(kind),
+                "tensors": len(arrays),
+                "values": int(sum(a.size for a in arrays)),
+                "bytes": int(sum(a.nbytes for a in arrays)),
+            }
+        else:
+            array = np.asarray(value)
+            fields[key] = {
+                "kind": str(kind),
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+                "bytes": int(array.nbytes),
+            }
+    return fields

@@ -230,3 +230,39 @@ def test_a_dropped_site_is_recorded_and_too_few_sites_stop_the_run(sites) -> Non
             _cfg(federation={"min_sites": 3}),
             "test-run",
         ).run_all()
+
+
+class _FailingLink(InProcessLink):
+    """Breaks (like a server that stops) at the n-th request."""
+
+    def __init__(self, workers, fail_at: int) -> None:
+        super().__init__(workers)
+        self.fail_at, self.asked = fail_at, 0
+
+    def ask(self, route, requests):
+        self.asked += 1
+        if self.asked == self.fail_at:
+            raise KeyboardInterrupt(f"stopped at {route}")
+        return super().ask(route, requests)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_a_stopped_run_resumes_from_its_checkpoints_to_the_same_result(
+    sites, tmp_path, strategy
+) -> None:
+    cfg = _cfg(strategy={"name": strategy, "server_learning_rate": 0.05})
+    workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
+    reference = FederatedProtocol(InProcessLink(workers), cfg, "uninterrupted").run_all()
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(KeyboardInterrupt):  # mid-way through fold 2's fusion rounds
+        FederatedProtocol(_FailingLink(workers, 22), cfg, "resumed", None, checkpoints).run_all()
+    assert (checkpoints / "fold1-fusion-rounds.pkl").is_file()
+    assert not (checkpoints / "fold1-fusion.pkl").exists()
+    said: list[str] = []
+    resumed = FederatedProtocol(
+        InProcessLink(workers), cfg, "resumed", said.append, checkpoints
+    ).run_all()
+    assert "  resumed fold0-thresholds from its checkpoint" in said
+    assert any(line.startswith("  fusion: resuming at round") for line in said)
+    for model in reference["models"]:
+        assert resumed["models"][model]["pooled"] == reference["models"][model]["pooled"]

@@ -1,0 +1,144 @@
+"""`fedmets certs`: a pilot's keys and certificates, made with ``cryptography``.
+
+For a pilot without a hospital PKI, the coordinating centre creates in ``OUT/``:
+
+- ``ca.crt`` / ``ca.key``: a self-signed certificate authority (keep ``ca.key`` offline);
+- ``server.pem`` / ``server.key``: the SuperLink's TLS certificate, signed by the CA, with the
+  given host names and IP addresses as subjectAltNames (gRPC checks them);
+- ``sites/<site>`` / ``sites/<site>.pub``: each hospital's SuperNode authentication key pair
+  (ECDSA P-384, OpenSSH format, as ``flower-supernode --auth-supernode-private-key`` and
+  ``flwr supernode register`` expect). The private key goes to that hospital only.
+
+Hospitals with their own PKI use their CA and server certificate instead (docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+VALID_DAYS = 365
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmets pilot"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def make_certificates(
+    out: Path,
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    sites: Sequence[str] = (),
+    days: int = VALID_DAYS,
+) -> dict[str, Path]:
+    """Write the CA, the server certificate for ``hosts`` and a key pair per site into
+    ``out``; return the paths by role (``ca``, ``server_cert``, ``server_key``,
+    ``site:<id>``, ``site:<id>.pub``)."""
+    out = Path(out)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("fedmets pilot CA"))
+        .issuer_name(_name("fedmets pilot CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    paths = {
+        "ca": out / "ca.crt",
+        "ca_key": out / "ca.key",
+        "server_cert": out / "server.pem",
+        "server_key": out / "server.key",
+    }
+    _write(paths["ca"], ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write(paths["ca_key"], _pem_key(ca_key), private=True)
+    _write(paths["server_cert"], server_cert.public_bytes(serialization.Encoding.PEM))
+    _write(paths["server_key"], _pem_key(server_key), private=True)
+    for site in sites:
+        paths[f"site:{site}"], paths[f"site:{site}.pub"] = make_site_keys(out / "sites", site)
+    return paths
+
+
+def make_site_keys(folder: Path, site: str) -> tuple[Path, Path]:
+    """An ECDSA P-384 key pair for SuperNode authentication, OpenSSH format:
+    ``folder/<site>`` (private, mode 600) and ``folder/<site>.pub``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    path = Path(folder) / site
+    _write(path, private, private=True)
+    _write(path.with_name(f"{site}.pub"), public + f" {site}\n".encode())
+    return path, path.with_name(f"{site}.pub")

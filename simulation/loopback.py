@@ -1,0 +1,217 @@
+"""A real deployment on one machine: a SuperLink (TLS and SuperNode authentication by default),
+one SuperNode process per site, ``flwr run`` of the fedmets app -- the processes a coordinating
+centre and its hospitals run, on loopback. Used by the deployment tests and benchmarks, and by
+anyone rehearsing a deployment (docs/deployment.md).
+
+Every process gets ``FLWR_HOME=ROOT/flwr-home``, runtime dependency installation off, and a log
+file under ``ROOT/logs/``. :meth:`LoopbackFederation.stop` ends them all (each in its own process
+session, with its children).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from server.certs import make_certificates
+
+APP_DIR = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of every Flower process: FLWR_HOME, no runtime installs, this venv first
+    on PATH."""
+    env = dict(os.environ)
+    env |= {
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    }
+    return env
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable of this Python environment."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = START_TIMEOUT_S) -> None:
+    """Return once 127.0.0.1:``port`` accepts connections; RuntimeError if ``process`` exits
+    first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with code {process.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{process.args[0]} did not open port {port} in {timeout:.0f} s")
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop ``process`` and its process session (it was started with start_new_session)."""
+    if process.poll() is None:
+        with _ignore_missing():
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with _ignore_missing():
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+class _ignore_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        return kind is ProcessLookupError
+
+
+class LoopbackFederation:
+    """The SuperLink and SuperNodes of ``sites`` (site id -> site TOML) under ``root``."""
+
+    def __init__(
+        self, root: Path, sites: Mapping[str, Path], tls: bool = True, auth: bool = True
+    ) -> None:
+        self.root = Path(root)
+        self.sites = dict(sites)
+        self.tls, self.auth = tls, auth
+        self.home = self.root / "flwr-home"
+        self.logs = self.root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.env = flower_env(self.home)
+        self.port = free_port()
+        self.certs = make_certificates(self.root / "certs", sites=list(self.sites)) if tls else {}
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: dict[str, subprocess.Popen] = {}
+        self.connection = "pilot"
+        entry = f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
+        entry += f'address = "127.0.0.1:{self.port}"\n'
+        entry += f'root-certificates = "{self.certs["ca"]}"\n' if tls else "insecure = true\n"
+        (self.home / "config.toml").write_text(entry, encoding="utf-8")
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("a", encoding="utf-8")
+        return subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root,
+        )
+
+    def start_superlink(self) -> None:
+        command = [
+            flower_bin("flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.home / "state.db"),
+            "--isolation",
+            "subprocess",
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.tls:
+            command += [
+                "--ssl-ca-certfile",
+                str(self.certs["ca"]),
+                "--ssl-certfile",
+                str(self.certs["server_cert"]),
+                "--ssl-keyfile",
+                str(self.certs["server_key"]),
+            ]
+        else:
+            command.append("--insecure")
+        if self.auth:
+            command.append("--enable-supernode-auth")
+        self.superlink = self._spawn("superlink", command)
+        wait_for_port(self.port, self.superlink)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run a ``flwr`` CLI command against this SuperLink (connection ``pilot``)."""
+        return subprocess.run(
+            [flower_bin("flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+        )
+
+    def register(self, site: str) -> None:
+        """Allow-list ``site``'s public key (``flwr supernode register``)."""
+        done = self.flwr("supernode", "register", str(self.certs[f"site:{site}.pub"]))
+        if done.returncode != 0:
+            raise RuntimeError(f"register {site}: {done.stdout}{done.stderr}")
+
+    def start_supernode(self, site: str, key: Path | None = None, tls: bool | None = None) -> None:
+        """Start ``site``'s SuperNode (its own key unless ``key`` is given; TLS as the link
+        unless ``tls`` says otherwise)."""
+        tls = self.tls if tls is None else tls
+        command = [
+            flower_bin("flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            "--isolation",
+            "subprocess",
+            "--node-config",
+            f'site-config="{self.sites[site]}"',
+        ]
+        command += ["--root-certificates", str(self.certs["ca"])] if tls else ["--insecure"]
+        if self.auth:
+            command += ["--auth-supernode-private-key", str(key or self.certs[f"site:{site}"])]
+        self.supernodes[site] = self._spawn(f"supernode-{site}", command)
+
+    def kill_supernode(self, site: str) -> None:
+        """SIGKILL ``site``'s SuperNode and its ClientApp processes (a crash)."""
+        stop_process(self.supernodes.pop(site), signal.SIGKILL)
+
+    def run(self, federation_toml: Path, out: Path, resume: bool = False) -> subprocess.Popen:
+        """Start ``flwr run`` of the fedmets app (returns the running process; its output goes
+        to ``logs/flwr-run.log``)."""
+        run_config = (
+            f"federation-config='{federation_toml}' out='{out}' resume={str(resume).lower()}"
+        )
+        command = [flower_bin("flwr"), "run", str(APP_DIR), self.connection]
+        command += ["--run-config", run_config, "--stream"]
+        return self._spawn("flwr-run", command)
+
+    def stop(self) -> None:
+        """Stop every SuperNode, then the SuperLink (and their children)."""
+        for site in list(self.supernodes):
+            stop_process(self.supernodes.pop(site))
+        if self.superlink is not None:
+            stop_process(self.superlink)
+            self.superlink = None
+
+    def __enter__(self) -> LoopbackFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
