@@ -32,6 +32,13 @@ from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
 from client.extract import FEATURES_FILE, REPORT_FILE, crop_path
+from client.privacy import (
+    ledger_reply,
+    plan_site_noise,
+    record_release,
+    site_ledger,
+    train_private,
+)
 from client.training import (
     CropDataset,
     extract_deep_features,
@@ -54,10 +61,15 @@ from shared.models import (
     ImageModelConfig,
     build_image_model,
 )
+from shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
 
 STATE_DIR = "federated"
 IMAGE_MODEL = "image"
 """Name of the image model's weights (``weights:image``)."""
+
+
+class PrivacyRequired(RuntimeError):
+    """The site trains only under differential privacy and the request has none."""
 
 
 class SiteNotReady(RuntimeError):
@@ -179,10 +191,18 @@ class SiteWorker:
     pooled. ``state_root``: where per-run state goes (default ``<first site's paths.cache>/
     federated``)."""
 
-    def __init__(self, configs: Sequence[SiteConfig], state_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        configs: Sequence[SiteConfig],
+        state_root: Path | None = None,
+        ledger_root: Path | None = None,
+    ) -> None:
+        """``ledger_root``: where the privacy ledger lives (default the site's
+        ``paths.output``; baselines pass their own so as not to spend a site's budget)."""
         self.configs = list(configs)
         self.site_id = self.configs[0].site_id if len(self.configs) == 1 else "pooled"
         self.state_root = Path(state_root or self.configs[0].paths.cache / STATE_DIR)
+        self.ledger_root = Path(ledger_root or self.configs[0].paths.output)
         self.data = load_site_data(self.configs)
         self.device = resolve_device(self.configs[0].compute.device)
         self.handlers: dict[str, Callable[[dict], dict]] = {
@@ -197,6 +217,7 @@ class SiteWorker:
             "train.fusion": self.train_fusion,
             "query.train_scores": self.train_scores,
             "query.evaluation": self.evaluation,
+            "query.ledger": self.ledger_summary,
         }
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -204,7 +225,20 @@ class SiteWorker:
     def handle(self, route_name: str, request: Mapping[str, Any]) -> dict:
         """The reply payload to ``request`` on ``route_name``."""
         wire.route(route_name)
-        return self.handlers[route_name](dict(request))
+        reply = self.handlers[route_name](dict(request))
+        if route_name != "query.ledger":
+            record_release(self.ledger(), route_name, request, reply)
+        return reply
+
+    def ledger(self) -> PrivacyLedger:
+        """The site's privacy ledger (``<ledger_root>/privacy/privacy-ledger.json``)."""
+        privacy = self.configs[0].privacy
+        return site_ledger(self.ledger_root, self.site_id, privacy.delta, privacy.epsilon_budget)
+
+    def ledger_summary(self, request: dict) -> dict:
+        return self._released(
+            request, len(self.data.ids), ledger_reply(self.ledger(), len(self.data.ids))
+        )
 
     def min_patients(self, request: Mapping[str, Any]) -> int:
         """The release floor: the larger of the site's and the server's."""
@@ -359,17 +393,74 @@ class SiteWorker:
         set_state(model, request[wire.WEIGHTS_PREFIX + IMAGE_MODEL])
         return model
 
+    def _dp_noise(self, request: Mapping[str, Any], n: int, networks: int) -> float | None:
+        """The DP-SGD noise multiplier of a sample-level DP training request (None without
+        DP); PrivacyBudgetExceeded before anything is trained when this message's trainings
+        would take the site over its budget. The noise is planned so that the run's
+        ``dp_releases`` trainings end at ``dp_epsilon``; every round recomputes the same."""
+        mode = str(request.get("dp_mode", "off"))
+        if mode != "sample":
+            if self.configs[0].privacy.require_dp:
+                raise PrivacyRequired(
+                    f"{self.site_id}: refuses to train without differential privacy "
+                    "([privacy] require_dp = true in its site config)"
+                )
+            return None
+        batch, epochs = int(request["batch"]), int(request["epochs"])
+        z = plan_site_noise(
+            float(request["dp_epsilon"]),
+            self.configs[0].privacy.delta,
+            n,
+            batch,
+            epochs,
+            int(request["dp_releases"]),
+        )
+        step = (z, sample_rate_for(n, batch), epochs * steps_per_epoch(n, batch))
+        self.ledger().check([step] * networks)
+        return z
+
+    def _private(self, request: Mapping[str, Any], **kwargs: Any) -> dict:
+        """``client.privacy.train_private`` with the request's settings and the ledger."""
+        return train_private(
+            lr=float(request["lr"]),
+            batch_size=int(request["batch"]),
+            epochs=int(request["epochs"]),
+            pos_weight=float(request["pos_weight"]),
+            max_grad_norm=float(request["max_grad_norm"]),
+            proximal_mu=float(request["proximal_mu"]),
+            device=self.device,
+            ledger=self.ledger(),
+            fold=int(request["fold"]),
+            round=int(request["round"]),
+            run=str(request["run"]),
+            delta=self.configs[0].privacy.delta,
+            **kwargs,
+        )
+
     def train_image(self, request: dict) -> dict:
         rows = self._rows(request)["fit"]
         n = int(rows.sum())
         if n < self.min_patients(request) or len(set(self.data.labels[rows])) < 2:
             return {"n": n}
+        noise = self._dp_noise(request, n, 1)
         model = self._image_model(request)
         images = self._images(request)
         seed = site_seed(int(request["seed"]), self.site_id, int(request["fold"]))
+        data = CropDataset(images[rows], self.data.labels[rows], augment=True, seed=seed)
+        if noise is not None:
+            history = self._private(
+                request,
+                model=model,
+                data=data,
+                seed=seed,
+                noise_multiplier=noise,
+                stage="image",
+                model_name=IMAGE_MODEL,
+            )
+            return {"n": n, wire.WEIGHTS_PREFIX + IMAGE_MODEL: history["state"]}
         history = train_image_model(
             model,
-            CropDataset(images[rows], self.data.labels[rows], augment=True, seed=seed),
+            data,
             epochs=int(request["epochs"]),
             lr=float(request["lr"]),
             pos_weight=float(request["pos_weight"]),
@@ -442,7 +533,22 @@ class SiteWorker:
         y = self.data.labels[rows]
         reply: dict[str, Any] = {"n": n}
         seed = site_seed(int(request["seed"]), self.site_id, int(request["fold"]))
-        for name, (net, X) in self._fusion_models(request, self._groups(request)).items():
+        models = self._fusion_models(request, self._groups(request))
+        noise = self._dp_noise(request, n, len(models))
+        for name, (net, X) in models.items():
+            if noise is not None:
+                history = self._private(
+                    request,
+                    model=net,
+                    data=(X[rows], y),
+                    seed=seed,
+                    noise_multiplier=noise,
+                    weight_decay=float(request["weight_decay"]),
+                    stage="fusion",
+                    model_name=name,
+                )
+                reply[wire.WEIGHTS_PREFIX + name] = history["state"]
+                continue
             history = train_fusion(
                 net,
                 X[rows],

@@ -529,3 +529,58 @@ def simulate(
 
     console.print(summary_text(metrics), markup=False, highlight=False)
     console.print(f"metrics: {out / 'metrics.json'}")
+    from server.report import write_report
+
+    console.print(f"report: {write_report(out)}", markup=False, highlight=False)
+
+
+# ---- certs ------------------------------------------------------------------------------------
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="Folder for the CA, server and site keys.")],
+    site: Annotated[
+        list[str] | None, typer.Option("--site", help="A site id; repeat for each hospital.")
+    ] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="SuperLink host name or IP (repeatable; subjectAltName)."),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity of the certificates.")] = 365,
+) -> None:
+    """Create a pilot's CA, the SuperLink's TLS certificate and each site's SuperNode key pair
+    (see docs/deployment.md; hospitals with a PKI use theirs instead)."""
+    from server.certs import make_certificates
+
+    hosts = host or ["localhost", "127.0.0.1"]
+    paths = make_certificates(out, hosts, site or [], days)
+    for role, path in paths.items():
+        console.print(f"{role:24s} {path}", markup=False, highlight=False)
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    run: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RUN", help="Simulation run folder (metrics.json) or server output folder."
+        ),
+    ],
+) -> None:
+    """Write RUN/report/report.html: one self-contained page (figures embedded, also written as
+    PNG files beside it) with the results, ablations, training curves, site census, privacy,
+    configuration and software versions of a run."""
+    from rich.text import Text
+
+    from server.report import write_report
+
+    try:
+        path = write_report(run)
+    except (OSError, ValueError) as error:
+        err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+        raise typer.Exit(1) from error
+    console.print(f"report: {path}", markup=False, highlight=False, soft_wrap=True)

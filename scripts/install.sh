@@ -25,5 +25,12 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install numpy setuptools wheel versioneer
 "${pip[@]}" install --no-build-isolation "pyradiomics>=3.0.1"
 "${pip[@]}" install -e ".[dev]"
+# Headless Chromium renders the report page in tests/test_report.py (skipped without it).
+# Best effort, only as root with apt and no chromium yet; never fails the install.
+if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1 \
+    && ! command -v chromium >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+        >/dev/null 2>&1 || echo "note: chromium not installed; the report screenshot test will skip"
+fi
 echo "$want" > "$stamp"
 echo "fedmets installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

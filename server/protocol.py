@@ -28,6 +28,7 @@ each fold's threshold and Brier sums: pooled, per-site and per-subsite metrics f
 from __future__ import annotations
 
 import pickle
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from server.aggregation import Aggregator
+from server.privacy import ClientLevelDP, privacy_report, summary_from_reply
 from shared import wire
 from shared.config import FederationConfig
 from shared.metrics import (
@@ -113,9 +115,12 @@ class FederatedProtocol:
         run: str,
         log: Callable[[str], None] | None = None,
         checkpoints: Path | None = None,
+        privacy_dir: Path | None = None,
     ) -> None:
         """``checkpoints``: a folder where every finished step (and every training round) is
-        saved; a protocol given a folder that already holds some resumes after the last one."""
+        saved; a protocol given a folder that already holds some resumes after the last one.
+        ``privacy_dir``: the server's privacy ledger under client-level DP (default: a fresh
+        temporary folder)."""
         self.link = link
         self.cfg = cfg
         self.run = run
@@ -125,6 +130,9 @@ class FederatedProtocol:
         self.checkpoints = Path(checkpoints) if checkpoints else None
         if self.checkpoints:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.privacy_dir = privacy_dir
+        self.client_dp: ClientLevelDP | None = None
+        self.dp_request: Payload = {"dp_mode": "off"}
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -198,6 +206,7 @@ class FederatedProtocol:
                 if "deep" in s and set(s) - {"deep"} <= set(groups)
             ]
         self.folds()
+        self._plan_privacy(images, len(models))
         thresholds = {m: np.full(self.cfg.cv.folds, np.nan) for m in models}
         for fold in range(self.cfg.cv.folds):
             tic = time.perf_counter()
@@ -207,8 +216,15 @@ class FederatedProtocol:
             fold_record["seconds"] = round(time.perf_counter() - tic, 1)
             self.record.folds.append(fold_record)
         results = self.evaluate(thresholds)
+        ledgers = self._ask("query.ledger", {})
+        privacy = privacy_report(
+            {s: summary_from_reply(r) for s, r in ledgers.items() if "epsilon" in r},
+            server=self.client_dp.ledger.summary() if self.client_dp else None,
+        )
+        privacy["mode"] = self.cfg.dp.mode
         self.record.timing_s["total"] = round(time.perf_counter() - started, 1)
         return {
+            "privacy": privacy,
             "run": self.run,
             "models": results,
             "main_model": main_model(models),
@@ -218,6 +234,35 @@ class FederatedProtocol:
             "dropouts": self.record.dropouts,
             "timing_s": self.record.timing_s,
         }
+
+    def _plan_privacy(self, images: bool, networks: int) -> None:
+        """The DP settings every training request carries, and the server's client-level
+        mechanism. Sample-level: the sites plan their DP-SGD noise so that all of a stage's
+        trainings over every fold end at the stage's epsilon (half of ``[dp] epsilon`` each
+        with an image stage: the two compose to at most the whole). Client-level: the noise
+        is planned so that every aggregation of the run ends at ``[dp] epsilon``."""
+        dp, folds, stages = self.cfg.dp, self.cfg.cv.folds, self.cfg.stages
+        if dp.mode == "off":
+            return
+        self.dp_request = {"dp_mode": dp.mode, "max_grad_norm": dp.max_grad_norm}
+        if dp.mode == "sample":
+            self.dp_request["dp_epsilon"] = dp.epsilon / 2 if images else dp.epsilon
+            self.dp_releases = {
+                IMAGE: folds * stages.image_rounds,
+                "fusion": folds * stages.fusion_rounds * networks,
+            }
+            return
+        releases = folds * (
+            (stages.image_rounds if images else 0) + stages.fusion_rounds * networks
+        )
+        ledger_dir = self.privacy_dir or Path(tempfile.mkdtemp(prefix="fedmets-privacy-"))
+        self.client_dp = ClientLevelDP.for_target(
+            dp.epsilon, releases, dp.max_grad_norm, dp.delta, ledger_dir, seed=self.cfg.run.seed
+        )
+        self.say(
+            f"client-level DP: noise multiplier {self.client_dp.noise_multiplier:.3f} over "
+            f"{releases} aggregations for epsilon {dp.epsilon} (delta {dp.delta})"
+        )
 
     def census(self) -> dict[str, Payload]:
         """Ask every site for its counts and hashes; refuse a run whose sites disagree."""
@@ -436,6 +481,12 @@ class FederatedProtocol:
                     "fold": fold,
                     "round": r,
                     "seed": self._seed(fold, r, len(stage)),
+                    **self.dp_request,
+                    **(
+                        {"dp_releases": self.dp_releases[stage]}
+                        if self.dp_request["dp_mode"] == "sample"
+                        else {}
+                    ),
                 },
                 fold=fold,
                 round=r,
@@ -447,10 +498,17 @@ class FederatedProtocol:
             n_fit = [trained[s]["n"] for s in sorted(trained)]
             for m in initial:
                 states = [trained[s][wire.WEIGHTS_PREFIX + m] for s in sorted(trained)]
-                current[m] = aggregators[m].step(current[m], states, n_fit)
+                if self.client_dp is not None:  # clipped, averaged, noised, accounted
+                    noisy = self.client_dp.aggregate(
+                        current[m], states, stage=stage, fold=fold, round=r, run=self.run, model=m
+                    )
+                    current[m] = aggregators[m].step(current[m], [noisy], [1.0])
+                else:
+                    current[m] = aggregators[m].step(current[m], states, n_fit)
                 loss_key = "train_loss_sum" if stage == IMAGE else f"train_loss_sum:{m}"
-                curves[m]["train_loss"].append(
-                    float(sum(trained[s][loss_key] for s in trained) / sum(n_fit))
+                losses = [rep[loss_key] for rep in trained.values() if loss_key in rep]
+                curves[m]["train_loss"].append(  # NaN under DP-SGD: losses are not released
+                    float(sum(losses) / sum(n_fit)) if losses else float("nan")
                 )
                 curves[m]["sites"].append(sorted(trained))
             weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}

@@ -81,7 +81,9 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
         sources = [metrics_file]
         if server_file is not None:
             server = json.loads(server_file.read_text(encoding="utf-8"))
-            for key in ("privacy_ledger", "dp", "run", "backbone"):
+            if "privacy" in server and "privacy_ledger" not in metrics:
+                metrics["privacy_ledger"] = server["privacy"]
+            for key in ("dp", "run", "backbone"):
                 if key in server and key not in metrics:
                     metrics[key] = server[key]
             sources.append(server_file)
@@ -105,8 +107,10 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
     metrics = {
         key: value
         for key, value in server.items()
-        if key not in {"models", "folds", "timing_s", "config"}
+        if key not in {"models", "folds", "timing_s", "config", "privacy"}
     }
+    if "privacy" in server:  # the ServerApp's name for the privacy ledger report
+        metrics["privacy_ledger"] = server["privacy"]
     metrics.update(
         federated=federated,
         config={"federation": server.get("config") or {}},
@@ -389,7 +393,7 @@ def calibration_figure(metrics: dict, figures: Figures) -> str | None:
     caption = (
         "Reliability curve over 10 equal-width probability bins (non-empty bins only); marker "
         "area grows with the bin's patient count. Probabilities come from a network trained with "
-        "a positive-class weight, so they sit above the DM prevalence by design."
+        "a positive-class weight (pos_weight), so they tend to lie above the observed DM rate."
     )
     return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
 
@@ -426,21 +430,33 @@ def ablation_figure(rows: list[tuple[str, dict]], oracle: float | None, figures:
 
 def dp_figure(results: Any, figures: Figures) -> str | None:
     """AUC against epsilon when the DP results are a list of records with both."""
+    if isinstance(results, dict):
+        results = results.get("results")
     if not isinstance(results, list):
         return None
-    points = [
-        (r["epsilon"], r["auc"])
-        for r in results
-        if isinstance(r, dict)
-        and isinstance(r.get("epsilon"), (int, float))
-        and isinstance(r.get("auc"), (int, float))
-    ]
+    points, no_dp = [], None
+    for r in results:
+        if not isinstance(r, dict):
+            continue
+        epsilon, auc = r.get("epsilon"), r.get("auc", r.get("auc_mean"))
+        if not isinstance(auc, (int, float)):
+            continue
+        if epsilon is None or (isinstance(epsilon, (int, float)) and math.isinf(epsilon)):
+            no_dp = auc  # epsilon infinity: no noise (None once written by to_jsonable)
+        elif isinstance(epsilon, (int, float)) and epsilon > 0:
+            points.append((epsilon, auc))
     if len(points) < 2:
         return None
     points.sort()
     figure, (ax,) = _figure(5.0, 3.4)
-    ax.plot(*zip(*points, strict=True), marker="o", color=COLOURS["federated"])
+    ax.plot(*zip(*points, strict=True), marker="o", color=COLOURS["federated"], label="DP")
+    if no_dp is not None:
+        ax.axhline(no_dp, color="#555", ls="--", lw=1, label="no DP")
+        ax.legend(fontsize=8)
     ax.set(xscale="log", xlabel="epsilon (privacy budget)", ylabel="pooled AUC")
+    ax.set_xticks([x for x, _ in points], [f"{x:g}" for x, _ in points])
+    ax.minorticks_off()
+    ax.margins(y=0.15)
     ax.set_title("privacy / utility trade-off", fontsize=10)
     image = figures.save(figure, "dp_tradeoff", "AUC against epsilon")
     return f"<figure>{image}<figcaption>Pooled AUC per privacy budget.</figcaption></figure>"
@@ -664,8 +680,16 @@ def privacy_html(metrics: dict, figures: Figures) -> str:
             f"{cell(dp_cfg.get('max_grad_norm'))}.</p>"
         )
     if "dp" in metrics:
-        out.append("<h3>DP trade-off</h3>" + generic(metrics["dp"]))
-        out.append(dp_figure(metrics["dp"], figures) or "")
+        dp = metrics["dp"]
+        out.append("<h3>DP trade-off</h3>")
+        if isinstance(dp, dict) and isinstance(dp.get("results"), list):
+            out.append(generic(dp["results"]))
+            rest = {k: v for k, v in dp.items() if k != "results"}
+            if rest:
+                out.append(f"<details><summary>settings</summary>{generic(rest)}</details>")
+        else:
+            out.append(generic(dp))
+        out.append(dp_figure(dp, figures) or "")
     elif mode == "off":
         out.append(
             '<p class="note">DP off (<code>[dp] mode = "off"</code>): no noise was added '
@@ -675,11 +699,61 @@ def privacy_html(metrics: dict, figures: Figures) -> str:
         out.append('<p class="absent">This run holds no DP trade-off results.</p>')
     out.append("<h3>Privacy ledger</h3>")
     if "privacy_ledger" in metrics:
-        out.append(generic(metrics["privacy_ledger"]))
+        out.append(ledger_html(metrics["privacy_ledger"]))
     elif mode == "off":
         out.append('<p class="note">DP is off: no privacy budget was spent, no ledger.</p>')
     else:
         out.append('<p class="absent">No privacy ledger recorded in this run.</p>')
+    return "".join(out)
+
+
+def ledger_html(ledger: Any) -> str:
+    """The privacy report of ``server.privacy.privacy_report`` (per site: epsilon over its
+    whole ledger, per stage, what was released without DP; the server's client-level ledger);
+    any other shape as generic tables."""
+    if not isinstance(ledger, dict) or not isinstance(ledger.get("sites"), dict):
+        return generic(ledger)
+
+    def row(name: str, summary: Mapping) -> list[str]:
+        stages = summary.get("stages") or {}
+        per_stage = "<br>".join(
+            f"{e(stage)}: &epsilon; {cell(values.get('epsilon'))} "
+            f"({num(values.get('releases'))} releases)"
+            for stage, values in stages.items()
+            if isinstance(values, Mapping)
+        )
+        return [
+            name,
+            cell(summary.get("epsilon")),
+            cell(summary.get("delta")),
+            cell(summary.get("budget")),
+            num(summary.get("releases")),
+            per_stage or "none",
+            e(", ".join(str(r) for r in summary.get("not_covered") or [])) or "none",
+        ]
+
+    rows = [row(e(site), summary) for site, summary in ledger["sites"].items()]
+    if isinstance(ledger.get("server"), Mapping):
+        rows.append(row("<i>server (client-level)</i>", ledger["server"]))
+    header = [
+        "ledger",
+        "&epsilon; total",
+        "&delta;",
+        "budget",
+        "DP releases",
+        "&epsilon; per stage",
+        "released without DP",
+    ]
+    out = [table(header, rows)] if rows else ['<p class="absent">No site ledger replied.</p>']
+    facts = []
+    if "mode" in ledger:
+        facts.append(f"DP mode {e(ledger['mode'])}")
+    if ledger.get("worst_site_epsilon") is not None:
+        facts.append(f"worst site &epsilon; {cell(ledger['worst_site_epsilon'])}")
+    if facts:
+        out.append(f'<p class="note">{"; ".join(facts)}.</p>')
+    if ledger.get("note"):
+        out.append(f'<p class="note">{e(ledger["note"])}.</p>')
     return "".join(out)
 
 

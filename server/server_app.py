@@ -26,6 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.protocol import FederatedProtocol, ProtocolError
+from server.report import write_report
 from server.results import to_jsonable
 from shared import wire
 from shared.config import FederationConfig, load_federation_config
@@ -158,12 +159,18 @@ def main(grid: Grid, context: Context) -> None:
         checkpoints = out / "checkpoints"
         if not resume and checkpoints.exists():
             shutil.rmtree(checkpoints)
-        results = FederatedProtocol(link, cfg, cfg.run.name, say, checkpoints).run_all()
+        results = FederatedProtocol(
+            link, cfg, cfg.run.name, say, checkpoints, privacy_dir=out / "privacy"
+        ).run_all()
         results["config"] = cfg.model_dump(mode="json")
         (out / "federated.json").write_text(
             json.dumps(to_jsonable(results), indent=1) + "\n", encoding="utf-8"
         )
         say(f"results written to {out / 'federated.json'}")
+        try:
+            say(f"report: {write_report(out)}")
+        except Exception as error:  # noqa: BLE001 - a report never fails a finished run
+            say(f"report not written: {error}", WARNING)
     except ProtocolError as error:
         say(f"run stopped: {error}", WARNING)
         (out / "error.txt").write_text(f"{error}\n", encoding="utf-8")

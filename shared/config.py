@@ -221,9 +221,12 @@ class PreprocessSection(_Section):
 
 
 class PrivacySection(_Section):
-    """``[privacy]``: the site's own floor on what it releases."""
+    """``[privacy]``: the site's own floor on what it releases and its DP budget."""
 
     min_patients: int = Field(5, ge=1)
+    epsilon_budget: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    require_dp: bool = False
 
 
 class SiteConfig(_Section):

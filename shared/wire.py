@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped whenever a route's request or reply changes; the census refuses other versions."""
 
 
@@ -98,6 +98,7 @@ _STANDARDISE = {
     "deep_scale": S,
 }
 _IMAGE = {"backbone": S, "image_preset": S, "mask_channel": S}
+_DP = {"dp_mode": S, "dp_epsilon": S, "dp_releases": S, "max_grad_norm": S}
 
 ROUTES: dict[str, Route] = {
     r.name: r
@@ -159,6 +160,7 @@ ROUTES: dict[str, Route] = {
                 "proximal_mu": S,
                 "pos_weight": S,
                 "seed": S,
+                **_DP,
                 "weights:*": S,
             },
             {"n": C, "weights:*": Kind.WEIGHTS, "train_loss_sum": Kind.METRIC},
@@ -195,6 +197,7 @@ ROUTES: dict[str, Route] = {
                 "proximal_mu": S,
                 "pos_weight": S,
                 "seed": S,
+                **_DP,
                 "hidden": S,
                 "dropout": S,
                 "weights:*": S,
@@ -205,6 +208,19 @@ ROUTES: dict[str, Route] = {
             "query.train_scores",
             {**_RUN, **_STANDARDISE, "bins": S, "hidden": S, "dropout": S, "weights:*": S},
             {"n": C, "hist_pos:*": Kind.HISTOGRAM, "hist_neg:*": Kind.HISTOGRAM},
+        ),
+        Route(
+            "query.ledger",
+            {"run": S, "min_patients": S},
+            {
+                "n": C,
+                "epsilon": Kind.METRIC,  # the site's whole ledger (every run on its patients)
+                "delta": Kind.METRIC,
+                "budget": Kind.METRIC,
+                "epsilon:*": Kind.METRIC,  # per stage
+                "releases:*": C,
+                "uncovered:*": C,
+            },
         ),
         Route(
             "query.evaluation",

@@ -134,13 +134,20 @@ def simulate(
         "federated": _summary(federated),
         "census": federated["census"],
         "dropouts": federated["dropouts"],
+        "privacy_ledger": federated["privacy"],
     }
     if baselines:
         tic = time.perf_counter()
         log("centralised baseline: the same protocol on all sites pooled")
-        pooled = SiteWorker(configs, state_root=out / "centralized-state")
+        pooled = SiteWorker(
+            configs, state_root=out / "centralized-state", ledger_root=out / "centralized-state"
+        )
         centralized = FederatedProtocol(
-            InProcessLink({"pooled": pooled}), _single_site(fed), f"{fed.run.name}-pooled", log
+            InProcessLink({"pooled": pooled}),
+            _single_site(fed),
+            f"{fed.run.name}-pooled",
+            log,
+            privacy_dir=out / "centralized-state" / "server-privacy",
         ).run_all()
         timing["centralized"] = time.perf_counter() - tic
         metrics["centralized"] = _summary(centralized)
@@ -148,13 +155,15 @@ def simulate(
         local: dict[str, Any] = {}
         for cfg in configs:
             log(f"local-only baseline: {cfg.site_id} alone")
-            worker = SiteWorker([cfg], state_root=out / "local-state" / cfg.site_id)
+            state = out / "local-state" / cfg.site_id
+            worker = SiteWorker([cfg], state_root=state, ledger_root=state)
             local[cfg.site_id] = _summary(
                 FederatedProtocol(
                     InProcessLink({cfg.site_id: worker}),
                     _single_site(fed),
                     f"{fed.run.name}-local",
                     lambda message: None,
+                    privacy_dir=state / "server-privacy",
                 ).run_all()
             )
         timing["local_only"] = time.perf_counter() - tic

@@ -266,3 +266,34 @@ def test_a_stopped_run_resumes_from_its_checkpoints_to_the_same_result(
     assert any(line.startswith("  fusion: resuming at round") for line in said)
     for model in reference["models"]:
         assert resumed["models"][model]["pooled"] == reference["models"][model]["pooled"]
+
+
+@pytest.mark.parametrize("mode", ["sample", "client"])
+def test_a_private_run_completes_and_its_ledger_is_reported(sites, mode) -> None:
+    cfg = _cfg(dp={"mode": mode, "epsilon": 8.0}, stages={"fusion_rounds": 2})
+    result = FederatedProtocol(_link(sites), cfg, f"dp-{mode}").run_all()
+    privacy = result["privacy"]
+    assert privacy["mode"] == mode
+    assert set(privacy["sites"]) == set(SITES)
+    if mode == "sample":  # every site's patients: DP-SGD over all folds, rounds and networks
+        for site in SITES:
+            assert 4.0 < privacy["sites"][site]["epsilon"] <= 8.0 + 1e-6
+            assert "fusion" in privacy["sites"][site]["stages"]
+        assert privacy["server"] is None
+    else:  # each site's contribution to the global models
+        assert 4.0 < privacy["server"]["epsilon"] <= 8.0 + 1e-6
+    assert "selection" in privacy["sites"]["site_a"]["not_covered"]  # statistics: listed
+    assert result["models"]["none/radiomics+clinical"]["pooled"]["auc"] is not None
+
+
+def test_a_site_over_its_budget_refuses_to_train(sites) -> None:
+    from shared.privacy import PrivacyBudgetExceeded
+
+    with sites["site_b"].open("a") as toml:
+        toml.write("\n[privacy]\nepsilon_budget = 2.0\n")
+    with pytest.raises(PrivacyBudgetExceeded, match="site_b"):
+        FederatedProtocol(
+            _link(sites),
+            _cfg(dp={"mode": "sample", "epsilon": 8.0}, stages={"fusion_rounds": 2}),
+            "over-budget",
+        ).run_all()

@@ -1,0 +1,349 @@
+"""Differential privacy: the ledger's accounting, budget refusal, persistence across processes,
+DP-SGD training of a fusion network, the server's client-level clipping and noise, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from client.privacy import (
+    ledger_reply,
+    plan_site_noise,
+    record_release,
+    site_ledger,
+    strip_module_prefix,
+    train_private,
+)
+from server.privacy import (
+    ClientLevelDP,
+    clip_update,
+    noise_std,
+    privacy_report,
+    summary_from_reply,
+    update_norm,
+)
+from shared import wire
+from shared.models import FusionNet
+from shared.privacy import (
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+    epsilon_of,
+    plan_noise_multiplier,
+    sample_rate_for,
+    steps_per_epoch,
+)
+
+
+def _opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    accountant = RDPAccountant()
+    for z, q, steps in history:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=z, sample_rate=q)
+    return accountant.get_epsilon(delta=delta)
+
+
+def _data(n: int = 80, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 7)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * rng.normal(size=n) > 0.8).astype(np.float32)
+    return X, y
+
+
+def _net(seed: int = 0) -> FusionNet:
+    torch.manual_seed(seed)
+    return FusionNet({"radiomics": 5, "clinical": 2}, hidden=[8], dropout=0.1)
+
+
+# ---- the ledger --------------------------------------------------------------------------------
+
+
+def test_ledger_epsilon_equals_opacus_accountant(tmp_path):
+    ledger = PrivacyLedger(tmp_path, "hospital_a", delta=1e-5)
+    entry = ledger.record(
+        stage="fusion",
+        mechanism="dp-sgd",
+        noise_multiplier=1.1,
+        sample_rate=0.05,
+        steps=200,
+        max_grad_norm=1.0,
+        fold=0,
+        round=1,
+    )
+    expected = _opacus_epsilon([(1.1, 0.05, 200)], 1e-5)
+    assert entry["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert ledger.epsilon() == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(4.443, abs=1e-3)  # pinned: Opacus 1.6's RDP value
+    # a second, different release composes as the accountant's history does
+    ledger.record(
+        stage="image",
+        mechanism="dp-sgd",
+        noise_multiplier=2.0,
+        sample_rate=0.1,
+        steps=50,
+        max_grad_norm=1.0,
+    )
+    both = _opacus_epsilon([(1.1, 0.05, 200), (2.0, 0.1, 50)], 1e-5)
+    assert ledger.epsilon() == pytest.approx(both, rel=1e-9)
+    assert ledger.epsilon(stage="fusion") == pytest.approx(expected, rel=1e-9)
+    stored = json.loads(ledger.path.read_text())
+    assert stored["who"] == "hospital_a" and stored["delta"] == 1e-5
+    assert [e["mechanism"] for e in stored["entries"]] == ["dp-sgd", "dp-sgd"]
+    for key in ("stage", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "epsilon"):
+        assert key in stored["entries"][0]
+
+
+def test_epsilon_of_edge_cases():
+    assert epsilon_of([], 1e-5) == 0.0
+    assert epsilon_of([(0.0, 0.1, 10)], 1e-5) == math.inf
+    assert steps_per_epoch(100, 32) == 4 and sample_rate_for(100, 32) == 0.25
+
+
+def test_noise_multiplier_for_a_target(tmp_path):
+    z = plan_noise_multiplier(3.0, 1e-5, 0.05, 400)
+    assert z == pytest.approx(
+        get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.05, steps=400)
+    )
+    assert 2.95 < epsilon_of([(z, 0.05, 400)], 1e-5) <= 3.0
+    # after some spending, the rest of the plan gets more noise and still ends at the target
+    spent = [(1.5, 0.05, 100)]
+    z_rest = plan_noise_multiplier(3.0, 1e-5, 0.05, 300, spent=spent)
+    assert 2.9 < epsilon_of([*spent, (z_rest, 0.05, 300)], 1e-5) <= 3.0
+    with pytest.raises(ValueError, match="already spent"):
+        plan_noise_multiplier(0.1, 1e-5, 0.05, 10, spent=spent)
+    ledger = site_ledger(tmp_path, "hospital_b", 1e-5, 3.0)
+    z_site = plan_site_noise(3.0, 1e-5, 100, 20, epochs_per_release=2, releases=10, ledger=ledger)
+    assert epsilon_of([(z_site, 0.2, 100)], 1e-5) <= 3.0
+
+
+def test_ledger_persists_across_objects(tmp_path):
+    X, y = _data()
+    epsilons = []
+    for call in range(2):  # a new ledger object per call: the site's process restarts
+        ledger = site_ledger(tmp_path, "hospital_a", 1e-5, budget=50.0)
+        history = train_private(
+            _net(),
+            (X, y),
+            epochs=1,
+            lr=1e-2,
+            batch_size=16,
+            pos_weight=2.0,
+            seed=call,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            ledger=ledger,
+            fold=0,
+            round=call + 1,
+        )
+        epsilons.append(history["epsilon"])
+    q, steps = sample_rate_for(80, 16), steps_per_epoch(80, 16)
+    assert epsilons[0] == pytest.approx(_opacus_epsilon([(1.0, q, steps)], 1e-5))
+    assert epsilons[1] == pytest.approx(_opacus_epsilon([(1.0, q, 2 * steps)], 1e-5))
+    assert epsilons[1] > epsilons[0]
+    reread = site_ledger(tmp_path, "hospital_a", 1e-5, budget=50.0)
+    assert len(reread.entries) == 2 and reread.epsilon() == pytest.approx(epsilons[1])
+    with pytest.raises(ValueError, match="ledger of 'hospital_a'"):
+        site_ledger(tmp_path, "hospital_b", 1e-5, None)
+    with pytest.raises(ValueError, match="delta"):
+        site_ledger(tmp_path, "hospital_a", 1e-6, None)
+
+
+def test_budget_refusal_trains_nothing(tmp_path):
+    X, y = _data()
+    ledger = site_ledger(tmp_path, "hospital_c", 1e-5, budget=1.0)
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(PrivacyBudgetExceeded) as refused:
+        train_private(
+            net,
+            (X, y),
+            epochs=5,
+            lr=1e-2,
+            batch_size=16,
+            pos_weight=2.0,
+            seed=0,
+            noise_multiplier=0.5,
+            max_grad_norm=1.0,
+            ledger=ledger,
+        )
+    message = str(refused.value)
+    assert "hospital_c" in message and "budget is 1.000" in message
+    assert "spent so far 0.000" in message and refused.value.planned > 1.0
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert ledger.entries == [] and not ledger.path.exists()
+
+
+# ---- DP-SGD ------------------------------------------------------------------------------------
+
+
+def test_private_fusion_training_returns_a_plain_state(tmp_path):
+    X, y = _data(96)
+    net = _net()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    ledger = site_ledger(tmp_path, "hospital_a", 1e-5, budget=20.0)
+    history = train_private(
+        net,
+        (X, y),
+        epochs=3,
+        lr=1e-2,
+        batch_size=16,
+        pos_weight=3.0,
+        seed=4,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        weight_decay=1e-3,
+        proximal_mu=0.1,
+        ledger=ledger,
+        stage="fusion",
+        fold=2,
+        round=3,
+        run="demo",
+        model_name="none/radiomics+clinical",
+    )
+    assert history["steps"] == 3 * steps_per_epoch(96, 16)
+    assert len(history["train_loss"]) == 3 and all(np.isfinite(history["train_loss"]))
+    fresh = _net(seed=1)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in history["state"].items()})
+    for key, value in net.state_dict().items():  # the plain model, trained in place, unwrapped
+        assert torch.equal(fresh.state_dict()[key], value)
+    assert not any(torch.equal(start[k], v) for k, v in net.state_dict().items() if "weight" in k)
+    assert not any(
+        hasattr(p, "grad_sample") and p.grad_sample is not None for p in net.parameters()
+    )
+    entry = ledger.entries[-1]
+    assert entry["mechanism"] == "dp-sgd" and entry["fold"] == 2 and entry["round"] == 3
+    assert entry["epsilon"] == pytest.approx(history["epsilon"])
+    assert history["epsilon"] == pytest.approx(history["planned_epsilon"])
+    assert strip_module_prefix({"_module.net.0.weight": 1}) == {"net.0.weight": 1}
+
+
+def test_private_training_is_reproducible():
+    X, y = _data(40)
+    states = []
+    for _ in range(2):
+        history = train_private(
+            _net(),
+            (X, y),
+            epochs=2,
+            lr=1e-2,
+            batch_size=4,  # sample rate 0.1: some Poisson batches are empty
+            pos_weight=1.0,
+            seed=9,
+            noise_multiplier=1.2,
+            max_grad_norm=0.5,
+        )
+        states.append(history["state"])
+    assert all(np.array_equal(states[0][k], states[1][k]) for k in states[0])
+    assert all(np.isfinite(v).all() for v in states[0].values())
+
+
+# ---- server-side client-level DP ---------------------------------------------------------------
+
+
+def _state(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
+    return {
+        "w": (scale * rng.normal(size=(20, 10))).astype(np.float32),
+        "b": (scale * rng.normal(size=10)).astype(np.float32),
+        "index": np.arange(6, dtype=np.int64),
+    }
+
+
+def test_clipping_scales_a_large_update_to_the_norm():
+    rng = np.random.default_rng(0)
+    global_state = _state(rng)
+    big = {
+        k: v + (5 * np.ones_like(v) if v.dtype.kind == "f" else 0) for k, v in global_state.items()
+    }
+    assert update_norm(global_state, big) > 1.0
+    clipped = clip_update(global_state, big, clip=1.0)
+    assert update_norm(global_state, clipped) == pytest.approx(1.0, rel=1e-5)
+    # direction kept
+    direction = clipped["w"] - global_state["w"]
+    assert np.allclose(direction, direction.flat[0], atol=1e-5)
+    assert np.array_equal(clipped["index"], global_state["index"])
+    small = {k: v + (1e-3 if v.dtype.kind == "f" else 0) for k, v in global_state.items()}
+    unchanged = clip_update(global_state, small, clip=1.0)
+    assert all(np.allclose(unchanged[k], small[k]) for k in small)
+
+
+def test_client_level_noise_std_and_accounting(tmp_path):
+    global_state = {"w": np.zeros((400, 250), np.float32), "index": np.arange(3)}
+    sites = [{"w": np.full((400, 250), 1e-4, np.float32), "index": np.arange(3)} for _ in range(4)]
+    dp = ClientLevelDP(noise_multiplier=2.0, clip=0.5, delta=1e-5, ledger_dir=tmp_path, seed=3)
+    assert noise_std(2.0, 0.5, 4) == pytest.approx(2.0 * 0.5 / 4)
+    out = dp.aggregate(global_state, sites, stage="fusion", fold=0, round=1, model="m")
+    noise = out["w"].astype(np.float64) - 1e-4
+    assert noise.std() == pytest.approx(0.25, rel=0.02)
+    assert abs(noise.mean()) < 0.01
+    assert np.array_equal(out["index"], global_state["index"])
+    dp.aggregate(global_state, sites, stage="fusion", fold=0, round=2, model="m")
+    assert dp.epsilon == pytest.approx(_opacus_epsilon([(2.0, 1.0, 2)], 1e-5))
+    # noise chosen for a target over the planned releases; the budget stops the next one
+    planned = ClientLevelDP.for_target(4.0, 3, 0.5, 1e-5, tmp_path / "planned")
+    for r in range(3):
+        planned.aggregate(global_state, sites, stage="image", round=r)
+    assert 3.9 < planned.epsilon <= 4.0
+    with pytest.raises(PrivacyBudgetExceeded, match="server"):
+        planned.aggregate(global_state, sites, stage="image", round=4)
+
+
+# ---- what is not covered, the wire reply, the report -------------------------------------------
+
+
+def test_uncovered_releases_and_the_report(tmp_path, monkeypatch):
+    ledger = site_ledger(tmp_path, "hospital_a", 1e-5, budget=8.0)
+    moments = {"n": 50, "positives": 8, "radiomics_sum": np.zeros(3), "radiomics_count": np.ones(3)}
+    for _ in range(2):
+        record_release(ledger, "query.moments", {"run": "r", "fold": 0}, moments)
+    record_release(
+        ledger,
+        "train.fusion",
+        {"run": "r", "fold": 0, "dp_mode": "sample"},
+        {"n": 50, "weights:none/radiomics": {}, "train_loss_sum:none/radiomics": 3.0},
+    )
+    ledger.record(
+        stage="fusion",
+        mechanism="dp-sgd",
+        noise_multiplier=1.1,
+        sample_rate=0.05,
+        steps=200,
+        max_grad_norm=1.0,
+    )
+    uncovered = [e for e in ledger.entries if not e["covered"]]
+    assert len(uncovered) == 2 and uncovered[0]["times"] == 2
+    assert "weights" not in uncovered[1]["release"]
+    assert "train_loss_sum:*" in uncovered[1]["release"]
+
+    reply = ledger_reply(ledger, n=178)
+    assert reply["epsilon"] == pytest.approx(_opacus_epsilon([(1.1, 0.05, 200)], 1e-5))
+    assert reply["uncovered:selection"] == 1 and reply["releases:fusion"] == 1
+    # the proposed wire declaration of query.ledger accepts the reply
+    route = wire.Route(
+        "query.ledger",
+        {"run": wire.Kind.SETTING, "min_patients": wire.Kind.SETTING},
+        {
+            "n": wire.Kind.COUNT,
+            "epsilon": wire.Kind.METRIC,
+            "delta": wire.Kind.METRIC,
+            "budget": wire.Kind.METRIC,
+            "epsilon:*": wire.Kind.METRIC,
+            "releases:*": wire.Kind.COUNT,
+            "uncovered:*": wire.Kind.COUNT,
+        },
+    )
+    monkeypatch.setitem(wire.ROUTES, "query.ledger", route)
+    assert wire.check_reply("query.ledger", reply, min_patients=5) == []
+    decoded = wire.from_records(wire.to_records("query.ledger", reply, reply=True))
+    summary = summary_from_reply(decoded)
+    assert summary["epsilon"] == pytest.approx(reply["epsilon"])
+    assert summary["not_covered"] == ["fusion", "selection"]
+
+    report = privacy_report({"hospital_a": summary, "hospital_b": ledger.summary()})
+    assert report["worst_site_epsilon"] == pytest.approx(reply["epsilon"])
+    assert report["sites"]["hospital_b"]["not_covered"]
+    assert "not_covered" in report["note"]
