@@ -31,6 +31,7 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
+from client.explain import STATE_DIR, save_fold_model
 from client.extract import FEATURES_FILE, REPORT_FILE, crop_path
 from client.privacy import (
     ledger_reply,
@@ -63,7 +64,6 @@ from shared.models import (
 )
 from shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
 
-STATE_DIR = "federated"
 IMAGE_MODEL = "image"
 """Name of the image model's weights (``weights:image``)."""
 
@@ -480,11 +480,20 @@ class SiteWorker:
         deep = extract_deep_features(model, CropDataset(self._images(request)), self.device)
         np.save(self._state(request) / f"deep-fold{int(request['fold'])}.npy", deep)
         train = self._rows(request)["train"]
+        rows = deep[train].astype(np.float64)
         reply = {
             "n": int(train.sum()),
-            "deep_sum": deep[train].sum(axis=0, dtype=np.float64),
-            "deep_sumsq": (deep[train].astype(np.float64) ** 2).sum(axis=0),
+            "deep_sum": rows.sum(axis=0),
+            "deep_sumsq": (rows**2).sum(axis=0),
+            "deep_cross": rows.T @ rows,
         }
+        settings = {k: str(request[k]) for k in ("backbone", "image_preset", "mask_channel")}
+        save_fold_model(
+            self._state(request),
+            int(request["fold"]),
+            request[wire.WEIGHTS_PREFIX + IMAGE_MODEL],
+            settings,
+        )
         return self._released(request, reply["n"], reply)
 
     # ---- fusion --------------------------------------------------------------------------------
@@ -500,10 +509,11 @@ class SiteWorker:
             ).astype(np.float32)
         deep_file = self._state(request) / f"deep-fold{int(request['fold'])}.npy"
         if "deep_mean" in request and deep_file.is_file():
-            deep = np.load(deep_file)
-            groups["deep"] = ((deep - request["deep_mean"]) / request["deep_scale"]).astype(
-                np.float32
-            )
+            centred = np.load(deep_file) - request["deep_mean"]
+            if "deep_projection" in request:
+                groups["deep"] = (centred @ request["deep_projection"]).astype(np.float32)
+            else:
+                groups["deep"] = (centred / request["deep_scale"]).astype(np.float32)
         return groups
 
     def _fusion_models(
@@ -520,6 +530,7 @@ class SiteWorker:
                 {g: groups[g].shape[1] for g in used},
                 hidden=list(np.atleast_1d(request["hidden"]).astype(int)),
                 dropout=float(request["dropout"]),
+                group_dropout=float(request.get("group_dropout", 0.0)),
             )
             set_state(net, state)
             models[name] = (net, np.concatenate([groups[g] for g in net.input_groups], axis=1))

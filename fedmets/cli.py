@@ -501,6 +501,27 @@ def study(
     )
 
 
+@site_app.command("explain")
+def site_explain(
+    config: Annotated[Path, typer.Option(help="This site's TOML file.")],
+    run: Annotated[str, typer.Option(help="Name of the federated run (its [run] name).")],
+    fold: Annotated[int, typer.Option(help="Cross-validation fold whose model to explain.")] = 0,
+    patients: Annotated[int, typer.Option(help="Held-out patients of that fold to map.")] = 3,
+) -> None:
+    """Occlusion maps of the fold's federated image model over this site's held-out patients,
+    written as PNG slices with the tumour contour under <paths.output>/explain/ (never sent)."""
+    from client.explain import explain_site
+
+    cfg = _load_site_config_or_exit(config)
+    try:
+        paths = explain_site(cfg, run, fold, patients)
+    except FileNotFoundError as error:
+        err_console.print(str(error), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
+    for path in paths:
+        console.print(str(path), markup=False, highlight=False, soft_wrap=True)
+
+
 # ---- simulate ---------------------------------------------------------------------------------
 
 

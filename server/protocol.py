@@ -332,7 +332,11 @@ class FederatedProtocol:
             )
             deep = self._step(f"fold{fold}-deep", lambda: self.deep_statistics(fold, image_weights))
             standardise |= deep
-            dims["deep"] = len(deep["deep_mean"])
+            dims["deep"] = (
+                deep["deep_projection"].shape[1]
+                if "deep_projection" in deep
+                else len(deep["deep_mean"])
+            )
         fusion_weights, record["fusion"] = self._step(
             f"fold{fold}-fusion",
             lambda: self.train_fusion(fold, models, dims, standardise, pos_weight),
@@ -575,14 +579,28 @@ class FederatedProtocol:
             "deep_sum",
         )
         n = sum(r["n"] for r in replies.values())
-        mean = sum(r["deep_sum"] for r in replies.values()) / n
+        sums = sum(r["deep_sum"] for r in replies.values())
+        mean = sums / n
         var = sum(r["deep_sumsq"] for r in replies.values()) / n - mean**2
         sd = np.sqrt(np.maximum(var * n / max(n - 1, 1), 0.0))
-        return {"deep_mean": mean, "deep_scale": np.where(sd > 1e-8, sd, 1.0)}
+        out = {"deep_mean": mean, "deep_scale": np.where(sd > 1e-8, sd, 1.0)}
+        components = min(self.cfg.model.deep_components, len(mean), n - 1)
+        if components > 0:  # whitened PCA of the pooled training rows' covariance
+            cross = sum(r["deep_cross"] for r in replies.values())
+            cov = (cross - np.outer(sums, sums) / n) / (n - 1)
+            values, vectors = np.linalg.eigh(cov)
+            top = np.argsort(values)[::-1][:components]
+            scale = np.sqrt(np.maximum(values[top], 1e-12))
+            out["deep_projection"] = vectors[:, top] / scale
+        return out
 
     def _fusion_settings(self) -> Payload:
         model = self.cfg.model
-        return {"hidden": list(model.fusion_hidden), "dropout": model.fusion_dropout}
+        return {
+            "hidden": list(model.fusion_hidden),
+            "dropout": model.fusion_dropout,
+            "group_dropout": model.fusion_group_dropout,
+        }
 
     def train_fusion(
         self,

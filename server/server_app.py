@@ -64,6 +64,7 @@ class FlowerLink:
                 f"{cfg.federation.min_sites}"
             )
         self.nodes: dict[str, int] = {f"node-{i}": i for i in ids}
+        self.offline: set[str] = set()
 
     def sites(self) -> list[str]:
         return sorted(self.nodes)
@@ -76,6 +77,13 @@ class FlowerLink:
         connected = set(self.grid.get_node_ids())
         if self.named:
             self._admit(connected - set(self.nodes.values()), next(iter(requests.values())))
+        for site, node in self.nodes.items():
+            if node in connected and site in self.offline:
+                self.offline.discard(site)
+                self.say(f"  site {site} rejoined (node {node})")
+            elif node not in connected and site not in self.offline:
+                self.offline.add(site)
+                self.say(f"  site {site} is offline (node {node})", WARNING)
         targets = {s: r for s, r in requests.items() if self.nodes.get(s) in connected}
         return self._send(route, targets)
 
@@ -93,6 +101,7 @@ class FlowerLink:
             site = replies.get(key, {}).get("site_id")
             if site in self.nodes:
                 self.nodes[site] = node
+                self.offline.discard(site)
                 self.say(f"  site {site} rejoined (node {node})")
             elif site is not None:
                 self.say(f"  node {node} says it is site {site}, not in this run: ignored", WARNING)
@@ -122,7 +131,7 @@ class FlowerLink:
     def _log_receipt(self, route: str, site: str, request: dict, reply: dict) -> None:
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "site": site,
+            "site": reply.get("site_id", site) if route == "query.census" else site,
             "run": str(request.get("run", "")),
             "route": route,
             "fold": request.get("fold"),

@@ -339,6 +339,8 @@ class ModelSection(_Section):
     fusion_lr: float = Field(1e-3, gt=0)
     fusion_batch: int = Field(32, ge=1)
     fusion_weight_decay: float = Field(1e-3, ge=0)
+    fusion_group_dropout: float = Field(0.3, ge=0, lt=1)
+    deep_components: int = Field(8, ge=0)  # whitened PCA of the deep features; 0 = all, scaled
 
 
 class EvaluationSection(_Section):

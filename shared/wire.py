@@ -96,6 +96,7 @@ _STANDARDISE = {
     "clinical_scale": S,
     "deep_mean": S,
     "deep_scale": S,
+    "deep_projection": S,  # (D, c) whitened PCA of the pooled training deep features
 }
 _IMAGE = {"backbone": S, "image_preset": S, "mask_channel": S}
 _DP = {"dp_mode": S, "dp_epsilon": S, "dp_releases": S, "max_grad_norm": S}
@@ -175,6 +176,7 @@ ROUTES: dict[str, Route] = {
                 "pos_weight": S,
                 "hidden": S,
                 "dropout": S,
+                "group_dropout": S,
                 "weights:*": S,
             },
             {"n": C, "val_loss_sum:*": Kind.METRIC},
@@ -182,7 +184,7 @@ ROUTES: dict[str, Route] = {
         Route(
             "query.deep_features",
             {**_RUN, **_IMAGE, "weights:*": S},
-            {"n": C, "deep_sum": A, "deep_sumsq": A},  # (D,), (D,) over training rows
+            {"n": C, "deep_sum": A, "deep_sumsq": A, "deep_cross": A},  # (D,), (D,), (D, D)
         ),
         Route(
             "train.fusion",
@@ -200,13 +202,22 @@ ROUTES: dict[str, Route] = {
                 **_DP,
                 "hidden": S,
                 "dropout": S,
+                "group_dropout": S,
                 "weights:*": S,
             },
             {"n": C, "weights:*": Kind.WEIGHTS, "train_loss_sum:*": Kind.METRIC},
         ),
         Route(
             "query.train_scores",
-            {**_RUN, **_STANDARDISE, "bins": S, "hidden": S, "dropout": S, "weights:*": S},
+            {
+                **_RUN,
+                **_STANDARDISE,
+                "bins": S,
+                "hidden": S,
+                "dropout": S,
+                "group_dropout": S,
+                "weights:*": S,
+            },
             {"n": C, "hist_pos:*": Kind.HISTOGRAM, "hist_neg:*": Kind.HISTOGRAM},
         ),
         Route(

@@ -12,13 +12,13 @@ folds only:
 1. image model (per backbone) trained on the training crops, early-stopped on a stratified inner
    validation split of the training rows;
 2. deep features (n, D) of every patient from that fold's model; standardised with the training
-   rows' mean and SD;
+   rows' mean and SD, then (``deep_components``) whitened PCA components fitted on those rows;
 3. radiomics: median imputation, then ``shared.selection.RadiomicsSelector`` (constant columns
    dropped, standardised, correlation filter, random-forest top-k) fitted on the training rows;
    clinical columns standardised with the training rows' statistics;
-4. a ``FusionNet`` per feature-group subset (ablations) trained on the training rows (early stop
-   on an inner split), its Youden threshold taken on its own predictions for all training rows,
-   then applied to the held-out fold.
+4. a ``FusionNet`` per feature-group subset (ablations) trained on the training rows (group
+   dropout; early stop on the AUC of an inner split), its Youden threshold taken on its own
+   predictions for all training rows, then applied to the held-out fold.
 
 Out-of-fold predictions are pooled over folds: AUC with its DeLong 95% CI, accuracy,
 sensitivity, specificity (each patient classified at its own fold's threshold), Brier score,
@@ -117,9 +117,9 @@ class StudyPreset:
     fusion_patience: int = 25
     fusion_members: int = 5  # nets averaged, each early-stopped on its own inner split
     fusion_bottleneck: dict[str, int] = field(default_factory=dict)  # group -> learnt width
-    fusion_group_dropout: float = 0.0  # P(a group of a sample is zeroed) in fusion training
-    fusion_monitor: Monitor = "loss"  # fusion early stopping: inner-split loss or AUC
-    deep_components: int | None = None  # PCA (whitened, training rows) of the deep features
+    fusion_group_dropout: float = 0.3  # P(a group of a sample is zeroed) in fusion training
+    fusion_monitor: Monitor = "auc"  # fusion early stopping: inner-split AUC (or loss)
+    deep_components: int | None = 8  # PCA (whitened, training rows) of the deep features
     correlation_threshold: float = 0.9
     top_k: int = 36
     rf_trees: int = 200
@@ -546,7 +546,8 @@ def _deep_group(
 ) -> tuple[np.ndarray, dict]:
     """Stage 1 + 2: train the fold's image model on the training crops (inner stratified
     validation split for early stopping), then deep features (n, D) of every patient,
-    standardised with the training rows' statistics."""
+    standardised with the training rows' statistics and, with ``preset.deep_components``,
+    reduced to that many whitened PCA components (fitted on the training rows)."""
     fit_rows, val_rows = train_test_split(
         train, test_size=preset.image_val_fraction, stratify=y[train], random_state=seed
     )
@@ -572,7 +573,8 @@ def _deep_group(
     timing["deep_features"] += time.perf_counter() - tic
     deep = StandardScaler().fit(deep[train]).transform(deep)
     if preset.deep_components:
-        pca = PCA(preset.deep_components, whiten=True, random_state=seed).fit(deep[train])
+        k = min(preset.deep_components, deep.shape[1], len(train))
+        pca = PCA(k, whiten=True, random_state=seed).fit(deep[train])
         deep = pca.transform(deep)
     val_auc = history["val_auc"][history["best_epoch"] - 1] if history["val_auc"] else None
     say(

@@ -87,3 +87,30 @@ def test_flower_processes_are_gone_and_flwr_home_is_inside_the_run(simulated) ->
     assert (run / "flwr-home" / "config.toml").is_file()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(run / "flwr-home") not in ps
+
+
+def test_site_explains_its_image_model_locally(simulated) -> None:
+    cohort, run, _ = simulated
+    site = cohort / "hospital_a"
+    done = subprocess.run(
+        [
+            FEDMETS,
+            "site",
+            "explain",
+            "--config",
+            str(site / "site.toml"),
+            "--run",
+            run.name,
+            "--fold",
+            "1",
+            "--patients",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    pngs = sorted((site / "output" / "explain" / run.name).glob("*/occlusion-z*.png"))
+    assert 1 <= len(pngs) <= 3 and all(p.stat().st_size > 2000 for p in pngs)

@@ -6,15 +6,18 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.impute import SimpleImputer
+from sklearn.metrics import roc_auc_score
 
-from shared.models import group_subsets
-from simulation.study import PRESETS, load_cohort, load_table, model_key, run_study
+from client.training import train_fusion
+from shared.models import FusionNet, group_subsets
+from simulation.study import PRESETS, _fit_fusion, load_cohort, load_table, model_key, run_study
 from simulation.synth import generate_cohort
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -188,3 +191,36 @@ def test_cli_tabular(tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "exactly one of --cohort and --table" in bad.stderr
+
+
+def test_fusion_options_auc_monitor_and_deep_compression():
+    """The preset's fusion guards (deep bottleneck, group dropout, AUC early stopping) run
+    end to end in ``_fit_fusion``, repeat with the seed, and the AUC monitor keeps the epoch
+    of the best inner-validation AUC."""
+    rng = np.random.default_rng(0)
+    n = 160
+    y = (rng.random(n) < 0.25).astype(int)
+    groups = {
+        "deep": rng.normal(size=(n, 48)).astype(np.float32),
+        "radiomics": (rng.normal(size=(n, 6)) + 0.8 * y[:, None]).astype(np.float32),
+        "clinical": rng.normal(size=(n, 4)).astype(np.float32),
+    }
+    preset = replace(
+        PRESETS["tiny"],
+        fusion_bottleneck={"deep": 2},
+        fusion_group_dropout=0.3,
+        fusion_monitor="auc",
+    )
+    train, test = np.arange(120), np.arange(120, n)
+    first = _fit_fusion(groups, y, train, test, preset, seed=1)
+    second = _fit_fusion(groups, y, train, test, preset, seed=1)
+    np.testing.assert_array_equal(first[0], second[0])
+    assert first[0].shape == (len(test),) and 0 < first[1] < 1
+    assert roc_auc_score(y[test], first[0]) > 0.7
+    X = np.concatenate(list(groups.values()), axis=1)
+    model = FusionNet({g: m.shape[1] for g, m in groups.items()}, (8,), bottleneck={"deep": 2})
+    history = train_fusion(
+        model, X, y, epochs=15, lr=1e-2, pos_weight=3.0, seed=0, patience=None, monitor="auc"
+    )
+    aucs = history["val_auc"]
+    assert history["best_epoch"] == 1 + aucs.index(max(aucs))

@@ -1,0 +1,98 @@
+"""One federated run two ways: Flower's simulation engine vs a real deployment on loopback
+(TLS SuperLink with SuperNode authentication, one SuperNode process per site).
+
+    .venv/bin/python benchmarks/bench_deployment.py [--sites 3] [--patients 60] [--out DIR]
+
+The same tiny tabular federation (``simulation.feature_sites``; 2 folds, 2 fusion rounds) runs
+both ways. Printed per way: wall time of the run, message rounds (one ``ask`` of the protocol,
+from the ServerApp's ``received.jsonl``), wall time per message round, bytes each site sends per
+message round (mean of the replies' field sizes), and the deployment's extra cost per message
+round over the simulation (a ClientApp process start per message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import tomli_w
+
+from shared.config import FederationConfig, load_site_config
+from simulation.feature_sites import write_feature_sites
+from simulation.loopback import LoopbackFederation
+from simulation.simulate import run_flower_simulation
+
+
+def federation_toml(path: Path) -> Path:
+    cfg = FederationConfig.model_validate(
+        {
+            "run": {"name": "bench-deploy", "seed": 1},
+            "cv": {"folds": 2, "seed": 1},
+            "stages": {"fusion_rounds": 2, "fusion_local_epochs": 2},
+            "selection": {"top_k": 10, "rf_trees": 20},
+            "federation": {"min_sites": 2, "round_timeout_s": 120},
+        }
+    )
+    path.write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
+    return path
+
+
+def figures(out: Path, wall: float) -> dict[str, float]:
+    """Message rounds, seconds per round and bytes per site per round from received.jsonl."""
+    entries = [json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()]
+    asks = {(e["route"], e["fold"], e["round"]) for e in entries}
+    sizes = [sum(f["bytes"] for f in e["fields"].values()) for e in entries]
+    return {
+        "wall_s": wall,
+        "message_rounds": len(asks),
+        "s_per_round": wall / max(len(asks), 1),
+        "bytes_per_site_round": sum(sizes) / max(len(sizes), 1),
+        "replies": len(entries),
+    }
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--sites", type=int, default=3)
+    args.add_argument("--patients", type=int, default=60)
+    args.add_argument("--out", type=Path, default=None)
+    opts = args.parse_args()
+    root = opts.out or Path(tempfile.mkdtemp(prefix="fedmets-deploy-"))
+    tomls = write_feature_sites(root / "sites", [opts.patients] * opts.sites, seed=3)
+    fed = federation_toml(root / "federation.toml")
+    results = {}
+
+    tic = time.perf_counter()
+    configs = [load_site_config(p) for p in tomls]
+    run_flower_simulation(configs, fed, root / "simulation", lambda m: None)
+    results["simulation"] = figures(root / "simulation" / "federated", time.perf_counter() - tic)
+
+    sites = {cfg.site_id: path for cfg, path in zip(configs, tomls, strict=True)}
+    with LoopbackFederation(root / "deployment", sites) as federation:
+        federation.start_superlink()
+        for site in sites:
+            federation.register(site)
+            federation.start_supernode(site)
+        tic = time.perf_counter()
+        run = federation.run(fed, root / "deployment" / "out")
+        if run.wait(timeout=3600) != 0:
+            raise SystemExit(f"deployment run failed: see {root / 'deployment' / 'logs'}")
+        results["deployment"] = figures(root / "deployment" / "out", time.perf_counter() - tic)
+
+    print(f"{os.cpu_count()} CPUs; {opts.sites} sites x {opts.patients} patients; in {root}")
+    print(f"{'':12s} {'wall s':>8s} {'rounds':>7s} {'s/round':>8s} {'kB/site/round':>14s}")
+    for way, r in results.items():
+        print(
+            f"{way:12s} {r['wall_s']:>8.1f} {r['message_rounds']:>7d} {r['s_per_round']:>8.2f}"
+            f" {r['bytes_per_site_round'] / 1e3:>14.1f}"
+        )
+    extra = results["deployment"]["s_per_round"] - results["simulation"]["s_per_round"]
+    print(f"deployment overhead per message round: {extra:.2f} s (a ClientApp process per message)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Local explanations of the image model, made and kept at the site: occlusion-sensitivity
+maps of a patient's CT crop, written as PNG slices with the tumour contour under
+``<paths.output>/explain/<run>/``. Nothing here is ever sent.
+
+The model is the federated image model of one cross-validation fold, as the site received it
+(``query.deep_features`` stores it under the site's run state, with its settings). The map is
+MONAI's ``OcclusionSensitivity``: the DM probability of the crop with a Gaussian-weighted cube
+occluded at each position; shown is the drop from the unoccluded probability (red: the region
+raised the predicted risk).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.visualize import OcclusionSensitivity
+from torch import nn
+
+from client.extract import crop_path
+from client.training import load_crops, set_state
+from shared.config import SiteConfig
+from shared.models import IMAGE_PRESETS, ImageClassifier, ImageModelConfig, build_image_model
+
+STATE_DIR = "federated"
+"""A site's per-run state folder under ``paths.cache`` (``client.site_worker``)."""
+MODEL_FILE = "image-fold{fold}.npz"
+SETTINGS_FILE = "image-fold{fold}.json"
+
+
+class _ProbabilityColumn(nn.Module):
+    """(B, C, S, S, S) -> (B, 1) logits, the layout OcclusionSensitivity expects."""
+
+    def __init__(self, model: ImageClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).unsqueeze(-1)
+
+
+def save_fold_model(state_dir: Path, fold: int, weights: dict, settings: dict) -> None:
+    """Keep the fold's global image model (weights + backbone, preset, mask channel)."""
+    np.savez(state_dir / MODEL_FILE.format(fold=fold), **weights)
+    (state_dir / SETTINGS_FILE.format(fold=fold)).write_text(json.dumps(settings))
+
+
+def load_fold_model(state_dir: Path, fold: int) -> tuple[ImageClassifier, dict]:
+    """The fold's image model (eval mode) and its settings, as :func:`save_fold_model` kept."""
+    path = state_dir / MODEL_FILE.format(fold=fold)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image model of fold {fold} in {state_dir} (run a federation)")
+    settings = json.loads((state_dir / SETTINGS_FILE.format(fold=fold)).read_text())
+    base = IMAGE_PRESETS[settings["image_preset"]][settings["backbone"]]
+    channels = 1 if settings["mask_channel"] == "none" else 2
+    cfg = ImageModelConfig.model_validate({**base.model_dump(), "in_channels": channels})
+    model = build_image_model(cfg)
+    with np.load(path) as stored:
+        set_state(model, {k: stored[k] for k in stored.files})
+    return model.eval(), settings
+
+
+@torch.no_grad()
+def occlusion_map(model: ImageClassifier, image: np.ndarray, mask_size: int = 8) -> np.ndarray:
+    """Risk drop (S, S, S) when each region of ``image`` (C, S, S, S) is occluded:
+    p(image) - p(image with a cube of ``mask_size`` voxels occluded there)."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    wrapped = _ProbabilityColumn(model).eval()
+    base = torch.sigmoid(wrapped(x))[0, 0].item()
+    occlusion = OcclusionSensitivity(
+        wrapped,
+        mask_size=mask_size,
+        n_batch=32,
+        verbose=False,
+        overlap=0.25,
+        activate=torch.sigmoid,
+    )
+    occluded, _ = occlusion(x)  # (1, 1, S, S, S), a trailing class axis in some versions
+    side = image.shape[-1]
+    return base - occluded.reshape(-1, side, side, side).mean(axis=0).numpy()
+
+
+def save_slices(
+    ct: np.ndarray, tumour: np.ndarray, heat: np.ndarray, out: Path, title: str
+) -> list[Path]:
+    """PNGs of three axial slices (z) through the tumour (S, S, S fractions): the CT (scaled
+    0-1) in grey, the occlusion map ``heat`` in colour (red: occluding it lowers the risk, i.e.
+    the region raised it), the tumour contour in yellow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = np.flatnonzero(tumour.reshape(len(tumour), -1).max(axis=1) > 0.5)
+    centre = int(np.median(rows)) if len(rows) else len(ct) // 2
+    span = max(1, int(rows.max() - rows.min()) // 3) if len(rows) else 2
+    limit = float(np.abs(heat).max()) or 1.0
+    paths = []
+    for z in sorted({min(max(centre + k * span, 0), len(ct) - 1) for k in (-1, 0, 1)}):
+        figure = Figure(figsize=(3.2, 3.2), dpi=100)
+        ax = figure.add_subplot()
+        ax.imshow(ct[z], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(heat[z], cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.45)
+        if tumour[z].max() > 0.5:
+            ax.contour(tumour[z], levels=[0.5], colors="yellow", linewidths=1)
+        ax.set_title(f"{title}, slice {z}", fontsize=8)
+        ax.axis("off")
+        path = out / f"occlusion-z{z:03d}.png"
+        figure.savefig(path, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def explain_site(
+    cfg: SiteConfig, run: str, fold: int = 0, patients: int = 3, mask_size: int = 8
+) -> list[Path]:
+    """Occlusion maps of the first ``patients`` held-out patients of ``fold`` of ``run`` at
+    this site, with its fold model; PNGs under ``<paths.output>/explain/<run>/<patient>/``."""
+    state = cfg.paths.cache / STATE_DIR / run
+    model, settings = load_fold_model(state, fold)
+    with np.load(state / "folds.npz") as stored:
+        ids, held_out = stored["ids"], np.flatnonzero(stored["fold"] == fold)
+    side = model.cfg.crop_voxels
+    paths = []
+    for row in held_out[:patients]:
+        pid = str(ids[row])
+        crop = crop_path(cfg, pid)
+        image = load_crops([crop], side, settings["mask_channel"])[0]
+        tumour = load_crops([crop], side, "tumour")[0][1]
+        heat = occlusion_map(model, image, mask_size)
+        out = cfg.paths.output / "explain" / run / pid
+        paths += save_slices(image[0], tumour, heat, out, f"{pid} (fold {fold})")
+    return paths
