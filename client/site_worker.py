@@ -61,6 +61,7 @@ from shared.models import (
     ImageClassifier,
     ImageModelConfig,
     build_image_model,
+    input_blocks,
 )
 from shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
 
@@ -218,6 +219,7 @@ class SiteWorker:
             "query.train_scores": self.train_scores,
             "query.evaluation": self.evaluation,
             "query.ledger": self.ledger_summary,
+            "query.permutation": self.permutation,
         }
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -294,6 +296,7 @@ class SiteWorker:
                 [list(data.radiomics.columns), [] if data.clinical is None else list(data.clinical)]
             ),
             "params_hash": digest(data.settings),
+            "radiomics_names": list(data.radiomics.columns),
         }
 
     def folds(self, request: dict) -> dict:
@@ -596,6 +599,34 @@ class SiteWorker:
         for name, (net, X) in self._fusion_models(request, groups).items():
             reply[f"val_loss_sum:{name}"] = _loss_sum(loss, predict_proba(net, X[rows]), y)
         return reply
+
+    def permutation(self, request: dict) -> dict:
+        """Permutation importance of the request's fusion network on this site's held-out rows
+        of the fold: the summed weighted-BCE increase when one input block (a radiomics column,
+        a clinical variable, the deep features) is shuffled across those rows, averaged over
+        ``repeats`` shuffles; (blocks,) in ``shared.models.input_blocks`` order."""
+        rows = self._rows(request)["test"]
+        n = int(rows.sum())
+        if n < self.min_patients(request):
+            return {"n": n}
+        (name, (net, X)), *_ = self._fusion_models(request, self._groups(request)).items()
+        X, y = X[rows], torch.from_numpy(self.data.labels[rows].astype(np.float32))
+        loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(request["pos_weight"])))
+        clinical = [] if self.data.clinical is None else list(self.data.clinical.columns)
+        blocks = input_blocks(net.group_dims, clinical)
+        rng = np.random.default_rng(site_seed(int(request["seed"]), self.site_id))
+        base = _loss_sum(loss, predict_proba(net, X), y)
+        increase = np.zeros(len(blocks))
+        for _ in range(int(request["repeats"])):
+            for b, (_, columns) in enumerate(blocks):
+                shuffled = X.copy()
+                shuffled[:, columns] = X[rng.permutation(n)][:, columns]
+                increase[b] += _loss_sum(loss, predict_proba(net, shuffled), y) - base
+        return {
+            "n": n,
+            "base_loss_sum": base,
+            "loss_increase_sum": increase / int(request["repeats"]),
+        }
 
     def train_scores(self, request: dict) -> dict:
         """Histograms of the training rows' scores (for the threshold); the held-out rows'

@@ -40,6 +40,7 @@ import numpy as np
 from server.aggregation import Aggregator
 from server.privacy import ClientLevelDP, privacy_report, summary_from_reply
 from shared import wire
+from shared.clinical import encoded_columns
 from shared.config import FederationConfig
 from shared.metrics import (
     auc_ci_from_histograms,
@@ -54,12 +55,14 @@ from shared.models import (
     ImageModelConfig,
     build_image_model,
     group_subsets,
+    input_blocks,
 )
 from shared.reproducibility import set_seed
 from shared.selection import correlation_filter
 
 NO_IMAGE = "none"
 IMAGE = "image"
+IMPORTANCE_REPEATS = 3
 Payload = dict[str, Any]
 
 
@@ -216,6 +219,7 @@ class FederatedProtocol:
             fold_record["seconds"] = round(time.perf_counter() - tic, 1)
             self.record.folds.append(fold_record)
         results = self.evaluate(thresholds)
+        importance = _mean_importance([f["importance"] for f in self.record.folds])
         ledgers = self._ask("query.ledger", {})
         privacy = privacy_report(
             {s: summary_from_reply(r) for s, r in ledgers.items() if "epsilon" in r},
@@ -224,6 +228,7 @@ class FederatedProtocol:
         privacy["mode"] = self.cfg.dp.mode
         self.record.timing_s["total"] = round(time.perf_counter() - started, 1)
         return {
+            "importance": importance,
             "privacy": privacy,
             "run": self.run,
             "models": results,
@@ -344,7 +349,60 @@ class FederatedProtocol:
         record["thresholds"] = self._step(
             f"fold{fold}-thresholds", lambda: self.thresholds(fold, fusion_weights, standardise)
         )
+        main = main_model(models)
+        record["importance"] = self._step(
+            f"fold{fold}-importance",
+            lambda: self.permutation_importance(
+                fold, main, fusion_weights[main], dims, standardise, pos_weight
+            ),
+        )
         return record
+
+    def permutation_importance(
+        self,
+        fold: int,
+        model: str,
+        weights: dict[str, np.ndarray],
+        dims: dict[str, int],
+        standardise: Payload,
+        pos_weight: float,
+    ) -> dict:
+        """Pooled permutation importance of ``model``'s input blocks on the fold's held-out
+        rows: the sites' summed loss increases over their held-out patients (mean weighted BCE
+        increase per patient; radiomics blocks named by their column)."""
+        replies = self._ask(
+            "query.permutation",
+            {
+                **standardise,
+                **self._fusion_settings(),
+                "fold": fold,
+                "pos_weight": pos_weight,
+                "repeats": IMPORTANCE_REPEATS,
+                "seed": self._seed(fold, 3),
+                wire.WEIGHTS_PREFIX + model: weights,
+            },
+            fold=fold,
+        )
+        usable = [r for r in replies.values() if "loss_increase_sum" in r]
+        used = model.split("/", 1)[1].split("+")
+        blocks = input_blocks({g: dims[g] for g in used}, encoded_columns())
+        if not usable:
+            return {"model": model, "blocks": [], "importance": [], "patients": 0}
+        n = sum(r["n"] for r in usable)
+        increase = sum(r["loss_increase_sum"] for r in usable) / n
+        names = self.record.census[min(self.record.census)].get("radiomics_names", [])
+        selected = standardise["radiomics_columns"]
+        labels = []
+        for name, _ in blocks:
+            if name.startswith("radiomics:") and len(names):
+                name = f"radiomics:{names[int(selected[int(name.split(':')[1])])]}"
+            labels.append(name)
+        return {
+            "model": model,
+            "blocks": labels,
+            "importance": [float(v) for v in increase],
+            "patients": int(n),
+        }
 
     # ---- selection -----------------------------------------------------------------------------
 
@@ -700,6 +758,23 @@ class FederatedProtocol:
                 },
             }
         return results
+
+
+def _mean_importance(per_fold: list[dict]) -> dict:
+    """Each block's permutation importance averaged over the folds it appears in (radiomics
+    blocks differ between folds: each fold selects its own columns), highest first."""
+    values: dict[str, list[float]] = {}
+    for fold in per_fold:
+        for name, value in zip(fold["blocks"], fold["importance"], strict=True):
+            values.setdefault(name, []).append(value)
+    ranked = sorted(values.items(), key=lambda item: -float(np.mean(item[1])))
+    return {
+        "model": per_fold[0]["model"] if per_fold else None,
+        "measure": "mean weighted-BCE increase per held-out patient when the block is shuffled",
+        "blocks": [
+            {"name": name, "importance": float(np.mean(v)), "folds": len(v)} for name, v in ranked
+        ],
+    }
 
 
 def _metrics(

@@ -103,6 +103,7 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
         "models": models,
         "folds": server.get("folds") or [],
         "timing_s": server.get("timing_s") or {},
+        "importance": server.get("importance"),
     }
     metrics = {
         key: value
@@ -638,6 +639,32 @@ def subsite_html(metrics: dict) -> str:
     )
 
 
+IMPORTANCE_ROWS = 20
+
+
+def importance_html(metrics: dict) -> str:
+    """The federated permutation importance of the main model's input blocks (each site on
+    its own held-out patients, pooled by the server)."""
+    importance = (metrics.get("federated") or {}).get("importance") or {}
+    blocks = importance.get("blocks") or []
+    if not blocks:
+        return (
+            '<h2>What the model relies on</h2><p class="absent">No permutation importance in '
+            "this run.</p>"
+        )
+    rows = [
+        [e(b["name"]), num(b["importance"], 4), e(b["folds"])] for b in blocks[:IMPORTANCE_ROWS]
+    ]
+    return (
+        f'<h2>What the model relies on</h2><p class="note">Permutation importance of '
+        f"{e(importance.get('model'))}: {e(importance.get('measure'))}; computed by each site "
+        "on its own held-out patients of each fold and pooled by the server (a radiomics block "
+        "counts only in the folds that selected it). Occlusion maps of the image model stay at "
+        f"the sites (<code>fedmets site explain</code>). Top {IMPORTANCE_ROWS} of {len(blocks)}."
+        "</p>" + table(["input block", "importance", "folds"], rows)
+    )
+
+
 def backbone_html(metrics: dict) -> str:
     keys = list(
         dict.fromkeys(key for s in SETTINGS for key in ((metrics.get(s) or {}).get("models") or {}))
@@ -972,6 +999,7 @@ def render_report(run_dir: Path) -> str:
         results_html(metrics, sites, figures),
         ablation_html(metrics, figures),
         subsite_html(metrics),
+        importance_html(metrics),
         backbone_html(metrics),
         privacy_html(metrics, figures),
         training_html(metrics, figures),

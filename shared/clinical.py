@@ -196,3 +196,11 @@ def decode_subsite(encoded: pd.DataFrame) -> np.ndarray:
     onehot = encoded[columns].to_numpy()
     names = np.array(categories)[onehot.argmax(axis=1)]
     return np.where(onehot.max(axis=1) > 0, names, "unknown")
+
+
+def encoded_variable(column: str) -> str:
+    """The clinical variable of an encoded column (``"t_stage_t2"`` -> ``"t_stage"``)."""
+    for name in CLINICAL_COLUMNS:
+        if column == name or column.startswith(f"{name}_"):
+            return name
+    raise ValueError(f"{column!r} is not an encoded clinical column")

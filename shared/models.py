@@ -339,3 +339,26 @@ def positive_class_weight(labels: np.ndarray | Sequence[int]) -> float:
     y = np.asarray(labels)
     weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=y)
     return float(weights[1] / weights[0])
+
+
+def input_blocks(group_dims: Mapping[str, int], clinical_columns: Sequence[str]) -> list[tuple]:
+    """The fusion input's blocks for permutation importance, as (name, column indices) in the
+    concatenation order of :class:`FusionNet`: each radiomics column (``radiomics:<i>``, i its
+    rank among the selected columns), each clinical variable (its encoded columns together,
+    ``clinical:<variable>``), the deep features as one block (``deep``)."""
+    from shared.clinical import encoded_variable
+
+    blocks, start = [], 0
+    for group in (g for g in FUSION_GROUPS if g in group_dims):
+        width = int(group_dims[group])
+        if group == "radiomics":
+            blocks += [(f"radiomics:{i}", [start + i]) for i in range(width)]
+        elif group == "clinical":
+            variables: dict[str, list[int]] = {}
+            for i, column in enumerate(clinical_columns):
+                variables.setdefault(encoded_variable(column), []).append(start + i)
+            blocks += [(f"clinical:{v}", cols) for v, cols in variables.items()]
+        else:
+            blocks.append(("deep", list(range(start, start + width))))
+        start += width
+    return blocks

@@ -43,6 +43,7 @@ class Kind(StrEnum):
     HISTOGRAM = "histogram"  # class-conditional score counts over fixed bins
     METRIC = "metric"  # a scalar summed or averaged over >= min_patients patients
     WEIGHTS = "weights"  # model parameters
+    SCHEMA = "schema"  # feature column names (PyRadiomics names: public, never patient data)
     SETTING = "setting"  # server -> site only: configuration, indices, global statistics
 
 
@@ -50,6 +51,13 @@ REPLY_KINDS = frozenset(Kind) - {Kind.SETTING}
 ENUM_WORDS = frozenset({"images", "tabular", "ok", "refused"})
 HEX = re.compile(r"^[0-9a-f]{8,128}$")
 SITE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{1,31}$")
+FEATURE_NAME = re.compile(
+    r"^((tumour|ring)_|(original|wavelet|log|square|squareroot|logarithm|exponential|gradient"
+    r"|lbp)[-_])[A-Za-z0-9._-]+$",
+    re.IGNORECASE,
+)
+"""A PyRadiomics feature name (``tumour_wavelet-LLH_glcm_Idm``): the only text besides hashes,
+site ids and fixed words a site may send."""
 WEIGHTS_PREFIX = "weights:"
 SCALARS = "scalars"
 ARRAYS = "arrays"
@@ -120,6 +128,7 @@ ROUTES: dict[str, Route] = {
                 "has_images": C,
                 "schema_hash": Kind.HASH,
                 "params_hash": Kind.HASH,
+                "radiomics_names": Kind.SCHEMA,
             },
         ),
         Route(
@@ -221,6 +230,21 @@ ROUTES: dict[str, Route] = {
             {"n": C, "hist_pos:*": Kind.HISTOGRAM, "hist_neg:*": Kind.HISTOGRAM},
         ),
         Route(
+            "query.permutation",
+            {
+                **_RUN,
+                **_STANDARDISE,
+                "hidden": S,
+                "dropout": S,
+                "group_dropout": S,
+                "pos_weight": S,
+                "repeats": S,
+                "seed": S,
+                "weights:*": S,
+            },
+            {"n": C, "base_loss_sum": Kind.METRIC, "loss_increase_sum": A},  # (blocks,)
+        ),
+        Route(
             "query.ledger",
             {"run": S, "min_patients": S},
             {
@@ -280,6 +304,8 @@ def to_records(route_name: str, payload: Mapping[str, Any], reply: bool) -> Reco
             arrays[key] = Array(np.ascontiguousarray(value))
         elif isinstance(value, (bool, int, float, str)) and not isinstance(value, np.generic):
             scalars[key] = value
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            scalars[key] = list(value)
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
             arrays[key] = Array(np.asarray(value))
         else:
@@ -346,6 +372,10 @@ def _kind_problems(kind: Kind, value: Any) -> list[str]:
         return [] if isinstance(value, str) and SITE_ID.match(value) else ["not a site id"]
     if kind == Kind.ENUM:
         return [] if value in ENUM_WORDS else [f"not one of {sorted(ENUM_WORDS)}"]
+    if kind == Kind.SCHEMA:
+        names = value if isinstance(value, (list, tuple)) else [value]
+        bad = [n for n in names if not isinstance(n, str) or not FEATURE_NAME.match(n)]
+        return [f"not feature names: {bad[:3]}"] if bad else []
     if isinstance(value, str):
         return ["free text may not leave a site"]
     if kind == Kind.HISTOGRAM:

@@ -204,6 +204,7 @@ def _summary(result: dict) -> dict:
         "per_site": result["models"][main]["per_site"],
         "models": result["models"],
         "folds": result["folds"],
+        "importance": result.get("importance"),
         "timing_s": result["timing_s"],
     }
 

@@ -180,6 +180,12 @@ def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
     assert pooled["brier"] == pytest.approx(((s - y) ** 2).mean(), rel=1e-9)
     assert pooled["auc_ci"][0] < pooled["auc"] < pooled["auc_ci"][1]
     assert pooled["auc"] > 0.7  # the latent factor drives both radiomics and labels
+    blocks = [b["name"] for b in result["importance"]["blocks"]]
+    assert "clinical:age" in blocks and all(
+        b.startswith(("radiomics:tumour_original_f", "clinical:")) for b in blocks
+    )
+    top = blocks[0].removeprefix("radiomics:tumour_original_f")
+    assert blocks[0] == "clinical:age" or int(top) % 4 == 0  # a column of the label's factor
 
 
 def test_same_seed_same_results(sites) -> None:
