@@ -151,7 +151,7 @@ INVALID = {
     "unknown top-level key": (
         SITE.replace("seed = 3", "seed = 3\ncolour = 1"),
         "colour: unknown key (allowed here: site_id, display_name, seed, data, compute, paths,"
-        " radiomics, preprocess)",
+        " radiomics, preprocess, privacy)",
     ),
     "unknown nested key": (
         SITE + "[compute]\ngpus = 2\n",
@@ -359,7 +359,7 @@ def test_several_problems_all_reported(tmp_path: Path) -> None:
         f"{path}: data.mode: must be one of 'images', 'tabular', got 'pixels'",
         f"{path}: radiomics.peritumoral_margin_mm: must be > 0, got 0",
         f"{path}: extra: unknown key (allowed here: site_id, display_name, seed, data, compute,"
-        " paths, radiomics, preprocess)",
+        " paths, radiomics, preprocess, privacy)",
     ]
     assert str(caught.value) == "\n".join(caught.value.problems)
 
