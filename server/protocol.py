@@ -51,16 +51,17 @@ from shared.metrics import (
 from shared.models import (
     FUSION_GROUPS,
     IMAGE_PRESETS,
+    NO_IMAGE,
     FusionNet,
     ImageModelConfig,
     build_image_model,
     group_subsets,
     input_blocks,
+    model_key,
 )
 from shared.reproducibility import set_seed
 from shared.selection import correlation_filter
 
-NO_IMAGE = "none"
 IMAGE = "image"
 IMPORTANCE_REPEATS = 3
 Payload = dict[str, Any]
@@ -96,11 +97,6 @@ class RunRecord:
     folds: list[dict] = field(default_factory=list)
     dropouts: list[dict] = field(default_factory=list)
     timing_s: dict[str, float] = field(default_factory=dict)
-
-
-def model_key(backbone: str | None, groups: tuple[str, ...]) -> str:
-    """``"<backbone>/<group>+<group>"`` (``"none/..."`` without deep features)."""
-    return f"{backbone or NO_IMAGE}/{'+'.join(groups)}"
 
 
 def main_model(models: list[str]) -> str:

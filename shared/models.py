@@ -241,6 +241,16 @@ FUSION_GROUPS: tuple[str, ...] = ("deep", "radiomics", "clinical")
 """Feature groups the fusion network can take, in the order they are concatenated."""
 
 
+NO_IMAGE = "none"
+"""Backbone part of the key of a model without deep features (``"none/radiomics"``)."""
+
+
+def model_key(backbone: str | None, groups: Sequence[str]) -> str:
+    """``"<backbone>/<group>+<group>"``, e.g. ``"swin3d/deep+radiomics+clinical"``,
+    ``"none/clinical"``."""
+    return f"{backbone or NO_IMAGE}/{'+'.join(groups)}"
+
+
 def group_subsets() -> list[tuple[str, ...]]:
     """Every non-empty subset of :data:`FUSION_GROUPS` (singles, pairs, all): the ablations."""
     return [c for k in range(1, 4) for c in combinations(FUSION_GROUPS, k)]

@@ -20,12 +20,8 @@ Everything is seeded by the federation config's ``[run] seed`` and ``[cv] seed``
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +35,7 @@ from server.protocol import FederatedProtocol
 from server.results import to_jsonable
 from shared.config import FederationConfig, SiteConfig, load_federation_config, load_site_config
 from simulation.in_process import InProcessLink
+from simulation.loopback import flower_bin, flower_env, free_port, stop_process, wait_for_port
 
 APP_DIR = Path(__file__).resolve().parent.parent
 """The Flower app (the folder holding pyproject.toml's ``[tool.flwr.app]``)."""
@@ -217,30 +214,6 @@ def _oracle(cohort: Path) -> float | None:
 # ---- Flower ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _flower_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env |= {
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    }
-    return env
-
-
-def _flower_bin(name: str) -> str:
-    """A Flower executable of this Python environment."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def run_flower_simulation(
     configs: list[SiteConfig], fed_path: Path, out: Path, log: Callable[[str], None]
 ) -> dict:
@@ -249,19 +222,19 @@ def run_flower_simulation(
     home = out / "flwr-home"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
-    port = _free_port()  # one port serves the Fleet, Control and Runtime APIs
+    port = free_port()  # one port serves the Fleet, Control and Runtime APIs
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\n'
         "insecure = true\n",
         encoding="utf-8",
     )
-    env = _flower_env(home)
+    env = flower_env(home)
     result_dir = out / "federated"
     shutil.rmtree(result_dir, ignore_errors=True)
     link_log = (out / "superlink.log").open("w", encoding="utf-8")
     superlink = subprocess.Popen(
         [
-            _flower_bin("flower-superlink"),
+            flower_bin("flower-superlink"),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -279,14 +252,14 @@ def run_flower_simulation(
         start_new_session=True,
     )
     try:
-        _wait_for_port(port, superlink)
+        wait_for_port(port, superlink)
         run_config = (
             f"federation-config='{fed_path}' out='{result_dir}' "
             f"site-configs='{','.join(str(c.source) for c in configs)}'"
         )
         federation_config = f"num-supernodes={len(configs)} client-resources-num-cpus=1"
         command = [
-            _flower_bin("flwr"),
+            flower_bin("flwr"),
             "run",
             str(APP_DIR),
             "sim",
@@ -314,31 +287,8 @@ def run_flower_simulation(
             raise RuntimeError(f"the federated run wrote no results ({where})")
         return json.loads(result.read_text(encoding="utf-8"))
     finally:
-        _stop(superlink)
+        stop_process(superlink)
         link_log.close()
-
-
-def _wait_for_port(port: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {process.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"flower-superlink did not open port {port} in {SERVER_START_TIMEOUT_S} s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop ``process`` and its session (the SuperLink's ServerApp and simulation children)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 # ---- summary -----------------------------------------------------------------------------------

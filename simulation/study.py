@@ -70,14 +70,11 @@ from shared.models import (
     ImageModelConfig,
     build_image_model,
     group_subsets,
+    model_key,
     positive_class_weight,
 )
 from shared.reproducibility import set_seed
 from shared.selection import RadiomicsSelector
-
-NO_IMAGE = "none"
-"""Backbone part of the model key of models without deep features ("none/radiomics")."""
-
 
 # ---- presets -----------------------------------------------------------------------------------
 
@@ -356,12 +353,6 @@ class StudyResult:
 def _child_seed(seed: int, *keys: int) -> int:
     """A 31-bit seed derived from ``seed`` and ``keys`` (distinct streams per fold and task)."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0] % 2**31)
-
-
-def model_key(backbone: str | None, groups: Sequence[str]) -> str:
-    """``"<backbone>/<group>+<group>"``, e.g. ``"swin3d/deep+radiomics+clinical"``,
-    ``"none/clinical"``."""
-    return f"{backbone or NO_IMAGE}/{'+'.join(groups)}"
 
 
 def run_study(

@@ -12,10 +12,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tomli_w
-from test_protocol import SITES, _cfg, _features
+from test_protocol import SITES, _cfg, write_sites
 
 from client.site_worker import SiteWorker
 from server.certs import make_site_keys
@@ -24,32 +23,12 @@ from shared.config import load_federation_config, load_site_config
 from shared.wire import REPLY_KINDS
 from simulation.in_process import InProcessLink
 from simulation.loopback import LoopbackFederation, stop_process
-from simulation.site_files import write_site_config
 
 RUN_TIMEOUT_S = 600
 RESUME_TOLERANCE = 0.01
 """Deployed (stopped, resumed) vs in-process metrics: the ClientApp processes may run torch
 on another thread count, so sums can differ in the last bits and a score can cross a
 histogram bin edge."""
-
-
-def _sites(root: Path) -> dict[str, Path]:
-    rng = np.random.default_rng(5)
-    paths = {}
-    for site, (n, prevalence) in SITES.items():
-        folder = root / "sites" / site
-        (folder / "output").mkdir(parents=True)
-        _features(n, prevalence, rng, site).to_parquet(folder / "output" / "features.parquet")
-        (folder / "features.csv").write_text("unused\n")
-        paths[site] = write_site_config(
-            folder,
-            site,
-            mode="tabular",
-            modalities=["radiomics_table", "clinical"],
-            seed=1,
-            manifest="features.csv",
-        )
-    return paths
 
 
 def _federation(root: Path, name: str, **federation) -> Path:
@@ -101,7 +80,7 @@ def _start_all_and_wait(federation: LoopbackFederation, timeout: float = 240) ->
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
-    sites = _sites(root)
+    sites = write_sites(root / "sites")
     with LoopbackFederation(root, sites) as fed:
         fed.start_superlink()
         for site in sites:

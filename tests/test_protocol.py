@@ -50,13 +50,12 @@ def _features(n: int, prevalence: float, rng: np.random.Generator, prefix: str) 
     return table.astype({"label": float})
 
 
-@pytest.fixture()
-def sites(tmp_path: Path) -> dict[str, Path]:
-    """Three tabular sites with features.parquet ready: site id -> site.toml."""
+def write_sites(root: Path) -> dict[str, Path]:
+    """Three tabular sites with features.parquet ready under ``root``: site id -> site.toml."""
     rng = np.random.default_rng(5)
     paths = {}
     for site, (n, prevalence) in SITES.items():
-        folder = tmp_path / site
+        folder = root / site
         (folder / "output").mkdir(parents=True)
         _features(n, prevalence, rng, site).to_parquet(folder / "output" / "features.parquet")
         (folder / "features.csv").write_text("unused\n")
@@ -69,6 +68,11 @@ def sites(tmp_path: Path) -> dict[str, Path]:
             manifest="features.csv",
         )
     return paths
+
+
+@pytest.fixture()
+def sites(tmp_path: Path) -> dict[str, Path]:
+    return write_sites(tmp_path)
 
 
 def _cfg(**sections) -> FederationConfig:
