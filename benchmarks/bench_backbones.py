@@ -22,13 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from shared.models import (
-    BACKBONES,
-    IMAGE_PRESETS,
-    ImageModelConfig,
-    build_image_model,
-    count_parameters,
-)
+from shared.image_models import BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
+from shared.models import count_parameters
 from shared.reproducibility import set_seed
 
 WARMUP_STEPS = 2

@@ -7,7 +7,8 @@ The same tiny tabular federation (``simulation.feature_sites``; 2 folds, 2 fusio
 both ways. Printed per way: wall time of the run, message rounds (one ``ask`` of the protocol,
 from the ServerApp's ``received.jsonl``), wall time per message round, bytes each site sends per
 message round (mean of the replies' field sizes), and the deployment's extra cost per message
-round over the simulation (a ClientApp process start per message).
+round over the simulation (a ClientApp process start per message), and the part of that start
+that is fedmets' own: the median wall time of a fresh Python importing the ClientApp.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +59,17 @@ def figures(out: Path, wall: float) -> dict[str, float]:
     }
 
 
+def clientapp_import_s(repeats: int = 3) -> float:
+    """Median wall seconds of a fresh interpreter importing ``client.client_app`` (what every
+    deployed message pays before its handler runs, besides Flower's own start)."""
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import client.client_app"], check=True)
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--sites", type=int, default=3)
@@ -92,6 +107,7 @@ def main() -> None:
         )
     extra = results["deployment"]["s_per_round"] - results["simulation"]["s_per_round"]
     print(f"deployment overhead per message round: {extra:.2f} s (a ClientApp process per message)")
+    print(f"ClientApp import in a fresh process: {clientapp_import_s():.2f} s (median of 3)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 import torch
 from bench_backbones import measure, parser, print_table
 
-from shared.models import IMAGE_PRESETS
+from shared.image_models import IMAGE_PRESETS
 from shared.reproducibility import set_seed
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}

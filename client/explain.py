@@ -19,15 +19,11 @@ import torch
 from monai.visualize import OcclusionSensitivity
 from torch import nn
 
-from client.extract import crop_path
-from client.training import load_crops, set_state
+from client.crops import load_crops
+from client.site_files import MODEL_FILE, SETTINGS_FILE, STATE_DIR, crop_path
+from client.training import set_state
 from shared.config import SiteConfig
-from shared.models import IMAGE_PRESETS, ImageClassifier, ImageModelConfig, build_image_model
-
-STATE_DIR = "federated"
-"""A site's per-run state folder under ``paths.cache`` (``client.site_worker``)."""
-MODEL_FILE = "image-fold{fold}.npz"
-SETTINGS_FILE = "image-fold{fold}.json"
+from shared.image_models import IMAGE_PRESETS, ImageClassifier, ImageModelConfig, build_image_model
 
 
 class _ProbabilityColumn(nn.Module):
@@ -39,12 +35,6 @@ class _ProbabilityColumn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).unsqueeze(-1)
-
-
-def save_fold_model(state_dir: Path, fold: int, weights: dict, settings: dict) -> None:
-    """Keep the fold's global image model (weights + backbone, preset, mask channel)."""
-    np.savez(state_dir / MODEL_FILE.format(fold=fold), **weights)
-    (state_dir / SETTINGS_FILE.format(fold=fold)).write_text(json.dumps(settings))
 
 
 def load_fold_model(state_dir: Path, fold: int) -> tuple[ImageClassifier, dict]:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import resource
 import signal
 import time
@@ -65,15 +64,17 @@ from client.radiomics_features import (
     use_one_thread,
 )
 from client.site_check import check_site
+from client.site_files import (
+    CACHE_FOLDER,
+    CROP_FILE,
+    ENTRY_FILE,
+    FEATURES_FILE,
+    REPORT_FILE,
+    entry_name,
+)
 from client.tabular import load_feature_table
 from shared.clinical import encode_clinical
 from shared.config import SiteConfig
-
-FEATURES_FILE = "features.parquet"
-REPORT_FILE = "extraction_report.json"
-CACHE_FOLDER = "extract"
-ENTRY_FILE = "features.json"
-CROP_FILE = "crop.npz"
 
 # The input a failure at each stage points at when the error itself names none.
 _STAGE_FIELD = {
@@ -145,7 +146,7 @@ def extract_site(
             on_patient_done(done, len(records))
 
     for record in records:
-        entry = cache_root / _entry_name(record.patient_id)
+        entry = cache_root / entry_name(record.patient_id)
         stage = "clinical"
         try:
             if use_clinical:
@@ -328,20 +329,6 @@ def _content_digest(path: Path) -> str:
         with open(file, "rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
-
-
-def crop_path(cfg: SiteConfig, patient_id: str) -> Path:
-    """Where the deep-model crop of ``patient_id`` is cached (``client.preprocess.save_crop``)."""
-    return cfg.paths.cache / CACHE_FOLDER / _entry_name(patient_id) / CROP_FILE
-
-
-def _entry_name(patient_id: str) -> str:
-    """A folder name for the patient: the id itself when it is filename-safe, else a safe form
-    plus a hash of the id (so two ids never share an entry)."""
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", patient_id):
-        return patient_id
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", patient_id)[:64]
-    return f"{safe}-{hashlib.sha256(patient_id.encode()).hexdigest()[:12]}"
 
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:

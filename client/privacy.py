@@ -40,12 +40,10 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -57,6 +55,9 @@ from shared.privacy import (
     steps_per_epoch,
 )
 from shared.reproducibility import set_seed
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 __all__ = [
     "PrivacyBudgetExceeded",
@@ -175,6 +176,8 @@ def train_private(
     loader = DataLoader(
         dataset, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)
     )
+    from opacus import PrivacyEngine  # here: a message without DP-SGD never imports Opacus
+
     with _quiet():
         engine = PrivacyEngine(accountant="rdp", secure_mode=secure_rng)
         private, dp_optimiser, dp_loader = engine.make_private(

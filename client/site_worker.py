@@ -12,6 +12,11 @@ assignment, the deep features of each fold, the held-out scores of each fold, th
 cache. Nothing in a reply has a per-patient axis: sums over training rows, model weights,
 histograms and counts only; a reply whose patients are fewer than ``min_patients`` (the larger
 of the site's ``[privacy] min_patients`` and the server's) carries its count alone.
+
+A deployed site answers each message in a fresh ClientApp process, so this module imports only
+what every route needs: the image routes import MONAI (``client.crops``,
+``shared.image_models``) when they run, and DP-SGD imports Opacus (``client.privacy``) only
+when a request asks for it (``benchmarks/bench_deployment.py`` measures the start cost).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,8 +36,6 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
-from client.explain import STATE_DIR, save_fold_model
-from client.extract import FEATURES_FILE, REPORT_FILE, crop_path
 from client.privacy import (
     ledger_reply,
     plan_site_noise,
@@ -40,11 +43,10 @@ from client.privacy import (
     site_ledger,
     train_private,
 )
+from client.site_files import FEATURES_FILE, REPORT_FILE, STATE_DIR, crop_path, save_fold_model
 from client.training import (
-    CropDataset,
     extract_deep_features,
     get_state,
-    load_crops,
     predict_proba,
     resolve_device,
     set_state,
@@ -55,15 +57,11 @@ from shared import wire
 from shared.clinical import decode_subsite, encoded_columns
 from shared.config import SiteConfig
 from shared.metrics import score_histograms
-from shared.models import (
-    IMAGE_PRESETS,
-    FusionNet,
-    ImageClassifier,
-    ImageModelConfig,
-    build_image_model,
-    input_blocks,
-)
+from shared.models import FusionNet, input_blocks
 from shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
+
+if TYPE_CHECKING:
+    from shared.image_models import ImageClassifier, ImageModelConfig
 
 IMAGE_MODEL = "image"
 """Name of the image model's weights (``weights:image``)."""
@@ -370,6 +368,8 @@ class SiteWorker:
     # ---- image model ---------------------------------------------------------------------------
 
     def _image_config(self, request: Mapping[str, Any]) -> ImageModelConfig:
+        from shared.image_models import IMAGE_PRESETS, ImageModelConfig
+
         cfg = IMAGE_PRESETS[str(request["image_preset"])][str(request["backbone"])]
         channels = 1 if request["mask_channel"] == "none" else 2
         return ImageModelConfig.model_validate({**cfg.model_dump(), "in_channels": channels})
@@ -384,6 +384,8 @@ class SiteWorker:
         )
         path = self.state_root / f"inputs-{key[:16]}.npy"
         if not path.is_file():
+            from client.crops import load_crops
+
             images = load_crops(self.data.crops, cfg.crop_voxels, request["mask_channel"])
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".partial.npy")
@@ -392,6 +394,8 @@ class SiteWorker:
         return np.load(path)
 
     def _image_model(self, request: Mapping[str, Any]) -> ImageClassifier:
+        from shared.image_models import build_image_model
+
         model = build_image_model(self._image_config(request))
         set_state(model, request[wire.WEIGHTS_PREFIX + IMAGE_MODEL])
         return model
@@ -441,6 +445,8 @@ class SiteWorker:
         )
 
     def train_image(self, request: dict) -> dict:
+        from client.crops import CropDataset
+
         rows = self._rows(request)["fit"]
         n = int(rows.sum())
         if n < self.min_patients(request) or len(set(self.data.labels[rows])) < 2:
@@ -479,6 +485,8 @@ class SiteWorker:
         }
 
     def deep_features(self, request: dict) -> dict:
+        from client.crops import CropDataset
+
         model = self._image_model(request)
         deep = extract_deep_features(model, CropDataset(self._images(request)), self.device)
         np.save(self._state(request) / f"deep-fold{int(request['fold'])}.npy", deep)

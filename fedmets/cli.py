@@ -435,7 +435,7 @@ def study(
     from rich.table import Table
     from rich.text import Text
 
-    from shared.models import BACKBONES
+    from shared.image_models import BACKBONES
     from simulation.study import PRESETS, load_cohort, load_table, run_study
 
     if (cohort is None) == (table is None):

@@ -42,23 +42,15 @@ from server.privacy import ClientLevelDP, privacy_report, summary_from_reply
 from shared import wire
 from shared.clinical import encoded_columns
 from shared.config import FederationConfig
+from shared.image_models import IMAGE_PRESETS, ImageModelConfig, build_image_model
 from shared.metrics import (
     auc_ci_from_histograms,
     calibration_from_histograms,
     metrics_from_histograms,
+    roc_from_histograms,
     youden_from_histograms,
 )
-from shared.models import (
-    FUSION_GROUPS,
-    IMAGE_PRESETS,
-    NO_IMAGE,
-    FusionNet,
-    ImageModelConfig,
-    build_image_model,
-    group_subsets,
-    input_blocks,
-    model_key,
-)
+from shared.models import FUSION_GROUPS, NO_IMAGE, FusionNet, group_subsets, input_blocks, model_key
 from shared.reproducibility import set_seed
 from shared.selection import correlation_filter
 
@@ -723,17 +715,19 @@ class FederatedProtocol:
     # ---- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, thresholds: dict[str, np.ndarray]) -> dict:
-        """Pooled, per-site and per-subsite out-of-fold metrics of every model."""
+        """Pooled, per-site and per-subsite out-of-fold metrics of every model; the main
+        model's pooled and per-site results also hold their ROC points."""
         bins = self.cfg.evaluation.histogram_bins
         replies = self._ask(
             "query.evaluation",
             {"bins": bins, **{f"thresholds:{m}": t for m, t in thresholds.items()}},
         )
         edges = np.linspace(0.0, 1.0, bins + 1)
+        main = main_model(list(thresholds))
         results = {}
         for m in thresholds:
             per_site = {
-                s: _metrics([r], m, edges)
+                s: _metrics([r], m, edges, with_roc=m == main)
                 for s, r in sorted(replies.items())
                 if f"hist_pos:{m}" in r
             }
@@ -746,7 +740,9 @@ class FederatedProtocol:
                 }
             )
             results[m] = {
-                "pooled": _metrics(list(replies.values()), m, edges, with_calibration=True),
+                "pooled": _metrics(
+                    list(replies.values()), m, edges, with_calibration=True, with_roc=m == main
+                ),
                 "per_site": per_site,
                 "per_subsite": {
                     name: _metrics(list(replies.values()), f"{m}@{name}", edges)
@@ -774,11 +770,17 @@ def _mean_importance(per_fold: list[dict]) -> dict:
 
 
 def _metrics(
-    replies: list[Payload], key: str, edges: np.ndarray, with_calibration: bool = False
+    replies: list[Payload],
+    key: str,
+    edges: np.ndarray,
+    with_calibration: bool = False,
+    with_roc: bool = False,
 ) -> dict | None:
     """Metrics of model (or model@subsite) ``key`` from the sites' summed evaluation replies:
     AUC and its DeLong CI from the histograms, ACC/SEN/SPE from the confusion counts at each
-    fold's threshold (exact), Brier from the summed squared errors."""
+    fold's threshold (exact), Brier from the summed squared errors; ``with_roc``: ``roc``,
+    the histograms' ROC points ``{"fpr": [...], "tpr": [...]}`` to 4 decimals (None without
+    both classes)."""
     have = [r for r in replies if f"hist_pos:{key}" in r]
     if not have:
         return None
@@ -801,4 +803,9 @@ def _metrics(
     }
     if with_calibration:
         result["calibration"] = calibration_from_histograms(pos, neg, edges)
+    if with_roc:
+        result["roc"] = None
+        if base["auc"] is not None:
+            fpr, tpr, _ = roc_from_histograms(pos, neg)
+            result["roc"] = {"fpr": np.round(fpr, 4).tolist(), "tpr": np.round(tpr, 4).tolist()}
     return result

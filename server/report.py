@@ -149,6 +149,12 @@ def auc_text(result: Mapping | None) -> str:
     return num(auc) + (f" [{num(ci[0])}, {num(ci[1])}]" if ci else "")
 
 
+def auc_label(result: Mapping) -> str:
+    """``AUC 0.712 [0.601, 0.823]`` as plain text, for a figure legend."""
+    ci = result.get("auc_ci")
+    return f"AUC {num(result.get('auc'))}" + (f" [{num(ci[0])}, {num(ci[1])}]" if ci else "")
+
+
 def table(header: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1) -> str:
     """An HTML table; cells are already-escaped HTML; the first ``left`` columns align left."""
     head = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(header))
@@ -212,10 +218,10 @@ def backbone_of(model_key: str) -> str:
 
 
 def binned_roc(calibration: Mapping | None) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """ROC points (fpr, tpr) and their trapezoidal area from a reliability curve's bins: each
-    bin's patient count and observed DM rate give its positives and negatives, the bins are
-    ordered by mean probability, and every bin boundary is one threshold. None without both
-    classes."""
+    """ROC points (fpr, tpr) and their trapezoidal area from a reliability curve's bins, for a
+    run written before the results held ROC points: each bin's patient count and observed DM
+    rate give its positives and negatives, the bins are ordered by mean probability, and every
+    bin boundary is one threshold. None without both classes."""
     if not calibration or not calibration.get("counts"):
         return None
     counts = np.asarray(calibration["counts"], dtype=float)
@@ -257,48 +263,111 @@ def _legend_below(ax) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=4, frameon=False)
 
 
-def _figure(width: float, height: float, columns: int = 1):
+def _figure(width: float, height: float, columns: int = 1, rows: int = 1):
+    """A figure and its ``rows * columns`` axes, row by row (a flat array)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     figure = Figure(figsize=(width, height))
-    axes = figure.subplots(1, columns, squeeze=False)[0]
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
     return figure, axes
 
 
+def _roc_axes(ax, title: str) -> None:
+    """Square ROC axes on [0, 1] with the chance diagonal."""
+    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls=":")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(title, fontsize=10)
+    ax.set_aspect("equal")
+
+
 def roc_figure(metrics: dict, figures: Figures) -> str | None:
-    main = metrics.get("main_model")
+    """The main model's pooled ROC per setting, from the results' ROC points (for an older run,
+    rebuilt from the reliability curve by :func:`binned_roc`)."""
     lines = []
     for setting in SETTINGS:
         pooled = (metrics.get(setting) or {}).get("pooled") or {}
-        roc = binned_roc(pooled.get("calibration"))
-        if roc is not None:
-            lines.append((setting, pooled, roc))
+        if pooled.get("roc"):
+            lines.append((setting, pooled, pooled["roc"]["fpr"], pooled["roc"]["tpr"], ""))
+        elif (binned := binned_roc(pooled.get("calibration"))) is not None:
+            fpr, tpr, area = binned
+            lines.append((setting, pooled, fpr, tpr, f" (binned area {area:.3f})"))
     if not lines:
         return None
     figure, (ax,) = _figure(5.2, 5.0)
-    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls=":")
-    for setting, pooled, (fpr, tpr, area) in lines:
+    _roc_axes(ax, f"pooled ROC, {metrics.get('main_model')}")
+    for setting, pooled, fpr, tpr, binned_note in lines:
         ax.plot(
             fpr,
             tpr,
-            marker="o",
+            marker="o" if binned_note else None,
             ms=3.5,
             color=COLOURS[setting],
-            label=f"{LABELS[setting]}: AUC {num(pooled.get('auc'))} (binned {area:.3f})",
+            label=f"{LABELS[setting]}: {auc_label(pooled)}{binned_note}",
         )
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
-    ax.set_title(f"pooled ROC, {main}", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_aspect("equal")
     image = figures.save(figure, "roc_pooled", "pooled ROC curves")
     caption = (
-        "Pooled ROC of the main model over all sites' held-out patients. The run's results hold "
-        "no per-patient scores (they never leave the sites); these curves are rebuilt from the "
-        "reliability curve's 10 equal-width probability bins (patients and observed DM rate per "
-        "bin), so each point is one bin boundary used as threshold and the segments between them "
-        "are straight (patients within a bin are tied). The reported AUC comes from the fine "
-        f"{e(_histogram_bins(metrics))}-bin score histograms; the binned area is shown beside it."
+        "Pooled ROC of the main model over all sites' held-out patients, with the AUC and its "
+        "95% DeLong CI. No per-patient score leaves a site: the curve comes from the summed "
+        f"per-class score histograms ({e(_histogram_bins(metrics))} bins on [0, 1]), one point "
+        "per bin edge used as threshold, exact to the bin (patients within a bin are tied)."
     )
+    if any(note for *_, note in lines):
+        caption += (
+            ' <span class="absent">This run predates stored ROC points: a curve marked '
+            '"binned" is rebuilt from the 10-bin reliability curve (each point one bin '
+            "boundary), so its area can differ from the AUC.</span>"
+        )
+    return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
+
+
+SITE_ROC_COLUMNS = 4
+
+
+def site_roc_figure(metrics: dict, sites: list[str], figures: Figures) -> str | None:
+    """One ROC panel per site: the federated model on the site's held-out patients and the
+    site's local-only model, from the per-site ROC points."""
+    sources = [
+        (setting, (metrics.get(setting) or {}).get("per_site") or {})
+        for setting in ("federated", "local_only")
+    ]
+    panels = []
+    for site in sites:
+        lines = [(s, per[site]) for s, per in sources if (per.get(site) or {}).get("roc")]
+        if lines:
+            panels.append((site, lines))
+    if not panels:
+        return None
+    columns = min(SITE_ROC_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = _figure(3.2 * columns, 3.4 * rows, columns=columns, rows=rows)
+    figure.subplots_adjust(wspace=0.08, hspace=0.3)
+    for i, (ax, (site, lines)) in enumerate(zip(axes, panels, strict=False)):
+        first = lines[0][1]
+        _roc_axes(ax, f"{site} (n {num(first.get('n'))}, DM+ {num(first.get('positives'))})")
+        if i % columns:  # the first column's axis serves its row
+            ax.set_ylabel("")
+            ax.tick_params(labelleft=False)
+        for setting, result in lines:
+            roc = result["roc"]
+            label = f"{LABELS[setting]}: {auc_label(result)}"
+            ax.plot(roc["fpr"], roc["tpr"], color=COLOURS[setting], lw=1.4, label=label)
+        ax.legend(loc="lower right", fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    image = figures.save(figure, "roc_per_site", "ROC curves per site")
+    caption = (
+        "ROC per site of the main model, with the AUC and its 95% DeLong CI: federated = the "
+        "federated model on that site's held-out patients; local-only = a model trained on that "
+        "site alone, same folds. Each curve comes from the site's own score histograms, exact "
+        "to the bin; dotted: chance."
+    )
+    without = [site for site in sites if site not in {name for name, _ in panels}]
+    if without:
+        caption += (
+            f' <span class="absent">No curve for {e(", ".join(without))}: no ROC points in the '
+            "results (a single class among its held-out patients, or no evaluation reply).</span>"
+        )
     return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
 
 
@@ -354,11 +423,10 @@ def site_forest_figure(metrics: dict, sites: list[str], figures: Figures) -> str
     _legend_below(ax)
     image = figures.save(figure, "auc_per_site", "AUC per site with 95% CI")
     caption = (
-        "Per-site results as AUC with 95% CI (a forest plot), not ROC curves: the per-site "
-        "results in the run carry no score distribution to draw a curve from. Federated = the "
-        "federated model on that site's held-out patients; local-only = a model trained on that "
-        "site alone, same folds. Dotted: chance; dashed: the oracle AUC of the synthetic "
-        "cohort's true risk (when known)."
+        "Per-site AUC with 95% CI side by side (a forest plot), the pooled rows on top. "
+        "Federated = the federated model on that site's held-out patients; local-only = a model "
+        "trained on that site alone, same folds. Dotted: chance; dashed: the oracle AUC of the "
+        "synthetic cohort's true risk (when known)."
     )
     return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
 
@@ -580,6 +648,7 @@ def results_html(metrics: dict, sites: list[str], figures: Figures) -> str:
         calibration_figure(metrics, figures) or missing,
     ]
     out.append(f'<div class="row">{"".join(pair)}</div>')
+    out.append(site_roc_figure(metrics, sites, figures) or missing)
     out.append(site_forest_figure(metrics, sites, figures) or missing)
     return "".join(out)
 

@@ -10,7 +10,7 @@ evaluation of a small subset never fails.
 
 The federated protocol pools evaluation without sharing scores: each site sends
 :func:`score_histograms` (counts per class over fixed bins on [0, 1]), the server adds them and
-calls :func:`metrics_from_histograms`.
+calls :func:`metrics_from_histograms` (and :func:`roc_from_histograms` for the curve).
 """
 
 from __future__ import annotations
@@ -228,6 +228,48 @@ def auc_ci_from_histograms(
     var01 = (neg * (v01 - auc) ** 2).sum() / (n - 1)
     half = norm.ppf(0.5 + level / 2) * np.sqrt(var10 / m + var01 / n)
     return float(max(0.0, auc - half)), float(min(1.0, auc + half))
+
+
+class RocCurve(NamedTuple):
+    """ROC points ``fpr``, ``tpr`` (points,) float, non-decreasing from (0, 0) to (1, 1), and
+    ``area`` under the full-resolution curve."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    area: float
+
+
+def roc_from_histograms(
+    pos_counts: ArrayLike, neg_counts: ArrayLike, max_points: int = 150
+) -> RocCurve:
+    """ROC curve of per-class score counts (bins,) over the same bins: one point per bin edge
+    used as threshold (every bin from it upwards positive), from the top edge (0, 0) to the
+    bottom one (1, 1). Patients of one bin are tied, so the curve crosses a bin on a straight
+    segment and ``area`` (trapezoids) equals the histogram AUC of
+    :func:`metrics_from_histograms`.
+
+    Points only: empty bins and points on a straight line between their neighbours are dropped
+    (lossless); if more than ``max_points`` remain, only the first point at or past each of
+    ``max_points`` positions evenly spaced along the curve's length is kept, (0, 0) and (1, 1)
+    always. Needs both classes."""
+    pos = np.asarray(pos_counts, dtype=float)[::-1]  # top bin first
+    neg = np.asarray(neg_counts, dtype=float)[::-1]
+    if pos.ndim != 1 or pos.shape != neg.shape:
+        raise ValueError(f"need equal-length 1-D counts per class, got {pos.shape}, {neg.shape}")
+    if not pos.sum() or not neg.sum():
+        raise ValueError("roc_from_histograms needs both classes")
+    if max_points < 2:
+        raise ValueError(f"max_points must be at least 2, got {max_points}")
+    tpr = np.concatenate([[0.0], np.cumsum(pos) / pos.sum()])  # point k: the top k bins positive
+    fpr = np.concatenate([[0.0], np.cumsum(neg) / neg.sum()])
+    area = float(np.trapezoid(tpr, fpr))
+    steps = np.flatnonzero(pos + neg)  # bin j leads from point j to point j + 1
+    turns = pos[steps[:-1]] * neg[steps[1:]] != pos[steps[1:]] * neg[steps[:-1]]
+    keep = np.concatenate([[0], steps[:-1][turns] + 1, [steps[-1] + 1]])
+    if keep.size > max_points:
+        length = np.concatenate([[0.0], np.hypot(np.diff(fpr[keep]), np.diff(tpr[keep])).cumsum()])
+        keep = keep[np.unique(np.searchsorted(length, np.linspace(0.0, length[-1], max_points)))]
+    return RocCurve(fpr[keep], tpr[keep], area)
 
 
 def calibration_from_histograms(

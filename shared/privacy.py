@@ -29,9 +29,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_VERSION = 1
 COVERED = ("dp-sgd", "gaussian")
@@ -69,6 +66,8 @@ def epsilon_of(history: Iterable[Step], delta: float) -> float:
         return 0.0
     if any(z <= 0 for z, _, _ in steps):
         return math.inf
+    from opacus.accountants import RDPAccountant  # imports all of Opacus: only when needed
+
     accountant = RDPAccountant()
     accountant.history = steps
     with warnings.catch_warnings():  # the bound at the largest order is valid, only looser
@@ -101,6 +100,8 @@ def plan_noise_multiplier(
     ``target_epsilon``. Without history this is Opacus' ``get_noise_multiplier``.
     ValueError when ``spent`` alone already reaches the target."""
     if not spent:
+        from opacus.accountants.utils import get_noise_multiplier
+
         return float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon,

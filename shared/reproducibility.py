@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
-from monai.utils import set_determinism
 
 
 def set_seed(seed: int, deterministic: bool = True) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device)
-    with ``seed`` (MONAI's ``set_determinism``; cuDNN autotuning off).
+    with ``seed`` modulo 2**32, and turn cuDNN autotuning off -- what MONAI's
+    ``set_determinism`` does, without importing MONAI (a fusion-only process never needs it).
 
     With ``deterministic``, torch is asked for deterministic kernels everywhere; an operation
     that has none (some CUDA backward passes, e.g. 3-D adaptive average pooling) warns instead
@@ -20,5 +22,10 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
     """
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    set_determinism(seed=seed)
+    seed = int(seed) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 -- seeding the legacy global generator is the point
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(deterministic, warn_only=True)

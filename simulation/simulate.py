@@ -29,7 +29,8 @@ from typing import Any
 
 import tomli_w
 
-from client.extract import FEATURES_FILE, extract_site
+from client.extract import extract_site
+from client.site_files import FEATURES_FILE
 from client.site_worker import SiteWorker
 from server.protocol import FederatedProtocol
 from server.results import to_jsonable

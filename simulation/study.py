@@ -44,16 +44,13 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from client.extract import FEATURES_FILE, crop_path, extract_site
+from client.crops import HU_WINDOW, CropDataset, Fit, MaskChannel, load_crops
+from client.extract import extract_site
+from client.site_files import FEATURES_FILE, crop_path
 from client.tabular import CLINICAL_NAMES, load_feature_table
 from client.training import (
-    HU_WINDOW,
-    CropDataset,
-    Fit,
-    MaskChannel,
     Monitor,
     extract_deep_features,
-    load_crops,
     predict_proba,
     resolve_device,
     train_fusion,
@@ -61,18 +58,9 @@ from client.training import (
 )
 from shared.clinical import decode_subsite, encoded_columns
 from shared.config import SiteConfig, load_site_config
+from shared.image_models import BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
 from shared.metrics import binary_metrics, calibration, youden_threshold
-from shared.models import (
-    BACKBONES,
-    FUSION_GROUPS,
-    IMAGE_PRESETS,
-    FusionNet,
-    ImageModelConfig,
-    build_image_model,
-    group_subsets,
-    model_key,
-    positive_class_weight,
-)
+from shared.models import FUSION_GROUPS, FusionNet, group_subsets, model_key, positive_class_weight
 from shared.reproducibility import set_seed
 from shared.selection import RadiomicsSelector
 

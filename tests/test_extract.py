@@ -18,11 +18,12 @@ import pytest
 import SimpleITK as sitk
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from client.extract import FEATURES_FILE, REPORT_FILE, extract_site
+from client.extract import extract_site
 from client.ingest import load_patient_images, read_manifest
 from client.peritumoral import peritumoral_ring
 from client.preprocess import prepare_patient
 from client.radiomics_features import params_file
+from client.site_files import FEATURES_FILE, REPORT_FILE
 from shared.clinical import encode_clinical, encoded_columns
 from shared.config import load_site_config
 from simulation.site_files import write_site_config

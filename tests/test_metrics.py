@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
 from scipy.stats import bootstrap
-from sklearn.metrics import accuracy_score, brier_score_loss, recall_score, roc_auc_score
+from sklearn.metrics import accuracy_score, brier_score_loss, recall_score, roc_auc_score, roc_curve
 
 from shared.metrics import (
     binary_metrics,
     calibration,
     delong_auc_variance,
     metrics_from_histograms,
+    roc_from_histograms,
     score_histograms,
     youden_threshold,
 )
@@ -147,3 +148,44 @@ def test_site_histograms_add_up_to_the_pooled_one_and_give_the_pooled_metrics() 
         assert got[key] == pytest.approx(exact[key])
     off_edge = metrics_from_histograms(*pooled, threshold + 0.004)
     assert off_edge["threshold_used"] == threshold
+
+
+def test_histogram_roc_by_hand() -> None:
+    """Negatives at 0.2, 0.4, 0.6 and positives at 0.4, 0.8: the tie at 0.4 is a diagonal."""
+    hist = score_histograms([0, 0, 0, 1, 1], [0.2, 0.4, 0.6, 0.4, 0.8], bins=10)
+    fpr, tpr, area = roc_from_histograms(hist.pos_counts, hist.neg_counts)
+    np.testing.assert_allclose(fpr, [0, 0, 1 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+    assert area == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="both classes"):
+        roc_from_histograms([0, 2, 0], [0, 0, 0])
+
+
+def test_histogram_roc_points_lie_on_the_exact_roc_of_bin_centred_scores() -> None:
+    """Scores at bin centres (ties within a bin are real ties): every lossless histogram point
+    is a point of scikit-learn's ROC, and the area is its AUC."""
+    y, s = _cohort(300, seed=3)
+    centred = (np.floor(s * 50) + 0.5) / 50
+    hist = score_histograms(y, centred, bins=50)
+    fpr, tpr, area = roc_from_histograms(hist.pos_counts, hist.neg_counts, max_points=10**6)
+    exact_fpr, exact_tpr, _ = roc_curve(y, centred, drop_intermediate=False)
+    exact = set(zip(np.round(exact_fpr, 12), np.round(exact_tpr, 12), strict=True))
+    assert set(zip(np.round(fpr, 12), np.round(tpr, 12), strict=True)) <= exact
+    assert area == pytest.approx(roc_auc_score(y, centred), abs=1e-12)
+
+
+def test_histogram_roc_area_is_the_histogram_auc_and_its_points_are_decimated() -> None:
+    for seed in range(3):
+        y, s = _cohort(5000, seed=20 + seed, shift=0.5 + seed)
+        hist = score_histograms(y, s, bins=10_000)
+        full = roc_from_histograms(hist.pos_counts, hist.neg_counts, max_points=10**6)
+        fpr, tpr, area = roc_from_histograms(hist.pos_counts, hist.neg_counts, max_points=120)
+        assert area == full.area
+        assert area == pytest.approx(metrics_from_histograms(*hist, 0.5)["auc"], abs=1e-12)
+        assert area == pytest.approx(roc_auc_score(y, s), abs=1e-3)
+        assert full.fpr.size > 120 >= fpr.size > 50  # straight stretches need no points
+        assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+        assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+        vertices = set(zip(full.fpr, full.tpr, strict=True))
+        assert set(zip(fpr, tpr, strict=True)) <= vertices  # a subset of the curve's corners
+        assert np.trapezoid(tpr, fpr) == pytest.approx(area, abs=2e-3)  # the shape is kept

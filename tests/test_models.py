@@ -7,13 +7,10 @@ from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from shared.image_models import BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
 from shared.models import (
-    BACKBONES,
     FUSION_GROUPS,
-    IMAGE_PRESETS,
     FusionNet,
-    ImageModelConfig,
-    build_image_model,
     count_parameters,
     group_subsets,
     positive_class_weight,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from client.site_worker import SiteWorker, assign_folds
 from server.protocol import FederatedProtocol, ProtocolError
@@ -184,6 +184,14 @@ def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
     assert pooled["brier"] == pytest.approx(((s - y) ** 2).mean(), rel=1e-9)
     assert pooled["auc_ci"][0] < pooled["auc"] < pooled["auc_ci"][1]
     assert pooled["auc"] > 0.7  # the latent factor drives both radiomics and labels
+    exact = np.column_stack(roc_curve(y, s, drop_intermediate=False)[:2])
+    points = np.column_stack([pooled["roc"]["fpr"], pooled["roc"]["tpr"]])
+    assert np.abs(points[:, None] - exact).max(axis=2).min(axis=1).max() <= 5e-5  # on the ROC
+    assert np.trapezoid(points[:, 1], points[:, 0]) == pytest.approx(pooled["auc"], abs=1e-3)
+    for site_result in result["models"]["none/radiomics+clinical"]["per_site"].values():
+        roc = site_result["roc"]
+        assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(site_result["auc"], abs=1e-3)
+    assert "roc" not in result["models"]["none/radiomics"]["pooled"]  # the main model only
     blocks = [b["name"] for b in result["importance"]["blocks"]]
     assert "clinical:age" in blocks and all(
         b.startswith(("radiomics:tumour_original_f", "clinical:")) for b in blocks

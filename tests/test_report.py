@@ -103,6 +103,29 @@ def assert_no_broken_images(page: Path) -> int:
     return len(parser.sources)
 
 
+def assert_site_roc_image(page: Path, panels: int) -> None:
+    """The per-site ROC figure is embedded, equals roc_per_site.png beside the page and is a
+    real picture: ``panels`` side by side (wider than high), not one colour."""
+    import matplotlib.image
+
+    parser = _Images()
+    parser.feed(page.read_text(encoding="utf-8"))
+    png = (page.parent / "roc_per_site.png").read_bytes()
+    embedded = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    assert embedded in parser.sources
+    pixels = matplotlib.image.imread(page.parent / "roc_per_site.png")
+    height, width = pixels.shape[:2]
+    assert width > panels * 250 and width > 2 * height
+    assert pixels[..., :3].std() > 0.05
+
+
+def _without_roc(value):
+    """The results as a run written before ROC points were stored."""
+    if isinstance(value, dict):
+        return {k: _without_roc(v) for k, v in value.items() if k != "roc"}
+    return value
+
+
 def test_report_from_simulation_run(tmp_path):
     metrics = json.loads(FIXTURE.read_text())
     metrics["dropouts"] = [{"route": "train.image", "site": EVIL, "fold": 0}]
@@ -110,9 +133,13 @@ def test_report_from_simulation_run(tmp_path):
     page = write_report(run)
     assert page == run / "report" / "report.html"
     text = page.read_text(encoding="utf-8")
-    assert assert_no_broken_images(page) == 5
-    for name in ("roc_pooled", "calibration", "auc_per_site", "ablation", "training"):
+    assert assert_no_broken_images(page) == 6
+    for name in ("roc_pooled", "calibration", "roc_per_site", "auc_per_site", "ablation"):
         assert (run / "report" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (run / "report" / "training.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert_site_roc_image(page, panels=3)
+    assert "ROC per site of the main model" in text and "not ROC curves" not in text
+    assert "predates stored ROC points" not in text  # the exact histogram ROC, not binned
     headline = metrics["federated"]["pooled"]
     assert f"{headline['auc']:.3f} [{headline['auc_ci'][0]:.3f}" in text
     assert f"{metrics['oracle_auc']:.3f}" in text
@@ -198,6 +225,20 @@ def test_cli_report(tmp_path):
     assert missing.exit_code == 1
 
 
+def test_run_without_roc_points_falls_back_to_the_binned_pooled_roc(tmp_path):
+    """An older run (no ROC points): the pooled ROC is rebuilt from the reliability bins and
+    there is no per-site ROC figure; the forest plot remains."""
+    metrics = _without_roc(json.loads(FIXTURE.read_text()))
+    page = write_report(make_sim_run(tmp_path, metrics))
+    text = page.read_text(encoding="utf-8")
+    assert assert_no_broken_images(page) == 5
+    assert "predates stored ROC points" in text
+    assert (page.parent / "roc_pooled.png").is_file() and (
+        page.parent / "auc_per_site.png"
+    ).is_file()
+    assert not (page.parent / "roc_per_site.png").exists()
+
+
 def test_binned_roc_matches_mann_whitney():
     """The ROC rebuilt from reliability bins has the area of the bin-tied Mann-Whitney AUC."""
     calibration = {"prob_true": [0.0, 0.25, 0.5, 1.0], "prob_pred": [0.1, 0.3, 0.6, 0.9],
@@ -259,6 +300,7 @@ def test_simulation_without_baselines(tmp_path):
         metrics.pop(key)
     page = write_report(make_sim_run(tmp_path, metrics))
     text = page.read_text(encoding="utf-8")
-    assert assert_no_broken_images(page) == 5
+    assert assert_no_broken_images(page) == 6
+    assert_site_roc_image(page, panels=3)  # the federated curve alone per site
     assert "No centralised baseline in this run" in text and "simulation" in text
     assert "swin3d/deep+clinical" in text  # the ablation from the federated models alone

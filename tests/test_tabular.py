@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.extract import FEATURES_FILE, REPORT_FILE, extract_site
+from client.extract import extract_site
 from client.site_check import check_site
+from client.site_files import FEATURES_FILE, REPORT_FILE
 from client.tabular import load_feature_table
 from shared.clinical import encode_clinical, encoded_columns
 from shared.config import load_site_config

@@ -1,0 +1,229 @@
+"""The 3-D image classifiers of the study, on tumour crops (stage 1 trains them, stage 2 reads
+their deep features).
+
+A MONAI encoder (``swin3d``: the Swin UNETR encoder ``SwinTransformer``; ``resnet3d``:
+``ResNet`` with basic blocks; ``densenet3d``: ``DenseNet``), global average pooling to a feature
+vector of :attr:`ImageClassifier.feature_dim` values, dropout and one linear unit giving the DM
+logit.
+
+Input ``x``: float32 (B, C, S, S, S), S = ``crop_voxels``; channel 0 is the CT in normalised HU
+(window scaled to about [0, 1] or [-1, 1]), channel 1 (when ``in_channels`` is 2) the
+peritumoral ring mask (0/1). Outputs are logits: apply a sigmoid for a probability.
+
+Every normalisation layer is federation- and DP-friendly: LayerNorm in Swin, GroupNorm in the
+CNNs -- no BatchNorm, so no running statistics to average across sites and no mixing of
+samples within a batch (per-sample gradients stay per sample).
+
+Kept apart from the fusion network (``shared.models``) so that a process that trains or
+evaluates only the fusion network never imports MONAI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from monai.networks.nets import DenseNet, ResNet
+from monai.networks.nets.swin_unetr import SwinTransformer
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+Backbone = Literal["swin3d", "resnet3d", "densenet3d"]
+BACKBONES: tuple[str, ...] = Backbone.__args__
+
+CROP_MULTIPLE = 32
+"""Crops are cubes whose side is a multiple of this: each backbone halves the grid five times
+(Swin: patch 2 and four patch mergings; DenseNet: stem, pooling and three transitions)."""
+
+
+class ImageModelConfig(BaseModel):
+    """How to build an image classifier. Fields marked for one backbone are ignored by the
+    others; ``depths`` counts blocks per stage for every backbone (Swin transformer blocks,
+    ResNet residual blocks, DenseNet dense layers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: Backbone
+    crop_voxels: int = Field(32, ge=CROP_MULTIPLE, le=512)  # cube side S in voxels
+    in_channels: Literal[1, 2] = 2  # 1: CT; 2: CT + peritumoral ring mask
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the deep features, before the linear head
+    depths: tuple[int, ...] = Field((2, 2, 2, 2), min_length=1)
+    # swin3d
+    embed_dim: int = Field(16, ge=1)  # stage-1 width; stage i has embed_dim * 2**i channels
+    num_heads: tuple[int, ...] = (2, 4, 8, 16)  # attention heads per stage
+    window_size: int = Field(4, ge=1)  # attention window side (voxels of the stage's grid)
+    patch_size: int = Field(2, ge=1)
+    drop_path: float = Field(0.0, ge=0, lt=1)  # stochastic depth rate of the last block
+    # resnet3d
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # channels of the four stages
+    stem_stride: Literal[1, 2] = 1  # stride of the 7^3 stem convolution
+    # densenet3d
+    init_features: int = Field(16, ge=1)
+    growth_rate: int = Field(8, ge=1)
+    # resnet3d and densenet3d
+    norm_groups: int = Field(8, ge=1)  # GroupNorm groups; must divide every channel count
+
+    @model_validator(mode="after")
+    def _fits_backbone(self) -> ImageModelConfig:
+        problems = []
+        if self.crop_voxels % CROP_MULTIPLE:
+            problems.append(f"crop_voxels must be a multiple of {CROP_MULTIPLE}")
+        if self.backbone == "swin3d":
+            if len(self.depths) != 4 or len(self.num_heads) != 4:
+                problems.append("swin3d needs 4 depths and 4 num_heads (MONAI's 4 stages)")
+            elif any(self.embed_dim * 2**i % h for i, h in enumerate(self.num_heads)):
+                problems.append("num_heads[i] must divide embed_dim * 2**i")
+        if self.backbone == "resnet3d" and (len(self.depths) != 4 or len(self.widths) != 4):
+            problems.append("resnet3d needs 4 depths and 4 widths (MONAI's 4 stages)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _presets(
+    crop: int, swin: dict[str, Any], resnet: dict[str, Any], densenet: dict[str, Any]
+) -> dict[str, ImageModelConfig]:
+    """One config per backbone at ``crop``^3, CT + ring channels, dropout 0.2 before the head."""
+    common = {"crop_voxels": crop, "in_channels": 2, "dropout": 0.2}
+    return {
+        "swin3d": ImageModelConfig(backbone="swin3d", **common, **swin),
+        "resnet3d": ImageModelConfig(backbone="resnet3d", **common, **resnet),
+        "densenet3d": ImageModelConfig(backbone="densenet3d", **common, **densenet),
+    }
+
+
+IMAGE_PRESETS: dict[str, dict[str, ImageModelConfig]] = {
+    # 32^3 crops, ~0.7-0.9 M parameters per backbone: trains on a laptop CPU.
+    "cpu-small": _presets(
+        32,
+        swin={"embed_dim": 16, "num_heads": (2, 4, 8, 16), "window_size": 4},
+        resnet={"widths": (16, 32, 64, 128), "depths": (1, 1, 1, 1), "norm_groups": 8},
+        densenet={"init_features": 16, "growth_rate": 8, "depths": (6, 12, 24, 16)},
+    ),
+    # 96^3 crops: the Swin UNETR encoder as published (feature size 48, window 7), a ResNet-18
+    # layout at half width and DenseNet-121; 8-11 M parameters each.
+    "gpu": _presets(
+        96,
+        swin={"embed_dim": 48, "num_heads": (3, 6, 12, 24), "window_size": 7},
+        resnet={
+            "widths": (32, 64, 128, 256),
+            "depths": (2, 2, 2, 2),
+            "stem_stride": 2,
+            "norm_groups": 16,
+        },
+        densenet={
+            "init_features": 64,
+            "growth_rate": 32,
+            "depths": (6, 12, 24, 16),
+            "norm_groups": 16,
+        },
+    ),
+}
+"""Preset name -> backbone -> config. Change a field with
+``ImageModelConfig.model_validate({**cfg.model_dump(), "in_channels": 1})``."""
+
+
+class _SwinEncoder(nn.Module):
+    """MONAI's Swin UNETR encoder; its last stage (LayerNorm-ed, embed_dim * 16 channels)
+    average-pooled: (B, C, S, S, S) -> (B, embed_dim * 16)."""
+
+    def __init__(self, cfg: ImageModelConfig) -> None:
+        super().__init__()
+        self.swin = SwinTransformer(
+            in_chans=cfg.in_channels,
+            embed_dim=cfg.embed_dim,
+            window_size=(cfg.window_size,) * 3,
+            patch_size=(cfg.patch_size,) * 3,
+            depths=cfg.depths,
+            num_heads=cfg.num_heads,
+            drop_path_rate=cfg.drop_path,
+            spatial_dims=3,
+            use_flash_attention=True,  # fused attention where no gradient is needed
+        )
+        self.feature_dim = cfg.embed_dim * 2 ** len(cfg.depths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swin(x, normalize=True)[-1].mean(dim=(2, 3, 4))
+
+
+class _ResNet(ResNet):
+    """MONAI ResNet whose residual blocks use the ``norm`` given for the stem: MONAI 1.6 passes
+    it to the stem only and builds the blocks with BatchNorm (Project-MONAI/MONAI#9028)."""
+
+    def __init__(self, *, norm: str | tuple, **kwargs: Any) -> None:
+        self._block_norm = norm  # read by _make_layer during ResNet.__init__
+        super().__init__(norm=norm, **kwargs)
+
+    def _make_layer(self, *args: Any, **kwargs: Any) -> nn.Sequential:
+        kwargs["norm"] = self._block_norm
+        return super()._make_layer(*args, **kwargs)
+
+
+def _group_norm(cfg: ImageModelConfig) -> tuple[str, dict[str, int]]:
+    return ("group", {"num_groups": cfg.norm_groups})
+
+
+def _resnet_encoder(cfg: ImageModelConfig) -> tuple[nn.Module, int]:
+    """Basic-block ResNet with GroupNorm, pooled: (B, C, S, S, S) -> (B, widths[-1])."""
+    net = _ResNet(
+        block="basic",
+        layers=list(cfg.depths),
+        block_inplanes=list(cfg.widths),
+        spatial_dims=3,
+        n_input_channels=cfg.in_channels,
+        conv1_t_stride=cfg.stem_stride,
+        feed_forward=False,
+        norm=_group_norm(cfg),
+    )
+    return net, cfg.widths[-1]
+
+
+def _densenet_encoder(cfg: ImageModelConfig) -> tuple[nn.Module, int]:
+    """DenseNet with GroupNorm, pooled, its output layer removed: (B, C, S, S, S) -> (B, D)."""
+    net = DenseNet(
+        spatial_dims=3,
+        in_channels=cfg.in_channels,
+        out_channels=1,
+        init_features=cfg.init_features,
+        growth_rate=cfg.growth_rate,
+        block_config=cfg.depths,
+        act=("relu", {"inplace": False}),  # Opacus's per-sample gradient hooks need this
+        norm=_group_norm(cfg),
+    )
+    feature_dim = net.class_layers.out.in_features
+    net.class_layers.out = nn.Identity()
+    return net, feature_dim
+
+
+class ImageClassifier(nn.Module):
+    """Encoder + global average pooling -> deep features (B, D); dropout + linear -> logits
+    (B,). ``feature_dim`` is D: swin3d ``embed_dim * 16``, resnet3d ``widths[-1]``, densenet3d
+    the channels after its last dense block."""
+
+    def __init__(self, cfg: ImageModelConfig, encoder: nn.Module, feature_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.feature_dim = feature_dim
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(feature_dim, 1)
+
+    def deep_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S, S) -> (B, D) pooled encoder features; call ``eval()`` before
+        extracting (Swin's stochastic depth, when ``drop_path`` > 0, acts in training mode)."""
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S, S) -> (B,) DM logits."""
+        return self.head(self.dropout(self.encoder(x))).squeeze(-1)
+
+
+def build_image_model(cfg: ImageModelConfig) -> ImageClassifier:
+    """A freshly initialised classifier for ``cfg`` (weights drawn from torch's global
+    generator: call :func:`shared.reproducibility.set_seed` first)."""
+    if cfg.backbone == "swin3d":
+        encoder = _SwinEncoder(cfg)
+        return ImageClassifier(cfg, encoder, encoder.feature_dim)
+    if cfg.backbone == "resnet3d":
+        return ImageClassifier(cfg, *_resnet_encoder(cfg))
+    return ImageClassifier(cfg, *_densenet_encoder(cfg))
