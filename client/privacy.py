@@ -16,11 +16,12 @@ the site's budget, :class:`PrivacyBudgetExceeded` is raised and nothing is train
 training the release is recorded: stage, fold, round, mechanism ``"dp-sgd"``, noise
 multiplier, sample rate, steps, clipping norm, epsilon after, delta.
 
-Which models: the fusion networks and the ``densenet3d`` image backbone work. Opacus 1.6
-computes per-sample gradients layer by layer, and refuses ``swin3d`` (MONAI's WindowAttention
-holds a buffer, its relative position index, next to its own parameters, and takes a ``mask``
-argument Opacus' per-layer fallback does not pass) and fails on ``resnet3d`` (MONAI's residual
-block adds the shortcut in place, ``out += residual``, onto a hooked layer's output).
+Which models: the fusion networks and the ``resnet3d`` and ``densenet3d`` image backbones
+(GroupNorm, no in-place residual add: ``shared.image_models``). Opacus 1.6 computes per-sample
+gradients layer by layer from each layer's input and output, whose first axis must be the
+batch; Swin's window attention runs its linear layers on windows folded into that axis (and
+holds a buffer next to its own relative-position parameters), so ``swin3d`` cannot be trained
+under DP-SGD and a federation config asking for it is refused (``shared.config``).
 
 The model Opacus wraps (``GradSampleModule``) names its parameters ``_module.<name>``; the
 wrapper is removed after training and :func:`strip_module_prefix` cleans any state dict read

@@ -42,7 +42,7 @@ from server.privacy import ClientLevelDP, privacy_report, summary_from_reply
 from shared import wire
 from shared.clinical import encoded_columns
 from shared.config import FederationConfig
-from shared.image_models import IMAGE_PRESETS, ImageModelConfig, build_image_model
+from shared.image_models import DP_SGD_BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
 from shared.metrics import (
     auc_ci_from_histograms,
     calibration_from_histograms,
@@ -239,6 +239,14 @@ class FederatedProtocol:
             return
         self.dp_request = {"dp_mode": dp.mode, "max_grad_norm": dp.max_grad_norm}
         if dp.mode == "sample":
+            if images and self.cfg.model.backbone not in DP_SGD_BACKBONES:
+                raise ValueError(
+                    f"dp.mode 'sample' trains the image model with DP-SGD, which needs "
+                    f"model.backbone in {DP_SGD_BACKBONES}, not {self.cfg.model.backbone!r}: "
+                    "Opacus computes per-sample gradients layer by layer, and Swin's window "
+                    "attention runs its layers on windows folded into the batch axis (or "
+                    "leave 'image' out of stages.enabled)"
+                )
             self.dp_request["dp_epsilon"] = dp.epsilon / 2 if images else dp.epsilon
             self.dp_releases = {
                 IMAGE: folds * stages.image_rounds,

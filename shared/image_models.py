@@ -24,12 +24,16 @@ from typing import Any, Literal
 
 import torch
 from monai.networks.nets import DenseNet, ResNet
+from monai.networks.nets.resnet import ResNetBlock
 from monai.networks.nets.swin_unetr import SwinTransformer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 Backbone = Literal["swin3d", "resnet3d", "densenet3d"]
 BACKBONES: tuple[str, ...] = Backbone.__args__
+DP_SGD_BACKBONES: tuple[str, ...] = ("resnet3d", "densenet3d")
+"""Backbones Opacus' DP-SGD can train (``client.privacy``): not swin3d, whose window attention
+runs its linear layers on windows folded into the batch axis."""
 
 CROP_MULTIPLE = 32
 """Crops are cubes whose side is a multiple of this: each backbone halves the grid five times
@@ -146,6 +150,18 @@ class _SwinEncoder(nn.Module):
         return self.swin(x, normalize=True)[-1].mean(dim=(2, 3, 4))
 
 
+class _ResidualBlock(ResNetBlock):
+    """MONAI's basic residual block with the shortcut added out of place: MONAI adds it in place
+    (``out += residual``) onto the output of a layer whose gradient Opacus hooks, which autograd
+    forbids, so DP-SGD could not train ``resnet3d``. Same layers, same arithmetic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, D, H, W) -> (B, planes, D', H', W')."""
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.act(out + residual)
+
+
 class _ResNet(ResNet):
     """MONAI ResNet whose residual blocks use the ``norm`` given for the stem: MONAI 1.6 passes
     it to the stem only and builds the blocks with BatchNorm (Project-MONAI/MONAI#9028)."""
@@ -166,7 +182,7 @@ def _group_norm(cfg: ImageModelConfig) -> tuple[str, dict[str, int]]:
 def _resnet_encoder(cfg: ImageModelConfig) -> tuple[nn.Module, int]:
     """Basic-block ResNet with GroupNorm, pooled: (B, C, S, S, S) -> (B, widths[-1])."""
     net = _ResNet(
-        block="basic",
+        block=_ResidualBlock,
         layers=list(cfg.depths),
         block_inplanes=list(cfg.widths),
         spatial_dims=3,

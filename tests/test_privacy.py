@@ -28,7 +28,10 @@ from server.privacy import (
     summary_from_reply,
     update_norm,
 )
+from server.protocol import FederatedProtocol
 from shared import wire
+from shared.config import FederationConfig
+from shared.image_models import DP_SGD_BACKBONES, ImageModelConfig, build_image_model
 from shared.models import FusionNet
 from shared.privacy import (
     PrivacyBudgetExceeded,
@@ -38,6 +41,7 @@ from shared.privacy import (
     sample_rate_for,
     steps_per_epoch,
 )
+from simulation.in_process import InProcessLink
 
 
 def _opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -240,6 +244,49 @@ def test_private_training_is_reproducible():
         states.append(history["state"])
     assert all(np.array_equal(states[0][k], states[1][k]) for k in states[0])
     assert all(np.isfinite(v).all() for v in states[0].values())
+
+
+@pytest.mark.parametrize("backbone", DP_SGD_BACKBONES)
+def test_private_training_of_an_image_backbone(backbone):
+    tiny = {
+        "resnet3d": {"widths": (8, 8, 16, 16), "depths": (1, 1, 1, 1), "norm_groups": 4},
+        "densenet3d": {
+            "init_features": 8,
+            "growth_rate": 4,
+            "depths": (2, 2, 2, 2),
+            "norm_groups": 4,
+        },
+    }[backbone]
+    model = build_image_model(ImageModelConfig(backbone=backbone, crop_voxels=32, **tiny))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    X, y = rng.random((12, 2, 32, 32, 32), dtype=np.float32), np.array([0, 1] * 6)
+    history = train_private(
+        model,
+        (X, y),
+        epochs=1,
+        lr=1e-3,
+        batch_size=4,
+        pos_weight=1.0,
+        seed=0,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    assert history["steps"] == 3 and np.isfinite(history["train_loss"]).all()
+    assert history["epsilon"] > 0
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(start[k], v)]
+    assert any("conv" in k or "features" in k for k in changed)
+
+
+def test_swin_image_training_under_dp_sgd_is_refused_with_the_reason():
+    cfg = FederationConfig.model_validate(
+        {"run": {"name": "dp-swin"}, "dp": {"mode": "sample", "epsilon": 8.0}}
+    )
+    protocol = FederatedProtocol(InProcessLink({}), cfg, "dp-swin")
+    with pytest.raises(ValueError, match="resnet3d.*densenet3d.*not 'swin3d'"):
+        protocol._plan_privacy(images=True, networks=7)
+    protocol._plan_privacy(images=False, networks=3)  # tabular sites: fusion-only DP is fine
+    assert protocol.dp_request["dp_epsilon"] == 8.0
 
 
 # ---- server-side client-level DP ---------------------------------------------------------------
