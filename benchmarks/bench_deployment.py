@@ -8,7 +8,9 @@ both ways. Printed per way: wall time of the run, message rounds (one ``ask`` of
 from the ServerApp's ``received.jsonl``), wall time per message round, bytes each site sends per
 message round (mean of the replies' field sizes), and the deployment's extra cost per message
 round over the simulation (a ClientApp process start per message), and the part of that start
-that is fedmets' own: the median wall time of a fresh Python importing the ClientApp.
+that is fedmets' own: the median wall time of a fresh Python importing the ClientApp and the
+site worker (what a query or training message loads; SecAgg+'s key-exchange messages load only
+the ClientApp).
 """
 
 from __future__ import annotations
@@ -59,13 +61,12 @@ def figures(out: Path, wall: float) -> dict[str, float]:
     }
 
 
-def clientapp_import_s(repeats: int = 3) -> float:
-    """Median wall seconds of a fresh interpreter importing ``client.client_app`` (what every
-    deployed message pays before its handler runs, besides Flower's own start)."""
+def import_s(modules: str, repeats: int = 3) -> float:
+    """Median wall seconds of a fresh interpreter importing ``modules`` (comma-separated)."""
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import client.client_app"], check=True)
+        subprocess.run([sys.executable, "-c", f"import {modules}"], check=True)
         times.append(time.perf_counter() - tic)
     return statistics.median(times)
 
@@ -107,7 +108,9 @@ def main() -> None:
         )
     extra = results["deployment"]["s_per_round"] - results["simulation"]["s_per_round"]
     print(f"deployment overhead per message round: {extra:.2f} s (a ClientApp process per message)")
-    print(f"ClientApp import in a fresh process: {clientapp_import_s():.2f} s (median of 3)")
+    worker = import_s("client.client_app, client.site_worker")
+    print(f"ClientApp + site worker import in a fresh process: {worker:.2f} s (median of 3)")
+    print(f"ClientApp alone (SecAgg+ key exchange): {import_s('client.client_app'):.2f} s")
 
 
 if __name__ == "__main__":

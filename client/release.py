@@ -4,7 +4,12 @@ site's audit log before it may leave.
 The audit log, ``<paths.output>/audit/wire-audit.jsonl``, holds one JSON line per reply: UTC
 time, run, route, the number of patients behind it, and per field its kind, shape, dtype and
 size in bytes (never the values). Hospital IT reads it to see what left the site
-(``docs/hospital_guide.md``).
+(``docs/hospital_guide.md``). Under secure aggregation (``masked=True``) the weights and the
+requested sums leave only inside SecAgg+'s masked vector: the entry then says
+``"transport": "secagg+"``, ``fields`` holds the weight ``n`` (in clear) and the ``masked``
+vector (its size, the reply fields inside it), and ``not_sent`` the reply fields that did not
+leave at all. SecAgg+'s key exchange (public keys, encrypted shares, the shares that unmask the
+sum) is logged too, one entry per stage (fields of kind ``key``).
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from client.site_worker import SiteWorker
 from shared import wire
+from shared.config import SiteConfig
+
+if TYPE_CHECKING:
+    from client.site_worker import SiteWorker
 
 AUDIT_FILE = "wire-audit.jsonl"
 
@@ -25,12 +33,17 @@ class ReleaseRefused(RuntimeError):
     """A reply broke the wire rules; nothing was sent."""
 
 
-def answer(worker: SiteWorker, route_name: str, request: Mapping[str, Any]) -> dict:
+def answer(
+    worker: SiteWorker, route_name: str, request: Mapping[str, Any], masked: bool = False
+) -> dict:
     """The worker's reply to ``request``, checked against the wire rules and logged; raises
-    ReleaseRefused (and logs the refusal) when it breaks them."""
+    ReleaseRefused (and logs the refusal) when it breaks them. ``masked``: the reply goes to
+    SecAgg+ (``shared.wire.to_fitres``), so it must also fit the masked vector's layout."""
     reply = worker.handle(route_name, request)
     problems = wire.check_reply(route_name, reply, worker.min_patients(request))
-    _log(worker, route_name, request, reply, problems)
+    if masked and not problems:
+        problems = wire.check_masked(route_name, request, reply)
+    _log(worker, route_name, request, reply, problems, masked)
     if problems:
         raise ReleaseRefused(f"{worker.site_id}: {route_name} reply refused: {'; '.join(problems)}")
     return reply
@@ -40,7 +53,33 @@ def audit_path(worker: SiteWorker) -> Path:
     """Where ``worker``'s site writes its audit log (a pooled worker: beside its state)."""
     if len(worker.configs) > 1:
         return worker.state_root / "audit" / AUDIT_FILE
-    return worker.configs[0].paths.output / "audit" / AUDIT_FILE
+    return site_audit_path(worker.configs[0])
+
+
+def site_audit_path(cfg: SiteConfig) -> Path:
+    """Where the site of ``cfg`` writes its audit log."""
+    return cfg.paths.output / "audit" / AUDIT_FILE
+
+
+def log_key_exchange(cfg: SiteConfig, stage: str, sent: Mapping[str, Any]) -> None:
+    """Log a SecAgg+ key-exchange reply (``setup``: two public keys; ``share_keys``: this
+    site's secrets' shares, each encrypted for one other site; ``unmask``: the shares that
+    remove the masks of the sum): per field its size in bytes, never the values."""
+    fields = {}
+    for key, value in sent.items():
+        items = value if isinstance(value, list) else [value]
+        size = sum(len(v) if isinstance(v, bytes) else 8 for v in items)
+        fields[key] = {"kind": str(wire.Kind.KEY), "items": len(items), "bytes": size}
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "site": cfg.site_id,
+        "route": "train",
+        "transport": "secagg+",
+        "secagg_stage": stage,
+        "sent": True,
+        "fields": fields,
+    }
+    _append(site_audit_path(cfg), entry)
 
 
 def _log(
@@ -49,6 +88,7 @@ def _log(
     request: Mapping[str, Any],
     reply: Mapping[str, Any],
     problems: list[str],
+    masked: bool = False,
 ) -> None:
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -62,7 +102,17 @@ def _log(
         "problems": problems,
         "fields": wire.describe(route_name, reply),
     }
-    path = audit_path(worker)
+    if masked:
+        entry["transport"] = "secagg+"
+        if not problems:
+            weight = wire.masked_weight(route_name, request, reply)
+            entry["fields"] = wire.describe_masked(request, weight)
+            held = set(entry["fields"]["masked"]["holds"]) | {"n"}
+            entry["not_sent"] = sorted(k for k in reply if k not in held)
+    _append(audit_path(worker), entry)
+
+
+def _append(path: Path, entry: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as log:
         log.write(json.dumps(entry) + "\n")

@@ -23,6 +23,12 @@ Per fold ``f`` (the sites' own stratified folds; training rows = every other fol
 
 Finally ``query.evaluation`` returns each site's out-of-fold histograms, confusion counts at
 each fold's threshold and Brier sums: pooled, per-site and per-subsite metrics follow.
+
+With ``[strategy] secure_aggregation`` and a link that can (``link.secure_aggregation``: the
+Flower link), every training round goes through SecAgg+ (``server.secure_aggregation``): the
+server receives only the weighted average of the sites' updates and of their training-loss sums
+per patient, and aggregates it as it would the sites' replies. A link that cannot (the in-process
+link of the centralised and local-only baselines) aggregates in clear, and says so.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import numpy as np
 
 from server.aggregation import Aggregator
 from server.privacy import ClientLevelDP, privacy_report, summary_from_reply
+from server.secure_aggregation import max_weight
 from shared import wire
 from shared.clinical import encoded_columns
 from shared.config import FederationConfig
@@ -78,6 +85,10 @@ class SiteLink(Protocol):
     def rename(self, names: Mapping[str, str]) -> None:
         """Call the sites by the ids their census gave (``old key -> site id``)."""
         ...
+
+    # Links that can run a training round through SecAgg+ set ``secure_aggregation = True``
+    # and have ``ask_secure(route, requests, weight_cap, round_id) ->
+    # server.secure_aggregation.SecureRound``; a link without the attribute cannot.
 
 
 @dataclass
@@ -124,6 +135,8 @@ class FederatedProtocol:
         self.privacy_dir = privacy_dir
         self.client_dp: ClientLevelDP | None = None
         self.dp_request: Payload = {"dp_mode": "off"}
+        self.secure = cfg.strategy.secure_aggregation and getattr(link, "secure_aggregation", False)
+        self.secure_rounds = 0
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -176,12 +189,44 @@ class FederatedProtocol:
             )
         return replies
 
+    def _ask_secure(self, route: str, payload: Payload, **where: Any) -> tuple[dict, list[str]]:
+        """A training round through SecAgg+: ``({"secure sum": the average as one reply},
+        the sites that trained)``; dropouts recorded with the SecAgg+ stage they were lost
+        in; ProtocolError when the round stopped or fewer than ``min_sites`` took part."""
+        sites = self.link.sites()
+        requests = {s: {**self.base, **payload} for s in sites}
+        largest = max((c["n"] for c in self.record.census.values()), default=1)
+        self.secure_rounds += 1
+        outcome = self.link.ask_secure(
+            route, requests, weight_cap=max_weight(largest), round_id=self.secure_rounds
+        )
+        missing = outcome.lost if outcome.aggregate is None else set(sites) - set(outcome.weights)
+        for site in sorted(missing):
+            stage = outcome.lost.get(site, "offline")
+            self.record.dropouts.append({"route": route, "site": site, **where, "secagg": stage})
+            self.say(f"  site {site} dropped out of secure {route} ({stage}) {where}")
+        if outcome.aggregate is None:
+            raise ProtocolError(f"{route}: secure aggregation stopped {where}: {outcome.halted}")
+        if len(outcome.weights) < self.cfg.federation.min_sites:
+            raise ProtocolError(
+                f"{route}: {len(outcome.weights)} of {len(sites)} sites answered "
+                f"({', '.join(sorted(outcome.weights))}); min_sites is "
+                f"{self.cfg.federation.min_sites}"
+            )
+        trained = sorted(s for s, w in outcome.weights.items() if w > 0)
+        return {"secure sum": outcome.aggregate}, trained
+
     # ---- the run -------------------------------------------------------------------------------
 
     def run_all(self) -> dict:
         """The whole protocol; returns the results (``models``: per model pooled, per-site
         and per-subsite metrics) with the run record."""
         started = time.perf_counter()
+        if self.cfg.strategy.secure_aggregation and not self.secure:
+            self.say(
+                f"secure_aggregation: {type(self.link).__name__} cannot run SecAgg+; the "
+                "training rounds are aggregated in clear"
+            )
         census = self.census()
         images = all(c["has_images"] for c in census.values()) and "image" in (
             self.cfg.stages.enabled
@@ -225,6 +270,7 @@ class FederatedProtocol:
             "census": self.record.census,
             "folds": self.record.folds,
             "dropouts": self.record.dropouts,
+            "secure_aggregation": self.secure,
             "timing_s": self.record.timing_s,
         }
 
@@ -529,28 +575,30 @@ class FederatedProtocol:
         if saved is not None:
             start, current, best, curves, aggregators = saved
             self.say(f"  {stage}: resuming at round {start}/{rounds}")
+        sample_dp = self.dp_request["dp_mode"] == "sample"
+        loss_keys = {
+            m: "train_loss_sum" if stage == IMAGE else f"train_loss_sum:{m}" for m in initial
+        }
         for r in range(start, rounds + 1):
             weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
-            replies = self._ask(
-                f"train.{stage}",
-                {
-                    **train_request,
-                    **weights,
-                    "fold": fold,
-                    "round": r,
-                    "seed": self._seed(fold, r, len(stage)),
-                    **self.dp_request,
-                    **(
-                        {"dp_releases": self.dp_releases[stage]}
-                        if self.dp_request["dp_mode"] == "sample"
-                        else {}
-                    ),
-                },
-                fold=fold,
-                round=r,
-                stage=stage,
-            )
-            trained = {s: rep for s, rep in replies.items() if len(rep) > 1}
+            request = {
+                **train_request,
+                **weights,
+                "fold": fold,
+                "round": r,
+                "seed": self._seed(fold, r, len(stage)),
+                **self.dp_request,
+                **({"dp_releases": self.dp_releases[stage]} if sample_dp else {}),
+            }
+            where = {"fold": fold, "round": r, "stage": stage}
+            if self.secure:  # the loss sums (not released under DP-SGD) ride in the masked sum
+                if not sample_dp:
+                    request[wire.SECURE_SUMS] = [loss_keys[m] for m in sorted(initial)]
+                trained, sites = self._ask_secure(f"train.{stage}", request, **where)
+            else:
+                replies = self._ask(f"train.{stage}", request, **where)
+                trained = {s: rep for s, rep in replies.items() if len(rep) > 1}
+                sites = sorted(trained)
             if not trained:
                 raise ProtocolError(f"{stage} round {r}: no site could train (too few patients)")
             n_fit = [trained[s]["n"] for s in sorted(trained)]
@@ -563,12 +611,11 @@ class FederatedProtocol:
                     current[m] = aggregators[m].step(current[m], [noisy], [1.0])
                 else:
                     current[m] = aggregators[m].step(current[m], states, n_fit)
-                loss_key = "train_loss_sum" if stage == IMAGE else f"train_loss_sum:{m}"
-                losses = [rep[loss_key] for rep in trained.values() if loss_key in rep]
+                losses = [rep[loss_keys[m]] for rep in trained.values() if loss_keys[m] in rep]
                 curves[m]["train_loss"].append(  # NaN under DP-SGD: losses are not released
                     float(sum(losses) / sum(n_fit)) if losses else float("nan")
                 )
-                curves[m]["sites"].append(sorted(trained))
+                curves[m]["sites"].append(sites)
             weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
             checked = self._ask(
                 "query.validate",
@@ -593,7 +640,8 @@ class FederatedProtocol:
                 self.say(
                     f"  {stage} round {r}/{rounds}: train loss "
                     f"{curves[shown]['train_loss'][-1]:.4f}, validation loss "
-                    f"{curves[shown]['val_loss'][-1]:.4f} ({len(trained)} sites)"
+                    f"{curves[shown]['val_loss'][-1]:.4f} ({len(sites)} sites"
+                    f"{', SecAgg+' if self.secure else ''})"
                 )
             self._save(progress, (r + 1, current, best, curves, aggregators))
         for m in initial:

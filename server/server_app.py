@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.protocol import FederatedProtocol, ProtocolError
 from server.report import write_report
 from server.results import to_jsonable
+from server.secure_aggregation import SecureRound, secure_round
 from shared import wire
 from shared.config import FederationConfig, load_federation_config
 
@@ -44,7 +45,12 @@ class FlowerLink:
     not waited for (the protocol records it as a dropout), and a node that connects later (a
     restarted SuperNode, or a new node id for a known site) is asked for its census first and
     rejoins under its site id. Every reply received is described (fields, kinds, shapes, bytes;
-    never values) in ``received.jsonl`` beside the results, for the wire audit."""
+    never values) in ``received.jsonl`` beside the results, for the wire audit.
+
+    ``secure_aggregation``: this link can run a training round through SecAgg+
+    (:meth:`ask_secure`, ``server.secure_aggregation``)."""
+
+    secure_aggregation = True
 
     def __init__(self, grid: Grid, cfg: FederationConfig, say: Any, received: Path) -> None:
         self.grid = grid
@@ -74,6 +80,33 @@ class FlowerLink:
         self.named = True
 
     def ask(self, route: str, requests: Mapping[str, dict]) -> dict[str, dict]:
+        return self._send(route, self._online(requests))
+
+    def ask_secure(
+        self, route: str, requests: Mapping[str, dict], weight_cap: float, round_id: int = 1
+    ) -> SecureRound:
+        """The connected sites train on ``route`` under SecAgg+ (see
+        ``server.secure_aggregation.secure_round``); each site's masked reply is described in
+        ``received.jsonl`` (its weight and the size of its vector, nothing else)."""
+        targets = self._online(requests)
+        outcome = secure_round(
+            self.grid,
+            {site: self.nodes[site] for site in targets},
+            route,
+            targets,
+            weight_cap=weight_cap,
+            timeout=self.timeout,
+            round_id=round_id,
+            say=self.say,
+        )
+        for site, weight in outcome.weights.items():
+            fields = wire.describe_masked(targets[site], weight)
+            self._log_receipt(route, site, targets[site], {"n": weight}, fields)
+        return outcome
+
+    def _online(self, requests: Mapping[str, dict]) -> dict[str, dict]:
+        """The requests of the sites whose node is connected now (rejoins and new nodes
+        admitted, sites gone offline said)."""
         connected = set(self.grid.get_node_ids())
         if self.named:
             self._admit(connected - set(self.nodes.values()), next(iter(requests.values())))
@@ -84,8 +117,7 @@ class FlowerLink:
             elif node not in connected and site not in self.offline:
                 self.offline.add(site)
                 self.say(f"  site {site} is offline (node {node})", WARNING)
-        targets = {s: r for s, r in requests.items() if self.nodes.get(s) in connected}
-        return self._send(route, targets)
+        return {s: r for s, r in requests.items() if self.nodes.get(s) in connected}
 
     def _admit(self, new_nodes: set[int], request: Mapping[str, Any]) -> None:
         """Ask nodes not seen before for their census; known sites rejoin on their new node."""
@@ -128,7 +160,11 @@ class FlowerLink:
             self._log_receipt(route, site, requests[site], replies[site])
         return replies
 
-    def _log_receipt(self, route: str, site: str, request: dict, reply: dict) -> None:
+    def _log_receipt(
+        self, route: str, site: str, request: dict, reply: dict, masked: dict | None = None
+    ) -> None:
+        """One line of ``received.jsonl``; ``masked``: the fields of a SecAgg+ reply (its
+        weight in clear, the masked vector that was summed with the others' unread)."""
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "site": reply.get("site_id", site) if route == "query.census" else site,
@@ -137,8 +173,10 @@ class FlowerLink:
             "fold": request.get("fold"),
             "round": request.get("round"),
             "patients": reply.get("n"),
-            "fields": wire.describe(route, reply),
+            "fields": masked or wire.describe(route, reply),
         }
+        if masked is not None:
+            entry["transport"] = "secagg+"
         with self.received.open("a", encoding="utf-8") as log_file:
             log_file.write(json.dumps(entry) + "\n")
 

@@ -300,6 +300,8 @@ class StrategySection(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     proximal_mu: float = Field(0.0, ge=0)
     server_learning_rate: float = Field(0.01, gt=0)
+    # SecAgg+ for the training rounds' weights (Flower runs only; see docs/privacy.md).
+    secure_aggregation: bool = False
 
     @model_validator(mode="after")
     def _fedprox_needs_mu(self) -> StrategySection:
@@ -379,6 +381,25 @@ class FederationConfig(_Section):
     dp: DpSection = _section()
 
     _source: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> FederationConfig:
+        if not self.strategy.secure_aggregation:
+            return self
+        if self.dp.mode == "client":
+            raise _rule_error(
+                "cannot be true with dp.mode 'client': client-level DP clips each site's "
+                "update at the server, which secure aggregation hides (use dp.mode 'sample', "
+                "DP-SGD at the sites, or turn one of them off)",
+                "strategy.secure_aggregation",
+            )
+        if self.federation.min_sites < 2:
+            raise _rule_error(
+                "needs federation.min_sites >= 2: a secure sum over one site is that site's "
+                f"update (got min_sites {self.federation.min_sites})",
+                "strategy.secure_aggregation",
+            )
+        return self
 
     @property
     def source(self) -> Path | None:

@@ -15,20 +15,39 @@ reply may carry only declared names, each of an allowed kind, every aggregate ov
 ``min_patients`` patients, no array whose length is the site's patient count, and no free text
 (strings are hashes, site ids or fixed enums only). Nothing with a per-patient axis, no ids, no
 images.
+
+Secure aggregation (``[strategy] secure_aggregation``): the training routes' replies then never
+leave a site as they are. Flower's SecAgg+ (``secaggplus_mod`` at the site,
+``SecAggPlusWorkflow`` at the server) acts only on messages of type :data:`SECURE_MESSAGE_TYPE`
+and speaks Flower's legacy ``FitIns``/``FitRes``: :func:`to_fitins` / :func:`from_fitins` carry a
+training request, and :func:`to_fitres` turns the site's checked reply into the one vector
+SecAgg+ masks (:func:`secure_layout`: each model's update, new minus global weights, then the
+sums the request names in ``secure_sums``, each divided by ``n``), with ``n`` as its weight in
+clear. The server only ever decodes the weighted average of those vectors
+(:func:`from_secure_average`).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped whenever a route's request or reply changes; the census refuses other versions."""
 
 
@@ -45,6 +64,8 @@ class Kind(StrEnum):
     WEIGHTS = "weights"  # model parameters
     SCHEMA = "schema"  # feature column names (PyRadiomics names: public, never patient data)
     SETTING = "setting"  # server -> site only: configuration, indices, global statistics
+    MASKED = "masked"  # SecAgg+: a vector only readable summed over sites (see below)
+    KEY = "key"  # SecAgg+: public keys, encrypted secret shares, shares that unmask the sum
 
 
 REPLY_KINDS = frozenset(Kind) - {Kind.SETTING}
@@ -108,6 +129,7 @@ _STANDARDISE = {
 }
 _IMAGE = {"backbone": S, "image_preset": S, "mask_channel": S}
 _DP = {"dp_mode": S, "dp_epsilon": S, "dp_releases": S, "max_grad_norm": S}
+_SECURE = {"secure_sums": S}  # reply sums that ride in the masked vector (secure rounds only)
 
 ROUTES: dict[str, Route] = {
     r.name: r
@@ -171,6 +193,7 @@ ROUTES: dict[str, Route] = {
                 "pos_weight": S,
                 "seed": S,
                 **_DP,
+                **_SECURE,
                 "weights:*": S,
             },
             {"n": C, "weights:*": Kind.WEIGHTS, "train_loss_sum": Kind.METRIC},
@@ -209,6 +232,7 @@ ROUTES: dict[str, Route] = {
                 "pos_weight": S,
                 "seed": S,
                 **_DP,
+                **_SECURE,
                 "hidden": S,
                 "dropout": S,
                 "group_dropout": S,
@@ -415,3 +439,168 @@ def describe(route_name: str, payload: Mapping[str, Any]) -> dict[str, dict]:
                 "bytes": int(array.nbytes),
             }
     return fields
+
+
+# ---- secure aggregation (SecAgg+) --------------------------------------------------------------
+
+SECURE_MESSAGE_TYPE = "train"
+"""The Flower message type of every SecAgg+ stage: ``secaggplus_mod`` acts on this type alone,
+so a secure training request names its route (``train.image``, ``train.fusion``) in its
+header."""
+SECURE_ROUTES = ("train.image", "train.fusion")
+SECURE_SUMS = "secure_sums"
+_HEADER = "fedmets.wire"
+
+
+def secure_layout(request: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """The entries of the vector SecAgg+ masks, in order: ``(weights:<model>, parameter)`` for
+    every float parameter of every model of ``request`` (models, then parameters, sorted by
+    name; integer buffers keep the global value and are not sent), then ``(field, None)`` for
+    each reply sum named in ``request["secure_sums"]``. Server and site derive it from the same
+    request."""
+    layout: list[tuple[str, str | None]] = [
+        (key, name)
+        for key in sorted(k for k in request if k.startswith(WEIGHTS_PREFIX))
+        for name in sorted(request[key])
+        if np.asarray(request[key][name]).dtype.kind == "f"
+    ]
+    return layout + [(str(key), None) for key in request.get(SECURE_SUMS, ())]
+
+
+def to_fitins(route_name: str, request: Mapping[str, Any]) -> FitIns:
+    """A training request for SecAgg+ as Flower's ``FitIns``: every array of the request
+    (weights and standardisation vectors alike) a tensor, their names and the scalars in one
+    JSON header. Validated as :func:`to_records` does (WireError)."""
+    if route_name not in SECURE_ROUTES:
+        raise WireError(f"{route_name}: not a route of secure aggregation ({SECURE_ROUTES})")
+    records = to_records(route_name, request, reply=False)
+    names, tensors = [], []
+    for key, record in records.array_records.items():
+        for name, array in record.items():
+            names.append([key, name])
+            tensors.append(array.numpy())
+    header = {
+        "route": route_name,
+        "arrays": names,
+        "scalars": dict(records.config_records[SCALARS]),
+    }
+    return FitIns(ndarrays_to_parameters(tensors), {_HEADER: json.dumps(header)})
+
+
+def from_fitins(fitins: FitIns) -> tuple[str, dict[str, Any]]:
+    """``(route, request)`` from a ``FitIns`` written by :func:`to_fitins`."""
+    if _HEADER not in fitins.config:
+        raise WireError("a secure training message without fedmets' wire header")
+    header = json.loads(str(fitins.config[_HEADER]))
+    route_name = str(header["route"])
+    if route_name not in SECURE_ROUTES:
+        raise WireError(f"{route_name}: not a route of secure aggregation ({SECURE_ROUTES})")
+    tensors = parameters_to_ndarrays(fitins.parameters)
+    if len(tensors) != len(header["arrays"]):
+        raise WireError(f"{len(tensors)} tensors for {len(header['arrays'])} declared arrays")
+    grouped: dict[str, dict[str, Array]] = {}
+    for (key, name), tensor in zip(header["arrays"], tensors, strict=True):
+        grouped.setdefault(key, {})[name] = Array(np.ascontiguousarray(tensor))
+    records = RecordDict({key: ArrayRecord(array_dict=arrays) for key, arrays in grouped.items()})
+    records[SCALARS] = ConfigRecord(header["scalars"])
+    return route_name, from_records(records)
+
+
+def _masked_vector(
+    route_name: str, request: Mapping[str, Any], reply: Mapping[str, Any]
+) -> tuple[list[np.ndarray], int]:
+    """The vector a site hands to SecAgg+ and its weight: per model the update (new minus
+    global weights), then each requested sum divided by ``n``, weighted by ``n``; zeros with
+    weight 0 when the site could not train (a reply of ``n`` only). WireError when the reply
+    does not fit the request's layout or holds a non-finite value."""
+    spec = route(route_name)
+    layout = secure_layout(request)
+    for key, name in layout:
+        if name is None and spec.reply_kind(key) != Kind.METRIC:
+            raise WireError(f"{key}: not a sum of {route_name}'s reply")
+    if not any(k.startswith(WEIGHTS_PREFIX) for k in reply):
+        return [np.zeros(np.shape(request[key][name]) if name else 1) for key, name in layout], 0
+    n = reply.get("n")
+    if not isinstance(n, int) or n <= 0:
+        raise WireError(f"n: a weight must be a positive count, got {n!r}")
+    expected = {k for k in request if k.startswith(WEIGHTS_PREFIX)}
+    sent = {k for k in reply if k.startswith(WEIGHTS_PREFIX)}
+    if sent != expected:
+        raise WireError(f"the reply's models {sorted(sent)} are not the request's")
+    vector = []
+    for key, name in layout:
+        if name is None:
+            if key not in reply:
+                raise WireError(f"{key}: in secure_sums but not in the reply")
+            value = np.array([float(reply[key]) / n])
+        else:
+            new, old = np.asarray(reply[key].get(name)), np.asarray(request[key][name])
+            if new.shape != old.shape:
+                raise WireError(f"{key} {name}: shape {new.shape}, the request's {old.shape}")
+            value = new.astype(np.float64) - old.astype(np.float64)
+        if not np.all(np.isfinite(value)):
+            raise WireError(f"{key} {name or ''}: not finite (it would spoil the secure sum)")
+        vector.append(value)
+    return vector, n
+
+
+def check_masked(
+    route_name: str, request: Mapping[str, Any], reply: Mapping[str, Any]
+) -> list[str]:
+    """Why ``reply`` cannot go into SecAgg+'s masked vector (empty when it can)."""
+    try:
+        _masked_vector(route_name, request, reply)
+    except WireError as error:
+        return [str(error)]
+    return []
+
+
+def to_fitres(route_name: str, request: Mapping[str, Any], reply: Mapping[str, Any]) -> FitRes:
+    """What a site hands to ``secaggplus_mod``: the vector of :func:`secure_layout` as
+    parameters, its weight as ``num_examples``, nothing else (no metrics). The mod quantises
+    and masks the parameters; only the masked vector and the weight leave the site."""
+    vector, weight = _masked_vector(route_name, request, reply)
+    return FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters(vector), weight, {})
+
+
+def from_secure_average(
+    request: Mapping[str, Any], average: Sequence[np.ndarray], n: int
+) -> dict[str, Any]:
+    """The aggregate of a secure round as one reply payload: ``n`` (the weights' sum), each
+    model's global weights plus the average update (its integer buffers as sent), each
+    requested sum as the average per patient times ``n``."""
+    layout = secure_layout(request)
+    if len(average) != len(layout):
+        raise WireError(f"a secure average of {len(average)} arrays for {len(layout)} entries")
+    payload: dict[str, Any] = {"n": int(n)}
+    for (key, name), value in zip(layout, average, strict=True):
+        if name is None:
+            payload[key] = float(np.asarray(value).reshape(-1)[0]) * n
+            continue
+        if key not in payload:
+            payload[key] = {k: np.array(v, copy=True) for k, v in request[key].items()}
+        old = np.asarray(request[key][name])
+        update = np.asarray(value, dtype=np.float64).reshape(old.shape)
+        payload[key][name] = (old.astype(np.float64) + update).astype(old.dtype)
+    return payload
+
+
+def describe_masked(request: Mapping[str, Any], weight: int) -> dict[str, dict]:
+    """For the audits (:func:`describe`'s format): what a secure training reply carries, the
+    weight ``n`` in clear and the ``masked`` vector (how many values, which reply fields it
+    holds; all zeros when the weight is 0)."""
+    layout = secure_layout(request)
+    return {
+        "n": describe("train.fusion", {"n": int(weight)})["n"],
+        "masked": {
+            "kind": str(Kind.MASKED),
+            "values": int(sum(np.size(request[key][name]) if name else 1 for key, name in layout)),
+            "holds": sorted({key for key, _ in layout}),
+            "zeros": weight == 0,
+        },
+    }
+
+
+def masked_weight(route_name: str, request: Mapping[str, Any], reply: Mapping[str, Any]) -> int:
+    """The weight a site's secure reply carries in clear (0: it could not train)."""
+    return _masked_vector(route_name, request, reply)[1]

@@ -1,7 +1,11 @@
 """A ``server.protocol.SiteLink`` that calls site workers in this process: the centralised
 (all sites pooled into one worker) and local-only (one site alone) baselines run the federated
 protocol's very code without a network. Requests and replies still pass ``shared.wire``'s
-encoding and the site's release gate."""
+encoding and the site's release gate.
+
+It cannot run SecAgg+ (``secure_aggregation = False``): Flower's SecAgg+ needs a Flower Grid and
+SuperNodes; with ``[strategy] secure_aggregation`` the protocol says so and aggregates in clear
+(the baselines it serves have one site each: there is no sum to hide a site in)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from shared import wire
 
 class InProcessLink:
     """Site id -> worker; every request is encoded and decoded as on the wire."""
+
+    secure_aggregation = False
 
     def __init__(self, workers: Mapping[str, SiteWorker]) -> None:
         self.workers = dict(workers)

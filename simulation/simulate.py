@@ -187,9 +187,11 @@ def simulate(
 
 
 def _single_site(fed: FederationConfig) -> FederationConfig:
-    """``fed`` for a one-site baseline (min_sites 1)."""
+    """``fed`` for a one-site baseline (min_sites 1, no secure aggregation: one site's "sum" is
+    its own update, and the in-process link aggregates in clear)."""
     data = fed.model_dump(mode="json")
     data["federation"]["min_sites"] = 1
+    data["strategy"]["secure_aggregation"] = False
     return FederationConfig.model_validate(data)
 
 
