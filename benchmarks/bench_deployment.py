@@ -2,9 +2,10 @@
 (TLS SuperLink with SuperNode authentication, one SuperNode process per site).
 
     .venv/bin/python benchmarks/bench_deployment.py [--sites 3] [--patients 60] [--out DIR]
+                                                     [--secure-aggregation]
 
 The same tiny tabular federation (``simulation.feature_sites``; 2 folds, 2 fusion rounds) runs
-both ways. Printed per way: wall time of the run, message rounds (one ``ask`` of the protocol,
+both ways (``--secure-aggregation``: its training rounds through SecAgg+, both ways). Printed per way: wall time of the run, message rounds (one ``ask`` of the protocol,
 from the ServerApp's ``received.jsonl``), wall time per message round, bytes each site sends per
 message round (mean of the replies' field sizes), and the deployment's extra cost per message
 round over the simulation (a ClientApp process start per message), and the part of that start
@@ -33,7 +34,7 @@ from simulation.loopback import LoopbackFederation
 from simulation.simulate import run_flower_simulation
 
 
-def federation_toml(path: Path) -> Path:
+def federation_toml(path: Path, secure_aggregation: bool = False) -> Path:
     cfg = FederationConfig.model_validate(
         {
             "run": {"name": "bench-deploy", "seed": 1},
@@ -41,6 +42,7 @@ def federation_toml(path: Path) -> Path:
             "stages": {"fusion_rounds": 2, "fusion_local_epochs": 2},
             "selection": {"top_k": 10, "rf_trees": 20},
             "federation": {"min_sites": 2, "round_timeout_s": 120},
+            "strategy": {"secure_aggregation": secure_aggregation},
         }
     )
     path.write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
@@ -76,10 +78,15 @@ def main() -> None:
     args.add_argument("--sites", type=int, default=3)
     args.add_argument("--patients", type=int, default=60)
     args.add_argument("--out", type=Path, default=None)
+    args.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="training rounds through SecAgg+ (4 Flower message rounds each)",
+    )
     opts = args.parse_args()
     root = opts.out or Path(tempfile.mkdtemp(prefix="fedmets-deploy-"))
     tomls = write_feature_sites(root / "sites", [opts.patients] * opts.sites, seed=3)
-    fed = federation_toml(root / "federation.toml")
+    fed = federation_toml(root / "federation.toml", opts.secure_aggregation)
     results = {}
 
     tic = time.perf_counter()
