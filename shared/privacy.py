@@ -26,8 +26,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_VERSION = 1
@@ -60,19 +63,39 @@ class PrivacyBudgetExceeded(RuntimeError):
 
 def epsilon_of(history: Iterable[Step], delta: float) -> float:
     """Epsilon of composing ``history`` at ``delta`` with Opacus' RDP accountant (0 if empty;
-    inf if any step has no noise)."""
+    inf if any step has no noise): what ``RDPAccountant`` with this history returns, with each
+    distinct (noise, rate)'s per-step RDP computed once per process (:func:`_rdp_per_step`),
+    since a ledger re-composes its whole history for every planned release."""
     steps = [(float(z), float(q), int(n)) for z, q, n in history if int(n) > 0]
     if not steps:
         return 0.0
     if any(z <= 0 for z, _, _ in steps):
         return math.inf
     from opacus.accountants import RDPAccountant  # imports all of Opacus: only when needed
+    from opacus.accountants.analysis.rdp import get_privacy_spent
 
-    accountant = RDPAccountant()
-    accountant.history = steps
+    rdp = sum(_rdp_per_step(z, q) * n for z, q, n in steps)
     with warnings.catch_warnings():  # the bound at the largest order is valid, only looser
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(accountant.get_epsilon(delta=delta))
+        epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(epsilon)
+
+
+@lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one step of the sampled Gaussian mechanism at each of Opacus' default orders,
+    shape (orders,) (``opacus.accountants.analysis.rdp.compute_rdp`` with ``steps=1``)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = compute_rdp(
+        q=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )
+    rdp.setflags(write=False)
+    return rdp
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -2,8 +2,8 @@
 three hospital SuperNodes (tabular sites), `flwr run` of the fedmets app. Refused connections,
 a crashed and restarted site, too few sites, a stopped and resumed server, and the wire audit.
 
-Each message starts a fresh ClientApp process, so these runs are kept small (2 folds, 2 fusion
-rounds, tabular sites)."""
+Each message starts a fresh ClientApp process, so these runs are kept small (2 folds, 1 fusion
+round, tabular sites)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ histogram bin edge."""
 def _federation(root: Path, name: str, **federation) -> Path:
     cfg = _cfg(
         cv={"folds": 2},
-        stages={"fusion_rounds": 2},
+        stages={"fusion_rounds": 1},
         federation={"round_timeout_s": 45, **federation},
     )
     data = cfg.model_dump(mode="json", exclude_none=True)
