@@ -5,11 +5,12 @@
                                                      [--secure-aggregation]
 
 The same tiny tabular federation (``simulation.feature_sites``; 2 folds, 2 fusion rounds) runs
-both ways (``--secure-aggregation``: its training rounds through SecAgg+, both ways). Printed per way: wall time of the run, message rounds (one ``ask`` of the protocol,
-from the ServerApp's ``received.jsonl``), wall time per message round, bytes each site sends per
-message round (mean of the replies' field sizes), and the deployment's extra cost per message
-round over the simulation (a ClientApp process start per message), and the part of that start
-that is fedmets' own: the median wall time of a fresh Python importing the ClientApp and the
+both ways (``--secure-aggregation``: its training rounds through SecAgg+, both ways). Printed
+per way: wall time of the run, message rounds (one ``ask`` of the protocol, from the ServerApp's
+``received.jsonl``), wall time per message round, bytes each site sends per message round (mean
+of the replies' field sizes), and the deployment's extra cost per message round over the
+simulation (a ClientApp process start per message), and the part of that start that is fedmets'
+own: the median wall time of a fresh Python importing the ClientApp and the
 site worker (what a query or training message loads; SecAgg+'s key-exchange messages load only
 the ClientApp).
 """
