@@ -1,68 +1,70 @@
 """Client-level differential privacy at the server, and the federation's privacy report.
 
-:class:`ClientLevelDP` is what Flower's ``DifferentialPrivacyServerSideFixedClipping`` does
-(Geyer et al. 2017, McMahan et al. 2018), built on Flower's own functions
-(``flwr.supercore.differential_privacy``: ``compute_clip_model_update``, ``compute_stdv``,
-``get_norm``) and applied to this project's ``{name: array}`` states:
+:class:`ClientLevelDP` aggregates through Flower's own strategy wrapper,
+``flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping`` around ``FedAvg``
+(Geyer et al. 2017, McMahan et al. 2018), once per model and per round: the protocol's
+messages carry several networks (``weights:<model>``), so for each model the sites' states
+become the train replies the wrapper expects (one ``ArrayRecord`` of the float entries and one
+``MetricRecord`` with ``num-examples`` = 1 per site), the round's global weights are set as its
+``current_arrays`` (what its ``configure_train`` records: the protocol has already sent the
+round's messages on its own routes), and its ``aggregate_train`` does:
 
 1. each site's update ``new - global`` (float parameters only; integer buffers keep the global
-   value) is clipped to L2 norm ``clip`` over all float parameters together;
-2. the clipped updates are averaged with equal weights (a site-size weighting would give a
-   large site more than ``clip / n`` influence, breaking the sensitivity bound: Flower's
-   accounted strategy refuses unequal weights for the same reason);
+   value) is clipped to L2 norm ``clip`` over all float parameters together
+   (``compute_clip_model_update``);
+2. the clipped updates are averaged by ``FedAvg`` with equal weights (a site-size weighting
+   would give a large site more than ``clip / n`` influence, breaking the sensitivity bound:
+   Flower's accounted strategy refuses unequal weights for the same reason);
 3. Gaussian noise of standard deviation ``noise_multiplier * clip / n_sites`` is added to every
-   float entry of the average (Flower's ``compute_stdv``).
+   float entry of the average (``compute_stdv``, ``add_gaussian_noise_inplace``; Flower draws
+   from numpy's global generator, so each aggregation runs it on this object's own seeded
+   stream, and the global generator is left as it was).
 
 What it protects: one whole site's contribution to the released global model (add/remove one
 site), not one patient -- every patient of the site is covered together. Epsilon is Opacus'
-RDP accountant over the server's ledger: each aggregation is one step of the sampled Gaussian
-mechanism with ``sample_rate`` = fraction of sites sampled (1.0: every site every round), so
-``rounds`` steps per model and fold, every model (ablation networks included) and every fold
-composed. With four sites the noise needed for a useful epsilon swamps the average: see
-``docs/privacy.md``.
+RDP accountant over the server's ledger (Flower's ``accountant=`` is not used: it accounts one
+wrapper, with no sampling amplification, while the ledger composes every model, fold and round
+of the run, persists across processes and feeds the privacy report): each aggregation is one
+step of the sampled Gaussian mechanism with ``sample_rate`` = fraction of sites sampled (1.0:
+every site every round), so ``rounds`` steps per model and fold, every model (ablation networks
+included) and every fold composed. With four sites the noise needed for a useful epsilon
+swamps the average: see ``docs/privacy.md``.
 
 :func:`privacy_report` gathers the sites' ledger summaries (and the server's) into one report.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
+from flwr.app import (
+    DEFAULT_TTL,
+    Array,
+    ArrayRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.supercore.differential_privacy import compute_stdv
 
 from shared.privacy import PrivacyLedger, plan_noise_multiplier
 
 State = Mapping[str, np.ndarray]
 MECHANISM = "gaussian"
 SERVER = "server"
+WEIGHT_KEY = "num-examples"  # FedAvg's weighting key: 1 per site (client-level DP)
 
 
 def float_keys(state: State) -> list[str]:
     """Names of the floating-point entries of ``state`` (the ones clipped and noised)."""
     return [k for k, v in state.items() if np.asarray(v).dtype.kind == "f"]
-
-
-def update_norm(global_state: State, state: State) -> float:
-    """L2 norm of ``state - global_state`` over every float entry together."""
-    keys = float_keys(global_state)
-    return get_norm([np.asarray(state[k], np.float64) - global_state[k] for k in keys])
-
-
-def clip_update(global_state: State, state: State, clip: float) -> dict[str, np.ndarray]:
-    """``global + update * min(1, clip / ||update||)``: the site's state with its update
-    clipped to L2 norm ``clip`` (Flower's ``compute_clip_model_update``); integer entries are
-    the global ones."""
-    keys = float_keys(global_state)
-    new = [np.asarray(state[k], dtype=np.float64).copy() for k in keys]
-    old = [np.asarray(global_state[k], dtype=np.float64) for k in keys]
-    compute_clip_model_update(new, old, clip)
-    out = {k: np.asarray(v).copy() for k, v in global_state.items()}
-    for k, v in zip(keys, new, strict=True):
-        out[k] = v.astype(np.asarray(global_state[k]).dtype)
-    return out
 
 
 def noise_std(noise_multiplier: float, clip: float, n_sites: int) -> float:
@@ -71,15 +73,58 @@ def noise_std(noise_multiplier: float, clip: float, n_sites: int) -> float:
     return compute_stdv(noise_multiplier, clip, n_sites)
 
 
+def _float_record(state: State, keys: Sequence[str]) -> ArrayRecord:
+    """The float entries of ``state`` (in ``keys``' order), as float64, in an ArrayRecord."""
+    return ArrayRecord({k: Array(np.asarray(state[k], dtype=np.float64)) for k in keys})
+
+
+def _site_reply(node: int, state: State, keys: Sequence[str], round: int) -> Message:
+    """One site's state as the train reply the wrapper expects: one ArrayRecord (the float
+    entries) and one MetricRecord whose weight is 1 (client-level DP: each site counts once).
+    Its metadata is given directly: ``Message(..., reply_to=...)`` and instruction messages
+    need Flower's runtime identity, which an aggregation outside a ServerApp has not got; the
+    wrapper only reads the content (and ``src_node_id`` when logging an error reply)."""
+    content = RecordDict(
+        {"arrays": _float_record(state, keys), "metrics": MetricRecord({WEIGHT_KEY: 1})}
+    )
+    metadata = Metadata(
+        run_id=0,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id=str(round),
+        created_at=0.0,
+        ttl=DEFAULT_TTL,
+        message_type=MessageType.TRAIN,
+    )
+    return Message(content, metadata=metadata)
+
+
+@contextmanager
+def _own_stream(noise: np.random.RandomState) -> Iterator[None]:
+    """Run the wrapper's noise (drawn from numpy's global generator) on ``noise``; the global
+    generator is put back afterwards, and ``noise`` moves on by what was drawn."""
+    saved = np.random.get_state()  # noqa: NPY002
+    np.random.set_state(noise.get_state())  # noqa: NPY002
+    try:
+        yield
+    finally:
+        noise.set_state(np.random.get_state())  # noqa: NPY002
+        np.random.set_state(saved)  # noqa: NPY002
+
+
 class ClientLevelDP:
-    """Clip, average and noise the sites' states, and account every release.
+    """Clip, average and noise the sites' states with Flower's
+    ``DifferentialPrivacyServerSideFixedClipping(FedAvg)``, and account every release.
 
     ``noise_multiplier``: z; ``clip``: the L2 bound on a site's update; ``delta``: the delta
     epsilon is reported at; ``ledger_dir``: where the server's ledger lives (its ``who`` is
     ``"server"``); ``budget``: PrivacyBudgetExceeded before a release that would go beyond;
-    ``sample_rate``: the fraction of sites sampled per round; ``seed``: the noise generator's
-    seed (Flower draws from numpy's global generator; a seeded Generator keeps runs
-    reproducible)."""
+    ``sample_rate``: the fraction of sites sampled per round; ``seed``: the noise stream's
+    seed (Flower draws from numpy's global generator; :func:`_own_stream` gives it this
+    object's ``np.random.RandomState(seed)`` for each aggregation, so runs are reproducible
+    and nothing else's randomness moves)."""
 
     def __init__(
         self,
@@ -99,7 +144,7 @@ class ClientLevelDP:
         self.clip = float(clip)
         self.sample_rate = float(sample_rate)
         self.ledger = PrivacyLedger(ledger_dir, SERVER, delta, budget)
-        self.rng = np.random.default_rng(seed)
+        self.noise = np.random.RandomState(seed)  # noqa: NPY002 -- Flower uses the legacy API
 
     @classmethod
     def for_target(
@@ -122,6 +167,20 @@ class ClientLevelDP:
         """Epsilon spent so far (every release in the server's ledger)."""
         return self.ledger.epsilon()
 
+    def strategy(self, n_sites: int) -> DifferentialPrivacyServerSideFixedClipping:
+        """Flower's server-side fixed-clipping wrapper around an equal-weight ``FedAvg`` that
+        takes every one of ``n_sites`` sites (one per model and round: it holds that round's
+        global weights)."""
+        fedavg = FedAvg(
+            fraction_train=1.0,
+            min_train_nodes=n_sites,
+            min_available_nodes=n_sites,
+            weighted_by_key=WEIGHT_KEY,
+        )
+        return DifferentialPrivacyServerSideFixedClipping(
+            fedavg, self.noise_multiplier, self.clip, n_sites
+        )
+
     def aggregate(
         self,
         global_state: State,
@@ -133,20 +192,36 @@ class ClientLevelDP:
         run: str | None = None,
         model: str | None = None,
     ) -> dict[str, np.ndarray]:
-        """The next global state: the equal-weight mean of the clipped states plus Gaussian
-        noise; the release is checked against the budget first and then recorded. Hand the
-        result to ``Aggregator.step(global, [result], [1.0])`` for FedAdam (post-processing)."""
+        """The next global state of one model: Flower's wrapper clips each site's update
+        against ``global_state``, averages with equal weights and adds Gaussian noise (float
+        entries only; integer entries stay the global ones); the release is checked against
+        the budget first and then recorded. Hand the result to ``Aggregator.step(global,
+        [result], [1.0])`` for FedAdam (post-processing)."""
         if not states:
             raise ValueError("no site states to aggregate")
         step = [(self.noise_multiplier, self.sample_rate, 1)]
         self.ledger.check(step)
-        clipped = [clip_update(global_state, s, self.clip) for s in states]
-        std = noise_std(self.noise_multiplier, self.clip, len(states))
+        keys = float_keys(global_state)
         out = {k: np.asarray(v).copy() for k, v in global_state.items()}
-        for k in float_keys(global_state):
-            mean = np.mean([np.asarray(c[k], dtype=np.float64) for c in clipped], axis=0)
-            noisy = mean + self.rng.normal(0.0, std, size=mean.shape)
-            out[k] = noisy.astype(np.asarray(global_state[k]).dtype)
+        if keys:
+            server_round = round if round is not None else 1
+            dp = self.strategy(len(states))
+            # The round's global weights, the clipping reference: what the wrapper's
+            # configure_train records before FedAvg samples nodes and builds the instruction
+            # messages (which the protocol has already sent on its own routes, and which need
+            # Flower's runtime identity). ``current_arrays`` is a public attribute of the
+            # wrapper, though not in its documented parameters.
+            dp.current_arrays = _float_record(global_state, keys)
+            replies = [
+                _site_reply(node, state, keys, server_round)
+                for node, state in enumerate(states, start=1)
+            ]
+            with _own_stream(self.noise):
+                arrays, _ = dp.aggregate_train(server_round, replies)
+            if arrays is None:
+                raise RuntimeError(f"Flower's DP wrapper did not aggregate {model or stage}")
+            for k in keys:
+                out[k] = arrays[k].numpy().astype(np.asarray(global_state[k]).dtype)
         self.ledger.record(
             stage=stage,
             mechanism=MECHANISM,

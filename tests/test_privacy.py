@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -22,11 +23,9 @@ from client.privacy import (
 )
 from server.privacy import (
     ClientLevelDP,
-    clip_update,
     noise_std,
     privacy_report,
     summary_from_reply,
-    update_norm,
 )
 from server.protocol import FederatedProtocol
 from shared import wire
@@ -300,24 +299,6 @@ def _state(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray
     }
 
 
-def test_clipping_scales_a_large_update_to_the_norm():
-    rng = np.random.default_rng(0)
-    global_state = _state(rng)
-    big = {
-        k: v + (5 * np.ones_like(v) if v.dtype.kind == "f" else 0) for k, v in global_state.items()
-    }
-    assert update_norm(global_state, big) > 1.0
-    clipped = clip_update(global_state, big, clip=1.0)
-    assert update_norm(global_state, clipped) == pytest.approx(1.0, rel=1e-5)
-    # direction kept
-    direction = clipped["w"] - global_state["w"]
-    assert np.allclose(direction, direction.flat[0], atol=1e-5)
-    assert np.array_equal(clipped["index"], global_state["index"])
-    small = {k: v + (1e-3 if v.dtype.kind == "f" else 0) for k, v in global_state.items()}
-    unchanged = clip_update(global_state, small, clip=1.0)
-    assert all(np.allclose(unchanged[k], small[k]) for k in small)
-
-
 def test_client_level_noise_std_and_accounting(tmp_path):
     global_state = {"w": np.zeros((400, 250), np.float32), "index": np.arange(3)}
     sites = [{"w": np.full((400, 250), 1e-4, np.float32), "index": np.arange(3)} for _ in range(4)]
@@ -337,6 +318,64 @@ def test_client_level_noise_std_and_accounting(tmp_path):
     assert 3.9 < planned.epsilon <= 4.0
     with pytest.raises(PrivacyBudgetExceeded, match="server"):
         planned.aggregate(global_state, sites, stage="image", round=4)
+
+
+def _clipped(global_state: dict, state: dict, clip: float) -> dict:
+    """Reference: ``global + update * min(1, clip / ||update||)`` over the float entries."""
+    keys = [k for k, v in global_state.items() if v.dtype.kind == "f"]
+    update = {k: np.asarray(state[k], np.float64) - global_state[k] for k in keys}
+    scale = min(1.0, clip / _norm(update))
+    return {k: global_state[k] + update[k] * scale for k in keys}
+
+
+def _norm(update: dict) -> float:
+    return float(np.sqrt(sum((v**2).sum() for v in update.values())))
+
+
+def test_client_level_aggregation_is_flowers_dp_wrapper(tmp_path):
+    """The result is the wrapper's: each update clipped against the global weights, an
+    equal-weight FedAvg (site sizes play no part), then N(0, z * clip / n) from the seeded
+    stream in the order of the float entries; integer entries stay global; numpy's global
+    generator is left alone."""
+    rng = np.random.default_rng(1)
+    global_state = {
+        "a.weight": rng.normal(size=(6, 5)).astype(np.float32),
+        "a.bias": rng.normal(size=5).astype(np.float32),
+        "bn.num_batches_tracked": np.array(7),
+    }
+    scales = [0.01, 0.3, 2.0]  # one update inside the clip, two above it
+    sites = [
+        {
+            k: (v + s * rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v + 1
+            for k, v in global_state.items()
+        }
+        for s in scales
+    ]
+    z, clip, seed = 1.5, 0.4, 11
+    dp = ClientLevelDP(noise_multiplier=z, clip=clip, delta=1e-5, ledger_dir=tmp_path, seed=seed)
+    assert isinstance(dp.strategy(3), DifferentialPrivacyServerSideFixedClipping)
+    before = np.random.get_state()[1].copy()  # noqa: NPY002
+    out = dp.aggregate(global_state, sites, stage="fusion", fold=0, round=1, model="m")
+    assert np.array_equal(np.random.get_state()[1], before)  # noqa: NPY002
+
+    noise = np.random.RandomState(seed)  # noqa: NPY002 -- the stream Flower's noise comes from
+    std = noise_std(z, clip, len(sites))
+    clipped = [_clipped(global_state, s, clip) for s in sites]
+    norms = [_norm({k: c[k] - global_state[k] for k in c}) for c in clipped]
+    assert norms[0] < clip and norms[1:] == pytest.approx([clip, clip], rel=1e-4)
+    for k in ("a.weight", "a.bias"):  # float_keys order
+        mean = np.mean([np.asarray(c[k], np.float64) for c in clipped], axis=0)
+        expected = (mean + noise.normal(0.0, std, mean.shape)).astype(np.float32)
+        assert out[k].dtype == np.float32
+        assert np.allclose(out[k], expected, atol=1e-5)
+    assert np.array_equal(out["bn.num_batches_tracked"], global_state["bn.num_batches_tracked"])
+    # the seeded stream moves on: the next round draws fresh noise, a new object repeats it
+    again = dp.aggregate(global_state, sites, stage="fusion", fold=0, round=2, model="m")
+    assert not np.allclose(again["a.weight"], out["a.weight"])
+    twin = ClientLevelDP(z, clip, 1e-5, tmp_path / "twin", seed=seed)
+    first = twin.aggregate(global_state, sites, stage="fusion", fold=0, round=1, model="m")
+    assert all(np.array_equal(first[k], out[k]) for k in out)
+    assert dp.epsilon == pytest.approx(_opacus_epsilon([(z, 1.0, 2)], 1e-5))
 
 
 # ---- what is not covered, the wire reply, the report -------------------------------------------
