@@ -50,11 +50,17 @@ def federation_toml(path: Path, secure_aggregation: bool = False) -> Path:
     return path
 
 
+def field_bytes(field: dict) -> int:
+    """Bytes of one received field: as described, or for SecAgg+'s masked vector its values at
+    8 bytes each (the key exchange is not counted)."""
+    return field["bytes"] if "bytes" in field else 8 * field["values"]
+
+
 def figures(out: Path, wall: float) -> dict[str, float]:
     """Message rounds, seconds per round and bytes per site per round from received.jsonl."""
     entries = [json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()]
     asks = {(e["route"], e["fold"], e["round"]) for e in entries}
-    sizes = [sum(f["bytes"] for f in e["fields"].values()) for e in entries]
+    sizes = [sum(field_bytes(f) for f in e["fields"].values()) for e in entries]
     return {
         "wall_s": wall,
         "message_rounds": len(asks),

@@ -35,6 +35,7 @@ swamps the average: see ``docs/privacy.md``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,6 +113,19 @@ def _own_stream(noise: np.random.RandomState) -> Iterator[None]:
     finally:
         noise.set_state(np.random.get_state())  # noqa: NPY002
         np.random.set_state(saved)  # noqa: NPY002
+
+
+@contextmanager
+def _flower_warnings_only() -> Iterator[None]:
+    """Flower's wrapper and FedAvg log several INFO lines per call (one call per model and
+    round here); the protocol's own log says what was aggregated."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class ClientLevelDP:
@@ -216,7 +230,7 @@ class ClientLevelDP:
                 _site_reply(node, state, keys, server_round)
                 for node, state in enumerate(states, start=1)
             ]
-            with _own_stream(self.noise):
+            with _own_stream(self.noise), _flower_warnings_only():
                 arrays, _ = dp.aggregate_train(server_round, replies)
             if arrays is None:
                 raise RuntimeError(f"Flower's DP wrapper did not aggregate {model or stage}")
