@@ -20,7 +20,8 @@ Printed: pooled AUC (main model: radiomics + clinical) per mode and epsilon, the
 ``off``, and the wall time; a plot and the numbers are written beside ``--out``.
 
     python benchmarks/bench_dp_federated.py [--cohort data/demo] [--epsilons 1 3 8]
-        [--modes sample client] [--out benchmarks/results/dp_federated.png]
+        [--modes sample client] [--fusion-rounds R] [--local-epochs E]
+        [--out benchmarks/results/dp_federated.png]
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ from simulation.simulate import federation_config, site_configs  # noqa: E402
 FUSION_ONLY = ["census", "folds", "selection", "fusion", "evaluate"]
 
 
-def run_setting(cohort: Path, mode: str, epsilon: float | None, seed: int) -> dict:
-    """One federated run; returns the main model's pooled metrics and the seconds it took."""
+def run_setting(
+    cohort: Path, mode: str, epsilon: float | None, seed: int, stages: dict[str, int]
+) -> dict:
+    """One federated run (``stages``: overrides of the preset's ``[stages]``); returns the main
+    model's pooled metrics and the seconds it took."""
     cfg = federation_config("demo", f"dp-{mode}", seed)
     data = cfg.model_dump()
-    data["stages"]["enabled"] = FUSION_ONLY
+    data["stages"].update(stages, enabled=FUSION_ONLY)
     data["dp"] = {"mode": mode, "epsilon": epsilon}
     cfg = type(cfg).model_validate(data)
     tic = time.perf_counter()
@@ -113,15 +117,25 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
     parser.add_argument("--modes", nargs="+", default=["sample", "client"])
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--fusion-rounds", type=int, help="instead of the preset's 30")
+    parser.add_argument("--local-epochs", type=int, help="instead of the preset's 3")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "dp_federated.png"
     )
     args = parser.parse_args()
     started = time.perf_counter()
     settings = [("off", None)] + [(m, e) for m in args.modes for e in args.epsilons]
+    stages = {
+        key: value
+        for key, value in (
+            ("fusion_rounds", args.fusion_rounds),
+            ("fusion_local_epochs", args.local_epochs),
+        )
+        if value is not None
+    }
     rows = []
     for mode, epsilon in settings:
-        rows.append(run_setting(args.cohort, mode, epsilon, args.seed))
+        rows.append(run_setting(args.cohort, mode, epsilon, args.seed, stages))
         r = rows[-1]
         print(
             f"{mode:7s} epsilon {epsilon or 'inf':>5}: AUC {r['auc']:.3f} "
