@@ -3,25 +3,32 @@
 The real protocol (``server.protocol.FederatedProtocol``) over the demo cohort's sites, each a
 ``client.site_worker.SiteWorker`` reached in process (``simulation.in_process.InProcessLink``:
 the same requests, replies, release gate and aggregation as over Flower, without the
-transport). Settings: ``fedmets simulate``'s ``demo`` preset (5 folds, federated selection,
-30 FedAvg rounds of the fusion networks), the fusion stage only (Swin3D cannot be trained under
-DP-SGD, see docs/privacy.md), and per setting:
+transport). Settings: ``fedmets simulate``'s ``demo`` preset (5 folds, federated selection),
+the fusion stage only (Swin3D cannot be trained under DP-SGD, see docs/privacy.md), with the
+options below replacing preset values, and per setting:
 
-- ``off``: no DP (epsilon inf);
-- ``sample``: DP-SGD at every site, the noise planned so that a site's trainings over all folds,
-  rounds and networks compose to epsilon (each site's ledger; what protects one patient);
-- ``client``: the server clips each site's update and adds Gaussian noise to the sum, planned
-  so that every aggregation of the run composes to epsilon (what protects a whole site; with 4
-  sites the noise on a mean of 4 updates is large).
+- ``off``: no DP (epsilon inf), the same settings otherwise;
+- ``sample``: DP-SGD at every site (what protects one patient), the noise planned so that a
+  site's trainings compose to epsilon: over every fold (``--scope run``) or over each fold's
+  rounds alone (``--scope fold``; the ledger still composes all folds: "epsilon spent");
+- ``client``: the server clips each site's update and adds Gaussian noise to the average,
+  planned the same way (what protects a whole site; with 4 sites the noise on a mean of 4
+  updates is large).
 
-Each site's ledger and state go to a temporary folder: the benchmark spends no real budget
-(the sites' audit logs do list its releases, as for ``fedmets simulate``'s baselines).
-Printed: pooled AUC (main model: radiomics + clinical) per mode and epsilon, the AUC loss against
-``off``, and the wall time; a plot and the numbers are written beside ``--out``.
+Under DP only the main model (radiomics + clinical) is trained (``[dp] ablation = false``).
+Each setting runs once per ``--seeds`` seed (the seed fixes the folds); printed: the main
+model's pooled AUC per run, then per mode and epsilon its mean and SD over the seeds and the
+AUC loss against the same seed's run without DP. Each site's ledger and state go to a
+temporary folder: the benchmark spends no real budget. A plot and the numbers are written
+beside ``--out``.
 
     python benchmarks/bench_dp_federated.py [--cohort data/demo] [--epsilons 1 3 8]
-        [--modes sample client] [--fusion-rounds R] [--local-epochs E]
+        [--modes sample client] [--seeds 7 8 9] [--scope run|fold] [--fusion-rounds R]
+        [--local-epochs E] [--hidden W ...] [--lr LR] [--group-dropout P] [--clip C]
         [--out benchmarks/results/dp_federated.png]
+
+The DP settings of docs/privacy.md: ``--hidden --lr 0.03 --group-dropout 0 --fusion-rounds 10
+--local-epochs 1`` (``--hidden`` with no width: a logistic regression).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,14 +54,16 @@ FUSION_ONLY = ["census", "folds", "selection", "fusion", "evaluate"]
 
 
 def run_setting(
-    cohort: Path, mode: str, epsilon: float | None, seed: int, stages: dict[str, int]
+    cohort: Path, mode: str, epsilon: float | None, seed: int, overrides: dict[str, dict]
 ) -> dict:
-    """One federated run (``stages``: overrides of the preset's ``[stages]``); returns the main
-    model's pooled metrics and the seconds it took."""
+    """One federated run (``overrides``: per config section, values replacing the preset's);
+    returns the main model's pooled metrics and the seconds it took."""
     cfg = federation_config("demo", f"dp-{mode}", seed)
     data = cfg.model_dump()
-    data["stages"].update(stages, enabled=FUSION_ONLY)
-    data["dp"] = {"mode": mode, "epsilon": epsilon}
+    data["stages"]["enabled"] = FUSION_ONLY
+    for section, values in overrides.items():
+        data[section].update(values)
+    data["dp"].update(mode=mode, epsilon=epsilon)
     cfg = type(cfg).model_validate(data)
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
@@ -78,6 +89,7 @@ def run_setting(
     return {
         "mode": mode,
         "epsilon": epsilon,
+        "seed": seed,
         "model": main,
         "auc": pooled["auc"],
         "auc_ci": pooled["auc_ci"],
@@ -86,8 +98,33 @@ def run_setting(
     }
 
 
-def plot(rows: list[dict], out: Path) -> None:
-    """Pooled AUC against epsilon, one line per DP mode; no DP as a dashed line."""
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (mode, epsilon): mean and SD over seeds of the AUC and of the AUC loss against the
+    same seed's run without DP (paired: the seed fixes the folds)."""
+    base = {r["seed"]: r["auc"] for r in rows if r["mode"] == "off"}
+    table = []
+    for key in dict.fromkeys((r["mode"], r["epsilon"]) for r in rows):
+        runs = [r for r in rows if (r["mode"], r["epsilon"]) == key]
+        auc = np.array([r["auc"] for r in runs])
+        loss = np.array([base[r["seed"]] - r["auc"] for r in runs])
+        spent = [r["epsilon_spent"] for r in runs if r["epsilon_spent"] is not None]
+        table.append(
+            {
+                "mode": key[0],
+                "epsilon": key[1],
+                "runs": len(runs),
+                "auc_mean": float(auc.mean()),
+                "auc_sd": float(auc.std(ddof=1)) if len(runs) > 1 else 0.0,
+                "loss_mean": float(loss.mean()),
+                "loss_sd": float(loss.std(ddof=1)) if len(runs) > 1 else 0.0,
+                "epsilon_spent": max(spent) if spent else None,
+            }
+        )
+    return table
+
+
+def plot(table: list[dict], out: Path) -> None:
+    """Mean pooled AUC (± SD over seeds) against epsilon, one line per DP mode; no DP dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,15 +132,18 @@ def plot(rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for mode, label in (("sample", "sample-level (DP-SGD)"), ("client", "client-level")):
-        points = sorted((r["epsilon"], r["auc"]) for r in rows if r["mode"] == mode)
+        points = sorted(
+            (r["epsilon"], r["auc_mean"], r["auc_sd"]) for r in table if r["mode"] == mode
+        )
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=label)
-    for r in rows:
+            eps, auc, sd = zip(*points, strict=True)
+            ax.errorbar(eps, auc, yerr=sd, marker="o", capsize=3, label=label)
+    for r in table:
         if r["mode"] == "off":
-            ax.axhline(r["auc"], linestyle="--", color="grey", label="no DP")
+            ax.axhline(r["auc_mean"], linestyle="--", color="grey", label="no DP")
     ax.axhline(0.5, linestyle=":", color="black", linewidth=0.8, label="chance")
     ax.set_xscale("log")
-    ax.set_xlabel("epsilon (the whole run, delta 1e-5)")
+    ax.set_xlabel("epsilon (delta 1e-5)")
     ax.set_ylabel("pooled out-of-fold AUC")
     ax.set_title("Federated fusion (4 sites): utility vs DP")
     ax.legend(fontsize=8)
@@ -116,42 +156,64 @@ def main() -> None:
     parser.add_argument("--cohort", type=Path, default=ROOT / "data" / "demo")
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
     parser.add_argument("--modes", nargs="+", default=["sample", "client"])
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[7], help="one run per seed")
+    parser.add_argument("--scope", choices=["run", "fold"], default="run", help="dp.epsilon_scope")
     parser.add_argument("--fusion-rounds", type=int, help="instead of the preset's 30")
     parser.add_argument("--local-epochs", type=int, help="instead of the preset's 3")
+    parser.add_argument("--hidden", type=int, nargs="*", help="model.fusion_hidden ([32])")
+    parser.add_argument("--lr", type=float, help="model.fusion_lr (the preset's 3e-3)")
+    parser.add_argument("--group-dropout", type=float, help="model.fusion_group_dropout (0.3)")
+    parser.add_argument("--clip", type=float, help="dp.max_grad_norm (1.0)")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "dp_federated.png"
     )
     args = parser.parse_args()
     started = time.perf_counter()
-    settings = [("off", None)] + [(m, e) for m in args.modes for e in args.epsilons]
-    stages = {
-        key: value
-        for key, value in (
-            ("fusion_rounds", args.fusion_rounds),
-            ("fusion_local_epochs", args.local_epochs),
-        )
-        if value is not None
+    chosen = {
+        "stages": {"fusion_rounds": args.fusion_rounds, "fusion_local_epochs": args.local_epochs},
+        "model": {
+            "fusion_hidden": args.hidden,
+            "fusion_lr": args.lr,
+            "fusion_group_dropout": args.group_dropout,
+        },
+        "dp": {"max_grad_norm": args.clip, "epsilon_scope": args.scope},
     }
+    overrides = {
+        section: {k: v for k, v in values.items() if v is not None}
+        for section, values in chosen.items()
+    }
+    settings = [("off", None)] + [(m, e) for m in args.modes for e in args.epsilons]
     rows = []
-    for mode, epsilon in settings:
-        rows.append(run_setting(args.cohort, mode, epsilon, args.seed, stages))
-        r = rows[-1]
-        print(
-            f"{mode:7s} epsilon {epsilon or 'inf':>5}: AUC {r['auc']:.3f} "
-            f"[{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]  ({r['seconds']} s)",
-            flush=True,
-        )
-    base = rows[0]["auc"]
-    print(f"\n{'mode':8s} {'epsilon':>8s} {'AUC':>6s} {'loss vs no DP':>14s}  {rows[0]['model']}")
-    for r in rows:
+    for seed in args.seeds:
+        for mode, epsilon in settings:
+            rows.append(run_setting(args.cohort, mode, epsilon, seed, overrides))
+            r = rows[-1]
+            print(
+                f"seed {seed} {mode:7s} epsilon {epsilon or 'inf':>5}: AUC {r['auc']:.3f} "
+                f"[{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]  ({r['seconds']} s)",
+                flush=True,
+            )
+    table = summarise(rows)
+    print(
+        f"\n{rows[0]['model']}, {len(args.seeds)} seed(s), mean ± SD; loss: paired against the "
+        "same seed without DP"
+    )
+    print(f"{'mode':8s} {'epsilon':>8s} {'AUC':>15s} {'AUC loss':>15s} {'epsilon spent':>14s}")
+    for r in table:
         eps = r["epsilon"] or "inf"
-        print(f"{r['mode']:8s} {eps:>8} {r['auc']:>6.3f} {base - r['auc']:>14.3f}")
-    wall = time.perf_counter() - started
-    print(f"wall time {wall:.0f} s")
+        spent = "" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
+        print(
+            f"{r['mode']:8s} {eps:>8} {r['auc_mean']:>8.3f} ± {r['auc_sd']:.3f} "
+            f"{r['loss_mean']:>8.3f} ± {r['loss_sd']:.3f} {spent:>14s}"
+        )
+    print(f"wall time {time.perf_counter() - started:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, args.out)
-    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    plot(table, args.out)
+    summary = {
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "table": table,
+        "rows": rows,
+    }
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"plot: {args.out}\nnumbers: {args.out.with_suffix('.json')}")
 

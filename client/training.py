@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -302,4 +303,4 @@ def predict_proba(
     data = TensorDataset(torch.from_numpy(X), torch.zeros(len(X)))
     with _one_cpu_thread(device):
         logits, _ = _logits(model.to(device), data, device, batch_size=1024)
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return expit(logits.astype(np.float64))

@@ -55,7 +55,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore.differential_privacy import compute_stdv
 
-from shared.privacy import PrivacyLedger, plan_noise_multiplier
+from shared.privacy import PrivacyLedger, epsilon_of, plan_noise_multiplier
 
 State = Mapping[str, np.ndarray]
 MECHANISM = "gaussian"
@@ -170,11 +170,19 @@ class ClientLevelDP:
         ledger_dir: str | Path,
         sample_rate: float = 1.0,
         seed: int = 0,
+        repeats: int = 1,
     ) -> ClientLevelDP:
         """Noise chosen so that ``releases`` aggregations (e.g. folds x (image rounds + fusion
-        rounds x networks)) end at ``target_epsilon``, which is also the budget."""
+        rounds x networks)) end at ``target_epsilon``. The budget is what ``repeats`` times
+        those releases spend (``target_epsilon`` itself for 1; e.g. per-fold planning over
+        all folds: ``dp.epsilon_scope = "fold"``)."""
         z = plan_noise_multiplier(target_epsilon, delta, sample_rate, releases)
-        return cls(z, clip, delta, ledger_dir, target_epsilon, sample_rate, seed)
+        budget = (
+            target_epsilon
+            if repeats == 1
+            else epsilon_of([(z, sample_rate, releases * repeats)], delta) * (1 + 1e-9)
+        )  # (the slack: the ledger sums the same steps one release at a time)
+        return cls(z, clip, delta, ledger_dir, budget, sample_rate, seed)
 
     @property
     def epsilon(self) -> float:

@@ -241,6 +241,12 @@ class FederatedProtocol:
                 for s in group_subsets()
                 if "deep" in s and set(s) - {"deep"} <= set(groups)
             ]
+        if self.cfg.dp.mode != "off" and not self.cfg.dp.ablation:
+            models = [main_model(models)]
+            self.say(
+                f"dp.mode {self.cfg.dp.mode!r}: the main model {models[0]} alone is trained "
+                "(each ablation network would spend the same patients' budget; dp.ablation)"
+            )
         self.folds()
         self._plan_privacy(images, len(models))
         thresholds = {m: np.full(self.cfg.cv.folds, np.nan) for m in models}
@@ -294,17 +300,25 @@ class FederatedProtocol:
                     "leave 'image' out of stages.enabled)"
                 )
             self.dp_request["dp_epsilon"] = dp.epsilon / 2 if images else dp.epsilon
+            trainings = folds if dp.epsilon_scope == "run" else 1
             self.dp_releases = {
-                IMAGE: folds * stages.image_rounds,
-                "fusion": folds * stages.fusion_rounds * networks,
+                IMAGE: trainings * stages.image_rounds,
+                "fusion": trainings * stages.fusion_rounds * networks,
             }
             return
-        releases = folds * (
+        per_fold = dp.epsilon_scope == "fold"
+        releases = (1 if per_fold else folds) * (
             (stages.image_rounds if images else 0) + stages.fusion_rounds * networks
         )
         ledger_dir = self.privacy_dir or Path(tempfile.mkdtemp(prefix="fedmets-privacy-"))
         self.client_dp = ClientLevelDP.for_target(
-            dp.epsilon, releases, dp.max_grad_norm, dp.delta, ledger_dir, seed=self.cfg.run.seed
+            dp.epsilon,
+            releases,
+            dp.max_grad_norm,
+            dp.delta,
+            ledger_dir,
+            seed=self.cfg.run.seed,
+            repeats=folds if per_fold else 1,
         )
         self.say(
             f"client-level DP: noise multiplier {self.client_dp.noise_multiplier:.3f} over "

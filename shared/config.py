@@ -336,7 +336,7 @@ class ModelSection(_Section):
     mask_channel: Literal["ring", "tumour", "none"] = "ring"
     image_lr: float = Field(1e-3, gt=0)
     image_batch: int = Field(8, ge=1)
-    fusion_hidden: list[int] = Field([32], min_length=1)
+    fusion_hidden: list[int] = Field([32])  # [] = logistic regression
     fusion_dropout: float = Field(0.3, ge=0, lt=1)
     fusion_lr: float = Field(1e-3, gt=0)
     fusion_batch: int = Field(32, ge=1)
@@ -359,6 +359,13 @@ class DpSection(_Section):
     epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    # Train the ablation networks too: each is one more release of the same patients, so
+    # with it the budget is split over every network (see docs/privacy.md).
+    ablation: bool = False
+    # What epsilon bounds: "run", every fold's training composed (what the sites spend on
+    # the cross-validation); "fold", each fold's training alone (what a model trained once on
+    # all the data would cost; the ledgers still compose every fold). See docs/privacy.md.
+    epsilon_scope: Literal["run", "fold"] = "run"
 
     @model_validator(mode="after")
     def _epsilon_when_on(self) -> DpSection:

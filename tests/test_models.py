@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from shared.config import FederationConfig
 from shared.image_models import BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
 from shared.models import (
     FUSION_GROUPS,
@@ -167,6 +168,14 @@ def test_fusion_net_learns_a_separable_problem() -> None:
         optimiser.step()
     with torch.no_grad():
         assert roc_auc_score(y.numpy(), model.eval()(x).numpy()) > 0.9
+
+
+def test_fusion_net_without_hidden_layers_is_a_logistic_regression() -> None:
+    model = FusionNet({"radiomics": 12, "clinical": 5}, hidden=())
+    assert [type(m) for m in model.net] == [nn.Linear]
+    assert sum(p.numel() for p in model.parameters()) == 12 + 5 + 1
+    cfg = FederationConfig.model_validate({"run": {"name": "lr"}, "model": {"fusion_hidden": []}})
+    assert cfg.model.fusion_hidden == []
 
 
 @pytest.mark.parametrize("subset", group_subsets())

@@ -301,7 +301,20 @@ def test_a_private_run_completes_and_its_ledger_is_reported(sites, mode) -> None
     else:  # each site's contribution to the global models
         assert 4.0 < privacy["server"]["epsilon"] <= 8.0 + 1e-6
     assert "selection" in privacy["sites"]["site_a"]["not_covered"]  # statistics: listed
+    assert list(result["models"]) == ["none/radiomics+clinical"]  # no ablation networks
     assert result["models"]["none/radiomics+clinical"]["pooled"]["auc"] is not None
+
+
+@pytest.mark.parametrize("mode", ["sample", "client"])
+def test_epsilon_per_fold_composes_over_the_folds_in_the_ledger(sites, mode) -> None:
+    dp = {"mode": mode, "epsilon": 4.0, "epsilon_scope": "fold", "ablation": True}
+    cfg = _cfg(dp=dp, stages={"fusion_rounds": 2})
+    result = FederatedProtocol(_link(sites), cfg, f"dp-per-fold-{mode}").run_all()
+    assert len(result["models"]) == 3  # the ablation networks too
+    privacy = result["privacy"]  # each fold's trainings end at 4; the ledger holds them all
+    spent = [privacy["sites"][s]["epsilon"] for s in SITES] if mode == "sample" else []
+    for epsilon in spent or [privacy["server"]["epsilon"]]:
+        assert 4.0 * 1.2 < epsilon < 4.0 * cfg.cv.folds
 
 
 def test_a_site_over_its_budget_refuses_to_train(sites) -> None:
