@@ -264,12 +264,15 @@ class SiteWorker:
             return stored["fold"], stored["val"]
 
     def _rows(self, request: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Row masks of the request's fold: ``train`` (all training rows), ``fit`` (training
-        minus inner validation), ``val`` and ``test``."""
+        """Row masks of the request's fold: ``train`` (all training rows), ``fit`` (the rows a
+        training request trains on: training minus inner validation, or under DP, where no
+        round is chosen on validation, all training rows), ``val`` and ``test``."""
         fold, val = self._partition(request)
         f = int(request["fold"])
         train = fold != f
-        return {"train": train, "fit": train & ~val[f], "val": val[f], "test": fold == f}
+        private = str(request.get("dp_mode", "off")) != "off"
+        fit = train if private else train & ~val[f]
+        return {"train": train, "fit": fit, "val": val[f], "test": fold == f}
 
     def _released(self, request: Mapping[str, Any], n: int, reply: dict) -> dict:
         """``reply`` when ``n`` patients may be released on, else the count alone."""

@@ -18,7 +18,8 @@ Per fold ``f`` (the sites' own stratified folds; training rows = every other fol
    ``query.validate`` on the sites' inner validation rows; the round with the lowest pooled
    validation loss is kept; ``query.deep_features`` -> pooled deep-feature means/SDs;
 5. fusion: one network per feature-group subset (the ablations), ``fusion_rounds`` rounds of
-   ``train.fusion`` + aggregation + validation, best round kept per network;
+   ``train.fusion`` + aggregation + validation, best round kept per network (under DP: no
+   validation, the last round's network, trained on all the training rows);
 6. ``query.train_scores`` -> pooled training-score histograms -> Youden threshold per network.
 
 Finally ``query.evaluation`` returns each site's out-of-fold histograms, confusion counts at
@@ -574,8 +575,8 @@ class FederatedProtocol:
         validate_request: Payload,
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
         """``rounds`` rounds of ``train.<stage>`` + aggregation + validation of every model in
-        ``initial`` (name -> state); returns the best-validation state per model and the
-        curves."""
+        ``initial`` (name -> state); returns the best-validation state per model (under DP the
+        last round's: no validation) and the curves."""
         strategy = self.cfg.strategy
         aggregators = {m: Aggregator(strategy.name, strategy.server_learning_rate) for m in initial}
         current = {m: dict(state) for m, state in initial.items()}
@@ -630,6 +631,17 @@ class FederatedProtocol:
                     float(sum(losses) / sum(n_fit)) if losses else float("nan")
                 )
                 curves[m]["sites"].append(sites)
+            if self.cfg.dp.mode != "off":
+                # Under DP the last round's models: choosing a round on validation losses would
+                # be a selection outside the guarantee, and the noise inflates the weights (and
+                # the loss) long before it spoils the ranking. The sites train on every
+                # training row instead (``SiteWorker._rows``).
+                for m in initial:
+                    curves[m]["val_loss"].append(float("nan"))
+                    best[m] = (np.nan, current[m], r)
+                self._log_round(stage, r, rounds, initial, curves, sites)
+                self._save(progress, (r + 1, current, best, curves, aggregators))
+                continue
             weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
             checked = self._ask(
                 "query.validate",
@@ -649,18 +661,25 @@ class FederatedProtocol:
                 curves[m]["val_loss"].append(float(val))
                 if val < best[m][0] or not n_val:
                     best[m] = (val, current[m], r)
-            if stage == IMAGE or r == rounds or r % 5 == 0:
-                shown = IMAGE if stage == IMAGE else main_model(list(initial))
-                self.say(
-                    f"  {stage} round {r}/{rounds}: train loss "
-                    f"{curves[shown]['train_loss'][-1]:.4f}, validation loss "
-                    f"{curves[shown]['val_loss'][-1]:.4f} ({len(sites)} sites"
-                    f"{', SecAgg+' if self.secure else ''})"
-                )
+            self._log_round(stage, r, rounds, initial, curves, sites)
             self._save(progress, (r + 1, current, best, curves, aggregators))
         for m in initial:
             curves[m]["best_round"] = best[m][2]
         return {m: best[m][1] for m in initial}, curves
+
+    def _log_round(
+        self, stage: str, r: int, rounds: int, initial: dict, curves: dict, sites: list[str]
+    ) -> None:
+        """The operator's progress line of a training round (every image round, every fifth
+        fusion round and the last)."""
+        if stage == IMAGE or r == rounds or r % 5 == 0:
+            shown = IMAGE if stage == IMAGE else main_model(list(initial))
+            self.say(
+                f"  {stage} round {r}/{rounds}: train loss "
+                f"{curves[shown]['train_loss'][-1]:.4f}, validation loss "
+                f"{curves[shown]['val_loss'][-1]:.4f} ({len(sites)} sites"
+                f"{', SecAgg+' if self.secure else ''})"
+            )
 
     def train_image(self, fold: int, pos_weight: float) -> tuple[dict[str, np.ndarray], dict]:
         set_seed(self._seed(fold, 1))

@@ -302,6 +302,9 @@ def test_a_private_run_completes_and_its_ledger_is_reported(sites, mode) -> None
         assert 4.0 < privacy["server"]["epsilon"] <= 8.0 + 1e-6
     assert "selection" in privacy["sites"]["site_a"]["not_covered"]  # statistics: listed
     assert list(result["models"]) == ["none/radiomics+clinical"]  # no ablation networks
+    for fold in result["folds"]:  # no round chosen on validation losses: the last one kept
+        curves = fold["fusion"]["none/radiomics+clinical"]
+        assert curves["best_round"] == 2 and np.isnan(curves["val_loss"]).all()
     assert result["models"]["none/radiomics+clinical"]["pooled"]["auc"] is not None
 
 
