@@ -290,6 +290,7 @@ class FederatedProtocol:
         dp, folds, stages = self.cfg.dp, self.cfg.cv.folds, self.cfg.stages
         if dp.mode == "off":
             return
+        trainings = folds if dp.epsilon_scope == "run" else 1  # planned to reach epsilon
         self.dp_request = {"dp_mode": dp.mode, "max_grad_norm": dp.max_grad_norm}
         if dp.mode == "sample":
             if images and self.cfg.model.backbone not in DP_SGD_BACKBONES:
@@ -301,14 +302,12 @@ class FederatedProtocol:
                     "leave 'image' out of stages.enabled)"
                 )
             self.dp_request["dp_epsilon"] = dp.epsilon / 2 if images else dp.epsilon
-            trainings = folds if dp.epsilon_scope == "run" else 1
             self.dp_releases = {
                 IMAGE: trainings * stages.image_rounds,
                 "fusion": trainings * stages.fusion_rounds * networks,
             }
             return
-        per_fold = dp.epsilon_scope == "fold"
-        releases = (1 if per_fold else folds) * (
+        releases = trainings * (
             (stages.image_rounds if images else 0) + stages.fusion_rounds * networks
         )
         ledger_dir = self.privacy_dir or Path(tempfile.mkdtemp(prefix="fedmets-privacy-"))
@@ -319,7 +318,7 @@ class FederatedProtocol:
             dp.delta,
             ledger_dir,
             seed=self.cfg.run.seed,
-            repeats=folds if per_fold else 1,
+            repeats=folds // trainings,
         )
         self.say(
             f"client-level DP: noise multiplier {self.client_dp.noise_multiplier:.3f} over "
@@ -631,55 +630,51 @@ class FederatedProtocol:
                     float(sum(losses) / sum(n_fit)) if losses else float("nan")
                 )
                 curves[m]["sites"].append(sites)
-            if self.cfg.dp.mode != "off":
-                # Under DP the last round's models: choosing a round on validation losses would
-                # be a selection outside the guarantee, and the noise inflates the weights (and
-                # the loss) long before it spoils the ranking. The sites train on every
-                # training row instead (``SiteWorker._rows``).
-                for m in initial:
-                    curves[m]["val_loss"].append(float("nan"))
-                    best[m] = (np.nan, current[m], r)
-                self._log_round(stage, r, rounds, initial, curves, sites)
-                self._save(progress, (r + 1, current, best, curves, aggregators))
-                continue
-            weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
-            checked = self._ask(
-                "query.validate",
-                {**validate_request, **weights, "fold": fold, "stage": stage},
-                fold=fold,
-                round=r,
-                stage=f"validate {stage}",
-            )
-            checked = {s: rep for s, rep in checked.items() if len(rep) > 1}
-            n_val = sum(rep["n"] for rep in checked.values())
-            for m in initial:
-                val = (
-                    sum(rep[f"val_loss_sum:{m}"] for rep in checked.values()) / n_val
-                    if n_val
-                    else np.nan
-                )
-                curves[m]["val_loss"].append(float(val))
-                if val < best[m][0] or not n_val:
+            losses = self._validation_losses(stage, fold, r, current, validate_request)
+            for m in initial:  # nothing validated: the latest round is kept
+                val = float("nan") if losses is None else losses[m]
+                curves[m]["val_loss"].append(val)
+                if losses is None or val < best[m][0]:
                     best[m] = (val, current[m], r)
-            self._log_round(stage, r, rounds, initial, curves, sites)
+            if stage == IMAGE or r == rounds or r % 5 == 0:
+                shown = IMAGE if stage == IMAGE else main_model(list(initial))
+                self.say(
+                    f"  {stage} round {r}/{rounds}: train loss "
+                    f"{curves[shown]['train_loss'][-1]:.4f}, validation loss "
+                    f"{curves[shown]['val_loss'][-1]:.4f} ({len(sites)} sites"
+                    f"{', SecAgg+' if self.secure else ''})"
+                )
             self._save(progress, (r + 1, current, best, curves, aggregators))
         for m in initial:
             curves[m]["best_round"] = best[m][2]
         return {m: best[m][1] for m in initial}, curves
 
-    def _log_round(
-        self, stage: str, r: int, rounds: int, initial: dict, curves: dict, sites: list[str]
-    ) -> None:
-        """The operator's progress line of a training round (every image round, every fifth
-        fusion round and the last)."""
-        if stage == IMAGE or r == rounds or r % 5 == 0:
-            shown = IMAGE if stage == IMAGE else main_model(list(initial))
-            self.say(
-                f"  {stage} round {r}/{rounds}: train loss "
-                f"{curves[shown]['train_loss'][-1]:.4f}, validation loss "
-                f"{curves[shown]['val_loss'][-1]:.4f} ({len(sites)} sites"
-                f"{', SecAgg+' if self.secure else ''})"
-            )
+    def _validation_losses(
+        self, stage: str, fold: int, r: int, current: dict, validate_request: Payload
+    ) -> dict[str, float] | None:
+        """The pooled inner-validation loss of each model in ``current`` after round ``r``;
+        None when no site could validate, and under DP, where nothing is asked: choosing a
+        round on validation losses would be a selection outside the guarantee, and the noise
+        inflates the weights (and the loss) long before it spoils the ranking, so the last
+        round is kept (the sites train on every training row instead: ``SiteWorker._rows``)."""
+        if self.cfg.dp.mode != "off":
+            return None
+        weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
+        checked = self._ask(
+            "query.validate",
+            {**validate_request, **weights, "fold": fold, "stage": stage},
+            fold=fold,
+            round=r,
+            stage=f"validate {stage}",
+        )
+        checked = {s: rep for s, rep in checked.items() if len(rep) > 1}
+        n_val = sum(rep["n"] for rep in checked.values())
+        if not n_val:
+            return None
+        return {
+            m: float(sum(rep[f"val_loss_sum:{m}"] for rep in checked.values()) / n_val)
+            for m in current
+        }
 
     def train_image(self, fold: int, pos_weight: float) -> tuple[dict[str, np.ndarray], dict]:
         set_seed(self._seed(fold, 1))
