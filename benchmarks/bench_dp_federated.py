@@ -7,7 +7,9 @@ transport). Settings: ``fedmets simulate``'s ``demo`` preset (5 folds, federated
 the fusion stage only (Swin3D cannot be trained under DP-SGD, see docs/privacy.md), with the
 options below replacing preset values, and per setting:
 
-- ``off``: no DP (epsilon inf), the same settings otherwise;
+- ``preset``: the preset as it is (its forest ranking, ``[32]`` network, 30 rounds x 3
+  epochs), no DP: the best model a site gets without privacy;
+- ``off``: no DP (epsilon inf), the options' settings otherwise;
 - ``sample``: DP-SGD at every site (what protects one patient), the noise planned so that a
   site's trainings compose to epsilon: over every fold (``--scope run``) or over each fold's
   rounds alone (``--scope fold``; the ledger still composes all folds: "epsilon spent");
@@ -18,17 +20,19 @@ options below replacing preset values, and per setting:
 Under DP only the main model (radiomics + clinical) is trained (``[dp] ablation = false``).
 Each setting runs once per ``--seeds`` seed (the seed fixes the folds); printed: the main
 model's pooled AUC per run, then per mode and epsilon its mean and SD over the seeds and the
-AUC loss against the same seed's run without DP. Each site's ledger and state go to a
+AUC losses against the same seed's ``off`` and ``preset`` runs. Each site's ledger and state go to a
 temporary folder: the benchmark spends no real budget. A plot and the numbers are written
 beside ``--out``.
 
     python benchmarks/bench_dp_federated.py [--cohort data/demo] [--epsilons 1 3 8]
         [--modes sample client] [--seeds 7 8 9] [--scope run|fold] [--fusion-rounds R]
         [--local-epochs E] [--hidden W ...] [--lr LR] [--group-dropout P] [--clip C]
+        [--ranking forest|correlation]
         [--out benchmarks/results/dp_federated.png]
 
-The DP settings of docs/privacy.md: ``--hidden --lr 0.03 --group-dropout 0 --fusion-rounds 10
---local-epochs 1`` (``--hidden`` with no width: a logistic regression).
+The DP settings of docs/privacy.md: ``--ranking correlation --hidden --lr 0.03
+--group-dropout 0 --fusion-rounds 10 --local-epochs 1`` (``--hidden`` with no width: a
+logistic regression).
 """
 
 from __future__ import annotations
@@ -56,14 +60,15 @@ FUSION_ONLY = ["census", "folds", "selection", "fusion", "evaluate"]
 def run_setting(
     cohort: Path, mode: str, epsilon: float | None, seed: int, overrides: dict[str, dict]
 ) -> dict:
-    """One federated run (``overrides``: per config section, values replacing the preset's);
-    returns the main model's pooled metrics and the seconds it took."""
+    """One federated run (``overrides``: per config section, values replacing the preset's;
+    mode ``preset``: the preset as it is, without DP); returns the main model's pooled
+    metrics and the seconds it took."""
     cfg = federation_config("demo", f"dp-{mode}", seed)
     data = cfg.model_dump()
     data["stages"]["enabled"] = FUSION_ONLY
-    for section, values in overrides.items():
+    for section, values in ({} if mode == "preset" else overrides).items():
         data[section].update(values)
-    data["dp"].update(mode=mode, epsilon=epsilon)
+    data["dp"].update(mode="off" if mode == "preset" else mode, epsilon=epsilon)
     cfg = type(cfg).model_validate(data)
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
@@ -99,14 +104,17 @@ def run_setting(
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (mode, epsilon): mean and SD over seeds of the AUC and of the AUC loss against the
-    same seed's run without DP (paired: the seed fixes the folds)."""
+    """Per (mode, epsilon): mean and SD over seeds of the AUC, of the AUC loss against the
+    same seed's run without DP and of the loss against the same seed's preset run (paired:
+    the seed fixes the folds)."""
     base = {r["seed"]: r["auc"] for r in rows if r["mode"] == "off"}
+    preset = {r["seed"]: r["auc"] for r in rows if r["mode"] == "preset"}
     table = []
     for key in dict.fromkeys((r["mode"], r["epsilon"]) for r in rows):
         runs = [r for r in rows if (r["mode"], r["epsilon"]) == key]
         auc = np.array([r["auc"] for r in runs])
         loss = np.array([base[r["seed"]] - r["auc"] for r in runs])
+        below_preset = np.array([preset[r["seed"]] - r["auc"] for r in runs])
         spent = [r["epsilon_spent"] for r in runs if r["epsilon_spent"] is not None]
         table.append(
             {
@@ -117,6 +125,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "auc_sd": float(auc.std(ddof=1)) if len(runs) > 1 else 0.0,
                 "loss_mean": float(loss.mean()),
                 "loss_sd": float(loss.std(ddof=1)) if len(runs) > 1 else 0.0,
+                "loss_vs_preset_mean": float(below_preset.mean()),
+                "loss_vs_preset_sd": float(below_preset.std(ddof=1)) if len(runs) > 1 else 0.0,
                 "epsilon_spent": max(spent) if spent else None,
             }
         )
@@ -140,7 +150,9 @@ def plot(table: list[dict], out: Path) -> None:
             ax.errorbar(eps, auc, yerr=sd, marker="o", capsize=3, label=label)
     for r in table:
         if r["mode"] == "off":
-            ax.axhline(r["auc_mean"], linestyle="--", color="grey", label="no DP")
+            ax.axhline(r["auc_mean"], linestyle="--", color="grey", label="no DP, same settings")
+        if r["mode"] == "preset":
+            ax.axhline(r["auc_mean"], linestyle="-.", color="tab:green", label="preset, no DP")
     ax.axhline(0.5, linestyle=":", color="black", linewidth=0.8, label="chance")
     ax.set_xscale("log")
     epsilons = sorted({r["epsilon"] for r in table if r["epsilon"] is not None})
@@ -168,6 +180,9 @@ def main() -> None:
     parser.add_argument("--group-dropout", type=float, help="model.fusion_group_dropout (0.3)")
     parser.add_argument("--clip", type=float, help="dp.max_grad_norm (1.0)")
     parser.add_argument(
+        "--ranking", choices=["forest", "correlation"], help="selection.ranking (forest)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "dp_federated.png"
     )
     args = parser.parse_args()
@@ -180,12 +195,14 @@ def main() -> None:
             "fusion_group_dropout": args.group_dropout,
         },
         "dp": {"max_grad_norm": args.clip, "epsilon_scope": args.scope},
+        "selection": {"ranking": args.ranking},
     }
     overrides = {
         section: {k: v for k, v in values.items() if v is not None}
         for section, values in chosen.items()
     }
-    settings = [("off", None)] + [(m, e) for m in args.modes for e in args.epsilons]
+    settings = [("preset", None), ("off", None)]
+    settings += [(m, e) for m in args.modes for e in args.epsilons]
     rows = []
     for seed in args.seeds:
         for mode, epsilon in settings:
@@ -198,16 +215,20 @@ def main() -> None:
             )
     table = summarise(rows)
     print(
-        f"\n{rows[0]['model']}, {len(args.seeds)} seed(s), mean ± SD; loss: paired against the "
-        "same seed without DP"
+        f"\n{rows[0]['model']}, {len(args.seeds)} seed(s), mean ± SD; losses paired with the "
+        "same seed's run without DP ('off') and its preset run"
     )
-    print(f"{'mode':8s} {'epsilon':>8s} {'AUC':>15s} {'AUC loss':>15s} {'epsilon spent':>14s}")
+    print(
+        f"{'mode':8s} {'epsilon':>8s} {'AUC':>15s} {'loss vs off':>15s} "
+        f"{'loss vs preset':>15s} {'epsilon spent':>14s}"
+    )
     for r in table:
         eps = r["epsilon"] or "inf"
         spent = "" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
         print(
             f"{r['mode']:8s} {eps:>8} {r['auc_mean']:>8.3f} ± {r['auc_sd']:.3f} "
-            f"{r['loss_mean']:>8.3f} ± {r['loss_sd']:.3f} {spent:>14s}"
+            f"{r['loss_mean']:>8.3f} ± {r['loss_sd']:.3f} "
+            f"{r['loss_vs_preset_mean']:>8.3f} ± {r['loss_vs_preset_sd']:.3f} {spent:>14s}"
         )
     print(f"wall time {time.perf_counter() - started:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

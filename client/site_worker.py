@@ -343,6 +343,9 @@ class SiteWorker:
             "centred_sum": centred.sum(axis=0),
             "cross_products": centred.T @ centred,
         }
+        if request.get("label_products"):  # for the correlation ranking
+            y = self.data.labels[train].astype(np.float64)
+            reply |= {"positives": int(y.sum()), "label_products": centred.T @ y}
         return self._released(request, reply["n"], reply)
 
     def importance(self, request: dict) -> dict:

@@ -12,8 +12,9 @@ Per fold ``f`` (the sites' own stratified folds; training rows = every other fol
 2. ``query.covariance`` (centred at those means, missing values at the mean) -> the pooled
    covariance: constant columns dropped, then ``shared.selection.correlation_filter`` on the
    pooled correlation -- exactly the filter of the pooled training rows;
-3. ``query.importance`` -> random-forest importances per site, averaged weighted by training
-   patients -> the ``top_k`` columns;
+3. ranking (``[selection] ranking``): ``query.importance`` -> random-forest importances per
+   site, averaged weighted by training patients; or |r| with the label from the covariance
+   replies' label products (exactly the pooled correlation) -> the ``top_k`` columns;
 4. image model (image mode): ``image_rounds`` rounds of ``train.image`` + aggregation +
    ``query.validate`` on the sites' inner validation rows; the round with the lowest pooled
    validation loss is kept; ``query.deep_features`` -> pooled deep-feature means/SDs;
@@ -463,7 +464,7 @@ class FederatedProtocol:
     # ---- selection -----------------------------------------------------------------------------
 
     def select(self, fold: int, where: dict) -> tuple[Payload, float, dict]:
-        """Pooled standardisation, correlation filter and forest ranking on the fold's
+        """Pooled standardisation, correlation filter and ranking on the fold's
         training rows -> the standardisation payload of the selected columns."""
         moments = self._usable(self._ask("query.moments", {"fold": fold}, **where), "radiomics_sum")
         n = sum(r["n"] for r in moments.values())
@@ -484,9 +485,10 @@ class FederatedProtocol:
                 "clinical_scale": np.where(c_sd > 0, c_sd, 1.0),
             }
 
+        by_correlation = self.cfg.selection.ranking == "correlation"
+        cov_request = {"fold": fold, "radiomics_mean": mean, "label_products": by_correlation}
         cov_replies = self._usable(
-            self._ask("query.covariance", {"fold": fold, "radiomics_mean": mean}, **where),
-            "cross_products",
+            self._ask("query.covariance", cov_request, **where), "cross_products"
         )
         m = sum(r["n"] for r in cov_replies.values())
         sums = sum(r["centred_sum"] for r in cov_replies.values())
@@ -497,6 +499,40 @@ class FederatedProtocol:
         corr = cov[np.ix_(varying, varying)] / np.outer(sd[varying], sd[varying])
         kept = varying[correlation_filter(corr, self.cfg.selection.correlation_threshold)]
 
+        if by_correlation:
+            importance = self._label_correlation(cov_replies, sums, sd, kept)
+            ranked_by = cov_replies
+        else:
+            importance, ranked_by = self._forest_importance(fold, kept, mean, sd, where)
+        order = np.argsort(-importance, kind="stable")[: self.cfg.selection.top_k]
+        selected = kept[order]
+        standardise |= {
+            "radiomics_columns": selected,
+            "radiomics_mean": mean[selected],
+            "radiomics_scale": sd[selected],
+        }
+        self.say(
+            f"  {len(mean)} radiomics columns -> {len(varying)} varying -> {len(kept)} after "
+            f"|r| <= {self.cfg.selection.correlation_threshold} -> top {len(selected)} "
+            f"(ranked by {self.cfg.selection.ranking}, {len(ranked_by)} sites)"
+        )
+        selection = {
+            "columns": int(len(mean)),
+            "varying": int(len(varying)),
+            "after_correlation_filter": int(len(kept)),
+            "ranking": self.cfg.selection.ranking,
+            "selected": selected.tolist(),
+            "importance": importance[order].round(6).tolist(),
+            "ranked_by": sorted(ranked_by),
+        }
+        return standardise, pos_weight, selection
+
+    def _forest_importance(
+        self, fold: int, kept: np.ndarray, mean: np.ndarray, sd: np.ndarray, where: dict
+    ) -> tuple[np.ndarray, dict[str, Payload]]:
+        """Random-forest importances of the ``kept`` columns (k,): each site's forest on its
+        standardised training rows, averaged weighted by its training patients; and the
+        sites that ranked."""
         ranking = self._ask(
             "query.importance",
             {
@@ -516,27 +552,22 @@ class FederatedProtocol:
         importance = np.average(
             [r["importances"] for r in ranked.values()], axis=0, weights=weights
         )
-        order = np.argsort(-importance, kind="stable")[: self.cfg.selection.top_k]
-        selected = kept[order]
-        standardise |= {
-            "radiomics_columns": selected,
-            "radiomics_mean": mean[selected],
-            "radiomics_scale": sd[selected],
-        }
-        self.say(
-            f"  {len(mean)} radiomics columns -> {len(varying)} varying -> {len(kept)} after "
-            f"|r| <= {self.cfg.selection.correlation_threshold} -> top {len(selected)} "
-            f"(ranked by {len(ranked)} sites)"
-        )
-        selection = {
-            "columns": int(len(mean)),
-            "varying": int(len(varying)),
-            "after_correlation_filter": int(len(kept)),
-            "selected": selected.tolist(),
-            "importance": importance[order].round(6).tolist(),
-            "ranked_by": sorted(ranked),
-        }
-        return standardise, pos_weight, selection
+        return importance, ranked
+
+    @staticmethod
+    def _label_correlation(
+        replies: dict[str, Payload], sums: np.ndarray, sd: np.ndarray, kept: np.ndarray
+    ) -> np.ndarray:
+        """|Pearson r| of each ``kept`` column with the DM label (k,), from the sites' sums of
+        centred values times the label: exactly the correlation on the pooled rows."""
+        n = sum(r["n"] for r in replies.values())
+        positives = sum(r["positives"] for r in replies.values())
+        products = sum(r["label_products"] for r in replies.values())
+        if not 0 < positives < n:
+            raise ProtocolError("the covariance replies hold one class only: no label correlation")
+        label_sd = np.sqrt(positives * (n - positives) / n / (n - 1))
+        covariance = (products - sums * positives / n) / (n - 1)
+        return np.abs(covariance[kept]) / (sd[kept] * label_sd)
 
     def _usable(self, replies: dict[str, Payload], needed: str) -> dict[str, Payload]:
         """The replies that carry ``needed`` (the others held back: too few patients)."""

@@ -325,6 +325,10 @@ class SelectionSection(_Section):
 
     correlation_threshold: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(36, ge=1)
+    # How the filtered columns are ranked: "forest", random-forest importances (the study's
+    # method; each site fits a forest); "correlation", |Pearson r| with the DM label from
+    # pooled sums (exactly the pooled ranking; the choice under DP, see docs/privacy.md).
+    ranking: Literal["forest", "correlation"] = "forest"
     rf_trees: int = Field(200, ge=10)
 
 

@@ -62,6 +62,16 @@ def rank_by_importance(
     return importances.sort_values(ascending=False, kind="stable")
 
 
+def rank_by_label_correlation(X: pd.DataFrame, y: np.ndarray) -> pd.Series:
+    """|Pearson r| of each column of ``X`` (n, p) with 0/1 ``y`` (n,): a Series indexed by
+    column, highest first (ties keep column order)."""
+    centred = X.to_numpy(dtype=float) - X.to_numpy(dtype=float).mean(axis=0)
+    label = np.asarray(y, dtype=float) - np.mean(y)
+    r = np.abs(centred.T @ label) / np.sqrt((centred**2).sum(axis=0) * (label**2).sum())
+    correlations = pd.Series(r, index=X.columns, name="importance")
+    return correlations.sort_values(ascending=False, kind="stable")
+
+
 class RadiomicsSelector(TransformerMixin, BaseEstimator):
     """Select ``top_k`` radiomics columns, fitted on training rows only.
 
@@ -70,8 +80,9 @@ class RadiomicsSelector(TransformerMixin, BaseEstimator):
     2. ``scaler_`` (StandardScaler) standardises the rest;
     3. :func:`correlation_filter` at ``correlation_threshold`` (earlier column kept):
        ``kept_after_correlation_``;
-    4. :func:`rank_by_importance` with ``rf_trees`` trees and ``random_state`` ranks those on
-       the standardised training rows: ``importances_`` (highest first);
+    4. ``ranking="forest"``: :func:`rank_by_importance` with ``rf_trees`` trees and
+       ``random_state``, or ``"correlation"``: :func:`rank_by_label_correlation`, ranks those
+       on the standardised training rows: ``importances_`` (highest first);
     5. the first ``top_k`` (all, if fewer remain) are ``selected_features_``.
 
     ``transform(X)``: the standardised ``selected_features_`` columns of X (DataFrame, same
@@ -84,11 +95,13 @@ class RadiomicsSelector(TransformerMixin, BaseEstimator):
         top_k: int = 36,
         rf_trees: int = 200,
         random_state: int = 0,
+        ranking: str = "forest",
     ) -> None:
         self.correlation_threshold = correlation_threshold
         self.top_k = top_k
         self.rf_trees = rf_trees
         self.random_state = random_state
+        self.ranking = ranking
 
     def fit(self, X: pd.DataFrame, y: np.ndarray) -> RadiomicsSelector:
         """Learn the selection from training rows ``X`` (n, p) and labels ``y`` (n,)."""
@@ -103,8 +116,13 @@ class RadiomicsSelector(TransformerMixin, BaseEstimator):
         scaled = self.scaler_.transform(X.loc[:, variable])
         kept = correlation_filter(scaled.corr().to_numpy(), self.correlation_threshold)
         self.kept_after_correlation_ = scaled.columns[kept].tolist()
-        self.importances_ = rank_by_importance(
-            scaled[self.kept_after_correlation_], y, self.rf_trees, self.random_state
+        if self.ranking not in ("forest", "correlation"):
+            raise ValueError(f"ranking must be 'forest' or 'correlation', got {self.ranking!r}")
+        kept_rows = scaled[self.kept_after_correlation_]
+        self.importances_ = (
+            rank_by_importance(kept_rows, y, self.rf_trees, self.random_state)
+            if self.ranking == "forest"
+            else rank_by_label_correlation(kept_rows, y)
         )
         self.selected_features_ = self.importances_.index[: self.top_k].tolist()
         return self

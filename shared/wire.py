@@ -172,8 +172,14 @@ ROUTES: dict[str, Route] = {
         ),
         Route(
             "query.covariance",
-            {**_RUN, "radiomics_mean": S},
-            {"n": C, "centred_sum": A, "cross_products": A},  # (p,), (p, p)
+            {**_RUN, "radiomics_mean": S, "label_products": S},
+            {
+                "n": C,
+                "positives": C,
+                "centred_sum": A,  # (p,)
+                "cross_products": A,  # (p, p)
+                "label_products": A,  # (p,) centred values times the 0/1 label, if asked
+            },
         ),
         Route(
             "query.importance",

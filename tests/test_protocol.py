@@ -104,6 +104,26 @@ def test_assign_folds_is_stratified_and_inner_validation_is_inside_training() ->
         assert val[f].sum() == round(0.2 * (fold != f).sum())
 
 
+def _pooled_training_rows(
+    sites: dict[str, Path], fold: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pooled reference of a fold's selection: every site's training rows' radiomics
+    (mean-imputed) and labels, the varying columns and those the 0.9 filter keeps
+    (np.corrcoef)."""
+    rows = []
+    for path in sites.values():
+        cfg_site = load_site_config(path)
+        table = pd.read_parquet(cfg_site.paths.output / "features.parquet")
+        stored = np.load(cfg_site.paths.cache / "federated" / "test-run" / "folds.npz")
+        rows.append(table[stored["fold"] != fold])
+    pooled = pd.concat(rows)
+    X = pooled[[c for c in pooled if c.startswith("tumour_")]].to_numpy()
+    X = np.where(np.isnan(X), np.nanmean(X, axis=0), X)
+    varying = np.flatnonzero(X.std(axis=0) > 0)
+    kept = varying[correlation_filter(np.corrcoef(X[:, varying].T), 0.9)]
+    return X, pooled["label"].to_numpy(), varying, kept
+
+
 def test_federated_selection_equals_the_pooled_filter(sites) -> None:
     cfg = _cfg()
     protocol = FederatedProtocol(_link(sites), cfg, "test-run")
@@ -111,18 +131,7 @@ def test_federated_selection_equals_the_pooled_filter(sites) -> None:
     protocol.folds()
     standardise, _, selection = protocol.select(1, {"fold": 1})
 
-    # the pooled reference: every site's training rows of fold 1, mean-imputed, np.corrcoef
-    rows = []
-    for path in sites.values():
-        cfg_site = load_site_config(path)
-        table = pd.read_parquet(cfg_site.paths.output / "features.parquet")
-        stored = np.load(cfg_site.paths.cache / "federated" / "test-run" / "folds.npz")
-        rows.append(table[stored["fold"] != 1])
-    pooled = pd.concat(rows)
-    X = pooled[[c for c in pooled if c.startswith("tumour_")]].to_numpy()
-    X = np.where(np.isnan(X), np.nanmean(X, axis=0), X)
-    varying = np.flatnonzero(X.std(axis=0) > 0)
-    kept = varying[correlation_filter(np.corrcoef(X[:, varying].T), 0.9)]
+    X, _, varying, kept = _pooled_training_rows(sites, fold=1)
     assert selection["varying"] == P - 1  # the constant column is gone
     assert selection["after_correlation_filter"] == len(kept) < P - 1  # near-duplicates too
     assert set(standardise["radiomics_columns"]) <= set(kept)
@@ -130,6 +139,21 @@ def test_federated_selection_equals_the_pooled_filter(sites) -> None:
     np.testing.assert_allclose(
         standardise["radiomics_mean"], X.mean(axis=0)[standardise["radiomics_columns"]], rtol=1e-9
     )
+
+
+def test_federated_correlation_ranking_equals_the_pooled_ranking(sites) -> None:
+    cfg = _cfg(selection={"ranking": "correlation"})
+    protocol = FederatedProtocol(_link(sites), cfg, "test-run")
+    protocol.census()
+    protocol.folds()
+    standardise, _, selection = protocol.select(2, {"fold": 2})
+
+    X, y, _, kept = _pooled_training_rows(sites, fold=2)
+    r = np.abs([np.corrcoef(X[:, j], y)[0, 1] for j in kept])
+    order = np.argsort(-r, kind="stable")[: cfg.selection.top_k]
+    assert selection["ranking"] == "correlation"
+    assert standardise["radiomics_columns"].tolist() == kept[order].tolist()
+    np.testing.assert_allclose(selection["importance"], r[order], atol=1e-6)
 
 
 def test_selection_never_reads_a_test_fold_row(sites) -> None:

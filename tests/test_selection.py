@@ -10,6 +10,7 @@ from shared.selection import (
     correlation_filter,
     correlation_from_sums,
     rank_by_importance,
+    rank_by_label_correlation,
 )
 
 
@@ -124,6 +125,20 @@ def test_selector_is_reproducible_and_clonable() -> None:
     ranked = rank_by_importance(X[["inf_0", "noise_0"]], y, n_trees=30, random_state=3)
     assert ranked.index.tolist() == ["inf_0", "noise_0"]
     assert ranked.sum() == pytest.approx(1.0)
+
+
+def test_correlation_ranking_orders_by_absolute_label_correlation() -> None:
+    X, y = _planted(300, seed=7)
+    selector = RadiomicsSelector(top_k=10, ranking="correlation").fit(X, y)
+    kept = X[selector.kept_after_correlation_]
+    expected = {c: abs(np.corrcoef(kept[c], y)[0, 1]) for c in kept}
+    assert selector.importances_.to_dict() == pytest.approx(expected)
+    assert selector.importances_.is_monotonic_decreasing
+    assert set(selector.selected_features_) == {f"inf_{i}" for i in range(10)}
+    negated = rank_by_label_correlation(-X[["inf_0", "noise_0"]], y)
+    assert negated.index.tolist() == ["inf_0", "noise_0"]  # the sign does not matter
+    with pytest.raises(ValueError, match="ranking must be"):
+        RadiomicsSelector(ranking="lasso").fit(X, y)
 
 
 def test_selector_refuses_missing_values_and_other_columns() -> None:
