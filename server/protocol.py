@@ -669,10 +669,14 @@ class FederatedProtocol:
                     best[m] = (val, current[m], r)
             if stage == IMAGE or r == rounds or r % 5 == 0:
                 shown = IMAGE if stage == IMAGE else main_model(list(initial))
+                losses_shown = (
+                    "losses not released under DP-SGD"
+                    if sample_dp
+                    else f"train loss {curves[shown]['train_loss'][-1]:.4f}, validation loss "
+                    f"{curves[shown]['val_loss'][-1]:.4f}"
+                )
                 self.say(
-                    f"  {stage} round {r}/{rounds}: train loss "
-                    f"{curves[shown]['train_loss'][-1]:.4f}, validation loss "
-                    f"{curves[shown]['val_loss'][-1]:.4f} ({len(sites)} sites"
+                    f"  {stage} round {r}/{rounds}: {losses_shown} ({len(sites)} sites"
                     f"{', SecAgg+' if self.secure else ''})"
                 )
             self._save(progress, (r + 1, current, best, curves, aggregators))
