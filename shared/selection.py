@@ -65,7 +65,8 @@ def rank_by_importance(
 def rank_by_label_correlation(X: pd.DataFrame, y: np.ndarray) -> pd.Series:
     """|Pearson r| of each column of ``X`` (n, p) with 0/1 ``y`` (n,): a Series indexed by
     column, highest first (ties keep column order)."""
-    centred = X.to_numpy(dtype=float) - X.to_numpy(dtype=float).mean(axis=0)
+    values = X.to_numpy(dtype=float)
+    centred = values - values.mean(axis=0)
     label = np.asarray(y, dtype=float) - np.mean(y)
     r = np.abs(centred.T @ label) / np.sqrt((centred**2).sum(axis=0) * (label**2).sum())
     correlations = pd.Series(r, index=X.columns, name="importance")
