@@ -104,32 +104,24 @@ def run_setting(
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (mode, epsilon): mean and SD over seeds of the AUC, of the AUC loss against the
-    same seed's run without DP and of the loss against the same seed's preset run (paired:
-    the seed fixes the folds)."""
-    base = {r["seed"]: r["auc"] for r in rows if r["mode"] == "off"}
-    preset = {r["seed"]: r["auc"] for r in rows if r["mode"] == "preset"}
+    """Per (mode, epsilon): mean and SD over seeds of the AUC (``auc_*``), of the AUC loss
+    against the same seed's run without DP (``loss_*``) and against its preset run
+    (``loss_vs_preset_*``); paired: the seed fixes the folds."""
+    baseline = {
+        name: {r["seed"]: r["auc"] for r in rows if r["mode"] == mode}
+        for name, mode in (("loss", "off"), ("loss_vs_preset", "preset"))
+    }
     table = []
     for key in dict.fromkeys((r["mode"], r["epsilon"]) for r in rows):
         runs = [r for r in rows if (r["mode"], r["epsilon"]) == key]
-        auc = np.array([r["auc"] for r in runs])
-        loss = np.array([base[r["seed"]] - r["auc"] for r in runs])
-        below_preset = np.array([preset[r["seed"]] - r["auc"] for r in runs])
         spent = [r["epsilon_spent"] for r in runs if r["epsilon_spent"] is not None]
-        table.append(
-            {
-                "mode": key[0],
-                "epsilon": key[1],
-                "runs": len(runs),
-                "auc_mean": float(auc.mean()),
-                "auc_sd": float(auc.std(ddof=1)) if len(runs) > 1 else 0.0,
-                "loss_mean": float(loss.mean()),
-                "loss_sd": float(loss.std(ddof=1)) if len(runs) > 1 else 0.0,
-                "loss_vs_preset_mean": float(below_preset.mean()),
-                "loss_vs_preset_sd": float(below_preset.std(ddof=1)) if len(runs) > 1 else 0.0,
-                "epsilon_spent": max(spent) if spent else None,
-            }
-        )
+        entry = {"mode": key[0], "epsilon": key[1], "runs": len(runs)}
+        series = {"auc": [r["auc"] for r in runs]}
+        series |= {name: [of[r["seed"]] - r["auc"] for r in runs] for name, of in baseline.items()}
+        for name, values in series.items():
+            entry[f"{name}_mean"] = float(np.mean(values))
+            entry[f"{name}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        table.append(entry | {"epsilon_spent": max(spent) if spent else None})
     return table
 
 
