@@ -60,7 +60,7 @@ from client.radiomics_features import (
     REGIONS,
     extractor_for,
     params_file,
-    region_features,
+    regions_features,
     use_one_thread,
 )
 from client.site_check import check_site
@@ -83,8 +83,7 @@ _STAGE_FIELD = {
     "load": "ct",
     "preprocess": "ct",
     "ring": "tumour_mask",
-    "radiomics (tumour)": "tumour_mask",
-    "radiomics (ring)": "tumour_mask",
+    "radiomics": "tumour_mask",
     "cache": "paths.cache",
     "worker": "ct",
 }
@@ -363,10 +362,9 @@ def _extract_patient(task: _Task) -> dict:
         extractor = extractor_for(task.params)
         box = prepared.radiomics_box
         ct = box.crop(prepared.ct)
-        features: dict[str, float] = {}
-        for region, mask in zip(REGIONS, (prepared.tumour, ring), strict=True):
-            stage = f"radiomics ({region})"
-            features |= region_features(extractor, ct, box.crop(mask), region)
+        masks = dict(zip(REGIONS, (box.crop(prepared.tumour), box.crop(ring)), strict=True))
+        stage = "radiomics"
+        features = regions_features(extractor, ct, masks)
         stage = "cache"
         task.entry.mkdir(parents=True, exist_ok=True)
         save_crop(task.entry / CROP_FILE, prepared, ring)

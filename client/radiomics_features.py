@@ -5,21 +5,38 @@ Parameter files: ``[radiomics] params = "default"`` is ``client/resources/radiom
 value is the path of a PyRadiomics parameter file. Feature names are PyRadiomics' own
 (``original_firstorder_Mean``, ``log-sigma-2-0-mm-3D_glcm_Idm``, ...) prefixed with ``tumour_`` or
 ``ring_``; PyRadiomics' ``diagnostics_*`` entries are dropped. See docs/radiomics.md.
+
+Tumour and ring share one CT crop: when the parameter file lets PyRadiomics' filtered images
+(wavelet, LoG, ...) be independent of the mask, each filter runs once for both regions
+(:func:`regions_features`), with values equal to one ``extractor.execute`` call per region.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import radiomics
 import SimpleITK as sitk
+from radiomics import imageoperations
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
 PARAM_FILES = {"default": "radiomics_full.yaml", "fast": "radiomics_fast.yaml"}
 REGIONS = ("tumour", "ring")
+# PyRadiomics settings with which ``execute`` resamples or crops the image to the mask's bounding
+# box, or changes the mask, before filtering (or sets a module-wide tolerance), and the image type
+# whose filter reads the mask: with any of them each region runs through ``execute`` alone.
+_MASK_DEPENDENT_SETTINGS = (
+    "resampledPixelSpacing",
+    "preCrop",
+    "resegmentRange",
+    "geometryTolerance",
+)
+_MASK_DEPENDENT_IMAGE_TYPES = ("LBP3D",)
 
 
 def params_file(params: str | Path) -> Path:
@@ -44,12 +61,75 @@ def extractor_for(path: Path) -> RadiomicsFeatureExtractor:
     return RadiomicsFeatureExtractor(str(path))
 
 
+def shares_filtered_images(extractor: RadiomicsFeatureExtractor) -> bool:
+    """Whether the extractor's filtered images are the same for every mask on one CT (no
+    resampling, pre-cropping or resegmentation by PyRadiomics, no mask-reading filter)."""
+    settings = extractor.settings
+    return not any(settings.get(name) for name in _MASK_DEPENDENT_SETTINGS) and not (
+        set(extractor.enabledImagetypes) & set(_MASK_DEPENDENT_IMAGE_TYPES)
+    )
+
+
+def regions_features(
+    extractor: RadiomicsFeatureExtractor, ct: sitk.Image, masks: dict[str, sitk.Image]
+) -> dict[str, float]:
+    """PyRadiomics features of ``ct`` (HU) inside each ``masks[region]`` (label 1, on the CT's
+    grid), named ``<region>_<name>``, regions in the given order, diagnostics dropped; values as
+    Python floats (NaN where PyRadiomics returns NaN).
+
+    Equal, value for value, to ``extractor.execute(ct, mask, label=1)`` per region. When
+    :func:`shares_filtered_images`, PyRadiomics' own steps run with each filter applied once:
+    load and check every mask, shape per mask, then every filtered image cropped to each mask.
+    Raises what ``execute`` raises; a mask PyRadiomics rejects raises ValueError naming the
+    region."""
+    if not shares_filtered_images(extractor):
+        features: dict[str, float] = {}
+        for region, mask in masks.items():
+            with _naming(region):
+                features |= _named(extractor.execute(ct, mask, label=1), region)
+        return features
+    settings = extractor.settings | {"label": 1}
+    first_region, first_mask = next(iter(masks.items()))
+    with _naming(first_region):
+        image, _ = extractor.loadImage(ct, first_mask, None, **settings)
+    vectors, checked = {}, {}
+    for region, mask in masks.items():
+        with _naming(region):
+            _, mask = extractor.loadImage(ct, mask, None, **settings)
+            box, corrected = imageoperations.checkMask(image, mask, **settings)
+        checked[region] = (mask if corrected is None else corrected, box)
+        vectors[region] = dict(extractor.computeShape(image, *checked[region], **settings))
+    for image_type, custom in extractor.enabledImagetypes.items():
+        make_images = getattr(imageoperations, f"get{image_type}Image")
+        for filtered, type_name, kwargs in make_images(image, None, **(settings | custom)):
+            for region, (mask, box) in checked.items():
+                cropped_image, cropped_mask = imageoperations.cropToTumorMask(filtered, mask, box)
+                vectors[region].update(
+                    extractor.computeFeatures(cropped_image, cropped_mask, type_name, **kwargs)
+                )
+    return {
+        name: value for region in masks for name, value in _named(vectors[region], region).items()
+    }
+
+
 def region_features(
     extractor: RadiomicsFeatureExtractor, ct: sitk.Image, mask: sitk.Image, region: str
 ) -> dict[str, float]:
-    """PyRadiomics features of ``ct`` (HU) inside ``mask`` (label 1), named ``<region>_<name>``,
-    diagnostics dropped; values as Python floats (NaN where PyRadiomics returns NaN)."""
-    result = extractor.execute(ct, mask, label=1)
+    """:func:`regions_features` of one region."""
+    return regions_features(extractor, ct, {region: mask})
+
+
+@contextmanager
+def _naming(region: str) -> Iterator[None]:
+    """Prefix a ValueError raised inside (PyRadiomics rejecting a mask) with ``<region> mask``."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{region} mask: {error}") from error
+
+
+def _named(result: dict, region: str) -> dict[str, float]:
+    """PyRadiomics' result as ``<region>_<name>`` -> float, diagnostics dropped."""
     return {
         f"{region}_{name}": float(value)
         for name, value in result.items()

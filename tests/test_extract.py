@@ -188,8 +188,9 @@ def test_changing_margin_or_params_invalidates_the_cache(site, tmp_path):
     report = extract_site(load_site_config(toml), workers=2)
     assert (report["counts"]["extracted"], report["counts"]["cached"]) == (5, 0)
     wider = pd.read_parquet(folder / "output" / FEATURES_FILE)
-    tumour = [c for c in table.columns if c.startswith("tumour_")]
-    pd.testing.assert_frame_equal(wider[tumour], table[tumour], rtol=1e-9)  # same tumour
+    # Same tumour on the same grid; only its filtered images see the wider box's extra context.
+    tumour = [c for c in table.columns if c.startswith("tumour_original_")]
+    pd.testing.assert_frame_equal(wider[tumour], table[tumour], rtol=1e-9)
     volume = "ring_original_shape_VoxelVolume"
     assert (wider[volume] > 1.3 * table[volume]).all()
 

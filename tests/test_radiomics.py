@@ -15,7 +15,14 @@ from radiomics.featureextractor import RadiomicsFeatureExtractor
 from client.ingest import load_patient_images, read_manifest
 from client.peritumoral import peritumoral_ring
 from client.preprocess import prepare_patient
-from client.radiomics_features import extractor_for, params_file, region_features, use_one_thread
+from client.radiomics_features import (
+    extractor_for,
+    params_file,
+    region_features,
+    regions_features,
+    shares_filtered_images,
+    use_one_thread,
+)
 from shared.config import PreprocessSection, load_site_config
 from simulation.synth import generate_cohort
 
@@ -50,7 +57,8 @@ def test_presets_ship_inside_the_client_package():
     for name in ("default", "fast"):
         settings = yaml.safe_load(params_file(name).read_text())["setting"]
         assert settings["binWidth"] == 25 and settings["label"] == 1
-        assert settings["resampledPixelSpacing"] == [1, 1, 1]
+        assert "resampledPixelSpacing" not in settings  # preprocessing owns the grid
+        assert shares_filtered_images(extractor_for(params_file(name)))
     assert params_file(Path("/site/custom.yaml")) == Path("/site/custom.yaml")
 
 
@@ -67,6 +75,49 @@ def test_features_equal_a_direct_pyradiomics_call(regions):
                 assert math.isclose(value, expected, rel_tol=1e-9) or (
                     math.isnan(value) and math.isnan(expected)
                 ), name
+
+
+def direct_features(extractor: RadiomicsFeatureExtractor, ct, masks: dict) -> dict[str, float]:
+    """One plain ``execute`` per region, named as fedmets names them."""
+    return {
+        f"{region}_{name}": float(value)
+        for region, mask in masks.items()
+        for name, value in extractor.execute(ct, mask).items()
+        if not name.startswith("diagnostics_")
+    }
+
+
+def assert_same_values(mine: dict[str, float], direct: dict[str, float]) -> None:
+    assert list(mine) == list(direct)
+    for name, value in mine.items():
+        assert value == direct[name] or (math.isnan(value) and math.isnan(direct[name])), name
+
+
+@pytest.mark.parametrize("resampled", [False, True], ids=["shared filters", "execute per region"])
+def test_tumour_and_ring_together_equal_one_direct_call_per_region(regions, tmp_path, resampled):
+    """Each filter runs once for both regions, yet every value is the one PyRadiomics gives each
+    region alone; a file that resamples (filtered images depend on the mask) runs them apart."""
+    settings = yaml.safe_load(params_file("fast").read_text())
+    if resampled:
+        settings["setting"]["resampledPixelSpacing"] = [1, 1, 1]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    extractor = extractor_for(path)
+    assert shares_filtered_images(extractor) is not resampled
+    direct_extractor = RadiomicsFeatureExtractor(str(path))
+    for ct, tumour, ring in regions.values():
+        masks = {"tumour": tumour, "ring": ring}
+        assert_same_values(
+            regions_features(extractor, ct, masks), direct_features(direct_extractor, ct, masks)
+        )
+
+
+def test_a_rejected_mask_names_its_region(regions):
+    ct, tumour, ring = next(iter(regions.values()))
+    empty = sitk.Image(ring)
+    empty[:, :, :] = 0
+    with pytest.raises(ValueError, match="^ring mask: "):
+        regions_features(extractor_for(params_file("fast")), ct, {"tumour": tumour, "ring": empty})
 
 
 def counts(features: dict[str, float], region: str) -> tuple[Counter, Counter]:
