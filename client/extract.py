@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import resource
 import signal
@@ -121,6 +122,7 @@ def extract_site(
     params = params_file(cfg.radiomics.params)
     if not params.is_file():
         raise FileNotFoundError(f"radiomics.params: file not found: {params}")
+    context = _worker_context()  # the workers' server starts now, beside the site check
     check = check_site(cfg, workers, on_patient_checked)
     usable = set(check.usable)
     records = [r for r in read_manifest(cfg)[0] if r.patient_id in usable] if usable else []
@@ -185,7 +187,7 @@ def extract_site(
     # Largest tumour-mask files first: the file grows with the tumour, and so does the time to
     # extract it; a big patient started last would run alone while the other workers idle.
     tasks.sort(key=lambda task: -mask_bytes[task.record.patient_id])
-    restarts = _run_tasks(tasks, workers, collect)
+    restarts = _run_tasks(tasks, workers, context, collect)
 
     order = [r for r in records if r.patient_id in features]
     table = _feature_table(order, features, clinical)
@@ -427,16 +429,29 @@ def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_tasks(tasks: list[_Task], workers: int, collect: Callable[[_Task, dict], None]) -> int:
-    """Run ``tasks`` on up to ``workers`` processes (at most 2 per worker queued), calling
-    ``collect(task, result)`` in this process for each. When a worker dies (crash, out of memory)
-    the pool is replaced; the patients in flight are retried one at a time, and one that kills a
-    worker on its own is recorded as failed. Returns how many times the pool was replaced."""
-    queue, suspects, restarts = deque(tasks), deque(), 0
-    # Workers fork from a server process that imported this module once (fast pool starts and
-    # restarts) and that never ran ITK or a progress-bar thread (safe to fork).
+def _worker_context() -> multiprocessing.context.ForkServerContext:
+    """How workers start: forked from a server process that imported this module once (fast
+    pool starts and restarts) and that never ran ITK or a progress-bar thread (safe to fork).
+    The server is started here and imports in the background, so that it is ready by the time
+    the site check is done."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def _run_tasks(
+    tasks: list[_Task],
+    workers: int,
+    context: multiprocessing.context.ForkServerContext,
+    collect: Callable[[_Task, dict], None],
+) -> int:
+    """Run ``tasks`` on up to ``workers`` processes of ``context`` (at most 2 per worker
+    queued), calling ``collect(task, result)`` in this process for each. When a worker dies
+    (crash, out of memory) the pool is replaced; the patients in flight are retried one at a
+    time, and one that kills a worker on its own is recorded as failed. Returns how many times
+    the pool was replaced."""
+    queue, suspects, restarts = deque(tasks), deque(), 0
     while queue or suspects:
         crashed: list[_Task] = []
         alone: _Task | None = None  # a suspect running on its own

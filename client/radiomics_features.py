@@ -112,13 +112,6 @@ def regions_features(
     }
 
 
-def region_features(
-    extractor: RadiomicsFeatureExtractor, ct: sitk.Image, mask: sitk.Image, region: str
-) -> dict[str, float]:
-    """:func:`regions_features` of one region."""
-    return regions_features(extractor, ct, {region: mask})
-
-
 @contextmanager
 def _naming(region: str) -> Iterator[None]:
     """Prefix a ValueError raised inside (PyRadiomics rejecting a mask) with ``<region> mask``."""
