@@ -611,7 +611,12 @@ class SiteWorker:
             return reply
         groups = self._groups(request)
         for name, (net, X) in self._fusion_models(request, groups).items():
-            reply[f"val_loss_sum:{name}"] = _loss_sum(loss, predict_proba(net, X[rows]), y)
+            probs = predict_proba(net, X[rows])
+            reply[f"val_loss_sum:{name}"] = _loss_sum(loss, probs, y)
+            if "bins" in request:
+                hist = score_histograms(self.data.labels[rows], probs, int(request["bins"]))
+                reply[f"val_hist_pos:{name}"] = hist.pos_counts.astype(np.int64)
+                reply[f"val_hist_neg:{name}"] = hist.neg_counts.astype(np.int64)
         return reply
 
     def permutation(self, request: dict) -> dict:

@@ -19,8 +19,10 @@ Per fold ``f`` (the sites' own stratified folds; training rows = every other fol
    ``query.validate`` on the sites' inner validation rows; the round with the lowest pooled
    validation loss is kept; ``query.deep_features`` -> pooled deep-feature means/SDs;
 5. fusion: one network per feature-group subset (the ablations), ``fusion_rounds`` rounds of
-   ``train.fusion`` + aggregation + validation, best round kept per network (under DP: no
-   validation, the last round's network, trained on all the training rows);
+   ``train.fusion`` + aggregation + validation, best round kept per network (the highest pooled
+   validation AUC from the sites' validation-score histograms with ``[model] fusion_monitor =
+   "auc"``, else the lowest loss; under DP: no validation, the last round's network, trained on
+   all the training rows);
 6. ``query.train_scores`` -> pooled training-score histograms -> Youden threshold per network.
 
 Finally ``query.evaluation`` returns each site's out-of-fold histograms, confusion counts at
@@ -612,8 +614,9 @@ class FederatedProtocol:
         current = {m: dict(state) for m, state in initial.items()}
         best = {m: (np.inf, current[m], 0) for m in initial}
         curves: dict[str, dict[str, list]] = {
-            m: {"train_loss": [], "val_loss": [], "sites": []} for m in initial
+            m: {"train_loss": [], "val_loss": [], "val_auc": [], "sites": []} for m in initial
         }
+        by_auc = stage != IMAGE and self.cfg.model.fusion_monitor == "auc"
         progress = f"fold{fold}-{stage}-rounds"
         start = 1
         saved = self._load(progress)
@@ -661,12 +664,14 @@ class FederatedProtocol:
                     float(sum(losses) / sum(n_fit)) if losses else float("nan")
                 )
                 curves[m]["sites"].append(sites)
-            losses = self._validation_losses(stage, fold, r, current, validate_request)
+            validation = self._validation(stage, fold, r, current, validate_request, by_auc)
             for m in initial:  # nothing validated: the latest round is kept
-                val = float("nan") if losses is None else losses[m]
-                curves[m]["val_loss"].append(val)
-                if losses is None or val < best[m][0]:
-                    best[m] = (val, current[m], r)
+                loss, auc = (float("nan"), None) if validation is None else validation[m]
+                curves[m]["val_loss"].append(loss)
+                curves[m]["val_auc"].append(auc)
+                score = -auc if by_auc and auc is not None else loss  # lower is better
+                if validation is None or score < best[m][0]:  # ties: the earlier round
+                    best[m] = (score, current[m], r)
             if stage == IMAGE or r == rounds or r % 5 == 0:
                 shown = IMAGE if stage == IMAGE else main_model(list(initial))
                 losses_shown = (
@@ -684,20 +689,29 @@ class FederatedProtocol:
             curves[m]["best_round"] = best[m][2]
         return {m: best[m][1] for m in initial}, curves
 
-    def _validation_losses(
-        self, stage: str, fold: int, r: int, current: dict, validate_request: Payload
-    ) -> dict[str, float] | None:
-        """The pooled inner-validation loss of each model in ``current`` after round ``r``;
-        None when no site could validate, and under DP, where nothing is asked: choosing a
-        round on validation losses would be a selection outside the guarantee, and the noise
-        inflates the weights (and the loss) long before it spoils the ranking, so the last
-        round is kept (the sites train on every training row instead: ``SiteWorker._rows``)."""
+    def _validation(
+        self,
+        stage: str,
+        fold: int,
+        r: int,
+        current: dict,
+        validate_request: Payload,
+        with_auc: bool,
+    ) -> dict[str, tuple[float, float | None]] | None:
+        """(pooled inner-validation loss, pooled validation AUC or None) of each model in
+        ``current`` after round ``r``; the AUC (from the sites' validation-score histograms,
+        ``[evaluation] histogram_bins``) only ``with_auc``. None when no site could validate,
+        and under DP, where nothing is asked: choosing a round on validation scores would be a
+        selection outside the guarantee, and the noise inflates the weights (and the loss) long
+        before it spoils the ranking, so the last round is kept (the sites train on every
+        training row instead: ``SiteWorker._rows``)."""
         if self.cfg.dp.mode != "off":
             return None
         weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
+        bins = {"bins": self.cfg.evaluation.histogram_bins} if with_auc else {}
         checked = self._ask(
             "query.validate",
-            {**validate_request, **weights, "fold": fold, "stage": stage},
+            {**validate_request, **weights, **bins, "fold": fold, "stage": stage},
             fold=fold,
             round=r,
             stage=f"validate {stage}",
@@ -706,10 +720,11 @@ class FederatedProtocol:
         n_val = sum(rep["n"] for rep in checked.values())
         if not n_val:
             return None
-        return {
-            m: float(sum(rep[f"val_loss_sum:{m}"] for rep in checked.values()) / n_val)
-            for m in current
-        }
+        scores = {}
+        for m in current:
+            loss = float(sum(rep[f"val_loss_sum:{m}"] for rep in checked.values()) / n_val)
+            scores[m] = (loss, _validation_auc(list(checked.values()), m))
+        return scores
 
     def train_image(self, fold: int, pos_weight: float) -> tuple[dict[str, np.ndarray], dict]:
         set_seed(self._seed(fold, 1))
@@ -886,6 +901,18 @@ def _mean_importance(per_fold: list[dict]) -> dict:
             {"name": name, "importance": float(np.mean(v)), "folds": len(v)} for name, v in ranked
         ],
     }
+
+
+def _validation_auc(replies: list[Payload], model: str) -> float | None:
+    """Pooled AUC of ``model`` from the sites' summed validation-score histograms; None when
+    they were not asked for or hold one class only."""
+    have = [r for r in replies if f"val_hist_pos:{model}" in r]
+    if not have:
+        return None
+    pos = sum(r[f"val_hist_pos:{model}"] for r in have)
+    neg = sum(r[f"val_hist_neg:{model}"] for r in have)
+    edges = np.linspace(0.0, 1.0, len(pos) + 1)
+    return metrics_from_histograms(pos, neg, edges, threshold=0.5)["auc"]
 
 
 def _metrics(

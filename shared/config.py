@@ -347,6 +347,9 @@ class ModelSection(_Section):
     fusion_weight_decay: float = Field(1e-3, ge=0)
     fusion_group_dropout: float = Field(0.3, ge=0, lt=1)
     deep_components: int = Field(8, ge=0)  # whitened PCA of the deep features; 0 = all, scaled
+    # What picks each fusion network's round: the pooled inner-validation "auc" (from the sites'
+    # validation-score histograms, as the study's fusion_monitor) or the weighted BCE "loss".
+    fusion_monitor: Literal["auc", "loss"] = "loss"
 
 
 class EvaluationSection(_Section):

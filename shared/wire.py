@@ -215,9 +215,15 @@ ROUTES: dict[str, Route] = {
                 "hidden": S,
                 "dropout": S,
                 "group_dropout": S,
+                "bins": S,  # fusion under the AUC monitor: also the validation histograms
                 "weights:*": S,
             },
-            {"n": C, "val_loss_sum:*": Kind.METRIC},
+            {
+                "n": C,
+                "val_loss_sum:*": Kind.METRIC,
+                "val_hist_pos:*": Kind.HISTOGRAM,
+                "val_hist_neg:*": Kind.HISTOGRAM,
+            },
         ),
         Route(
             "query.deep_features",

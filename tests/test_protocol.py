@@ -224,6 +224,22 @@ def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
     assert blocks[0] == "clinical:age" or int(top) % 4 == 0  # a column of the label's factor
 
 
+@pytest.mark.parametrize("monitor", ["auc", "loss"])
+def test_each_network_keeps_its_round_of_best_pooled_validation_score(sites, monitor) -> None:
+    cfg = _cfg(model={"fusion_monitor": monitor}, stages={"fusion_rounds": 6})
+    result = FederatedProtocol(_link(sites), cfg, f"monitor-{monitor}").run_all()
+    for fold in result["folds"]:
+        for curves in fold["fusion"].values():
+            aucs, losses = curves["val_auc"], curves["val_loss"]
+            assert len(aucs) == len(losses) == 6
+            if monitor == "auc":  # pooled from the sites' validation histograms
+                assert all(0 <= auc <= 1 for auc in aucs)
+                assert curves["best_round"] == 1 + int(np.argmax(aucs))  # ties: earlier round
+            else:
+                assert aucs == [None] * 6
+                assert curves["best_round"] == 1 + int(np.argmin(losses))
+
+
 def test_same_seed_same_results(sites) -> None:
     first = FederatedProtocol(_link(sites), _cfg(), "run-one").run_all()
     second = FederatedProtocol(_link(sites), _cfg(), "run-two").run_all()
