@@ -349,7 +349,7 @@ class ModelSection(_Section):
     deep_components: int = Field(8, ge=0)  # whitened PCA of the deep features; 0 = all, scaled
     # What picks each fusion network's round: the pooled inner-validation "auc" (from the sites'
     # validation-score histograms, as the study's fusion_monitor) or the weighted BCE "loss".
-    fusion_monitor: Literal["auc", "loss"] = "loss"
+    fusion_monitor: Literal["auc", "loss"] = "auc"
 
 
 class EvaluationSection(_Section):
