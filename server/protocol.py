@@ -674,12 +674,16 @@ class FederatedProtocol:
                     best[m] = (score, current[m], r)
             if stage == IMAGE or r == rounds or r % 5 == 0:
                 shown = IMAGE if stage == IMAGE else main_model(list(initial))
-                losses_shown = (
-                    "losses not released under DP-SGD"
-                    if sample_dp
-                    else f"train loss {curves[shown]['train_loss'][-1]:.4f}, validation loss "
-                    f"{curves[shown]['val_loss'][-1]:.4f}"
-                )
+                latest = {k: curves[shown][k][-1] for k in ("train_loss", "val_loss", "val_auc")}
+                if sample_dp:
+                    losses_shown = "losses not released under DP-SGD"
+                else:
+                    losses_shown = (
+                        f"train loss {latest['train_loss']:.4f}, validation loss"
+                        f" {latest['val_loss']:.4f}"
+                    )
+                    if latest["val_auc"] is not None:
+                        losses_shown += f", AUC {latest['val_auc']:.3f}"
                 self.say(
                     f"  {stage} round {r}/{rounds}: {losses_shown} ({len(sites)} sites"
                     f"{', SecAgg+' if self.secure else ''})"
