@@ -89,13 +89,10 @@ def regions_features(
                 features |= _named(extractor.execute(ct, mask, label=1), region)
         return features
     settings = extractor.settings | {"label": 1}
-    first_region, first_mask = next(iter(masks.items()))
-    with _naming(first_region):
-        image, _ = extractor.loadImage(ct, first_mask, None, **settings)
     vectors, checked = {}, {}
     for region, mask in masks.items():
-        with _naming(region):
-            _, mask = extractor.loadImage(ct, mask, None, **settings)
+        with _naming(region):  # the loaded image is the same for every mask (shared filters)
+            image, mask = extractor.loadImage(ct, mask, None, **settings)
             box, corrected = imageoperations.checkMask(image, mask, **settings)
         checked[region] = (mask if corrected is None else corrected, box)
         vectors[region] = dict(extractor.computeShape(image, *checked[region], **settings))

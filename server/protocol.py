@@ -724,11 +724,14 @@ class FederatedProtocol:
         n_val = sum(rep["n"] for rep in checked.values())
         if not n_val:
             return None
-        scores = {}
-        for m in current:
-            loss = float(sum(rep[f"val_loss_sum:{m}"] for rep in checked.values()) / n_val)
-            scores[m] = (loss, _validation_auc(list(checked.values()), m))
-        return scores
+        replies = list(checked.values())
+        return {
+            m: (
+                float(sum(rep[f"val_loss_sum:{m}"] for rep in replies) / n_val),
+                _validation_auc(replies, m),
+            )
+            for m in current
+        }
 
     def train_image(self, fold: int, pos_weight: float) -> tuple[dict[str, np.ndarray], dict]:
         set_seed(self._seed(fold, 1))

@@ -229,12 +229,14 @@ def test_each_network_keeps_its_round_of_best_pooled_validation_score(sites, mon
     cfg = _cfg(model={"fusion_monitor": monitor}, stages={"fusion_rounds": 6})
     result = FederatedProtocol(_link(sites), cfg, f"monitor-{monitor}").run_all()
     for fold in result["folds"]:
-        for curves in fold["fusion"].values():
+        for model, curves in fold["fusion"].items():
             aucs, losses = curves["val_auc"], curves["val_loss"]
             assert len(aucs) == len(losses) == 6
             if monitor == "auc":  # pooled from the sites' validation histograms
                 assert all(0 <= auc <= 1 for auc in aucs)
                 assert curves["best_round"] == 1 + int(np.argmax(aucs))  # ties: earlier round
+                if "radiomics" in model:  # the latent factor drives radiomics and labels
+                    assert max(aucs) > 0.7, (model, aucs)
             else:
                 assert aucs == [None] * 6
                 assert curves["best_round"] == 1 + int(np.argmin(losses))
