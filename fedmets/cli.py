@@ -421,6 +421,13 @@ def study(
     folds: Annotated[
         int | None, typer.Option(min=2, help="Cross-validation folds (default: the preset's).")
     ] = None,
+    fusion: Annotated[
+        str | None,
+        typer.Option(
+            help="Models of several feature groups: joint (one fusion net on the concatenated"
+            " groups) | late (mean logit of the single-group models). Default: the preset's."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Same seed, same folds, same results.")] = 0,
     backbones: Annotated[
         str, typer.Option(help="Comma-separated image backbones; the first is the main one.")
@@ -432,6 +439,8 @@ def study(
 ) -> None:
     """Centralised cross-validated study (the paper's reference): image model, deep features,
     radiomics selection, fusion net and ablations, fitted on training folds only."""
+    from dataclasses import replace
+
     from rich.table import Table
     from rich.text import Text
 
@@ -443,14 +452,18 @@ def study(
         raise typer.Exit(1)
     chosen = [b.strip() for b in backbones.split(",") if b.strip()]
     unknown = [b for b in chosen if b not in BACKBONES] + ([] if preset in PRESETS else [preset])
+    unknown += [] if fusion in (None, "joint", "late") else [f"fusion {fusion}"]
     if unknown:
-        err_console.print(f"[red]error:[/red] unknown backbone or preset: {', '.join(unknown)}")
+        err_console.print(
+            f"[red]error:[/red] unknown backbone, preset or fusion: {', '.join(unknown)}"
+        )
         raise typer.Exit(1)
+    settings = replace(PRESETS[preset], fusion=fusion) if fusion else PRESETS[preset]
     try:
         data = load_cohort(cohort, workers) if cohort else load_table(table, label, id_column)
         result = run_study(
             data,
-            PRESETS[preset],
+            settings,
             out,
             folds=folds,
             seed=seed,
@@ -487,6 +500,15 @@ def study(
             number(pooled["oracle_auc"]),
         )
     console.print(grid)
+    versus = Table(title="Fused models against their single groups (DeLong, paired)")
+    for column in ("fused model", "single group", "AUC difference [95% CI]", "p"):
+        versus.add_column(column, justify="right" if column == "p" else "left")
+    for key, model in metrics["models"].items():
+        for single, test in model.get("versus_single_groups", {}).items():
+            low, high = test["ci"]
+            difference = f"{test['auc_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            versus.add_row(key, single, difference, f"{test['p']:.3f}")
+    console.print(versus)
     if metrics["oracle_auc"] is not None:
         console.print(
             f"oracle AUC (true risk): cohort {metrics['oracle_auc']:.3f},"

@@ -11,6 +11,9 @@ evaluation of a small subset never fails.
 The federated protocol pools evaluation without sharing scores: each site sends
 :func:`score_histograms` (counts per class over fixed bins on [0, 1]), the server adds them and
 calls :func:`metrics_from_histograms` (and :func:`roc_from_histograms` for the curve).
+
+Two models scored on the same patients are compared with :func:`delong_paired_test` (the
+difference of their AUCs, its interval and p value, from DeLong's paired variance).
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ def _single_class_note(y: np.ndarray) -> str | None:
     return None
 
 
-def delong_auc_variance(y_true: ArrayLike, scores: ArrayLike) -> tuple[float, float]:
-    """AUC and its DeLong variance by the fast midrank algorithm (Sun & Xu, IEEE SPL 2014);
-    needs at least 2 patients of each class."""
-    y, s = _binary_inputs(y_true, scores)
+def _structural_components(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and DeLong's structural components by the fast midrank algorithm (Sun & Xu, IEEE
+    SPL 2014): per positive (m,) the share of negatives scored below it, per negative (n,) the
+    share of positives scored above it (ties count half); needs >= 2 patients of each class."""
     pos, neg = s[y == 1], s[y == 0]
     m, n = pos.size, neg.size
     if m < 2 or n < 2:
@@ -57,9 +60,41 @@ def delong_auc_variance(y_true: ArrayLike, scores: ArrayLike) -> tuple[float, fl
     tz = rankdata(np.concatenate([pos, neg]))  # midranks: ties count half
     tx, ty = rankdata(pos), rankdata(neg)
     auc = (tz[:m].sum() - m * (m + 1) / 2) / (m * n)
-    v10 = (tz[:m] - tx) / n  # per positive: share of negatives scored below it
-    v01 = 1.0 - (tz[m:] - ty) / m  # per negative: share of positives scored above it
-    return float(auc), float(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
+    return float(auc), (tz[:m] - tx) / n, 1.0 - (tz[m:] - ty) / m
+
+
+def delong_auc_variance(y_true: ArrayLike, scores: ArrayLike) -> tuple[float, float]:
+    """AUC and its DeLong variance; needs at least 2 patients of each class."""
+    y, s = _binary_inputs(y_true, scores)
+    auc, v10, v01 = _structural_components(y, s)
+    return auc, float(v10.var(ddof=1) / v10.size + v01.var(ddof=1) / v01.size)
+
+
+def delong_paired_test(
+    y_true: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike, level: float = 0.95
+) -> dict[str, Any]:
+    """DeLong's test of two correlated AUCs (two models scored on the same patients): the
+    difference ``auc_difference`` = AUC(a) - AUC(b), its two-sided ``level`` interval ``ci``
+    (not clipped) and the two-sided ``p`` value of "no difference" (1.0 when the two score
+    the patients identically); needs >= 2 patients of each class."""
+    y, a = _binary_inputs(y_true, scores_a)
+    _, b = _binary_inputs(y_true, scores_b)
+    if a.shape != b.shape:
+        raise ValueError(f"scores_a and scores_b differ in shape: {a.shape} vs {b.shape}")
+    auc_a, v10_a, v01_a = _structural_components(y, a)
+    auc_b, v10_b, v01_b = _structural_components(y, b)
+    difference = auc_a - auc_b
+    variance = float(
+        (v10_a - v10_b).var(ddof=1) / v10_a.size + (v01_a - v01_b).var(ddof=1) / v01_a.size
+    )
+    sd = np.sqrt(max(variance, 0.0))
+    half = norm.ppf(0.5 + level / 2) * sd
+    p = float(2 * norm.sf(abs(difference) / sd)) if sd > 0 else float(difference == 0)
+    return {
+        "auc_difference": float(difference),
+        "ci": (float(difference - half), float(difference + half)),
+        "p": p,
+    }
 
 
 def binary_metrics(

@@ -16,15 +16,18 @@ folds only:
 3. radiomics: median imputation, then ``shared.selection.RadiomicsSelector`` (constant columns
    dropped, standardised, correlation filter, random-forest top-k) fitted on the training rows;
    clinical columns standardised with the training rows' statistics;
-4. a ``FusionNet`` per feature-group subset (ablations) trained on the training rows (group
-   dropout; early stop on the AUC of an inner split), its Youden threshold taken on its own
+4. per feature-group subset (ablations): a ``FusionNet`` ensemble trained on the training rows
+   (group dropout; early stop on the AUC of an inner split) -- for a subset of several groups
+   with ``fusion = "late"``, instead the mean of the logits of its single-group ensembles
+   (decision-level fusion, nothing more fitted); the Youden threshold is taken on the model's
    predictions for all training rows, then applied to the held-out fold.
 
 Out-of-fold predictions are pooled over folds: AUC with its DeLong 95% CI, accuracy,
 sensitivity, specificity (each patient classified at its own fold's threshold), Brier score,
 calibration; per fold and per subsite too, beside the oracle AUC of the synthetic cohort's true
-risk on the same patients. Outputs in ``RUN/``: ``metrics.json``, ``oof_predictions.csv`` and
-PNG figures (``roc.png``, ``calibration.png``, ``ablation.png``).
+risk on the same patients; each model of several groups against each of its single-group
+models by DeLong's paired test. Outputs in ``RUN/``: ``metrics.json``,
+``oof_predictions.csv`` and PNG figures (``roc.png``, ``calibration.png``, ``ablation.png``).
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit, logit
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import roc_auc_score
@@ -59,7 +64,7 @@ from client.training import (
 from shared.clinical import decode_subsite, encoded_columns
 from shared.config import SiteConfig, load_site_config
 from shared.image_models import BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
-from shared.metrics import binary_metrics, calibration, youden_threshold
+from shared.metrics import binary_metrics, calibration, delong_paired_test, youden_threshold
 from shared.models import FUSION_GROUPS, FusionNet, group_subsets, model_key, positive_class_weight
 from shared.reproducibility import set_seed
 from shared.selection import RadiomicsSelector
@@ -75,6 +80,12 @@ def _image_configs(crop: int, **per_backbone: dict) -> dict[str, ImageModelConfi
         )
         for name in BACKBONES
     }
+
+
+FusionMode = Literal["joint", "late"]
+"""How a model of several feature groups is built: ``"joint"``, one ``FusionNet`` ensemble on
+the concatenated groups (feature-level fusion, the seed paper's); ``"late"``, the mean of the
+logits of the groups' single-group ensembles (decision-level fusion)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ class StudyPreset:
     fusion_bottleneck: dict[str, int] = field(default_factory=dict)  # group -> learnt width
     fusion_group_dropout: float = 0.3  # P(a group of a sample is zeroed) in fusion training
     fusion_monitor: Monitor = "auc"  # fusion early stopping: inner-split AUC (or loss)
+    fusion: FusionMode = "joint"  # models of several groups: one net, or mean single logits
     deep_components: int | None = 8  # PCA (whitened, training rows) of the deep features
     correlation_threshold: float = 0.9
     top_k: int = 36
@@ -403,6 +415,7 @@ def run_study(
         timing["selection"] += time.perf_counter() - tic
         record = FoldRecord(fold, train, test, data.ids[train].copy(), selector)
         records.append(record)
+        singles: dict[str, FusionScores] = {}  # this fold's single-group models (late fusion)
         for backbone in [None, *backbones]:
             if backbone is not None:
                 deep, history = _deep_group(
@@ -421,15 +434,22 @@ def run_study(
             for subset in deep_subsets if backbone else plain_subsets:
                 key = model_key(backbone, subset)
                 tic = time.perf_counter()
-                fold_scores, threshold = _fit_fusion(
-                    {g: features[g] for g in subset},
-                    y,
-                    train,
-                    test,
-                    preset,
-                    _child_seed(seed, fold, 2),
-                )
+                if preset.fusion == "late" and len(subset) > 1:
+                    fitted = late_fusion([singles[g] for g in subset])
+                else:
+                    fitted = _fit_fusion(
+                        {g: features[g] for g in subset},
+                        y,
+                        train,
+                        test,
+                        preset,
+                        _child_seed(seed, fold, 2),
+                    )
+                if len(subset) == 1:
+                    singles[subset[0]] = fitted
                 timing["fusion"] += time.perf_counter() - tic
+                fold_scores = fitted.test
+                threshold = youden_threshold(y[train], fitted.train)
                 scores[key][test] = fold_scores
                 decisions[key][test] = fold_scores >= threshold
                 per_fold[key].append(
@@ -449,6 +469,9 @@ def run_study(
         }
         for key in keys
     }
+    for key in keys:
+        if "+" in key:
+            models[key]["versus_single_groups"] = _versus_single_groups(key, y, scores)
     oracle_used = _oracle_auc(data, np.arange(len(y)))
     timing["total"] = time.perf_counter() - started
     metrics = {
@@ -464,7 +487,7 @@ def run_study(
             "positives": int(y.sum()),
             "radiomics_columns": int(data.radiomics.shape[1]),
             "clinical_columns": 0 if data.clinical is None else int(data.clinical.shape[1]),
-            "threshold_rule": "Youden J on the fusion net's predictions for all training rows",
+            "threshold_rule": "Youden J on the model's predictions for all training rows",
             "notes": data.notes,
         },
         "oracle_auc": None if data.oracle is None else data.oracle.get("pooled"),
@@ -564,6 +587,14 @@ def _deep_group(
     return deep.astype(np.float32), history
 
 
+@dataclass(frozen=True)
+class FusionScores:
+    """DM probabilities of one fold's model for its training rows and its test rows."""
+
+    train: np.ndarray
+    test: np.ndarray
+
+
 def _fit_fusion(
     groups: dict[str, np.ndarray],
     y: np.ndarray,
@@ -571,11 +602,10 @@ def _fit_fusion(
     test: np.ndarray,
     preset: StudyPreset,
     seed: int,
-) -> tuple[np.ndarray, float]:
+) -> FusionScores:
     """Train ``preset.fusion_members`` FusionNets on the ``train`` rows of ``groups`` (each
-    (n, width)), each early-stopped on its own seeded inner split of those rows, and average
-    their probabilities; return the ``test`` rows' averaged probabilities and the Youden
-    threshold of the averaged predictions for the training rows."""
+    (n, width)), each early-stopped on its own seeded inner split of those rows; return their
+    averaged probabilities for the ``train`` and the ``test`` rows."""
     train_scores, test_scores = [], []
     for member in range(preset.fusion_members):
         member_seed = _child_seed(seed, member)
@@ -604,8 +634,29 @@ def _fit_fusion(
         )
         train_scores.append(predict_proba(model, X[train]))
         test_scores.append(predict_proba(model, X[test]))
-    threshold = youden_threshold(y[train], np.mean(train_scores, axis=0))
-    return np.mean(test_scores, axis=0), threshold
+    return FusionScores(np.mean(train_scores, axis=0), np.mean(test_scores, axis=0))
+
+
+def late_fusion(members: Sequence[FusionScores]) -> FusionScores:
+    """Decision-level fusion of single-group models: the sigmoid of the mean of their logits
+    (the normalised geometric mean of their odds), rows as in ``members``. Probabilities are
+    clipped to [1e-7, 1 - 1e-7] first so that a saturated member stays finite."""
+
+    def mean_logit(parts: list[np.ndarray]) -> np.ndarray:
+        return expit(np.mean([logit(np.clip(p, 1e-7, 1 - 1e-7)) for p in parts], axis=0))
+
+    return FusionScores(
+        mean_logit([m.train for m in members]), mean_logit([m.test for m in members])
+    )
+
+
+def _versus_single_groups(key: str, y: np.ndarray, scores: dict[str, np.ndarray]) -> dict:
+    """DeLong's paired test of the fused model ``key`` against each of its single-group models
+    (the deep one of the same backbone) on the pooled out-of-fold scores: ``{single key:
+    {auc_difference (fused - single), ci, p}}``."""
+    backbone, groups = key.split("/")
+    singles = [model_key(backbone if g == "deep" else None, (g,)) for g in groups.split("+")]
+    return {single: delong_paired_test(y, scores[key], scores[single]) for single in singles}
 
 
 def _oracle_auc(data: StudyData, rows: np.ndarray) -> float | None:

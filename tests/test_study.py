@@ -49,8 +49,8 @@ def noise_table(
 
 @pytest.fixture(scope="session")
 def cohort_run(tmp_path_factory):
-    """The tiny preset on a 2-site tiny cohort (fast radiomics, 32^3 crops), 2 folds, two
-    backbones: (cohort folder, out folder, StudyResult)."""
+    """The tiny preset with late fusion on a 2-site tiny cohort (fast radiomics, 32^3 crops),
+    2 folds, two backbones: (cohort folder, out folder, StudyResult)."""
     root = tmp_path_factory.mktemp("study")
     cohort = root / "cohort"
     generate_cohort("tiny", 2, 11, cohort, workers=2)
@@ -59,9 +59,8 @@ def cohort_run(tmp_path_factory):
         toml.write_text(text + "\n[preprocess]\ncrop_voxels = [32, 32, 32]\n")
     out = root / "run"
     data = load_cohort(cohort, workers=2)
-    result = run_study(
-        data, PRESETS["tiny"], out, folds=2, seed=3, backbones=["swin3d", "resnet3d"]
-    )
+    preset = replace(PRESETS["tiny"], fusion="late")
+    result = run_study(data, preset, out, folds=2, seed=3, backbones=["swin3d", "resnet3d"])
     return cohort, out, result
 
 
@@ -101,6 +100,15 @@ def test_cohort_metrics_structure(cohort_run):
         for s in subsites.values():
             single_class = s["positives"] in (0, s["n"])
             assert (s["auc"] is None) == single_class
+    for key, model in metrics["models"].items():
+        versus = model.get("versus_single_groups", {})
+        backbone, groups = key.split("/")
+        singles = [model_key(backbone if g == "deep" else None, (g,)) for g in groups.split("+")]
+        assert list(versus) == (singles if len(singles) > 1 else [])
+        for single, test in versus.items():
+            difference = model["pooled"]["auc"] - metrics["models"][single]["pooled"]["auc"]
+            assert test["auc_difference"] == pytest.approx(difference)
+            assert test["ci"][0] <= test["auc_difference"] <= test["ci"][1] and 0 <= test["p"] <= 1
     oof = pd.read_csv(out / "oof_predictions.csv")
     assert len(oof) == n and set(oof["fold"]) == {0, 1}
     assert oof[expected].notna().all().all()
@@ -128,17 +136,43 @@ def test_selector_sees_training_rows_only(cohort_run):
         assert not np.allclose(fold.selector.scaler_.mean_, all_mean, rtol=1e-9)
 
 
-def test_same_seed_same_metrics(tmp_path):
+@pytest.mark.parametrize("fusion", ["late", "joint"])
+def test_same_seed_same_metrics(tmp_path, fusion):
     table = noise_table(tmp_path / "t.csv", n=120, p=40, signal=True)
+    preset = replace(PRESETS["tiny"], fusion=fusion)
     runs = []
     for name in ("a", "b"):
         data = load_table(table, "label", "pid")
-        result = run_study(data, PRESETS["tiny"], tmp_path / name, seed=5)
+        result = run_study(data, preset, tmp_path / name, seed=5)
         runs.append({k: v for k, v in result.metrics.items() if k != "timing_s"})
         assert result.metrics["models"]["none/radiomics"]["pooled"]["auc"] > 0.6  # it learns
+        assert result.metrics["config"]["preset"]["fusion"] == fusion
     assert json.dumps(runs[0]) == json.dumps(runs[1])
-    other = run_study(load_table(table, "label", "pid"), PRESETS["tiny"], tmp_path / "c", seed=6)
+    other = run_study(load_table(table, "label", "pid"), preset, tmp_path / "c", seed=6)
     assert other.metrics["models"] != runs[0]["models"]
+
+
+def test_late_fusion_scores_with_the_mean_logit_of_the_single_group_models(cohort_run):
+    """With ``fusion = "late"`` a model of several groups gives each patient the sigmoid of the
+    mean logit of that fold's single-group models of its groups (the deep one of its own
+    backbone). The presets fuse jointly, as the seed paper."""
+    _, out, result = cohort_run
+    assert {preset.fusion for preset in PRESETS.values()} == {"joint"}
+    assert result.metrics["config"]["preset"]["fusion"] == "late"
+    oof = pd.read_csv(out / "oof_predictions.csv")
+    fused = [key for key in result.metrics["models"] if "+" in key]
+    assert len(fused) == 1 + 2 * 3  # radiomics+clinical, and three per backbone
+
+    def logit(p: pd.Series) -> np.ndarray:
+        p = np.clip(p.to_numpy(), 1e-7, 1 - 1e-7)
+        return np.log(p / (1 - p))
+
+    for key in fused:
+        backbone, groups = key.split("/")
+        singles = [model_key(backbone if g == "deep" else None, (g,)) for g in groups.split("+")]
+        mean_logit = np.mean([logit(oof[single]) for single in singles], axis=0)
+        np.testing.assert_allclose(oof[key], 1 / (1 + np.exp(-mean_logit)), rtol=1e-9)
+        assert not np.allclose(oof[key], oof[singles[0]])
 
 
 def test_permuted_labels_give_chance_auc(tmp_path):
@@ -177,12 +211,16 @@ def test_cli_tabular(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "fedmets", "study", "--table", str(table), "--label"]
     command += ["label", "--id", "pid", "--preset", "tiny", "--folds", "2", "--out", str(out)]
+    command += ["--fusion", "late"]
     wide = {**os.environ, "COLUMNS": "200"}  # one table row per line
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=wide)
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["folds"] == 2 and metrics["oracle_auc"] is None
-    assert re.search(r"none/radiomics\+clinical\s+\S+ \[", done.stdout.replace("│", " "))
+    assert metrics["config"]["preset"]["fusion"] == "late"
+    printed = done.stdout.replace("│", " ")
+    assert re.search(r"none/radiomics\+clinical\s+\S+ \[", printed)
+    assert re.search(r"none/radiomics\+clinical\s+none/clinical\s+[+-]\d", printed)  # paired
     for figure in ("roc.png", "calibration.png", "ablation.png"):
         assert (out / figure).is_file()
     bad = subprocess.run(
@@ -214,9 +252,9 @@ def test_fusion_options_auc_monitor_and_deep_compression():
     train, test = np.arange(120), np.arange(120, n)
     first = _fit_fusion(groups, y, train, test, preset, seed=1)
     second = _fit_fusion(groups, y, train, test, preset, seed=1)
-    np.testing.assert_array_equal(first[0], second[0])
-    assert first[0].shape == (len(test),) and 0 < first[1] < 1
-    assert roc_auc_score(y[test], first[0]) > 0.7
+    np.testing.assert_array_equal(first.test, second.test)
+    assert first.train.shape == (len(train),) and first.test.shape == (len(test),)
+    assert roc_auc_score(y[test], first.test) > 0.7
     X = np.concatenate(list(groups.values()), axis=1)
     model = FusionNet({g: m.shape[1] for g, m in groups.items()}, (8,), bottleneck={"deep": 2})
     history = train_fusion(
