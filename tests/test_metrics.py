@@ -39,23 +39,29 @@ def test_auc_by_hand(scores: list[float], expected: float) -> None:
     assert metrics_from_histograms(*hist, 0.5)["auc"] == pytest.approx(expected)
 
 
-def test_delong_matches_sklearn_auc_with_ties_and_the_bootstrap_interval() -> None:
-    y, s = _cohort(400, seed=1)
-    rounded = np.round(s, 1)  # many ties
-    assert delong_auc_variance(y, rounded)[0] == pytest.approx(roc_auc_score(y, rounded))
-    lo, hi = binary_metrics(y, s, 0.5)["auc_ci"]
+def _assert_like_the_paired_bootstrap(interval, statistic, samples, seed: int) -> None:
+    """``interval`` (lo, hi) holds the centre of the 2000-resample percentile bootstrap
+    interval of ``statistic`` over the paired ``samples`` and is within 30% of its width."""
     boot = bootstrap(
-        (y, s),
-        lambda yy, ss: roc_auc_score(yy, ss),
+        samples,
+        statistic,
         paired=True,
         vectorized=False,
         n_resamples=2000,
         method="percentile",
-        rng=np.random.default_rng(2),
+        rng=np.random.default_rng(seed),
     )
-    b_lo, b_hi = boot.confidence_interval
+    (lo, hi), (b_lo, b_hi) = interval, boot.confidence_interval
     assert lo < (b_lo + b_hi) / 2 < hi
     assert abs((hi - lo) / (b_hi - b_lo) - 1) < 0.3
+
+
+def test_delong_matches_sklearn_auc_with_ties_and_the_bootstrap_interval() -> None:
+    y, s = _cohort(400, seed=1)
+    rounded = np.round(s, 1)  # many ties
+    assert delong_auc_variance(y, rounded)[0] == pytest.approx(roc_auc_score(y, rounded))
+    interval = binary_metrics(y, s, 0.5)["auc_ci"]
+    _assert_like_the_paired_bootstrap(interval, roc_auc_score, (y, s), seed=2)
 
 
 def test_paired_delong_matches_the_paired_bootstrap_and_tells_models_apart() -> None:
@@ -72,18 +78,11 @@ def test_paired_delong_matches_the_paired_bootstrap_and_tells_models_apart() -> 
     expected = roc_auc_score(y, strong) - roc_auc_score(y, weak)
     assert test["auc_difference"] == pytest.approx(expected)
     lo, hi = test["ci"]
-    boot = bootstrap(
-        (y, strong, weak),
-        lambda yy, a, b: roc_auc_score(yy, a) - roc_auc_score(yy, b),
-        paired=True,
-        vectorized=False,
-        n_resamples=2000,
-        method="percentile",
-        rng=np.random.default_rng(6),
-    )
-    b_lo, b_hi = boot.confidence_interval
-    assert lo < (b_lo + b_hi) / 2 < hi
-    assert abs((hi - lo) / (b_hi - b_lo) - 1) < 0.3
+
+    def difference(yy: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+        return roc_auc_score(yy, a) - roc_auc_score(yy, b)
+
+    _assert_like_the_paired_bootstrap((lo, hi), difference, (y, strong, weak), seed=6)
     unpaired = sum(np.sqrt(delong_auc_variance(y, s)[1]) for s in (strong, weak))
     assert hi - lo < 0.5 * 2 * 1.96 * unpaired
     assert 0 < test["p"] < 0.01
