@@ -397,9 +397,16 @@ def run_study(
     deep_subsets = [
         s for s in group_subsets() if "deep" in s and set(s) - {"deep"} <= set(groups_available)
     ]
-    keys = [model_key(None, s) for s in plain_subsets] + [
-        model_key(b, s) for b in backbones for s in deep_subsets
+    models_built = [(None, s) for s in plain_subsets] + [
+        (b, s) for b in backbones for s in deep_subsets
     ]
+    keys = [model_key(b, s) for b, s in models_built]
+    # each model of several groups -> its single-group models (the deep one of its backbone)
+    singles_of = {
+        model_key(b, s): [model_key(b if g == "deep" else None, (g,)) for g in s]
+        for b, s in models_built
+        if len(s) > 1
+    }
     scores = {k: np.full(len(y), np.nan) for k in keys}
     decisions = {k: np.zeros(len(y), dtype=int) for k in keys}
     per_fold: dict[str, list[dict]] = {k: [] for k in keys}
@@ -469,9 +476,10 @@ def run_study(
         }
         for key in keys
     }
-    for key in keys:
-        if "+" in key:
-            models[key]["versus_single_groups"] = _versus_single_groups(key, y, scores)
+    for key, singles in singles_of.items():  # DeLong paired, pooled out-of-fold scores
+        models[key]["versus_single_groups"] = {
+            single: delong_paired_test(y, scores[key], scores[single]) for single in singles
+        }
     oracle_used = _oracle_auc(data, np.arange(len(y)))
     timing["total"] = time.perf_counter() - started
     metrics = {
@@ -648,15 +656,6 @@ def late_fusion(members: Sequence[FusionScores]) -> FusionScores:
     return FusionScores(
         mean_logit([m.train for m in members]), mean_logit([m.test for m in members])
     )
-
-
-def _versus_single_groups(key: str, y: np.ndarray, scores: dict[str, np.ndarray]) -> dict:
-    """DeLong's paired test of the fused model ``key`` against each of its single-group models
-    (the deep one of the same backbone) on the pooled out-of-fold scores: ``{single key:
-    {auc_difference (fused - single), ci, p}}``."""
-    backbone, groups = key.split("/")
-    singles = [model_key(backbone if g == "deep" else None, (g,)) for g in groups.split("+")]
-    return {single: delong_paired_test(y, scores[key], scores[single]) for single in singles}
 
 
 def _oracle_auc(data: StudyData, rows: np.ndarray) -> float | None:
