@@ -429,6 +429,14 @@ def study(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Same seed, same folds, same results.")] = 0,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Repeated CV: run the study with fold seeds seed .. seed+R-1 (OUT/seed-<s>/)"
+            " and summarise the spread (OUT/repeats.json).",
+        ),
+    ] = 1,
     backbones: Annotated[
         str, typer.Option(help="Comma-separated image backbones; the first is the main one.")
     ] = "swin3d,resnet3d,densenet3d",
@@ -441,10 +449,10 @@ def study(
     radiomics selection, fusion net and ablations, fitted on training folds only."""
     from dataclasses import replace
 
-    from rich.table import Table
     from rich.text import Text
 
     from shared.image_models import BACKBONES
+    from simulation.repeated_study import run_repeated_study
     from simulation.study import PRESETS, load_cohort, load_table, run_study
 
     if (cohort is None) == (table is None):
@@ -459,30 +467,39 @@ def study(
         )
         raise typer.Exit(1)
     settings = replace(PRESETS[preset], fusion=fusion) if fusion else PRESETS[preset]
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False)
+
     try:
         data = load_cohort(cohort, workers) if cohort else load_table(table, label, id_column)
-        result = run_study(
-            data,
-            settings,
-            out,
-            folds=folds,
-            seed=seed,
-            backbones=chosen,
-            device=device,
-            log=lambda message: console.print(message, markup=False, highlight=False),
-        )
+        if repeats > 1:
+            summary = run_repeated_study(
+                data, settings, out, repeats, folds, seed, chosen, device, log=say
+            )
+        else:
+            result = run_study(data, settings, out, folds, seed, chosen, device, log=say)
     except (ValueError, OSError) as error:
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         raise typer.Exit(1) from error
-    metrics = result.metrics
+    if repeats > 1:
+        _print_repeats(summary, preset, out)
+    else:
+        _print_study(result.metrics, preset, out)
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _print_study(metrics: dict, preset: str, out: Path) -> None:
+    """The study's tables: every model's pooled metrics, then the paired comparisons."""
+    from rich.table import Table
+
     cfg = metrics["config"]
-
-    def number(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
-
     grid = Table(
         title=f"{cfg['folds']}-fold CV, {cfg['n_patients']} patients ({cfg['positives']} DM+),"
-        f" preset {preset}, seed {seed}"
+        f" preset {preset}, seed {cfg['seed']}"
     )
     for column in ("model", "AUC [95% CI]", "ACC", "SEN", "SPE", "Brier", "oracle AUC"):
         grid.add_column(column, justify="left" if column == "model" else "right")
@@ -492,12 +509,12 @@ def study(
         interval = "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
         grid.add_row(
             key,
-            number(pooled["auc"]) + interval,
-            number(pooled["acc"]),
-            number(pooled["sen"]),
-            number(pooled["spe"]),
-            number(pooled["brier"]),
-            number(pooled["oracle_auc"]),
+            _number(pooled["auc"]) + interval,
+            _number(pooled["acc"]),
+            _number(pooled["sen"]),
+            _number(pooled["spe"]),
+            _number(pooled["brier"]),
+            _number(pooled["oracle_auc"]),
         )
     console.print(grid)
     versus = Table(title="Fused models against their single groups (DeLong, paired)")
@@ -512,11 +529,65 @@ def study(
     if metrics["oracle_auc"] is not None:
         console.print(
             f"oracle AUC (true risk): cohort {metrics['oracle_auc']:.3f},"
-            f" patients used {number(metrics['oracle_auc_used'])}"
+            f" patients used {_number(metrics['oracle_auc_used'])}"
         )
     console.print(
         f"{metrics['timing_s']['total']:.0f} s. Results: {out}/metrics.json,"
         f" oof_predictions.csv, roc.png, calibration.png, ablation.png",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _print_repeats(summary: dict, preset: str, out: Path) -> None:
+    """Repeated CV: each model's pooled AUC over the fold seeds, then each fused model's paired
+    difference to its single groups over the same seeds."""
+    from rich.table import Table
+
+    seeds = summary["seeds"]
+    grid = Table(
+        title=f"{summary['folds']}-fold CV repeated with fold seeds {seeds[0]}-{seeds[-1]},"
+        f" {summary['n_patients']} patients ({summary['positives']} DM+), preset {preset}"
+    )
+    for column in ("model", "AUC mean (SD)", "min - max", "per repeat"):
+        grid.add_column(column, justify="left" if column == "model" else "right")
+    for key, model in summary["models"].items():
+        grid.add_row(
+            key,
+            f"{model['auc_mean']:.3f} ({model['auc_sd']:.3f})",
+            f"{model['auc_min']:.3f} - {model['auc_max']:.3f}",
+            " ".join(f"{auc:.3f}" for auc in model["auc_per_repeat"]),
+        )
+    console.print(grid)
+    versus = Table(title="Fused models against their single groups (DeLong, paired, per repeat)")
+    for column in (
+        "fused model",
+        "single group",
+        "mean difference",
+        "fused higher",
+        "p per repeat",
+    ):
+        versus.add_column(
+            column, justify="left" if "model" in column or "group" in column else "right"
+        )
+    for key, model in summary["models"].items():
+        for single, test in model.get("versus_single_groups", {}).items():
+            versus.add_row(
+                key,
+                single,
+                f"{test['difference_mean']:+.3f}",
+                f"{test['repeats_above']}/{summary['repeats']}",
+                " ".join(f"{p:.2f}" for p in test["p_per_repeat"]),
+            )
+    console.print(versus)
+    if summary["oracle_auc_used"] is not None:
+        console.print(
+            f"oracle AUC (true risk) of the patients used: {summary['oracle_auc_used']:.3f}"
+        )
+    console.print(
+        f"{summary['timing_s']['total']:.0f} s. Results: {out}/repeats.json; each repeat's"
+        f" metrics.json, predictions and figures in {out}/seed-<s>/",
         markup=False,
         highlight=False,
         soft_wrap=True,

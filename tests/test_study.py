@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from client.training import train_fusion
 from shared.models import FusionNet, group_subsets
+from simulation.repeated_study import run_repeated_study, summarise_repeats
 from simulation.study import PRESETS, _fit_fusion, load_cohort, load_table, model_key, run_study
 from simulation.synth import generate_cohort
 
@@ -152,6 +153,40 @@ def test_same_seed_same_metrics(tmp_path, fusion):
     assert other.metrics["models"] != runs[0]["models"]
 
 
+def test_repeated_study_is_the_study_once_per_fold_seed(tmp_path):
+    """``repeats = 3``: repeat k is exactly the study with fold seed ``seed + k``, and the
+    summary's AUCs, spreads, paired differences and counts are those of the repeats."""
+    table = noise_table(tmp_path / "t.csv", n=120, p=40, signal=True)
+    out = tmp_path / "rep"
+    summary = run_repeated_study(load_table(table, "label", "pid"), PRESETS["tiny"], out, 3, seed=4)
+    assert summary["seeds"] == [4, 5, 6] and summary["repeats"] == 3
+    assert json.loads((out / "repeats.json").read_text()) == summary
+    runs = [json.loads((out / f"seed-{s}" / "metrics.json").read_text()) for s in (4, 5, 6)]
+    run_study(load_table(table, "label", "pid"), PRESETS["tiny"], tmp_path / "alone", seed=5)
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    assert json.dumps(alone["models"]) == json.dumps(runs[1]["models"])
+    for key, model in summary["models"].items():
+        aucs = [run["models"][key]["pooled"]["auc"] for run in runs]
+        assert model["auc_per_repeat"] == aucs
+        assert model["auc_mean"] == pytest.approx(np.mean(aucs))
+        assert model["auc_sd"] == pytest.approx(np.std(aucs, ddof=1))
+        assert (model["auc_min"], model["auc_max"]) == (min(aucs), max(aucs))
+    assert len(set(summary["models"]["none/radiomics"]["auc_per_repeat"])) == 3  # splits differ
+    fused = "none/radiomics+clinical"
+    versus = summary["models"][fused]["versus_single_groups"]
+    assert set(versus) == {"none/radiomics", "none/clinical"}
+    for single, test in versus.items():
+        paired = [run["models"][fused]["versus_single_groups"][single] for run in runs]
+        differences = [entry["auc_difference"] for entry in paired]
+        assert test["difference_per_repeat"] == differences
+        assert test["p_per_repeat"] == [entry["p"] for entry in paired]
+        assert test["difference_mean"] == pytest.approx(np.mean(differences))
+        assert test["repeats_above"] == sum(d > 0 for d in differences)
+    del runs[2]["models"][fused]
+    with pytest.raises(ValueError, match="repeats differ in their models"):
+        summarise_repeats(runs)
+
+
 def test_late_fusion_scores_with_the_mean_logit_of_the_single_group_models(cohort_run):
     """With ``fusion = "late"`` a model of several groups gives each patient the sigmoid of the
     mean logit of that fold's single-group models of its groups (the deep one of its own
@@ -229,6 +264,19 @@ def test_cli_tabular(tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "exactly one of --cohort and --table" in bad.stderr
+    repeated = subprocess.run(
+        [*command[:-2], "--repeats", "2", "--seed", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=wide,
+    )
+    assert repeated.returncode == 0, repeated.stderr
+    assert json.loads((out / "repeats.json").read_text())["seeds"] == [3, 4]
+    assert (out / "seed-4" / "metrics.json").is_file()
+    printed = repeated.stdout.replace("│", " ")
+    assert re.search(r"none/radiomics\s+0\.\d{3} \(0\.\d{3}\)\s+0\.\d{3} - 0\.\d{3}", printed)
+    assert re.search(r"none/radiomics\+clinical\s+none/clinical\s+[+-]\d\.\d{3}\s+[0-2]/2", printed)
 
 
 def test_fusion_options_auc_monitor_and_deep_compression():
