@@ -561,16 +561,10 @@ def _print_repeats(summary: dict, preset: str, out: Path) -> None:
         )
     console.print(grid)
     versus = Table(title="Fused models against their single groups (DeLong, paired, per repeat)")
-    for column in (
-        "fused model",
-        "single group",
-        "mean difference",
-        "fused higher",
-        "p per repeat",
-    ):
-        versus.add_column(
-            column, justify="left" if "model" in column or "group" in column else "right"
-        )
+    for column in ("fused model", "single group"):
+        versus.add_column(column)
+    for column in ("mean difference", "fused higher", "p per repeat"):
+        versus.add_column(column, justify="right")
     for key, model in summary["models"].items():
         for single, test in model.get("versus_single_groups", {}).items():
             versus.add_row(

@@ -69,7 +69,7 @@ def summarise_repeats(runs: Sequence[dict]) -> dict:
     models = {}
     for key in keys:
         aucs = [run["models"][key]["pooled"]["auc"] for run in runs]
-        entry = {"auc_per_repeat": aucs, **_spread(aucs)}
+        entry = {"auc_per_repeat": aucs, **_auc_spread(aucs)}
         versus = runs[0]["models"][key].get("versus_single_groups", {})
         if versus:
             entry["versus_single_groups"] = {}
@@ -96,7 +96,8 @@ def summarise_repeats(runs: Sequence[dict]) -> dict:
     }
 
 
-def _spread(values: Sequence[float]) -> dict:
+def _auc_spread(values: Sequence[float]) -> dict:
+    """Mean, SD (ddof 1; 0 for one value), min and max of pooled AUCs."""
     array = np.asarray(values, dtype=float)
     return {
         "auc_mean": float(array.mean()),
