@@ -51,7 +51,8 @@ from sklearn.preprocessing import StandardScaler
 
 from client.crops import HU_WINDOW, CropDataset, Fit, MaskChannel, load_crops
 from client.extract import extract_site
-from client.site_files import FEATURES_FILE, crop_path
+from client.site_files import FEATURES_FILE
+from client.site_worker import load_site_data
 from client.tabular import CLINICAL_NAMES, load_feature_table
 from client.training import (
     Monitor,
@@ -210,55 +211,37 @@ class StudyData:
 
 
 def load_cohort(cohort: Path, workers: int | None = None) -> StudyData:
-    """Pool the sites of ``cohort`` (``*/site.toml``, sorted): features, labels and crops
-    (none at all when a site is in tabular mode). Sites without ``features.parquet`` are
-    extracted first. Patients without a label are left
-    out (counted in ``notes``). The oracle comes from ``cohort/ground_truth`` when present."""
-    configs = sorted(Path(cohort).glob("*/site.toml"))
-    if not configs:
+    """Pool the sites of ``cohort`` (``*/site.toml``, sorted) as a site pools its own data
+    (``client.site_worker.load_site_data``): features, labels and crops (none at all when a
+    site is in tabular mode). Sites without ``features.parquet`` are extracted first. Patients
+    without a label are left out (counted in ``notes``). The oracle comes from
+    ``cohort/ground_truth`` when present."""
+    paths = sorted(Path(cohort).glob("*/site.toml"))
+    if not paths:
         raise ValueError(f"no site configs (*/site.toml) under {cohort}")
-    tables, notes = [], []
-    crops: list[Path] | None = []
-    for path in configs:
-        cfg = load_site_config(path)
-        features = cfg.paths.output / FEATURES_FILE
-        if not features.is_file():
+    configs = [load_site_config(path) for path in paths]
+    notes = []
+    for cfg in configs:
+        if not (cfg.paths.output / FEATURES_FILE).is_file():
             extract_site(cfg, workers)
             notes.append(f"{cfg.site_id}: features extracted")
-        table = pd.read_parquet(features)
-        unlabelled = table["label"].isna()
-        if unlabelled.any():
-            notes.append(f"{cfg.site_id}: {int(unlabelled.sum())} patients without label left out")
-        table = table[~unlabelled].reset_index(drop=True)
-        table.insert(0, "site", cfg.site_id)
-        tables.append(table)
         if cfg.data.mode == "tabular":
             notes.append(f"{cfg.site_id}: tabular site, no crops: no deep models in this study")
-            crops = None
-        for pid in table["patient_id"] if crops is not None else []:
-            crop = crop_path(cfg, str(pid))
-            if not crop.is_file():
-                raise FileNotFoundError(f"{cfg.site_id}: patient {pid}: crop not found: {crop}")
-            crops.append(crop)
-    columns = [set(t.columns) for t in tables]
-    if any(c != columns[0] for c in columns):
-        raise ValueError("the sites' features.parquet columns differ (different radiomics params?)")
-    pooled = pd.concat(tables, ignore_index=True)
-    radiomics = [c for c in pooled.columns if c.startswith(("tumour_", "ring_"))]
-    clinical = [c for c in encoded_columns() if c in pooled.columns]
-    ids = pooled["patient_id"].astype(str).to_numpy()
-    if len(set(ids)) != len(ids):
+    pooled = load_site_data(configs)
+    if pooled.unlabelled:
+        notes.append(f"{pooled.unlabelled} patients without label left out")
+    if len(set(pooled.ids)) != len(pooled.ids):
         raise ValueError("patient ids repeat across sites")
     data = StudyData(
         source=str(cohort),
         mode="cohort",
-        ids=ids,
-        labels=pooled["label"].astype(int).to_numpy(),
-        site=pooled["site"].to_numpy(str),
-        subsite=decode_subsite(pooled),
-        radiomics=pooled[radiomics].astype(float),
-        clinical=pooled[clinical].astype(float) if clinical else None,
-        crops=crops,
+        ids=pooled.ids,
+        labels=pooled.labels,
+        site=pooled.site.astype(str),
+        subsite=pooled.subsite,
+        radiomics=pooled.radiomics,
+        clinical=pooled.clinical,
+        crops=pooled.crops,
         notes=notes,
     )
     _attach_oracle(data, Path(cohort) / "ground_truth")
