@@ -52,7 +52,7 @@ from sklearn.preprocessing import StandardScaler
 from client.crops import HU_WINDOW, CropDataset, Fit, MaskChannel, load_crops
 from client.extract import extract_site
 from client.site_files import FEATURES_FILE
-from client.site_worker import load_site_data
+from client.site_worker import SiteNotReady, load_site_data
 from client.tabular import CLINICAL_NAMES, load_feature_table
 from client.training import (
     Monitor,
@@ -215,7 +215,7 @@ def load_cohort(cohort: Path, workers: int | None = None) -> StudyData:
     (``client.site_worker.load_site_data``): features, labels and crops (none at all when a
     site is in tabular mode). Sites without ``features.parquet`` are extracted first. Patients
     without a label are left out (counted in ``notes``). The oracle comes from
-    ``cohort/ground_truth`` when present."""
+    ``cohort/ground_truth`` when present. ValueError names a site that cannot be pooled."""
     paths = sorted(Path(cohort).glob("*/site.toml"))
     if not paths:
         raise ValueError(f"no site configs (*/site.toml) under {cohort}")
@@ -227,7 +227,10 @@ def load_cohort(cohort: Path, workers: int | None = None) -> StudyData:
             notes.append(f"{cfg.site_id}: features extracted")
         if cfg.data.mode == "tabular":
             notes.append(f"{cfg.site_id}: tabular site, no crops: no deep models in this study")
-    pooled = load_site_data(configs)
+    try:
+        pooled = load_site_data(configs)
+    except SiteNotReady as error:
+        raise ValueError(str(error)) from error
     if pooled.unlabelled:
         notes.append(f"{pooled.unlabelled} patients without label left out")
     if len(set(pooled.ids)) != len(pooled.ids):
@@ -237,7 +240,7 @@ def load_cohort(cohort: Path, workers: int | None = None) -> StudyData:
         mode="cohort",
         ids=pooled.ids,
         labels=pooled.labels,
-        site=pooled.site.astype(str),
+        site=pooled.site,
         subsite=pooled.subsite,
         radiomics=pooled.radiomics,
         clinical=pooled.clinical,

@@ -4,6 +4,7 @@ and fusion; tabular mode on synthetic and real feature tables; leakage checks; t
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,7 +16,9 @@ import pytest
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import roc_auc_score
 
+from client.site_files import crop_path
 from client.training import train_fusion
+from shared.config import load_site_config
 from shared.models import FusionNet, group_subsets
 from simulation.repeated_study import run_repeated_study, summarise_repeats
 from simulation.study import PRESETS, _fit_fusion, load_cohort, load_table, model_key, run_study
@@ -117,6 +120,16 @@ def test_cohort_metrics_structure(cohort_run):
     for figure in ("roc.png", "calibration.png", "ablation.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(metrics["timing_s"]["image_training"]) == {"swin3d", "resnet3d"}
+
+
+def test_a_site_missing_a_crop_is_named(cohort_run, tmp_path):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(cohort_run[0], cohort)
+    cfg = load_site_config(sorted(cohort.glob("*/site.toml"))[1])
+    patient = pd.read_parquet(cfg.paths.output / "features.parquet")["patient_id"].iloc[0]
+    crop_path(cfg, str(patient)).unlink()
+    with pytest.raises(ValueError, match=rf"{cfg.site_id}: 1 crops missing, e.g. .*{patient}"):
+        load_cohort(cohort)
 
 
 def test_selector_sees_training_rows_only(cohort_run):
