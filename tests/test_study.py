@@ -16,7 +16,7 @@ import pytest
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import roc_auc_score
 
-from client.site_files import crop_path
+from client.site_files import FEATURES_FILE, crop_path
 from client.training import train_fusion
 from shared.config import load_site_config
 from shared.models import FusionNet, group_subsets
@@ -126,7 +126,7 @@ def test_a_site_missing_a_crop_is_named(cohort_run, tmp_path):
     cohort = tmp_path / "cohort"
     shutil.copytree(cohort_run[0], cohort)
     cfg = load_site_config(sorted(cohort.glob("*/site.toml"))[1])
-    patient = pd.read_parquet(cfg.paths.output / "features.parquet")["patient_id"].iloc[0]
+    patient = pd.read_parquet(cfg.paths.output / FEATURES_FILE)["patient_id"].iloc[0]
     crop_path(cfg, str(patient)).unlink()
     with pytest.raises(ValueError, match=rf"{cfg.site_id}: 1 crops missing, e.g. .*{patient}"):
         load_cohort(cohort)
