@@ -1,10 +1,11 @@
 """Image backbones on CPU: parameters, training and feature-extraction speed at a preset.
 
-    .venv/bin/python benchmarks/bench_backbones.py [--preset cpu-small] [--threads N]
-        [--train-batch 4] [--extract-batch 8] [--min-time 3] [--seed 0]
+    .venv/bin/python benchmarks/bench_backbones.py [--preset cpu-small] [--crop-voxels S]
+        [--threads N] [--train-batch 4] [--extract-batch 8] [--min-time 3] [--seed 0]
 
 Per backbone (swin3d, resnet3d, densenet3d) of ``shared.models.IMAGE_PRESETS[preset]``, on
-random float32 crops (C = 2, the preset's crop side): training samples/s of forward +
+random float32 crops (C = 2, the preset's crop side or ``--crop-voxels``, e.g. 64 for the
+``paper`` study preset, which runs the cpu-small networks at 64^3): training samples/s of forward +
 backward + AdamW steps at ``--train-batch``, and extraction volumes/s of ``deep_features`` in
 eval mode under ``no_grad`` at ``--extract-batch``. Each figure is the median over blocks of
 steps filling ``--min-time`` seconds (torch.utils.benchmark's ``blocked_autorange``: robust to
@@ -98,10 +99,22 @@ def print_table(rows: dict[str, dict[str, float]], train_batch: int, extract_bat
         print(line)
 
 
+def preset_configs(preset: str, crop_voxels: int | None) -> dict[str, ImageModelConfig]:
+    """Backbone -> config of ``IMAGE_PRESETS[preset]``, at ``crop_voxels`` when given."""
+    configs = IMAGE_PRESETS[preset]
+    if crop_voxels is None:
+        return dict(configs)
+    return {
+        name: ImageModelConfig.model_validate({**cfg.model_dump(), "crop_voxels": crop_voxels})
+        for name, cfg in configs.items()
+    }
+
+
 def parser(preset: str, min_time: float) -> argparse.ArgumentParser:
     """The options both backbone benchmarks take."""
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--preset", choices=sorted(IMAGE_PRESETS), default=preset)
+    args.add_argument("--crop-voxels", type=int, help="crop side S (default: the preset's)")
     args.add_argument("--backbones", nargs="+", choices=BACKBONES, default=list(BACKBONES))
     args.add_argument("--train-batch", type=int, default=4)
     args.add_argument("--extract-batch", type=int, default=8)
@@ -116,16 +129,20 @@ def main() -> None:
     opts = args.parse_args()
     torch.set_num_threads(opts.threads)
     set_seed(opts.seed)
-    side = IMAGE_PRESETS[opts.preset]["swin3d"].crop_voxels
+    configs = preset_configs(opts.preset, opts.crop_voxels)
+    side = configs["swin3d"].crop_voxels
     print(
         f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{opts.threads} threads; preset {opts.preset} ({side}^3 crops, 2 channels), float32"
     )
     rows = {}
     for backbone in opts.backbones:
-        cfg = IMAGE_PRESETS[opts.preset][backbone]
         rows[backbone] = measure(
-            cfg, torch.device("cpu"), opts.train_batch, opts.extract_batch, opts.min_time
+            configs[backbone],
+            torch.device("cpu"),
+            opts.train_batch,
+            opts.extract_batch,
+            opts.min_time,
         )
     print_table(rows, opts.train_batch, opts.extract_batch)
 

@@ -1,8 +1,8 @@
 """Image backbones on one CUDA GPU with mixed precision: parameters, training and
 feature-extraction speed and peak memory at the gpu preset (96^3 crops, Swin embed_dim 48).
 
-    .venv/bin/python benchmarks/gpu_backbones.py [--preset gpu] [--amp bf16|fp16|off]
-        [--train-batch 4] [--extract-batch 8] [--min-time 5] [--seed 0]
+    .venv/bin/python benchmarks/gpu_backbones.py [--preset gpu] [--crop-voxels S]
+        [--amp bf16|fp16|off] [--train-batch 4] [--extract-batch 8] [--min-time 5] [--seed 0]
 
 The measurement is ``bench_backbones.measure`` on ``cuda`` under ``torch.autocast`` (fp16 adds
 a GradScaler), cuDNN autotuning on; peak memory is torch's peak allocated memory per phase.
@@ -15,9 +15,8 @@ import sys
 import time
 
 import torch
-from bench_backbones import measure, parser, print_table
+from bench_backbones import measure, parser, preset_configs, print_table
 
-from shared.image_models import IMAGE_PRESETS
 from shared.reproducibility import set_seed
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -38,7 +37,8 @@ def main() -> None:
     torch.backends.cudnn.deterministic = False
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
-    side = IMAGE_PRESETS[opts.preset]["swin3d"].crop_voxels
+    configs = preset_configs(opts.preset, opts.crop_voxels)
+    side = configs["swin3d"].crop_voxels
     print(
         f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
         f"CUDA {torch.version.cuda}; preset {opts.preset} ({side}^3 crops, 2 channels), "
@@ -46,9 +46,13 @@ def main() -> None:
     )
     rows = {}
     for backbone in opts.backbones:
-        cfg = IMAGE_PRESETS[opts.preset][backbone]
         rows[backbone] = measure(
-            cfg, device, opts.train_batch, opts.extract_batch, opts.min_time, AMP_DTYPES[opts.amp]
+            configs[backbone],
+            device,
+            opts.train_batch,
+            opts.extract_batch,
+            opts.min_time,
+            AMP_DTYPES[opts.amp],
         )
         torch.cuda.empty_cache()
     print_table(rows, opts.train_batch, opts.extract_batch)
