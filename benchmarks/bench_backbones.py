@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from shared.image_models import BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
+from shared.image_models import (
+    BACKBONES,
+    IMAGE_PRESETS,
+    ImageModelConfig,
+    at_crop_size,
+    build_image_model,
+)
 from shared.models import count_parameters
 from shared.reproducibility import set_seed
 
@@ -102,12 +108,7 @@ def print_table(rows: dict[str, dict[str, float]], train_batch: int, extract_bat
 def preset_configs(preset: str, crop_voxels: int | None) -> dict[str, ImageModelConfig]:
     """Backbone -> config of ``IMAGE_PRESETS[preset]``, at ``crop_voxels`` when given."""
     configs = IMAGE_PRESETS[preset]
-    if crop_voxels is None:
-        return dict(configs)
-    return {
-        name: ImageModelConfig.model_validate({**cfg.model_dump(), "crop_voxels": crop_voxels})
-        for name, cfg in configs.items()
-    }
+    return dict(configs) if crop_voxels is None else at_crop_size(configs, crop_voxels)
 
 
 def parser(preset: str, min_time: float) -> argparse.ArgumentParser:

@@ -127,6 +127,16 @@ IMAGE_PRESETS: dict[str, dict[str, ImageModelConfig]] = {
 ``ImageModelConfig.model_validate({**cfg.model_dump(), "in_channels": 1})``."""
 
 
+def at_crop_size(
+    configs: dict[str, ImageModelConfig], crop_voxels: int
+) -> dict[str, ImageModelConfig]:
+    """The same backbone configs on ``crop_voxels``^3 crops (validated like any config)."""
+    return {
+        name: ImageModelConfig.model_validate({**cfg.model_dump(), "crop_voxels": crop_voxels})
+        for name, cfg in configs.items()
+    }
+
+
 class _SwinEncoder(nn.Module):
     """MONAI's Swin UNETR encoder; its last stage (LayerNorm-ed, embed_dim * 16 channels)
     average-pooled: (B, C, S, S, S) -> (B, embed_dim * 16)."""

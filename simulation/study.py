@@ -64,7 +64,13 @@ from client.training import (
 )
 from shared.clinical import decode_subsite, encoded_columns
 from shared.config import SiteConfig, load_site_config
-from shared.image_models import BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
+from shared.image_models import (
+    BACKBONES,
+    IMAGE_PRESETS,
+    ImageModelConfig,
+    at_crop_size,
+    build_image_model,
+)
 from shared.metrics import binary_metrics, calibration, delong_paired_test, youden_threshold
 from shared.models import FUSION_GROUPS, FusionNet, group_subsets, model_key, positive_class_weight
 from shared.reproducibility import set_seed
@@ -165,10 +171,7 @@ PRESETS: dict[str, StudyPreset] = {
     # The paper's protocol at 64^3 on a CPU (hours) or a small GPU.
     "paper": StudyPreset(
         name="paper",
-        image_models={
-            name: ImageModelConfig.model_validate({**cfg.model_dump(), "crop_voxels": 64})
-            for name, cfg in IMAGE_PRESETS["cpu-small"].items()
-        },
+        image_models=at_crop_size(IMAGE_PRESETS["cpu-small"], 64),
         image_epochs=40,
         image_lr=2e-4,
         image_patience=10,

@@ -8,7 +8,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from shared.config import FederationConfig
-from shared.image_models import BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
+from shared.image_models import (
+    BACKBONES,
+    IMAGE_PRESETS,
+    ImageModelConfig,
+    at_crop_size,
+    build_image_model,
+)
 from shared.models import (
     FUSION_GROUPS,
     FusionNet,
@@ -61,6 +67,22 @@ def test_preset_parameter_budgets() -> None:
     assert IMAGE_PRESETS["cpu-small"]["swin3d"].crop_voxels == 32
     assert IMAGE_PRESETS["gpu"]["swin3d"].crop_voxels == 96
     assert IMAGE_PRESETS["gpu"]["swin3d"].embed_dim == 48
+
+
+def test_at_crop_size_keeps_the_networks_and_validates_the_side() -> None:
+    """The ``paper`` study preset's way to a 64^3 model: same widths and parameter count."""
+    small = IMAGE_PRESETS["cpu-small"]
+    larger = at_crop_size(small, 64)
+    for backbone, cfg in larger.items():
+        assert cfg.crop_voxels == 64
+        assert cfg.model_dump(exclude={"crop_voxels"}) == small[backbone].model_dump(
+            exclude={"crop_voxels"}
+        )
+    model = build_image_model(larger["densenet3d"])
+    assert count_parameters(model) == count_parameters(build_image_model(small["densenet3d"]))
+    assert model(torch.zeros(1, 2, 64, 64, 64)).shape == (1,)
+    with pytest.raises(ValidationError, match="multiple of 32"):
+        at_crop_size(small, 48)
 
 
 def _all_models() -> list[nn.Module]:
