@@ -7,7 +7,7 @@ channel 1 (unless ``mask_channel="none"``) the ring or tumour mask; the cube res
 (``fit="resize"``: the whole crop, trilinear, masks become partial-volume fractions) or
 centre-cropped (``fit="crop"``: native voxels, zero-padded if smaller) to S = ``crop_voxels``.
 :class:`CropDataset` serves them to ``client.training``, with light, seeded augmentation
-(flips, small affine) on training data.
+(flips, small affine) on training data, on the training device.
 """
 
 from __future__ import annotations
@@ -94,7 +94,10 @@ class CropDataset(Dataset):
     With ``augment``, each item is flipped along each axis with probability 0.5 and, with
     probability 0.5, rotated (up to 15 degrees about each axis), scaled (up to 10%) and shifted
     (up to 2 voxels) by MONAI's ``RandFlip``/``RandAffine`` (border padding), from a stream
-    seeded by ``seed``: read in the same order (``num_workers=0``), the same items come out."""
+    seeded by ``seed``: read in the same order (``num_workers=0``), the same items come out.
+    The crops are held, and augmented, on ``device``: give the training device (``cuda``) so a
+    GPU is not left waiting on the CPU's resampling; the random stream is the same on any
+    device. Items are (C, S, S, S) float32 on ``device`` and a CPU label."""
 
     def __init__(
         self,
@@ -102,8 +105,9 @@ class CropDataset(Dataset):
         labels: np.ndarray | None = None,
         augment: bool = False,
         seed: int = 0,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.images = images
+        self.images = torch.as_tensor(images, device=device)  # on the CPU: no copy
         self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
         self.augment = None
         if augment:
@@ -116,6 +120,7 @@ class CropDataset(Dataset):
                         scale_range=(0.1,) * 3,
                         translate_range=(2,) * 3,
                         padding_mode="border",
+                        device=torch.device(device),
                     ),
                 ]
             ).set_random_state(seed)
@@ -124,7 +129,7 @@ class CropDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(self.images[i])
+        x = self.images[i]
         if self.augment is not None:
             x = torch.as_tensor(self.augment(x), dtype=torch.float32)
         y = torch.tensor(np.nan if self.labels is None else self.labels[i])

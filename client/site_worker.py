@@ -461,7 +461,9 @@ class SiteWorker:
         model = self._image_model(request)
         images = self._images(request)
         seed = site_seed(int(request["seed"]), self.site_id, int(request["fold"]))
-        data = CropDataset(images[rows], self.data.labels[rows], augment=True, seed=seed)
+        data = CropDataset(
+            images[rows], self.data.labels[rows], augment=True, seed=seed, device=self.device
+        )
         if noise is not None:
             history = self._private(
                 request,

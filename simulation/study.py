@@ -556,7 +556,9 @@ def _deep_group(
     tic = time.perf_counter()
     history = train_image_model(
         model,
-        CropDataset(images[fit_rows], y[fit_rows], augment=preset.augment, seed=seed),
+        CropDataset(
+            images[fit_rows], y[fit_rows], augment=preset.augment, seed=seed, device=device
+        ),
         epochs=preset.image_epochs,
         lr=preset.image_lr,
         pos_weight=positive_class_weight(y[fit_rows]),
