@@ -57,9 +57,8 @@ def epoch_rate(
 
 def item_ms(images: np.ndarray, placement: torch.device, seed: int) -> tuple[float, torch.Tensor]:
     """Milliseconds per augmented item on ``placement``, and the items (on the CPU)."""
-    data = CropDataset(images, augment=True, seed=seed, device=placement)
-    data[0]  # first call: kernels and grids
-    data = CropDataset(images, augment=True, seed=seed, device=placement)
+    CropDataset(images, augment=True, seed=seed, device=placement)[0]  # warm-up: kernels, grids
+    data = CropDataset(images, augment=True, seed=seed, device=placement)  # stream from its start
     _sync(placement)
     tic = time.perf_counter()
     items = [data[i][0] for i in range(len(data))]
