@@ -22,7 +22,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from shared.reproducibility import set_seed
+
+if TYPE_CHECKING:
+    from client.memory import MemoryPlan
 
 Monitor = Literal["loss", "auc"]
 
@@ -97,13 +100,20 @@ def _fit(
     patience: int | None,
     monitor: Monitor = "loss",
     proximal_mu: float = 0.0,
+    micro_batch: int | None = None,
 ) -> dict:
     """Shared loop: AdamW + weighted BCE (plus FedProx's ``proximal_mu / 2 * ||w - w_start||^2``
     when ``proximal_mu`` > 0) for ``epochs`` (or until ``patience`` epochs without a
     better validation score: lower loss, or with ``monitor="auc"`` higher AUC, ties going to
     the earlier epoch, the loss deciding where the AUC is undefined); restores the best
     validation epoch's weights when ``val`` is given. Returns the history (per-epoch losses,
-    validation AUC, best epoch, seconds)."""
+    validation AUC, best epoch, seconds).
+
+    ``micro_batch`` < ``batch_size``: gradient accumulation. Each batch of ``batch_size``
+    samples (the same batches as without) goes through the model in chunks of at most
+    ``micro_batch``, each chunk's loss weighted by its share of the batch, and the optimiser
+    steps once per batch: the same update up to floating-point rounding (the networks have no
+    BatchNorm, so no layer mixes the samples of a batch)."""
     started = time.perf_counter()
     set_seed(seed)
     model.to(device)
@@ -123,19 +133,12 @@ def _fit(
     for epoch in range(epochs):
         model.train()
         total, count = 0.0, 0
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for x_batch, y_batch in loader:
             optimiser.zero_grad(set_to_none=True)
-            with autocast:
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            total += loss.item() * len(y)
-            count += len(y)
-            if anchor:
-                pairs = zip(model.parameters(), anchor, strict=True)
-                drift = sum(((p - a) ** 2).sum() for p, a in pairs)
-                loss = loss + proximal_mu / 2 * drift
-            scaler.scale(loss).backward()
+            total += _backward(
+                model, x_batch, y_batch, loss_fn, autocast, scaler, micro_batch, anchor, proximal_mu
+            )
+            count += len(y_batch)
             scaler.step(optimiser)
             scaler.update()
         history["train_loss"].append(total / max(count, 1))
@@ -163,6 +166,38 @@ def _fit(
     history["epochs_run"] = len(history["train_loss"])
     history["seconds"] = time.perf_counter() - started
     return history
+
+
+def _backward(
+    model: nn.Module,
+    x_batch: torch.Tensor,
+    y_batch: torch.Tensor,
+    loss_fn: nn.Module,
+    autocast: torch.autocast,
+    scaler: torch.amp.GradScaler,
+    micro_batch: int | None = None,
+    anchor: list[torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
+) -> float:
+    """Accumulate into the parameters' ``.grad`` the gradient of one batch's mean loss (plus
+    the proximal term against ``anchor``), passing the batch (B, ...) through the model in
+    chunks of at most ``micro_batch`` samples, each chunk's loss weighted by its share of the
+    batch. Returns the batch's summed loss (without the proximal term)."""
+    device = next(model.parameters()).device
+    summed = 0.0
+    chunk = micro_batch or len(y_batch)
+    for x, y in zip(x_batch.split(chunk), y_batch.split(chunk), strict=True):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        summed += loss.item() * len(y)
+        if anchor:
+            pairs = zip(model.parameters(), anchor, strict=True)
+            drift = sum(((p - a) ** 2).sum() for p, a in pairs)
+            loss = loss + proximal_mu / 2 * drift
+        scaler.scale(loss * len(y) / len(y_batch)).backward()
+    return summed
 
 
 @torch.no_grad()
@@ -193,29 +228,40 @@ def train_image_model(
     weight_decay: float = 1e-4,
     patience: int | None = None,
     proximal_mu: float = 0.0,
+    memory: MemoryPlan | None = None,
 ) -> dict:
     """Train an image classifier ((B, C, S, S, S) -> (B,) logits) in place on ``dataset``
     (augmenting or not, as built). With ``val_dataset`` (unaugmented, from the training rows
     only) the best-validation-loss weights are kept and ``patience`` stops early.
     ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) weights.
+    ``memory`` (``client.memory.plan_image_training``): micro-batches with gradient
+    accumulation and activation checkpointing that fit a memory budget, with the same
+    effective batch ``batch_size``.
 
     Returns ``{"train_loss": [...], "val_loss": [...], "val_auc": [...], "best_epoch",
     "epochs_run", "seconds"}`` (losses are mean weighted BCE per sample)."""
     device = resolve_device(device) if isinstance(device, str) else device
-    return _fit(
-        model,
-        dataset,
-        val_dataset,
-        epochs,
-        lr,
-        pos_weight,
-        seed,
-        device,
-        batch_size,
-        weight_decay,
-        patience,
-        proximal_mu=proximal_mu,
-    )
+    if memory is not None:  # an ImageClassifier (shared.image_models)
+        model.checkpoint_activations(memory.checkpointing)
+    try:
+        return _fit(
+            model,
+            dataset,
+            val_dataset,
+            epochs,
+            lr,
+            pos_weight,
+            seed,
+            device,
+            batch_size,
+            weight_decay,
+            patience,
+            proximal_mu=proximal_mu,
+            micro_batch=None if memory is None else memory.micro_batch,
+        )
+    finally:
+        if memory is not None:
+            model.checkpoint_activations(False)
 
 
 @torch.no_grad()

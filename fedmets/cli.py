@@ -444,6 +444,21 @@ def study(
     workers: Annotated[
         int | None, typer.Option(min=1, help="Extraction processes (default: compute.workers).")
     ] = None,
+    parallel: Annotated[
+        str,
+        typer.Option(
+            help="Fold x backbone image tasks (and fold tasks) at once, in worker processes: N,"
+            " or auto (as many as the GPU's free memory holds; 1 on a CPU)."
+        ),
+    ] = "1",
+    gpu_memory_gib: Annotated[
+        float | None,
+        typer.Option(
+            min=0.5,
+            help="GPU memory budget of each image training (micro-batches, gradient"
+            " accumulation and activation checkpointing fit it). Default: what is free.",
+        ),
+    ] = None,
 ) -> None:
     """Centralised cross-validated study (the paper's reference): image model, deep features,
     radiomics selection, fusion net and ablations, fitted on training folds only."""
@@ -467,6 +482,13 @@ def study(
         )
         raise typer.Exit(1)
     settings = replace(PRESETS[preset], fusion=fusion) if fusion else PRESETS[preset]
+    if parallel != "auto" and not (parallel.isdigit() and int(parallel) >= 1):
+        err_console.print(f"[red]error:[/red] --parallel must be auto or N >= 1, got {parallel}")
+        raise typer.Exit(1)
+    tasks = {
+        "parallel": parallel if parallel == "auto" else int(parallel),
+        "gpu_memory_gib": gpu_memory_gib,
+    }
 
     def say(message: str) -> None:
         console.print(message, markup=False, highlight=False)
@@ -475,10 +497,10 @@ def study(
         data = load_cohort(cohort, workers) if cohort else load_table(table, label, id_column)
         if repeats > 1:
             summary = run_repeated_study(
-                data, settings, out, repeats, folds, seed, chosen, device, log=say
+                data, settings, out, repeats, folds, seed, chosen, device, log=say, **tasks
             )
         else:
-            result = run_study(data, settings, out, folds, seed, chosen, device, log=say)
+            result = run_study(data, settings, out, folds, seed, chosen, device, say, **tasks)
     except (ValueError, OSError) as error:
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         raise typer.Exit(1) from error
@@ -526,6 +548,16 @@ def _print_study(metrics: dict, preset: str, out: Path) -> None:
             difference = f"{test['auc_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
             versus.add_row(key, single, difference, f"{test['p']:.3f}")
     console.print(versus)
+    backbones = Table(title="The first backbone against the others, same groups (DeLong, paired)")
+    for column in ("model", "against", "AUC difference [95% CI]", "p"):
+        backbones.add_column(column, justify="right" if column == "p" else "left")
+    for key, model in metrics["models"].items():
+        for other, test in model.get("versus_other_backbones", {}).items():
+            low, high = test["ci"]
+            difference = f"{test['auc_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            backbones.add_row(key, other, difference, f"{test['p']:.3f}")
+    if backbones.row_count:
+        console.print(backbones)
     if metrics["oracle_auc"] is not None:
         console.print(
             f"oracle AUC (true risk): cohort {metrics['oracle_auc']:.3f},"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +36,11 @@ def run_repeated_study(
     backbones: Sequence[str] = BACKBONES,
     device: str = "auto",
     log: Callable[[str], None] | None = None,
+    **tasks: Any,
 ) -> dict:
     """Run ``run_study`` with fold seeds ``seed .. seed + repeats - 1`` into
-    ``out/seed-<s>/``; write and return the ``summarise_repeats`` summary (``out/repeats.json``)."""
+    ``out/seed-<s>/`` (``tasks``: its ``parallel`` and ``gpu_memory_gib``); write and return
+    the ``summarise_repeats`` summary (``out/repeats.json``)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     say = log or (lambda message: None)
@@ -47,7 +50,15 @@ def run_repeated_study(
         fold_seed = seed + repeat
         say(f"repeat {repeat + 1}/{repeats}: fold seed {fold_seed}")
         result = run_study(
-            data, preset, out / f"seed-{fold_seed}", folds, fold_seed, backbones, device, log
+            data,
+            preset,
+            out / f"seed-{fold_seed}",
+            folds,
+            fold_seed,
+            backbones,
+            device,
+            log,
+            **tasks,
         )
         runs.append(result.metrics)
     summary = summarise_repeats(runs)

@@ -33,11 +33,14 @@ models by DeLong's paired test. Outputs in ``RUN/``: ``metrics.json``,
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -50,10 +53,8 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from client.crops import HU_WINDOW, CropDataset, Fit, MaskChannel, load_crops
-from client.extract import extract_site
+from client.memory import CUDA_CONTEXT_BYTES, device_budget_bytes, plan_image_training
 from client.site_files import FEATURES_FILE
-from client.site_worker import SiteNotReady, load_site_data
-from client.tabular import CLINICAL_NAMES, load_feature_table
 from client.training import (
     Monitor,
     extract_deep_features,
@@ -219,6 +220,9 @@ def load_cohort(cohort: Path, workers: int | None = None) -> StudyData:
     site is in tabular mode). Sites without ``features.parquet`` are extracted first. Patients
     without a label are left out (counted in ``notes``). The oracle comes from
     ``cohort/ground_truth`` when present. ValueError names a site that cannot be pooled."""
+    from client.extract import extract_site  # PyRadiomics: not needed once data is pooled
+    from client.site_worker import SiteNotReady, load_site_data
+
     paths = sorted(Path(cohort).glob("*/site.toml"))
     if not paths:
         raise ValueError(f"no site configs (*/site.toml) under {cohort}")
@@ -274,6 +278,8 @@ def load_table(path: Path, label: str, id_column: str) -> StudyData:
     ``client.tabular.CLINICAL_NAMES``, mapped onto the fedmets schema and encoded (absent schema
     columns count as missing; no clinical group when the table has none of them). Rows that
     fail the checks (no 0/1 label, a bad cell) are left out and counted in ``notes``."""
+    from client.tabular import CLINICAL_NAMES, load_feature_table  # SimpleITK via ingest
+
     path = Path(path).resolve()
     header = {str(c).lower() for c in pd.read_csv(path, nrows=0).columns}
     names = {n for field, more in CLINICAL_NAMES.items() for n in (field, *more)}
@@ -353,9 +359,18 @@ def run_study(
     backbones: Sequence[str] = BACKBONES,
     device: str = "auto",
     log: Callable[[str], None] | None = None,
+    parallel: int | Literal["auto"] = 1,
+    gpu_memory_gib: float | None = None,
 ) -> StudyResult:
     """Run the cross-validated study on ``data`` and write metrics.json, oof_predictions.csv
-    and the figures into ``out``. ``backbones`` are ignored in tabular mode."""
+    and the figures into ``out``. ``backbones`` are ignored in tabular mode.
+
+    The work is one image task per fold and backbone (training, deep features) and one fold
+    task per fold (selection, every fusion model); ``parallel`` > 1 runs that many tasks at
+    once in worker processes (a fold task starts when its folds' image tasks are done), and
+    ``"auto"`` as many as the GPU's free memory holds (one on a CPU). Every task is seeded
+    on its own, so the results do not depend on ``parallel``. ``gpu_memory_gib``: each image
+    training's GPU memory budget (``client.memory``; default: what the device has free)."""
     started = time.perf_counter()
     say = log or (lambda message: None)
     n_folds = folds or preset.folds
@@ -396,61 +411,41 @@ def run_study(
         for b, s in models_built
         if len(s) > 1
     }
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    splits = list(splitter.split(np.zeros(len(y)), y))
+    job = _StudyJob(
+        data, preset, seed, str(torch_device), gpu_memory_gib, images, backbones, groups_available
+    )
+    workers = _workers(parallel, job, splits)
+    outcomes = _run_tasks(job, splits, workers, Path(out), say)
+
     scores = {k: np.full(len(y), np.nan) for k in keys}
     decisions = {k: np.zeros(len(y), dtype=int) for k in keys}
     per_fold: dict[str, list[dict]] = {k: [] for k in keys}
     fold_of = np.full(len(y), -1)
     records: list[FoldRecord] = []
-
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for fold, (train, test) in enumerate(splitter.split(np.zeros(len(y)), y)):
+    for fold, (train, test) in enumerate(splits):
+        outcome = outcomes[fold]
         fold_of[test] = fold
-        say(f"fold {fold + 1}/{n_folds}: {len(train)} training, {len(test)} test patients")
-        tic = time.perf_counter()
-        features, selector = _tabular_groups(data, train, preset, _child_seed(seed, fold, 0))
-        timing["selection"] += time.perf_counter() - tic
-        record = FoldRecord(fold, train, test, data.ids[train].copy(), selector)
-        records.append(record)
-        singles: dict[str, FusionScores] = {}  # this fold's single-group models (late fusion)
-        for backbone in [None, *backbones]:
-            if backbone is not None:
-                deep, history = _deep_group(
-                    images,
-                    y,
-                    train,
-                    preset,
-                    backbone,
-                    _child_seed(seed, fold, 1),
-                    torch_device,
-                    timing,
-                    say,
-                )
-                features = {**features, "deep": deep}
-                record.image_histories[backbone] = history
-            for subset in deep_subsets if backbone else plain_subsets:
-                key = model_key(backbone, subset)
-                tic = time.perf_counter()
-                if preset.fusion == "late" and len(subset) > 1:
-                    fitted = late_fusion([singles[g] for g in subset])
-                else:
-                    fitted = _fit_fusion(
-                        {g: features[g] for g in subset},
-                        y,
-                        train,
-                        test,
-                        preset,
-                        _child_seed(seed, fold, 2),
-                    )
-                if len(subset) == 1:
-                    singles[subset[0]] = fitted
-                timing["fusion"] += time.perf_counter() - tic
-                fold_scores = fitted.test
-                threshold = youden_threshold(y[train], fitted.train)
-                scores[key][test] = fold_scores
-                decisions[key][test] = fold_scores >= threshold
-                per_fold[key].append(
-                    {"fold": fold, **_summary(y[test], fold_scores, threshold, data, test)}
-                )
+        records.append(
+            FoldRecord(
+                fold, train, test, data.ids[train].copy(), outcome.selector, outcome.histories
+            )
+        )
+        for name, seconds in outcome.timing.items():
+            if name == "image_training":
+                for backbone, value in seconds.items():
+                    timing[name][backbone] += value
+            else:
+                timing[name] += seconds
+        for key in keys:
+            fitted = outcome.scores[key]
+            threshold = youden_threshold(y[train], fitted.train)
+            scores[key][test] = fitted.test
+            decisions[key][test] = fitted.test >= threshold
+            per_fold[key].append(
+                {"fold": fold, **_summary(y[test], fitted.test, threshold, data, test)}
+            )
 
     models = {
         key: {
@@ -469,6 +464,14 @@ def run_study(
         models[key]["versus_single_groups"] = {
             single: delong_paired_test(y, scores[key], scores[single]) for single in singles
         }
+    for subset in deep_subsets if len(backbones) > 1 else []:  # main backbone against the rest
+        main_key = model_key(backbones[0], subset)
+        models[main_key]["versus_other_backbones"] = {
+            model_key(other, subset): delong_paired_test(
+                y, scores[main_key], scores[model_key(other, subset)]
+            )
+            for other in backbones[1:]
+        }
     oracle_used = _oracle_auc(data, np.arange(len(y)))
     timing["total"] = time.perf_counter() - started
     metrics = {
@@ -480,6 +483,7 @@ def run_study(
             "seed": seed,
             "backbones": backbones,
             "device": str(torch_device),
+            "parallel_tasks": workers,
             "n_patients": int(len(y)),
             "positives": int(y.sum()),
             "radiomics_columns": int(data.radiomics.shape[1]),
@@ -513,6 +517,241 @@ def run_study(
     return StudyResult(metrics, oof, records)
 
 
+# ---- tasks: one per fold and backbone (image), one per fold (selection and fusion) --------------
+
+
+@dataclass
+class _StudyJob:
+    """What every task reads; sent once to each worker process. ``images``: the model inputs
+    (n, C, S, S, S) float32, or in workers the path of a ``.npy`` copy they memory-map."""
+
+    data: StudyData
+    preset: StudyPreset
+    seed: int
+    device: str
+    gpu_memory_gib: float | None
+    images: np.ndarray | Path | None
+    backbones: list[str]
+    groups: list[str]  # tabular groups present: radiomics[, clinical]
+
+    def model_inputs(self) -> np.ndarray:
+        if isinstance(self.images, Path):
+            self.images = np.load(self.images, mmap_mode="c")  # copy on write: no copy
+        return self.images
+
+
+@dataclass
+class _ImageOutcome:
+    """One fold's image model of one backbone: deep features (n, D) of every patient (fitted
+    on the training rows), its training history and seconds."""
+
+    deep: np.ndarray
+    history: dict
+    training_s: float
+    features_s: float
+
+
+@dataclass
+class _FoldOutcome:
+    """One fold's selection and fusion models: per model key its ``FusionScores``; the fitted
+    selector; each backbone's image history; seconds per stage (as ``timing_s``)."""
+
+    scores: dict[str, FusionScores]
+    selector: RadiomicsSelector
+    histories: dict[str, dict]
+    timing: dict
+
+
+def _image_task(job: _StudyJob, fold: int, backbone: str, train: np.ndarray) -> _ImageOutcome:
+    """Stage 1 + 2 of one fold for one backbone (``_deep_group``)."""
+    timing = {"image_training": {backbone: 0.0}, "deep_features": 0.0}
+    deep, history = _deep_group(
+        job.model_inputs(),
+        job.data.labels,
+        train,
+        job.preset,
+        backbone,
+        _child_seed(job.seed, fold, 1),
+        torch.device(job.device),
+        timing,
+        job.gpu_memory_gib,
+    )
+    return _ImageOutcome(deep, history, timing["image_training"][backbone], timing["deep_features"])
+
+
+def _fold_task(
+    job: _StudyJob,
+    fold: int,
+    train: np.ndarray,
+    test: np.ndarray,
+    images: dict[str, _ImageOutcome],
+) -> _FoldOutcome:
+    """Selection, then every fusion model of the fold: the tabular subsets, then each
+    backbone's subsets with its deep features."""
+    tic = time.perf_counter()
+    features, selector = _tabular_groups(
+        job.data, train, job.preset, _child_seed(job.seed, fold, 0)
+    )
+    timing = {"selection": time.perf_counter() - tic, "fusion": 0.0}
+    scores: dict[str, FusionScores] = {}
+    singles: dict[str, FusionScores] = {}  # this fold's single-group models (late fusion)
+    for backbone in [None, *job.backbones]:
+        subsets = [s for s in group_subsets() if set(s) <= set(job.groups)]
+        if backbone is not None:
+            features = {**features, "deep": images[backbone].deep}
+            subsets = [
+                s for s in group_subsets() if "deep" in s and set(s) - {"deep"} <= set(job.groups)
+            ]
+        for subset in subsets:
+            tic = time.perf_counter()
+            if job.preset.fusion == "late" and len(subset) > 1:
+                fitted = late_fusion([singles[g] for g in subset])
+            else:
+                fitted = _fit_fusion(
+                    {g: features[g] for g in subset},
+                    job.data.labels,
+                    train,
+                    test,
+                    job.preset,
+                    _child_seed(job.seed, fold, 2),
+                )
+            if len(subset) == 1:
+                singles[subset[0]] = fitted
+            scores[model_key(backbone, subset)] = fitted
+            timing["fusion"] += time.perf_counter() - tic
+    timing["image_training"] = {b: o.training_s for b, o in images.items()}
+    timing["deep_features"] = sum(o.features_s for o in images.values())
+    return _FoldOutcome(scores, selector, {b: o.history for b, o in images.items()}, timing)
+
+
+_WORKER_JOB: _StudyJob | None = None
+
+
+def _start_worker(job: _StudyJob, threads: int) -> None:
+    """Pool initializer: keep the job for the tasks; torch on ``threads`` CPU threads."""
+    global _WORKER_JOB
+    _WORKER_JOB = job
+    torch.set_num_threads(threads)
+
+
+def _in_worker(task: Callable, *args: Any) -> Any:
+    return task(_WORKER_JOB, *args)
+
+
+def _workers(
+    parallel: int | Literal["auto"], job: _StudyJob, splits: list[tuple[np.ndarray, np.ndarray]]
+) -> int:
+    """Tasks at once: ``parallel``, or for ``"auto"`` on a GPU as many image trainings as its
+    free memory holds (each backbone's peak measured at the preset's batch, with a fold's
+    training crops and a CUDA context on top), at most one per CPU core and one per image
+    task; ``"auto"`` on a CPU: 1."""
+    tasks = len(splits) * max(len(job.backbones), 1)
+    if parallel != "auto":
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1 or 'auto', got {parallel}")
+        return min(parallel, tasks)
+    device = torch.device(job.device)
+    if device.type != "cuda" or not job.backbones:
+        return 1
+    images = job.model_inputs()
+    fold_crops = images[: len(splits[0][0])].nbytes
+    peaks = []
+    for backbone in job.backbones:
+        model = build_image_model(job.preset.image_models[backbone])
+        budget = device_budget_bytes(device, job.gpu_memory_gib)
+        plan = plan_image_training(model, images.shape[1:], job.preset.image_batch, device, budget)
+        peaks.append(plan.peak_bytes + fold_crops + CUDA_CONTEXT_BYTES)
+        del model
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(tasks, os.cpu_count() or 1, int(free * 0.9 // max(peaks))))
+
+
+def _run_tasks(
+    job: _StudyJob,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    workers: int,
+    out: Path,
+    say: Callable[[str], None],
+) -> list[_FoldOutcome]:
+    """Every fold's outcome, in fold order: in this process (``workers`` 1), or in a pool of
+    ``workers`` spawned processes that read the model inputs from a temporary ``.npy`` in
+    ``out``."""
+    n_folds = len(splits)
+
+    def image_done(fold: int, backbone: str, outcome: _ImageOutcome) -> None:
+        history = outcome.history
+        val_auc = history["val_auc"][history["best_epoch"] - 1] if history["val_auc"] else None
+        say(
+            f"  fold {fold + 1} {backbone}: best epoch {history['best_epoch']}/"
+            f"{history['epochs_run']}, inner validation AUC"
+            f" {val_auc if val_auc is None else round(val_auc, 3)}, {history['seconds']:.0f} s"
+            f" ({history['memory']})"
+        )
+
+    if workers == 1:
+        outcomes = []
+        for fold, (train, test) in enumerate(splits):
+            say(f"fold {fold + 1}/{n_folds}: {len(train)} training, {len(test)} test patients")
+            images = {}
+            for backbone in job.backbones:
+                images[backbone] = _image_task(job, fold, backbone, train)
+                image_done(fold, backbone, images[backbone])
+            outcomes.append(_fold_task(job, fold, train, test, images))
+        return outcomes
+
+    out.mkdir(parents=True, exist_ok=True)
+    shipped = replace(job)
+    if job.images is not None:
+        shipped.images = out / ".study-model-inputs.npy"
+        np.save(shipped.images, job.model_inputs())
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    say(
+        f"{n_folds} folds x {max(len(job.backbones), 1)} image tasks on {workers} worker"
+        f" processes ({threads} CPU threads each)"
+    )
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(shipped, threads),
+    )
+    try:
+        images: dict[int, dict[str, _ImageOutcome]] = {f: {} for f in range(n_folds)}
+        running = {}
+        for fold, (train, _) in enumerate(splits):
+            for backbone in job.backbones:
+                future = pool.submit(_in_worker, _image_task, fold, backbone, train)
+                running[future] = ("image", fold, backbone)
+        outcomes: dict[int, _FoldOutcome] = {}
+
+        def submit_fold(fold: int) -> None:
+            train, test = splits[fold]
+            future = pool.submit(_in_worker, _fold_task, fold, train, test, images[fold])
+            running[future] = ("fold", fold, None)
+
+        if not job.backbones:
+            for fold in range(n_folds):
+                submit_fold(fold)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, fold, backbone = running.pop(future)
+                if kind == "fold":
+                    outcomes[fold] = future.result()
+                    say(f"fold {fold + 1}/{n_folds}: selection and fusion models done")
+                    continue
+                images[fold][backbone] = future.result()
+                image_done(fold, backbone, images[fold][backbone])
+                if len(images[fold]) == len(job.backbones):
+                    submit_fold(fold)
+        return [outcomes[fold] for fold in range(n_folds)]
+    finally:
+        pool.shutdown(cancel_futures=True)
+        if isinstance(shipped.images, Path):
+            shipped.images.unlink(missing_ok=True)
+
+
 def _tabular_groups(
     data: StudyData, train: np.ndarray, preset: StudyPreset, seed: int
 ) -> tuple[dict[str, np.ndarray], RadiomicsSelector]:
@@ -541,24 +780,33 @@ def _deep_group(
     seed: int,
     device: torch.device,
     timing: dict,
-    say: Callable[[str], None],
+    gpu_memory_gib: float | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Stage 1 + 2: train the fold's image model on the training crops (inner stratified
-    validation split for early stopping), then deep features (n, D) of every patient,
+    validation split for early stopping; micro-batches and checkpointing that fit
+    ``gpu_memory_gib``, ``client.memory``), then deep features (n, D) of every patient,
     standardised with the training rows' statistics and, with ``preset.deep_components``,
-    reduced to that many whitened PCA components (fitted on the training rows)."""
+    reduced to that many whitened PCA components (fitted on the training rows). The history
+    gains ``memory``, the plan in words."""
     fit_rows, val_rows = train_test_split(
         train, test_size=preset.image_val_fraction, stratify=y[train], random_state=seed
     )
     set_seed(seed)
     model = build_image_model(preset.image_models[backbone])
-    say(f"  {backbone}: training on {len(fit_rows)} crops ({len(val_rows)} inner validation)")
     tic = time.perf_counter()
+    fitting = CropDataset(
+        images[fit_rows], y[fit_rows], augment=preset.augment, seed=seed, device=device
+    )
+    plan = plan_image_training(
+        model,
+        tuple(images.shape[1:]),
+        preset.image_batch,
+        device,
+        device_budget_bytes(device, gpu_memory_gib),
+    )
     history = train_image_model(
         model,
-        CropDataset(
-            images[fit_rows], y[fit_rows], augment=preset.augment, seed=seed, device=device
-        ),
+        fitting,
         epochs=preset.image_epochs,
         lr=preset.image_lr,
         pos_weight=positive_class_weight(y[fit_rows]),
@@ -567,7 +815,9 @@ def _deep_group(
         val_dataset=CropDataset(images[val_rows], y[val_rows]),
         batch_size=preset.image_batch,
         patience=preset.image_patience,
+        memory=plan,
     )
+    history["memory"] = plan.describe()
     timing["image_training"][backbone] += time.perf_counter() - tic
     tic = time.perf_counter()
     deep = extract_deep_features(model, CropDataset(images), device)
@@ -577,12 +827,6 @@ def _deep_group(
         k = min(preset.deep_components, deep.shape[1], len(train))
         pca = PCA(k, whiten=True, random_state=seed).fit(deep[train])
         deep = pca.transform(deep)
-    val_auc = history["val_auc"][history["best_epoch"] - 1] if history["val_auc"] else None
-    say(
-        f"  {backbone}: best epoch {history['best_epoch']}/{history['epochs_run']}, inner"
-        f" validation AUC {val_auc if val_auc is None else round(val_auc, 3)},"
-        f" {history['seconds']:.0f} s"
-    )
     return deep.astype(np.float32), history
 
 

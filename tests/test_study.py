@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import roc_auc_score
 
@@ -20,6 +21,7 @@ from client.site_files import FEATURES_FILE, crop_path
 from client.training import train_fusion
 from shared.config import load_site_config
 from shared.models import FusionNet, group_subsets
+from simulation.packed_cohort import pack_cohort, unpack_cohort
 from simulation.repeated_study import run_repeated_study, summarise_repeats
 from simulation.study import PRESETS, _fit_fusion, load_cohort, load_table, model_key, run_study
 from simulation.synth import generate_cohort
@@ -113,6 +115,11 @@ def test_cohort_metrics_structure(cohort_run):
             difference = model["pooled"]["auc"] - metrics["models"][single]["pooled"]["auc"]
             assert test["auc_difference"] == pytest.approx(difference)
             assert test["ci"][0] <= test["auc_difference"] <= test["ci"][1] and 0 <= test["p"] <= 1
+        versus = model.get("versus_other_backbones", {})  # the first backbone against the rest
+        assert list(versus) == ([f"resnet3d/{groups}"] if backbone == "swin3d" else [])
+        for other, test in versus.items():
+            difference = model["pooled"]["auc"] - metrics["models"][other]["pooled"]["auc"]
+            assert test["auc_difference"] == pytest.approx(difference)
     oof = pd.read_csv(out / "oof_predictions.csv")
     assert len(oof) == n and set(oof["fold"]) == {0, 1}
     assert oof[expected].notna().all().all()
@@ -120,6 +127,53 @@ def test_cohort_metrics_structure(cohort_run):
     for figure in ("roc.png", "calibration.png", "ablation.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(metrics["timing_s"]["image_training"]) == {"swin3d", "resnet3d"}
+
+
+def test_tasks_in_parallel_give_the_sequential_results(cohort_run, tmp_path):
+    """Two worker processes (image tasks of both folds at once, then the fold tasks) against
+    one process, each task on the same number of CPU threads (torch's CPU kernels round
+    differently with another thread count)."""
+    data = load_cohort(cohort_run[0])
+    preset = replace(PRESETS["tiny"], fusion="late")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        alone = run_study(data, preset, tmp_path / "one", 2, 3, ["resnet3d"], "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    both = run_study(data, preset, tmp_path / "two", 2, 3, ["resnet3d"], "cpu", parallel=2)
+    assert both.metrics["config"]["parallel_tasks"] == 2
+    assert both.metrics["models"] == alone.metrics["models"]
+    pd.testing.assert_frame_equal(both.oof, alone.oof)
+    assert not (tmp_path / "two" / ".study-model-inputs.npy").exists()
+    for fold_one, fold_two in zip(alone.folds, both.folds, strict=True):
+        assert fold_one.selector.selected_features_ == fold_two.selector.selected_features_
+        history = fold_two.image_histories["resnet3d"]
+        assert history == fold_one.image_histories["resnet3d"] | {"seconds": history["seconds"]}
+
+
+def test_a_packed_cohort_runs_the_same_tabular_study(cohort_run, tmp_path):
+    data = load_cohort(cohort_run[0])
+    summary = pack_cohort(data, tmp_path / "packed.npz", hu_step=2.0)
+    assert summary["patients"] == len(data.ids) and summary["bytes"] > 0
+    unpacked = unpack_cohort(tmp_path / "packed.npz", tmp_path / "crops")
+    assert list(unpacked.ids) == list(data.ids) and list(unpacked.labels) == list(data.labels)
+    assert list(unpacked.site) == list(data.site) and list(unpacked.subsite) == list(data.subsite)
+    pd.testing.assert_frame_equal(unpacked.radiomics, data.radiomics.reset_index(drop=True))
+    pd.testing.assert_frame_equal(unpacked.clinical, data.clinical.reset_index(drop=True))
+    assert np.array_equal(unpacked.true_risk, data.true_risk) and unpacked.oracle == data.oracle
+    for before, after in zip(data.crops, unpacked.crops, strict=True):
+        with np.load(before) as old, np.load(after) as new:
+            assert np.array_equal(old["tumour"], new["tumour"])
+            assert np.array_equal(old["ring"], new["ring"])
+            window = np.clip(old["ct"], -200, 300)  # the packed window, in 2 HU steps
+            assert np.abs(new["ct"] - window).max() <= 1
+    with pytest.raises(ValueError, match="do not fit uint8"):
+        pack_cohort(data, tmp_path / "fine.npz", hu_step=1.0)
+    tabular = replace(PRESETS["tiny"], fusion="late")
+    first = run_study(data, tabular, tmp_path / "a", 2, 3, [], "cpu")
+    again = run_study(unpacked, tabular, tmp_path / "b", 2, 3, [], "cpu")
+    assert again.metrics["models"] == first.metrics["models"]
 
 
 def test_a_site_missing_a_crop_is_named(cohort_run, tmp_path):
