@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_backbones.py [--preset cpu-small] [--crop-voxels S]
         [--threads N] [--train-batch 4] [--extract-batch 8] [--min-time 3] [--seed 0]
 
-Per backbone (swin3d, resnet3d, densenet3d) of ``shared.models.IMAGE_PRESETS[preset]``, on
+Per backbone (swin3d, resnet3d, densenet3d) of ``fedmets.shared.models.IMAGE_PRESETS[preset]``, on
 random float32 crops (C = 2, the preset's crop side or ``--crop-voxels``, e.g. 64 for the
 ``paper`` study preset, which runs the cpu-small networks at 64^3): training samples/s of forward +
 backward + AdamW steps at ``--train-batch``, and extraction volumes/s of ``deep_features`` in
@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from shared.image_models import (
+from fedmets.shared.image_models import (
     BACKBONES,
     IMAGE_PRESETS,
     ImageModelConfig,
     at_crop_size,
     build_image_model,
 )
-from shared.models import count_parameters
-from shared.reproducibility import set_seed
+from fedmets.shared.models import count_parameters
+from fedmets.shared.reproducibility import set_seed
 
 WARMUP_STEPS = 2
 

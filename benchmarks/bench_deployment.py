@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/bench_deployment.py [--sites 3] [--patients 60] [--out DIR]
                                                      [--secure-aggregation]
 
-The same tiny tabular federation (``simulation.feature_sites``; 2 folds, 2 fusion rounds) runs
-both ways (``--secure-aggregation``: its training rounds through SecAgg+, both ways). Printed
+The same tiny tabular federation (``fedmets.simulation.feature_sites``; 2 folds, 2 fusion rounds)
+runs both ways (``--secure-aggregation``: its training rounds through SecAgg+, both ways). Printed
 per way: wall time of the run, message rounds (one ``ask`` of the protocol, from the ServerApp's
 ``received.jsonl``), wall time per message round, bytes each site sends per message round (mean
 of the replies' field sizes), and the deployment's extra cost per message round over the
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import tomli_w
 
-from shared.config import FederationConfig, load_site_config
-from simulation.feature_sites import write_feature_sites
-from simulation.loopback import LoopbackFederation
-from simulation.simulate import run_flower_simulation
+from fedmets.shared.config import FederationConfig, load_site_config
+from fedmets.simulation.feature_sites import write_feature_sites
+from fedmets.simulation.loopback import LoopbackFederation
+from fedmets.simulation.simulate import run_flower_simulation
 
 
 def federation_toml(path: Path, secure_aggregation: bool = False) -> Path:
@@ -122,9 +122,9 @@ def main() -> None:
         )
     extra = results["deployment"]["s_per_round"] - results["simulation"]["s_per_round"]
     print(f"deployment overhead per message round: {extra:.2f} s (a ClientApp process per message)")
-    worker = import_s("client.client_app, client.site_worker")
+    worker = import_s("fedmets.client.client_app, fedmets.client.site_worker")
     print(f"ClientApp + site worker import in a fresh process: {worker:.2f} s (median of 3)")
-    print(f"ClientApp alone (SecAgg+ key exchange): {import_s('client.client_app'):.2f} s")
+    print(f"ClientApp alone (SecAgg+ key exchange): {import_s('fedmets.client.client_app'):.2f} s")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@
 The fusion network alone, centralised, on the extracted features of a cohort (default the demo
 cohort, ``data/demo/*/output/features.parquet``: radiomics ``tumour_*``/``ring_*`` and encoded
 clinical columns). Stratified k-fold CV (default 5); per fold, on the training rows only:
-median imputation, ``shared.selection.RadiomicsSelector`` (top 36), clinical standardisation.
-Then per epsilon a ``FusionNet`` (radiomics + clinical) is trained for a fixed number of epochs
-(no early stopping: choosing an epoch on held-out rows would be a release of its own):
-``inf`` with ``client.training.train_fusion`` (plain AdamW), finite epsilon with
-``client.privacy.train_private`` (DP-SGD, Poisson sampling), the noise multiplier chosen so that
-the training of all k folds composed ends at epsilon (a patient is in k-1 of the k training
+median imputation, ``fedmets.shared.selection.RadiomicsSelector`` (top 36), clinical
+standardisation. Then per epsilon a ``FusionNet`` (radiomics + clinical) is trained for a fixed
+number of epochs (no early stopping: choosing an epoch on held-out rows would be a release of its
+own): ``inf`` with ``fedmets.client.training.train_fusion`` (plain AdamW), finite epsilon with
+``fedmets.client.privacy.train_private`` (DP-SGD, Poisson sampling), the noise multiplier chosen so
+that the training of all k folds composed ends at epsilon (a patient is in k-1 of the k training
 sets; the ledger composes every fold, as the federated site's ledger does). The held-out scores
 of all folds are pooled into one AUC. Repeated over ``--repeats`` seeds (mean and SD).
 
@@ -40,11 +40,11 @@ from sklearn.preprocessing import StandardScaler
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.privacy import plan_site_noise, site_ledger, train_private  # noqa: E402
-from client.training import predict_proba, train_fusion  # noqa: E402
-from shared.clinical import encoded_columns  # noqa: E402
-from shared.models import FusionNet, positive_class_weight  # noqa: E402
-from shared.selection import RadiomicsSelector  # noqa: E402
+from fedmets.client.privacy import plan_site_noise, site_ledger, train_private  # noqa: E402
+from fedmets.client.training import predict_proba, train_fusion  # noqa: E402
+from fedmets.shared.clinical import encoded_columns  # noqa: E402
+from fedmets.shared.models import FusionNet, positive_class_weight  # noqa: E402
+from fedmets.shared.selection import RadiomicsSelector  # noqa: E402
 
 
 def load_cohort(cohort: Path) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:

@@ -1,11 +1,11 @@
 """The utility cost of differential privacy in the federated protocol: pooled AUC vs epsilon.
 
-The real protocol (``server.protocol.FederatedProtocol``) over the demo cohort's sites, each a
-``client.site_worker.SiteWorker`` reached in process (``simulation.in_process.InProcessLink``:
-the same requests, replies, release gate and aggregation as over Flower, without the
-transport). Settings: ``fedmets simulate``'s ``demo`` preset (5 folds, federated selection),
-the fusion stage only (Swin3D cannot be trained under DP-SGD, see docs/privacy.md), with the
-options below replacing preset values, and per setting:
+The real protocol (``fedmets.server.protocol.FederatedProtocol``) over the demo cohort's sites, each
+a ``fedmets.client.site_worker.SiteWorker`` reached in process
+(``fedmets.simulation.in_process.InProcessLink``: the same requests, replies, release gate and
+aggregation as over Flower, without the transport). Settings: ``fedmets simulate``'s ``demo`` preset
+(5 folds, federated selection), the fusion stage only (Swin3D cannot be trained under DP-SGD, see
+docs/privacy.md), with the options below replacing preset values, and per setting:
 
 - ``preset``: the preset as it is (its forest ranking, ``[32]`` network, 30 rounds x 3
   epochs), no DP: the best model a site gets without privacy;
@@ -49,10 +49,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.site_worker import SiteWorker  # noqa: E402
-from server.protocol import FederatedProtocol  # noqa: E402
-from simulation.in_process import InProcessLink  # noqa: E402
-from simulation.simulate import federation_config, site_configs  # noqa: E402
+from fedmets.client.site_worker import SiteWorker  # noqa: E402
+from fedmets.server.protocol import FederatedProtocol  # noqa: E402
+from fedmets.simulation.in_process import InProcessLink  # noqa: E402
+from fedmets.simulation.simulate import federation_config, site_configs  # noqa: E402
 
 FUSION_ONLY = ["census", "folds", "selection", "fusion", "evaluate"]
 

@@ -27,15 +27,15 @@ import radiomics
 import SimpleITK as sitk
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from client.extract import extract_site
-from client.ingest import load_patient_images, read_manifest
-from client.peritumoral import peritumoral_ring
-from client.preprocess import prepare_patient
-from client.radiomics_features import params_file
-from shared.config import SiteConfig, load_site_config
-from simulation.cohort import MANIFEST_CLINICAL_COLUMNS, PRESETS, sample_cohort
-from simulation.site_files import write_site_config
-from simulation.synth import IMAGE_MODALITIES, patient_jobs, render_and_write
+from fedmets.client.extract import extract_site
+from fedmets.client.ingest import load_patient_images, read_manifest
+from fedmets.client.peritumoral import peritumoral_ring
+from fedmets.client.preprocess import prepare_patient
+from fedmets.client.radiomics_features import params_file
+from fedmets.shared.config import SiteConfig, load_site_config
+from fedmets.simulation.cohort import MANIFEST_CLINICAL_COLUMNS, PRESETS, sample_cohort
+from fedmets.simulation.site_files import write_site_config
+from fedmets.simulation.synth import IMAGE_MODALITIES, patient_jobs, render_and_write
 
 
 def demo_site(folder: Path, n_patients: int, seed: int, params: str, workers: int) -> Path:

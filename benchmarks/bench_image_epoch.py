@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/bench_image_epoch.py [--preset cpu-small] [--crop-voxels 64]
         [--backbone swin3d] [--crops 272] [--batch 8] [--epochs 2] [--device auto] [--seed 0]
 
-``client.training.train_image_model`` on random crops (n, 2, S, S, S) float32 in a
-``client.crops.CropDataset`` (the study's flips + affine augmentation), one row per placement
-of the crops: ``cpu`` (augmented on the CPU, batches copied to the device) and, on a GPU,
+``fedmets.client.training.train_image_model`` on random crops (n, 2, S, S, S) float32 in a
+``fedmets.client.crops.CropDataset`` (the study's flips + affine augmentation), one row per
+placement of the crops: ``cpu`` (augmented on the CPU, batches copied to the device) and, on a GPU,
 ``cuda`` (held and augmented there); then the same without augmentation, the model's own
 ceiling. Figures: training samples/s over ``--epochs`` after one untimed warm-up epoch, and
 milliseconds per augmented item alone. On a GPU it also prints the largest difference between
@@ -22,10 +22,10 @@ import time
 import numpy as np
 import torch
 
-from client.crops import CropDataset
-from client.training import resolve_device, train_image_model
-from shared.image_models import BACKBONES, IMAGE_PRESETS, at_crop_size, build_image_model
-from shared.reproducibility import set_seed
+from fedmets.client.crops import CropDataset
+from fedmets.client.training import resolve_device, train_image_model
+from fedmets.shared.image_models import BACKBONES, IMAGE_PRESETS, at_crop_size, build_image_model
+from fedmets.shared.reproducibility import set_seed
 
 
 def _sync(device: torch.device) -> None:

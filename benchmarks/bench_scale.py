@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/bench_scale.py [--sites 4 16 32] [--patients 60] [--out DIR]
 
-Each site is a synthetic tabular site of ``--patients`` patients (``simulation.feature_sites``:
-60 radiomics-like columns + clinical, no extraction), so the figures are the protocol's and
-Flower's own cost: wall time of the federated run (``fedmets simulate --preset tiny
---no-baselines``) and the peak resident memory summed over every process of the run (this one,
-the SuperLink, ServerApp, Ray and its workers), sampled every 0.5 s from /proc.
+Each site is a synthetic tabular site of ``--patients`` patients
+(``fedmets.simulation.feature_sites``: 60 radiomics-like columns + clinical, no extraction), so the
+figures are the protocol's and Flower's own cost: wall time of the federated run (``fedmets simulate
+--preset tiny --no-baselines``) and the peak resident memory summed over every process of the run
+(this one, the SuperLink, ServerApp, Ray and its workers), sampled every 0.5 s from /proc.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from simulation.feature_sites import write_feature_sites
-from simulation.simulate import simulate
+from fedmets.simulation.feature_sites import write_feature_sites
+from fedmets.simulation.simulate import simulate
 
 
 def _children(pid: int) -> list[int]:

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulation.cohort import PRESETS, sample_cohort
-from simulation.synth import generate_cohort, patient_jobs, render_and_write
+from fedmets.simulation.cohort import PRESETS, sample_cohort
+from fedmets.simulation.synth import generate_cohort, patient_jobs, render_and_write
 
 
 def per_patient(preset_name: str, n_patients: int, seed: int) -> tuple[float, float]:

@@ -17,7 +17,7 @@ import time
 import torch
 from bench_backbones import measure, parser, preset_configs, print_table
 
-from shared.reproducibility import set_seed
+from fedmets.shared.reproducibility import set_seed
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 

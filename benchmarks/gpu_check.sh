@@ -10,7 +10,7 @@
 #                              64^3, all folds) with every fold x backbone image task at once
 #                              (benchmarks/gpu_study.py, --parallel auto), its tables and timing
 #   study/metrics.json, study/oof_predictions.csv   that study's results (figures: redraw them
-#                              on the CPU with simulation.study.write_figures)
+#                              on the CPU with fedmets.simulation.study.write_figures)
 #   gpu_memory.txt             memory-aware training of the gpu preset (96^3) under a 24 GiB
 #                              budget (benchmarks/gpu_memory.py)
 #   nvidia_smi.txt             GPU load and memory every 15 s during the study

@@ -1,4 +1,4 @@
-"""Memory-aware image training under a GPU memory budget: the plan ``client.memory`` chooses
+"""Memory-aware image training under a GPU memory budget: the plan ``fedmets.client.memory`` chooses
 for each backbone of an image preset, and what a real epoch then reserves.
 
     python benchmarks/gpu_memory.py [--preset gpu] [--budget-gib 24] [--batch 16] [--crops 32]
@@ -18,11 +18,11 @@ import time
 import numpy as np
 import torch
 
-from client.crops import CropDataset
-from client.memory import GIB, choose_plan, measure_step_peak
-from client.training import train_image_model
-from shared.image_models import IMAGE_PRESETS, ImageModelConfig, build_image_model
-from shared.reproducibility import set_seed
+from fedmets.client.crops import CropDataset
+from fedmets.client.memory import GIB, choose_plan, measure_step_peak
+from fedmets.client.training import train_image_model
+from fedmets.shared.image_models import IMAGE_PRESETS, ImageModelConfig, build_image_model
+from fedmets.shared.reproducibility import set_seed
 
 
 def main() -> None:

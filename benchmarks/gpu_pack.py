@@ -1,5 +1,5 @@
 """Pack what ``benchmarks/gpu_check.sh`` needs on a GPU machine: the pooled demo cohort with its
-crops (``simulation.packed_cohort``) and the wheels of the pure-Python packages that machine
+crops (``fedmets.simulation.packed_cohort``) and the wheels of the pure-Python packages that machine
 lacks (MONAI, pydantic and its core, built for its Python).
 
     .venv/bin/python benchmarks/gpu_pack.py --cohort data/demo --out .gpu [--python-version 3.12]
@@ -17,8 +17,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from simulation.packed_cohort import pack_cohort
-from simulation.study import load_cohort
+from fedmets.simulation.packed_cohort import pack_cohort
+from fedmets.simulation.study import load_cohort
 
 WHEELS = ("monai", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 

@@ -4,9 +4,9 @@ half of ``benchmarks/gpu_check.sh``.
     python benchmarks/gpu_study.py --packed .gpu/demo.npz --out OUT [--preset paper]
         [--backbones swin3d,resnet3d,densenet3d] [--parallel auto] [--seed 0] [--folds N]
 
-Unpacks the cohort (``simulation.packed_cohort``) into ``OUT/crops``, runs
-``simulation.study.run_study`` (every fold x backbone image task at once where the GPU's memory
-holds them) and writes ``OUT/metrics.json``, ``OUT/oof_predictions.csv``, the figures, and
+Unpacks the cohort (``fedmets.simulation.packed_cohort``) into ``OUT/crops``, runs
+``fedmets.simulation.study.run_study`` (every fold x backbone image task at once where the GPU's
+memory holds them) and writes ``OUT/metrics.json``, ``OUT/oof_predictions.csv``, the figures, and
 prints the progress lines, every model's pooled AUC with its 95% CI, the paired DeLong tests
 (each fused model against its single groups, the first backbone against the others) and the
 wall time per stage.
@@ -19,8 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from simulation.packed_cohort import unpack_cohort
-from simulation.study import PRESETS, run_study
+from fedmets.simulation.packed_cohort import unpack_cohort
+from fedmets.simulation.study import PRESETS, run_study
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""The site's Flower ClientApp: every route of ``shared.wire`` answered by a
-``client.site_worker.SiteWorker`` through the release gate (``client.release``).
+"""The site's Flower ClientApp: every route of ``fedmets.shared.wire`` answered by a
+``fedmets.client.site_worker.SiteWorker`` through the release gate (``fedmets.client.release``).
 
 Which site this process is: the SuperNode's ``--node-config 'site-config="/path/site.toml"'``
 (deployment), or in Flower's simulation the run config's ``site-configs`` (site TOML paths
@@ -7,10 +7,11 @@ joined by ``,``) indexed by the node's ``partition-id``. Workers are cached per 
 config path and file times, so a simulation's long-lived actors load a site once.
 
 Secure aggregation: Flower's ``secaggplus_mod`` runs SecAgg+'s four stages on messages of type
-``"train"`` (``shared.wire.SECURE_MESSAGE_TYPE``). Its key-exchange stages never reach fedmets;
-its masking stage calls :func:`secure_train`, which answers the training route named in the
+``"train"`` (``fedmets.shared.wire.SECURE_MESSAGE_TYPE``). Its key-exchange stages never reach
+fedmets; its masking stage calls :func:`secure_train`, which answers the training route named in the
 request through the same release gate and hands the mod the vector to mask
-(``shared.wire.to_fitres``). The mod keeps its keys in the SuperNode's context between stages.
+(``fedmets.shared.wire.to_fitres``). The mod keeps its keys in the SuperNode's context between
+stages.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat
 
-from client.release import answer, log_key_exchange
-from shared import wire
-from shared.config import load_site_config
+from fedmets.client.release import answer, log_key_exchange
+from fedmets.shared import wire
+from fedmets.shared.config import load_site_config
 
 if TYPE_CHECKING:
-    from client.site_worker import SiteWorker
+    from fedmets.client.site_worker import SiteWorker
 
 app = ClientApp()
 
@@ -53,7 +54,7 @@ def site_config_path(context: Context) -> Path:
 def _worker(path: Path, stamp: tuple[float, ...]) -> SiteWorker:
     # Imported here: SecAgg+'s key-exchange messages (a fresh process each, when deployed)
     # never load the worker and its torch / scikit-learn imports.
-    from client.site_worker import SiteWorker
+    from fedmets.client.site_worker import SiteWorker
 
     return SiteWorker([load_site_config(path)])
 

@@ -1,12 +1,12 @@
 """Model inputs from a site's cached crops, with MONAI transforms.
 
-Crops are the ``crop.npz`` files of ``client.extract`` (arrays (z, y, x): ``ct`` int16 HU,
+Crops are the ``crop.npz`` files of ``fedmets.client.extract`` (arrays (z, y, x): ``ct`` int16 HU,
 ``tumour`` and ``ring`` uint8 0/1). :func:`load_crops` turns them into model inputs
 (n, C, S, S, S) float32: channel 0 the CT clipped to ``hu_window`` and scaled to [0, 1];
 channel 1 (unless ``mask_channel="none"``) the ring or tumour mask; the cube resized
 (``fit="resize"``: the whole crop, trilinear, masks become partial-volume fractions) or
 centre-cropped (``fit="crop"``: native voxels, zero-padded if smaller) to S = ``crop_voxels``.
-:class:`CropDataset` serves them to ``client.training``, with light, seeded augmentation
+:class:`CropDataset` serves them to ``fedmets.client.training``, with light, seeded augmentation
 (flips, small affine) on training data, on the training device.
 """
 

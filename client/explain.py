@@ -19,11 +19,16 @@ import torch
 from monai.visualize import OcclusionSensitivity
 from torch import nn
 
-from client.crops import load_crops
-from client.site_files import MODEL_FILE, SETTINGS_FILE, STATE_DIR, crop_path
-from client.training import set_state
-from shared.config import SiteConfig
-from shared.image_models import IMAGE_PRESETS, ImageClassifier, ImageModelConfig, build_image_model
+from fedmets.client.crops import load_crops
+from fedmets.client.site_files import MODEL_FILE, SETTINGS_FILE, STATE_DIR, crop_path
+from fedmets.client.training import set_state
+from fedmets.shared.config import SiteConfig
+from fedmets.shared.image_models import (
+    IMAGE_PRESETS,
+    ImageClassifier,
+    ImageModelConfig,
+    build_image_model,
+)
 
 
 class _ProbabilityColumn(nn.Module):

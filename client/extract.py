@@ -1,13 +1,14 @@
 """`fedmets site extract`: radiomics features of every usable patient of a site, in parallel,
 with a per-patient cache.
 
-For each patient that ``client.site_check.check_site`` passes: load (``client.ingest``),
-preprocess and crop (``client.preprocess``), build the peritumoral ring (``client.peritumoral``),
-extract PyRadiomics features of tumour and ring (``client.radiomics_features``), save the deep
-crop. Patients run one per task on ``compute.workers`` processes (ITK single-threaded in each).
+For each patient that ``fedmets.client.site_check.check_site`` passes: load
+(``fedmets.client.ingest``), preprocess and crop (``fedmets.client.preprocess``), build the
+peritumoral ring (``fedmets.client.peritumoral``), extract PyRadiomics features of tumour and ring
+(``fedmets.client.radiomics_features``), save the deep crop. Patients run one per task on
+``compute.workers`` processes (ITK single-threaded in each).
 
 Outputs under ``paths.output``: ``features.parquet`` (one row per extracted patient: patient_id,
-label, tumour_*, ring_*, then ``shared.clinical.encoded_columns()``) and
+label, tumour_*, ring_*, then ``fedmets.shared.clinical.encoded_columns()``) and
 ``extraction_report.json`` (counts, reasons, timing). A patient that fails is recorded with its
 stage, file and field and the run goes on; a worker process that dies is replaced and the
 patients it held are retried alone.
@@ -21,8 +22,8 @@ empty ring, PyRadiomics rejecting a mask) is cached too and reported again witho
 other failures (disk, memory, a dead worker) are retried on the next run.
 
 Tabular mode (``data.mode = "tabular"``): the features come from the site's feature table
-(``client.tabular``), written in the same layout with the table's radiomics column names instead
-of tumour_*/ring_*; no worker, no cache, no crop.
+(``fedmets.client.tabular``), written in the same layout with the table's radiomics column names
+instead of tumour_*/ring_*; no worker, no cache, no crop.
 """
 
 from __future__ import annotations
@@ -47,25 +48,25 @@ import pandas as pd
 import radiomics
 import SimpleITK as sitk
 
-import shared
-from client.ingest import (
+import fedmets.shared
+from fedmets.client.ingest import (
     PatientDataError,
     PatientRecord,
     load_patient_images,
     read_manifest,
     shown_path,
 )
-from client.peritumoral import peritumoral_ring
-from client.preprocess import ImageContentError, prepare_patient, save_crop
-from client.radiomics_features import (
+from fedmets.client.peritumoral import peritumoral_ring
+from fedmets.client.preprocess import ImageContentError, prepare_patient, save_crop
+from fedmets.client.radiomics_features import (
     REGIONS,
     extractor_for,
     params_file,
     regions_features,
     use_one_thread,
 )
-from client.site_check import check_site
-from client.site_files import (
+from fedmets.client.site_check import check_site
+from fedmets.client.site_files import (
     CACHE_FOLDER,
     CROP_FILE,
     ENTRY_FILE,
@@ -73,9 +74,9 @@ from client.site_files import (
     REPORT_FILE,
     entry_name,
 )
-from client.tabular import load_feature_table
-from shared.clinical import encode_clinical
-from shared.config import SiteConfig
+from fedmets.client.tabular import load_feature_table
+from fedmets.shared.clinical import encode_clinical
+from fedmets.shared.config import SiteConfig
 
 # The input a failure at each stage points at when the error itself names none.
 _STAGE_FIELD = {
@@ -254,7 +255,7 @@ def _extract_table(
         "config": str(cfg.source) if cfg.source else None,
         "params_file": None,
         "settings": {
-            "code_version": shared.__version__,
+            "code_version": fedmets.shared.__version__,
             "radiomics_pattern": cfg.data.radiomics_pattern,
             "clinical_columns": loaded.clinical_sources,
         },
@@ -289,7 +290,7 @@ def _extract_table(
 def settings_fingerprint(cfg: SiteConfig, params: Path) -> dict:
     """Everything besides the input files that changes a patient's features or crop."""
     return {
-        "code_version": shared.__version__,
+        "code_version": fedmets.shared.__version__,
         "pyradiomics": radiomics.__version__,
         "simpleitk": sitk.Version.VersionString(),
         "params_sha256": hashlib.sha256(params.read_bytes()).hexdigest(),

@@ -7,7 +7,8 @@ Accepted inputs (see docs/hospital_guide.md):
   slices must be evenly spaced).
 - Tumour mask: a mask file on the CT grid (values 0/1, or 0/255), or a DICOM RTSTRUCT whose ROI
   is picked by ``data.rtstruct_roi_pattern``.
-- Organ mask: a label-map file on the CT grid with the labels of :data:`shared.organs.ORGAN_LABELS`.
+- Organ mask: a label-map file on the CT grid with the labels of
+  :data:`fedmets.shared.organs.ORGAN_LABELS`.
 
 A mask is "on the CT grid" when its size is equal, spacing agrees within a relative 1e-3, origin
 within 0.5 mm or a quarter of the smallest CT spacing (whichever is less), and direction cosines
@@ -33,9 +34,9 @@ import pandas as pd
 import pydicom
 import SimpleITK as sitk
 
-from shared.clinical import CLINICAL_COLUMNS
-from shared.config import SiteConfig
-from shared.organs import ORGAN_LABELS, ORGAN_NAMES
+from fedmets.shared.clinical import CLINICAL_COLUMNS
+from fedmets.shared.config import SiteConfig
+from fedmets.shared.organs import ORGAN_LABELS, ORGAN_NAMES
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -67,7 +68,7 @@ class PatientImages:
 
     ct: sitk.Image  # HU, float32 or int16, 3D
     tumour: sitk.Image  # uint8 0/1 on the CT grid
-    organs: sitk.Image | None  # uint8 labels (shared.organs.ORGAN_LABELS) on the CT grid
+    organs: sitk.Image | None  # uint8 labels (fedmets.shared.organs.ORGAN_LABELS) on the CT grid
 
 
 class PatientDataError(Exception):

@@ -12,7 +12,7 @@ device, and keeps the first plan, in this order, whose peak fits the budget:
    (``ImageClassifier.checkpoint_activations``).
 
 No plan fits: :class:`MemoryBudgetError` names the smallest peak measured. Accumulation gives
-the same update as the whole batch up to rounding (``client.training._fit``); checkpointing
+the same update as the whole batch up to rounding (``fedmets.client.training._fit``); checkpointing
 gives the same values and costs about a third more compute. On the CPU nothing is measured:
 the whole batch is used.
 
@@ -117,7 +117,7 @@ def measure_step_peak(
     the process holds there (weights, optimiser state, crops already on the device,
     activations), the CUDA context aside; None when it ran out of memory. The model's weights
     are restored."""
-    from client.training import _autocast  # the training's own mixed precision
+    from fedmets.client.training import _autocast  # the training's own mixed precision
 
     device = next(model.parameters()).device
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -3,7 +3,7 @@
 ring = {voxels outside the tumour whose centre lies within ``margin_mm`` of a tumour voxel centre,
 measured in millimetres (SimpleITK signed Maurer distance map with the image spacing, so the ring
 is equally thick along every axis whatever the voxel size)}
-∩ body (``client.preprocess.body_mask``)
+∩ body (``fedmets.client.preprocess.body_mask``)
 ∩ {air_threshold_hu <= HU <= bone_threshold_hu} (air and bone removed).
 
 Defaults (site config ``[radiomics] peritumoral_margin_mm`` and ``[preprocess]``): margin 5 mm,
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import SimpleITK as sitk
 
-from client.preprocess import ImageContentError
+from fedmets.client.preprocess import ImageContentError
 
 
 def peritumoral_ring(

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from shared.config import PreprocessSection
+from fedmets.shared.config import PreprocessSection
 
 OUTSIDE_FOV_HU = -1024.0
 _INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}

@@ -8,8 +8,8 @@ clipped to ``max_grad_norm`` (L2 over all parameters), Gaussian noise of standar
 ``noise_multiplier * max_grad_norm`` added to the summed gradient, then AdamW. What it
 protects: any one patient's row of the site's training data (add/remove-one adjacency).
 
-Before any step is taken the site's :class:`shared.privacy.PrivacyLedger` (a JSON file on the
-site's disk, re-read on every call because the site's process restarts per message) is asked
+Before any step is taken the site's :class:`fedmets.shared.privacy.PrivacyLedger` (a JSON file on
+the site's disk, re-read on every call because the site's process restarts per message) is asked
 what epsilon the planned steps would reach, composed with everything the site released under
 DP before (every fold, every round, every model, every run that used the same ledger); above
 the site's budget, :class:`PrivacyBudgetExceeded` is raised and nothing is trained. After
@@ -17,11 +17,11 @@ training the release is recorded: stage, fold, round, mechanism ``"dp-sgd"``, no
 multiplier, sample rate, steps, clipping norm, epsilon after, delta.
 
 Which models: the fusion networks and the ``resnet3d`` and ``densenet3d`` image backbones
-(GroupNorm, no in-place residual add: ``shared.image_models``). Opacus 1.6 computes per-sample
-gradients layer by layer from each layer's input and output, whose first axis must be the
+(GroupNorm, no in-place residual add: ``fedmets.shared.image_models``). Opacus 1.6 computes
+per-sample gradients layer by layer from each layer's input and output, whose first axis must be the
 batch; Swin's window attention runs its linear layers on windows folded into that axis (and
 holds a buffer next to its own relative-position parameters), so ``swin3d`` cannot be trained
-under DP-SGD and a federation config asking for it is refused (``shared.config``).
+under DP-SGD and a federation config asking for it is refused (``fedmets.shared.config``).
 
 The model Opacus wraps (``GradSampleModule``) names its parameters ``_module.<name>``; the
 wrapper is removed after training and :func:`strip_module_prefix` cleans any state dict read
@@ -48,14 +48,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from shared.privacy import (
+from fedmets.shared.privacy import (
     PrivacyBudgetExceeded,
     PrivacyLedger,
     plan_noise_multiplier,
     sample_rate_for,
     steps_per_epoch,
 )
-from shared.reproducibility import set_seed
+from fedmets.shared.reproducibility import set_seed
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer

@@ -42,7 +42,7 @@ _MASK_DEPENDENT_IMAGE_TYPES = ("LBP3D",)
 def params_file(params: str | Path) -> Path:
     """The parameter file that ``[radiomics] params`` names (a shipped preset or a path)."""
     if isinstance(params, str) and params in PARAM_FILES:
-        return Path(str(resources.files("client.resources").joinpath(PARAM_FILES[params])))
+        return Path(str(resources.files("fedmets.client.resources").joinpath(PARAM_FILES[params])))
     return Path(params)
 
 

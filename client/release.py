@@ -1,5 +1,5 @@
-"""The site's gate: every reply passes the wire rules of ``shared.wire`` and is written to the
-site's audit log before it may leave.
+"""The site's gate: every reply passes the wire rules of ``fedmets.shared.wire`` and is written to
+the site's audit log before it may leave.
 
 The audit log, ``<paths.output>/audit/wire-audit.jsonl``, holds one JSON line per reply: UTC
 time, run, route, the number of patients behind it, and per field its kind, shape, dtype and
@@ -20,11 +20,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared import wire
-from shared.config import SiteConfig
+from fedmets.shared import wire
+from fedmets.shared.config import SiteConfig
 
 if TYPE_CHECKING:
-    from client.site_worker import SiteWorker
+    from fedmets.client.site_worker import SiteWorker
 
 AUDIT_FILE = "wire-audit.jsonl"
 
@@ -38,7 +38,7 @@ def answer(
 ) -> dict:
     """The worker's reply to ``request``, checked against the wire rules and logged; raises
     ReleaseRefused (and logs the refusal) when it breaks them. ``masked``: the reply goes to
-    SecAgg+ (``shared.wire.to_fitres``), so it must also fit the masked vector's layout."""
+    SecAgg+ (``fedmets.shared.wire.to_fitres``), so it must also fit the masked vector's layout."""
     reply = worker.handle(route_name, request)
     problems = wire.check_reply(route_name, reply, worker.min_patients(request))
     if masked and not problems:

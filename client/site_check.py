@@ -10,7 +10,8 @@ Per patient (each problem names the patient, the file and the field):
 
 A patient with any problem is quarantined: listed with its problems and left out; the rest go
 on. Site-level problems (manifest unreadable, a required column missing) stop the check. A site in
-tabular mode (``data.mode = "tabular"``) has its feature table checked by ``client.tabular``.
+tabular mode (``data.mode = "tabular"``) has its feature table checked by
+``fedmets.client.tabular``.
 
 CT values: the lowest value may be below -1100 HU only as padding (one value covering >= 1 % of
 the voxels, e.g. -2048 or -3024 outside the reconstruction circle), which is then ignored. The
@@ -31,7 +32,7 @@ from functools import partial
 import numpy as np
 import SimpleITK as sitk
 
-from client.ingest import (
+from fedmets.client.ingest import (
     PatientDataError,
     PatientImages,
     PatientRecord,
@@ -39,9 +40,9 @@ from client.ingest import (
     shown_path,
     try_load_patient_images,
 )
-from client.tabular import load_feature_table
-from shared.clinical import validate_clinical
-from shared.config import SiteConfig
+from fedmets.client.tabular import load_feature_table
+from fedmets.shared.clinical import validate_clinical
+from fedmets.shared.config import SiteConfig
 
 HU_RANGE = (-1100.0, 4000.0)
 PADDING_MIN_FRACTION = 0.01

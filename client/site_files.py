@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.config import SiteConfig
+from fedmets.shared.config import SiteConfig
 
 FEATURES_FILE = "features.parquet"
 REPORT_FILE = "extraction_report.json"
@@ -24,7 +24,7 @@ CACHE_FOLDER = "extract"
 ENTRY_FILE = "features.json"
 CROP_FILE = "crop.npz"
 STATE_DIR = "federated"
-"""A site's per-run state folder under ``paths.cache`` (``client.site_worker``)."""
+"""A site's per-run state folder under ``paths.cache`` (``fedmets.client.site_worker``)."""
 MODEL_FILE = "image-fold{fold}.npz"
 SETTINGS_FILE = "image-fold{fold}.json"
 
@@ -39,12 +39,13 @@ def entry_name(patient_id: str) -> str:
 
 
 def crop_path(cfg: SiteConfig, patient_id: str) -> Path:
-    """Where the deep-model crop of ``patient_id`` is cached (``client.preprocess.save_crop``)."""
+    """Where the deep-model crop of ``patient_id`` is cached
+    (``fedmets.client.preprocess.save_crop``)."""
     return cfg.paths.cache / CACHE_FOLDER / entry_name(patient_id) / CROP_FILE
 
 
 def save_fold_model(state_dir: Path, fold: int, weights: dict, settings: dict) -> None:
     """Keep the fold's global image model (weights + backbone, preset, mask channel) for
-    ``client.explain``."""
+    ``fedmets.client.explain``."""
     np.savez(state_dir / MODEL_FILE.format(fold=fold), **weights)
     (state_dir / SETTINGS_FILE.format(fold=fold)).write_text(json.dumps(settings))

@@ -1,10 +1,10 @@
-"""A site's side of the federated protocol: one handler per route of ``shared.wire``, working on
-the site's own extracted features, crops and disk.
+"""A site's side of the federated protocol: one handler per route of ``fedmets.shared.wire``,
+working on the site's own extracted features, crops and disk.
 
 :class:`SiteWorker` answers a request payload with a reply payload (plain dicts, see
-``shared.wire``); ``client.client_app`` wraps it for Flower, and the simulation calls it in
-process for the centralised and local-only baselines. A worker may also stand for several
-sites pooled (the centralised baseline): each patient keeps its own site's fold.
+``fedmets.shared.wire``); ``fedmets.client.client_app`` wraps it for Flower, and the simulation
+calls it in process for the centralised and local-only baselines. A worker may also stand for
+several sites pooled (the centralised baseline): each patient keeps its own site's fold.
 
 Everything a site keeps between messages lives on its disk under
 ``<paths.cache>/federated/<run>/`` (a site's process may restart between messages): the fold
@@ -14,9 +14,10 @@ histograms and counts only; a reply whose patients are fewer than ``min_patients
 of the site's ``[privacy] min_patients`` and the server's) carries its count alone.
 
 A deployed site answers each message in a fresh ClientApp process, so this module imports only
-what every route needs: the image routes import MONAI (``client.crops``,
-``shared.image_models``) when they run, and DP-SGD imports Opacus (``client.privacy``) only
-when a request asks for it (``benchmarks/bench_deployment.py`` measures the start cost).
+what every route needs: the image routes import MONAI (``fedmets.client.crops``,
+``fedmets.shared.image_models``) when they run, and DP-SGD imports Opacus
+(``fedmets.client.privacy``) only when a request asks for it (``benchmarks/bench_deployment.py``
+measures the start cost).
 """
 
 from __future__ import annotations
@@ -36,15 +37,21 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
-from client.privacy import (
+from fedmets.client.privacy import (
     ledger_reply,
     plan_site_noise,
     record_release,
     site_ledger,
     train_private,
 )
-from client.site_files import FEATURES_FILE, REPORT_FILE, STATE_DIR, crop_path, save_fold_model
-from client.training import (
+from fedmets.client.site_files import (
+    FEATURES_FILE,
+    REPORT_FILE,
+    STATE_DIR,
+    crop_path,
+    save_fold_model,
+)
+from fedmets.client.training import (
     extract_deep_features,
     get_state,
     predict_proba,
@@ -53,15 +60,15 @@ from client.training import (
     train_fusion,
     train_image_model,
 )
-from shared import wire
-from shared.clinical import decode_subsite, encoded_columns
-from shared.config import SiteConfig
-from shared.metrics import score_histograms
-from shared.models import FusionNet, input_blocks
-from shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
+from fedmets.shared import wire
+from fedmets.shared.clinical import decode_subsite, encoded_columns
+from fedmets.shared.config import SiteConfig
+from fedmets.shared.metrics import score_histograms
+from fedmets.shared.models import FusionNet, input_blocks
+from fedmets.shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
 
 if TYPE_CHECKING:
-    from shared.image_models import ImageClassifier, ImageModelConfig
+    from fedmets.shared.image_models import ImageClassifier, ImageModelConfig
 
 IMAGE_MODEL = "image"
 """Name of the image model's weights (``weights:image``)."""
@@ -374,7 +381,7 @@ class SiteWorker:
     # ---- image model ---------------------------------------------------------------------------
 
     def _image_config(self, request: Mapping[str, Any]) -> ImageModelConfig:
-        from shared.image_models import IMAGE_PRESETS, ImageModelConfig
+        from fedmets.shared.image_models import IMAGE_PRESETS, ImageModelConfig
 
         cfg = IMAGE_PRESETS[str(request["image_preset"])][str(request["backbone"])]
         channels = 1 if request["mask_channel"] == "none" else 2
@@ -390,7 +397,7 @@ class SiteWorker:
         )
         path = self.state_root / f"inputs-{key[:16]}.npy"
         if not path.is_file():
-            from client.crops import load_crops
+            from fedmets.client.crops import load_crops
 
             images = load_crops(self.data.crops, cfg.crop_voxels, request["mask_channel"])
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +407,7 @@ class SiteWorker:
         return np.load(path)
 
     def _image_model(self, request: Mapping[str, Any]) -> ImageClassifier:
-        from shared.image_models import build_image_model
+        from fedmets.shared.image_models import build_image_model
 
         model = build_image_model(self._image_config(request))
         set_state(model, request[wire.WEIGHTS_PREFIX + IMAGE_MODEL])
@@ -433,7 +440,7 @@ class SiteWorker:
         return z
 
     def _private(self, request: Mapping[str, Any], **kwargs: Any) -> dict:
-        """``client.privacy.train_private`` with the request's settings and the ledger."""
+        """``fedmets.client.privacy.train_private`` with the request's settings and the ledger."""
         return train_private(
             lr=float(request["lr"]),
             batch_size=int(request["batch"]),
@@ -451,7 +458,7 @@ class SiteWorker:
         )
 
     def train_image(self, request: dict) -> dict:
-        from client.crops import CropDataset
+        from fedmets.client.crops import CropDataset
 
         rows = self._rows(request)["fit"]
         n = int(rows.sum())
@@ -493,7 +500,7 @@ class SiteWorker:
         }
 
     def deep_features(self, request: dict) -> dict:
-        from client.crops import CropDataset
+        from fedmets.client.crops import CropDataset
 
         model = self._image_model(request)
         deep = extract_deep_features(model, CropDataset(self._images(request)), self.device)
@@ -625,7 +632,7 @@ class SiteWorker:
         """Permutation importance of the request's fusion network on this site's held-out rows
         of the fold: the summed weighted-BCE increase when one input block (a radiomics column,
         a clinical variable, the deep features) is shuffled across those rows, averaged over
-        ``repeats`` shuffles; (blocks,) in ``shared.models.input_blocks`` order."""
+        ``repeats`` shuffles; (blocks,) in ``fedmets.shared.models.input_blocks`` order."""
         rows = self._rows(request)["test"]
         n = int(rows.sum())
         if n < self.min_patients(request):

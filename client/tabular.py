@@ -6,15 +6,16 @@ The table (``data.manifest``) has one row per patient: the id (``data.id_column`
 - Radiomics: every column matching ``data.radiomics_pattern`` (ignoring case) that holds at
   least one number, except the id and label columns. Names are kept as in the table.
 - Clinical (when ``clinical`` is in ``data.modalities``): each schema column of
-  ``shared.clinical`` is read from the table column that ``data.clinical_columns`` names, else
-  from the first of :data:`CLINICAL_NAMES` present (ignoring case). An optional schema column
+  ``fedmets.shared.clinical`` is read from the table column that ``data.clinical_columns`` names,
+  else from the first of :data:`CLINICAL_NAMES` present (ignoring case). An optional schema column
   found nowhere is missing for every patient; a required one (age, sex) stops the site. Cells go
-  through :data:`VALUE_ALIASES`, then ``shared.clinical``'s normalisation and checks.
+  through :data:`VALUE_ALIASES`, then ``fedmets.shared.clinical``'s normalisation and checks.
 
 A row with an empty or repeated id, a label other than 0/1, a radiomics cell that is empty or
 not a finite number, or a clinical cell that fails validation is quarantined; the other rows go
-on. The usable rows come out in the layout ``client.extract`` writes for image sites:
-``patient_id``, ``label``, the radiomics columns, then ``shared.clinical.encoded_columns()``.
+on. The usable rows come out in the layout ``fedmets.client.extract`` writes for image sites:
+``patient_id``, ``label``, the radiomics columns, then
+``fedmets.shared.clinical.encoded_columns()``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from client.ingest import _read_csv, shown_path
-from shared.clinical import CLINICAL_COLUMNS, encode_clinical, validate_clinical
-from shared.config import SiteConfig
+from fedmets.client.ingest import _read_csv, shown_path
+from fedmets.shared.clinical import CLINICAL_COLUMNS, encode_clinical, validate_clinical
+from fedmets.shared.config import SiteConfig
 
 CLINICAL_NAMES: dict[str, tuple[str, ...]] = {
     "age": ("age", "age_at_diagnosis"),
@@ -53,7 +54,8 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
     "smoking": {"ex-smoker": "ex", "non-smoker": "never"},
     "subsite": {"lip & oral cavity": "oral_cavity"},
 }
-"""Schema column -> lower-case cell spellings of feature tables that ``shared.clinical`` lacks."""
+"""Schema column -> lower-case cell spellings of feature tables that ``fedmets.shared.clinical``
+lacks."""
 
 MAX_RADIOMICS_MESSAGES = 5  # per row; more bad radiomics cells are counted in one more message
 

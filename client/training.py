@@ -2,14 +2,14 @@
 fusion-network training.
 
 Everything here takes and returns plain torch modules, numpy arrays and state dicts, so that the
-centralised study (``simulation.study``) and the federated client run the same code: the client
-loads the global weights with :func:`set_state`, trains a round with :func:`train_image_model`
-or :func:`train_fusion` and sends :func:`get_state` back.
+centralised study (``fedmets.simulation.study``) and the federated client run the same code: the
+client loads the global weights with :func:`set_state`, trains a round with
+:func:`train_image_model` or :func:`train_fusion` and sends :func:`get_state` back.
 
-Image models train on ``client.crops.CropDataset`` (the site's crops as model inputs); this
+Image models train on ``fedmets.client.crops.CropDataset`` (the site's crops as model inputs); this
 module itself never imports MONAI, so fusion-only work stays light.
 
-Training is seeded (``shared.reproducibility.set_seed``, a seeded DataLoader generator and a
+Training is seeded (``fedmets.shared.reproducibility.set_seed``, a seeded DataLoader generator and a
 seeded augmentation stream), uses AdamW and ``BCEWithLogitsLoss(pos_weight)``, runs under
 ``torch.autocast`` on CUDA only (bfloat16 where supported, else float16 with a GradScaler), and
 stops early on an inner validation set when one is given: the weights of the epoch with the
@@ -32,10 +32,10 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from shared.reproducibility import set_seed
+from fedmets.shared.reproducibility import set_seed
 
 if TYPE_CHECKING:
-    from client.memory import MemoryPlan
+    from fedmets.client.memory import MemoryPlan
 
 Monitor = Literal["loss", "auc"]
 
@@ -234,14 +234,14 @@ def train_image_model(
     (augmenting or not, as built). With ``val_dataset`` (unaugmented, from the training rows
     only) the best-validation-loss weights are kept and ``patience`` stops early.
     ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) weights.
-    ``memory`` (``client.memory.plan_image_training``): micro-batches with gradient
+    ``memory`` (``fedmets.client.memory.plan_image_training``): micro-batches with gradient
     accumulation and activation checkpointing that fit a memory budget, with the same
     effective batch ``batch_size``.
 
     Returns ``{"train_loss": [...], "val_loss": [...], "val_auc": [...], "best_epoch",
     "epochs_run", "seconds"}`` (losses are mean weighted BCE per sample)."""
     device = resolve_device(device) if isinstance(device, str) else device
-    if memory is not None:  # an ImageClassifier (shared.image_models)
+    if memory is not None:  # an ImageClassifier (fedmets.shared.image_models)
         model.checkpoint_activations(memory.checkpointing)
     try:
         return _fit(

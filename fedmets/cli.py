@@ -59,7 +59,7 @@ def config_check(
     from rich.table import Table
     from rich.text import Text
 
-    from shared.config import check_config_file
+    from fedmets.shared.config import check_config_file
 
     table = Table()
     table.add_column("file", overflow="fold")  # never cut a path short
@@ -95,7 +95,7 @@ def synth(
     import os
     import time
 
-    from simulation.synth import generate_cohort
+    from fedmets.simulation.synth import generate_cohort
 
     started = time.perf_counter()
     with _patient_progress() as progress:
@@ -204,7 +204,7 @@ def split(
     from rich.table import Table
     from rich.text import Text
 
-    from simulation.site_files import split_input
+    from fedmets.simulation.site_files import split_input
 
     try:
         record = split_input(
@@ -245,7 +245,7 @@ SITE_CHECK_FULL_TABLE = 40  # patients; above this the table lists only the quar
 
 def _load_site_config_or_exit(config: Path):
     """The site config at ``config`` with its paths checked; prints the problems and exits 1."""
-    from shared.config import ConfigError, check_paths, load_site_config
+    from fedmets.shared.config import ConfigError, check_paths, load_site_config
 
     try:
         cfg = load_site_config(config)
@@ -280,7 +280,7 @@ def site_check(
     from rich.table import Table
     from rich.text import Text
 
-    from client.site_check import check_site
+    from fedmets.client.site_check import check_site
 
     cfg = _load_site_config_or_exit(config)
 
@@ -346,7 +346,7 @@ def site_extract(
     Exits 0 when at least one patient has features, 1 when none has or the config is wrong."""
     from rich.text import Text
 
-    from client.extract import extract_site
+    from fedmets.client.extract import extract_site
 
     cfg = _load_site_config_or_exit(config)
 
@@ -466,9 +466,9 @@ def study(
 
     from rich.text import Text
 
-    from shared.image_models import BACKBONES
-    from simulation.repeated_study import run_repeated_study
-    from simulation.study import PRESETS, load_cohort, load_table, run_study
+    from fedmets.shared.image_models import BACKBONES
+    from fedmets.simulation.repeated_study import run_repeated_study
+    from fedmets.simulation.study import PRESETS, load_cohort, load_table, run_study
 
     if (cohort is None) == (table is None):
         err_console.print("[red]error:[/red] give exactly one of --cohort and --table")
@@ -629,7 +629,7 @@ def site_explain(
 ) -> None:
     """Occlusion maps of the fold's federated image model over this site's held-out patients,
     written as PNG slices with the tumour contour under <paths.output>/explain/ (never sent)."""
-    from client.explain import explain_site
+    from fedmets.client.explain import explain_site
 
     cfg = _load_site_config_or_exit(config)
     try:
@@ -660,16 +660,16 @@ def simulate(
 ) -> None:
     """Run the federated protocol on every site of COHORT in Flower's simulation engine, then the
     centralised and local-only baselines; write RUN/metrics.json and RUN/summary.txt."""
-    from simulation.simulate import simulate as run_simulation
+    from fedmets.simulation.simulate import simulate as run_simulation
 
     metrics = run_simulation(
         cohort, out, preset, config, seed, workers, baselines, log=lambda m: console.print(m)
     )
-    from simulation.simulate import summary_text
+    from fedmets.simulation.simulate import summary_text
 
     console.print(summary_text(metrics), markup=False, highlight=False)
     console.print(f"metrics: {out / 'metrics.json'}")
-    from server.report import write_report
+    from fedmets.server.report import write_report
 
     console.print(f"report: {write_report(out)}", markup=False, highlight=False)
 
@@ -691,7 +691,7 @@ def certs(
 ) -> None:
     """Create a pilot's CA, the SuperLink's TLS certificate and each site's SuperNode key pair
     (see docs/deployment.md; hospitals with a PKI use theirs instead)."""
-    from server.certs import make_certificates
+    from fedmets.server.certs import make_certificates
 
     hosts = host or ["localhost", "127.0.0.1"]
     paths = make_certificates(out, hosts, site or [], days)
@@ -716,7 +716,7 @@ def report(
     configuration and software versions of a run."""
     from rich.text import Text
 
-    from server.report import write_report
+    from fedmets.server.report import write_report
 
     try:
         path = write_report(run)

@@ -1,7 +1,7 @@
 """Server-side aggregation of model weights: FedAvg (and FedProx, whose proximal term acts at
 the sites) and FedAdam (Reddi et al., 2021: Adam on the pseudo-gradient).
 
-States are ``{parameter name: numpy array}`` as ``client.training.get_state`` returns them.
+States are ``{parameter name: numpy array}`` as ``fedmets.client.training.get_state`` returns them.
 Integer entries (index buffers such as Swin's relative position index) are not averaged: the
 global value is kept.
 """

@@ -55,7 +55,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore.differential_privacy import compute_stdv
 
-from shared.privacy import PrivacyLedger, epsilon_of, plan_noise_multiplier
+from fedmets.shared.privacy import PrivacyLedger, epsilon_of, plan_noise_multiplier
 
 State = Mapping[str, np.ndarray]
 MECHANISM = "gaussian"

@@ -3,14 +3,14 @@ FedAvg training of the image model and of the fusion networks, thresholds, and t
 evaluation from histograms.
 
 The protocol talks to the sites through a :class:`SiteLink` (``ask(route, requests)``), so the
-same code runs over Flower (``server.server_app``) and in process (the simulation's centralised
-and local-only baselines). Every request and reply is a ``shared.wire`` payload.
+same code runs over Flower (``fedmets.server.server_app``) and in process (the simulation's
+centralised and local-only baselines). Every request and reply is a ``fedmets.shared.wire`` payload.
 
 Per fold ``f`` (the sites' own stratified folds; training rows = every other fold):
 
 1. ``query.moments`` -> pooled radiomics means (over non-missing values) and clinical means/SDs;
 2. ``query.covariance`` (centred at those means, missing values at the mean) -> the pooled
-   covariance: constant columns dropped, then ``shared.selection.correlation_filter`` on the
+   covariance: constant columns dropped, then ``fedmets.shared.selection.correlation_filter`` on the
    pooled correlation -- exactly the filter of the pooled training rows;
 3. ranking (``[selection] ranking``): ``query.importance`` -> random-forest importances per
    site, averaged weighted by training patients; or |r| with the label from the covariance
@@ -29,7 +29,7 @@ Finally ``query.evaluation`` returns each site's out-of-fold histograms, confusi
 each fold's threshold and Brier sums: pooled, per-site and per-subsite metrics follow.
 
 With ``[strategy] secure_aggregation`` and a link that can (``link.secure_aggregation``: the
-Flower link), every training round goes through SecAgg+ (``server.secure_aggregation``): the
+Flower link), every training round goes through SecAgg+ (``fedmets.server.secure_aggregation``): the
 server receives only the weighted average of the sites' updates and of their training-loss sums
 per patient, and aggregates it as it would the sites' replies. A link that cannot (the in-process
 link of the centralised and local-only baselines) aggregates in clear, and says so.
@@ -47,23 +47,35 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from server.aggregation import Aggregator
-from server.privacy import ClientLevelDP, privacy_report, summary_from_reply
-from server.secure_aggregation import max_weight
-from shared import wire
-from shared.clinical import encoded_columns
-from shared.config import FederationConfig
-from shared.image_models import DP_SGD_BACKBONES, IMAGE_PRESETS, ImageModelConfig, build_image_model
-from shared.metrics import (
+from fedmets.server.aggregation import Aggregator
+from fedmets.server.privacy import ClientLevelDP, privacy_report, summary_from_reply
+from fedmets.server.secure_aggregation import max_weight
+from fedmets.shared import wire
+from fedmets.shared.clinical import encoded_columns
+from fedmets.shared.config import FederationConfig
+from fedmets.shared.image_models import (
+    DP_SGD_BACKBONES,
+    IMAGE_PRESETS,
+    ImageModelConfig,
+    build_image_model,
+)
+from fedmets.shared.metrics import (
     auc_ci_from_histograms,
     calibration_from_histograms,
     metrics_from_histograms,
     roc_from_histograms,
     youden_from_histograms,
 )
-from shared.models import FUSION_GROUPS, NO_IMAGE, FusionNet, group_subsets, input_blocks, model_key
-from shared.reproducibility import set_seed
-from shared.selection import correlation_filter
+from fedmets.shared.models import (
+    FUSION_GROUPS,
+    NO_IMAGE,
+    FusionNet,
+    group_subsets,
+    input_blocks,
+    model_key,
+)
+from fedmets.shared.reproducibility import set_seed
+from fedmets.shared.selection import correlation_filter
 
 IMAGE = "image"
 IMPORTANCE_REPEATS = 3
@@ -92,7 +104,7 @@ class SiteLink(Protocol):
 
     # Links that can run a training round through SecAgg+ set ``secure_aggregation = True``
     # and have ``ask_secure(route, requests, weight_cap, round_id) ->
-    # server.secure_aggregation.SecureRound``; a link without the attribute cannot.
+    # fedmets.server.secure_aggregation.SecureRound``; a link without the attribute cannot.
 
 
 @dataclass

@@ -804,7 +804,7 @@ def privacy_html(metrics: dict, figures: Figures) -> str:
 
 
 def ledger_html(ledger: Any) -> str:
-    """The privacy report of ``server.privacy.privacy_report`` (per site: epsilon over its
+    """The privacy report of ``fedmets.server.privacy.privacy_report`` (per site: epsilon over its
     whole ledger, per stage, what was released without DP; the server's client-level ledger);
     any other shape as generic tables."""
     if not isinstance(ledger, dict) or not isinstance(ledger.get("sites"), dict):
@@ -1019,7 +1019,7 @@ def versions_html() -> str:
             rows.append([e(label), e(version(dist))])
         except PackageNotFoundError:
             if label == "fedmets":
-                from shared import __version__
+                from fedmets.shared import __version__
 
                 rows.append([e(label), e(__version__)])
             else:

@@ -3,16 +3,16 @@ average of the sites' updates, never one site's.
 
 Flower 1.42 runs SecAgg+ through its legacy API only (``../shared/notes/flower-1.42.md``):
 ``SecAggPlusWorkflow`` drives a legacy ``Strategy`` inside a ``LegacyContext``. One training
-round of ``server.protocol`` becomes one run of that workflow, started here with the state
+round of ``fedmets.server.protocol`` becomes one run of that workflow, started here with the state
 ``DefaultWorkflow`` would have set up before a fit round (current round, global parameters):
 
 1. *setup*: the sites get SecAgg+'s settings and answer with two public keys each;
 2. *share keys*: each site gets the others' public keys and returns its secrets' Shamir shares,
    encrypted for each of the others;
 3. *collect masked vectors*: each site gets its shares and the training request
-   (``shared.wire.to_fitins``: weights, standardisation vectors, settings), trains, and sends
-   its vector (``shared.wire.to_fitres``: update and per-patient sums) scaled by its weight
-   (training patients ``n``), quantised and masked -- plus the weight in clear;
+   (``fedmets.shared.wire.to_fitins``: weights, standardisation vectors, settings), trains, and
+   sends its vector (``fedmets.shared.wire.to_fitres``: update and per-patient sums) scaled by its
+   weight (training patients ``n``), quantised and masked -- plus the weight in clear;
 4. *unmask*: the sites that are left send the shares that remove the masks of the sum.
 
 :class:`_OneRound` is the legacy strategy: it hands out the prepared ``FitIns`` and keeps what
@@ -55,7 +55,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from shared import wire
+from fedmets.shared import wire
 
 CLIPPING_RANGE = 8.0
 QUANTIZATION_RANGE = 2**22
@@ -92,8 +92,8 @@ def error_bound(weights: Sequence[int], max_weight: float, largest: float = 1.0)
 class SecureRound:
     """What one secure training round gave the server.
 
-    ``aggregate``: the average as one reply payload (``shared.wire.from_secure_average``; ``n``
-    the sum of the weights), None when the round stopped (``halted`` says why). ``weights``:
+    ``aggregate``: the average as one reply payload (``fedmets.shared.wire.from_secure_average``;
+    ``n`` the sum of the weights), None when the round stopped (``halted`` says why). ``weights``:
     the weight each site sent in clear, for every site whose masked vector is in the sum (0: it
     could not train and sent zeros). ``lost``: site -> the SecAgg+ stage it dropped out in,
     for sites whose vector is not in the sum."""

@@ -1,5 +1,5 @@
-"""The coordinating centre's Flower ServerApp: runs ``server.protocol.FederatedProtocol`` over
-the connected SuperNodes and writes the results.
+"""The coordinating centre's Flower ServerApp: runs ``fedmets.server.protocol.FederatedProtocol``
+over the connected SuperNodes and writes the results.
 
 Run config (``pyproject.toml`` ``[tool.flwr.app.config]``, override with ``flwr run
 --run-config``): ``federation-config`` (the federation TOML, relative to the app folder or
@@ -25,12 +25,12 @@ from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.protocol import FederatedProtocol, ProtocolError
-from server.report import write_report
-from server.results import to_jsonable
-from server.secure_aggregation import SecureRound, secure_round
-from shared import wire
-from shared.config import FederationConfig, load_federation_config
+from fedmets.server.protocol import FederatedProtocol, ProtocolError
+from fedmets.server.report import write_report
+from fedmets.server.results import to_jsonable
+from fedmets.server.secure_aggregation import SecureRound, secure_round
+from fedmets.shared import wire
+from fedmets.shared.config import FederationConfig, load_federation_config
 
 app = ServerApp()
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ NODE_POLL_S = 1.0
 
 
 class FlowerLink:
-    """``server.protocol.SiteLink`` over a Flower Grid: sites are SuperNodes, named by their
+    """``fedmets.server.protocol.SiteLink`` over a Flower Grid: sites are SuperNodes, named by their
     node id until the census tells their site ids.
 
     Each ``ask`` goes to the SuperNodes connected at that moment: a site whose node is gone is
@@ -48,7 +48,7 @@ class FlowerLink:
     never values) in ``received.jsonl`` beside the results, for the wire audit.
 
     ``secure_aggregation``: this link can run a training round through SecAgg+
-    (:meth:`ask_secure`, ``server.secure_aggregation``)."""
+    (:meth:`ask_secure`, ``fedmets.server.secure_aggregation``)."""
 
     secure_aggregation = True
 
@@ -86,8 +86,8 @@ class FlowerLink:
         self, route: str, requests: Mapping[str, dict], weight_cap: float, round_id: int = 1
     ) -> SecureRound:
         """The connected sites train on ``route`` under SecAgg+ (see
-        ``server.secure_aggregation.secure_round``); each site's masked reply is described in
-        ``received.jsonl`` (its weight and the size of its vector, nothing else)."""
+        ``fedmets.server.secure_aggregation.secure_round``); each site's masked reply is described
+        in ``received.jsonl`` (its weight and the size of its vector, nothing else)."""
         targets = self._online(requests)
         outcome = secure_round(
             self.grid,

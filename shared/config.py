@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from shared.clinical import CLINICAL_COLUMNS
+from fedmets.shared.clinical import CLINICAL_COLUMNS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{1,31}$"
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+)$"
@@ -38,8 +38,8 @@ PATTERN_MEANINGS = {
 Modality = Literal["ct", "tumour_mask", "organ_mask", "clinical", "radiomics_table"]
 Stage = Literal["census", "folds", "selection", "image", "deep_features", "fusion", "evaluate"]
 STAGE_ORDER: tuple[str, ...] = Stage.__args__
-Backbone = Literal["swin3d", "resnet3d", "densenet3d"]  # shared.models.BACKBONES
-ImagePreset = Literal["cpu-small", "gpu"]  # shared.models.IMAGE_PRESETS
+Backbone = Literal["swin3d", "resnet3d", "densenet3d"]  # fedmets.shared.models.BACKBONES
+ImagePreset = Literal["cpu-small", "gpu"]  # fedmets.shared.models.IMAGE_PRESETS
 IMAGE_MODALITIES = ("ct", "tumour_mask", "organ_mask")
 # RTSTRUCT ROI names taken as the primary tumour (matched ignoring case).
 DEFAULT_ROI_PATTERN = r"^(gtvp|gtv-?1|gtv_?primary|gtv)$"

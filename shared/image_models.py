@@ -14,7 +14,7 @@ Every normalisation layer is federation- and DP-friendly: LayerNorm in Swin, Gro
 CNNs -- no BatchNorm, so no running statistics to average across sites and no mixing of
 samples within a batch (per-sample gradients stay per sample).
 
-Kept apart from the fusion network (``shared.models``) so that a process that trains or
+Kept apart from the fusion network (``fedmets.shared.models``) so that a process that trains or
 evaluates only the fusion network never imports MONAI.
 """
 
@@ -36,8 +36,8 @@ from torch import nn
 Backbone = Literal["swin3d", "resnet3d", "densenet3d"]
 BACKBONES: tuple[str, ...] = Backbone.__args__
 DP_SGD_BACKBONES: tuple[str, ...] = ("resnet3d", "densenet3d")
-"""Backbones Opacus' DP-SGD can train (``client.privacy``): not swin3d, whose window attention
-runs its linear layers on windows folded into the batch axis."""
+"""Backbones Opacus' DP-SGD can train (``fedmets.client.privacy``): not swin3d, whose window
+attention runs its linear layers on windows folded into the batch axis."""
 
 CROP_MULTIPLE = 32
 """Crops are cubes whose side is a multiple of this: each backbone halves the grid five times
@@ -267,7 +267,7 @@ class ImageClassifier(nn.Module):
 
 def build_image_model(cfg: ImageModelConfig) -> ImageClassifier:
     """A freshly initialised classifier for ``cfg`` (weights drawn from torch's global
-    generator: call :func:`shared.reproducibility.set_seed` first)."""
+    generator: call :func:`fedmets.shared.reproducibility.set_seed` first)."""
     if cfg.backbone == "swin3d":
         encoder = _SwinEncoder(cfg)
         swin = encoder.swin

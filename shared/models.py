@@ -3,7 +3,7 @@
 :class:`FusionNet`, a fully connected network on the concatenation of the feature groups it was
 built for, in the order of :data:`FUSION_GROUPS`; a model of the study is keyed by its image
 backbone and its groups (:func:`model_key`). The image classifiers are in
-``shared.image_models``.
+``fedmets.shared.image_models``.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def input_blocks(group_dims: Mapping[str, int], clinical_columns: Sequence[str])
     concatenation order of :class:`FusionNet`: each radiomics column (``radiomics:<i>``, i its
     rank among the selected columns), each clinical variable (its encoded columns together,
     ``clinical:<variable>``), the deep features as one block (``deep``)."""
-    from shared.clinical import encoded_variable
+    from fedmets.shared.clinical import encoded_variable
 
     blocks, start = [], 0
     for group in (g for g in FUSION_GROUPS if g in group_dims):

@@ -331,7 +331,9 @@ def to_records(route_name: str, payload: Mapping[str, Any], reply: bool) -> Reco
         kind = spec.reply_kind(key) if reply else spec.request_kind(key)
         if kind is None:
             side = "reply" if reply else "request"
-            raise WireError(f"{route_name}: {side} field {key!r} is not declared in shared.wire")
+            raise WireError(
+                f"{route_name}: {side} field {key!r} is not declared in fedmets.shared.wire"
+            )
         if key.startswith(WEIGHTS_PREFIX):
             records[key] = ArrayRecord(
                 array_dict={k: Array(np.ascontiguousarray(v)) for k, v in value.items()}

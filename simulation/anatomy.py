@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from shared.organs import ORGAN_LABELS
+from fedmets.shared.organs import ORGAN_LABELS
 
 __all__ = [
     "SUBSITES",
@@ -90,8 +90,8 @@ class RenderedPatient:
     """One rendered scan. Arrays are (nz, ny, nx); positions and spacings are (x, y, z) in mm.
 
     ``ct_hu`` int16 HU in [-1024, 3071]; ``tumour_mask`` uint8 0/1 GTVp (spicules excluded);
-    ``organ_mask`` uint8 labels from :data:`shared.organs.ORGAN_LABELS` (anatomical OAR extents,
-    not cut by the tumour); ``body_mask`` uint8 0/1; ``origin_mm`` is the centre of voxel
+    ``organ_mask`` uint8 labels from :data:`fedmets.shared.organs.ORGAN_LABELS` (anatomical OAR
+    extents, not cut by the tumour); ``body_mask`` uint8 0/1; ``origin_mm`` is the centre of voxel
     (0, 0, 0); ``tumour_volume_cc`` = mask voxels x voxel volume; ``tumour_mean_hu`` = mean of
     ``ct_hu`` inside the mask.
     """

@@ -1,8 +1,8 @@
 """Synthetic multi-site HNSCC cohort: presets, per-site scanner traits, per-patient clinical
 variables and latent tumour factors, and the distant-metastasis (DM) risk model.
 
-This module only samples tables (fast, vectorised); `simulation.synth` renders the images and
-writes the files. The risk model is documented in docs/synthetic_cohort.md.
+This module only samples tables (fast, vectorised); `fedmets.simulation.synth` renders the images
+and writes the files. The risk model is documented in docs/synthetic_cohort.md.
 
 Latent image factors (z_*) are standard normal; the tumour traits handed to the renderer are
 derived from them (volume in cc, necrosis/heterogeneity/irregularity/infiltration in [0, 1]).

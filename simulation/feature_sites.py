@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.clinical import encoded_columns
-from simulation.site_files import write_site_config
+from fedmets.shared.clinical import encoded_columns
+from fedmets.simulation.site_files import write_site_config
 
 LATENT = 4
 

@@ -1,6 +1,6 @@
-"""A ``server.protocol.SiteLink`` that calls site workers in this process: the centralised
+"""A ``fedmets.server.protocol.SiteLink`` that calls site workers in this process: the centralised
 (all sites pooled into one worker) and local-only (one site alone) baselines run the federated
-protocol's very code without a network. Requests and replies still pass ``shared.wire``'s
+protocol's very code without a network. Requests and replies still pass ``fedmets.shared.wire``'s
 encoding and the site's release gate.
 
 It cannot run SecAgg+ (``secure_aggregation = False``): Flower's SecAgg+ needs a Flower Grid and
@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from client.release import answer
-from client.site_worker import SiteWorker
-from shared import wire
+from fedmets.client.release import answer
+from fedmets.client.site_worker import SiteWorker
+from fedmets.shared import wire
 
 
 class InProcessLink:

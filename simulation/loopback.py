@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from server.certs import make_certificates
+from fedmets.server.certs import make_certificates
 
 APP_DIR = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0

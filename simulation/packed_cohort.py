@@ -1,9 +1,9 @@
 """A pooled study cohort in one file, for running the centralised study on a machine that has
 neither the sites' raw files nor PyRadiomics or SimpleITK (a lent GPU machine, say).
 
-:func:`pack_cohort` writes what ``simulation.study.load_cohort`` pooled -- ids, labels, sites,
-subsites, radiomics and clinical tables, the oracle and true risks of a synthetic cohort -- and
-every patient's deep crop (``crop.npz``: ``ct`` (z, y, x) HU, ``tumour`` and ``ring`` masks)
+:func:`pack_cohort` writes what ``fedmets.simulation.study.load_cohort`` pooled -- ids, labels,
+sites, subsites, radiomics and clinical tables, the oracle and true risks of a synthetic cohort --
+and every patient's deep crop (``crop.npz``: ``ct`` (z, y, x) HU, ``tumour`` and ``ring`` masks)
 into one ``.npz`` (LZMA-compressed: a fifth smaller than ``np.savez_compressed``, and slow
 to write: about two minutes for the 400-patient demo cohort). To keep it small the CT is
 clipped to ``hu_window`` and quantised to ``hu_step`` HU (uint8): values outside the window
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client.crops import HU_WINDOW
-from simulation.study import StudyData
+from fedmets.client.crops import HU_WINDOW
+from fedmets.simulation.study import StudyData
 
 FORMAT = "fedmets-packed-cohort-1"
 
@@ -92,7 +92,7 @@ def pack_cohort(
 
 def unpack_cohort(path: Path, crops_dir: Path) -> StudyData:
     """The ``StudyData`` packed in ``path``, its crops written to ``crops_dir/<id>.npz``
-    (``ct`` int16 HU, ``tumour`` and ``ring`` uint8, as ``client.extract`` writes them)."""
+    (``ct`` int16 HU, ``tumour`` and ``ring`` uint8, as ``fedmets.client.extract`` writes them)."""
     with np.load(path) as packed:
         meta = json.loads(str(packed["meta"]))
         if meta.get("format") != FORMAT:

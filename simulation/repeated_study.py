@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.image_models import BACKBONES
-from simulation.study import StudyData, StudyPreset, run_study
+from fedmets.shared.image_models import BACKBONES
+from fedmets.simulation.study import StudyData, StudyPreset, run_study
 
 REPEATS_FILE = "repeats.json"
 

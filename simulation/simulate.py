@@ -10,7 +10,7 @@ Steps, for ``simulate(cohort, preset, out)``:
    flwr-home`` and runtime dependency installation off; ``flwr run`` submits this app with one
    simulated SuperNode per site (``site-configs`` in the run config); the ServerApp writes
    ``OUT/federated/federated.json``; the SuperLink is stopped afterwards, whatever happened;
-4. the same ``server.protocol.FederatedProtocol`` runs in process over one pooled worker
+4. the same ``fedmets.server.protocol.FederatedProtocol`` runs in process over one pooled worker
    (``centralized``) and over each site alone (``local_only``);
 5. ``OUT/metrics.json`` and ``OUT/summary.txt``.
 
@@ -29,14 +29,25 @@ from typing import Any
 
 import tomli_w
 
-from client.extract import extract_site
-from client.site_files import FEATURES_FILE
-from client.site_worker import SiteWorker
-from server.protocol import FederatedProtocol
-from server.results import to_jsonable
-from shared.config import FederationConfig, SiteConfig, load_federation_config, load_site_config
-from simulation.in_process import InProcessLink
-from simulation.loopback import flower_bin, flower_env, free_port, stop_process, wait_for_port
+from fedmets.client.extract import extract_site
+from fedmets.client.site_files import FEATURES_FILE
+from fedmets.client.site_worker import SiteWorker
+from fedmets.server.protocol import FederatedProtocol
+from fedmets.server.results import to_jsonable
+from fedmets.shared.config import (
+    FederationConfig,
+    SiteConfig,
+    load_federation_config,
+    load_site_config,
+)
+from fedmets.simulation.in_process import InProcessLink
+from fedmets.simulation.loopback import (
+    flower_bin,
+    flower_env,
+    free_port,
+    stop_process,
+    wait_for_port,
+)
 
 APP_DIR = Path(__file__).resolve().parent.parent
 """The Flower app (the folder holding pyproject.toml's ``[tool.flwr.app]``)."""

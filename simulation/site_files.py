@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simulation.partition import assign_sites, summarise
+from fedmets.simulation.partition import assign_sites, summarise
 
 IMAGE_PATH_MODALITIES = {
     "ct_path": "ct",

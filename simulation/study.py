@@ -2,9 +2,9 @@
 federated system must match.
 
 Input: a cohort folder of site configs (``COHORT/*/site.toml``; a site whose
-``features.parquet`` is missing is extracted first with ``client.extract.extract_site`` and its
-own config) -- radiomics, clinical and deep-model crops pooled over sites -- or one feature table
-CSV (tabular mode: radiomics and clinical columns, no images).
+``features.parquet`` is missing is extracted first with ``fedmets.client.extract.extract_site`` and
+its own config) -- radiomics, clinical and deep-model crops pooled over sites -- or one feature
+table CSV (tabular mode: radiomics and clinical columns, no images).
 
 Stratified k-fold cross-validation (seeded). In each fold, everything fitted sees the training
 folds only:
@@ -13,9 +13,9 @@ folds only:
    validation split of the training rows;
 2. deep features (n, D) of every patient from that fold's model; standardised with the training
    rows' mean and SD, then (``deep_components``) whitened PCA components fitted on those rows;
-3. radiomics: median imputation, then ``shared.selection.RadiomicsSelector`` (constant columns
-   dropped, standardised, correlation filter, random-forest top-k) fitted on the training rows;
-   clinical columns standardised with the training rows' statistics;
+3. radiomics: median imputation, then ``fedmets.shared.selection.RadiomicsSelector`` (constant
+   columns dropped, standardised, correlation filter, random-forest top-k) fitted on the training
+   rows; clinical columns standardised with the training rows' statistics;
 4. per feature-group subset (ablations): a ``FusionNet`` ensemble trained on the training rows
    (group dropout; early stop on the AUC of an inner split) -- for a subset of several groups
    with ``fusion = "late"``, instead the mean of the logits of its single-group ensembles
@@ -52,10 +52,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from client.crops import HU_WINDOW, CropDataset, Fit, MaskChannel, load_crops
-from client.memory import CUDA_CONTEXT_BYTES, device_budget_bytes, plan_image_training
-from client.site_files import FEATURES_FILE
-from client.training import (
+from fedmets.client.crops import HU_WINDOW, CropDataset, Fit, MaskChannel, load_crops
+from fedmets.client.memory import CUDA_CONTEXT_BYTES, device_budget_bytes, plan_image_training
+from fedmets.client.site_files import FEATURES_FILE
+from fedmets.client.training import (
     Monitor,
     extract_deep_features,
     predict_proba,
@@ -63,19 +63,25 @@ from client.training import (
     train_fusion,
     train_image_model,
 )
-from shared.clinical import decode_subsite, encoded_columns
-from shared.config import SiteConfig, load_site_config
-from shared.image_models import (
+from fedmets.shared.clinical import decode_subsite, encoded_columns
+from fedmets.shared.config import SiteConfig, load_site_config
+from fedmets.shared.image_models import (
     BACKBONES,
     IMAGE_PRESETS,
     ImageModelConfig,
     at_crop_size,
     build_image_model,
 )
-from shared.metrics import binary_metrics, calibration, delong_paired_test, youden_threshold
-from shared.models import FUSION_GROUPS, FusionNet, group_subsets, model_key, positive_class_weight
-from shared.reproducibility import set_seed
-from shared.selection import RadiomicsSelector
+from fedmets.shared.metrics import binary_metrics, calibration, delong_paired_test, youden_threshold
+from fedmets.shared.models import (
+    FUSION_GROUPS,
+    FusionNet,
+    group_subsets,
+    model_key,
+    positive_class_weight,
+)
+from fedmets.shared.reproducibility import set_seed
+from fedmets.shared.selection import RadiomicsSelector
 
 # ---- presets -----------------------------------------------------------------------------------
 
@@ -197,7 +203,7 @@ PRESETS: dict[str, StudyPreset] = {
 class StudyData:
     """Pooled patients: ``ids``, ``labels`` 0/1, ``site``, ``subsite`` (``"unknown"`` when
     missing) (n,); ``radiomics`` (n, p) float (NaN allowed); ``clinical`` (n, q) encoded
-    (``shared.clinical``) or None; ``crops`` crop.npz paths (n,) or None (tabular);
+    (``fedmets.shared.clinical``) or None; ``crops`` crop.npz paths (n,) or None (tabular);
     ``true_risk`` (n,) of a synthetic cohort or None; ``oracle`` (oracle.json) or None."""
 
     source: str
@@ -216,12 +222,12 @@ class StudyData:
 
 def load_cohort(cohort: Path, workers: int | None = None) -> StudyData:
     """Pool the sites of ``cohort`` (``*/site.toml``, sorted) as a site pools its own data
-    (``client.site_worker.load_site_data``): features, labels and crops (none at all when a
+    (``fedmets.client.site_worker.load_site_data``): features, labels and crops (none at all when a
     site is in tabular mode). Sites without ``features.parquet`` are extracted first. Patients
     without a label are left out (counted in ``notes``). The oracle comes from
     ``cohort/ground_truth`` when present. ValueError names a site that cannot be pooled."""
-    from client.extract import extract_site  # PyRadiomics: not needed once data is pooled
-    from client.site_worker import SiteNotReady, load_site_data
+    from fedmets.client.extract import extract_site  # PyRadiomics: not needed once data is pooled
+    from fedmets.client.site_worker import SiteNotReady, load_site_data
 
     paths = sorted(Path(cohort).glob("*/site.toml"))
     if not paths:
@@ -273,12 +279,12 @@ def _attach_oracle(data: StudyData, truth_dir: Path) -> None:
 
 def load_table(path: Path, label: str, id_column: str) -> StudyData:
     """Tabular mode: one feature table CSV, read as a tabular site reads it
-    (``client.tabular.load_feature_table``): radiomics = the columns matching
-    ``shared.config.DEFAULT_RADIOMICS_PATTERN``; clinical = the table's columns named in
-    ``client.tabular.CLINICAL_NAMES``, mapped onto the fedmets schema and encoded (absent schema
-    columns count as missing; no clinical group when the table has none of them). Rows that
+    (``fedmets.client.tabular.load_feature_table``): radiomics = the columns matching
+    ``fedmets.shared.config.DEFAULT_RADIOMICS_PATTERN``; clinical = the table's columns named in
+    ``fedmets.client.tabular.CLINICAL_NAMES``, mapped onto the fedmets schema and encoded (absent
+    schema columns count as missing; no clinical group when the table has none of them). Rows that
     fail the checks (no 0/1 label, a bad cell) are left out and counted in ``notes``."""
-    from client.tabular import CLINICAL_NAMES, load_feature_table  # SimpleITK via ingest
+    from fedmets.client.tabular import CLINICAL_NAMES, load_feature_table  # SimpleITK via ingest
 
     path = Path(path).resolve()
     header = {str(c).lower() for c in pd.read_csv(path, nrows=0).columns}
@@ -370,7 +376,7 @@ def run_study(
     once in worker processes (a fold task starts when its folds' image tasks are done), and
     ``"auto"`` as many as the GPU's free memory holds (one on a CPU). Every task is seeded
     on its own, so the results do not depend on ``parallel``. ``gpu_memory_gib``: each image
-    training's GPU memory budget (``client.memory``; default: what the device has free)."""
+    training's GPU memory budget (``fedmets.client.memory``; default: what the device has free)."""
     started = time.perf_counter()
     say = log or (lambda message: None)
     n_folds = folds or preset.folds
@@ -784,7 +790,7 @@ def _deep_group(
 ) -> tuple[np.ndarray, dict]:
     """Stage 1 + 2: train the fold's image model on the training crops (inner stratified
     validation split for early stopping; micro-batches and checkpointing that fit
-    ``gpu_memory_gib``, ``client.memory``), then deep features (n, D) of every patient,
+    ``gpu_memory_gib``, ``fedmets.client.memory``), then deep features (n, D) of every patient,
     standardised with the training rows' statistics and, with ``preset.deep_components``,
     reduced to that many whitened PCA components (fitted on the training rows). The history
     gains ``memory``, the plan in words."""
@@ -917,7 +923,7 @@ def _pooled(
     with_calibration: bool = False,
 ) -> dict:
     """Pooled out-of-fold metrics over ``rows``: AUC, DeLong CI, Brier from the scores
-    (``shared.metrics.binary_metrics``); ACC/SEN/SPE from each patient's decision at its own
+    (``fedmets.shared.metrics.binary_metrics``); ACC/SEN/SPE from each patient's decision at its own
     fold's threshold; optionally the calibration curve; the oracle AUC on the same rows."""
     y, s, d = y[rows], scores[rows], decisions[rows]
     result = binary_metrics(y, s, threshold=0.5)  # threshold-free parts only; see below

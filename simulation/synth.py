@@ -9,7 +9,7 @@ OUT/
   hospital_a/manifest.csv      patient_id, ct_path, tumour_mask_path, organ_mask_path, clinical, dm
   hospital_a/images/<id>_ct.nii.gz        int16 HU
   hospital_a/masks/<id>_tumour.nii.gz     uint8 0/1 (GTVp)
-  hospital_a/masks/<id>_organs.nii.gz     uint8 labels (shared.organs.ORGAN_LABELS)
+  hospital_a/masks/<id>_organs.nii.gz     uint8 labels (fedmets.shared.organs.ORGAN_LABELS)
 ```
 Rendering is parallel over patients; each patient has its own random stream, so the files are
 identical for a seed whatever the number of workers.
@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from simulation.anatomy import RenderSpec, render_patient
-from simulation.cohort import (
+from fedmets.simulation.anatomy import RenderSpec, render_patient
+from fedmets.simulation.cohort import (
     MANIFEST_CLINICAL_COLUMNS,
     PRESETS,
     CohortTables,
@@ -38,7 +38,7 @@ from simulation.cohort import (
     oracle_aucs,
     sample_cohort,
 )
-from simulation.site_files import write_site_config
+from fedmets.simulation.site_files import write_site_config
 
 GENERATOR_VERSION = "1"
 IMAGE_MODALITIES = ["ct", "tumour_mask", "organ_mask", "clinical"]

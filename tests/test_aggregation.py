@@ -1,4 +1,4 @@
-"""server.aggregation: FedAvg is the weighted mean; FedAdam steps towards it; index buffers
+"""fedmets.server.aggregation: FedAvg is the weighted mean; FedAdam steps towards it; index buffers
 stay as they are."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.aggregation import Aggregator, weighted_average
+from fedmets.server.aggregation import Aggregator, weighted_average
 
 
 def test_weighted_average_weights_by_patients_and_keeps_integer_buffers() -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from shared.organs import ORGAN_LABELS, ORGAN_NAMES
-from simulation.anatomy import (
+from fedmets.shared.organs import ORGAN_LABELS, ORGAN_NAMES
+from fedmets.simulation.anatomy import (
     SUBSITES,
     RenderedPatient,
     RenderSpec,

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simulation.cohort import PRESETS, oracle_aucs, sample_cohort, site_name, site_sizes
+from fedmets.simulation.cohort import PRESETS, oracle_aucs, sample_cohort, site_name, site_sizes
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import (
+from fedmets.shared.config import (
     ConfigError,
     SiteConfig,
     check_config_file,

@@ -1,10 +1,10 @@
-"""client.crops.CropDataset: the seeded augmentation stream and where the crops are held."""
+"""fedmets.client.crops.CropDataset: the seeded augmentation stream and where the crops are held."""
 
 import numpy as np
 import pytest
 import torch
 
-from client.crops import CropDataset
+from fedmets.client.crops import CropDataset
 
 
 @pytest.fixture

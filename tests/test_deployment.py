@@ -16,13 +16,13 @@ import pytest
 import tomli_w
 from test_protocol import SITES, _cfg, write_sites
 
-from client.site_worker import SiteWorker
-from server.certs import make_site_keys
-from server.protocol import FederatedProtocol
-from shared.config import load_federation_config, load_site_config
-from shared.wire import REPLY_KINDS
-from simulation.in_process import InProcessLink
-from simulation.loopback import LoopbackFederation, stop_process
+from fedmets.client.site_worker import SiteWorker
+from fedmets.server.certs import make_site_keys
+from fedmets.server.protocol import FederatedProtocol
+from fedmets.shared.config import load_federation_config, load_site_config
+from fedmets.shared.wire import REPLY_KINDS
+from fedmets.simulation.in_process import InProcessLink
+from fedmets.simulation.loopback import LoopbackFederation, stop_process
 
 RUN_TIMEOUT_S = 600
 RESUME_TOLERANCE = 0.01

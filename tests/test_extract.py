@@ -18,16 +18,16 @@ import pytest
 import SimpleITK as sitk
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from client.extract import extract_site
-from client.ingest import load_patient_images, read_manifest
-from client.peritumoral import peritumoral_ring
-from client.preprocess import prepare_patient
-from client.radiomics_features import params_file
-from client.site_files import FEATURES_FILE, REPORT_FILE
-from shared.clinical import encode_clinical, encoded_columns
-from shared.config import load_site_config
-from simulation.site_files import write_site_config
-from simulation.synth import generate_cohort
+from fedmets.client.extract import extract_site
+from fedmets.client.ingest import load_patient_images, read_manifest
+from fedmets.client.peritumoral import peritumoral_ring
+from fedmets.client.preprocess import prepare_patient
+from fedmets.client.radiomics_features import params_file
+from fedmets.client.site_files import FEATURES_FILE, REPORT_FILE
+from fedmets.shared.clinical import encode_clinical, encoded_columns
+from fedmets.shared.config import load_site_config
+from fedmets.simulation.site_files import write_site_config
+from fedmets.simulation.synth import generate_cohort
 
 IDS = [f"HA-{n:04d}" for n in range(1, 9)]
 CORRUPT_CT = "HA-0002"  # unreadable CT file: quarantined by the site check

@@ -14,16 +14,21 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from rt_utils import RTStructBuilder
 
-from client.ingest import (
+from fedmets.client.ingest import (
     PatientDataError,
     PatientRecord,
     load_patient_images,
     read_manifest,
 )
-from shared.clinical import CLINICAL_COLUMNS, encode_clinical, encoded_columns, validate_clinical
-from shared.config import SiteConfig, load_site_config
-from shared.organs import ORGAN_LABELS
-from simulation.synth import generate_cohort
+from fedmets.shared.clinical import (
+    CLINICAL_COLUMNS,
+    encode_clinical,
+    encoded_columns,
+    validate_clinical,
+)
+from fedmets.shared.config import SiteConfig, load_site_config
+from fedmets.shared.organs import ORGAN_LABELS
+from fedmets.simulation.synth import generate_cohort
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
-"""Memory-aware image training (client.memory): gradient accumulation gives the whole batch's
-update, activation checkpointing gives the same values, the planner keeps the first plan that
-fits, and on a GPU the measured plan stays inside its budget."""
+"""Memory-aware image training (fedmets.client.memory): gradient accumulation gives the whole
+batch's update, activation checkpointing gives the same values, the planner keeps the first plan
+that fits, and on a GPU the measured plan stays inside its budget."""
 
 import numpy as np
 import pytest
 import torch
 
-from client.crops import CropDataset
-from client.memory import (
+from fedmets.client.crops import CropDataset
+from fedmets.client.memory import (
     GIB,
     MemoryBudgetError,
     MemoryPlan,
@@ -16,9 +16,9 @@ from client.memory import (
     micro_batches,
     plan_image_training,
 )
-from client.training import _autocast, _backward, train_image_model
-from shared.image_models import BACKBONES, IMAGE_PRESETS, build_image_model
-from shared.reproducibility import set_seed
+from fedmets.client.training import _autocast, _backward, train_image_model
+from fedmets.shared.image_models import BACKBONES, IMAGE_PRESETS, build_image_model
+from fedmets.shared.reproducibility import set_seed
 
 
 def _crops(n: int = 12, side: int = 32) -> tuple[np.ndarray, np.ndarray]:

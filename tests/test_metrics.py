@@ -3,7 +3,7 @@ import pytest
 from scipy.stats import bootstrap
 from sklearn.metrics import accuracy_score, brier_score_loss, recall_score, roc_auc_score, roc_curve
 
-from shared.metrics import (
+from fedmets.shared.metrics import (
     binary_metrics,
     calibration,
     delong_auc_variance,

@@ -7,22 +7,22 @@ from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from shared.config import FederationConfig
-from shared.image_models import (
+from fedmets.shared.config import FederationConfig
+from fedmets.shared.image_models import (
     BACKBONES,
     IMAGE_PRESETS,
     ImageModelConfig,
     at_crop_size,
     build_image_model,
 )
-from shared.models import (
+from fedmets.shared.models import (
     FUSION_GROUPS,
     FusionNet,
     count_parameters,
     group_subsets,
     positive_class_weight,
 )
-from shared.reproducibility import set_seed
+from fedmets.shared.reproducibility import set_seed
 
 SMALL = IMAGE_PRESETS["cpu-small"]
 

@@ -1,16 +1,16 @@
 """Preprocessing (orientation, resampling, HU window, crops) and the peritumoral ring, on real
-synthetic CT volumes read through client.ingest."""
+synthetic CT volumes read through fedmets.client.ingest."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from client.ingest import load_patient_images, read_manifest
-from client.peritumoral import peritumoral_ring
-from client.preprocess import ImageContentError, body_mask, prepare_patient, save_crop
-from shared.config import PreprocessSection, load_site_config
-from simulation.synth import generate_cohort
+from fedmets.client.ingest import load_patient_images, read_manifest
+from fedmets.client.peritumoral import peritumoral_ring
+from fedmets.client.preprocess import ImageContentError, body_mask, prepare_patient, save_crop
+from fedmets.shared.config import PreprocessSection, load_site_config
+from fedmets.simulation.synth import generate_cohort
 
 MARGIN_MM = 5.0
 

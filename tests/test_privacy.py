@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from client.privacy import (
+from fedmets.client.privacy import (
     ledger_reply,
     plan_site_noise,
     record_release,
@@ -21,18 +21,18 @@ from client.privacy import (
     strip_module_prefix,
     train_private,
 )
-from server.privacy import (
+from fedmets.server.privacy import (
     ClientLevelDP,
     noise_std,
     privacy_report,
     summary_from_reply,
 )
-from server.protocol import FederatedProtocol
-from shared import wire
-from shared.config import FederationConfig
-from shared.image_models import DP_SGD_BACKBONES, ImageModelConfig, build_image_model
-from shared.models import FusionNet
-from shared.privacy import (
+from fedmets.server.protocol import FederatedProtocol
+from fedmets.shared import wire
+from fedmets.shared.config import FederationConfig
+from fedmets.shared.image_models import DP_SGD_BACKBONES, ImageModelConfig, build_image_model
+from fedmets.shared.models import FusionNet
+from fedmets.shared.privacy import (
     PrivacyBudgetExceeded,
     PrivacyLedger,
     epsilon_of,
@@ -40,7 +40,7 @@ from shared.privacy import (
     sample_rate_for,
     steps_per_epoch,
 )
-from simulation.in_process import InProcessLink
+from fedmets.simulation.in_process import InProcessLink
 
 
 def _opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from client.site_worker import SiteWorker, assign_folds
-from server.protocol import FederatedProtocol, ProtocolError
-from shared.clinical import encoded_columns
-from shared.config import FederationConfig, load_site_config
-from shared.selection import correlation_filter
-from simulation.in_process import InProcessLink
-from simulation.site_files import write_site_config
+from fedmets.client.site_worker import SiteWorker, assign_folds
+from fedmets.server.protocol import FederatedProtocol, ProtocolError
+from fedmets.shared.clinical import encoded_columns
+from fedmets.shared.config import FederationConfig, load_site_config
+from fedmets.shared.selection import correlation_filter
+from fedmets.simulation.in_process import InProcessLink
+from fedmets.simulation.site_files import write_site_config
 
 SITES = {"site_a": (70, 0.3), "site_b": (50, 0.2), "site_c": (36, 0.25)}  # patients, prevalence
 P = 24
@@ -363,7 +363,7 @@ def test_epsilon_per_fold_composes_over_the_folds_in_the_ledger(sites, mode) -> 
 
 
 def test_a_site_over_its_budget_refuses_to_train(sites) -> None:
-    from shared.privacy import PrivacyBudgetExceeded
+    from fedmets.shared.privacy import PrivacyBudgetExceeded
 
     with sites["site_b"].open("a") as toml:
         toml.write("\n[privacy]\nepsilon_budget = 2.0\n")

@@ -12,18 +12,18 @@ import SimpleITK as sitk
 import yaml
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
-from client.ingest import load_patient_images, read_manifest
-from client.peritumoral import peritumoral_ring
-from client.preprocess import prepare_patient
-from client.radiomics_features import (
+from fedmets.client.ingest import load_patient_images, read_manifest
+from fedmets.client.peritumoral import peritumoral_ring
+from fedmets.client.preprocess import prepare_patient
+from fedmets.client.radiomics_features import (
     extractor_for,
     params_file,
     regions_features,
     shares_filtered_images,
     use_one_thread,
 )
-from shared.config import PreprocessSection, load_site_config
-from simulation.synth import generate_cohort
+from fedmets.shared.config import PreprocessSection, load_site_config
+from fedmets.simulation.synth import generate_cohort
 
 MARGIN_MM = 5.0
 TEXTURE_PER_IMAGE = {"firstorder": 18, "glcm": 24, "glrlm": 16, "glszm": 16, "gldm": 14, "ngtdm": 5}
@@ -50,7 +50,7 @@ def regions(tmp_path_factory):
 
 
 def test_presets_ship_inside_the_client_package():
-    package = Path(str(resources.files("client.resources")))
+    package = Path(str(resources.files("fedmets.client.resources")))
     assert params_file("default") == package / "radiomics_full.yaml"
     assert params_file("fast") == package / "radiomics_fast.yaml"
     for name in ("default", "fast"):

@@ -15,7 +15,7 @@ import pytest
 import tomli_w
 from typer.testing import CliRunner
 
-from server.report import binned_roc, write_report
+from fedmets.server.report import binned_roc, write_report
 
 FIXTURE = Path(__file__).parent / "data" / "sim_metrics.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +28,7 @@ def _drop_none(value):
     return value
 
 
-# The shape of server.privacy.privacy_report (metrics.json "privacy_ledger")
+# The shape of fedmets.server.privacy.privacy_report (metrics.json "privacy_ledger")
 LEDGER = {
     "sites": {
         site: {

@@ -31,17 +31,22 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import app
-from client.release import answer
-from client.site_worker import SiteWorker
-from server.aggregation import weighted_average
-from server.protocol import FederatedProtocol, ProtocolError
-from server.secure_aggregation import error_bound, max_weight, secure_round
-from server.server_app import FlowerLink
-from shared import wire
-from shared.config import ConfigError, FederationConfig, load_federation_config, load_site_config
-from simulation.feature_sites import write_feature_sites
-from simulation.in_process import InProcessLink
+from fedmets.client.client_app import app
+from fedmets.client.release import answer
+from fedmets.client.site_worker import SiteWorker
+from fedmets.server.aggregation import weighted_average
+from fedmets.server.protocol import FederatedProtocol, ProtocolError
+from fedmets.server.secure_aggregation import error_bound, max_weight, secure_round
+from fedmets.server.server_app import FlowerLink
+from fedmets.shared import wire
+from fedmets.shared.config import (
+    ConfigError,
+    FederationConfig,
+    load_federation_config,
+    load_site_config,
+)
+from fedmets.simulation.feature_sites import write_feature_sites
+from fedmets.simulation.in_process import InProcessLink
 
 
 def _cfg(**sections) -> FederationConfig:
@@ -358,7 +363,7 @@ class _TolerantLink(InProcessLink):
 def _simulate(root: Path, tomls: list[Path], cfg: FederationConfig) -> tuple[dict, dict]:
     """The run in Flower's simulation engine, then in process without secure aggregation:
     (secure results, plain results)."""
-    from simulation.simulate import run_flower_simulation
+    from fedmets.simulation.simulate import run_flower_simulation
 
     fed = root / "federation.toml"
     fed.write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
-from shared.selection import (
+from fedmets.shared.selection import (
     RadiomicsSelector,
     correlation_filter,
     correlation_from_sums,

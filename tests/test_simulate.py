@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.wire import REPLY_KINDS
-from simulation.synth import generate_cohort
+from fedmets.shared.wire import REPLY_KINDS
+from fedmets.simulation.synth import generate_cohort
 
 FEDMETS = str(Path(sys.executable).parent / "fedmets")
 

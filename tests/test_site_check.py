@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from client import site_check
-from client.site_check import SiteCheckReport, check_site, ct_value_problems
-from shared.config import load_site_config
-from simulation.synth import generate_cohort
+from fedmets.client import site_check
+from fedmets.client.site_check import SiteCheckReport, check_site, ct_value_problems
+from fedmets.shared.config import load_site_config
+from fedmets.simulation.synth import generate_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simulation.partition import SITE_ID_PATTERN, assign_sites, site_slug, summarise
-from simulation.site_files import split_input, write_site_config
+from fedmets.simulation.partition import SITE_ID_PATTERN, assign_sites, site_slug, summarise
+from fedmets.simulation.site_files import split_input, write_site_config
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_TABLE = REPO.parent / "shared" / "data" / "real" / "head_neck_pet_ct_gtvp_radiomics_dm.csv"
@@ -212,7 +212,7 @@ def test_site_config_schema(tmp_path: Path) -> None:
 
 
 def test_site_config_loads_with_shared_config(tmp_path: Path) -> None:
-    config = pytest.importorskip("shared.config")
+    config = pytest.importorskip("fedmets.shared.config")
     path = write_site_config(
         tmp_path / "hospital_a",
         "hospital_a",
@@ -260,7 +260,7 @@ def test_cohort_split_points_at_original_images(cohort: Path, tmp_path: Path) ->
 
 
 def test_cohort_site_configs_load(cohort: Path, tmp_path: Path) -> None:
-    config = pytest.importorskip("shared.config")
+    config = pytest.importorskip("fedmets.shared.config")
     split_input(cohort, tmp_path / "out", "quantity", n_sites=2, alpha=1.0)
     for path in (tmp_path / "out").glob("*/site.toml"):
         cfg = config.load_site_config(path)

@@ -17,14 +17,21 @@ import torch
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import roc_auc_score
 
-from client.site_files import FEATURES_FILE, crop_path
-from client.training import train_fusion
-from shared.config import load_site_config
-from shared.models import FusionNet, group_subsets
-from simulation.packed_cohort import pack_cohort, unpack_cohort
-from simulation.repeated_study import run_repeated_study, summarise_repeats
-from simulation.study import PRESETS, _fit_fusion, load_cohort, load_table, model_key, run_study
-from simulation.synth import generate_cohort
+from fedmets.client.site_files import FEATURES_FILE, crop_path
+from fedmets.client.training import train_fusion
+from fedmets.shared.config import load_site_config
+from fedmets.shared.models import FusionNet, group_subsets
+from fedmets.simulation.packed_cohort import pack_cohort, unpack_cohort
+from fedmets.simulation.repeated_study import run_repeated_study, summarise_repeats
+from fedmets.simulation.study import (
+    PRESETS,
+    _fit_fusion,
+    load_cohort,
+    load_table,
+    model_key,
+    run_study,
+)
+from fedmets.simulation.synth import generate_cohort
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 REAL_TABLE = REAL / "head_neck_pet_ct_gtvp_radiomics_dm.csv"

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from shared.config import check_config_file
-from shared.organs import ORGAN_LABELS
-from simulation.cohort import MANIFEST_CLINICAL_COLUMNS
+from fedmets.shared.config import check_config_file
+from fedmets.shared.organs import ORGAN_LABELS
+from fedmets.simulation.cohort import MANIFEST_CLINICAL_COLUMNS
 
 
 def _synth(out: Path, *extra: str) -> subprocess.CompletedProcess:

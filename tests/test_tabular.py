@@ -12,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.extract import extract_site
-from client.site_check import check_site
-from client.site_files import FEATURES_FILE, REPORT_FILE
-from client.tabular import load_feature_table
-from shared.clinical import encode_clinical, encoded_columns
-from shared.config import load_site_config
+from fedmets.client.extract import extract_site
+from fedmets.client.site_check import check_site
+from fedmets.client.site_files import FEATURES_FILE, REPORT_FILE
+from fedmets.client.tabular import load_feature_table
+from fedmets.shared.clinical import encode_clinical, encoded_columns
+from fedmets.shared.config import load_site_config
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"

@@ -1,11 +1,12 @@
-"""shared.wire: payloads survive Flower records; the release rules refuse what may not leave."""
+"""fedmets.shared.wire: payloads survive Flower records; the release rules refuse what may not
+leave."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from shared import wire
+from fedmets.shared import wire
 
 
 def test_round_trip_through_flower_records() -> None:

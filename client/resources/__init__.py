@@ -1,2 +1,2 @@
 """Data files shipped with the client: PyRadiomics parameter files (located with
-importlib.resources, see client.radiomics_features.params_file)."""
+importlib.resources, see fedmets.client.radiomics_features.params_file)."""

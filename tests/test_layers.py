@@ -1,0 +1,78 @@
+"""The layers' import rules, checked on the source: client and server never import each other,
+shared imports neither, none of the three imports the simulation or the command line; every
+import of the project goes through the one ``fedmets.*`` namespace."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "shared": {"fedmets.client", "fedmets.server", "fedmets.simulation", "fedmets.cli"},
+    "client": {"fedmets.server", "fedmets.simulation", "fedmets.cli"},
+    "server": {"fedmets.client", "fedmets.simulation", "fedmets.cli"},
+}
+OLD_NAMES = {"shared", "client", "server", "simulation"}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import statement in ``path``, anywhere in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def breaches(layer: str) -> list[str]:
+    """``file:line module`` of each import in ``layer`` that its rules forbid."""
+    out = []
+    for path in sorted((ROOT / layer).rglob("*.py")):
+        for line, module in imported_modules(path):
+            if any(module == bad or module.startswith(bad + ".") for bad in FORBIDDEN[layer]):
+                out.append(f"{path.relative_to(ROOT)}:{line} {module}")
+    return out
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports_follow_the_rules(layer: str) -> None:
+    assert breaches(layer) == []
+
+
+def test_the_check_sees_a_breach(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "client").mkdir()
+    (tmp_path / "client" / "bad.py").write_text("def f():\n    from fedmets.server import x\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert breaches("client") == ["client/bad.py:2 fedmets.server"]
+
+
+def test_no_import_uses_the_old_top_level_names() -> None:
+    sources = [
+        p for d in ("fedmets", *OLD_NAMES, "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")
+    ]
+    old = [
+        f"{path.relative_to(ROOT)}:{line} {module}"
+        for path in sources
+        for line, module in imported_modules(path)
+        if module.split(".")[0] in OLD_NAMES
+    ]
+    assert old == []
+
+
+def test_only_the_fedmets_namespace_is_importable_outside_the_checkout(tmp_path: Path) -> None:
+    def outcome(module: str) -> str:
+        code = f"import {module}; print('ok', {module}.__name__)"
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+        )
+        return done.stdout.strip() or done.stderr.strip().splitlines()[-1]
+
+    for layer in sorted(OLD_NAMES):
+        assert outcome(layer) == f"ModuleNotFoundError: No module named '{layer}'"
+        assert outcome(f"fedmets.{layer}") == f"ok fedmets.{layer}"
+    assert outcome("fedmets.cli") == "ok fedmets.cli"
