@@ -92,7 +92,7 @@ def main() -> None:
     )
     opts = args.parse_args()
     root = opts.out or Path(tempfile.mkdtemp(prefix="fedmets-deploy-"))
-    tomls = write_feature_sites(root / "sites", [opts.patients] * opts.sites, seed=3)
+    tomls = write_feature_sites(root / "sites", [opts.patients] * opts.sites, seed=3, folds=3)
     fed = federation_toml(root / "federation.toml", opts.secure_aggregation)
     results = {}
 

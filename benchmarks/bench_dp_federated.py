@@ -54,8 +54,6 @@ from fedmets.server.protocol import FederatedProtocol  # noqa: E402
 from fedmets.simulation.in_process import InProcessLink  # noqa: E402
 from fedmets.simulation.simulate import federation_config, site_configs  # noqa: E402
 
-FUSION_ONLY = ["census", "folds", "selection", "fusion", "evaluate"]
-
 
 def run_setting(
     cohort: Path, mode: str, epsilon: float | None, seed: int, overrides: dict[str, dict]
@@ -65,7 +63,7 @@ def run_setting(
     metrics and the seconds it took."""
     cfg = federation_config("demo", f"dp-{mode}", seed)
     data = cfg.model_dump()
-    data["stages"]["enabled"] = FUSION_ONLY
+    data["stages"]["image"] = False
     for section, values in ({} if mode == "preset" else overrides).items():
         data[section].update(values)
     data["dp"].update(mode="off" if mode == "preset" else mode, epsilon=epsilon)

@@ -82,7 +82,7 @@ def main() -> None:
     print(f"{'sites':>5s} {'patients':>8s} {'wall s':>8s} {'s/site':>7s} {'peak MB':>8s}")
     for n in opts.sites:
         cohort = root / f"sites-{n}"
-        write_feature_sites(cohort, [opts.patients] * n, seed=n)
+        write_feature_sites(cohort, [opts.patients] * n, seed=n, folds=3)
         tic = time.perf_counter()
         with PeakMemory() as memory:
             simulate(cohort, root / f"run-{n}", "tiny", baselines=False, log=lambda m: None)

@@ -79,11 +79,23 @@ def load_crops(
     fit: Fit = "resize",
 ) -> np.ndarray:
     """Model inputs of every crop in ``paths``: float32 (n, C, S, S, S), S = ``crop_voxels``,
-    C = 1 (CT) or 2 (CT + ``mask_channel``); see :func:`crop_transform`."""
+    C = 1 (CT) or 2 (CT + ``mask_channel``); see :func:`crop_transform`. ValueError for a crop
+    with fewer than S voxels along an axis under ``fit="resize"``: upsampling adds no context,
+    so a model that reads S^3 needs crops extracted at S^3 (``[preprocess] crop_voxels``)."""
     transform = crop_transform(crop_voxels, mask_channel, hu_window, fit)
     channels = 1 if mask_channel == "none" else 2
     images = np.empty((len(paths), channels, *(crop_voxels,) * 3), dtype=np.float32)
     for i, path in enumerate(paths):
+        if fit == "resize":
+            with np.load(path) as crop:
+                shape = crop["ct"].shape
+            if min(shape) < crop_voxels:
+                raise ValueError(
+                    f"{path}: the crop is {'x'.join(map(str, shape[::-1]))} voxels, smaller than"
+                    f" the {crop_voxels}^3 the image model reads; extract the site with"
+                    f" [preprocess] crop_voxels = [{crop_voxels}, {crop_voxels}, {crop_voxels}]"
+                    " (upsampling a crop adds no context)"
+                )
         images[i] = transform(path)
     return images
 

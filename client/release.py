@@ -1,10 +1,16 @@
-"""The site's gate: every reply passes the wire rules of ``fedmets.shared.wire`` and is written to
-the site's audit log before it may leave.
+"""The site's gate: every request passes the site's policy (``fedmets.client.policy``: its
+declaration in ``fedmets.shared.wire`` and the hospital's ``[policy]`` bounds), every reply the
+wire rules of ``fedmets.shared.wire``, and both are written to the site's audit log before
+anything may leave.
 
-The audit log, ``<paths.output>/audit/wire-audit.jsonl``, holds one JSON line per reply: UTC
-time, run, route, the number of patients behind it, and per field its kind, shape, dtype and
-size in bytes (never the values). Hospital IT reads it to see what left the site
-(``docs/hospital_guide.md``). Under secure aggregation (``masked=True``) the weights and the
+The audit log, ``<paths.output>/audit/wire-audit.jsonl``, holds one JSON line per request: UTC
+time, run, route, the request's settings (scalars as sent, arrays by shape, model weights by
+size and SHA-256), the number of patients behind the reply, and per reply field its kind,
+shape, dtype and size in bytes (never the values). A refused request (nothing computed) has
+``"sent": false`` and ``rule``; a withheld reply (its count alone sent) has ``withheld`` and
+``rule``. Hospital IT reads it to see what left the site (``docs/hospital_guide.md``).
+
+Under secure aggregation (``masked=True``) the weights and the
 requested sums leave only inside SecAgg+'s masked vector: the entry then says
 ``"transport": "secagg+"``, ``fields`` holds the weight ``n`` (in clear) and the ``masked``
 vector (its size, the reply fields inside it), and ``not_sent`` the reply fields that did not
@@ -20,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedmets.client.policy import PolicyRefused, check_request
 from fedmets.shared import wire
 from fedmets.shared.config import SiteConfig
 
@@ -36,14 +43,27 @@ class ReleaseRefused(RuntimeError):
 def answer(
     worker: SiteWorker, route_name: str, request: Mapping[str, Any], masked: bool = False
 ) -> dict:
-    """The worker's reply to ``request``, checked against the wire rules and logged; raises
-    ReleaseRefused (and logs the refusal) when it breaks them. ``masked``: the reply goes to
-    SecAgg+ (``fedmets.shared.wire.to_fitres``), so it must also fit the masked vector's layout."""
-    reply = worker.handle(route_name, request)
+    """The worker's reply to ``request``: the request checked by the site's policy
+    (``PolicyRefused``, logged, when it breaks it), the reply (or, when the policy withholds
+    it, the count alone) checked against the wire rules and logged; raises ReleaseRefused (and
+    logs the refusal) when it breaks them. ``masked``: the reply goes to SecAgg+
+    (``fedmets.shared.wire.to_fitres``), so it must also fit the masked vector's layout."""
+    from fedmets.client.site_worker import Withheld
+
+    try:
+        check_request(route_name, request, worker.policy)
+    except PolicyRefused as refusal:
+        _log(worker, route_name, request, {}, [str(refusal)], masked, rule=refusal.rule)
+        raise
+    withheld = None
+    try:
+        reply = worker.handle(route_name, request)
+    except Withheld as held:
+        reply, withheld = held.reply, held
     problems = wire.check_reply(route_name, reply, worker.min_patients(request))
     if masked and not problems:
         problems = wire.check_masked(route_name, request, reply)
-    _log(worker, route_name, request, reply, problems, masked)
+    _log(worker, route_name, request, reply, problems, masked, withheld=withheld)
     if problems:
         raise ReleaseRefused(f"{worker.site_id}: {route_name} reply refused: {'; '.join(problems)}")
     return reply
@@ -89,6 +109,8 @@ def _log(
     reply: Mapping[str, Any],
     problems: list[str],
     masked: bool = False,
+    rule: str | None = None,
+    withheld: Exception | None = None,
 ) -> None:
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -97,11 +119,16 @@ def _log(
         "route": route_name,
         "fold": request.get("fold"),
         "round": request.get("round"),
+        "request": wire.describe_request(route_name, request),
         "patients": reply.get("n"),
         "sent": not problems,
         "problems": problems,
         "fields": wire.describe(route_name, reply),
     }
+    if rule:
+        entry["rule"] = rule
+    if withheld is not None:
+        entry["rule"], entry["withheld"] = withheld.rule, withheld.reason
     if masked:
         entry["transport"] = "secagg+"
         if not problems:

@@ -10,8 +10,12 @@ Everything a site keeps between messages lives on its disk under
 ``<paths.cache>/federated/<run>/`` (a site's process may restart between messages): the fold
 assignment, the deep features of each fold, the held-out scores of each fold, the model-input
 cache. Nothing in a reply has a per-patient axis: sums over training rows, model weights,
-histograms and counts only; a reply whose patients are fewer than ``min_patients`` (the larger
-of the site's ``[privacy] min_patients`` and the server's) carries its count alone.
+histograms and counts only. What may leave is the site's ``[policy]``
+(``fedmets.client.policy``): the folds are the site's own, histograms are coarsened to
+``min_bin_count`` patients per bin, small subsite groups are suppressed with a complement, and
+a reply on fewer patients than ``min_patients`` (the larger of the site's and the server's),
+or on a patient set that differs from an earlier one by fewer, is withheld (:class:`Withheld`:
+its count alone is sent).
 
 A deployed site answers each message in a fresh ClientApp process, so this module imports only
 what every route needs: the image routes import MONAI (``fedmets.client.crops``,
@@ -37,6 +41,14 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
+from fedmets.client.policy import (
+    DifferencingGuard,
+    coarsen_histograms,
+    fold_seed,
+    private_seed,
+    release_families,
+    suppressed_groups,
+)
 from fedmets.client.privacy import (
     ledger_reply,
     plan_site_noise,
@@ -74,8 +86,13 @@ IMAGE_MODEL = "image"
 """Name of the image model's weights (``weights:image``)."""
 
 
-class PrivacyRequired(RuntimeError):
-    """The site trains only under differential privacy and the request has none."""
+class Withheld(Exception):
+    """A well-formed request whose answer the site's policy does not release: ``reply`` is
+    what is sent instead (the count alone), ``rule`` and ``reason`` go to the audit log."""
+
+    def __init__(self, rule: str, reason: str, reply: dict) -> None:
+        super().__init__(f"{rule}: {reason}")
+        self.rule, self.reason, self.reply = rule, reason, reply
 
 
 class SiteNotReady(RuntimeError):
@@ -210,6 +227,8 @@ class SiteWorker:
         self.state_root = Path(state_root or self.configs[0].paths.cache / STATE_DIR)
         self.ledger_root = Path(ledger_root or self.configs[0].paths.output)
         self.data = load_site_data(self.configs)
+        self.policy = self.configs[0].policy
+        self.route = ""  # the route being answered (see handle)
         self.device = resolve_device(self.configs[0].compute.device)
         self.handlers: dict[str, Callable[[dict], dict]] = {
             "query.census": self.census,
@@ -232,6 +251,7 @@ class SiteWorker:
     def handle(self, route_name: str, request: Mapping[str, Any]) -> dict:
         """The reply payload to ``request`` on ``route_name``."""
         wire.route(route_name)
+        self.route = route_name  # the statistic the handler's replies release (the guard's)
         reply = self.handlers[route_name](dict(request))
         if route_name != "query.ledger":
             record_release(self.ledger(), route_name, request, reply)
@@ -239,22 +259,29 @@ class SiteWorker:
 
     def ledger(self) -> PrivacyLedger:
         """The site's privacy ledger (``<ledger_root>/privacy/privacy-ledger.json``)."""
-        privacy = self.configs[0].privacy
-        return site_ledger(self.ledger_root, self.site_id, privacy.delta, privacy.epsilon_budget)
+        policy = self.policy
+        return site_ledger(self.ledger_root, self.site_id, policy.delta, policy.epsilon_budget)
 
     def ledger_summary(self, request: dict) -> dict:
-        return self._released(
-            request, len(self.data.ids), ledger_reply(self.ledger(), len(self.data.ids))
-        )
+        """The ledger's epsilon: about the site's DP spending, not a statistic of patients."""
+        n = len(self.data.ids)
+        if n < self.min_patients(request):
+            raise Withheld("policy.min_patients", f"{n} patients", {"n": n})
+        return ledger_reply(self.ledger(), n)
 
     def min_patients(self, request: Mapping[str, Any]) -> int:
         """The release floor: the larger of the site's and the server's."""
-        own = max(cfg.privacy.min_patients for cfg in self.configs)
+        own = max(cfg.policy.min_patients for cfg in self.configs)
         return max(own, int(request.get("min_patients", 1)))
+
+    def policy_folder(self) -> Path:
+        """Where the site keeps its fold seeds and released patient sets (beside its ledger:
+        ``<ledger_root>/policy``; baselines pass their own root)."""
+        return self.ledger_root / "policy"
 
     def _state(self, request: Mapping[str, Any]) -> Path:
         run = str(request["run"])
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", run):
+        if not wire.RUN_NAME.match(run):
             raise ValueError(f"run name {run!r} is not a safe folder name")
         path = self.state_root / run
         path.mkdir(parents=True, exist_ok=True)
@@ -281,15 +308,30 @@ class SiteWorker:
         fit = train if private else train & ~val[f]
         return {"train": train, "fit": fit, "val": val[f], "test": fold == f}
 
-    def _released(self, request: Mapping[str, Any], n: int, reply: dict) -> dict:
-        """``reply`` when ``n`` patients may be released on, else the count alone."""
-        return reply if n >= self.min_patients(request) else {"n": int(n)}
+    def _released(self, request: Mapping[str, Any], rows: np.ndarray, reply: dict) -> dict:
+        """``reply``, computed on the patients of the bool mask ``rows`` (n,), when the policy
+        lets it leave: at least the floor of patients, and a patient set the same as each one
+        released before or differing from it by at least the floor. Else :class:`Withheld`
+        with the count alone."""
+        n, floor = int(rows.sum()), self.min_patients(request)
+        if n < floor:
+            raise Withheld("policy.min_patients", f"{n} patients, floor {floor}", {"n": n})
+        families = release_families(self.route, reply)
+        problem = DifferencingGuard(self.policy_folder(), floor).admit(
+            self.data.ids[rows], families
+        )
+        if problem:
+            raise Withheld("policy.difference", problem, {"n": n})
+        return reply
 
     # ---- census, folds, selection --------------------------------------------------------------
 
     def census(self, request: dict) -> dict:
+        """Who the site is, its counts, schema and settings; its positives only while the
+        whole cohort is a patient set the guard admits (a cohort a few patients larger than
+        an earlier one would give those patients' labels)."""
         data = self.data
-        return {
+        reply = {
             "site_id": self.site_id,
             "protocol": wire.PROTOCOL_VERSION,
             "mode": "images" if data.crops is not None else "tabular",
@@ -305,26 +347,47 @@ class SiteWorker:
             ),
             "params_hash": digest(data.settings),
             "radiomics_names": list(data.radiomics.columns),
+            "folds": self.policy.folds,
+            "randomness": self.policy.randomness,
         }
+        try:
+            self._released(request, np.ones(len(data.ids), dtype=bool), {"positives": 0})
+        except Withheld as held:
+            del reply["positives"]
+            raise Withheld(held.rule, f"positives: {held.reason}", reply) from None
+        return reply
 
     def folds(self, request: dict) -> dict:
-        k, seed = int(request["folds"]), int(request["seed"])
-        val_fraction = float(request.get("val_fraction", 0.2))
+        """The site's own stratified folds (``[policy] folds`` and ``validation_fraction``,
+        seeded by :func:`fedmets.client.policy.fold_seed`; pooled sites each their own), kept
+        in the run's state; the fold sizes, and the positives per fold when every fold holds
+        the floor of patients."""
+        k = self.policy.folds
         fold = np.empty(len(self.data.ids), dtype=int)
         val = np.zeros((k, len(self.data.ids)), dtype=bool)
-        for site_id in dict.fromkeys(self.data.site):  # each site its own stratified folds
-            rows = np.flatnonzero(self.data.site == site_id)
+        for cfg in self.configs:  # each site its own stratified folds
+            rows = np.flatnonzero(self.data.site == cfg.site_id)
+            seed = fold_seed(
+                cfg.policy, cfg.seed, self.data.ids[rows], self.policy_folder() / cfg.site_id
+            )
             site_fold, site_val = assign_folds(
-                self.data.labels[rows], k, val_fraction, site_seed(seed, site_id)
+                self.data.labels[rows], k, cfg.policy.validation_fraction, seed
             )
             fold[rows], val[:, rows] = site_fold, site_val
-        np.savez(self._state(request) / "folds.npz", ids=self.data.ids, fold=fold, val=val)
+        path = self._state(request) / "folds.npz"
+        partial = path.with_suffix(".partial.npz")
+        np.savez(partial, ids=self.data.ids, fold=fold, val=val)
+        partial.replace(path)
         y = self.data.labels
-        return {
-            "n": len(y),
-            "fold_sizes": np.bincount(fold, minlength=k).astype(np.int64),
-            "fold_positives": np.bincount(fold, weights=y, minlength=k).astype(np.int64),
-        }
+        sizes = np.bincount(fold, minlength=k).astype(np.int64)
+        reply = {"n": len(y), "fold_sizes": sizes}
+        try:  # positives per fold: label counts of each fold's patients
+            for f in range(k):
+                self._released(request, fold == f, {"fold_positives": 0})
+        except Withheld:
+            return reply
+        reply["fold_positives"] = np.bincount(fold, weights=y, minlength=k).astype(np.int64)
+        return reply
 
     def moments(self, request: dict) -> dict:
         train = self._rows(request)["train"]
@@ -338,7 +401,7 @@ class SiteWorker:
         if self.data.clinical is not None:
             C = self.data.clinical.to_numpy()[train]
             reply |= {"clinical_sum": C.sum(axis=0), "clinical_sumsq": (C**2).sum(axis=0)}
-        return self._released(request, reply["n"], reply)
+        return self._released(request, train, reply)
 
     def covariance(self, request: dict) -> dict:
         train = self._rows(request)["train"]
@@ -353,7 +416,7 @@ class SiteWorker:
         if request.get("label_products"):  # for the correlation ranking
             y = self.data.labels[train].astype(np.float64)
             reply |= {"positives": int(y.sum()), "label_products": centred.T @ y}
-        return self._released(request, reply["n"], reply)
+        return self._released(request, train, reply)
 
     def importance(self, request: dict) -> dict:
         train = self._rows(request)["train"]
@@ -368,7 +431,7 @@ class SiteWorker:
                 n_jobs=1,
             )
             reply["importances"] = forest.fit(X, y).feature_importances_.astype(np.float64)
-        return self._released(request, reply["n"], reply)
+        return self._released(request, train, reply)
 
     def _radiomics(self, request: Mapping[str, Any]) -> np.ndarray:
         """The requested radiomics columns of every row, standardised by the request's pooled
@@ -415,21 +478,16 @@ class SiteWorker:
 
     def _dp_noise(self, request: Mapping[str, Any], n: int, networks: int) -> float | None:
         """The DP-SGD noise multiplier of a sample-level DP training request (None without
-        DP); PrivacyBudgetExceeded before anything is trained when this message's trainings
-        would take the site over its budget. The noise is planned so that the run's
+        DP; a site whose policy requires DP refuses such requests at its gate);
+        PrivacyBudgetExceeded before anything is trained when this message's trainings would
+        take the site over its budget. The noise is planned so that the run's
         ``dp_releases`` trainings end at ``dp_epsilon``; every round recomputes the same."""
-        mode = str(request.get("dp_mode", "off"))
-        if mode != "sample":
-            if self.configs[0].privacy.require_dp:
-                raise PrivacyRequired(
-                    f"{self.site_id}: refuses to train without differential privacy "
-                    "([privacy] require_dp = true in its site config)"
-                )
+        if str(request.get("dp_mode", "off")) != "sample":
             return None
         batch, epochs = int(request["batch"]), int(request["epochs"])
         z = plan_site_noise(
             float(request["dp_epsilon"]),
-            self.configs[0].privacy.delta,
+            self.policy.delta,
             n,
             batch,
             epochs,
@@ -453,7 +511,7 @@ class SiteWorker:
             fold=int(request["fold"]),
             round=int(request["round"]),
             run=str(request["run"]),
-            delta=self.configs[0].privacy.delta,
+            delta=self.policy.delta,
             **kwargs,
         )
 
@@ -476,12 +534,13 @@ class SiteWorker:
                 request,
                 model=model,
                 data=data,
-                seed=seed,
+                seed=self._private_seed(request),
                 noise_multiplier=noise,
                 stage="image",
                 model_name=IMAGE_MODEL,
             )
-            return {"n": n, wire.WEIGHTS_PREFIX + IMAGE_MODEL: history["state"]}
+            reply = {"n": n, wire.WEIGHTS_PREFIX + IMAGE_MODEL: history["state"]}
+            return self._released(request, rows, reply)
         history = train_image_model(
             model,
             data,
@@ -493,11 +552,12 @@ class SiteWorker:
             batch_size=int(request["batch"]),
             proximal_mu=float(request["proximal_mu"]),
         )
-        return {
+        reply = {
             "n": n,
             wire.WEIGHTS_PREFIX + IMAGE_MODEL: get_state(model),
             "train_loss_sum": float(history["train_loss"][-1] * n),
         }
+        return self._released(request, rows, reply)
 
     def deep_features(self, request: dict) -> dict:
         from fedmets.client.crops import CropDataset
@@ -520,7 +580,7 @@ class SiteWorker:
             request[wire.WEIGHTS_PREFIX + IMAGE_MODEL],
             settings,
         )
-        return self._released(request, reply["n"], reply)
+        return self._released(request, train, reply)
 
     # ---- fusion --------------------------------------------------------------------------------
 
@@ -578,7 +638,7 @@ class SiteWorker:
                     request,
                     model=net,
                     data=(X[rows], y),
-                    seed=seed,
+                    seed=self._private_seed(request),
                     noise_multiplier=noise,
                     weight_decay=float(request["weight_decay"]),
                     stage="fusion",
@@ -602,7 +662,7 @@ class SiteWorker:
             )
             reply[wire.WEIGHTS_PREFIX + name] = get_state(net)
             reply[f"train_loss_sum:{name}"] = float(history["train_loss"][-1] * n)
-        return reply
+        return self._released(request, rows, reply)
 
     def validate(self, request: dict) -> dict:
         rows = self._rows(request)["val"]
@@ -617,16 +677,15 @@ class SiteWorker:
             images = np.asarray(self._images(request)[rows])
             probs = extract_probabilities(model, images, self.device)
             reply[f"val_loss_sum:{IMAGE_MODEL}"] = _loss_sum(loss, probs, y)
-            return reply
+            return self._released(request, rows, reply)
         groups = self._groups(request)
         for name, (net, X) in self._fusion_models(request, groups).items():
             probs = predict_proba(net, X[rows])
             reply[f"val_loss_sum:{name}"] = _loss_sum(loss, probs, y)
             if "bins" in request:
-                hist = score_histograms(self.data.labels[rows], probs, int(request["bins"]))
-                reply[f"val_hist_pos:{name}"] = hist.pos_counts.astype(np.int64)
-                reply[f"val_hist_neg:{name}"] = hist.neg_counts.astype(np.int64)
-        return reply
+                pos, neg = self._histograms(self.data.labels[rows], probs, request)
+                reply[f"val_hist_pos:{name}"], reply[f"val_hist_neg:{name}"] = pos, neg
+        return self._released(request, rows, reply)
 
     def permutation(self, request: dict) -> dict:
         """Permutation importance of the request's fusion network on this site's held-out rows
@@ -650,25 +709,24 @@ class SiteWorker:
                 shuffled = X.copy()
                 shuffled[:, columns] = X[rng.permutation(n)][:, columns]
                 increase[b] += _loss_sum(loss, predict_proba(net, shuffled), y) - base
-        return {
+        reply = {
             "n": n,
             "base_loss_sum": base,
             "loss_increase_sum": increase / int(request["repeats"]),
         }
+        return self._released(request, rows, reply)
 
     def train_scores(self, request: dict) -> dict:
         """Histograms of the training rows' scores (for the threshold); the held-out rows'
         scores are kept on the site's disk for :meth:`evaluation`."""
         rows = self._rows(request)
         y = self.data.labels
-        bins = int(request["bins"])
         reply: dict[str, Any] = {"n": int(rows["train"].sum())}
         held_out = {}
         for name, (net, X) in self._fusion_models(request, self._groups(request)).items():
             scores = predict_proba(net, X)
-            hist = score_histograms(y[rows["train"]], scores[rows["train"]], bins)
-            reply[f"hist_pos:{name}"] = hist.pos_counts.astype(np.int64)
-            reply[f"hist_neg:{name}"] = hist.neg_counts.astype(np.int64)
+            pos, neg = self._histograms(y[rows["train"]], scores[rows["train"]], request)
+            reply[f"hist_pos:{name}"], reply[f"hist_neg:{name}"] = pos, neg
             held_out[name] = scores[rows["test"]]
         fold = int(request["fold"])
         np.savez(
@@ -676,7 +734,7 @@ class SiteWorker:
             rows=np.flatnonzero(rows["test"]),
             **{_safe(k): v for k, v in held_out.items()},
         )
-        return self._released(request, reply["n"], reply)
+        return self._released(request, rows["train"], reply)
 
     def evaluation(self, request: dict) -> dict:
         """Out-of-fold results per model, over the whole site and per subsite group: score
@@ -699,19 +757,25 @@ class SiteWorker:
                     scores[name][stored["rows"]] = stored[_safe(name)]
                     cut[name][stored["rows"]] = thresholds[name][fold]
         scored = np.isfinite(next(iter(scores.values())))
-        reply: dict[str, Any] = {"n": int(scored.sum()), "suppressed": 0}
         floor = self.min_patients(request)
-        groups = {"": scored} | {
+        subsites = {
             f"@{s}": scored & (self.data.subsite == s) for s in sorted(set(self.data.subsite))
         }
+        hidden = suppressed_groups({g: int(r.sum()) for g, r in subsites.items()}, floor)
+        reply: dict[str, Any] = {"n": int(scored.sum()), "suppressed": len(hidden)}
+        groups = {"": scored} | {g: r for g, r in subsites.items() if g not in hidden}
         for suffix, rows in groups.items():
-            if rows.sum() < floor:
+            try:  # histograms, confusion counts: labels among them
+                self._released(request, rows, {"hist_pos": 0})
+            except Withheld:
+                if not suffix:
+                    raise
                 reply["suppressed"] += 1
                 continue
             y = self.data.labels[rows]
             for name in thresholds:
                 s, t = scores[name][rows], cut[name][rows]
-                hist = score_histograms(y, s, int(request["bins"]))
+                pos, neg = self._histograms(y, s, request)
                 predicted = s >= t
                 confusion = [
                     (predicted & (y == 1)).sum(),
@@ -719,13 +783,26 @@ class SiteWorker:
                     (~predicted & (y == 0)).sum(),
                     (predicted & (y == 0)).sum(),
                 ]
-                reply[f"hist_pos:{name}{suffix}"] = hist.pos_counts.astype(np.int64)
-                reply[f"hist_neg:{name}{suffix}"] = hist.neg_counts.astype(np.int64)
+                reply[f"hist_pos:{name}{suffix}"], reply[f"hist_neg:{name}{suffix}"] = pos, neg
                 reply[f"confusion:{name}{suffix}"] = np.asarray(confusion, dtype=np.int64)
                 reply[f"brier_sum:{name}{suffix}"] = float(((s - y) ** 2).sum())
             if suffix:
                 reply[f"group_n:{suffix[1:]}"] = int(rows.sum())
-        return self._released(request, reply["n"], reply)
+        return reply
+
+    def _histograms(
+        self, y: np.ndarray, scores: np.ndarray, request: Mapping[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class-conditional score counts over the request's ``bins``, coarsened to the
+        policy's ``min_bin_count`` patients per non-empty bin: (bins,) int64 each."""
+        hist = score_histograms(y, scores, int(request["bins"]))
+        pos, neg = coarsen_histograms(hist.pos_counts, hist.neg_counts, self.policy.min_bin_count)
+        return pos.astype(np.int64), neg.astype(np.int64)
+
+    def _private_seed(self, request: Mapping[str, Any]) -> int:
+        """The seed of a DP-SGD training's noise and sampling (``fedmets.client.policy``)."""
+        keys = (int(request["fold"]), int(request["round"]))
+        return private_seed(self.policy, int(request["seed"]), self.site_id, *keys)
 
 
 def fusion_groups(model: str) -> tuple[str, ...]:

@@ -3,6 +3,8 @@ fast (no torch import for `config check`)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +23,20 @@ app.add_typer(config_app, name="config")
 site_app = typer.Typer(help="Hospital-side commands on this site's own data.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
 
-console = Console()
-err_console = Console(stderr=True)
+LOG_WIDTH = 200
+"""Console width when the output is not a terminal (a log file, CI): rich would otherwise lay
+tables out for 80 columns and cut their cells. A set ``COLUMNS`` still wins."""
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console for stdout or stderr: a terminal's own width, else :data:`LOG_WIDTH`."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = stream.isatty() or "COLUMNS" in os.environ
+    return Console(stderr=stderr, width=None if wide else LOG_WIDTH)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def _patient_progress():
@@ -90,6 +104,15 @@ def synth(
     seed: Annotated[int, typer.Option(help="Cohort seed: same seed, identical files.")] = 7,
     workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    crop_voxels: Annotated[
+        int | None,
+        typer.Option(
+            min=32,
+            max=256,
+            help="Side of the sites' deep-model crops ([preprocess] crop_voxels; default 64):"
+            " 96 for the gpu image preset, which reads 96^3 crops natively.",
+        ),
+    ] = None,
 ) -> None:
     """Generate a synthetic multi-site HNSCC cohort (CT, masks, manifests, site configs)."""
     import os
@@ -111,6 +134,7 @@ def synth(
                 on_patient_done=lambda done, total: progress.update(
                     task, completed=done, total=total
                 ),
+                crop_voxels=crop_voxels,
             )
         except (ValueError, FileExistsError) as error:
             err_console.print(f"[red]error:[/red] {error}")
@@ -657,14 +681,37 @@ def simulate(
     baselines: Annotated[
         bool, typer.Option(help="Also run the centralised and local-only baselines.")
     ] = True,
+    gpus_per_site: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=8,
+            help="Share of a GPU per simulated site (0.5: two sites per GPU); default: the"
+            " federation config's [simulation] gpus_per_site (0: CPU only).",
+        ),
+    ] = None,
 ) -> None:
     """Run the federated protocol on every site of COHORT in Flower's simulation engine, then the
     centralised and local-only baselines; write RUN/metrics.json and RUN/summary.txt."""
+    from rich.text import Text
+
     from fedmets.simulation.simulate import simulate as run_simulation
 
-    metrics = run_simulation(
-        cohort, out, preset, config, seed, workers, baselines, log=lambda m: console.print(m)
-    )
+    try:
+        metrics = run_simulation(
+            cohort,
+            out,
+            preset,
+            config,
+            seed,
+            workers,
+            baselines,
+            log=lambda m: console.print(m),
+            gpus_per_site=gpus_per_site,
+        )
+    except ValueError as error:
+        err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+        raise typer.Exit(1) from error
     from fedmets.simulation.simulate import summary_text
 
     console.print(summary_text(metrics), markup=False, highlight=False)

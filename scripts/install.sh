@@ -24,7 +24,8 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # pyradiomics 3.x ships no wheel for Python 3.11: build it against the venv's numpy.
 "${pip[@]}" install numpy setuptools wheel versioneer
 "${pip[@]}" install --no-build-isolation "pyradiomics>=3.0.1"
-"${pip[@]}" install -e ".[dev]"
+# The editable build warns about folders named like the package (fedmets/ is that package).
+PYTHONWARNINGS=ignore "${pip[@]}" install -e ".[dev]"
 # Headless Chromium renders the report page in tests/test_report.py (skipped without it).
 # Best effort, only as root with apt and no chromium yet; never fails the install.
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1 \

@@ -244,9 +244,7 @@ class FederatedProtocol:
                 "training rounds are aggregated in clear"
             )
         census = self.census()
-        images = all(c["has_images"] for c in census.values()) and "image" in (
-            self.cfg.stages.enabled
-        )
+        images = self.cfg.stages.image and all(c["has_images"] for c in census.values())
         clinical = all(c["clinical_columns"] > 0 for c in census.values())
         backbone = self.cfg.model.backbone if images else None
         groups = ("radiomics",) + (("clinical",) if clinical else ())
@@ -314,7 +312,7 @@ class FederatedProtocol:
                     f"model.backbone in {DP_SGD_BACKBONES}, not {self.cfg.model.backbone!r}: "
                     "Opacus computes per-sample gradients layer by layer, and Swin's window "
                     "attention runs its layers on windows folded into the batch axis (or "
-                    "leave 'image' out of stages.enabled)"
+                    "set stages.image = false)"
                 )
             self.dp_request["dp_epsilon"] = dp.epsilon / 2 if images else dp.epsilon
             self.dp_releases = {
@@ -368,26 +366,32 @@ class FederatedProtocol:
                     f"{replies[reference][key]!s:.16}; extract every site with the same "
                     f"fedmets version and settings"
                 )
+        other_folds = sorted(s for s, r in replies.items() if r["folds"] != self.cfg.cv.folds)
+        if other_folds:
+            raise ProtocolError(
+                f"sites {', '.join(other_folds)} cross-validate with "
+                f"{replies[other_folds[0]]['folds']} folds ([policy] folds), the run with "
+                f"{self.cfg.cv.folds} ([cv] folds): the folds are each site's own"
+            )
         self.record.census = replies
         total = sum(r["n"] for r in replies.values())
         sizes = ", ".join(f"{s} {r['n']}" for s, r in sorted(replies.items()))
+        held = sorted(s for s, r in replies.items() if "positives" not in r)
+        positives = sum(r.get("positives", 0) for r in replies.values())
         self.say(
-            f"census: {len(replies)} sites, {total} patients, "
-            f"{sum(r['positives'] for r in replies.values())} DM+ "
-            f"({sizes})"
+            f"census: {len(replies)} sites, {total} patients, {positives} DM+"
+            f"{' (not counting ' + ', '.join(held) + ')' if held else ''} ({sizes})"
         )
+        seeded = sorted(s for s, r in replies.items() if r["randomness"] == "seeded")
+        if seeded:
+            self.say(
+                f"sites {', '.join(seeded)} draw folds and DP noise from their config seed "
+                "(policy randomness 'seeded': for simulations and tests)"
+            )
         return replies
 
     def folds(self) -> None:
-        replies = self._ask(
-            "query.folds",
-            {
-                "fold": -1,
-                "folds": self.cfg.cv.folds,
-                "seed": self.cfg.cv.seed,
-                "val_fraction": self.cfg.evaluation.validation_fraction,
-            },
-        )
+        replies = self._ask("query.folds", {"folds": self.cfg.cv.folds})
         for site, reply in sorted(replies.items()):
             self.say(f"folds: {site} sizes {reply['fold_sizes'].tolist()}")
 
@@ -450,6 +454,7 @@ class FederatedProtocol:
                 "pos_weight": pos_weight,
                 "repeats": IMPORTANCE_REPEATS,
                 "seed": self._seed(fold, 3),
+                "dp_mode": self.cfg.dp.mode,
                 wire.WEIGHTS_PREFIX + model: weights,
             },
             fold=fold,
@@ -727,7 +732,7 @@ class FederatedProtocol:
         bins = {"bins": self.cfg.evaluation.histogram_bins} if with_auc else {}
         checked = self._ask(
             "query.validate",
-            {**validate_request, **weights, **bins, "fold": fold, "stage": stage},
+            {**validate_request, **weights, **bins, "fold": fold, "stage": stage, "dp_mode": "off"},
             fold=fold,
             round=r,
             stage=f"validate {stage}",
@@ -772,7 +777,12 @@ class FederatedProtocol:
         replies = self._usable(
             self._ask(
                 "query.deep_features",
-                {**self._image_settings(), "fold": fold, wire.WEIGHTS_PREFIX + IMAGE: weights},
+                {
+                    **self._image_settings(),
+                    "fold": fold,
+                    "dp_mode": self.cfg.dp.mode,
+                    wire.WEIGHTS_PREFIX + IMAGE: weights,
+                },
                 fold=fold,
             ),
             "deep_sum",
@@ -851,6 +861,7 @@ class FederatedProtocol:
                     **self._fusion_settings(),
                     "fold": fold,
                     "bins": bins,
+                    "dp_mode": self.cfg.dp.mode,
                     **{wire.WEIGHTS_PREFIX + m: s for m, s in weights.items()},
                 },
                 fold=fold,
@@ -873,7 +884,11 @@ class FederatedProtocol:
         bins = self.cfg.evaluation.histogram_bins
         replies = self._ask(
             "query.evaluation",
-            {"bins": bins, **{f"thresholds:{m}": t for m, t in thresholds.items()}},
+            {
+                "bins": bins,
+                "dp_mode": self.cfg.dp.mode,
+                **{f"thresholds:{m}": t for m, t in thresholds.items()},
+            },
         )
         edges = np.linspace(0.0, 1.0, bins + 1)
         main = main_model(list(thresholds))

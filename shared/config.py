@@ -36,8 +36,6 @@ PATTERN_MEANINGS = {
 }
 
 Modality = Literal["ct", "tumour_mask", "organ_mask", "clinical", "radiomics_table"]
-Stage = Literal["census", "folds", "selection", "image", "deep_features", "fusion", "evaluate"]
-STAGE_ORDER: tuple[str, ...] = Stage.__args__
 Backbone = Literal["swin3d", "resnet3d", "densenet3d"]  # fedmets.shared.models.BACKBONES
 ImagePreset = Literal["cpu-small", "gpu"]  # fedmets.shared.models.IMAGE_PRESETS
 IMAGE_MODALITIES = ("ct", "tumour_mask", "organ_mask")
@@ -220,13 +218,45 @@ class PreprocessSection(_Section):
         return self
 
 
-class PrivacySection(_Section):
-    """``[privacy]``: the site's own floor on what it releases and its DP budget."""
+class PolicySection(_Section):
+    """``[policy]``: what this site lets leave it, whatever the coordinating centre asks
+    (``fedmets.client.policy`` enforces it; docs/privacy.md). The defaults protect a site
+    that sets nothing."""
 
-    min_patients: int = Field(5, ge=1)
+    # Fewest patients behind anything released, and fewest by which two released patient
+    # sets may differ (the differencing guard); the centre may only ask for more.
+    min_patients: int = Field(5, ge=2)
+    # Train, validate, score and explain only in differentially private runs.
+    require_dp: bool = False
     epsilon_budget: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
-    require_dp: bool = False
+    # The site's own cross-validation: a request for another number of folds is refused.
+    folds: int = Field(5, ge=2, le=10)
+    validation_fraction: float = Field(0.2, gt=0, lt=0.5)
+    # "secure": the fold seed (drawn once per cohort, kept on disk) and DP-SGD's noise and
+    # sampling come from the operating system's CSPRNG; "seeded": from ``seed`` (simulation
+    # and tests only: the centre may then know them; every run records which).
+    randomness: Literal["secure", "seeded"] = "secure"
+    # Score histograms: at most this many bins, and every non-empty bin holds at least
+    # min_bin_count patients (adjacent bins are merged until it does).
+    max_bins: int = Field(100, ge=2, le=10000)
+    min_bin_count: int = Field(5, ge=1)
+    # Training requests: batch, epochs per round, learning rate, fusion network size,
+    # random-forest trees, permutation repeats.
+    min_batch: int = Field(8, ge=1)
+    max_epochs: int = Field(20, ge=1)
+    min_lr: float = Field(1e-6, gt=0)
+    max_lr: float = Field(0.1, gt=0)
+    max_width: int = Field(256, ge=1)
+    max_layers: int = Field(4, ge=0)
+    max_trees: int = Field(1000, ge=1)
+    max_repeats: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PolicySection:
+        if self.min_lr > self.max_lr:
+            raise _rule_error(f"must be <= max_lr ({self.max_lr}), got {self.min_lr}", "min_lr")
+        return self
 
 
 class SiteConfig(_Section):
@@ -240,7 +270,7 @@ class SiteConfig(_Section):
     paths: PathsSection = _section()
     radiomics: RadiomicsSection = _section()
     preprocess: PreprocessSection = _section()
-    privacy: PrivacySection = _section()
+    policy: PolicySection = _section()
 
     _source: Path | None = PrivateAttr(None)
 
@@ -270,34 +300,22 @@ class FederationSection(_Section):
 
 
 class StagesSection(_Section):
-    """``[stages]``: which pipeline stages run, and how many rounds and epochs."""
+    """``[stages]``: whether the image stage runs, and how many rounds and epochs. Census,
+    folds, selection, fusion and evaluation always run."""
 
-    enabled: list[Stage] = Field(list(STAGE_ORDER), min_length=1)
+    # Train the image model and fuse its deep features (when every site has crops); false:
+    # radiomics and clinical only.
+    image: bool = True
     image_rounds: int = Field(5, ge=1)
     fusion_rounds: int = Field(20, ge=1)
     local_epochs: int = Field(1, ge=1)
     fusion_local_epochs: int = Field(5, ge=1)
-
-    @field_validator("enabled")
-    @classmethod
-    def _in_pipeline_order(cls, enabled: list[str]) -> list[str]:
-        repeated = sorted({s for s in enabled if enabled.count(s) > 1})
-        if repeated:
-            raise _rule_error(f"lists {_quoted(repeated)} more than once")
-        for earlier, later in zip(enabled, enabled[1:], strict=False):
-            if STAGE_ORDER.index(earlier) > STAGE_ORDER.index(later):
-                raise _rule_error(
-                    f"must follow the pipeline order ({', '.join(STAGE_ORDER)}),"
-                    f" got '{earlier}' before '{later}'"
-                )
-        return enabled
 
 
 class StrategySection(_Section):
     """``[strategy]``: the server's aggregation strategy."""
 
     name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    fraction_train: float = Field(1.0, gt=0, le=1)
     proximal_mu: float = Field(0.0, ge=0)
     server_learning_rate: float = Field(0.01, gt=0)
     # SecAgg+ for the training rounds' weights (Flower runs only; see docs/privacy.md).
@@ -314,10 +332,10 @@ class StrategySection(_Section):
 
 
 class CvSection(_Section):
-    """``[cv]``: cross-validation folds."""
+    """``[cv]``: cross-validation folds (each site draws its own fold assignment: its
+    ``[policy] folds`` must equal this)."""
 
     folds: int = Field(5, ge=2, le=10)
-    seed: int = Field(7, ge=0)
 
 
 class SelectionSection(_Section):
@@ -355,8 +373,8 @@ class ModelSection(_Section):
 class EvaluationSection(_Section):
     """``[evaluation]``: how held-out folds are scored."""
 
-    histogram_bins: int = Field(10000, ge=100, le=100000)
-    validation_fraction: float = Field(0.2, gt=0, lt=0.5)
+    # Score-histogram bins on [0, 1] (a site's [policy] max_bins bounds it; 100 by default).
+    histogram_bins: int = Field(100, ge=10, le=10000)
 
 
 class DpSection(_Section):
@@ -381,6 +399,15 @@ class DpSection(_Section):
         return self
 
 
+class SimulationSection(_Section):
+    """``[simulation]``: what each simulated site gets on a researcher's one machine (``fedmets
+    simulate`` only; a deployed site uses its own hardware)."""
+
+    # Share of one GPU per simulated SuperNode (Flower's client-resources-num-gpus: 0.5 puts
+    # two sites on a GPU at once); 0: the sites see no GPU and train on the CPU.
+    gpus_per_site: float = Field(0.0, ge=0, le=8)
+
+
 class FederationConfig(_Section):
     """A federated run: stages, strategy, cross-validation, selection and privacy settings."""
 
@@ -393,6 +420,7 @@ class FederationConfig(_Section):
     model: ModelSection = _section()
     evaluation: EvaluationSection = _section()
     dp: DpSection = _section()
+    simulation: SimulationSection = _section()
 
     _source: Path | None = PrivateAttr(None)
 

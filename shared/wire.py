@@ -29,12 +29,13 @@ clear. The server only ever decodes the weighted average of those vectors
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -63,13 +64,12 @@ class Kind(StrEnum):
     METRIC = "metric"  # a scalar summed or averaged over >= min_patients patients
     WEIGHTS = "weights"  # model parameters
     SCHEMA = "schema"  # feature column names (PyRadiomics names: public, never patient data)
-    SETTING = "setting"  # server -> site only: configuration, indices, global statistics
     MASKED = "masked"  # SecAgg+: a vector only readable summed over sites (see below)
     KEY = "key"  # SecAgg+: public keys, encrypted secret shares, shares that unmask the sum
 
 
-REPLY_KINDS = frozenset(Kind) - {Kind.SETTING}
-ENUM_WORDS = frozenset({"images", "tabular", "ok", "refused"})
+REPLY_KINDS = frozenset(Kind)
+ENUM_WORDS = frozenset({"images", "tabular", "secure", "seeded"})
 HEX = re.compile(r"^[0-9a-f]{8,128}$")
 SITE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{1,31}$")
 FEATURE_NAME = re.compile(
@@ -88,13 +88,45 @@ class WireError(ValueError):
     """A payload that breaks its route's declaration (raised before anything is sent)."""
 
 
+ParamType = Literal[
+    "int",
+    "float",
+    "bool",
+    "name",
+    "word",
+    "words",
+    "vector",
+    "matrix",
+    "indices",
+    "ints",
+    "weights",
+]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A request field (server -> site): its type and, for numbers and the entries of
+    ``ints``, its inclusive range; ``words`` the strings a ``word`` may be. Types: ``int``,
+    ``float`` (finite), ``bool``; ``name`` (a run name: letters, digits, ``_.-``, <= 64);
+    ``word`` (one of ``words``), ``words`` (a list of declared reply field names);
+    ``vector`` / ``matrix`` (1-D / 2-D arrays of finite floats); ``indices`` (1-D
+    non-negative integers); ``ints`` (1-D integers in range); ``weights`` (parameter name ->
+    numeric array). A site's policy may bound a field further (``fedmets.client.policy``)."""
+
+    type: ParamType
+    low: float | None = None
+    high: float | None = None
+    words: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True)
 class Route:
-    """One message type: its request and reply fields (name -> kind); ``count_field`` names the
-    reply field holding the number of patients the reply's aggregates are computed over."""
+    """One message type: its request fields (name -> :class:`Param`) and reply fields (name ->
+    :class:`Kind`); ``count_field`` names the reply field holding the number of patients the
+    reply's aggregates are computed over."""
 
     name: str
-    request: Mapping[str, Kind]
+    request: Mapping[str, Param]
     reply: Mapping[str, Kind]
     count_field: str | None = "n"
 
@@ -102,12 +134,12 @@ class Route:
         """The declared kind of reply field ``key`` (families ``prefix:*`` included)."""
         return _lookup(self.reply, key)
 
-    def request_kind(self, key: str) -> Kind | None:
-        """The declared kind of request field ``key``."""
+    def request_param(self, key: str) -> Param | None:
+        """The declaration of request field ``key``."""
         return _lookup(self.request, key)
 
 
-def _lookup(fields: Mapping[str, Kind], key: str) -> Kind | None:
+def _lookup(fields: Mapping[str, Any], key: str) -> Any:
     if key in fields:
         return fields[key]
     if ":" in key:
@@ -115,28 +147,62 @@ def _lookup(fields: Mapping[str, Kind], key: str) -> Kind | None:
     return None
 
 
-S, C, A = Kind.SETTING, Kind.COUNT, Kind.AGGREGATE
-_RUN = {"run": S, "fold": S, "min_patients": S}
+C, A = Kind.COUNT, Kind.AGGREGATE
+BACKBONE_NAMES = frozenset({"swin3d", "resnet3d", "densenet3d"})  # shared.image_models.BACKBONES
+IMAGE_PRESET_NAMES = frozenset({"cpu-small", "gpu"})  # shared.image_models.IMAGE_PRESETS
+_VECTOR, _MATRIX = Param("vector"), Param("matrix")
+_RATE = Param("float", 0.0, 0.999)  # dropout rates
+_SEED = Param("int", 0, 2**63 - 1)
+_RUN = {"run": Param("name"), "fold": Param("int", -1, 63), "min_patients": Param("int", 1, 10**6)}
 _STANDARDISE = {
-    "radiomics_columns": S,  # (k,) int: indices of the selected radiomics columns
-    "radiomics_mean": S,
-    "radiomics_scale": S,
-    "clinical_mean": S,
-    "clinical_scale": S,
-    "deep_mean": S,
-    "deep_scale": S,
-    "deep_projection": S,  # (D, c) whitened PCA of the pooled training deep features
+    "radiomics_columns": Param("indices"),  # (k,) indices of the selected radiomics columns
+    "radiomics_mean": _VECTOR,
+    "radiomics_scale": _VECTOR,
+    "clinical_mean": _VECTOR,
+    "clinical_scale": _VECTOR,
+    "deep_mean": _VECTOR,
+    "deep_scale": _VECTOR,
+    "deep_projection": _MATRIX,  # (D, c) whitened PCA of the pooled training deep features
 }
-_IMAGE = {"backbone": S, "image_preset": S, "mask_channel": S}
-_DP = {"dp_mode": S, "dp_epsilon": S, "dp_releases": S, "max_grad_norm": S}
-_SECURE = {"secure_sums": S}  # reply sums that ride in the masked vector (secure rounds only)
+_IMAGE = {
+    "backbone": Param("word", words=BACKBONE_NAMES),
+    "image_preset": Param("word", words=IMAGE_PRESET_NAMES),
+    "mask_channel": Param("word", words=frozenset({"ring", "tumour", "none"})),
+}
+_DP = {
+    "dp_mode": Param("word", words=frozenset({"off", "sample", "client"})),
+    "dp_epsilon": Param("float", 1e-6, 1e6),
+    "dp_releases": Param("int", 1, 10**7),
+    "max_grad_norm": Param("float", 1e-9, 1e6),
+}
+_SECURE = {"secure_sums": Param("words")}  # reply sums that ride in the masked vector
+_FUSION_NET = {
+    "hidden": Param("ints", 1, 4096),  # hidden widths of the fusion network
+    "dropout": _RATE,
+    "group_dropout": _RATE,
+}
+_TRAINING = {
+    "round": Param("int", 0, 10**6),
+    "epochs": Param("int", 1, 10**4),
+    "lr": Param("float", 1e-9, 10.0),
+    "batch": Param("int", 1, 10**6),
+    "proximal_mu": Param("float", 0.0, 1e6),
+    "pos_weight": Param("float", 1e-6, 1e6),
+    "seed": _SEED,
+}
+_BINS = {"bins": Param("int", 2, 10**6)}
+_WEIGHTS = {"weights:*": Param("weights")}
 
 ROUTES: dict[str, Route] = {
     r.name: r
     for r in (
         Route(
             "query.census",
-            {"run": S, "protocol": S, "min_patients": S},
+            {
+                "run": Param("name"),
+                "protocol": Param("int", 0, 10**6),
+                "min_patients": _RUN["min_patients"],
+            },
             {
                 "site_id": Kind.SITE,
                 "protocol": C,
@@ -151,11 +217,13 @@ ROUTES: dict[str, Route] = {
                 "schema_hash": Kind.HASH,
                 "params_hash": Kind.HASH,
                 "radiomics_names": Kind.SCHEMA,
+                "folds": C,  # the site's own number of folds ([policy] folds)
+                "randomness": Kind.ENUM,  # secure | seeded: who could know its fold seed
             },
         ),
         Route(
             "query.folds",
-            {**_RUN, "folds": S, "seed": S, "val_fraction": S},
+            {**_RUN, "folds": Param("int", 2, 64)},
             {"n": C, "fold_sizes": C, "fold_positives": C},
         ),
         Route(
@@ -172,7 +240,7 @@ ROUTES: dict[str, Route] = {
         ),
         Route(
             "query.covariance",
-            {**_RUN, "radiomics_mean": S, "label_products": S},
+            {**_RUN, "radiomics_mean": _VECTOR, "label_products": Param("bool")},
             {
                 "n": C,
                 "positives": C,
@@ -183,25 +251,12 @@ ROUTES: dict[str, Route] = {
         ),
         Route(
             "query.importance",
-            {**_RUN, **_STANDARDISE, "trees": S, "seed": S},
+            {**_RUN, **_STANDARDISE, "trees": Param("int", 1, 10**5), "seed": _SEED},
             {"n": C, "positives": C, "importances": A},  # (k_kept,)
         ),
         Route(
             "train.image",
-            {
-                **_RUN,
-                **_IMAGE,
-                "round": S,
-                "epochs": S,
-                "lr": S,
-                "batch": S,
-                "proximal_mu": S,
-                "pos_weight": S,
-                "seed": S,
-                **_DP,
-                **_SECURE,
-                "weights:*": S,
-            },
+            {**_RUN, **_IMAGE, **_TRAINING, **_DP, **_SECURE, **_WEIGHTS},
             {"n": C, "weights:*": Kind.WEIGHTS, "train_loss_sum": Kind.METRIC},
         ),
         Route(
@@ -210,13 +265,12 @@ ROUTES: dict[str, Route] = {
                 **_RUN,
                 **_IMAGE,
                 **_STANDARDISE,
-                "stage": S,
-                "pos_weight": S,
-                "hidden": S,
-                "dropout": S,
-                "group_dropout": S,
-                "bins": S,  # fusion under the AUC monitor: also the validation histograms
-                "weights:*": S,
+                **_FUSION_NET,
+                **_BINS,  # fusion under the AUC monitor: also the validation histograms
+                **_WEIGHTS,
+                "stage": Param("word", words=frozenset({"image", "fusion"})),
+                "pos_weight": _TRAINING["pos_weight"],
+                "dp_mode": _DP["dp_mode"],
             },
             {
                 "n": C,
@@ -227,7 +281,7 @@ ROUTES: dict[str, Route] = {
         ),
         Route(
             "query.deep_features",
-            {**_RUN, **_IMAGE, "weights:*": S},
+            {**_RUN, **_IMAGE, **_WEIGHTS, "dp_mode": _DP["dp_mode"]},
             {"n": C, "deep_sum": A, "deep_sumsq": A, "deep_cross": A},  # (D,), (D,), (D, D)
         ),
         Route(
@@ -235,34 +289,18 @@ ROUTES: dict[str, Route] = {
             {
                 **_RUN,
                 **_STANDARDISE,
-                "round": S,
-                "epochs": S,
-                "lr": S,
-                "batch": S,
-                "weight_decay": S,
-                "proximal_mu": S,
-                "pos_weight": S,
-                "seed": S,
+                **_TRAINING,
                 **_DP,
                 **_SECURE,
-                "hidden": S,
-                "dropout": S,
-                "group_dropout": S,
-                "weights:*": S,
+                **_FUSION_NET,
+                **_WEIGHTS,
+                "weight_decay": Param("float", 0.0, 10.0),
             },
             {"n": C, "weights:*": Kind.WEIGHTS, "train_loss_sum:*": Kind.METRIC},
         ),
         Route(
             "query.train_scores",
-            {
-                **_RUN,
-                **_STANDARDISE,
-                "bins": S,
-                "hidden": S,
-                "dropout": S,
-                "group_dropout": S,
-                "weights:*": S,
-            },
+            {**_RUN, **_STANDARDISE, **_BINS, **_FUSION_NET, **_WEIGHTS, "dp_mode": _DP["dp_mode"]},
             {"n": C, "hist_pos:*": Kind.HISTOGRAM, "hist_neg:*": Kind.HISTOGRAM},
         ),
         Route(
@@ -270,19 +308,18 @@ ROUTES: dict[str, Route] = {
             {
                 **_RUN,
                 **_STANDARDISE,
-                "hidden": S,
-                "dropout": S,
-                "group_dropout": S,
-                "pos_weight": S,
-                "repeats": S,
-                "seed": S,
-                "weights:*": S,
+                **_FUSION_NET,
+                **_WEIGHTS,
+                "pos_weight": _TRAINING["pos_weight"],
+                "repeats": Param("int", 1, 1000),
+                "seed": _SEED,
+                "dp_mode": _DP["dp_mode"],
             },
             {"n": C, "base_loss_sum": Kind.METRIC, "loss_increase_sum": A},  # (blocks,)
         ),
         Route(
             "query.ledger",
-            {"run": S, "min_patients": S},
+            {"run": Param("name"), "min_patients": _RUN["min_patients"]},
             {
                 "n": C,
                 "epsilon": Kind.METRIC,  # the site's whole ledger (every run on its patients)
@@ -295,7 +332,13 @@ ROUTES: dict[str, Route] = {
         ),
         Route(
             "query.evaluation",
-            {"run": S, "min_patients": S, "bins": S, "thresholds:*": S},
+            {
+                "run": Param("name"),
+                "min_patients": _RUN["min_patients"],
+                **_BINS,
+                "thresholds:*": _VECTOR,  # (folds,) each fold's threshold of one model
+                "dp_mode": _DP["dp_mode"],
+            },
             {
                 "n": C,
                 "hist_pos:*": Kind.HISTOGRAM,  # out-of-fold test scores, per model[@subsite]
@@ -328,7 +371,7 @@ def to_records(route_name: str, payload: Mapping[str, Any], reply: bool) -> Reco
     arrays: dict[str, Array] = {}
     records = RecordDict()
     for key, value in payload.items():
-        kind = spec.reply_kind(key) if reply else spec.request_kind(key)
+        kind = spec.reply_kind(key) if reply else spec.request_param(key)
         if kind is None:
             side = "reply" if reply else "request"
             raise WireError(
@@ -364,6 +407,78 @@ def from_records(records: RecordDict) -> dict[str, Any]:
         elif key.startswith(WEIGHTS_PREFIX):
             payload[key] = {k: v.numpy() for k, v in record.items()}
     return payload
+
+
+# ---- the request rules -------------------------------------------------------------------------
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_request(route_name: str, payload: Mapping[str, Any]) -> list[str]:
+    """Every way ``payload`` (a request on ``route_name``, as decoded at the site) breaks the
+    route's declaration: an undeclared field, a value of the wrong type, a number out of its
+    range; each problem names the field and the rule. Empty when it is well formed."""
+    spec = route(route_name)
+    problems = []
+    for key, value in payload.items():
+        param = spec.request_param(key)
+        if param is None:
+            problems.append(f"{key}: not a declared request field of {route_name}")
+            continue
+        problem = _param_problem(param, value, spec)
+        if problem:
+            problems.append(f"{key}: {problem}")
+    return problems
+
+
+def _in_range(param: Param, values: np.ndarray) -> str | None:
+    if param.low is not None and values.size and values.min() < param.low:
+        return f"must be >= {param.low:g}, got {values.min():g}"
+    if param.high is not None and values.size and values.max() > param.high:
+        return f"must be <= {param.high:g}, got {values.max():g}"
+    return None
+
+
+def _param_problem(param: Param, value: Any, spec: Route) -> str | None:
+    """Why ``value`` does not fit ``param`` (None when it does)."""
+    kind = param.type
+    if kind == "bool":
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r:.40}"
+    if kind in ("int", "float"):
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or (kind == "int" and not isinstance(value, int)):
+            return f"must be {'an integer' if kind == 'int' else 'a number'}, got {value!r:.40}"
+        if not np.isfinite(value):
+            return f"must be finite, got {value!r}"
+        return _in_range(param, np.array([value], dtype=float))
+    if kind == "name":
+        ok = isinstance(value, str) and RUN_NAME.match(value)
+        return None if ok else "must be 1-64 letters, digits, '_', '.' or '-', not starting '.'"
+    if kind == "word":
+        return None if value in param.words else f"must be one of {sorted(param.words)}"
+    if kind == "words":
+        bad = [v for v in value if not isinstance(v, str) or spec.reply_kind(v) is None]
+        ok = isinstance(value, (list, tuple)) and not bad
+        return None if ok else f"must list {spec.name} reply fields, got {list(value)[:3]!r}"
+    if kind == "weights":
+        ok = isinstance(value, Mapping) and all(
+            isinstance(v, np.ndarray) and v.dtype.kind in "iuf" and np.all(np.isfinite(v))
+            for v in value.values()
+        )
+        return None if ok else "must map parameter names to finite numeric arrays"
+    array = np.asarray(value)
+    dims = {"vector": 1, "matrix": 2, "indices": 1, "ints": 1}[kind]
+    if array.ndim != dims:
+        return f"must be a {dims}-D array, got shape {array.shape}"
+    if kind in ("indices", "ints"):
+        if array.dtype.kind not in "iu":
+            return f"must hold integers, got {array.dtype}"
+        if kind == "indices":
+            return None if not array.size or array.min() >= 0 else "indices must be >= 0"
+        return _in_range(param, array)
+    if array.dtype.kind not in "iuf" or not np.all(np.isfinite(array)):
+        return "must hold finite numbers"
+    return None
 
 
 # ---- the audit rules ---------------------------------------------------------------------------
@@ -428,6 +543,33 @@ def _kind_problems(kind: Kind, value: Any) -> list[str]:
         return []
     array = np.asarray(value)
     return [] if array.dtype.kind in "biuf" else [f"values of dtype {array.dtype} may not leave"]
+
+
+def describe_request(route_name: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """For the audit: a request's scalar settings as sent, arrays by shape and dtype, model
+    weights by parameter count and the SHA-256 of their bytes (which weights were asked
+    about, without the values)."""
+    spec = route(route_name)
+    fields: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, Mapping):
+            digest = hashlib.sha256()
+            for name in sorted(value):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(value[name]).tobytes())
+            count = int(sum(np.size(v) for v in value.values()))
+            fields[key] = {"values": count, "sha256": digest.hexdigest()}
+        elif isinstance(value, (bool, int, float, str)) or spec.request_param(key) is None:
+            fields[key] = value if isinstance(value, (bool, int, float, str)) else repr(value)[:80]
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            fields[key] = list(value)
+        else:
+            array = np.asarray(value)
+            if array.size <= 8:
+                fields[key] = array.tolist()
+            else:
+                fields[key] = {"shape": list(array.shape), "dtype": str(array.dtype)}
+    return fields
 
 
 def describe(route_name: str, payload: Mapping[str, Any]) -> dict[str, dict]:

@@ -106,6 +106,10 @@ class Preset:
     fixed_positive_count: bool = False
     # PyRadiomics parameter set written into the site configs ("default" = full, "fast" = CPU).
     radiomics_params: str = "default"
+    # The sites' [policy]: their own folds, inner validation share and release floor.
+    site_folds: int = 5
+    site_validation_fraction: float = 0.2
+    site_min_patients: int = 5
 
 
 PRESETS: dict[str, Preset] = {
@@ -120,6 +124,9 @@ PRESETS: dict[str, Preset] = {
         description="plumbing tests: a dozen patients per site, coarse voxels, enriched DM",
         fixed_positive_count=True,
         radiomics_params="fast",
+        site_folds=3,  # 16-24 patients a site: 5-8 per fold
+        site_validation_fraction=0.3,  # inner validation sets of 3-5 patients
+        site_min_patients=3,
     ),
     "demo": Preset(
         name="demo",

@@ -38,9 +38,15 @@ def feature_table(
 
 
 def write_feature_sites(
-    root: Path, sizes: Sequence[int], prevalence: float = 0.2, columns: int = 60, seed: int = 0
+    root: Path,
+    sizes: Sequence[int],
+    prevalence: float = 0.2,
+    columns: int = 60,
+    seed: int = 0,
+    folds: int = 5,
 ) -> list[Path]:
-    """``len(sizes)`` tabular sites ``site_000``... under ``root``; returns their site TOMLs."""
+    """``len(sizes)`` tabular sites ``site_000``... under ``root`` cross-validating with
+    ``folds`` folds (``[policy] folds``); returns their site TOMLs."""
     rng = np.random.default_rng(seed)
     paths = []
     for i, n in enumerate(sizes):
@@ -58,6 +64,7 @@ def write_feature_sites(
                 modalities=["radiomics_table", "clinical"],
                 seed=i,
                 manifest="features.csv",
+                policy={"folds": folds},
             )
         )
     return paths

@@ -60,7 +60,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cv": {"folds": 3},
         "selection": {"top_k": 10, "rf_trees": 20},
         "model": {"fusion_hidden": [16]},
-        "evaluation": {"histogram_bins": 2000},
     },
     # The demo cohort (400 patients, 4 sites) on 2 CPU cores.
     "demo": {
@@ -73,10 +72,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"fusion_lr": 3e-3},  # at 1e-3 the clinical net was still improving at round 30
         "cv": {"folds": 5},
     },
-    # A GPU site: the published Swin UNETR encoder at 96^3.
+    # GPU sites: the published Swin UNETR encoder at 96^3, two sites per GPU.
     "gpu": {
         "stages": {"image_rounds": 20, "local_epochs": 3, "fusion_rounds": 30},
         "model": {"image_preset": "gpu", "image_lr": 1e-4, "image_batch": 16},
+        "simulation": {"gpus_per_site": 0.5},
     },
 }
 """Federation settings per preset, on top of ``FederationConfig``'s defaults."""
@@ -90,7 +90,6 @@ def federation_config(preset: str, name: str, seed: int) -> FederationConfig:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     data = json.loads(json.dumps(PRESETS[preset]))
     data["run"] = {"name": name, "seed": seed}
-    data.setdefault("cv", {})["seed"] = seed
     return FederationConfig.model_validate(data)
 
 
@@ -111,18 +110,25 @@ def simulate(
     workers: int | None = None,
     baselines: bool = True,
     log: Callable[[str], None] = print,
+    gpus_per_site: float | None = None,
 ) -> dict:
-    """Run the federated simulation and the baselines; write and return ``OUT/metrics.json``."""
+    """Run the federated simulation and the baselines; write and return ``OUT/metrics.json``.
+    ``gpus_per_site`` replaces the federation config's ``[simulation] gpus_per_site``."""
     started = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    name = out.name.lower().replace(".", "-")[:32] if len(out.name) > 1 else "simulation"
+    fed = load_federation_config(config) if config else federation_config(preset, name, seed)
+    if gpus_per_site is not None:
+        data = fed.model_dump(mode="json")
+        data["simulation"]["gpus_per_site"] = gpus_per_site
+        fed = FederationConfig.model_validate(data)
+    _check_gpus(fed.simulation.gpus_per_site)
     configs = site_configs(cohort)
     for cfg in configs:
         if not (cfg.paths.output / FEATURES_FILE).is_file():
             log(f"extracting {cfg.site_id} (features missing)")
             extract_site(cfg, workers)
-    name = out.name.lower().replace(".", "-")[:32] if len(out.name) > 1 else "simulation"
-    fed = load_federation_config(config) if config else federation_config(preset, name, seed)
     fed_path = out / "federation.toml"
     fed_path.write_text(
         tomli_w.dumps(fed.model_dump(mode="json", exclude_none=True)), encoding="utf-8"
@@ -228,6 +234,28 @@ def _oracle(cohort: Path) -> float | None:
 # ---- Flower ------------------------------------------------------------------------------------
 
 
+def _check_gpus(gpus_per_site: float) -> None:
+    """ValueError when sites are to get a GPU share and this machine has no GPU (Ray would
+    wait for one forever)."""
+    if gpus_per_site > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"gpus_per_site {gpus_per_site:g}: no CUDA GPU on this machine; use 0 (CPU)"
+            )
+
+
+def simulation_resources(sites: int, gpus_per_site: float) -> str:
+    """Flower's ``--federation-config`` for ``sites`` simulated SuperNodes: one CPU each and,
+    when ``gpus_per_site`` > 0, that share of a GPU (Ray then shows each ClientApp its GPU, so a
+    site's ``device = "auto"`` trains there; with none, Ray hides every GPU from the sites)."""
+    resources = f"num-supernodes={sites} client-resources-num-cpus=1"
+    if gpus_per_site > 0:
+        resources += f" client-resources-num-gpus={gpus_per_site:g}"
+    return resources
+
+
 def run_flower_simulation(
     configs: list[SiteConfig], fed_path: Path, out: Path, log: Callable[[str], None]
 ) -> dict:
@@ -271,7 +299,8 @@ def run_flower_simulation(
             f"federation-config='{fed_path}' out='{result_dir}' "
             f"site-configs='{','.join(str(c.source) for c in configs)}'"
         )
-        federation_config = f"num-supernodes={len(configs)} client-resources-num-cpus=1"
+        fed = load_federation_config(fed_path)
+        federation_config = simulation_resources(len(configs), fed.simulation.gpus_per_site)
         command = [
             flower_bin("flwr"),
             "run",

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,9 +41,14 @@ def write_site_config(
     workers: int = 2,
     peritumoral_margin_mm: float = 5.0,
     radiomics_params: str = "default",
+    crop_voxels: int | None = None,
+    policy: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write site_dir/site.toml (data.root = "." i.e. the site folder itself) and return its
-    path. ``radiomics_params``: "default", "fast" or a parameter file path."""
+    path. ``radiomics_params``: "default", "fast" or a parameter file path; ``crop_voxels``:
+    the side of the deep-model crops (default: ``[preprocess]``'s, 64); ``policy``: keys of
+    the site's ``[policy]`` beside ``randomness = "seeded"``, which every simulated site gets
+    (reproducible folds and DP noise; a hospital keeps the default, "secure")."""
     q = json.dumps  # a JSON string literal is a valid TOML basic string
     text = f"""\
 # Site configuration for fedmets (see shared/config.py). Paths are relative to this file's folder.
@@ -68,6 +75,15 @@ output = "output"
 params = {q(radiomics_params)}
 peritumoral_margin_mm = {float(peritumoral_margin_mm)!r}
 """
+    if crop_voxels is not None:
+        side = int(crop_voxels)
+        text += f"\n[preprocess]\ncrop_voxels = [{side}, {side}, {side}]\n"
+    text += (  # the last table: keys appended to the file land in it
+        "\n[policy]\n# A simulated site: folds and DP noise from `seed`, so runs repeat (a hospital"
+        '\n# keeps the default, "secure").\n'
+    )
+    for key, value in {"randomness": "seeded", **(policy or {})}.items():
+        text += f"{key} = {json.dumps(value)}\n"
     site_dir = Path(site_dir)
     site_dir.mkdir(parents=True, exist_ok=True)
     path = site_dir / "site.toml"

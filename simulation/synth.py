@@ -154,10 +154,13 @@ def generate_cohort(
     workers: int = 1,
     overwrite: bool = False,
     on_patient_done: Callable[[int, int], None] | None = None,
+    crop_voxels: int | None = None,
 ) -> dict:
     """Sample, render and write a cohort; return the summary that is also saved as cohort.json.
 
-    `on_patient_done(done, total)` is called after each patient (for progress bars)."""
+    `on_patient_done(done, total)` is called after each patient (for progress bars);
+    `crop_voxels` sets the sites' deep-crop side (`[preprocess] crop_voxels`, e.g. 96 for the
+    `gpu` image preset; default 64)."""
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
@@ -199,6 +202,12 @@ def generate_cohort(
             modalities=IMAGE_MODALITIES,
             seed=seed * 1000 + site.index + 1,
             radiomics_params=preset.radiomics_params,
+            crop_voxels=crop_voxels,
+            policy={
+                "folds": preset.site_folds,
+                "validation_fraction": preset.site_validation_fraction,
+                "min_patients": preset.site_min_patients,
+            },
         )
         site_truth = truth[truth["site_id"] == site.site_id]
         site_summaries.append(

@@ -130,7 +130,7 @@ def test_radiomics_presets_and_preprocess_settings(tmp_path: Path) -> None:
 
 def test_federation_defaults(tmp_path: Path) -> None:
     cfg = load_federation_config(write(tmp_path, '[run]\nname = "demo"\n'))
-    assert cfg.stages.enabled[0] == "census" and cfg.stages.enabled[-1] == "evaluate"
+    assert cfg.stages.image is True
     assert cfg.strategy.name == "fedavg"
     assert cfg.cv.folds == 5
     assert cfg.dp.mode == "off"
@@ -151,7 +151,24 @@ INVALID = {
     "unknown top-level key": (
         SITE.replace("seed = 3", "seed = 3\ncolour = 1"),
         "colour: unknown key (allowed here: site_id, display_name, seed, data, compute, paths,"
-        " radiomics, preprocess, privacy)",
+        " radiomics, preprocess, policy)",
+    ),
+    "the old privacy section": (
+        SITE + "[privacy]\nmin_patients = 5\n",
+        "privacy: unknown key (allowed here: site_id, display_name, seed, data, compute, paths,"
+        " radiomics, preprocess, policy)",
+    ),
+    "policy floor of one patient": (
+        SITE + "[policy]\nmin_patients = 1\n",
+        "policy.min_patients: must be >= 2, got 1",
+    ),
+    "policy learning-rate range reversed": (
+        SITE + "[policy]\nmin_lr = 0.5\nmax_lr = 0.1\n",
+        "policy.min_lr: must be <= max_lr (0.1), got 0.5",
+    ),
+    "policy randomness unknown": (
+        SITE + '[policy]\nrandomness = "fixed"\n',
+        "policy.randomness: must be one of 'secure', 'seeded', got 'fixed'",
     ),
     "unknown nested key": (
         SITE + "[compute]\ngpus = 2\n",
@@ -267,17 +284,20 @@ INVALID = {
         "dp.epsilon: required when dp.mode is 'sample'",
     ),
     "dp delta out of range": (FEDERATION + "delta = 1\n", "dp.delta: must be < 1, got 1"),
-    "stages out of order": (
-        FEDERATION + '[stages]\nenabled = ["folds", "census"]\n',
-        "stages.enabled: must follow the pipeline order (census, folds, selection, image,"
-        " deep_features, fusion, evaluate), got 'folds' before 'census'",
+    "removed stages key": (
+        FEDERATION + '[stages]\nenabled = ["census", "folds"]\n',
+        "stages.enabled: unknown key (allowed here: image, image_rounds, fusion_rounds,"
+        " local_epochs, fusion_local_epochs)",
     ),
-    "unknown stage": (
-        FEDERATION + '[stages]\nenabled = ["census", "train"]\n',
-        "stages.enabled[1]: must be one of 'census', 'folds', 'selection', 'image',"
-        " 'deep_features', 'fusion', 'evaluate', got 'train'",
+    "image stage not a boolean": (
+        FEDERATION + '[stages]\nimage = "no"\n',
+        "stages.image: must be true or false, got 'no'",
     ),
-    "no stages": (FEDERATION + "[stages]\nenabled = []\n", "stages.enabled: must not be empty"),
+    "removed strategy key": (
+        FEDERATION.replace("[strategy]\n", "[strategy]\nfraction_train = 1.0\n"),
+        "strategy.fraction_train: unknown key (allowed here: name, proximal_mu,"
+        " server_learning_rate, secure_aggregation)",
+    ),
     "float for int": (FEDERATION + "[cv]\nfolds = 1.5\n", "cv.folds: must be an integer, got 1.5"),
     "table expected": (
         "selection = 3\n" + FEDERATION,
@@ -359,7 +379,7 @@ def test_several_problems_all_reported(tmp_path: Path) -> None:
         f"{path}: data.mode: must be one of 'images', 'tabular', got 'pixels'",
         f"{path}: radiomics.peritumoral_margin_mm: must be > 0, got 0",
         f"{path}: extra: unknown key (allowed here: site_id, display_name, seed, data, compute,"
-        " paths, radiomics, preprocess, privacy)",
+        " paths, radiomics, preprocess, policy)",
     ]
     assert str(caught.value) == "\n".join(caught.value.problems)
 

@@ -24,6 +24,8 @@ from fedmets.shared.wire import REPLY_KINDS
 from fedmets.simulation.in_process import InProcessLink
 from fedmets.simulation.loopback import LoopbackFederation, stop_process
 
+pytestmark = pytest.mark.slow  # real flower-superlink / flower-supernode processes
+
 RUN_TIMEOUT_S = 600
 RESUME_TOLERANCE = 0.01
 """Deployed (stopped, resumed) vs in-process metrics: the ClientApp processes may run torch

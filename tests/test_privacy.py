@@ -411,7 +411,7 @@ def test_uncovered_releases_and_the_report(tmp_path, monkeypatch):
     # the proposed wire declaration of query.ledger accepts the reply
     route = wire.Route(
         "query.ledger",
-        {"run": wire.Kind.SETTING, "min_patients": wire.Kind.SETTING},
+        wire.ROUTES["query.ledger"].request,
         {
             "n": wire.Kind.COUNT,
             "epsilon": wire.Kind.METRIC,

@@ -53,7 +53,7 @@ def _cfg(**sections) -> FederationConfig:
     """The tiny federation of benchmarks/bench_deployment.py (2 folds, 2 fusion rounds)."""
     data = {
         "run": {"name": "secure", "seed": 1},
-        "cv": {"folds": 2, "seed": 1},
+        "cv": {"folds": 2},
         "stages": {"fusion_rounds": 2, "fusion_local_epochs": 2},
         "selection": {"top_k": 10, "rf_trees": 20},
         "federation": {"min_sites": 2, "round_timeout_s": 120},
@@ -65,10 +65,11 @@ def _cfg(**sections) -> FederationConfig:
 
 
 def _refuses_to_train(toml: Path) -> None:
-    """The site raises on every training request (it requires DP, the run has none): it fails
-    after SecAgg+'s key exchange, in the masked-vector stage."""
+    """The site refuses every training request (its policy allows one epoch a round, the run
+    asks for two) and answers everything else: it fails after SecAgg+'s key exchange, in the
+    masked-vector stage."""
     with toml.open("a") as handle:
-        handle.write("\n[privacy]\nrequire_dp = true\n")
+        handle.write("max_epochs = 1\n")  # into [policy], the file's last table
 
 
 # ---- config and wire ---------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def selected(tmp_path_factory) -> tuple[list[Path], dict]:
     """Four tabular sites after census, folds and selection of fold 0 (in process): the site
     TOMLs and fold 0's first fusion request."""
     root = tmp_path_factory.mktemp("secure-round")
-    tomls = write_feature_sites(root / "sites", SIZES, seed=3)
+    tomls = write_feature_sites(root / "sites", SIZES, seed=3, folds=2)
     _refuses_to_train(tomls[3])
     cfg = _cfg()
     workers = {load_site_config(t).site_id: SiteWorker([load_site_config(t)]) for t in tomls}
@@ -412,7 +413,7 @@ def _same_results(secure: dict, plain: dict, root: Path) -> None:
 
 @pytest.mark.slow
 def test_a_secure_run_gives_the_results_of_a_plain_one(tmp_path) -> None:
-    tomls = write_feature_sites(tmp_path / "sites", [60, 60, 60], seed=3)
+    tomls = write_feature_sites(tmp_path / "sites", [60, 60, 60], seed=3, folds=2)
     secure, plain = _simulate(tmp_path, tomls, _cfg())
     _same_results(secure, plain, tmp_path)
     assert secure["dropouts"] == []
@@ -428,7 +429,7 @@ def test_a_secure_run_gives_the_results_of_a_plain_one(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_a_secure_run_completes_without_a_site_that_fails_in_training(tmp_path) -> None:
-    tomls = write_feature_sites(tmp_path / "sites", [60, 60, 60], seed=3)
+    tomls = write_feature_sites(tmp_path / "sites", [60, 60, 60], seed=3, folds=2)
     _refuses_to_train(tomls[2])
     secure, plain = _simulate(tmp_path, tomls, _cfg())
     _same_results(secure, plain, tmp_path)

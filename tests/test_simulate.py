@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from fedmets.cli import app
 from fedmets.shared.wire import REPLY_KINDS
+from fedmets.simulation.simulate import federation_config, simulation_resources
 from fedmets.simulation.synth import generate_cohort
 
 FEDMETS = str(Path(sys.executable).parent / "fedmets")
@@ -40,6 +44,7 @@ def simulated(tmp_path_factory) -> tuple[Path, Path, dict]:
     return cohort, run, json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_metrics_have_every_comparison(simulated) -> None:
     cohort, run, metrics = simulated
     sites = ["hospital_a", "hospital_b", "hospital_c"]
@@ -59,6 +64,7 @@ def test_metrics_have_every_comparison(simulated) -> None:
     assert (run / "federated" / "server.log").is_file()
 
 
+@pytest.mark.slow
 def test_sites_kept_their_state_and_audit_log_on_their_disk(simulated) -> None:
     cohort, run, metrics = simulated
     for site in ("hospital_a", "hospital_b", "hospital_c"):
@@ -74,6 +80,7 @@ def test_sites_kept_their_state_and_audit_log_on_their_disk(simulated) -> None:
         assert kinds <= {str(k) for k in REPLY_KINDS}
 
 
+@pytest.mark.slow
 def test_flower_processes_are_gone_and_flwr_home_is_inside_the_run(simulated) -> None:
     _, run, _ = simulated
     assert (run / "flwr-home" / "config.toml").is_file()
@@ -81,6 +88,7 @@ def test_flower_processes_are_gone_and_flwr_home_is_inside_the_run(simulated) ->
     assert str(run / "flwr-home") not in ps
 
 
+@pytest.mark.slow
 def test_site_explains_its_image_model_locally(simulated) -> None:
     cohort, run, _ = simulated
     site = cohort / "hospital_a"
@@ -106,3 +114,21 @@ def test_site_explains_its_image_model_locally(simulated) -> None:
     assert done.returncode == 0, done.stderr
     pngs = sorted((site / "output" / "explain" / run.name).glob("*/occlusion-z*.png"))
     assert 1 <= len(pngs) <= 3 and all(p.stat().st_size > 2000 for p in pngs)
+
+
+def test_sites_get_the_gpu_share_asked_for() -> None:
+    assert simulation_resources(3, 0.0) == "num-supernodes=3 client-resources-num-cpus=1"
+    assert simulation_resources(4, 0.5) == (
+        "num-supernodes=4 client-resources-num-cpus=1 client-resources-num-gpus=0.5"
+    )
+    fed = federation_config("gpu", "gpu-run", 1)
+    assert fed.simulation.gpus_per_site == 0.5
+    assert federation_config("demo", "demo-run", 1).simulation.gpus_per_site == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU machine")
+def test_a_gpu_share_without_a_gpu_is_refused(tmp_path) -> None:
+    command = ["simulate", "--cohort", str(tmp_path), "--out", str(tmp_path / "run")]
+    done = CliRunner().invoke(app, [*command, "--gpus-per-site", "1"])
+    assert done.exit_code == 1
+    assert "gpus_per_site 1: no CUDA GPU on this machine" in done.output

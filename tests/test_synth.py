@@ -20,7 +20,7 @@ from fedmets.simulation.cohort import MANIFEST_CLINICAL_COLUMNS
 
 def _synth(out: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "fedmets", "synth", "--preset", "tiny", "--out", str(out)]
-    env = {**os.environ, "COLUMNS": "200"}
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # a log: no terminal width
     return subprocess.run([*command, *extra], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -30,6 +30,7 @@ def cohort(tmp_path_factory) -> Path:
     result = _synth(out, "--seed", "5", "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert "oracle AUC" in result.stdout and "hospital_c" in result.stdout
+    assert "…" not in result.stdout  # the summary table is not cut at 80 columns
     return out
 
 

@@ -71,4 +71,54 @@ def test_replies_that_may_not_leave(route: str, reply: dict, problem: str) -> No
 def test_every_route_declares_a_patient_count() -> None:
     for spec in wire.ROUTES.values():
         assert spec.reply_kind(spec.count_field) == wire.Kind.COUNT, spec.name
-        assert wire.Kind.SETTING not in spec.reply.values(), spec.name
+        assert all(isinstance(p, wire.Param) for p in spec.request.values()), spec.name
+
+
+@pytest.mark.parametrize(
+    ("request_", "problem"),
+    [
+        (
+            {"run": "r1", "fold": 0, "seed": 3},
+            "seed: not a declared request field of query.moments",
+        ),
+        ({"run": "../etc", "fold": 0}, "run: must be 1-64 letters"),
+        ({"run": "r1", "fold": 1.5}, "fold: must be an integer, got 1.5"),
+        ({"run": "r1", "fold": 99}, "fold: must be <= 63, got 99"),
+        ({"run": "r1", "fold": True}, "fold: must be an integer, got True"),
+    ],
+)
+def test_requests_are_checked_against_their_declaration(request_, problem) -> None:
+    assert any(problem in p for p in wire.check_request("query.moments", request_))
+
+
+def test_request_types_of_every_kind() -> None:
+    good = {
+        "run": "r1",
+        "fold": 0,
+        "radiomics_columns": np.array([0, 3]),
+        "radiomics_mean": np.zeros(4),
+        "radiomics_scale": np.ones(4),
+        "deep_projection": np.ones((4, 2)),
+        "hidden": np.array([16, 8]),
+        "dropout": 0.3,
+        "epochs": 2,
+        "lr": 1e-3,
+        "batch": 16,
+        "dp_mode": "off",
+        "secure_sums": ["train_loss_sum:none/clinical"],
+        "weights:none/clinical": {"w": np.ones(3, dtype=np.float32)},
+    }
+    assert wire.check_request("train.fusion", good) == []
+    bad = {
+        "radiomics_columns": np.array([-1]),
+        "radiomics_mean": np.array([np.nan]),
+        "deep_projection": np.ones(3),
+        "hidden": np.array([0]),
+        "dropout": 1.0,
+        "dp_mode": "none",
+        "secure_sums": ["not_a_field"],
+        "weights:none/clinical": {"w": np.array([np.inf])},
+    }
+    problems = wire.check_request("train.fusion", {**good, **bad})
+    assert len(problems) == len(bad), problems
+    assert all(any(p.startswith(f"{key}: ") for p in problems) for key in bad)

@@ -1,0 +1,255 @@
+"""The site's release policy: what may leave this hospital, decided by its own ``[policy]``
+(``fedmets.shared.config.PolicySection``) and enforced on every request, whatever the
+coordinating centre asks and whatever app code it uploaded. The release gate
+(``fedmets.client.release``) calls it before and after the site worker answers.
+
+Rules (each named in refusals and in the audit log by the string in brackets):
+
+- a request is well formed: only the route's declared fields, of the declared types and
+  ranges (``wire.declaration``, :func:`fedmets.shared.wire.check_request`);
+- the folds are the site's: ``folds`` must equal the site's own count, a fold index must be
+  one of them (``policy.folds``); the assignment itself comes from a seed the site draws once per
+  cohort (:func:`fold_seed`), never from the request;
+- training and scoring within bounds: ``policy.min_batch``, ``policy.max_epochs``,
+  ``policy.lr``, ``policy.network`` (fusion widths and layers), ``policy.max_trees``,
+  ``policy.max_repeats``, ``policy.max_bins``;
+- ``policy.require_dp``: training and every route that releases anything computed from a
+  model's outputs answer only in runs whose sites train under DP-SGD (``dp_mode = "sample"``:
+  the noise is the site's own; client-level DP is added by the centre);
+- ``policy.min_patients``: nothing is released on fewer patients than the floor (the larger of
+  the site's and the request's);
+- ``policy.difference``: the :class:`DifferencingGuard` remembers, per statistic, every
+  patient set the site released it on, across runs, and withholds a release on a set that
+  differs from an earlier one by fewer than the floor (the same statistic on two sets that
+  differ by one patient gives that patient's value);
+- ``policy.min_bin_count``: a score histogram's non-empty bins hold at least that many
+  patients (:func:`coarsen_histograms` merges adjacent bins until they do);
+- ``policy.suppression``: subsite groups under the floor are suppressed, and then more groups
+  until the suppressed patients are none or at least the floor (:func:`suppressed_groups`), so
+  that the whole site minus the released groups is never a small group.
+
+A request that breaks a rule is refused (:class:`PolicyRefused`, nothing computed); a
+well-formed request whose answer would break ``policy.min_patients`` or ``policy.difference``
+is answered with its count alone (withheld), as a too-small site always was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmets.shared import wire
+from fedmets.shared.config import PolicySection
+
+TRAINING_ROUTES = ("train.image", "train.fusion")
+MODEL_OUTPUT_ROUTES = (
+    "query.validate",
+    "query.deep_features",
+    "query.train_scores",
+    "query.permutation",
+    "query.evaluation",
+)
+"""Routes whose replies are computed from a model's outputs (scores, losses, features)."""
+
+
+class PolicyRefused(RuntimeError):
+    """A request the site's policy refuses; ``rule`` names the rule (see the module
+    docstring), the message what was asked and what the policy allows."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"{rule}: {message}")
+        self.rule = rule
+
+
+def check_request(route_name: str, request: Mapping[str, Any], policy: PolicySection) -> None:
+    """Refuse ``request`` on ``route_name`` (PolicyRefused) when it breaks its declaration
+    or a bound of ``policy``; return when it may be answered."""
+    problems = wire.check_request(route_name, request)
+    if problems:
+        raise PolicyRefused("wire.declaration", f"{route_name}: {'; '.join(problems)}")
+
+    def refuse(rule: str, message: str) -> None:
+        raise PolicyRefused(rule, f"{route_name}: {message}")
+
+    if "folds" in request and request["folds"] != policy.folds:
+        refuse(
+            "policy.folds",
+            f"this site cross-validates with its own {policy.folds} folds; the request asked "
+            f"for {request['folds']}",
+        )
+    if "fold" in request and route_name != "query.folds":
+        if not 0 <= request["fold"] < policy.folds:
+            refuse("policy.folds", f"fold {request['fold']} is not one of this site's folds")
+    bounds = (
+        ("batch", "policy.min_batch", lambda v: v >= policy.min_batch, f">= {policy.min_batch}"),
+        (
+            "epochs",
+            "policy.max_epochs",
+            lambda v: v <= policy.max_epochs,
+            f"<= {policy.max_epochs}",
+        ),
+        (
+            "lr",
+            "policy.lr",
+            lambda v: policy.min_lr <= v <= policy.max_lr,
+            f"in [{policy.min_lr:g}, {policy.max_lr:g}]",
+        ),
+        ("trees", "policy.max_trees", lambda v: v <= policy.max_trees, f"<= {policy.max_trees}"),
+        (
+            "repeats",
+            "policy.max_repeats",
+            lambda v: v <= policy.max_repeats,
+            f"<= {policy.max_repeats}",
+        ),
+        ("bins", "policy.max_bins", lambda v: v <= policy.max_bins, f"<= {policy.max_bins}"),
+    )
+    for field, rule, allowed, wanted in bounds:
+        if field in request and not allowed(request[field]):
+            refuse(rule, f"{field} {request[field]!r} is outside this site's bound ({wanted})")
+    if "hidden" in request:
+        widths = [int(w) for w in np.asarray(request["hidden"]).reshape(-1)]
+        if len(widths) > policy.max_layers or any(w > policy.max_width for w in widths):
+            refuse(
+                "policy.network",
+                f"hidden {widths}: this site trains at most {policy.max_layers} hidden layers "
+                f"of at most {policy.max_width} units",
+            )
+    private = request.get("dp_mode", "off") == "sample"
+    if policy.require_dp and route_name in TRAINING_ROUTES + MODEL_OUTPUT_ROUTES and not private:
+        refuse(
+            "policy.require_dp",
+            "this site trains and releases model outputs only in runs under sample-level DP "
+            "(dp_mode 'sample': DP-SGD with the site's own noise)",
+        )
+
+
+def fold_seed(policy: PolicySection, site_seed: int, ids: np.ndarray, folder: Path) -> int:
+    """The seed of the site's fold assignment: with ``randomness = "secure"`` drawn once per
+    cohort (the sorted patient ids' digest) from the OS's CSPRNG and kept in
+    ``folder/fold-seeds.json``, so every run of the same cohort gets the same folds and no
+    request can change them; with ``"seeded"`` derived from the site config's ``seed``."""
+    if policy.randomness == "seeded":
+        return int(np.random.SeedSequence([site_seed, 1]).generate_state(1)[0])
+    cohort = hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()
+    path = Path(folder) / "fold-seeds.json"
+    seeds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if cohort not in seeds:
+        seeds[cohort] = secrets.randbits(63)
+        _write_json(path, seeds)
+    return int(seeds[cohort])
+
+
+def private_seed(policy: PolicySection, seed: int, site_id: str, *keys: int) -> int:
+    """The seed of a DP-SGD training's noise and sampling: fresh from the OS's CSPRNG with
+    ``randomness = "secure"`` (the centre, which picks the request's ``seed``, cannot replay
+    it); derived from ``seed``, the site and ``keys`` with ``"seeded"``."""
+    if policy.randomness == "secure":
+        return secrets.randbits(63)
+    entropy = [seed, zlib.crc32(site_id.encode()), *keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] % 2**31)
+
+
+LABEL_FIELDS = ("positives", "fold_positives", "label_products", "hist_pos", "val_hist_pos")
+"""Reply fields (and families) that carry label counts: one statistic whatever the route."""
+
+
+def release_families(route_name: str, reply: Mapping[str, Any]) -> set[str]:
+    """The statistics a reply releases, for the differencing guard: its route's own (a route
+    computes the same statistic on whatever rows it is asked about), and ``labels`` when it
+    carries label counts (which every such route releases alike)."""
+    families = {route_name}
+    if any(key.split(":", 1)[0] in LABEL_FIELDS for key in reply):
+        families.add("labels")
+    return families
+
+
+class DifferencingGuard:
+    """The patient sets a site has released each statistic on (``folder/released-sets.json``,
+    every run on the cohort, by :func:`release_families`), and the rule that a new release of
+    a statistic is on the same set as each earlier release of it or on a set that differs from
+    it by at least ``floor`` patients. Different statistics on overlapping sets cannot be
+    subtracted from each other, so they are not compared."""
+
+    def __init__(self, folder: Path, floor: int) -> None:
+        self.path = Path(folder) / "released-sets.json"
+        self.floor = floor
+
+    def _sets(self) -> dict[str, dict[str, list[str]]]:
+        if not self.path.is_file():
+            return {}
+        return json.loads(self.path.read_text(encoding="utf-8"))
+
+    def admit(self, ids: np.ndarray, families: set[str]) -> str | None:
+        """Record the patient set ``ids`` for each of ``families`` and return None when it may
+        be released on, else why not (nothing recorded)."""
+        members = sorted(map(str, ids))
+        key = hashlib.sha256("\n".join(members).encode()).hexdigest()
+        known = self._sets()
+        new = set(members)
+        for family in sorted(families):
+            for digest, other in known.get(family, {}).items():
+                differ = len(new.symmetric_difference(other))
+                if digest != key and differ < self.floor:
+                    return (
+                        f"{family}: the {len(new)} patients differ by {differ} from a set this "
+                        f"site already released it on ({len(other)} patients); the floor is "
+                        f"{self.floor}"
+                    )
+        if all(key in known.get(family, {}) for family in families):
+            return None
+        for family in families:
+            known.setdefault(family, {})[key] = members
+        _write_json(self.path, known)
+        return None
+
+
+def coarsen_histograms(
+    pos: np.ndarray, neg: np.ndarray, min_count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-conditional score counts (bins,) with every non-empty bin holding at least
+    ``min_count`` patients of both classes together: adjacent bins merge from the lowest score
+    up until the group holds ``min_count`` (a short last group joins the one before), and each
+    group's counts go to its middle bin. Totals are kept; within a group the order is lost."""
+    total = pos + neg
+    out_pos, out_neg = np.zeros_like(pos), np.zeros_like(neg)
+    groups, start, held = [], 0, 0
+    for i, count in enumerate(total):
+        held += count
+        if held >= min_count:
+            groups.append([start, i + 1])
+            start, held = i + 1, 0
+    if held or not groups:  # leftover patients (or too few for one group)
+        if groups:
+            groups[-1][1] = len(total)
+        else:
+            groups.append([0, len(total)])
+    for first, end in groups:
+        middle = (first + end - 1) // 2
+        out_pos[middle] = pos[first:end].sum()
+        out_neg[middle] = neg[first:end].sum()
+    return out_pos, out_neg
+
+
+def suppressed_groups(sizes: Mapping[str, int], floor: int) -> set[str]:
+    """Groups (name -> patients) to leave out: those under ``floor``, then the smallest of the
+    rest, one at a time, while the suppressed patients number between 1 and ``floor`` - 1
+    (complementary suppression: the whole minus the released groups is then no small set)."""
+    out = {g for g, n in sizes.items() if n < floor}
+    rest = sorted((n, g) for g, n in sizes.items() if g not in out)
+    while 0 < sum(sizes[g] for g in out) < floor and rest:
+        out.add(rest.pop(0)[1])
+    return out
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value), encoding="utf-8")
+    partial.replace(path)

@@ -1,0 +1,312 @@
+"""A curious coordinating centre against one site: each attack of docs/privacy.md's threat table,
+scripted as requests the centre chooses, sent to the real site worker through the real release
+gate (``fedmets.client.release.answer``: the site's policy, the worker, the wire rules, the
+audit log). Each attack is refused with the policy rule that refuses it (and the refusal is in
+the site's audit log), or what the centre can reconstruct from what was released is measured
+and shown to miss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedmets.client.policy import PolicyRefused
+from fedmets.client.release import answer, site_audit_path
+from fedmets.client.site_worker import SiteWorker
+from fedmets.client.training import get_state
+from fedmets.shared import wire
+from fedmets.shared.clinical import encoded_columns
+from fedmets.shared.config import load_site_config
+from fedmets.shared.models import FusionNet
+from fedmets.simulation.feature_sites import feature_table
+from fedmets.simulation.site_files import write_site_config
+
+FLOOR = 5  # the sites' [policy] min_patients (the default)
+SUBSITES = {"oropharynx": 40, "larynx": 24, "oral_cavity": 4, "hypopharynx": 4}
+
+
+def make_site(root: Path, name: str = "chus", policy: dict | None = None) -> SiteWorker:
+    """A tabular site of 72 patients (the real table's CHUS centre has 72) with four subsites,
+    two of them small, ready to answer (``output/features.parquet``)."""
+    rng = np.random.default_rng(3)
+    folder = root / name
+    (folder / "output").mkdir(parents=True)
+    table = feature_table(72, 0.2, 12, rng, name)
+    subsite = np.repeat(list(SUBSITES), list(SUBSITES.values()))
+    for group in SUBSITES:
+        table[f"subsite_{group}"] = (subsite == group).astype(float)
+    table.to_parquet(folder / "output" / "features.parquet")
+    (folder / "features.csv").write_text("features are in output/features.parquet\n")
+    toml = write_site_config(
+        folder,
+        name,
+        mode="tabular",
+        modalities=["radiomics_table", "clinical"],
+        seed=4,
+        manifest="features.csv",
+        policy=policy,
+    )
+    return SiteWorker([load_site_config(toml)])
+
+
+def ask(worker: SiteWorker, route: str, **fields) -> dict:
+    """One request of the centre's choosing through the site's gate (run ``attack`` unless
+    given)."""
+    return answer(worker, route, {"run": "attack", "min_patients": 1, **fields})
+
+
+def audit(worker: SiteWorker) -> list[dict]:
+    path = site_audit_path(worker.configs[0])
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def refused(worker: SiteWorker, route: str, rule: str, **fields) -> str:
+    """Ask, expect a refusal by ``rule``, check the audit logged it; the refusal's message."""
+    with pytest.raises(PolicyRefused) as caught:
+        ask(worker, route, **fields)
+    assert caught.value.rule == rule, str(caught.value)
+    entry = audit(worker)[-1]
+    assert (entry["route"], entry["sent"], entry["rule"]) == (route, False, rule)
+    assert entry["request"]  # what was asked is logged with the refusal
+    return str(caught.value)
+
+
+def fusion_request(worker: SiteWorker, hidden: list[int] | None = None) -> dict:
+    """A scoring request the centre crafts itself: every radiomics column standardised with
+    made-up statistics, clinical as is, a fresh fusion network's weights."""
+    p = worker.data.radiomics.shape[1]
+    q = worker.data.clinical.shape[1]
+    net = FusionNet({"radiomics": p, "clinical": q}, hidden or [], 0.0)
+    return {
+        "radiomics_columns": np.arange(p),
+        "radiomics_mean": np.zeros(p),
+        "radiomics_scale": np.full(p, 100.0),
+        "clinical_mean": np.zeros(q),
+        "clinical_scale": np.ones(q),
+        "hidden": np.array(hidden or [], dtype=np.int64),
+        "dropout": 0.0,
+        "group_dropout": 0.0,
+        wire.WEIGHTS_PREFIX + "none/radiomics+clinical": get_state(net),
+    }
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> SiteWorker:
+    return make_site(tmp_path)
+
+
+# ---- fold differencing -------------------------------------------------------------------------
+
+
+def test_fold_differencing_within_a_run(site) -> None:
+    """The attack: ``folds = n`` (one patient per fold), then moments of fold f (all but one
+    patient) minus moments of all patients = that patient's row and label."""
+    refused(site, "query.folds", "wire.declaration", folds=72)  # over the protocol's 64
+    message = refused(site, "query.folds", "policy.folds", folds=60)
+    assert "its own 5 folds" in message
+    refused(site, "query.folds", "wire.declaration", folds=5, seed=123)  # no centre's seed
+    replies = ask(site, "query.folds", folds=5)
+    assert sum(replies["fold_sizes"]) == 72
+    refused(site, "query.moments", "policy.folds", fold=-1)  # "all patients" is no fold
+    refused(site, "query.moments", "policy.folds", fold=5)
+    # What the folds allow: the difference of two training sets' sums covers two test folds.
+    sums = {f: ask(site, "query.moments", fold=f) for f in range(5)}
+    rows = site.data.radiomics.to_numpy()
+    labels = site.data.labels
+    best = np.inf  # the closest any difference of two releases comes to one patient's row
+    for a in range(5):
+        for b in range(a + 1, 5):
+            difference = sums[a]["radiomics_sum"] - sums[b]["radiomics_sum"]
+            positives = sums[a]["positives"] - sums[b]["positives"]
+            for i in range(72):
+                for sign in (1, -1):
+                    error = np.abs(sign * difference - rows[i]).max() / np.abs(rows[i]).max()
+                    if positives == sign * labels[i]:
+                        best = min(best, error)
+    assert best > 0.5  # no difference of releases is any single patient's row
+
+
+def test_fold_differencing_across_runs_and_cohorts(site, tmp_path) -> None:
+    """Other runs get the same folds (no re-partitioning); a cohort one patient smaller does
+    not release what differs from the earlier releases by that patient."""
+    ask(site, "query.folds", folds=5)
+    first = ask(site, "query.census", protocol=wire.PROTOCOL_VERSION)
+    assert first["positives"] == site.data.labels.sum()
+    ask(site, "query.moments", fold=0)
+    ask(site, "query.folds", folds=5, run="attack-2")
+    folds = [np.load(site.state_root / run / "folds.npz")["fold"] for run in ("attack", "attack-2")]
+    assert np.array_equal(*folds)  # the site's folds, whatever the run
+    # One patient leaves the cohort (or the centre persuades the site to drop one).
+    features = site.configs[0].paths.output / "features.parquet"
+    table = pd.read_parquet(features)
+    gone = 7
+    table.drop(index=gone).to_parquet(features)
+    smaller = SiteWorker(site.configs)
+    census = ask(smaller, "query.census", protocol=wire.PROTOCOL_VERSION, run="attack-3")
+    assert "positives" not in census  # the whole cohort minus one: withheld
+    entry = audit(smaller)[-1]
+    assert entry["rule"] == "policy.difference" and "positives" in entry["withheld"]
+    ask(smaller, "query.folds", folds=5, run="attack-3")
+    for fold in range(5):
+        reply = ask(smaller, "query.moments", fold=fold, run="attack-3")
+        if "radiomics_sum" not in reply:
+            assert audit(smaller)[-1]["rule"] == "policy.difference"
+    # Whatever was released on the two cohorts: the sets each statistic was released on
+    # differ by 0 or >= 5 patients.
+    known = json.loads((site.policy_folder() / "released-sets.json").read_text())
+    assert {"query.census", "query.moments", "labels"} <= set(known)
+    for family in known.values():
+        sets = [set(members) for members in family.values()]
+        for a in range(len(sets)):
+            for b in range(a + 1, len(sets)):
+                assert len(sets[a] ^ sets[b]) >= FLOOR
+
+
+# ---- histograms and subsites -------------------------------------------------------------------
+
+
+def test_fine_histograms_are_refused_and_released_ones_are_coarse(site) -> None:
+    """The attack: 10,000-bin class-conditional histograms of a small set give each patient's
+    (score, label)."""
+    ask(site, "query.folds", folds=5)
+    request = {**fusion_request(site), "fold": 0, "dp_mode": "off"}
+    refused(site, "query.train_scores", "policy.max_bins", bins=10_000, **request)
+    reply = ask(site, "query.train_scores", bins=100, **request)
+    pos = reply["hist_pos:none/radiomics+clinical"]
+    neg = reply["hist_neg:none/radiomics+clinical"]
+    assert pos.sum() + neg.sum() == reply["n"]
+    occupied = (pos + neg)[(pos + neg) > 0]
+    assert occupied.min() >= site.policy.min_bin_count  # no bin pins down a few patients
+    single = ((pos + neg) == 1).sum()
+    assert single == 0  # no (score range, label) pair of one patient
+
+
+def test_subsite_subtraction_leaves_no_small_group(site) -> None:
+    """The attack: the whole site's evaluation minus every released subsite gives the
+    suppressed subsite's histograms, confusion counts and Brier sum."""
+    ask(site, "query.folds", folds=5)
+    request = fusion_request(site)
+    for fold in range(5):
+        ask(site, "query.train_scores", bins=100, fold=fold, dp_mode="off", **request)
+    thresholds = {"thresholds:none/radiomics+clinical": np.full(5, 0.5)}
+    reply = ask(site, "query.evaluation", bins=100, dp_mode="off", **thresholds)
+    released = {k.split(":", 1)[1]: v for k, v in reply.items() if k.startswith("group_n:")}
+    # oral cavity (4) alone under the floor; hypopharynx (4) suppressed beside it
+    assert set(released) == {"oropharynx", "larynx"}
+    hidden = reply["n"] - sum(released.values())
+    assert hidden == 0 or hidden >= FLOOR  # the whole minus the groups: no small group
+    assert reply["suppressed"] == 2
+
+
+# ---- crafted training requests -----------------------------------------------------------------
+
+
+def test_crafted_training_requests_are_refused(site) -> None:
+    """The attack: a batch of one patient with crafted weights returns that patient's
+    gradient; a very long or very fast training, or a huge network, memorises rows."""
+    ask(site, "query.folds", folds=5)
+    base = {
+        **fusion_request(site),
+        "fold": 0,
+        "round": 1,
+        "epochs": 1,
+        "lr": 1e-3,
+        "batch": 16,
+        "weight_decay": 0.0,
+        "proximal_mu": 0.0,
+        "pos_weight": 1.0,
+        "seed": 0,
+        "dp_mode": "off",
+    }
+    refused(site, "train.fusion", "policy.min_batch", **{**base, "batch": 1})
+    refused(site, "train.fusion", "policy.max_epochs", **{**base, "epochs": 500})
+    refused(site, "train.fusion", "policy.lr", **{**base, "lr": 5.0})
+    wide = {**base, **fusion_request(site, hidden=[1024])}
+    refused(site, "train.fusion", "policy.network", **wide)
+    reply = ask(site, "train.fusion", **base)  # within the bounds: trained and sent
+    assert reply["n"] >= FLOOR and wire.WEIGHTS_PREFIX + "none/radiomics+clinical" in reply
+
+
+def test_undeclared_request_fields_are_refused(site) -> None:
+    ask(site, "query.folds", folds=5)
+    message = refused(site, "query.moments", "wire.declaration", fold=0, rows=np.array([3]))
+    assert "rows: not a declared request field of query.moments" in message
+    refused(site, "query.moments", "wire.declaration", fold="0")  # a string for an integer
+
+
+def test_a_site_that_requires_dp_answers_model_routes_only_under_dp(tmp_path) -> None:
+    worker = make_site(tmp_path, policy={"require_dp": True})
+    ask(worker, "query.folds", folds=5)
+    request = {**fusion_request(worker), "fold": 0, "bins": 100}
+    refused(worker, "query.train_scores", "policy.require_dp", dp_mode="off", **request)
+    refused(worker, "query.train_scores", "policy.require_dp", dp_mode="client", **request)
+    assert ask(worker, "query.train_scores", dp_mode="sample", **request)["n"] > 0
+
+
+# ---- DP noise ----------------------------------------------------------------------------------
+
+
+def _private_training(worker: SiteWorker, weights: dict) -> dict[str, np.ndarray]:
+    request = {
+        **weights,
+        "fold": 0,
+        "round": 1,
+        "epochs": 1,
+        "lr": 0.05,
+        "batch": 16,
+        "weight_decay": 0.0,
+        "proximal_mu": 0.0,
+        "pos_weight": 1.0,
+        "seed": 42,
+        "dp_mode": "sample",
+        "dp_epsilon": 8.0,
+        "dp_releases": 10,
+        "max_grad_norm": 1.0,
+    }
+    return ask(worker, "train.fusion", **request)[wire.WEIGHTS_PREFIX + "none/radiomics+clinical"]
+
+
+def _differ(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def test_the_centre_cannot_replay_a_secure_sites_dp_noise(tmp_path) -> None:
+    """The attack: DP-SGD's noise and sampling seeded from values the centre chose (the
+    request's seed, the site id, the fold) can be replayed and subtracted. A site with
+    ``randomness = "secure"`` draws them from the OS; the same request twice gives other noise.
+    A seeded site (simulations only) gives the same noise twice: replayable."""
+    secure = make_site(tmp_path / "a", policy={"randomness": "secure"})
+    ask(secure, "query.folds", folds=5)
+    request = fusion_request(secure)  # the same request, weights included, twice
+    assert _differ(_private_training(secure, request), _private_training(secure, request)) > 1e-4
+    seeded = make_site(tmp_path / "b")
+    ask(seeded, "query.folds", folds=5)
+    again = _differ(_private_training(seeded, request), _private_training(seeded, request))
+    assert again == 0.0
+
+
+def test_a_secure_sites_folds_do_not_follow_its_config_seed(tmp_path) -> None:
+    folds = []
+    for name in ("one", "two"):
+        worker = make_site(tmp_path / name, policy={"randomness": "secure"})
+        ask(worker, "query.folds", folds=5)
+        folds.append(np.load(worker.state_root / "attack" / "folds.npz")["fold"])
+        census = ask(worker, "query.census", protocol=wire.PROTOCOL_VERSION)
+        assert census["randomness"] == "secure"
+    assert not np.array_equal(*folds)  # same cohort, same config seed, other folds
+
+
+def test_the_audit_holds_each_requests_settings(site) -> None:
+    ask(site, "query.folds", folds=5)
+    request = fusion_request(site)
+    ask(site, "query.train_scores", bins=100, fold=1, dp_mode="off", **request)
+    entry = audit(site)[-1]
+    assert entry["request"]["bins"] == 100 and entry["request"]["fold"] == 1
+    weights = entry["request"]["weights:none/radiomics+clinical"]
+    assert set(weights) == {"values", "sha256"} and len(weights["sha256"]) == 64
+    assert entry["request"]["radiomics_mean"] == {"shape": [12], "dtype": "float64"}
+    assert set(encoded_columns()) >= set(site.data.clinical.columns)
