@@ -563,23 +563,20 @@ def _print_study(metrics: dict, preset: str, out: Path) -> None:
             _number(pooled["oracle_auc"]),
         )
     console.print(grid)
-    versus = Table(title="Fused models against their single groups (DeLong, paired)")
-    for column in ("fused model", "single group", "AUC difference [95% CI]", "p"):
-        versus.add_column(column, justify="right" if column == "p" else "left")
-    for key, model in metrics["models"].items():
-        for single, test in model.get("versus_single_groups", {}).items():
-            low, high = test["ci"]
-            difference = f"{test['auc_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
-            versus.add_row(key, single, difference, f"{test['p']:.3f}")
-    console.print(versus)
-    backbones = Table(title="The first backbone against the others, same groups (DeLong, paired)")
-    for column in ("model", "against", "AUC difference [95% CI]", "p"):
-        backbones.add_column(column, justify="right" if column == "p" else "left")
-    for key, model in metrics["models"].items():
-        for other, test in model.get("versus_other_backbones", {}).items():
-            low, high = test["ci"]
-            difference = f"{test['auc_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
-            backbones.add_row(key, other, difference, f"{test['p']:.3f}")
+    console.print(
+        _paired_table(
+            metrics,
+            "versus_single_groups",
+            "Fused models against their single groups (DeLong, paired)",
+            ("fused model", "single group"),
+        )
+    )
+    backbones = _paired_table(
+        metrics,
+        "versus_other_backbones",
+        "The first backbone against the others, same groups (DeLong, paired)",
+        ("model", "against"),
+    )
     if backbones.row_count:
         console.print(backbones)
     if metrics["oracle_auc"] is not None:
@@ -594,6 +591,22 @@ def _print_study(metrics: dict, preset: str, out: Path) -> None:
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _paired_table(metrics: dict, field: str, title: str, names: tuple[str, str]):
+    """A table of every model's paired DeLong tests in ``field`` (model, other model, AUC
+    difference with its 95% CI, p)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in (*names, "AUC difference [95% CI]", "p"):
+        table.add_column(column, justify="right" if column == "p" else "left")
+    for key, model in metrics["models"].items():
+        for other, test in model.get(field, {}).items():
+            low, high = test["ci"]
+            difference = f"{test['auc_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            table.add_row(key, other, difference, f"{test['p']:.3f}")
+    return table
 
 
 def _print_repeats(summary: dict, preset: str, out: Path) -> None:

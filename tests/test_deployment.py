@@ -82,7 +82,7 @@ def _start_all_and_wait(federation: LoopbackFederation, timeout: float = 240) ->
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
-    sites = write_sites(root / "sites")
+    sites = write_sites(root / "sites", folds=2)
     with LoopbackFederation(root, sites) as fed:
         fed.start_superlink()
         for site in sites:

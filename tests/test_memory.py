@@ -99,7 +99,7 @@ def test_checkpointing_gives_the_same_values_and_gradients(backbone: str) -> Non
     assert set(model.state_dict()) == set(build_image_model(model.cfg).state_dict())
 
 
-def test_whole_plan_training_restores_plain_stages() -> None:
+def test_training_under_a_checkpointing_plan_leaves_plain_stages() -> None:
     images, labels = _crops(4)
     model = build_image_model(IMAGE_PRESETS["cpu-small"]["resnet3d"])
     train_image_model(

@@ -52,8 +52,9 @@ def _features(n: int, prevalence: float, rng: np.random.Generator, prefix: str) 
     return table.astype({"label": float})
 
 
-def write_sites(root: Path) -> dict[str, Path]:
-    """Three tabular sites with features.parquet ready under ``root``: site id -> site.toml."""
+def write_sites(root: Path, folds: int = 3) -> dict[str, Path]:
+    """Three tabular sites with features.parquet ready under ``root``, cross-validating with
+    ``folds`` folds: site id -> site.toml."""
     rng = np.random.default_rng(5)
     paths = {}
     for site, (n, prevalence) in SITES.items():
@@ -68,7 +69,7 @@ def write_sites(root: Path) -> dict[str, Path]:
             modalities=["radiomics_table", "clinical"],
             seed=1,
             manifest="features.csv",
-            policy={"folds": 3},
+            policy={"folds": folds},
         )
     return paths
 
