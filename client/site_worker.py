@@ -176,6 +176,11 @@ def _one_site(cfg: SiteConfig) -> dict:
     }
 
 
+def site_policy_folder(cfg: SiteConfig) -> Path:
+    """A site's own policy files (``<paths.output>/policy``: its fold seed per cohort)."""
+    return cfg.paths.output / "policy"
+
+
 def digest(value: object) -> str:
     """sha256 hex of ``value`` as canonical JSON."""
     text = json.dumps(value, sort_keys=True, default=str)
@@ -275,8 +280,9 @@ class SiteWorker:
         return max(own, int(request.get("min_patients", 1)))
 
     def policy_folder(self) -> Path:
-        """Where the site keeps its fold seeds and released patient sets (beside its ledger:
-        ``<ledger_root>/policy``; baselines pass their own root)."""
+        """Where the worker keeps the patient sets it released on (beside its ledger:
+        ``<ledger_root>/policy``; baselines pass their own root). The fold seeds are each
+        site's own (:func:`site_policy_folder`), so baselines see the sites' folds."""
         return self.ledger_root / "policy"
 
     def _state(self, request: Mapping[str, Any]) -> Path:
@@ -365,11 +371,9 @@ class SiteWorker:
         k = self.policy.folds
         fold = np.empty(len(self.data.ids), dtype=int)
         val = np.zeros((k, len(self.data.ids)), dtype=bool)
-        for cfg in self.configs:  # each site its own stratified folds
+        for cfg in self.configs:  # each site its own stratified folds, from its own seed
             rows = np.flatnonzero(self.data.site == cfg.site_id)
-            seed = fold_seed(
-                cfg.policy, cfg.seed, self.data.ids[rows], self.policy_folder() / cfg.site_id
-            )
+            seed = fold_seed(cfg.policy, cfg.seed, self.data.ids[rows], site_policy_folder(cfg))
             site_fold, site_val = assign_folds(
                 self.data.labels[rows], k, cfg.policy.validation_fraction, seed
             )

@@ -32,7 +32,7 @@ import tomli_w
 from fedmets.client.extract import extract_site
 from fedmets.client.site_files import FEATURES_FILE
 from fedmets.client.site_worker import SiteWorker
-from fedmets.server.protocol import FederatedProtocol
+from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.server.results import to_jsonable
 from fedmets.shared.config import (
     FederationConfig,
@@ -169,24 +169,30 @@ def simulate(
         metrics["centralized"] = _summary(centralized)
         tic = time.perf_counter()
         local: dict[str, Any] = {}
+        not_run: dict[str, str] = {}
         for cfg in configs:
             log(f"local-only baseline: {cfg.site_id} alone")
             state = out / "local-state" / cfg.site_id
             worker = SiteWorker([cfg], state_root=state, ledger_root=state)
-            local[cfg.site_id] = _summary(
-                FederatedProtocol(
-                    InProcessLink({cfg.site_id: worker}),
-                    _single_site(fed),
-                    f"{fed.run.name}-local",
-                    lambda message: None,
-                    privacy_dir=state / "server-privacy",
-                ).run_all()
-            )
+            try:
+                local[cfg.site_id] = _summary(
+                    FederatedProtocol(
+                        InProcessLink({cfg.site_id: worker}),
+                        _single_site(fed),
+                        f"{fed.run.name}-local",
+                        lambda message: None,
+                        privacy_dir=state / "server-privacy",
+                    ).run_all()
+                )
+            except ProtocolError as error:  # a site too small to train alone under its policy
+                not_run[cfg.site_id] = str(error)
+                log(f"local-only baseline: {cfg.site_id} alone cannot run: {error}")
         timing["local_only"] = time.perf_counter() - tic
         main = federated["main_model"]
         metrics["local_only"] = {
             "per_site": {s: r["models"][main]["pooled"] for s, r in local.items()},
             "models": {s: r["models"] for s, r in local.items()},
+            "not_run": not_run,
         }
         metrics["ablation"] = {
             m: {

@@ -310,3 +310,16 @@ def test_the_audit_holds_each_requests_settings(site) -> None:
     assert set(weights) == {"values", "sha256"} and len(weights["sha256"]) == 64
     assert entry["request"]["radiomics_mean"] == {"shape": [12], "dtype": "float64"}
     assert set(encoded_columns()) >= set(site.data.clinical.columns)
+
+
+def test_a_pooled_baseline_keeps_each_secure_sites_folds(tmp_path) -> None:
+    """The simulation's centralised baseline pools the sites in one worker with its own state:
+    it must still see each site's own folds (drawn once from the OS and kept by the site)."""
+    site = make_site(tmp_path / "a", policy={"randomness": "secure"})
+    ask(site, "query.folds", folds=5)
+    own = np.load(site.state_root / "attack" / "folds.npz")["fold"]
+    pooled = SiteWorker(
+        site.configs, state_root=tmp_path / "pooled", ledger_root=tmp_path / "pooled"
+    )
+    ask(pooled, "query.folds", folds=5)
+    assert np.array_equal(np.load(tmp_path / "pooled" / "attack" / "folds.npz")["fold"], own)

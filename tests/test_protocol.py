@@ -341,6 +341,7 @@ def test_a_stopped_run_resumes_from_its_checkpoints_to_the_same_result(
         assert resumed["models"][model]["pooled"] == reference["models"][model]["pooled"]
 
 
+@pytest.mark.slow  # DP-SGD over every fold
 @pytest.mark.parametrize("mode", ["sample", "client"])
 def test_a_private_run_completes_and_its_ledger_is_reported(sites, mode) -> None:
     cfg = _cfg(dp={"mode": mode, "epsilon": 8.0}, stages={"fusion_rounds": 2})
@@ -363,6 +364,7 @@ def test_a_private_run_completes_and_its_ledger_is_reported(sites, mode) -> None
     assert result["models"]["none/radiomics+clinical"]["pooled"]["auc"] is not None
 
 
+@pytest.mark.slow  # DP-SGD over every fold
 @pytest.mark.parametrize("mode", ["sample", "client"])
 def test_epsilon_per_fold_composes_over_the_folds_in_the_ledger(sites, mode) -> None:
     dp = {"mode": mode, "epsilon": 4.0, "epsilon_scope": "fold", "ablation": True}

@@ -77,6 +77,7 @@ def cohort_run(tmp_path_factory):
     return cohort, out, result
 
 
+@pytest.mark.slow
 def test_cohort_metrics_structure(cohort_run):
     cohort, out, result = cohort_run
     metrics = json.loads((out / "metrics.json").read_text())
@@ -136,6 +137,7 @@ def test_cohort_metrics_structure(cohort_run):
     assert set(metrics["timing_s"]["image_training"]) == {"swin3d", "resnet3d"}
 
 
+@pytest.mark.slow
 def test_tasks_in_parallel_give_the_sequential_results(cohort_run, tmp_path):
     """Two worker processes (image tasks of both folds at once, then the fold tasks) against
     one process, each task on the same number of CPU threads (torch's CPU kernels round
@@ -159,6 +161,7 @@ def test_tasks_in_parallel_give_the_sequential_results(cohort_run, tmp_path):
         assert history == fold_one.image_histories["resnet3d"] | {"seconds": history["seconds"]}
 
 
+@pytest.mark.slow
 def test_a_packed_cohort_runs_the_same_tabular_study(cohort_run, tmp_path):
     data = load_cohort(cohort_run[0])
     summary = pack_cohort(data, tmp_path / "packed.npz", hu_step=2.0)
@@ -183,6 +186,7 @@ def test_a_packed_cohort_runs_the_same_tabular_study(cohort_run, tmp_path):
     assert again.metrics["models"] == first.metrics["models"]
 
 
+@pytest.mark.slow
 def test_a_site_missing_a_crop_is_named(cohort_run, tmp_path):
     cohort = tmp_path / "cohort"
     shutil.copytree(cohort_run[0], cohort)
@@ -193,6 +197,7 @@ def test_a_site_missing_a_crop_is_named(cohort_run, tmp_path):
         load_cohort(cohort)
 
 
+@pytest.mark.slow
 def test_selector_sees_training_rows_only(cohort_run):
     _, _, result = cohort_run
     data = load_cohort(cohort_run[0])  # features are cached now: no extraction
@@ -261,6 +266,7 @@ def test_repeated_study_is_the_study_once_per_fold_seed(tmp_path):
         summarise_repeats(runs)
 
 
+@pytest.mark.slow
 def test_late_fusion_scores_with_the_mean_logit_of_the_single_group_models(cohort_run):
     """With ``fusion = "late"`` a model of several groups gives each patient the sigmoid of the
     mean logit of that fold's single-group models of its groups (the deep one of its own
@@ -301,6 +307,7 @@ def test_permuted_labels_give_chance_auc(tmp_path):
     assert abs(np.mean(aucs) - 0.5) < 0.1, aucs
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_TABLE.is_file(), reason=f"real reference table absent: {REAL_TABLE}")
 def test_real_table(tmp_path):
     data = load_table(REAL_TABLE, "Distant", "id")
@@ -315,6 +322,7 @@ def test_real_table(tmp_path):
     assert pooled["auc"] > 0.55
 
 
+@pytest.mark.slow
 def test_cli_tabular(tmp_path):
     table = noise_table(tmp_path / "t.csv", n=90, p=30, signal=True)
     out = tmp_path / "run"
