@@ -316,19 +316,23 @@ class SiteWorker:
 
     def _released(self, request: Mapping[str, Any], rows: np.ndarray, reply: dict) -> dict:
         """``reply``, computed on the patients of the bool mask ``rows`` (n,), when the policy
-        lets it leave: at least the floor of patients, and a patient set the same as each one
-        released before or differing from it by at least the floor. Else :class:`Withheld`
+        lets it leave (:meth:`_admit` with the statistics it carries), else :class:`Withheld`
+        with the count alone."""
+        self._admit(request, rows, release_families(self.route, reply))
+        return reply
+
+    def _admit(self, request: Mapping[str, Any], rows: np.ndarray, families: set[str]) -> None:
+        """Return when statistics ``families`` may be released on the patients of ``rows``: at
+        least the floor of them, and a patient set the same as each one those statistics were
+        released on before or differing from it by at least the floor; else :class:`Withheld`
         with the count alone."""
         n, floor = int(rows.sum()), self.min_patients(request)
         if n < floor:
             raise Withheld("policy.min_patients", f"{n} patients, floor {floor}", {"n": n})
-        families = release_families(self.route, reply)
-        problem = DifferencingGuard(self.policy_folder(), floor).admit(
-            self.data.ids[rows], families
-        )
+        guard = DifferencingGuard(self.policy_folder(), floor)
+        problem = guard.admit(self.data.ids[rows], families)
         if problem:
             raise Withheld("policy.difference", problem, {"n": n})
-        return reply
 
     # ---- census, folds, selection --------------------------------------------------------------
 
@@ -357,7 +361,7 @@ class SiteWorker:
             "randomness": self.policy.randomness,
         }
         try:
-            self._released(request, np.ones(len(data.ids), dtype=bool), {"positives": 0})
+            self._admit(request, np.ones(len(data.ids), dtype=bool), {self.route, "labels"})
         except Withheld as held:
             del reply["positives"]
             raise Withheld(held.rule, f"positives: {held.reason}", reply) from None
@@ -387,7 +391,7 @@ class SiteWorker:
         reply = {"n": len(y), "fold_sizes": sizes}
         try:  # positives per fold: label counts of each fold's patients
             for f in range(k):
-                self._released(request, fold == f, {"fold_positives": 0})
+                self._admit(request, fold == f, {self.route, "labels"})
         except Withheld:
             return reply
         reply["fold_positives"] = np.bincount(fold, weights=y, minlength=k).astype(np.int64)
@@ -770,7 +774,7 @@ class SiteWorker:
         groups = {"": scored} | {g: r for g, r in subsites.items() if g not in hidden}
         for suffix, rows in groups.items():
             try:  # histograms, confusion counts: labels among them
-                self._released(request, rows, {"hist_pos": 0})
+                self._admit(request, rows, {self.route, "labels"})
             except Withheld:
                 if not suffix:
                     raise
