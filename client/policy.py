@@ -23,7 +23,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   differs from an earlier one by fewer than the floor (the same statistic on two sets that
   differ by one patient gives that patient's value);
 - ``policy.min_bin_count``: a score histogram's non-empty bins hold at least that many
-  patients (:func:`coarsen_histograms` merges adjacent bins until they do);
+  patients (:func:`grouped_histograms`: groups of that many patients by score, each at its
+  mean);
 - ``policy.suppression``: subsite groups under the floor are suppressed, and then more groups
   until the suppressed patients are none or at least the floor (:func:`suppressed_groups`), so
   that the whole site minus the released groups is never a small group.
@@ -210,31 +211,30 @@ class DifferencingGuard:
         return None
 
 
-def coarsen_histograms(
-    pos: np.ndarray, neg: np.ndarray, min_count: int
+def grouped_histograms(
+    y: np.ndarray, scores: np.ndarray, bins: int, min_count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class-conditional score counts (bins,) with every non-empty bin holding at least
-    ``min_count`` patients of both classes together: adjacent bins merge from the lowest score
-    up until the group holds ``min_count`` (a short last group joins the one before), and each
-    group's counts go to its middle bin. Totals are kept; within a group the order is lost."""
-    total = pos + neg
-    out_pos, out_neg = np.zeros_like(pos), np.zeros_like(neg)
-    groups, start, held = [], 0, 0
-    for i, count in enumerate(total):
-        held += count
-        if held >= min_count:
-            groups.append([start, i + 1])
-            start, held = i + 1, 0
-    if held or not groups:  # leftover patients (or too few for one group)
-        if groups:
-            groups[-1][1] = len(total)
-        else:
-            groups.append([0, len(total)])
-    for first, end in groups:
-        middle = (first + end - 1) // 2
-        out_pos[middle] = pos[first:end].sum()
-        out_neg[middle] = neg[first:end].sum()
-    return out_pos, out_neg
+    """Class-conditional counts (bins,) of ``scores`` in [0, 1] (labels ``y``: 1 positive, 0
+    negative) over ``bins`` equal-width bins, every non-empty bin holding at least ``min_count``
+    patients. The patients, sorted by score whatever their labels, form consecutive groups of
+    ``min_count`` (the remainder joins the last group); each group's class counts go to the bin
+    that holds the group's mean score. What leaves the site is, per group of ``min_count``, its
+    mean score (to a bin) and its class counts; the grouping does not depend on ``bins``, so a
+    finer grid places a group more precisely but never splits it, and grids cannot be
+    differenced against each other."""
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(scores, dtype=float)
+    pos, neg = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
+    order = np.argsort(s, kind="stable")
+    starts = list(range(0, len(s), max(min_count, 1)))
+    if len(starts) > 1 and len(s) - starts[-1] < min_count:
+        starts.pop()  # a short last group joins the one before
+    for first, end in zip(starts, [*starts[1:], len(s)], strict=True):
+        members = order[first:end]
+        where = min(int(s[members].mean() * bins), bins - 1)
+        pos[where] += int(y[members].sum())
+        neg[where] += int((~y[members]).sum())
+    return pos, neg
 
 
 def suppressed_groups(sizes: Mapping[str, int], floor: int) -> set[str]:

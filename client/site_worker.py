@@ -11,11 +11,11 @@ Everything a site keeps between messages lives on its disk under
 assignment, the deep features of each fold, the held-out scores of each fold, the model-input
 cache. Nothing in a reply has a per-patient axis: sums over training rows, model weights,
 histograms and counts only. What may leave is the site's ``[policy]``
-(``fedmets.client.policy``): the folds are the site's own, histograms are coarsened to
-``min_bin_count`` patients per bin, small subsite groups are suppressed with a complement, and
-a reply on fewer patients than ``min_patients`` (the larger of the site's and the server's),
-or on a patient set that differs from an earlier one by fewer, is withheld (:class:`Withheld`:
-its count alone is sent).
+(``fedmets.client.policy``): the folds are the site's own, histograms hold groups of
+``min_bin_count`` patients (each at its mean score), small subsite groups are suppressed with a
+complement, and a reply on fewer patients than ``min_patients`` (the larger of the site's and
+the server's), or on a patient set that differs from an earlier one by fewer, is withheld
+(:class:`Withheld`: its count alone is sent).
 
 A deployed site answers each message in a fresh ClientApp process, so this module imports only
 what every route needs: the image routes import MONAI (``fedmets.client.crops``,
@@ -43,8 +43,8 @@ from torch import nn
 
 from fedmets.client.policy import (
     DifferencingGuard,
-    coarsen_histograms,
     fold_seed,
+    grouped_histograms,
     private_seed,
     release_families,
     suppressed_groups,
@@ -75,7 +75,6 @@ from fedmets.client.training import (
 from fedmets.shared import wire
 from fedmets.shared.clinical import decode_subsite, encoded_columns
 from fedmets.shared.config import SiteConfig
-from fedmets.shared.metrics import score_histograms
 from fedmets.shared.models import FusionNet, input_blocks
 from fedmets.shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
 
@@ -801,11 +800,9 @@ class SiteWorker:
     def _histograms(
         self, y: np.ndarray, scores: np.ndarray, request: Mapping[str, Any]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Class-conditional score counts over the request's ``bins``, coarsened to the
-        policy's ``min_bin_count`` patients per non-empty bin: (bins,) int64 each."""
-        hist = score_histograms(y, scores, int(request["bins"]))
-        pos, neg = coarsen_histograms(hist.pos_counts, hist.neg_counts, self.policy.min_bin_count)
-        return pos.astype(np.int64), neg.astype(np.int64)
+        """Class-conditional score counts over the request's ``bins``, in groups of the
+        policy's ``min_bin_count`` patients: (bins,) int64 each (``grouped_histograms``)."""
+        return grouped_histograms(y, scores, int(request["bins"]), self.policy.min_bin_count)
 
     def _private_seed(self, request: Mapping[str, Any]) -> int:
         """The seed of a DP-SGD training's noise and sampling (``fedmets.client.policy``)."""

@@ -238,8 +238,9 @@ class PolicySection(_Section):
     # and tests only: the centre may then know them; every run records which).
     randomness: Literal["secure", "seeded"] = "secure"
     # Score histograms: at most this many bins, and every non-empty bin holds at least
-    # min_bin_count patients (adjacent bins are merged until it does).
-    max_bins: int = Field(100, ge=2, le=10000)
+    # min_bin_count patients (the patients sorted by score form groups of min_bin_count, each
+    # counted in the bin of its mean score).
+    max_bins: int = Field(1000, ge=2, le=10000)
     min_bin_count: int = Field(5, ge=1)
     # Training requests: batch, epochs per round, learning rate, fusion network size,
     # random-forest trees, permutation repeats.
@@ -365,16 +366,17 @@ class ModelSection(_Section):
     fusion_weight_decay: float = Field(1e-3, ge=0)
     fusion_group_dropout: float = Field(0.3, ge=0, lt=1)
     deep_components: int = Field(8, ge=0)  # whitened PCA of the deep features; 0 = all, scaled
-    # What picks each fusion network's round: the pooled inner-validation "auc" (from the sites'
-    # validation-score histograms, as the study's fusion_monitor) or the weighted BCE "loss".
-    fusion_monitor: Literal["auc", "loss"] = "auc"
+    # What picks each fusion network's round: the pooled weighted BCE of the inner-validation
+    # rows ("loss": exact sums) or their pooled AUC ("auc": from the sites' grouped
+    # validation-score histograms, as the study's fusion_monitor). docs/federated.md: why.
+    fusion_monitor: Literal["auc", "loss"] = "loss"
 
 
 class EvaluationSection(_Section):
     """``[evaluation]``: how held-out folds are scored."""
 
-    # Score-histogram bins on [0, 1] (a site's [policy] max_bins bounds it; 100 by default).
-    histogram_bins: int = Field(100, ge=10, le=10000)
+    # Score-histogram bins on [0, 1] (a site's [policy] max_bins bounds it; 1000 by default).
+    histogram_bins: int = Field(1000, ge=10, le=10000)
 
 
 class DpSection(_Section):

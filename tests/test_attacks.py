@@ -185,6 +185,27 @@ def test_fine_histograms_are_refused_and_released_ones_are_coarse(site) -> None:
     assert single == 0  # no (score range, label) pair of one patient
 
 
+def test_histograms_on_other_grids_cannot_be_differenced(site) -> None:
+    """The attack: the same scores asked on several grids; where two grids group the patients
+    differently, subtracting their cumulative counts isolates a patient (score range, label).
+    Measured: every grid's cumulative patient count at every bin edge is a multiple of the
+    bin floor (or the whole set), with one cumulative positive count per cumulative total over
+    all grids: the grids agree on one grouping, and the finest set any difference leaves is a
+    whole group of min_bin_count patients."""
+    ask(site, "query.folds", folds=5)
+    request = {**fusion_request(site), "fold": 0, "dp_mode": "off"}
+    k = site.policy.min_bin_count
+    positives_at: dict[int, int] = {}
+    for bins in (97, 100, 331, 1000):
+        reply = ask(site, "query.train_scores", bins=bins, **request)
+        pos = reply["hist_pos:none/radiomics+clinical"]
+        neg = reply["hist_neg:none/radiomics+clinical"]
+        for total, positives in zip(np.cumsum(pos + neg), np.cumsum(pos), strict=True):
+            assert total % k == 0 or total == reply["n"], (bins, total)
+            assert positives_at.setdefault(int(total), int(positives)) == positives, bins
+    assert len(positives_at) > 3  # the grids did resolve several groups
+
+
 def test_subsite_subtraction_leaves_no_small_group(site) -> None:
     """The attack: the whole site's evaluation minus every released subsite gives the
     suppressed subsite's histograms, confusion counts and Brier sum."""

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fedmets.client.policy import coarsen_histograms
+from fedmets.client.policy import grouped_histograms
 from fedmets.client.site_worker import SiteWorker, assign_folds
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.shared.clinical import encoded_columns
 from fedmets.shared.config import FederationConfig, load_site_config
-from fedmets.shared.metrics import metrics_from_histograms, score_histograms
+from fedmets.shared.metrics import metrics_from_histograms
 from fedmets.shared.selection import correlation_filter
 from fedmets.simulation.in_process import InProcessLink
 from fedmets.simulation.site_files import write_site_config
@@ -207,8 +207,8 @@ def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
                 threshold = result["folds"][fold]["thresholds"]["none/radiomics+clinical"]
                 decisions.append(s >= threshold)
         assert result["models"]["none/radiomics+clinical"]["per_site"][site]["n"] == len(table)
-        hist = score_histograms(np.concatenate(site_labels), np.concatenate(site_scores), bins)
-        pos, neg = coarsen_histograms(hist.pos_counts, hist.neg_counts, 5)  # the site's policy
+        site_y, site_s = np.concatenate(site_labels), np.concatenate(site_scores)
+        pos, neg = grouped_histograms(site_y, site_s, bins, 5)  # the site's policy
         released_pos, released_neg = released_pos + pos, released_neg + neg
         scores += site_scores
         labels += site_labels
