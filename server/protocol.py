@@ -176,12 +176,17 @@ class FederatedProtocol:
         partial.replace(path)
 
     def _step(self, key: str, compute: Callable[[], Any]) -> Any:
-        """``compute()``, or its checkpointed result when resuming."""
+        """``compute()``, or its checkpointed result when resuming. Its seconds add up in
+        ``timing_s`` under the stage's name (``fold3-image`` -> ``image``)."""
         saved = self._load(key)
         if saved is not None:
             self.say(f"  resumed {key} from its checkpoint")
             return saved
+        tic = time.perf_counter()
         value = compute()
+        stage = key.split("-", 1)[-1]
+        spent = self.record.timing_s.get(stage, 0.0) + time.perf_counter() - tic
+        self.record.timing_s[stage] = round(spent, 1)
         self._save(key, value)
         return value
 

@@ -10,24 +10,30 @@ Steps, for ``simulate(cohort, preset, out)``:
    flwr-home`` and runtime dependency installation off; ``flwr run`` submits this app with one
    simulated SuperNode per site (``site-configs`` in the run config); the ServerApp writes
    ``OUT/federated/federated.json``; the SuperLink is stopped afterwards, whatever happened;
-4. the same ``fedmets.server.protocol.FederatedProtocol`` runs in process over one pooled worker
-   (``centralized``) and over each site alone (``local_only``);
+4. the same ``fedmets.server.protocol.FederatedProtocol`` runs over one pooled worker
+   (``centralized``) and over each site alone (``local_only``), side by side in worker
+   processes (:func:`run_baselines`);
 5. ``OUT/metrics.json`` and ``OUT/summary.txt``.
 
-Everything is seeded by the federation config's ``[run] seed`` and ``[cv] seed``.
+Everything is seeded by the federation config's ``[run] seed``.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import tomli_w
+import torch
 
 from fedmets.client.extract import extract_site
 from fedmets.client.site_files import FEATURES_FILE
@@ -154,44 +160,18 @@ def simulate(
     }
     if baselines:
         tic = time.perf_counter()
-        log("centralised baseline: the same protocol on all sites pooled")
-        pooled = SiteWorker(
-            configs, state_root=out / "centralized-state", ledger_root=out / "centralized-state"
+        log(
+            "baselines: the same protocol on all sites pooled (centralised) and on each site alone "
+            "(local-only), side by side in worker processes"
         )
-        centralized = FederatedProtocol(
-            InProcessLink({"pooled": pooled}),
-            _single_site(fed),
-            f"{fed.run.name}-pooled",
-            log,
-            privacy_dir=out / "centralized-state" / "server-privacy",
-        ).run_all()
-        timing["centralized"] = time.perf_counter() - tic
-        metrics["centralized"] = _summary(centralized)
-        tic = time.perf_counter()
-        local: dict[str, Any] = {}
-        not_run: dict[str, str] = {}
-        for cfg in configs:
-            log(f"local-only baseline: {cfg.site_id} alone")
-            state = out / "local-state" / cfg.site_id
-            worker = SiteWorker([cfg], state_root=state, ledger_root=state)
-            try:
-                local[cfg.site_id] = _summary(
-                    FederatedProtocol(
-                        InProcessLink({cfg.site_id: worker}),
-                        _single_site(fed),
-                        f"{fed.run.name}-local",
-                        lambda message: None,
-                        privacy_dir=state / "server-privacy",
-                    ).run_all()
-                )
-            except ProtocolError as error:  # a site too small to train alone under its policy
-                not_run[cfg.site_id] = str(error)
-                log(f"local-only baseline: {cfg.site_id} alone cannot run: {error}")
-        timing["local_only"] = time.perf_counter() - tic
+        centralized, local, not_run = run_baselines(configs, fed, out, log)
+        timing["baselines"] = time.perf_counter() - tic
+        metrics["centralized"] = centralized
         main = federated["main_model"]
         metrics["local_only"] = {
             "per_site": {s: r["models"][main]["pooled"] for s, r in local.items()},
             "models": {s: r["models"] for s, r in local.items()},
+            "timing_s": {s: r["timing_s"] for s, r in local.items()},
             "not_run": not_run,
         }
         metrics["ablation"] = {
@@ -207,6 +187,104 @@ def simulate(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     (out / "summary.txt").write_text(summary_text(metrics), encoding="utf-8")
     return metrics
+
+
+def run_baselines(
+    configs: list[SiteConfig],
+    fed: FederationConfig,
+    out: Path,
+    log: Callable[[str], None] = print,
+) -> tuple[dict, dict[str, dict], dict[str, str]]:
+    """The centralised baseline (every site's patients in one worker, each keeping its site's
+    fold) and the local-only baselines (each site alone), as protocol summaries: (centralised,
+    {site: local-only}, {site: why it could not run alone}).
+
+    They are independent, so they run side by side in worker processes (spawned; as many as
+    CPU cores, at most one per baseline), each with ``cores // processes`` torch threads: on 2
+    cores the centralised run beside the four local-only runs in turn, one thread each, which
+    costs less than the two in a row on two threads each. The centralised run logs its
+    progress through ``log`` as it goes; local-only runs say when each is done."""
+    tasks = [("centralized", [c.source for c in configs])]
+    for cfg in sorted(configs, key=_patients, reverse=True):
+        tasks.append((cfg.site_id, [cfg.source]))
+    cores = os.cpu_count() or 1
+    processes = max(1, min(cores, len(tasks)))
+    threads = max(1, cores // processes)
+    data = fed.model_dump(mode="json")
+    local: dict[str, dict] = {}
+    not_run: dict[str, str] = {}
+    centralized: dict = {}
+    spawn = multiprocessing.get_context("spawn")
+    progress = spawn.Queue()  # the centralised run's log lines, as they come
+    with ProcessPoolExecutor(
+        processes,
+        mp_context=spawn,
+        initializer=_start_baseline_process,
+        initargs=(threads, progress),
+    ) as pool:
+        pending = {pool.submit(_baseline, kind, tomls, data, out): kind for kind, tomls in tasks}
+        while pending:
+            done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            _drain(progress, log)
+            for job in done:
+                kind = pending.pop(job)
+                outcome = job.result()
+                if kind == "centralized":
+                    centralized = outcome
+                elif isinstance(outcome, str):  # too small to train alone under its policy
+                    not_run[kind] = outcome
+                    log(f"local-only baseline: {kind} alone cannot run: {outcome}")
+                else:
+                    local[kind] = outcome
+                    log(f"local-only baseline: {kind} done")
+    _drain(progress, log)
+    return centralized, dict(sorted(local.items())), not_run
+
+
+def _patients(cfg: SiteConfig) -> int:
+    """Rows of a site's feature table (its size, for ordering the baselines)."""
+    return pq.ParquetFile(cfg.paths.output / FEATURES_FILE).metadata.num_rows
+
+
+def _drain(progress: Any, log: Callable[[str], None]) -> None:
+    while not progress.empty():
+        log(progress.get())
+
+
+_PROGRESS: Any = None
+"""In a baseline worker process: the queue its centralised run logs to."""
+
+
+def _start_baseline_process(threads: int, progress: Any) -> None:
+    global _PROGRESS
+    torch.set_num_threads(threads)
+    _PROGRESS = progress
+
+
+def _baseline(kind: str, site_tomls: list[Path], federation: dict, out: Path) -> dict | str:
+    """One baseline in a worker process: ``kind`` "centralized" (the sites of ``site_tomls``
+    pooled; its progress goes to the parent's log) or a site id (that site alone, quietly).
+    Returns its summary or, for a site that cannot train alone, the protocol's error text."""
+    configs = [load_site_config(p) for p in site_tomls]
+    fed = _single_site(FederationConfig.model_validate(federation))
+    if kind == "centralized":
+        state, run, name = out / "centralized-state", f"{fed.run.name}-pooled", "pooled"
+    else:
+        state, run, name = out / "local-state" / kind, f"{fed.run.name}-local", kind
+    worker = SiteWorker(configs, state_root=state, ledger_root=state)
+    protocol = FederatedProtocol(
+        InProcessLink({name: worker}),
+        fed,
+        run,
+        _PROGRESS.put if kind == "centralized" else None,
+        privacy_dir=state / "server-privacy",
+    )
+    try:
+        return _summary(protocol.run_all())
+    except ProtocolError as error:
+        if kind == "centralized":
+            raise
+        return str(error)
 
 
 def _single_site(fed: FederationConfig) -> FederationConfig:
@@ -355,6 +433,11 @@ def _fmt(metrics: dict | None) -> str:
     return ", ".join(parts)
 
 
+def _stages(result: dict) -> str:
+    """A protocol run's seconds per stage (summed over folds), as text."""
+    return ", ".join(f"{k} {v:.0f}" for k, v in result["timing_s"].items() if k != "total")
+
+
 def summary_text(metrics: dict) -> str:
     """The human summary of a simulation's metrics.json."""
     main = metrics["main_model"]
@@ -378,5 +461,17 @@ def summary_text(metrics: dict) -> str:
             lines.append(f"  {model:34s} {fed.get('auc') or 0:.3f} | {cen.get('auc') or 0:.3f}")
     if metrics.get("dropouts"):
         lines.append(f"dropouts: {len(metrics['dropouts'])}")
-    lines.append(f"time (s): {metrics['timing_s']}")
+    lines.append("time (s):")
+    timing = metrics["timing_s"]
+    for part, seconds in timing.items():
+        lines.append(f"  {part:10s} {seconds:7.1f}")
+        if part == "federated":
+            lines[-1] += f"  ({_stages(metrics['federated'])})"
+        elif part == "baselines":
+            local = (metrics.get("local_only") or {}).get("timing_s") or {}
+            lines[-1] += (
+                f"  side by side: centralised {metrics['centralized']['timing_s']['total']:.0f}"
+                f" ({_stages(metrics['centralized'])}); local-only "
+                + ", ".join(f"{site} {t['total']:.0f}" for site, t in local.items())
+            )
     return "\n".join(lines) + "\n"

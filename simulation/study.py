@@ -48,7 +48,7 @@ import torch
 from scipy.special import expit, logit
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
@@ -62,6 +62,16 @@ from fedmets.client.training import (
     resolve_device,
     train_fusion,
     train_image_model,
+)
+from fedmets.server.report.figures import (
+    COLOURS,
+    Figures,
+    auc_axis,
+    auc_interval,
+    calibration_axes,
+    new_figure,
+    reliability_curve,
+    roc_axes,
 )
 from fedmets.shared.clinical import decode_subsite, encoded_columns
 from fedmets.shared.config import SiteConfig, load_site_config
@@ -965,54 +975,37 @@ def main_models(metrics: dict) -> list[str]:
 
 def write_figures(metrics: dict, oof: pd.DataFrame, out: Path, shown: Sequence[str]) -> None:
     """roc.png (ROC of ``shown`` and of the oracle), calibration.png (reliability of ``shown``)
-    and ablation.png (pooled AUC with 95% CI of every model) in ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
+    and ablation.png (pooled AUC with 95% CI of every model) in ``out``, drawn with the run
+    report's primitives (``fedmets.server.report.figures``)."""
+    figures = Figures(out)
     y = oof["label"].to_numpy()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    figure, (ax,) = new_figure(5.2, 5.0)
+    roc_axes(ax, "ROC, pooled out-of-fold")
     curves = [(k, oof[k].to_numpy(), "-") for k in shown]
     if "oracle_true_risk" in oof:
         curves.append(("oracle (true risk)", oof["oracle_true_risk"].to_numpy(), "--"))
     for name, s, style in curves:
         fpr, tpr, _ = roc_curve(y, s)
         ax.plot(fpr, tpr, style, label=f"{name} (AUC {roc_auc_score(y, s):.3f})")
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, pooled out-of-fold")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=120)
-    plt.close(fig)
+    figures.write(figure, "roc")
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for name in shown:
-        cal = metrics["models"][name]["pooled"]["calibration"]
-        ax.plot(cal["prob_pred"], cal["prob_true"], "o-", label=name)
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="mean predicted probability", ylabel="observed DM rate", title="Calibration")
+    figure, (ax,) = new_figure(5.2, 5.0)
+    calibration_axes(ax, "calibration, pooled out-of-fold")
+    for i, name in enumerate(shown):
+        reliability_curve(ax, metrics["models"][name]["pooled"]["calibration"], f"C{i}", name)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "calibration.png", dpi=120)
-    plt.close(fig)
+    figures.write(figure, "calibration")
 
     names = list(metrics["models"])
-    auc = np.array([metrics["models"][k]["pooled"]["auc"] for k in names], dtype=float)
-    ci = [
-        metrics["models"][k]["pooled"]["auc_ci"] or (a, a) for k, a in zip(names, auc, strict=True)
-    ]
-    err = np.abs(np.array(ci, dtype=float).T - auc)
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
-    ax.barh(range(len(names)), auc, xerr=err, color="tab:blue", alpha=0.7, capsize=3)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(0.5, color="grey", linestyle=":")
-    if metrics["oracle_auc_used"] is not None:
-        ax.axvline(metrics["oracle_auc_used"], color="tab:red", linestyle="--", label="oracle")
-        ax.legend(fontsize=7)
-    ax.set(xlim=(0, 1), xlabel="pooled out-of-fold AUC (95% DeLong CI)", title="Ablations")
-    fig.tight_layout()
-    fig.savefig(out / "ablation.png", dpi=120)
-    plt.close(fig)
+    figure, (ax,) = new_figure(7.5, 0.5 * len(names) + 1.4)
+    for i, name in enumerate(names):
+        pooled = metrics["models"][name]["pooled"]
+        if pooled["auc"] is not None:
+            auc_interval(ax, i, pooled, COLOURS["centralized"])
+    oracle = metrics["oracle_auc_used"]
+    auc_axis(ax, names, oracle, "pooled out-of-fold AUC with 95% DeLong CI")
+    ax.set_title("ablations, pooled out-of-fold", fontsize=10)
+    if oracle is not None:
+        ax.legend(fontsize=8)
+    figures.write(figure, "ablation")

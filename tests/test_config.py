@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import CliResult, run_fedmets
 
 from fedmets.shared.config import (
     ConfigError,
@@ -54,13 +53,8 @@ def write(folder: Path, text: str, name: str = "config.toml") -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedmets", "config", "check", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-    )
+def run_cli(*args: str, cwd: Path = REPO) -> CliResult:
+    return run_fedmets("config", "check", *args, cwd=cwd)
 
 
 # ---- valid configs ------------------------------------------------------------------------------

@@ -6,8 +6,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from conftest import CliResult, run_fedmets
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
 from fedmets.client.extract import extract_site
@@ -27,7 +26,6 @@ from fedmets.client.site_files import FEATURES_FILE, REPORT_FILE
 from fedmets.shared.clinical import encode_clinical, encoded_columns
 from fedmets.shared.config import load_site_config
 from fedmets.simulation.site_files import write_site_config
-from fedmets.simulation.synth import generate_cohort
 
 IDS = [f"HA-{n:04d}" for n in range(1, 9)]
 CORRUPT_CT = "HA-0002"  # unreadable CT file: quarantined by the site check
@@ -37,10 +35,8 @@ GOOD = [i for i in IDS if i not in (CORRUPT_CT, EMPTY_MASK, TUMOUR_IN_AIR)]
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("extract") / "cohort"
-    generate_cohort("tiny", 2, 5, out, workers=2)
-    return out
+def cohort(tiny_cohort: Path) -> Path:
+    return tiny_cohort
 
 
 def make_site(cohort: Path, folder: Path, margin: float = 5.0, params: str = "fast") -> Path:
@@ -251,9 +247,8 @@ def test_a_patient_that_kills_every_worker_it_runs_on_fails_alone(cohort, tmp_pa
     assert report["counts"]["extracted"] == 0
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "fedmets", "site", "extract", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+def run_cli(*args: str) -> CliResult:
+    return run_fedmets("site", "extract", *args)
 
 
 def test_cli_writes_the_feature_table_and_exits_0_despite_a_bad_patient(site):

@@ -28,14 +28,11 @@ from fedmets.shared.clinical import (
 )
 from fedmets.shared.config import SiteConfig, load_site_config
 from fedmets.shared.organs import ORGAN_LABELS
-from fedmets.simulation.synth import generate_cohort
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cohort") / "tiny"
-    generate_cohort("tiny", 2, 5, out, workers=1)
-    return out
+def cohort(tiny_cohort: Path) -> Path:
+    return tiny_cohort
 
 
 @pytest.fixture

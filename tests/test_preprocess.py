@@ -10,17 +10,14 @@ from fedmets.client.ingest import load_patient_images, read_manifest
 from fedmets.client.peritumoral import peritumoral_ring
 from fedmets.client.preprocess import ImageContentError, body_mask, prepare_patient, save_crop
 from fedmets.shared.config import PreprocessSection, load_site_config
-from fedmets.simulation.synth import generate_cohort
 
 MARGIN_MM = 5.0
 
 
 @pytest.fixture(scope="module")
-def patients(tmp_path_factory):
+def patients(tiny_cohort):
     """The first three patients of site hospital_a of a tiny cohort: (record, images) pairs."""
-    out = tmp_path_factory.mktemp("preprocess") / "cohort"
-    generate_cohort("tiny", 2, 11, out, workers=2)
-    cfg = load_site_config(out / "hospital_a" / "site.toml")
+    cfg = load_site_config(tiny_cohort / "hospital_a" / "site.toml")
     records, problems = read_manifest(cfg)
     assert problems == []
     return [(record, load_patient_images(record, cfg)) for record in records[:3]]

@@ -23,18 +23,15 @@ from fedmets.client.radiomics_features import (
     use_one_thread,
 )
 from fedmets.shared.config import PreprocessSection, load_site_config
-from fedmets.simulation.synth import generate_cohort
 
 MARGIN_MM = 5.0
 TEXTURE_PER_IMAGE = {"firstorder": 18, "glcm": 24, "glrlm": 16, "glszm": 16, "gldm": 14, "ngtdm": 5}
 
 
 @pytest.fixture(scope="module")
-def regions(tmp_path_factory):
+def regions(tiny_cohort):
     """{patient_id: (ct, tumour, ring)} radiomics crops of three hospital_b patients."""
-    out = tmp_path_factory.mktemp("radiomics") / "cohort"
-    generate_cohort("tiny", 2, 13, out, workers=2)
-    cfg = load_site_config(out / "hospital_b" / "site.toml")
+    cfg = load_site_config(tiny_cohort / "hospital_b" / "site.toml")
     crops = {}
     for record in read_manifest(cfg)[0][:3]:
         images = load_patient_images(record, cfg)

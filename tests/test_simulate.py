@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,13 @@ def test_metrics_have_every_comparison(simulated) -> None:
     assert set(metrics["federated"]["per_site"]) == set(sites)
     assert set(metrics["local_only"]["per_site"]) == set(sites)
     assert len(metrics["ablation"]) == 7
-    assert (run / "summary.txt").read_text().startswith("fedmets simulation: 3 sites")
+    stages = {"selection", "image", "deep", "fusion", "thresholds", "importance", "total"}
+    assert set(metrics["federated"]["timing_s"]) == stages  # seconds per stage, all folds
+    summary = (run / "summary.txt").read_text()
+    assert summary.startswith("fedmets simulation: 3 sites")
+    assert re.search(r"federated +[\d.]+ +\(selection \d+, image \d+, deep \d+", summary)
+    assert re.search(r"baselines +[\d.]+ +side by side: centralised \d+ \(selection", summary)
+    assert set(metrics["timing_s"]) == {"federated", "baselines", "total"}
     assert (run / "federated" / "server.log").is_file()
 
 

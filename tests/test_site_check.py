@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,20 +12,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from conftest import CliResult, run_fedmets
 
 from fedmets.client import site_check
 from fedmets.client.site_check import SiteCheckReport, check_site, ct_value_problems
 from fedmets.shared.config import load_site_config
-from fedmets.simulation.synth import generate_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cohort") / "tiny"
-    generate_cohort("tiny", 2, 9, out, workers=1)
-    return out
+def cohort(tiny_cohort: Path) -> Path:
+    return tiny_cohort
 
 
 def copy_site(cohort: Path, folder: Path) -> Path:
@@ -263,13 +259,8 @@ def test_missing_clinical_column_is_a_site_problem(cohort: Path, tmp_path: Path)
 # ---- command line -------------------------------------------------------------------------------
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedmets", "site", "check", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+def run_cli(*args: str) -> CliResult:
+    return run_fedmets("site", "check", *args, cwd=REPO)
 
 
 def test_cli_reports_quarantined_patient(cohort: Path, tmp_path: Path) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CliResult, run_fedmets
 
 from fedmets.simulation.partition import SITE_ID_PATTERN, assign_sites, site_slug, summarise
 from fedmets.simulation.site_files import split_input, write_site_config
@@ -65,14 +64,8 @@ def cohort(tmp_path: Path) -> Path:
     return root
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedmets", "split", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def _run_cli(*args: str) -> CliResult:
+    return run_fedmets("split", *args, cwd=REPO)
 
 
 # ---- partition schemes -------------------------------------------------------------------------

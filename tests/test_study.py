@@ -5,8 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_fedmets
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import roc_auc_score
 
@@ -326,11 +325,9 @@ def test_real_table(tmp_path):
 def test_cli_tabular(tmp_path):
     table = noise_table(tmp_path / "t.csv", n=90, p=30, signal=True)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "fedmets", "study", "--table", str(table), "--label"]
-    command += ["label", "--id", "pid", "--preset", "tiny", "--folds", "2", "--out", str(out)]
-    command += ["--fusion", "late"]
-    wide = {**os.environ, "COLUMNS": "200"}  # one table row per line
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=wide)
+    command = ["study", "--table", str(table), "--label", "label", "--id", "pid"]
+    command += ["--preset", "tiny", "--folds", "2", "--out", str(out), "--fusion", "late"]
+    done = run_fedmets(*command)  # not a terminal: one table row per line
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["folds"] == 2 and metrics["oracle_auc"] is None
@@ -340,19 +337,9 @@ def test_cli_tabular(tmp_path):
     assert re.search(r"none/radiomics\+clinical\s+none/clinical\s+[+-]\d", printed)  # paired
     for figure in ("roc.png", "calibration.png", "ablation.png"):
         assert (out / figure).is_file()
-    bad = subprocess.run(
-        [sys.executable, "-m", "fedmets", "study", "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    bad = run_fedmets("study", "--out", out)
     assert bad.returncode == 1 and "exactly one of --cohort and --table" in bad.stderr
-    repeated = subprocess.run(
-        [*command[:-2], "--repeats", "2", "--seed", "3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=wide,
-    )
+    repeated = run_fedmets(*command[:-2], "--repeats", "2", "--seed", "3")
     assert repeated.returncode == 0, repeated.stderr
     assert json.loads((out / "repeats.json").read_text())["seeds"] == [3, 4]
     assert (out / "seed-4" / "metrics.json").is_file()

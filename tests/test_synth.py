@@ -3,25 +3,21 @@ counts, geometry, masks, manifests, site configs, and ground truth kept away fro
 
 import filecmp
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from conftest import CliResult, run_fedmets
 
 from fedmets.shared.config import check_config_file
 from fedmets.shared.organs import ORGAN_LABELS
 from fedmets.simulation.cohort import MANIFEST_CLINICAL_COLUMNS
 
 
-def _synth(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "fedmets", "synth", "--preset", "tiny", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # a log: no terminal width
-    return subprocess.run([*command, *extra], capture_output=True, text=True, timeout=300, env=env)
+def _synth(out: Path, *extra: str) -> CliResult:
+    return run_fedmets("synth", "--preset", "tiny", "--out", out, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +117,7 @@ def test_site_configs_validate_and_point_at_the_manifest(cohort):
     for site_dir in sorted(p for p in cohort.iterdir() if (p / "site.toml").exists()):
         kind, problems = check_config_file(site_dir / "site.toml", check_paths=True)
         assert (kind, problems) == ("site", [])
-    result = subprocess.run(
-        [sys.executable, "-m", "fedmets", "config", "check", *map(str, cohort.glob("*/site.toml"))],
-        capture_output=True,
-        text=True,
-    )
+    result = run_fedmets("config", "check", *cohort.glob("*/site.toml"))
     assert result.returncode == 0, result.stderr
 
 

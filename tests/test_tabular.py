@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import CliResult, run_fedmets
 
 from fedmets.client.extract import extract_site
 from fedmets.client.site_check import check_site
@@ -39,15 +37,8 @@ needs_real = pytest.mark.skipif(
 )
 
 
-def fedmets(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedmets", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+def fedmets(*args: str) -> CliResult:
+    return run_fedmets(*args, cwd=REPO)
 
 
 # ---- the real table, split by centre ------------------------------------------------------------

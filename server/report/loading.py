@@ -1,0 +1,65 @@
+"""Reading a run folder: the results of a simulation (``RUN/metrics.json``) or of a deployed run's
+server output (``federated.json``) in the one shape the report's sections and figures read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# the settings whose pooled results every simulation run holds, in the page's order
+SETTINGS = ("federated", "centralized")
+
+
+def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
+    """The run's results in the shape of ``metrics.json`` and the files they came from.
+
+    ``run_dir/metrics.json`` (a simulation) wins; else ``run_dir/federated.json`` or
+    ``run_dir/federated/federated.json`` (a deployed run's server output), whose main model's
+    pooled and per-site results become ``federated.pooled`` / ``per_site``. Keys that only
+    ``federated.json`` holds (a privacy ledger, DP results) are taken from it too."""
+    run_dir = Path(run_dir)
+    metrics_file = run_dir / "metrics.json"
+    server_files = [run_dir / "federated.json", run_dir / "federated" / "federated.json"]
+    server_file = next((f for f in server_files if f.is_file()), None)
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        sources = [metrics_file]
+        if server_file is not None:
+            server = json.loads(server_file.read_text(encoding="utf-8"))
+            if "privacy" in server and "privacy_ledger" not in metrics:
+                metrics["privacy_ledger"] = server["privacy"]
+            for key in ("dp", "run", "backbone"):
+                if key in server and key not in metrics:
+                    metrics[key] = server[key]
+            sources.append(server_file)
+        return metrics, sources
+    if server_file is None:
+        raise FileNotFoundError(
+            f"{run_dir}: neither metrics.json (a simulation run) nor federated.json "
+            "(a server output folder) found"
+        )
+    server = json.loads(server_file.read_text(encoding="utf-8"))
+    main_model = server.get("main_model")
+    models = server.get("models") or {}
+    main = models.get(main_model, {})
+    federated = {
+        "pooled": main.get("pooled"),
+        "per_site": main.get("per_site"),
+        "models": models,
+        "folds": server.get("folds") or [],
+        "timing_s": server.get("timing_s") or {},
+        "importance": server.get("importance"),
+    }
+    metrics = {
+        key: value
+        for key, value in server.items()
+        if key not in {"models", "folds", "timing_s", "config", "privacy"}
+    }
+    if "privacy" in server:  # the ServerApp's name for the privacy ledger report
+        metrics["privacy_ledger"] = server["privacy"]
+    metrics.update(
+        federated=federated,
+        config={"federation": server.get("config") or {}},
+        timing_s=server.get("timing_s") or {},
+    )
+    return metrics, [server_file]

@@ -1,0 +1,87 @@
+"""What several test modules share: the command line run in process, one synthetic cohort per
+session, and how the suite spreads over pytest-xdist workers.
+
+- :func:`run_fedmets` runs ``fedmets ...`` through Typer's test runner in this process (no fresh
+  interpreter and torch import per call) and answers like ``subprocess.run``.
+- ``tiny_cohort``: the ``tiny`` synthetic cohort (2 sites, seed 5) generated once per session
+  (per xdist worker); tests read it, and copy it before changing anything.
+- ``federation``: a loopback deployment (real SuperLink, three registered SuperNode keys) per
+  test module.
+- Workers (``scripts/test.sh`` runs ``-n 3 --dist loadfile``): a module's tests stay on one
+  worker, so a module-scoped fixture is built once, and the long real-process runs sit in
+  modules of their own (``test_deployment*.py``) to run side by side. Slow tests are collected
+  first so the longest work starts first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_protocol import write_sites
+from typer.testing import CliRunner
+
+# pytest-xdist sets COLUMNS=80 in its workers; the command line's consoles (made when
+# fedmets.cli is imported) then cut tables at 80 columns. Tests see what a log file sees.
+os.environ.pop("COLUMNS", None)
+
+from fedmets.cli import app  # noqa: E402
+from fedmets.simulation.loopback import LoopbackFederation  # noqa: E402
+from fedmets.simulation.synth import generate_cohort  # noqa: E402
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """A finished in-process ``fedmets`` call, with ``subprocess.CompletedProcess``'s fields."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_fedmets(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> CliResult:
+    """``fedmets ARGS`` in this process (from ``cwd``, with ``env`` added to the environment).
+    An exception the command does not handle gives return code 1 and its traceback on stderr,
+    as the real command would."""
+    runner = CliRunner()
+    with contextlib.chdir(cwd or os.getcwd()):
+        result = runner.invoke(app, [str(a) for a in args], env=env)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return CliResult(result.exit_code, result.stdout, stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` synthetic cohort, 2 sites, seed 5 (read-only: copy it to change it)."""
+    out = tmp_path_factory.mktemp("tiny-cohort") / "cohort"
+    generate_cohort("tiny", 2, 5, out, workers=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFederation]:
+    """A loopback deployment per test module: a TLS SuperLink with SuperNode authentication and
+    three registered tabular sites (2 folds; ``test_protocol.write_sites``), stopped after the
+    module."""
+    root = tmp_path_factory.mktemp("deployment")
+    sites = write_sites(root / "sites", folds=2)
+    with LoopbackFederation(root, sites) as fed:
+        fed.start_superlink()
+        for site in sites:
+            fed.register(site)
+        yield fed
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (a stable sort: the order inside each kind is kept), so the longest
+    work starts first."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
