@@ -144,8 +144,6 @@ def main() -> None:
                             net,
                             X[train],
                             y[train],
-                            val_fraction=0.0,
-                            patience=None,
                             batch_size=args.batch,
                             weight_decay=1e-3,
                             **common,

@@ -1,12 +1,11 @@
-"""Pack what ``benchmarks/gpu_check.sh`` needs on a GPU machine: the pooled demo cohort with its
-crops (``fedmets.simulation.packed_cohort``) and the wheels of the pure-Python packages that machine
-lacks (MONAI, pydantic and its core, built for its Python).
+"""Pack what ``benchmarks/gpu_check.sh`` needs on a GPU machine: the wheels of the pure-Python
+packages that machine lacks (MONAI, pydantic and its core, built for its Python).
 
-    .venv/bin/python benchmarks/gpu_pack.py --cohort data/demo --out .gpu [--python-version 3.12]
+    .venv/bin/python benchmarks/gpu_pack.py --out .gpu [--python-version 3.12]
 
-Writes ``OUT/demo.npz`` and ``OUT/wheels/*.whl`` (pip download from the package registry, the
-versions installed here) and prints their sizes: together with the working tree they must stay
-under the 64 MiB that travels.
+Writes ``OUT/wheels/*.whl`` (pip download from the package registry, the versions installed
+here) and prints their size: together with the working tree it must stay under the 64 MiB that
+travels.
 """
 
 from __future__ import annotations
@@ -17,25 +16,15 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from fedmets.simulation.packed_cohort import pack_cohort
-from fedmets.simulation.study import load_cohort
-
 WHEELS = ("monai", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cohort", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path(".gpu"))
     parser.add_argument("--python-version", default="3.12")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = pack_cohort(load_cohort(args.cohort), args.out / "demo.npz")
-    print(
-        f"{args.out / 'demo.npz'}: {summary['patients']} patients, "
-        f"{summary['bytes'] / 2**20:.1f} MiB (CT in {summary['hu_step']} HU steps inside "
-        f"{summary['hu_window']} HU, rounding SD {summary['ct_rounding_sd_hu']:.2f} HU)"
-    )
     wheels = args.out / "wheels"
     pins = [f"{name}=={version(name)}" for name in WHEELS]
     platform = ["--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64"]

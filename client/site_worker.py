@@ -75,7 +75,13 @@ from fedmets.client.training import (
 from fedmets.shared import wire
 from fedmets.shared.clinical import decode_subsite, encoded_columns
 from fedmets.shared.config import SiteConfig
-from fedmets.shared.models import FusionNet, input_blocks
+from fedmets.shared.models import (
+    MEMBER_MARK,
+    FusionNet,
+    combine_scores,
+    input_blocks,
+    model_groups,
+)
 from fedmets.shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
 
 if TYPE_CHECKING:
@@ -548,6 +554,12 @@ class SiteWorker:
             )
             reply = {"n": n, wire.WEIGHTS_PREFIX + IMAGE_MODEL: history["state"]}
             return self._released(request, rows, reply)
+        from fedmets.client.memory import device_budget_bytes, plan_image_training
+
+        budget = device_budget_bytes(self.device, self.configs[0].compute.gpu_memory_gib)
+        plan = plan_image_training(
+            model, tuple(images.shape[1:]), int(request["batch"]), self.device, budget
+        )
         history = train_image_model(
             model,
             data,
@@ -558,6 +570,7 @@ class SiteWorker:
             device=self.device,
             batch_size=int(request["batch"]),
             proximal_mu=float(request["proximal_mu"]),
+            memory=plan,
         )
         reply = {
             "n": n,
@@ -618,7 +631,7 @@ class SiteWorker:
             if not key.startswith(wire.WEIGHTS_PREFIX):
                 continue
             name = key.removeprefix(wire.WEIGHTS_PREFIX)
-            used = fusion_groups(name)
+            used = model_groups(name)
             net = FusionNet(
                 {g: groups[g].shape[1] for g in used},
                 hidden=list(np.atleast_1d(request["hidden"]).astype(int)),
@@ -661,8 +674,6 @@ class SiteWorker:
                 lr=float(request["lr"]),
                 pos_weight=float(request["pos_weight"]),
                 seed=seed,
-                val_fraction=0.0,
-                patience=None,
                 batch_size=int(request["batch"]),
                 weight_decay=float(request["weight_decay"]),
                 proximal_mu=float(request["proximal_mu"]),
@@ -724,14 +735,21 @@ class SiteWorker:
         return self._released(request, rows, reply)
 
     def train_scores(self, request: dict) -> dict:
-        """Histograms of the training rows' scores (for the threshold); the held-out rows'
-        scores are kept on the site's disk for :meth:`evaluation`."""
+        """Histograms of the training rows' scores of each of the request's ``models`` (default:
+        one per network's model), made from its networks (``fedmets.shared.models.
+        combine_scores``: ensembles, late fusion under ``fusion``), for the thresholds; the
+        held-out rows' scores are kept on the site's disk for :meth:`evaluation`."""
         rows = self._rows(request)
         y = self.data.labels
         reply: dict[str, Any] = {"n": int(rows["train"].sum())}
         held_out = {}
-        for name, (net, X) in self._fusion_models(request, self._groups(request)).items():
-            scores = predict_proba(net, X)
+        networks = self._fusion_models(request, self._groups(request))
+        scores = {name: predict_proba(net, X) for name, (net, X) in networks.items()}
+        every = list(dict.fromkeys(name.split(MEMBER_MARK, 1)[0] for name in networks))
+        models = combine_scores(
+            scores, list(request.get("models", every)), request.get("fusion", "joint")
+        )
+        for name, scores in models.items():
             pos, neg = self._histograms(y[rows["train"]], scores[rows["train"]], request)
             reply[f"hist_pos:{name}"], reply[f"hist_neg:{name}"] = pos, neg
             held_out[name] = scores[rows["test"]]
@@ -751,19 +769,12 @@ class SiteWorker:
             for k, v in request.items()
             if k.startswith("thresholds:")
         }
-        state = self._state(request)
-        n = len(self.data.ids)
-        scores = {name: np.full(n, np.nan) for name in thresholds}
-        cut = {name: np.full(n, np.nan) for name in thresholds}
-        for fold in range(len(next(iter(thresholds.values())))):
-            path = state / f"scores-fold{fold}.npz"
-            if not path.is_file():
-                continue
-            with np.load(path) as stored:
-                for name in thresholds:
-                    scores[name][stored["rows"]] = stored[_safe(name)]
-                    cut[name][stored["rows"]] = thresholds[name][fold]
-        scored = np.isfinite(next(iter(scores.values())))
+        folds = len(next(iter(thresholds.values())))
+        fold, scores = self.out_of_fold(str(request["run"]), list(thresholds), folds)
+        cut = {name: np.full(len(fold), np.nan) for name in thresholds}
+        for name, values in thresholds.items():
+            cut[name][fold >= 0] = values[fold[fold >= 0]]
+        scored = fold >= 0
         floor = self.min_patients(request)
         subsites = {
             f"@{s}": scored & (self.data.subsite == s) for s in sorted(set(self.data.subsite))
@@ -797,6 +808,28 @@ class SiteWorker:
                 reply[f"group_n:{suffix[1:]}"] = int(rows.sum())
         return reply
 
+    def out_of_fold(
+        self, run: str, models: Sequence[str], folds: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The held-out scores that run ``run`` kept on this site's disk
+        (:meth:`train_scores`): each patient's fold (n,), -1 where none was scored, and per
+        model its out-of-fold DM probabilities (n,), NaN where none. Local only: this is what
+        never leaves the site, read by the evaluation and by the centralised study, which
+        holds its pooled worker in process."""
+        state = self._state({"run": run})
+        n = len(self.data.ids)
+        fold = np.full(n, -1)
+        scores = {name: np.full(n, np.nan) for name in models}
+        for f in range(folds):
+            path = state / f"scores-fold{f}.npz"
+            if not path.is_file():
+                continue
+            with np.load(path) as stored:
+                fold[stored["rows"]] = f
+                for name in models:
+                    scores[name][stored["rows"]] = stored[_safe(name)]
+        return fold, scores
+
     def _histograms(
         self, y: np.ndarray, scores: np.ndarray, request: Mapping[str, Any]
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -808,11 +841,6 @@ class SiteWorker:
         """The seed of a DP-SGD training's noise and sampling (``fedmets.client.policy``)."""
         keys = (int(request["fold"]), int(request["round"]))
         return private_seed(self.policy, int(request["seed"]), self.site_id, *keys)
-
-
-def fusion_groups(model: str) -> tuple[str, ...]:
-    """The feature groups of a model key ``"<backbone>/<group>+<group>"``."""
-    return tuple(model.split("/", 1)[1].split("+"))
 
 
 @torch.no_grad()

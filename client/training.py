@@ -1,34 +1,30 @@
 """Site-side training building blocks: image-model training, deep-feature extraction and
 fusion-network training.
 
-Everything here takes and returns plain torch modules, numpy arrays and state dicts, so that the
-centralised study (``fedmets.simulation.study``) and the federated client run the same code: the
-client loads the global weights with :func:`set_state`, trains a round with
-:func:`train_image_model` or :func:`train_fusion` and sends :func:`get_state` back.
+Everything here takes and returns plain torch modules, numpy arrays and state dicts: the site
+loads the global weights with :func:`set_state`, trains a round with :func:`train_image_model` or
+:func:`train_fusion` and sends :func:`get_state` back.
 
 Image models train on ``fedmets.client.crops.CropDataset`` (the site's crops as model inputs); this
 module itself never imports MONAI, so fusion-only work stays light.
 
 Training is seeded (``fedmets.shared.reproducibility.set_seed``, a seeded DataLoader generator and a
 seeded augmentation stream), uses AdamW and ``BCEWithLogitsLoss(pos_weight)``, runs under
-``torch.autocast`` on CUDA only (bfloat16 where supported, else float16 with a GradScaler), and
-stops early on an inner validation set when one is given: the weights of the epoch with the
-lowest validation loss are kept.
+``torch.autocast`` on CUDA only (bfloat16 where supported, else float16 with a GradScaler). A
+round trains its epochs; which round is kept is the protocol's choice, on the pooled
+inner-validation rows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy.special import expit
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -36,9 +32,6 @@ from fedmets.shared.reproducibility import set_seed
 
 if TYPE_CHECKING:
     from fedmets.client.memory import MemoryPlan
-
-Monitor = Literal["loss", "auc"]
-
 
 # ---- device and state --------------------------------------------------------------------------
 
@@ -89,7 +82,6 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
 def _fit(
     model: nn.Module,
     train: Dataset,
-    val: Dataset | None,
     epochs: int,
     lr: float,
     pos_weight: float,
@@ -97,17 +89,13 @@ def _fit(
     device: torch.device,
     batch_size: int,
     weight_decay: float,
-    patience: int | None,
-    monitor: Monitor = "loss",
     proximal_mu: float = 0.0,
     micro_batch: int | None = None,
 ) -> dict:
     """Shared loop: AdamW + weighted BCE (plus FedProx's ``proximal_mu / 2 * ||w - w_start||^2``
-    when ``proximal_mu`` > 0) for ``epochs`` (or until ``patience`` epochs without a
-    better validation score: lower loss, or with ``monitor="auc"`` higher AUC, ties going to
-    the earlier epoch, the loss deciding where the AUC is undefined); restores the best
-    validation epoch's weights when ``val`` is given. Returns the history (per-epoch losses,
-    validation AUC, best epoch, seconds).
+    when ``proximal_mu`` > 0) for ``epochs``. Returns the history: ``train_loss`` per epoch
+    (mean weighted BCE per sample), ``epochs_run`` and ``seconds``. Which round's weights are
+    kept is the protocol's choice, on the pooled inner-validation rows.
 
     ``micro_batch`` < ``batch_size``: gradient accumulation. Each batch of ``batch_size``
     samples (the same batches as without) goes through the model in chunks of at most
@@ -128,9 +116,8 @@ def _fit(
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     autocast, scaler = _autocast(device)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    history: dict = {"train_loss": [], "val_loss": [], "val_auc": [], "best_epoch": None}
-    best_score, best_state, waited = np.inf, None, 0
-    for epoch in range(epochs):
+    history: dict = {"train_loss": []}
+    for _ in range(epochs):
         model.train()
         total, count = 0.0, 0
         for x_batch, y_batch in loader:
@@ -142,27 +129,6 @@ def _fit(
             scaler.step(optimiser)
             scaler.update()
         history["train_loss"].append(total / max(count, 1))
-        if val is None:
-            continue
-        logits, labels = _logits(model, val, device, batch_size)
-        val_loss = float(
-            loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(labels).to(device))
-        )
-        history["val_loss"].append(val_loss)
-        both = 0 < labels.sum() < len(labels)
-        history["val_auc"].append(float(roc_auc_score(labels, logits)) if both else None)
-        score = -history["val_auc"][-1] if monitor == "auc" and both else val_loss
-        if score < best_score:
-            best_score, best_state, waited = score, copy.deepcopy(model.state_dict()), 0
-            history["best_epoch"] = epoch + 1
-        else:
-            waited += 1
-            if patience is not None and waited >= patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
-        history["best_epoch"] = len(history["train_loss"])
     history["epochs_run"] = len(history["train_loss"])
     history["seconds"] = time.perf_counter() - started
     return history
@@ -200,21 +166,6 @@ def _backward(
     return summed
 
 
-@torch.no_grad()
-def _logits(
-    model: nn.Module, data: Dataset, device: torch.device, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Eval-mode logits (n,) float32 and labels (n,) of ``data``, in order."""
-    model.eval()
-    autocast, _ = _autocast(device)
-    out, labels = [], []
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
-        with autocast:
-            out.append(model(x.to(device)).float().cpu())
-        labels.append(y)
-    return torch.cat(out).numpy(), torch.cat(labels).numpy()
-
-
 def train_image_model(
     model: nn.Module,
     dataset: Dataset,
@@ -223,23 +174,17 @@ def train_image_model(
     pos_weight: float,
     seed: int,
     device: torch.device | str = "auto",
-    val_dataset: Dataset | None = None,
     batch_size: int = 8,
     weight_decay: float = 1e-4,
-    patience: int | None = None,
     proximal_mu: float = 0.0,
     memory: MemoryPlan | None = None,
 ) -> dict:
     """Train an image classifier ((B, C, S, S, S) -> (B,) logits) in place on ``dataset``
-    (augmenting or not, as built). With ``val_dataset`` (unaugmented, from the training rows
-    only) the best-validation-loss weights are kept and ``patience`` stops early.
-    ``proximal_mu`` > 0 adds FedProx's pull towards the starting (global) weights.
-    ``memory`` (``fedmets.client.memory.plan_image_training``): micro-batches with gradient
-    accumulation and activation checkpointing that fit a memory budget, with the same
-    effective batch ``batch_size``.
-
-    Returns ``{"train_loss": [...], "val_loss": [...], "val_auc": [...], "best_epoch",
-    "epochs_run", "seconds"}`` (losses are mean weighted BCE per sample)."""
+    (augmenting or not, as built) for ``epochs``. ``proximal_mu`` > 0 adds FedProx's pull
+    towards the starting (global) weights. ``memory``
+    (``fedmets.client.memory.plan_image_training``): micro-batches with gradient accumulation
+    and activation checkpointing that fit a memory budget, with the same effective batch
+    ``batch_size``. Returns the history (``_fit``)."""
     device = resolve_device(device) if isinstance(device, str) else device
     if memory is not None:  # an ImageClassifier (fedmets.shared.image_models)
         model.checkpoint_activations(memory.checkpointing)
@@ -247,7 +192,6 @@ def train_image_model(
         return _fit(
             model,
             dataset,
-            val_dataset,
             epochs,
             lr,
             pos_weight,
@@ -255,7 +199,6 @@ def train_image_model(
             device,
             batch_size,
             weight_decay,
-            patience,
             proximal_mu=proximal_mu,
             micro_batch=None if memory is None else memory.micro_batch,
         )
@@ -291,52 +234,38 @@ def train_fusion(
     lr: float,
     pos_weight: float,
     seed: int,
-    val_fraction: float = 0.2,
-    patience: int | None = 20,
     batch_size: int = 32,
     weight_decay: float = 1e-4,
     device: torch.device | str = "cpu",
-    monitor: Monitor = "loss",
     proximal_mu: float = 0.0,
 ) -> dict:
     """Train a fusion network ((B, F) -> (B,) logits) in place on ``X`` (n, F) float32 (already
-    scaled) and 0/1 ``y`` (n,). A stratified ``val_fraction`` of the rows (drawn with ``seed``)
-    is held out for early stopping (the epoch with the best validation ``monitor``, loss or
-    AUC, is kept; ``patience`` epochs); 0 trains on every row for ``epochs``. Returns the
-    history as :func:`train_image_model`, plus ``val_rows`` (indices into X of the held-out
-    rows). ``proximal_mu`` > 0 adds FedProx's pull towards the starting weights."""
+    scaled) and 0/1 ``y`` (n,) for ``epochs``, on one CPU thread. ``proximal_mu`` > 0 adds
+    FedProx's pull towards the starting weights. Returns the history (``_fit``)."""
     device = resolve_device(device) if isinstance(device, str) else device
-    X = np.asarray(X, dtype=np.float32)
-    y = np.asarray(y, dtype=np.float32)
-    rows = np.arange(len(y))
-    val_rows = np.array([], dtype=int)
-    if val_fraction > 0:
-        rows, val_rows = train_test_split(
-            rows, test_size=val_fraction, stratify=y, random_state=seed
-        )
-
-    def tensors(index: np.ndarray) -> TensorDataset:
-        return TensorDataset(torch.from_numpy(X[index]), torch.from_numpy(y[index]))
-
-    val = tensors(val_rows) if len(val_rows) else None
+    data = TensorDataset(
+        torch.from_numpy(np.asarray(X, dtype=np.float32)),
+        torch.from_numpy(np.asarray(y, dtype=np.float32)),
+    )
     with _one_cpu_thread(device):
-        history = _fit(
-            model,
-            tensors(rows),
-            val,
-            epochs,
-            lr,
-            pos_weight,
-            seed,
-            device,
-            batch_size,
-            weight_decay,
-            patience,
-            monitor,
-            proximal_mu,
+        return _fit(
+            model, data, epochs, lr, pos_weight, seed, device, batch_size, weight_decay, proximal_mu
         )
-    history["val_rows"] = np.sort(val_rows).tolist()
-    return history
+
+
+@torch.no_grad()
+def _logits(
+    model: nn.Module, data: Dataset, device: torch.device, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode logits (n,) float32 and labels (n,) of ``data``, in order."""
+    model.eval()
+    autocast, _ = _autocast(device)
+    out, labels = [], []
+    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+        with autocast:
+            out.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(out).numpy(), torch.cat(labels).numpy()
 
 
 @torch.no_grad()

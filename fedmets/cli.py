@@ -441,97 +441,99 @@ def study(
     id_column: Annotated[str, typer.Option("--id", help="Tabular mode: patient id column.")] = (
         "patient_id"
     ),
-    preset: Annotated[str, typer.Option(help="tiny | demo | paper | gpu")] = "demo",
+    preset: Annotated[str, typer.Option(help="tiny | demo | gpu (as fedmets simulate)")] = "demo",
+    config: Annotated[
+        Path | None, typer.Option(help="A federation TOML instead of the preset.")
+    ] = None,
     folds: Annotated[
-        int | None, typer.Option(min=2, help="Cross-validation folds (default: the preset's).")
+        int | None, typer.Option(min=2, max=10, help="Cross-validation folds ([cv] folds).")
     ] = None,
     fusion: Annotated[
         str | None,
         typer.Option(
             help="Models of several feature groups: joint (one fusion net on the concatenated"
-            " groups) | late (mean logit of the single-group models). Default: the preset's."
+            " groups) | late (mean logit of the single-group models). [model] fusion."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Same seed, same folds, same results.")] = 0,
+    members: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=20, help="Fusion networks per model, averaged ([model] fusion_members)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the training ([run] seed).")] = 7,
     repeats: Annotated[
         int,
         typer.Option(
             min=1,
-            help="Repeated CV: run the study with fold seeds seed .. seed+R-1 (OUT/seed-<s>/)"
-            " and summarise the spread (OUT/repeats.json).",
+            help="Repeated CV: repeat k redraws every site's folds from its seed + k and trains"
+            " with seed + k (OUT/repeat-<k>/); the spread goes to OUT/repeats.json.",
         ),
     ] = 1,
     backbones: Annotated[
         str, typer.Option(help="Comma-separated image backbones; the first is the main one.")
     ] = "swin3d,resnet3d,densenet3d",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[
+        str | None, typer.Option(help="auto | cpu | cuda | cuda:N (default: each site's).")
+    ] = None,
     workers: Annotated[
         int | None, typer.Option(min=1, help="Extraction processes (default: compute.workers).")
     ] = None,
-    parallel: Annotated[
-        str,
-        typer.Option(
-            help="Fold x backbone image tasks (and fold tasks) at once, in worker processes: N,"
-            " or auto (as many as the GPU's free memory holds; 1 on a CPU)."
-        ),
-    ] = "1",
-    gpu_memory_gib: Annotated[
-        float | None,
-        typer.Option(
-            min=0.5,
-            help="GPU memory budget of each image training (micro-batches, gradient"
-            " accumulation and activation checkpointing fit it). Default: what is free.",
-        ),
-    ] = None,
 ) -> None:
-    """Centralised cross-validated study (the paper's reference): image model, deep features,
-    radiomics selection, fusion net and ablations, fitted on training folds only."""
-    from dataclasses import replace
-
+    """Centralised cross-validated study (the paper's reference): the federated protocol over
+    every patient pooled in one site (simulate's centralised baseline), once per backbone, with
+    exact out-of-fold metrics, ablations, paired DeLong tests and figures."""
     from rich.text import Text
 
+    from fedmets.shared.config import ConfigError, FederationConfig, load_federation_config
     from fedmets.shared.image_models import BACKBONES
     from fedmets.simulation.repeated_study import run_repeated_study
-    from fedmets.simulation.study import PRESETS, load_cohort, load_table, run_study
+    from fedmets.simulation.simulate import PRESETS, federation_config
+    from fedmets.simulation.study import cohort_sites, run_study, table_site
 
     if (cohort is None) == (table is None):
         err_console.print("[red]error:[/red] give exactly one of --cohort and --table")
         raise typer.Exit(1)
     chosen = [b.strip() for b in backbones.split(",") if b.strip()]
-    unknown = [b for b in chosen if b not in BACKBONES] + ([] if preset in PRESETS else [preset])
+    unknown = [b for b in chosen if b not in BACKBONES]
+    unknown += [] if config or preset in PRESETS else [f"preset {preset}"]
     unknown += [] if fusion in (None, "joint", "late") else [f"fusion {fusion}"]
     if unknown:
         err_console.print(
             f"[red]error:[/red] unknown backbone, preset or fusion: {', '.join(unknown)}"
         )
         raise typer.Exit(1)
-    settings = replace(PRESETS[preset], fusion=fusion) if fusion else PRESETS[preset]
-    if parallel != "auto" and not (parallel.isdigit() and int(parallel) >= 1):
-        err_console.print(f"[red]error:[/red] --parallel must be auto or N >= 1, got {parallel}")
-        raise typer.Exit(1)
-    tasks = {
-        "parallel": parallel if parallel == "auto" else int(parallel),
-        "gpu_memory_gib": gpu_memory_gib,
-    }
 
     def say(message: str) -> None:
         console.print(message, markup=False, highlight=False)
 
     try:
-        data = load_cohort(cohort, workers) if cohort else load_table(table, label, id_column)
-        if repeats > 1:
-            summary = run_repeated_study(
-                data, settings, out, repeats, folds, seed, chosen, device, log=say, **tasks
-            )
+        name = "study"
+        fed = load_federation_config(config) if config else federation_config(preset, name, seed)
+        settings = fed.model_dump(mode="json")
+        settings["run"] |= {"name": name, "seed": seed}
+        settings["cv"]["folds"] = folds or fed.cv.folds
+        if fusion:
+            settings["model"]["fusion"] = fusion
+        if members:
+            settings["model"]["fusion_members"] = members
+        fed = FederationConfig.model_validate(settings)
+        if cohort:
+            sites = cohort_sites(cohort, workers)
         else:
-            result = run_study(data, settings, out, folds, seed, chosen, device, say, **tasks)
-    except (ValueError, OSError) as error:
+            sites = table_site(table, label, id_column, out)
+        if repeats > 1:
+            summary = run_repeated_study(sites, fed, out, repeats, chosen, device, say)
+        else:
+            result = run_study(sites, fed, out, chosen, 0, device, say)
+    except (ValueError, OSError, ConfigError) as error:
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         raise typer.Exit(1) from error
+    shown = "config" if config else preset
     if repeats > 1:
-        _print_repeats(summary, preset, out)
+        _print_repeats(summary, shown, out)
     else:
-        _print_study(result.metrics, preset, out)
+        _print_study(result.metrics, shown, out)
 
 
 def _number(value: float | None) -> str:
@@ -616,7 +618,8 @@ def _print_repeats(summary: dict, preset: str, out: Path) -> None:
 
     seeds = summary["seeds"]
     grid = Table(
-        title=f"{summary['folds']}-fold CV repeated with fold seeds {seeds[0]}-{seeds[-1]},"
+        title=f"{summary['folds']}-fold CV repeated {summary['repeats']} times (seeds"
+        f" {seeds[0]}-{seeds[-1]}),"
         f" {summary['n_patients']} patients ({summary['positives']} DM+), preset {preset}"
     )
     for column in ("model", "AUC mean (SD)", "min - max", "per repeat"):
@@ -650,7 +653,7 @@ def _print_repeats(summary: dict, preset: str, out: Path) -> None:
         )
     console.print(
         f"{summary['timing_s']['total']:.0f} s. Results: {out}/repeats.json; each repeat's"
-        f" metrics.json, predictions and figures in {out}/seed-<s>/",
+        f" metrics.json, predictions and figures in {out}/repeat-<k>/",
         markup=False,
         highlight=False,
         soft_wrap=True,

@@ -70,8 +70,10 @@ from fedmets.shared.models import (
     FUSION_GROUPS,
     NO_IMAGE,
     FusionNet,
+    fusion_networks,
     group_subsets,
     input_blocks,
+    model_groups,
     model_key,
 )
 from fedmets.shared.reproducibility import set_seed
@@ -120,7 +122,7 @@ class RunRecord:
 
 def main_model(models: list[str]) -> str:
     """The model of the headline numbers: every group fused (the last, widest key)."""
-    return max(models, key=lambda k: (len(k.split("/", 1)[1].split("+")), k.startswith(NO_IMAGE)))
+    return max(models, key=lambda k: (len(model_groups(k)), k.startswith(NO_IMAGE)))
 
 
 class FederatedProtocol:
@@ -266,12 +268,13 @@ class FederatedProtocol:
                 f"dp.mode {self.cfg.dp.mode!r}: the main model {models[0]} alone is trained "
                 "(each ablation network would spend the same patients' budget; dp.ablation)"
             )
+        networks = fusion_networks(models, self.cfg.model.fusion, self.cfg.model.fusion_members)
         self.folds()
-        self._plan_privacy(images, len(models))
+        self._plan_privacy(images, len(networks))
         thresholds = {m: np.full(self.cfg.cv.folds, np.nan) for m in models}
         for fold in range(self.cfg.cv.folds):
             tic = time.perf_counter()
-            fold_record = self.run_fold(fold, models, images)
+            fold_record = self.run_fold(fold, models, networks, images)
             for m, t in fold_record["thresholds"].items():
                 thresholds[m][fold] = t
             fold_record["seconds"] = round(time.perf_counter() - tic, 1)
@@ -400,7 +403,11 @@ class FederatedProtocol:
         for site, reply in sorted(replies.items()):
             self.say(f"folds: {site} sizes {reply['fold_sizes'].tolist()}")
 
-    def run_fold(self, fold: int, models: list[str], images: bool) -> dict:
+    def run_fold(self, fold: int, models: list[str], networks: list[str], images: bool) -> dict:
+        """One fold: selection, the image model, deep-feature statistics, the fusion
+        ``networks`` (``fedmets.shared.models.fusion_networks``), the thresholds of the
+        ``models`` they make, and the main model's permutation importance (None under late
+        fusion, where the main model is no network)."""
         k = self.cfg.cv.folds
         self.say(f"fold {fold + 1}/{k}: selection")
         where = {"fold": fold}
@@ -424,12 +431,16 @@ class FederatedProtocol:
             )
         fusion_weights, record["fusion"] = self._step(
             f"fold{fold}-fusion",
-            lambda: self.train_fusion(fold, models, dims, standardise, pos_weight),
+            lambda: self.train_fusion(fold, networks, dims, standardise, pos_weight),
         )
         record["thresholds"] = self._step(
-            f"fold{fold}-thresholds", lambda: self.thresholds(fold, fusion_weights, standardise)
+            f"fold{fold}-thresholds",
+            lambda: self.thresholds(fold, fusion_weights, standardise, models),
         )
         main = main_model(models)
+        if main not in fusion_weights:
+            record["importance"] = None
+            return record
         record["importance"] = self._step(
             f"fold{fold}-importance",
             lambda: self.permutation_importance(
@@ -819,21 +830,23 @@ class FederatedProtocol:
     def train_fusion(
         self,
         fold: int,
-        models: list[str],
+        networks: list[str],
         dims: dict[str, int],
         standardise: Payload,
         pos_weight: float,
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+        """Federated rounds of every fusion network (each from its own seeded initial
+        weights); the best round's weights and the curves, per network."""
         model = self.cfg.model
         initial = {}
-        for i, name in enumerate(models):
-            used = name.split("/", 1)[1].split("+")
+        for i, name in enumerate(networks):
+            used = model_groups(name)
             set_seed(self._seed(fold, 2, i))
             net = FusionNet(
                 {g: dims[g] for g in FUSION_GROUPS if g in used}, **self._fusion_settings()
             )
             initial[name] = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
-        self.say(f"  fusion: {len(models)} networks ({', '.join(models)})")
+        self.say(f"  fusion: {len(networks)} networks ({', '.join(networks)})")
         best, curves = self._federated_rounds(
             "fusion",
             fold,
@@ -854,9 +867,14 @@ class FederatedProtocol:
         return best, curves
 
     def thresholds(
-        self, fold: int, weights: dict[str, dict[str, np.ndarray]], standardise: Payload
+        self,
+        fold: int,
+        weights: dict[str, dict[str, np.ndarray]],
+        standardise: Payload,
+        models: list[str],
     ) -> dict[str, float]:
-        """Youden threshold per model from the pooled training-score histograms."""
+        """Youden threshold per model (made from the networks of ``weights``) from the pooled
+        training-score histograms."""
         bins = self.cfg.evaluation.histogram_bins
         replies = self._usable(
             self._ask(
@@ -867,15 +885,17 @@ class FederatedProtocol:
                     "fold": fold,
                     "bins": bins,
                     "dp_mode": self.cfg.dp.mode,
+                    "models": models,
+                    "fusion": self.cfg.model.fusion,
                     **{wire.WEIGHTS_PREFIX + m: s for m, s in weights.items()},
                 },
                 fold=fold,
             ),
-            f"hist_pos:{next(iter(weights))}",
+            f"hist_pos:{models[0]}",
         )
         edges = np.linspace(0.0, 1.0, bins + 1)
         out = {}
-        for m in weights:
+        for m in models:
             pos = sum(r[f"hist_pos:{m}"] for r in replies.values())
             neg = sum(r[f"hist_neg:{m}"] for r in replies.values())
             out[m] = youden_from_histograms(pos, neg, edges)
@@ -928,6 +948,9 @@ class FederatedProtocol:
 def _mean_importance(per_fold: list[dict]) -> dict:
     """Each block's permutation importance averaged over the folds it appears in (radiomics
     blocks differ between folds: each fold selects its own columns), highest first."""
+    per_fold = [fold for fold in per_fold if fold is not None]
+    if not per_fold:
+        return {"model": None, "measure": "not computed: late fusion has no main network"}
     values: dict[str, list[float]] = {}
     for fold in per_fold:
         for name, value in zip(fold["blocks"], fold["importance"], strict=True):

@@ -156,6 +156,9 @@ class ComputeSection(_Section):
 
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     workers: int = Field(2, ge=1, le=256)
+    # GPU memory an image training may use (GiB; default: what the device has free). Micro-
+    # batches, gradient accumulation and activation checkpointing fit it (fedmets.client.memory).
+    gpu_memory_gib: float | None = Field(None, ge=0.5)
 
 
 class PathsSection(_Section):
@@ -370,6 +373,12 @@ class ModelSection(_Section):
     # rows ("loss": exact sums) or their pooled AUC ("auc": from the sites' grouped
     # validation-score histograms, as the study's fusion_monitor). docs/federated.md: why.
     fusion_monitor: Literal["auc", "loss"] = "loss"
+    # Models of several feature groups: "joint", one network on the concatenated groups; "late",
+    # the mean logit of the single-group models (fedmets.shared.models.FusionMode).
+    fusion: Literal["joint", "late"] = "joint"
+    # Networks per model, each from its own initial weights and early-stopped on its own; the
+    # model's score is their mean probability (an ensemble; 1 = one network).
+    fusion_members: int = Field(1, ge=1, le=20)
 
 
 class EvaluationSection(_Section):

@@ -42,20 +42,72 @@ def group_subsets() -> list[tuple[str, ...]]:
     return [c for k in range(1, 4) for c in combinations(FUSION_GROUPS, k)]
 
 
+FusionMode = Literal["joint", "late"]
+"""How a model of several feature groups is built: ``"joint"``, one fusion network on the
+concatenated groups (feature-level fusion, the seed paper's); ``"late"``, the mean of the
+logits of its single-group models (decision-level fusion, nothing more trained)."""
+
+MEMBER_MARK = "~"
+"""Separates a model key from an ensemble member's number: ``"none/radiomics~2"``."""
+
+
+def model_groups(key: str) -> tuple[str, ...]:
+    """The feature groups of a model key or of one of its members' network names."""
+    return tuple(key.split(MEMBER_MARK, 1)[0].split("/", 1)[1].split("+"))
+
+
+def single_group_models(key: str) -> list[str]:
+    """The single-group models of a model key (the deep one of its backbone):
+    ``"swin3d/deep+clinical"`` -> ``["swin3d/deep", "none/clinical"]``."""
+    backbone = key.split("/", 1)[0]
+    return [model_key(backbone if g == "deep" else None, (g,)) for g in model_groups(key)]
+
+
+def fusion_networks(models: Sequence[str], fusion: FusionMode, members: int) -> list[str]:
+    """The networks that train for ``models``: each model that is trained (every one when
+    ``fusion`` is ``"joint"``; with ``"late"``, the single-group models the others need),
+    ``members`` times, member 0 under the model key and member m as ``key~m``; all member 0s
+    first, so that one member trains exactly what a run without ensembles trains."""
+    trained = list(models)
+    if fusion == "late":
+        needed = [s for m in models for s in single_group_models(m)]
+        trained = list(dict.fromkeys(m for m in [*models, *needed] if len(model_groups(m)) == 1))
+    return [k if m == 0 else f"{k}{MEMBER_MARK}{m}" for m in range(members) for k in trained]
+
+
+def combine_scores(
+    network_scores: Mapping[str, np.ndarray], models: Sequence[str], fusion: FusionMode
+) -> dict[str, np.ndarray]:
+    """Each model's DM probabilities (n,) from its networks' (``fusion_networks`` names ->
+    (n,)): the mean probability of a model's members; with ``fusion="late"`` a model of several
+    groups is the sigmoid of the mean logit of its single-group models (probabilities clipped to
+    [1e-7, 1 - 1e-7] first, so that a saturated member stays finite)."""
+    ensembles: dict[str, list[np.ndarray]] = {}
+    for name, scores in network_scores.items():
+        ensembles.setdefault(name.split(MEMBER_MARK, 1)[0], []).append(np.asarray(scores))
+    means = {k: np.mean(v, axis=0) for k, v in ensembles.items()}
+    out = {}
+    for key in models:
+        if fusion == "late" and len(model_groups(key)) > 1:
+            logits = [
+                np.log(p / (1 - p))
+                for p in (np.clip(means[s], 1e-7, 1 - 1e-7) for s in single_group_models(key))
+            ]
+            out[key] = 1 / (1 + np.exp(-np.mean(logits, axis=0)))
+        else:
+            out[key] = means[key]
+    return out
+
+
 class FusionNet(nn.Module):
     """Fully connected network: (B, F) -> (B,) DM logits, F = the summed widths of
     ``input_groups``. Each hidden layer is Linear -> LayerNorm (``norm="layer"``) or nothing
     (``norm="none"``) -> ReLU -> Dropout.
 
-    Two optional guards against one wide group swamping the others on a small cohort:
-
-    - ``bottleneck``: ``{group: k}``; that group's columns first pass through their own linear
-      map to ``k`` values (a learnt per-group compression, e.g. 384 deep features -> 8) before
-      the concatenation feeds the hidden layers; groups not named pass through unchanged.
-    - ``group_dropout``: in training mode only, each group of each sample is replaced by zeros
-      (the training mean of standardised inputs: "this group is missing") with this
-      probability, so the network cannot lean on one group alone (modality dropout). No
-      effect with a single group or in eval mode.
+    ``group_dropout`` guards against one group swamping the others on a small cohort: in
+    training mode only, each group of each sample is replaced by zeros (the training mean of
+    standardised inputs: "this group is missing") with this probability, so the network cannot
+    lean on one group alone (modality dropout). No effect with a single group or in eval mode.
     """
 
     def __init__(
@@ -64,34 +116,22 @@ class FusionNet(nn.Module):
         hidden: Sequence[int] = (64, 32),
         dropout: float = 0.2,
         norm: Literal["layer", "none"] = "layer",
-        bottleneck: Mapping[str, int] | None = None,
         group_dropout: float = 0.0,
     ) -> None:
-        """``group_dims``: the width of each group used (a subset of :data:`FUSION_GROUPS`);
-        ``bottleneck`` may name groups not used (ignored)."""
+        """``group_dims``: the width of each group used (a subset of :data:`FUSION_GROUPS`)."""
         super().__init__()
         unknown = sorted(set(group_dims) - set(FUSION_GROUPS))
         if unknown or not group_dims:
             raise ValueError(f"group_dims needs groups among {FUSION_GROUPS}, got {unknown}")
         if any(width < 1 for width in group_dims.values()):
             raise ValueError(f"every group needs a width >= 1, got {dict(group_dims)}")
-        bottleneck = dict(bottleneck or {})
-        if sorted(set(bottleneck) - set(FUSION_GROUPS)) or any(k < 1 for k in bottleneck.values()):
-            raise ValueError(f"bottleneck needs widths >= 1 of groups among {FUSION_GROUPS}")
         if not 0 <= group_dropout < 1:
             raise ValueError(f"group_dropout must be in [0, 1), got {group_dropout}")
         self.input_groups = tuple(g for g in FUSION_GROUPS if g in group_dims)
         self.group_dims = {g: int(group_dims[g]) for g in self.input_groups}
         self.group_dropout = float(group_dropout)
-        self.bottleneck = nn.ModuleDict(
-            {
-                g: nn.Linear(self.group_dims[g], int(bottleneck[g]))
-                for g in self.input_groups
-                if g in bottleneck
-            }
-        )
         layers: list[nn.Module] = []
-        width = sum(int(bottleneck.get(g, d)) for g, d in self.group_dims.items())
+        width = sum(self.group_dims.values())
         for size in hidden:
             layers.append(nn.Linear(width, size))
             if norm == "layer":
@@ -116,16 +156,11 @@ class FusionNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) -> (B,) logits."""
-        if not len(self.bottleneck) and not (self.training and self.group_dropout > 0):
+        if not (self.training and self.group_dropout > 0 and len(self.group_dims) > 1):
             return self.net(x).squeeze(-1)
         parts = list(torch.split(x, list(self.group_dims.values()), dim=-1))
-        if self.training and self.group_dropout > 0 and len(parts) > 1:
-            keep = torch.rand(x.shape[0], len(parts), device=x.device) >= self.group_dropout
-            parts = [p * keep[:, i : i + 1].to(p.dtype) for i, p in enumerate(parts)]
-        parts = [
-            self.bottleneck[g](p) if g in self.bottleneck else p
-            for g, p in zip(self.input_groups, parts, strict=True)
-        ]
+        keep = torch.rand(x.shape[0], len(parts), device=x.device) >= self.group_dropout
+        parts = [p * keep[:, i : i + 1].to(p.dtype) for i, p in enumerate(parts)]
         return self.net(torch.cat(parts, dim=-1)).squeeze(-1)
 
 

@@ -48,7 +48,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """Bumped whenever a route's request or reply changes; the census refuses other versions."""
 
 
@@ -80,6 +80,11 @@ FEATURE_NAME = re.compile(
 """A PyRadiomics feature name (``tumour_wavelet-LLH_glcm_Idm``): the only text besides hashes,
 site ids and fixed words a site may send."""
 WEIGHTS_PREFIX = "weights:"
+MODEL_KEY = re.compile(
+    r"^(none|swin3d|resnet3d|densenet3d)/"
+    r"(deep|radiomics|clinical)(\+(deep|radiomics|clinical)){0,2}$"
+)
+"""A model key (``fedmets.shared.models.model_key``): backbone, then its feature groups."""
 SCALARS = "scalars"
 ARRAYS = "arrays"
 
@@ -95,6 +100,7 @@ ParamType = Literal[
     "name",
     "word",
     "words",
+    "models",
     "vector",
     "matrix",
     "indices",
@@ -109,6 +115,7 @@ class Param:
     ``ints``, its inclusive range; ``words`` the strings a ``word`` may be. Types: ``int``,
     ``float`` (finite), ``bool``; ``name`` (a run name: letters, digits, ``_.-``, <= 64);
     ``word`` (one of ``words``), ``words`` (a list of declared reply field names);
+    ``models`` (a list of model keys, :data:`MODEL_KEY`);
     ``vector`` / ``matrix`` (1-D / 2-D arrays of finite floats); ``indices`` (1-D
     non-negative integers); ``ints`` (1-D integers in range); ``weights`` (parameter name ->
     numeric array). A site's policy may bound a field further (``fedmets.client.policy``)."""
@@ -300,7 +307,16 @@ ROUTES: dict[str, Route] = {
         ),
         Route(
             "query.train_scores",
-            {**_RUN, **_STANDARDISE, **_BINS, **_FUSION_NET, **_WEIGHTS, "dp_mode": _DP["dp_mode"]},
+            {
+                **_RUN,
+                **_STANDARDISE,
+                **_BINS,
+                **_FUSION_NET,
+                **_WEIGHTS,
+                "dp_mode": _DP["dp_mode"],
+                "models": Param("models"),  # the models the networks make (combine_scores)
+                "fusion": Param("word", words=frozenset({"joint", "late"})),
+            },
             {"n": C, "hist_pos:*": Kind.HISTOGRAM, "hist_neg:*": Kind.HISTOGRAM},
         ),
         Route(
@@ -460,6 +476,11 @@ def _param_problem(param: Param, value: Any, spec: Route) -> str | None:
         bad = [v for v in value if not isinstance(v, str) or spec.reply_kind(v) is None]
         ok = isinstance(value, (list, tuple)) and not bad
         return None if ok else f"must list {spec.name} reply fields, got {list(value)[:3]!r}"
+    if kind == "models":
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, str) and MODEL_KEY.match(v) for v in value
+        )
+        return None if ok else f"must list model keys, got {list(value)[:3]!r:.80}"
     if kind == "weights":
         ok = isinstance(value, Mapping) and all(
             isinstance(v, np.ndarray) and v.dtype.kind in "iuf" and np.all(np.isfinite(v))

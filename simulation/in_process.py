@@ -9,12 +9,15 @@ SuperNodes; with ``[strategy] secure_aggregation`` the protocol says so and aggr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from fedmets.client.release import answer
 from fedmets.client.site_worker import SiteWorker
+from fedmets.server.protocol import FederatedProtocol
 from fedmets.shared import wire
+from fedmets.shared.config import FederationConfig
 
 
 class InProcessLink:
@@ -38,3 +41,33 @@ class InProcessLink:
             reply = answer(self.workers[site], route, sent)
             replies[site] = wire.from_records(wire.to_records(route, reply, reply=True))
         return replies
+
+
+def one_site_config(fed: FederationConfig) -> FederationConfig:
+    """``fed`` for one in-process site (min_sites 1, no secure aggregation: one site's "sum" is
+    its own update, and the in-process link aggregates in clear)."""
+    data = fed.model_dump(mode="json")
+    data["federation"]["min_sites"] = 1
+    data["strategy"]["secure_aggregation"] = False
+    return FederationConfig.model_validate(data)
+
+
+def run_in_process(
+    worker: SiteWorker,
+    fed: FederationConfig,
+    run: str,
+    state: Path,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """The federated protocol of ``fed`` (as :func:`one_site_config`) over ``worker`` alone:
+    the centralised study and baseline (every site pooled in one worker, each patient keeping
+    its site's fold) and the local-only baselines (one site). The server's privacy ledger goes
+    to ``state/server-privacy``. Returns the protocol's result (``FederatedProtocol.run_all``)."""
+    protocol = FederatedProtocol(
+        InProcessLink({worker.site_id: worker}),
+        one_site_config(fed),
+        run,
+        log,
+        privacy_dir=Path(state) / "server-privacy",
+    )
+    return protocol.run_all()

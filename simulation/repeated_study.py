@@ -1,14 +1,14 @@
-"""Repeated cross-validation (`fedmets study --repeats R`): the whole study run once per fold
-seed ``seed, seed + 1, ..., seed + R - 1``, and a summary of how much each result moves with the
-split alone.
+"""Repeated cross-validation (`fedmets study --repeats R`): the whole study run once per repeat
+``k = 0 .. R - 1``, and a summary of how much each result moves with the split alone.
 
 With ~40 events a single 5-fold split moves a pooled AUC by 0.02-0.03 (docs/study.md), as much
-as the differences between the ablation models. Each repeat is an ordinary study
-(``run_study``, identical to ``fedmets study --seed seed + k``) written to ``OUT/seed-<seed>/``;
-the summary ``OUT/repeats.json`` holds, per model, the pooled out-of-fold AUC of every repeat,
-their mean and SD, and for each model of several groups its paired AUC difference to each of its
-single-group models (DeLong, per repeat), their mean and the number of repeats in which the
-fused model is the higher one.
+as the differences between the ablation models. Repeat ``k`` is an ordinary study
+(``run_study(..., repeat=k)``: every site's folds drawn from its config seed + k, training
+seeded with the run seed + k; repeat 0 keeps the sites' own folds) written to
+``OUT/repeat-<k>/``; the summary ``OUT/repeats.json`` holds, per model, the pooled out-of-fold
+AUC of every repeat, their mean and SD, and for each model of several groups its paired AUC
+difference to each of its single-group models (DeLong, per repeat), their mean and the number of
+repeats in which the fused model is the higher one.
 """
 
 from __future__ import annotations
@@ -16,50 +16,34 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from fedmets.shared.image_models import BACKBONES
-from fedmets.simulation.study import StudyData, StudyPreset, run_study
+from fedmets.shared.config import FederationConfig
+from fedmets.simulation.study import StudySites, run_study
 
 REPEATS_FILE = "repeats.json"
 
 
 def run_repeated_study(
-    data: StudyData,
-    preset: StudyPreset,
+    sites: StudySites,
+    fed: FederationConfig,
     out: Path,
     repeats: int,
-    folds: int | None = None,
-    seed: int = 0,
-    backbones: Sequence[str] = BACKBONES,
-    device: str = "auto",
+    backbones: Sequence[str] = ("swin3d",),
+    device: str | None = None,
     log: Callable[[str], None] | None = None,
-    **tasks: Any,
 ) -> dict:
-    """Run ``run_study`` with fold seeds ``seed .. seed + repeats - 1`` into
-    ``out/seed-<s>/`` (``tasks``: its ``parallel`` and ``gpu_memory_gib``); write and return
-    the ``summarise_repeats`` summary (``out/repeats.json``)."""
+    """Run ``run_study`` for repeats ``0 .. repeats - 1`` into ``out/repeat-<k>/``; write and
+    return the ``summarise_repeats`` summary (``out/repeats.json``)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     say = log or (lambda message: None)
     out = Path(out)
     runs = []
     for repeat in range(repeats):
-        fold_seed = seed + repeat
-        say(f"repeat {repeat + 1}/{repeats}: fold seed {fold_seed}")
-        result = run_study(
-            data,
-            preset,
-            out / f"seed-{fold_seed}",
-            folds,
-            fold_seed,
-            backbones,
-            device,
-            log,
-            **tasks,
-        )
+        say(f"repeat {repeat + 1}/{repeats}")
+        result = run_study(sites, fed, out / f"repeat-{repeat}", backbones, repeat, device, log)
         runs.append(result.metrics)
     summary = summarise_repeats(runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,15 +38,15 @@ import torch
 from fedmets.client.extract import extract_site
 from fedmets.client.site_files import FEATURES_FILE
 from fedmets.client.site_worker import SiteWorker
-from fedmets.server.protocol import FederatedProtocol, ProtocolError
-from fedmets.server.results import to_jsonable
+from fedmets.server.protocol import ProtocolError
+from fedmets.server.results import SimulationResults, to_jsonable, typed
 from fedmets.shared.config import (
     FederationConfig,
     SiteConfig,
     load_federation_config,
     load_site_config,
 )
-from fedmets.simulation.in_process import InProcessLink
+from fedmets.simulation.in_process import run_in_process
 from fedmets.simulation.loopback import (
     flower_bin,
     flower_env,
@@ -183,7 +183,7 @@ def simulate(
         }
     timing["total"] = time.perf_counter() - started
     metrics["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
-    metrics = to_jsonable(metrics)
+    metrics = typed(SimulationResults, to_jsonable(metrics))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     (out / "summary.txt").write_text(summary_text(metrics), encoding="utf-8")
     return metrics
@@ -266,34 +266,22 @@ def _baseline(kind: str, site_tomls: list[Path], federation: dict, out: Path) ->
     pooled; its progress goes to the parent's log) or a site id (that site alone, quietly).
     Returns its summary or, for a site that cannot train alone, the protocol's error text."""
     configs = [load_site_config(p) for p in site_tomls]
-    fed = _single_site(FederationConfig.model_validate(federation))
+    fed = FederationConfig.model_validate(federation)
     if kind == "centralized":
-        state, run, name = out / "centralized-state", f"{fed.run.name}-pooled", "pooled"
+        state, run = out / "centralized-state", f"{fed.run.name}-pooled"
     else:
-        state, run, name = out / "local-state" / kind, f"{fed.run.name}-local", kind
+        state, run = out / "local-state" / kind, f"{fed.run.name}-local"
     worker = SiteWorker(configs, state_root=state, ledger_root=state)
-    protocol = FederatedProtocol(
-        InProcessLink({name: worker}),
-        fed,
-        run,
-        _PROGRESS.put if kind == "centralized" else None,
-        privacy_dir=state / "server-privacy",
-    )
     try:
-        return _summary(protocol.run_all())
+        return _summary(
+            run_in_process(
+                worker, fed, run, state, _PROGRESS.put if kind == "centralized" else None
+            )
+        )
     except ProtocolError as error:
         if kind == "centralized":
             raise
         return str(error)
-
-
-def _single_site(fed: FederationConfig) -> FederationConfig:
-    """``fed`` for a one-site baseline (min_sites 1, no secure aggregation: one site's "sum" is
-    its own update, and the in-process link aggregates in clear)."""
-    data = fed.model_dump(mode="json")
-    data["federation"]["min_sites"] = 1
-    data["strategy"]["secure_aggregation"] = False
-    return FederationConfig.model_validate(data)
 
 
 def _summary(result: dict) -> dict:

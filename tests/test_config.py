@@ -166,7 +166,7 @@ INVALID = {
     ),
     "unknown nested key": (
         SITE + "[compute]\ngpus = 2\n",
-        "compute.gpus: unknown key (allowed here: device, workers)",
+        "compute.gpus: unknown key (allowed here: device, workers, gpu_memory_gib)",
     ),
     "missing required key": (
         SITE.replace('manifest = "manifest.csv"\n', ""),

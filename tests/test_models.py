@@ -18,9 +18,13 @@ from fedmets.shared.image_models import (
 from fedmets.shared.models import (
     FUSION_GROUPS,
     FusionNet,
+    combine_scores,
     count_parameters,
+    fusion_networks,
     group_subsets,
+    model_groups,
     positive_class_weight,
+    single_group_models,
 )
 from fedmets.shared.reproducibility import set_seed
 
@@ -279,14 +283,11 @@ def test_config_rules() -> None:
         ImageModelConfig(backbone="vit3d")
 
 
-def test_fusion_net_bottleneck_and_group_dropout() -> None:
+def test_fusion_net_group_dropout() -> None:
     set_seed(4)
     dims = {"deep": 40, "radiomics": 6, "clinical": 3}
-    plain = FusionNet(dims, hidden=(8,))
-    model = FusionNet(dims, (8,), dropout=0.0, bottleneck={"deep": 2}, group_dropout=0.5)
-    assert model.input_groups == plain.input_groups and model.group_dims == plain.group_dims
-    assert model.bottleneck["deep"].weight.shape == (2, 40)
-    assert model.net[0].in_features == 2 + 6 + 3  # deep compressed, the others as they are
+    model = FusionNet(dims, (8,), dropout=0.0, group_dropout=0.5)
+    assert model.net[0].in_features == 40 + 6 + 3
     x = model.concat({g: torch.randn(64, d) for g, d in dims.items()})
     model.eval()
     torch.testing.assert_close(model(x), model(x))  # no group dropout in eval mode
@@ -296,7 +297,38 @@ def test_fusion_net_bottleneck_and_group_dropout() -> None:
     # group dropout needs two groups or more
     only_clinical = FusionNet({"clinical": 3}, (4,), dropout=0.0, group_dropout=0.9).train()
     assert torch.allclose(only_clinical(x[:, -3:]), only_clinical.eval()(x[:, -3:]))  # one group
-    with pytest.raises(ValueError, match="bottleneck"):
-        FusionNet(dims, bottleneck={"genomics": 2})
     with pytest.raises(ValueError, match="group_dropout"):
         FusionNet(dims, group_dropout=1.0)
+
+
+def test_fusion_networks_for_ensembles_and_late_fusion() -> None:
+    models = ["none/radiomics", "none/clinical", "swin3d/deep", "swin3d/deep+clinical"]
+    assert fusion_networks(models, "joint", 1) == models  # what a run without ensembles trains
+    assert fusion_networks(models, "joint", 2) == models + [f"{m}~1" for m in models]
+    # late: only single-group networks, those the fused models need among them
+    assert fusion_networks(["swin3d/deep+clinical"], "late", 2) == [
+        "swin3d/deep",
+        "none/clinical",
+        "swin3d/deep~1",
+        "none/clinical~1",
+    ]
+    assert model_groups("swin3d/deep+clinical~1") == ("deep", "clinical")
+    assert single_group_models("resnet3d/deep+radiomics") == ["resnet3d/deep", "none/radiomics"]
+
+
+def test_combine_scores_averages_members_and_fuses_late() -> None:
+    rng = np.random.default_rng(0)
+    scores = {k: rng.uniform(0.01, 0.99, 20) for k in ("none/radiomics", "none/radiomics~1")}
+    scores["swin3d/deep"] = rng.uniform(0.01, 0.99, 20)
+    mean = (scores["none/radiomics"] + scores["none/radiomics~1"]) / 2
+    joint = combine_scores(scores, ["none/radiomics"], "joint")
+    np.testing.assert_allclose(joint["none/radiomics"], mean)
+    late = combine_scores(scores, ["none/radiomics", "swin3d/deep+radiomics"], "late")
+    logit = np.log(mean / (1 - mean)) + np.log(scores["swin3d/deep"] / (1 - scores["swin3d/deep"]))
+    np.testing.assert_allclose(late["swin3d/deep+radiomics"], 1 / (1 + np.exp(-logit / 2)))
+    saturated = combine_scores(
+        {"swin3d/deep": np.ones(3), "none/radiomics": np.zeros(3)},
+        ["swin3d/deep+radiomics"],
+        "late",
+    )
+    assert np.isfinite(saturated["swin3d/deep+radiomics"]).all()

@@ -223,6 +223,12 @@ def test_cli_report(tmp_path):
     assert (run / "report" / "report.html").is_file()
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 1
+    # typed results (fedmets.server.results): a key the writers do not declare is refused
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["federated"]["pooled"]["auroc"] = 0.7
+    drifted = make_sim_run(tmp_path / "drifted", metrics)
+    refused = CliRunner().invoke(app, ["report", str(drifted)])
+    assert refused.exit_code == 1 and "federated.pooled.auroc" in refused.output
 
 
 def test_run_without_roc_points_falls_back_to_the_binned_pooled_roc(tmp_path):

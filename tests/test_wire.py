@@ -122,3 +122,9 @@ def test_request_types_of_every_kind() -> None:
     problems = wire.check_request("train.fusion", {**good, **bad})
     assert len(problems) == len(bad), problems
     assert all(any(p.startswith(f"{key}: ") for p in problems) for key in bad)
+    scores = {"run": "r1", "fold": 0, "bins": 100, "fusion": "late"}
+    scores["models"] = ["none/clinical", "swin3d/deep+radiomics+clinical"]
+    assert wire.check_request("query.train_scores", scores) == []
+    for models in (["swin3d/deep+genomics"], ["none/clinical;rm"], "none/clinical"):
+        problems = wire.check_request("query.train_scores", {**scores, "models": models})
+        assert [p.split(":")[0] for p in problems] == ["models"], problems

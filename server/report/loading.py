@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedmets.server.results import SimulationResults, typed
+
 # the settings whose pooled results every simulation run holds, in the page's order
 SETTINGS = ("federated", "centralized")
 
@@ -32,7 +34,7 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
                 if key in server and key not in metrics:
                     metrics[key] = server[key]
             sources.append(server_file)
-        return metrics, sources
+        return typed(SimulationResults, metrics), sources
     if server_file is None:
         raise FileNotFoundError(
             f"{run_dir}: neither metrics.json (a simulation run) nor federated.json "
@@ -62,4 +64,4 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
         config={"federation": server.get("config") or {}},
         timing_s=server.get("timing_s") or {},
     )
-    return metrics, [server_file]
+    return typed(SimulationResults, metrics), [server_file]
