@@ -8,7 +8,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
 - a request is well formed: only the route's declared fields, of the declared types and
   ranges (``wire.declaration``, :func:`fedmets.shared.wire.check_request`);
 - the folds are the site's: ``folds`` must equal the site's own count, a fold index must be
-  one of them (``policy.folds``); the assignment itself comes from a seed the site draws once per
+  one of them or the final model's (``wire.FINAL_FOLD``: every patient) (``policy.folds``);
+  the assignment itself comes from a seed the site draws once per
   cohort (:func:`fold_seed`), never from the request;
 - training and scoring within bounds: ``policy.min_batch``, ``policy.max_epochs``,
   ``policy.lr``, ``policy.network`` (fusion widths and layers), ``policy.max_trees``,
@@ -86,7 +87,7 @@ def check_request(route_name: str, request: Mapping[str, Any], policy: PolicySec
             f"for {request['folds']}",
         )
     if "fold" in request and route_name != "query.folds":
-        if not 0 <= request["fold"] < policy.folds:
+        if not (0 <= request["fold"] < policy.folds or request["fold"] == wire.FINAL_FOLD):
             refuse("policy.folds", f"fold {request['fold']} is not one of this site's folds")
     bounds = (
         ("batch", "policy.min_batch", lambda v: v >= policy.min_batch, f">= {policy.min_batch}"),

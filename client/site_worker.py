@@ -56,6 +56,7 @@ from fedmets.client.privacy import (
     site_ledger,
     train_private,
 )
+from fedmets.client.scoring import image_config, load_networks, standardised_groups
 from fedmets.client.site_files import (
     FEATURES_FILE,
     REPORT_FILE,
@@ -80,12 +81,11 @@ from fedmets.shared.models import (
     FusionNet,
     combine_scores,
     input_blocks,
-    model_groups,
 )
 from fedmets.shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
 
 if TYPE_CHECKING:
-    from fedmets.shared.image_models import ImageClassifier, ImageModelConfig
+    from fedmets.shared.image_models import ImageClassifier
 
 IMAGE_MODEL = "image"
 """Name of the image model's weights (``weights:image``)."""
@@ -123,10 +123,11 @@ class SiteData:
     settings: dict
 
 
-def load_site_data(configs: Sequence[SiteConfig]) -> SiteData:
+def load_site_data(configs: Sequence[SiteConfig], unlabelled: bool = False) -> SiteData:
     """Features, labels and crops of the labelled patients of ``configs`` (one site, or
-    several pooled in order); SiteNotReady names what is missing."""
-    parts = [_one_site(cfg) for cfg in configs]
+    several pooled in order); ``unlabelled``: every extracted patient, label -1 where none
+    (for scoring new patients). SiteNotReady names what is missing."""
+    parts = [_one_site(cfg, unlabelled) for cfg in configs]
     columns = [list(p["table"].columns) for p in parts]
     if any(c != columns[0] for c in columns):
         raise SiteNotReady("the pooled sites' feature columns differ")
@@ -138,7 +139,7 @@ def load_site_data(configs: Sequence[SiteConfig]) -> SiteData:
         crops = [c for p in parts for c in p["crops"]]
     return SiteData(
         ids=table["patient_id"].to_numpy(dtype=str),
-        labels=table["label"].astype(int).to_numpy(),
+        labels=table["label"].fillna(-1).astype(int).to_numpy(),
         site=np.concatenate([np.full(len(p["table"]), p["site"]) for p in parts]),
         subsite=decode_subsite(table),
         radiomics=table[radiomics].astype(float).replace([np.inf, -np.inf], np.nan),
@@ -150,7 +151,7 @@ def load_site_data(configs: Sequence[SiteConfig]) -> SiteData:
     )
 
 
-def _one_site(cfg: SiteConfig) -> dict:
+def _one_site(cfg: SiteConfig, keep_unlabelled: bool = False) -> dict:
     features = cfg.paths.output / FEATURES_FILE
     if not features.is_file():
         raise SiteNotReady(
@@ -161,7 +162,8 @@ def _one_site(cfg: SiteConfig) -> dict:
     report_path = cfg.paths.output / REPORT_FILE
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     unlabelled = table["label"].isna()
-    table = table[~unlabelled].reset_index(drop=True)
+    if not keep_unlabelled:
+        table = table[~unlabelled].reset_index(drop=True)
     if table.empty:
         raise SiteNotReady(f"{cfg.site_id}: no labelled patient in {features}")
     crops = None
@@ -193,8 +195,9 @@ def digest(value: object) -> str:
 
 
 def site_seed(seed: int, site_id: str, *keys: int) -> int:
-    """A 31-bit seed for ``site_id``'s own randomness, derived from the run's ``seed``."""
-    entropy = [seed, zlib.crc32(site_id.encode()), *keys]
+    """A 31-bit seed for ``site_id``'s own randomness, derived from the run's ``seed`` (keys
+    mod 2**32: the final model's fold is -1)."""
+    entropy = [seed, zlib.crc32(site_id.encode()), *(k % 2**32 for k in keys)]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] % 2**31)
 
 
@@ -311,9 +314,13 @@ class SiteWorker:
     def _rows(self, request: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Row masks of the request's fold: ``train`` (all training rows), ``fit`` (the rows a
         training request trains on: training minus inner validation, or under DP, where no
-        round is chosen on validation, all training rows), ``val`` and ``test``."""
+        round is chosen on validation, all training rows), ``val`` and ``test``. The final
+        model's fold (``wire.FINAL_FOLD``) trains on every patient: no validation, no test."""
         fold, val = self._partition(request)
         f = int(request["fold"])
+        if f == wire.FINAL_FOLD:
+            every, none = np.ones(len(fold), dtype=bool), np.zeros(len(fold), dtype=bool)
+            return {"train": every, "fit": every, "val": none, "test": none}
         train = fold != f
         private = str(request.get("dp_mode", "off")) != "off"
         fit = train if private else train & ~val[f]
@@ -433,7 +440,7 @@ class SiteWorker:
 
     def importance(self, request: dict) -> dict:
         train = self._rows(request)["train"]
-        X = self._radiomics(request)[train]
+        X = standardised_groups(self.data, request, None)["radiomics"][train]
         y = self.data.labels[train]
         reply: dict[str, Any] = {"n": int(train.sum()), "positives": int(y.sum())}
         if 0 < y.sum() < len(y):
@@ -446,28 +453,13 @@ class SiteWorker:
             reply["importances"] = forest.fit(X, y).feature_importances_.astype(np.float64)
         return self._released(request, train, reply)
 
-    def _radiomics(self, request: Mapping[str, Any]) -> np.ndarray:
-        """The requested radiomics columns of every row, standardised by the request's pooled
-        mean and scale, missing values at the mean (0): (n, k) float32."""
-        columns = np.asarray(request["radiomics_columns"], dtype=int)
-        X = self.data.radiomics.to_numpy()[:, columns]
-        z = (X - request["radiomics_mean"]) / request["radiomics_scale"]
-        return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
-
     # ---- image model ---------------------------------------------------------------------------
-
-    def _image_config(self, request: Mapping[str, Any]) -> ImageModelConfig:
-        from fedmets.shared.image_models import IMAGE_PRESETS, ImageModelConfig
-
-        cfg = IMAGE_PRESETS[str(request["image_preset"])][str(request["backbone"])]
-        channels = 1 if request["mask_channel"] == "none" else 2
-        return ImageModelConfig.model_validate({**cfg.model_dump(), "in_channels": channels})
 
     def _images(self, request: Mapping[str, Any]) -> np.ndarray:
         """Model inputs (n, C, S, S, S) float32, cached on disk per input setting."""
         if self.data.crops is None:
             raise SiteNotReady(f"{self.site_id}: a tabular site has no images")
-        cfg = self._image_config(request)
+        cfg = image_config(request)
         key = digest(
             [cfg.crop_voxels, str(request["mask_channel"]), [str(p) for p in self.data.crops]]
         )
@@ -485,7 +477,7 @@ class SiteWorker:
     def _image_model(self, request: Mapping[str, Any]) -> ImageClassifier:
         from fedmets.shared.image_models import build_image_model
 
-        model = build_image_model(self._image_config(request))
+        model = build_image_model(image_config(request))
         set_state(model, request[wire.WEIGHTS_PREFIX + IMAGE_MODEL])
         return model
 
@@ -605,42 +597,22 @@ class SiteWorker:
     # ---- fusion --------------------------------------------------------------------------------
 
     def _groups(self, request: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Standardised feature groups of every row: radiomics (n, k), clinical (n, q), deep
-        (n, D) when the fold's deep features exist."""
-        groups = {"radiomics": self._radiomics(request)}
-        if self.data.clinical is not None and "clinical_mean" in request:
-            C = self.data.clinical.to_numpy()
-            groups["clinical"] = (
-                (C - request["clinical_mean"]) / request["clinical_scale"]
-            ).astype(np.float32)
+        """Standardised feature groups of every row (``fedmets.client.scoring``), deep ones
+        when the fold's deep features exist."""
         deep_file = self._state(request) / f"deep-fold{int(request['fold'])}.npy"
-        if "deep_mean" in request and deep_file.is_file():
-            centred = np.load(deep_file) - request["deep_mean"]
-            if "deep_projection" in request:
-                groups["deep"] = (centred @ request["deep_projection"]).astype(np.float32)
-            else:
-                groups["deep"] = (centred / request["deep_scale"]).astype(np.float32)
-        return groups
+        deep = np.load(deep_file) if deep_file.is_file() else None
+        return standardised_groups(self.data, request, deep)
 
     def _fusion_models(
         self, request: Mapping[str, Any], groups: Mapping[str, np.ndarray]
     ) -> dict[str, tuple[FusionNet, np.ndarray]]:
-        """Each ``weights:<model>`` of the request as (loaded FusionNet, its input matrix)."""
-        models = {}
-        for key, state in request.items():
-            if not key.startswith(wire.WEIGHTS_PREFIX):
-                continue
-            name = key.removeprefix(wire.WEIGHTS_PREFIX)
-            used = model_groups(name)
-            net = FusionNet(
-                {g: groups[g].shape[1] for g in used},
-                hidden=list(np.atleast_1d(request["hidden"]).astype(int)),
-                dropout=float(request["dropout"]),
-                group_dropout=float(request.get("group_dropout", 0.0)),
-            )
-            set_state(net, state)
-            models[name] = (net, np.concatenate([groups[g] for g in net.input_groups], axis=1))
-        return models
+        """Each ``weights:<network>`` of the request as (loaded FusionNet, its input matrix)."""
+        states = {
+            key.removeprefix(wire.WEIGHTS_PREFIX): state
+            for key, state in request.items()
+            if key.startswith(wire.WEIGHTS_PREFIX)
+        }
+        return load_networks(states, groups, request)
 
     def train_fusion(self, request: dict) -> dict:
         rows = self._rows(request)["fit"]
@@ -738,8 +710,11 @@ class SiteWorker:
         """Histograms of the training rows' scores of each of the request's ``models`` (default:
         one per network's model), made from its networks (``fedmets.shared.models.
         combine_scores``: ensembles, late fusion under ``fusion``), for the thresholds; the
-        held-out rows' scores are kept on the site's disk for :meth:`evaluation`."""
+        held-out rows' scores are kept on the site's disk for :meth:`evaluation` (the final
+        model's: every patient's, ``scores-fold-1.npz``, its in-run scores)."""
         rows = self._rows(request)
+        final = int(request["fold"]) == wire.FINAL_FOLD
+        kept = rows["train"] if final else rows["test"]
         y = self.data.labels
         reply: dict[str, Any] = {"n": int(rows["train"].sum())}
         held_out = {}
@@ -752,11 +727,11 @@ class SiteWorker:
         for name, scores in models.items():
             pos, neg = self._histograms(y[rows["train"]], scores[rows["train"]], request)
             reply[f"hist_pos:{name}"], reply[f"hist_neg:{name}"] = pos, neg
-            held_out[name] = scores[rows["test"]]
+            held_out[name] = scores[kept]
         fold = int(request["fold"])
         np.savez(
             self._state(request) / f"scores-fold{fold}.npz",
-            rows=np.flatnonzero(rows["test"]),
+            rows=np.flatnonzero(kept),
             **{_safe(k): v for k, v in held_out.items()},
         )
         return self._released(request, rows["train"], reply)

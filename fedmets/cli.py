@@ -660,6 +660,35 @@ def _print_repeats(summary: dict, preset: str, out: Path) -> None:
     )
 
 
+@site_app.command("predict")
+def site_predict(
+    config: Annotated[Path, typer.Option(help="This site's TOML file.")],
+    model: Annotated[Path, typer.Option(help="The model bundle folder (a run's model/).")],
+    out: Annotated[Path, typer.Option(help="Predictions CSV (written atomically).")],
+) -> None:
+    """Score this site's extracted patients with a federated model bundle, locally: each
+    patient's DM risk, its class at the bundle's threshold and every model's risk."""
+    from rich.text import Text
+
+    from fedmets.client.predict import predict_site
+    from fedmets.client.site_worker import SiteNotReady
+
+    cfg = _load_site_config_or_exit(config)
+    try:
+        table = predict_site(cfg, model, out)
+    except (ValueError, SiteNotReady, OSError) as error:
+        err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+        raise typer.Exit(1) from error
+    main = table["model"].iloc[0]
+    console.print(
+        f"{len(table)} patients scored by {main} (threshold {table['threshold'].iloc[0]:.3f}):"
+        f" {int(table['dm_predicted'].sum())} predicted DM; {out}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @site_app.command("explain")
 def site_explain(
     config: Annotated[Path, typer.Option(help="This site's TOML file.")],

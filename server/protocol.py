@@ -280,6 +280,11 @@ class FederatedProtocol:
             fold_record["seconds"] = round(time.perf_counter() - tic, 1)
             self.record.folds.append(fold_record)
         results = self.evaluate(thresholds)
+        final = None
+        if self.cfg.stages.final_model and self.cfg.dp.mode != "off":
+            self.say("final model: not trained under DP (its releases are not in the plan)")
+        elif self.cfg.stages.final_model:
+            final = self.final_model(models, networks, images)
         importance = _mean_importance([f["importance"] for f in self.record.folds])
         ledgers = self._ask("query.ledger", {})
         privacy = privacy_report(
@@ -300,6 +305,7 @@ class FederatedProtocol:
             "dropouts": self.record.dropouts,
             "secure_aggregation": self.secure,
             "timing_s": self.record.timing_s,
+            "final": final,
         }
 
     def _plan_privacy(self, images: bool, networks: int) -> None:
@@ -404,25 +410,70 @@ class FederatedProtocol:
             self.say(f"folds: {site} sizes {reply['fold_sizes'].tolist()}")
 
     def run_fold(self, fold: int, models: list[str], networks: list[str], images: bool) -> dict:
-        """One fold: selection, the image model, deep-feature statistics, the fusion
-        ``networks`` (``fedmets.shared.models.fusion_networks``), the thresholds of the
-        ``models`` they make, and the main model's permutation importance (None under late
-        fusion, where the main model is no network)."""
-        k = self.cfg.cv.folds
-        self.say(f"fold {fold + 1}/{k}: selection")
+        """One fold: :meth:`fit` on its training rows, then the main model's permutation
+        importance on its held-out rows (None under late fusion, where the main model is no
+        network). Returns the fold's record."""
+        self.say(f"fold {fold + 1}/{self.cfg.cv.folds}: selection")
+        record, fitted = self.fit(fold, models, networks, images)
+        main = main_model(models)
+        if main not in fitted["fusion"]:
+            record["importance"] = None
+            return record
+        record["importance"] = self._step(
+            f"fold{fold}-importance",
+            lambda: self.permutation_importance(
+                fold,
+                main,
+                fitted["fusion"][main],
+                fitted["dims"],
+                fitted["standardise"],
+                record["pos_weight"],
+            ),
+        )
+        return record
+
+    def final_model(self, models: list[str], networks: list[str], images: bool) -> dict:
+        """The final model: :meth:`fit` on every patient of every site (``wire.FINAL_FOLD``),
+        each network (and the image model) trained for the median of the rounds the folds
+        chose, nothing validated. Returns its record and what it fitted (``standardise``,
+        ``image`` and ``fusion`` weights, ``dims``), for the model bundle."""
+        self.say("final model: every patient of every site")
+        rounds = {
+            name: max(1, int(round(float(np.median([r["best_round"] for r in chosen])))))
+            for name, chosen in _chosen_rounds(self.record.folds).items()
+        }
+        record, fitted = self.fit(wire.FINAL_FOLD, models, networks, images, rounds)
+        return {"record": record, "rounds": rounds, **fitted}
+
+    def fit(
+        self,
+        fold: int,
+        models: list[str],
+        networks: list[str],
+        images: bool,
+        rounds: dict[str, int] | None = None,
+    ) -> tuple[dict, dict]:
+        """Everything fitted on a fold's training rows: selection, the image model,
+        deep-feature statistics, the fusion ``networks`` (``fedmets.shared.models.
+        fusion_networks``) and the thresholds of the ``models`` they make. ``rounds``
+        (network or ``"image"`` -> rounds): train each that long and keep its last round,
+        unvalidated (the final model); else each keeps its best validated round. Returns
+        (the record, {``standardise``, ``image``, ``fusion``, ``dims``})."""
+        prefix = "final" if fold == wire.FINAL_FOLD else f"fold{fold}"
         where = {"fold": fold}
         standardise, pos_weight, selection = self._step(
-            f"fold{fold}-selection", lambda: self.select(fold, where)
+            f"{prefix}-selection", lambda: self.select(fold, where)
         )
         record: dict[str, Any] = {"fold": fold, "selection": selection, "pos_weight": pos_weight}
         dims = {"radiomics": len(standardise["radiomics_columns"])}
         if "clinical_mean" in standardise:
             dims["clinical"] = len(standardise["clinical_mean"])
+        image_weights = None
         if images:
             image_weights, record["image"] = self._step(
-                f"fold{fold}-image", lambda: self.train_image(fold, pos_weight)
+                f"{prefix}-image", lambda: self.train_image(fold, pos_weight, rounds)
             )
-            deep = self._step(f"fold{fold}-deep", lambda: self.deep_statistics(fold, image_weights))
+            deep = self._step(f"{prefix}-deep", lambda: self.deep_statistics(fold, image_weights))
             standardise |= deep
             dims["deep"] = (
                 deep["deep_projection"].shape[1]
@@ -430,24 +481,20 @@ class FederatedProtocol:
                 else len(deep["deep_mean"])
             )
         fusion_weights, record["fusion"] = self._step(
-            f"fold{fold}-fusion",
-            lambda: self.train_fusion(fold, networks, dims, standardise, pos_weight),
+            f"{prefix}-fusion",
+            lambda: self.train_fusion(fold, networks, dims, standardise, pos_weight, rounds),
         )
         record["thresholds"] = self._step(
-            f"fold{fold}-thresholds",
+            f"{prefix}-thresholds",
             lambda: self.thresholds(fold, fusion_weights, standardise, models),
         )
-        main = main_model(models)
-        if main not in fusion_weights:
-            record["importance"] = None
-            return record
-        record["importance"] = self._step(
-            f"fold{fold}-importance",
-            lambda: self.permutation_importance(
-                fold, main, fusion_weights[main], dims, standardise, pos_weight
-            ),
-        )
-        return record
+        fitted = {
+            "standardise": standardise,
+            "image": image_weights,
+            "fusion": fusion_weights,
+            "dims": dims,
+        }
+        return record, fitted
 
     def permutation_importance(
         self,
@@ -628,7 +675,9 @@ class FederatedProtocol:
         }
 
     def _seed(self, *keys: int) -> int:
-        return int(np.random.SeedSequence([self.cfg.run.seed, *keys]).generate_state(1)[0] % 2**31)
+        """A 31-bit seed from the run seed and ``keys`` (the final fold's -1 taken mod 2**32)."""
+        entropy = [self.cfg.run.seed, *(k % 2**32 for k in keys)]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0] % 2**31)
 
     def _federated_rounds(
         self,
@@ -638,10 +687,12 @@ class FederatedProtocol:
         initial: dict[str, dict[str, np.ndarray]],
         train_request: Payload,
         validate_request: Payload,
+        keep: dict[str, int] | None = None,
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
         """``rounds`` rounds of ``train.<stage>`` + aggregation + validation of every model in
         ``initial`` (name -> state); returns the best-validation state per model (under DP the
-        last round's: no validation) and the curves."""
+        last round's: no validation) and the curves. ``keep`` (model -> round, at most
+        ``rounds``): nothing validated, each model's state after its round is kept."""
         strategy = self.cfg.strategy
         aggregators = {m: Aggregator(strategy.name, strategy.server_learning_rate) for m in initial}
         current = {m: dict(state) for m, state in initial.items()}
@@ -650,7 +701,7 @@ class FederatedProtocol:
             m: {"train_loss": [], "val_loss": [], "val_auc": [], "sites": []} for m in initial
         }
         by_auc = stage != IMAGE and self.cfg.model.fusion_monitor == "auc"
-        progress = f"fold{fold}-{stage}-rounds"
+        progress = f"{'final' if fold == wire.FINAL_FOLD else f'fold{fold}'}-{stage}-rounds"
         start = 1
         saved = self._load(progress)
         if saved is not None:
@@ -697,13 +748,18 @@ class FederatedProtocol:
                     float(sum(losses) / sum(n_fit)) if losses else float("nan")
                 )
                 curves[m]["sites"].append(sites)
-            validation = self._validation(stage, fold, r, current, validate_request, by_auc)
+            validation = None
+            if keep is None:
+                validation = self._validation(stage, fold, r, current, validate_request, by_auc)
             for m in initial:  # nothing validated: the latest round is kept
                 loss, auc = (float("nan"), None) if validation is None else validation[m]
                 curves[m]["val_loss"].append(loss)
                 curves[m]["val_auc"].append(auc)
                 score = -auc if by_auc and auc is not None else loss  # lower is better
-                if validation is None or score < best[m][0]:  # ties: the earlier round
+                if keep is not None:
+                    if r == keep[m]:
+                        best[m] = (score, current[m], r)
+                elif validation is None or score < best[m][0]:  # ties: the earlier round
                     best[m] = (score, current[m], r)
             if stage == IMAGE or r == rounds or r % 5 == 0:
                 shown = IMAGE if stage == IMAGE else main_model(list(initial))
@@ -766,15 +822,20 @@ class FederatedProtocol:
             for m in current
         }
 
-    def train_image(self, fold: int, pos_weight: float) -> tuple[dict[str, np.ndarray], dict]:
+    def train_image(
+        self, fold: int, pos_weight: float, rounds: dict[str, int] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict]:
+        """Federated rounds of the image model (``rounds[IMAGE]`` of them, unvalidated, when
+        given); the kept weights and the curves."""
         set_seed(self._seed(fold, 1))
         model = build_image_model(self._image_config())
         initial = {IMAGE: {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}}
         settings = self._image_settings()
+        keep = None if rounds is None else {IMAGE: rounds[IMAGE]}
         best, curves = self._federated_rounds(
             IMAGE,
             fold,
-            self.cfg.stages.image_rounds,
+            self.cfg.stages.image_rounds if keep is None else keep[IMAGE],
             initial,
             {
                 **settings,
@@ -785,6 +846,7 @@ class FederatedProtocol:
                 "pos_weight": pos_weight,
             },
             {**settings, "pos_weight": pos_weight},
+            keep,
         )
         self.say(f"  image model: best round {curves[IMAGE]['best_round']}")
         return best[IMAGE], curves[IMAGE]
@@ -834,9 +896,11 @@ class FederatedProtocol:
         dims: dict[str, int],
         standardise: Payload,
         pos_weight: float,
+        rounds: dict[str, int] | None = None,
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
         """Federated rounds of every fusion network (each from its own seeded initial
-        weights); the best round's weights and the curves, per network."""
+        weights); the best round's weights (with ``rounds``: each network's weights after its
+        round, unvalidated) and the curves, per network."""
         model = self.cfg.model
         initial = {}
         for i, name in enumerate(networks):
@@ -847,10 +911,11 @@ class FederatedProtocol:
             )
             initial[name] = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
         self.say(f"  fusion: {len(networks)} networks ({', '.join(networks)})")
+        keep = None if rounds is None else {n: rounds[n] for n in networks}
         best, curves = self._federated_rounds(
             "fusion",
             fold,
-            self.cfg.stages.fusion_rounds,
+            self.cfg.stages.fusion_rounds if keep is None else max(keep.values()),
             initial,
             {
                 **standardise,
@@ -863,6 +928,7 @@ class FederatedProtocol:
                 "pos_weight": pos_weight,
             },
             {**standardise, **self._fusion_settings(), "pos_weight": pos_weight},
+            keep,
         )
         return best, curves
 
@@ -943,6 +1009,17 @@ class FederatedProtocol:
                 },
             }
         return results
+
+
+def _chosen_rounds(folds: list[dict]) -> dict[str, list[dict]]:
+    """Each trained network's (and the image model's, ``IMAGE``) curves over the folds."""
+    chosen: dict[str, list[dict]] = {}
+    for fold in folds:
+        if fold.get("image"):
+            chosen.setdefault(IMAGE, []).append(fold["image"])
+        for name, curves in fold["fusion"].items():
+            chosen.setdefault(name, []).append(curves)
+    return chosen
 
 
 def _mean_importance(per_fold: list[dict]) -> dict:

@@ -310,6 +310,9 @@ class StagesSection(_Section):
     # Train the image model and fuse its deep features (when every site has crops); false:
     # radiomics and clinical only.
     image: bool = True
+    # After cross-validation, train the final model on every patient (each network for the
+    # median of the rounds the folds chose) and write the model bundle (docs/model.md).
+    final_model: bool = True
     image_rounds: int = Field(5, ge=1)
     fusion_rounds: int = Field(20, ge=1)
     local_epochs: int = Field(1, ge=1)

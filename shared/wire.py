@@ -160,7 +160,13 @@ IMAGE_PRESET_NAMES = frozenset({"cpu-small", "gpu"})  # shared.image_models.IMAG
 _VECTOR, _MATRIX = Param("vector"), Param("matrix")
 _RATE = Param("float", 0.0, 0.999)  # dropout rates
 _SEED = Param("int", 0, 2**63 - 1)
-_RUN = {"run": Param("name"), "fold": Param("int", -1, 63), "min_patients": Param("int", 1, 10**6)}
+FINAL_FOLD = -1
+"""The ``fold`` of the final model's requests: its training rows are every patient."""
+_RUN = {
+    "run": Param("name"),
+    "fold": Param("int", FINAL_FOLD, 63),
+    "min_patients": Param("int", 1, 10**6),
+}
 _STANDARDISE = {
     "radiomics_columns": Param("indices"),  # (k,) indices of the selected radiomics columns
     "radiomics_mean": _VECTOR,

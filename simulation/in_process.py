@@ -45,10 +45,12 @@ class InProcessLink:
 
 def one_site_config(fed: FederationConfig) -> FederationConfig:
     """``fed`` for one in-process site (min_sites 1, no secure aggregation: one site's "sum" is
-    its own update, and the in-process link aggregates in clear)."""
+    its own update, and the in-process link aggregates in clear; no final model: the
+    baselines and the study compare cross-validated results)."""
     data = fed.model_dump(mode="json")
     data["federation"]["min_sites"] = 1
     data["strategy"]["secure_aggregation"] = False
+    data["stages"]["final_model"] = False
     return FederationConfig.model_validate(data)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +65,20 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``tiny`` synthetic cohort, 2 sites, seed 5 (read-only: copy it to change it)."""
     out = tmp_path_factory.mktemp("tiny-cohort") / "cohort"
     generate_cohort("tiny", 2, 5, out, workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_extracted(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny cohort with every site extracted (read-only: copy it to change it;
+    its paths are relative, so a copy keeps its features and crops)."""
+    from fedmets.client.extract import extract_site
+    from fedmets.shared.config import load_site_config
+
+    out = tmp_path_factory.mktemp("tiny-extracted") / "cohort"
+    shutil.copytree(tiny_cohort, out)
+    for toml in sorted(out.glob("*/site.toml")):
+        extract_site(load_site_config(toml), workers=2)
     return out
 
 

@@ -111,14 +111,16 @@ def test_fold_differencing_within_a_run(site) -> None:
     refused(site, "query.folds", "wire.declaration", folds=5, seed=123)  # no centre's seed
     replies = ask(site, "query.folds", folds=5)
     assert sum(replies["fold_sizes"]) == 72
-    refused(site, "query.moments", "policy.folds", fold=-1)  # "all patients" is no fold
+    refused(site, "query.moments", "wire.declaration", fold=-2)
     refused(site, "query.moments", "policy.folds", fold=5)
-    # What the folds allow: the difference of two training sets' sums covers two test folds.
-    sums = {f: ask(site, "query.moments", fold=f) for f in range(5)}
+    # What the folds allow: the difference of two training sets' sums covers two test folds,
+    # and the final model's (every patient, fold -1) minus a fold's training set one test fold.
+    sums = {f: ask(site, "query.moments", fold=f) for f in (*range(5), -1)}
+    assert sums[-1]["n"] == 72
     rows = site.data.radiomics.to_numpy()
     labels = site.data.labels
     best = np.inf  # the closest any difference of two releases comes to one patient's row
-    for a in range(5):
+    for a in (-1, *range(5)):
         for b in range(a + 1, 5):
             difference = sums[a]["radiomics_sum"] - sums[b]["radiomics_sum"]
             positives = sums[a]["positives"] - sums[b]["positives"]

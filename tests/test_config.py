@@ -280,8 +280,8 @@ INVALID = {
     "dp delta out of range": (FEDERATION + "delta = 1\n", "dp.delta: must be < 1, got 1"),
     "removed stages key": (
         FEDERATION + '[stages]\nenabled = ["census", "folds"]\n',
-        "stages.enabled: unknown key (allowed here: image, image_rounds, fusion_rounds,"
-        " local_epochs, fusion_local_epochs)",
+        "stages.enabled: unknown key (allowed here: image, final_model, image_rounds,"
+        " fusion_rounds, local_epochs, fusion_local_epochs)",
     ),
     "image stage not a boolean": (
         FEDERATION + '[stages]\nimage = "no"\n',

@@ -236,7 +236,7 @@ def selected(tmp_path_factory) -> tuple[list[Path], dict]:
     standardise, pos_weight, _ = protocol.select(0, {"fold": 0})
     captured = {}
 
-    def capture(stage, fold, rounds, initial, train_request, validate_request):
+    def capture(stage, fold, rounds, initial, train_request, validate_request, keep=None):
         captured.update(train_request)
         captured.update({wire.WEIGHTS_PREFIX + m: s for m, s in initial.items()})
         return initial, {m: {} for m in initial}
@@ -421,7 +421,8 @@ def test_a_secure_run_gives_the_results_of_a_plain_one(tmp_path) -> None:
         json.loads(line) for line in (tmp_path / "run" / "federated" / "received.jsonl").open()
     ]
     training = [e for e in received if e["route"] == "train.fusion"]
-    assert len(training) == 2 * 2 * 3  # folds x rounds x sites
+    final_rounds = max(secure["model"]["rounds"].values())  # the final model's, after CV
+    assert len(training) == (2 * 2 + final_rounds) * 3  # (folds x rounds + final) x sites
     assert all(
         e["transport"] == "secagg+" and set(e["fields"]) == {"n", "masked"} for e in training
     )
@@ -436,6 +437,7 @@ def test_a_secure_run_completes_without_a_site_that_fails_in_training(tmp_path) 
     assert {(d["site"], d["route"], d["secagg"]) for d in secure["dropouts"]} == {
         ("site_002", "train.fusion", "training")
     }
-    assert len(secure["dropouts"]) == 2 * 2  # every round of both folds
+    final_rounds = max(secure["model"]["rounds"].values())
+    assert len(secure["dropouts"]) == 2 * 2 + final_rounds  # every round, CV and final
     main = secure["models"]["none/radiomics+clinical"]
     assert set(main["per_site"]) == {"site_000", "site_001", "site_002"}  # evaluated all the same

@@ -60,12 +60,12 @@ def tiny(seed: int = 3, **model: object) -> FederationConfig:
 
 
 @pytest.fixture(scope="session")
-def cohort_run(tiny_cohort, tmp_path_factory):
+def cohort_run(tiny_extracted, tmp_path_factory):
     """The tiny preset on a copy of the tiny cohort, two backbones, two fusion members:
     (cohort folder, out folder, StudyResult)."""
     root = tmp_path_factory.mktemp("study")
     cohort = root / "cohort"
-    shutil.copytree(tiny_cohort, cohort)
+    shutil.copytree(tiny_extracted, cohort)
     out = root / "run"
     result = run_study(
         cohort_sites(cohort, workers=2), tiny(fusion_members=2), out, ["swin3d", "resnet3d"]

@@ -1,0 +1,81 @@
+"""Scoring a site's patients with given models: the feature groups a fusion network reads, the
+image model's settings and the networks themselves. One code path for the federated protocol's
+site worker (``fedmets.client.site_worker``) and for applying a model bundle
+(``fedmets.client.predict``), so a bundle scores a patient exactly as the run did."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedmets.client.training import set_state
+from fedmets.shared.models import FusionNet, model_groups
+
+if TYPE_CHECKING:
+    from fedmets.client.site_worker import SiteData
+    from fedmets.shared.image_models import ImageModelConfig
+
+
+def image_config(settings: Mapping[str, Any]) -> ImageModelConfig:
+    """The image model of ``settings`` (``backbone``, ``image_preset``, ``mask_channel``):
+    the preset's network with one input channel per image (CT, and the mask unless "none")."""
+    from fedmets.shared.image_models import IMAGE_PRESETS, ImageModelConfig
+
+    cfg = IMAGE_PRESETS[str(settings["image_preset"])][str(settings["backbone"])]
+    channels = 1 if settings["mask_channel"] == "none" else 2
+    return ImageModelConfig.model_validate({**cfg.model_dump(), "in_channels": channels})
+
+
+def standardised_groups(
+    data: SiteData,
+    standardise: Mapping[str, Any],
+    deep: np.ndarray | None,
+    radiomics_columns: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The feature groups of every patient (n rows), float32: radiomics (n, k), the columns
+    ``radiomics_columns`` (default ``standardise["radiomics_columns"]``: indices into the
+    site's columns) standardised by the pooled mean and scale, missing values at the mean (0);
+    clinical (n, q) standardised, when the site has it and ``standardise`` holds its
+    statistics; deep (n, c) from the image model's features ``deep`` (n, D), centred and
+    projected (``deep_projection``) or scaled, when given."""
+    columns = np.asarray(
+        standardise["radiomics_columns"] if radiomics_columns is None else radiomics_columns,
+        dtype=int,
+    )
+    X = data.radiomics.to_numpy()[:, columns]
+    z = (X - standardise["radiomics_mean"]) / standardise["radiomics_scale"]
+    groups = {"radiomics": np.where(np.isfinite(z), z, 0.0).astype(np.float32)}
+    if data.clinical is not None and "clinical_mean" in standardise:
+        C = data.clinical.to_numpy()
+        groups["clinical"] = (
+            (C - standardise["clinical_mean"]) / standardise["clinical_scale"]
+        ).astype(np.float32)
+    if deep is not None and "deep_mean" in standardise:
+        centred = deep - standardise["deep_mean"]
+        if "deep_projection" in standardise:
+            groups["deep"] = (centred @ standardise["deep_projection"]).astype(np.float32)
+        else:
+            groups["deep"] = (centred / standardise["deep_scale"]).astype(np.float32)
+    return groups
+
+
+def load_networks(
+    states: Mapping[str, Mapping[str, np.ndarray]],
+    groups: Mapping[str, np.ndarray],
+    settings: Mapping[str, Any],
+) -> dict[str, tuple[FusionNet, np.ndarray]]:
+    """Each network (name -> state dict) as (the loaded FusionNet, its input matrix (n, F) from
+    ``groups``); ``settings``: ``hidden``, ``dropout``, ``group_dropout``."""
+    networks = {}
+    for name, state in states.items():
+        net = FusionNet(
+            {g: groups[g].shape[1] for g in model_groups(name)},
+            hidden=list(np.atleast_1d(settings["hidden"]).astype(int)),
+            dropout=float(settings["dropout"]),
+            group_dropout=float(settings.get("group_dropout", 0.0)),
+        )
+        set_state(net, state)
+        networks[name] = (net, np.concatenate([groups[g] for g in net.input_groups], axis=1))
+    return networks
