@@ -10,7 +10,9 @@ difference named: other extraction settings (``params_hash``), missing radiomics
 crops for a model with an image stage, no clinical columns for a model that reads them.
 
 Writes per patient: the main model's DM risk (probability), its class at the bundle's threshold,
-and each model's risk.
+and each model's risk. :func:`evaluate_bundle` is what a site that did not train the model
+releases about it (held-out-site validation): what its evaluation route releases, nothing per
+patient.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedmets.client.policy import grouped_histograms
 from fedmets.client.scoring import image_config, load_networks, standardised_groups
 from fedmets.client.site_worker import SiteData, digest, load_site_data
 from fedmets.client.training import extract_deep_features, predict_proba, resolve_device, set_state
 from fedmets.shared.bundle import Bundle, load_bundle
 from fedmets.shared.config import SiteConfig
+from fedmets.shared.metrics import calibration_slope_intercept
 from fedmets.shared.models import combine_scores
 
 
@@ -104,3 +108,48 @@ def _check_fit(bundle: Bundle, data: SiteData, cfg: SiteConfig) -> np.ndarray:
             f"{cfg.site_id}: the bundle does not fit this site: " + "; ".join(problems)
         )
     return np.array([names.index(f) for f in manifest["radiomics_features"]], dtype=int)
+
+
+def evaluate_bundle(cfg: SiteConfig, model_dir: Path, bins: int) -> dict:
+    """A held-out site's evaluation of the bundle in ``model_dir`` on its labelled patients,
+    under its ``[policy]``: per model (as ``query.evaluation`` releases, without subsites) the
+    class-conditional score histograms over ``bins`` (ValueError over its ``max_bins``) in groups of
+    ``min_bin_count`` patients, the confusion counts (TP, FN, TN, FP) at the bundle's threshold
+    and the Brier sum; for the main model the calibration slope and intercept
+    (``calibration:<model>``, 2 numbers fitted on all its patients). ValueError when the site
+    has fewer labelled patients than its ``min_patients``."""
+    manifest = load_bundle(model_dir).manifest
+    labelled = load_site_data([cfg])
+    policy = cfg.policy
+    if bins > policy.max_bins:
+        raise ValueError(
+            f"{cfg.site_id}: {bins} histogram bins, over its max_bins {policy.max_bins}"
+        )
+    if len(labelled.ids) < policy.min_patients:
+        raise ValueError(
+            f"{cfg.site_id}: {len(labelled.ids)} labelled patients, under its min_patients "
+            f"{policy.min_patients}: nothing to release"
+        )
+    table = predict_site(cfg, model_dir).set_index("patient_id").loc[labelled.ids]
+    y = labelled.labels
+    reply: dict = {"n": int(len(y))}
+    for name in manifest["models"]:
+        s = table[f"risk:{name}"].to_numpy()
+        predicted = s >= float(manifest["thresholds"][name])
+        pos, neg = grouped_histograms(y, s, bins, policy.min_bin_count)
+        reply[f"hist_pos:{name}"], reply[f"hist_neg:{name}"] = pos, neg
+        reply[f"confusion:{name}"] = np.array(
+            [
+                (predicted & (y == 1)).sum(),
+                (~predicted & (y == 1)).sum(),
+                (~predicted & (y == 0)).sum(),
+                (predicted & (y == 0)).sum(),
+            ],
+            dtype=np.int64,
+        )
+        reply[f"brier_sum:{name}"] = float(((s - y) ** 2).sum())
+    main = manifest["main_model"]
+    fitted = calibration_slope_intercept(y, table[f"risk:{main}"].to_numpy())
+    if fitted is not None:
+        reply[f"calibration:{main}"] = np.array(fitted)
+    return reply

@@ -344,12 +344,9 @@ def site_check(
     path = report or cfg.paths.output / "site_check.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
-    console.print(
+    _plain(
         f"{len(result.usable)} of {result.n_patients} patients usable,"
-        f" {len(result.quarantined)} quarantined ({seconds:.1f} s). Report: {path}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        f" {len(result.quarantined)} quarantined ({seconds:.1f} s). Report: {path}"
     )
     raise typer.Exit(0 if result.usable else 1)
 
@@ -411,16 +408,13 @@ def site_extract(
         if "radiomics" in per_region
         else f"{per_region['tumour']} tumour, {per_region['ring']} ring"
     )
-    console.print(
+    _plain(
         f"{with_features} patients in {report['features_file']} ({counts['extracted']} extracted,"
         f" {counts['cached']} cached), {counts['failed']} failed, {counts['quarantined']}"
         f" quarantined; features: {radiomics}, {per_region['clinical']} clinical;"
         f" {report['seconds']:.1f} s"
         f" ({report['patients_per_minute']:.1f} patients/min)."
-        f" Report: {cfg.paths.output / 'extraction_report.json'}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        f" Report: {cfg.paths.output / 'extraction_report.json'}"
     )
     raise typer.Exit(0 if with_features else 1)
 
@@ -536,6 +530,11 @@ def study(
         _print_study(result.metrics, shown, out)
 
 
+def _plain(text: str) -> None:
+    """Print ``text`` as it is: no markup, no highlighting, long lines wrapped not cut."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -586,12 +585,9 @@ def _print_study(metrics: dict, preset: str, out: Path) -> None:
             f"oracle AUC (true risk): cohort {metrics['oracle_auc']:.3f},"
             f" patients used {_number(metrics['oracle_auc_used'])}"
         )
-    console.print(
+    _plain(
         f"{metrics['timing_s']['total']:.0f} s. Results: {out}/metrics.json,"
-        f" oof_predictions.csv, roc.png, calibration.png, ablation.png",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        f" oof_predictions.csv, roc.png, calibration.png, ablation.png"
     )
 
 
@@ -651,12 +647,9 @@ def _print_repeats(summary: dict, preset: str, out: Path) -> None:
         console.print(
             f"oracle AUC (true risk) of the patients used: {summary['oracle_auc_used']:.3f}"
         )
-    console.print(
+    _plain(
         f"{summary['timing_s']['total']:.0f} s. Results: {out}/repeats.json; each repeat's"
-        f" metrics.json, predictions and figures in {out}/repeat-<k>/",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        f" metrics.json, predictions and figures in {out}/repeat-<k>/"
     )
 
 
@@ -680,12 +673,9 @@ def site_predict(
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         raise typer.Exit(1) from error
     main = table["model"].iloc[0]
-    console.print(
+    _plain(
         f"{len(table)} patients scored by {main} (threshold {table['threshold'].iloc[0]:.3f}):"
-        f" {int(table['dm_predicted'].sum())} predicted DM; {out}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        f" {int(table['dm_predicted'].sum())} predicted DM; {out}"
     )
 
 
@@ -735,6 +725,16 @@ def simulate(
             " federation config's [simulation] gpus_per_site (0: CPU only).",
         ),
     ] = None,
+    holdout: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated sites to hold out: also train without them and validate the"
+            " final model at each (metrics.json holdout)."
+        ),
+    ] = None,
+    loso: Annotated[
+        bool, typer.Option(help="Leave each site out in turn (metrics.json loso).")
+    ] = False,
 ) -> None:
     """Run the federated protocol on every site of COHORT in Flower's simulation engine, then the
     centralised and local-only baselines; write RUN/metrics.json and RUN/summary.txt."""
@@ -753,6 +753,8 @@ def simulate(
             baselines,
             log=lambda m: console.print(m),
             gpus_per_site=gpus_per_site,
+            holdout=[s.strip() for s in (holdout or "").split(",") if s.strip()],
+            loso=loso,
         )
     except ValueError as error:
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)

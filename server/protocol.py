@@ -986,7 +986,7 @@ class FederatedProtocol:
         results = {}
         for m in thresholds:
             per_site = {
-                s: _metrics([r], m, edges, with_roc=m == main)
+                s: metrics_from_replies([r], m, edges, with_roc=m == main)
                 for s, r in sorted(replies.items())
                 if f"hist_pos:{m}" in r
             }
@@ -999,12 +999,12 @@ class FederatedProtocol:
                 }
             )
             results[m] = {
-                "pooled": _metrics(
+                "pooled": metrics_from_replies(
                     list(replies.values()), m, edges, with_calibration=True, with_roc=m == main
                 ),
                 "per_site": per_site,
                 "per_subsite": {
-                    name: _metrics(list(replies.values()), f"{m}@{name}", edges)
+                    name: metrics_from_replies(list(replies.values()), f"{m}@{name}", edges)
                     for name in subsites
                 },
             }
@@ -1054,7 +1054,7 @@ def _validation_auc(replies: list[Payload], model: str) -> float | None:
     return metrics_from_histograms(pos, neg, edges, threshold=0.5)["auc"]
 
 
-def _metrics(
+def metrics_from_replies(
     replies: list[Payload],
     key: str,
     edges: np.ndarray,

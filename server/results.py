@@ -78,6 +78,8 @@ class Metrics(_Strict):
     oracle_auc: float | None = None  # study: the true risk's AUC on the same patients
     fold: int | None = None  # study, per fold
     threshold: float | None = None  # study, per fold
+    calibration_slope: float | None = None  # held-out sites: logistic recalibration fit
+    calibration_intercept: float | None = None
 
 
 class ModelResults(_Strict):
@@ -111,6 +113,30 @@ class LocalOnly(_Strict):
     not_run: dict[str, str] = {}
 
 
+class HeldOut(_Strict):
+    """The final model trained without ``held_out`` and validated at each of them: its
+    cross-validated pooled metrics on the training sites, each held-out site's metrics and the
+    held-out sites pooled."""
+
+    training_sites: list[str]
+    held_out: list[str]
+    main_model: str
+    cross_validated: Metrics | None
+    per_site: dict[str, Metrics | None]
+    pooled: Metrics | None
+    bundle: str
+    seconds: float
+
+
+class LeaveOneSiteOut(_Strict):
+    """Each site held out in turn: its metrics, every held-out release pooled, and each run."""
+
+    main_model: str
+    per_site: dict[str, Metrics | None]
+    pooled: Metrics | None
+    runs: dict[str, HeldOut]
+
+
 class SimulationResults(_Strict):
     """``fedmets simulate``'s ``metrics.json`` (and the report's input)."""
 
@@ -124,6 +150,8 @@ class SimulationResults(_Strict):
     centralized: ProtocolSummary | None = None
     local_only: LocalOnly | None = None
     ablation: dict[str, dict[str, Metrics | None]] | None = None
+    holdout: HeldOut | None = None
+    loso: LeaveOneSiteOut | None = None
     timing_s: dict[str, float] = {}
     dp: dict[str, Any] | None = None  # a deployed run's server output: its DP settings
     run: str | None = None  # a deployed run's name

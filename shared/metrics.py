@@ -327,3 +327,18 @@ def calibration_from_histograms(
         "prob_pred": (weighted[keep] / total[keep]).tolist(),
         "counts": total[keep].astype(int).tolist(),
     }
+
+
+def calibration_slope_intercept(y_true: ArrayLike, prob: ArrayLike) -> tuple[float, float] | None:
+    """Calibration slope and intercept of probabilities ``prob`` (n,) against 0/1 ``y_true``:
+    the coefficients of a logistic regression of the labels on logit(prob) (probabilities
+    clipped to [1e-7, 1 - 1e-7]); a perfectly calibrated model has slope 1 and intercept 0.
+    None with one class."""
+    from sklearn.linear_model import LogisticRegression
+
+    y, p = _binary_inputs(y_true, prob)
+    if _single_class_note(y) is not None:
+        return None
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    fit = LogisticRegression(C=np.inf).fit(np.log(p / (1 - p))[:, None], y)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])

@@ -26,7 +26,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from fedmets.shared.config import (
     load_federation_config,
     load_site_config,
 )
+from fedmets.simulation.holdout import held_out_validation, leave_one_site_out
 from fedmets.simulation.in_process import run_in_process
 from fedmets.simulation.loopback import (
     flower_bin,
@@ -117,9 +118,14 @@ def simulate(
     baselines: bool = True,
     log: Callable[[str], None] = print,
     gpus_per_site: float | None = None,
+    holdout: Sequence[str] = (),
+    loso: bool = False,
 ) -> dict:
     """Run the federated simulation and the baselines; write and return ``OUT/metrics.json``.
-    ``gpus_per_site`` replaces the federation config's ``[simulation] gpus_per_site``."""
+    ``gpus_per_site`` replaces the federation config's ``[simulation] gpus_per_site``.
+    ``holdout``: also train without those sites and validate the final model at them
+    (``metrics.json`` key ``holdout``); ``loso``: that for each site in turn (key ``loso``;
+    ``fedmets.simulation.holdout``)."""
     started = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +187,15 @@ def simulate(
             }
             for m in federated["models"]
         }
+    if holdout:
+        tic = time.perf_counter()
+        log(f"held-out-site validation: trained without {', '.join(holdout)}")
+        metrics["holdout"], _ = held_out_validation(configs, fed, holdout, out / "holdout", log)
+        timing["holdout"] = time.perf_counter() - tic
+    if loso:
+        tic = time.perf_counter()
+        metrics["loso"] = leave_one_site_out(configs, fed, out / "loso", log)
+        timing["loso"] = time.perf_counter() - tic
     timing["total"] = time.perf_counter() - started
     metrics["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
     metrics = typed(SimulationResults, to_jsonable(metrics))
@@ -426,6 +441,16 @@ def _stages(result: dict) -> str:
     return ", ".join(f"{k} {v:.0f}" for k, v in result["timing_s"].items() if k != "total")
 
 
+def _calibration(metrics: dict | None) -> str:
+    """ ", calibration slope S, intercept I" of a held-out site, or nothing."""
+    if not metrics or metrics.get("calibration_slope") is None:
+        return ""
+    return (
+        f", calibration slope {metrics['calibration_slope']:.2f},"
+        f" intercept {metrics['calibration_intercept']:.2f}"
+    )
+
+
 def summary_text(metrics: dict) -> str:
     """The human summary of a simulation's metrics.json."""
     main = metrics["main_model"]
@@ -447,6 +472,21 @@ def summary_text(metrics: dict) -> str:
         for model, row in metrics["ablation"].items():
             fed, cen = row["federated"] or {}, row["centralized"] or {}
             lines.append(f"  {model:34s} {fed.get('auc') or 0:.3f} | {cen.get('auc') or 0:.3f}")
+    if metrics.get("holdout"):
+        held = metrics["holdout"]
+        lines.append(
+            f"held out ({', '.join(held['held_out'])}; trained on "
+            f"{', '.join(held['training_sites'])}, cross-validated "
+            f"{_fmt(held['cross_validated'])}):"
+        )
+        for site, result in held["per_site"].items():
+            lines.append(f"  {site:14s} {_fmt(result)}{_calibration(result)}")
+    if metrics.get("loso"):
+        lines.append("leave one site out (held-out site | cross-validated without it):")
+        for site, result in metrics["loso"]["per_site"].items():
+            trained = metrics["loso"]["runs"][site]["cross_validated"]
+            lines.append(f"  {site:14s} {_fmt(result)}{_calibration(result)} | {_fmt(trained)}")
+        lines.append(f"  {'pooled':14s} {_fmt(metrics['loso']['pooled'])}")
     if metrics.get("dropouts"):
         lines.append(f"dropouts: {len(metrics['dropouts'])}")
     lines.append("time (s):")

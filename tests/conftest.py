@@ -7,10 +7,10 @@ session, and how the suite spreads over pytest-xdist workers.
   (per xdist worker); tests read it, and copy it before changing anything.
 - ``federation``: a loopback deployment (real SuperLink, three registered SuperNode keys) per
   test module.
-- Workers (``scripts/test.sh`` runs ``-n 3 --dist loadfile``): a module's tests stay on one
-  worker, so a module-scoped fixture is built once, and the long real-process runs sit in
-  modules of their own (``test_deployment*.py``) to run side by side. Slow tests are collected
-  first so the longest work starts first.
+- Workers (``scripts/test.sh`` runs ``-n 3 --dist loadfile --no-loadscope-reorder``): a
+  module's tests stay on one worker, so a module-scoped fixture is built once, and the long
+  real-process runs sit in modules of their own (``test_deployment*.py``) to run side by side.
+  Slow tests are collected first so the longest work starts first.
 """
 
 from __future__ import annotations

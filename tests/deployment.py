@@ -21,9 +21,11 @@ RUN_TIMEOUT_S = 600
 
 
 def federation_toml(root: Path, name: str, **federation) -> Path:
+    """The deployment tests' federation (2 folds, 1 fusion round, no final model: the
+    ServerApp's final model and bundle are tested by ``test_simulate``)."""
     cfg = _cfg(
         cv={"folds": 2},
-        stages={"fusion_rounds": 1},
+        stages={"fusion_rounds": 1, "final_model": False},
         federation={"round_timeout_s": 45, **federation},
     )
     data = cfg.model_dump(mode="json", exclude_none=True)

@@ -7,17 +7,18 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_fedmets
+from sklearn.metrics import roc_auc_score
 
 from fedmets.client.predict import predict_site
 from fedmets.client.site_worker import SiteWorker
 from fedmets.server.bundle import write_bundle
 from fedmets.server.protocol import FederatedProtocol
+from fedmets.server.results import HeldOut, LeaveOneSiteOut, to_jsonable, typed
 from fedmets.shared.bundle import load_bundle
 from fedmets.shared.config import FederationConfig, load_site_config
 from fedmets.simulation.feature_sites import write_feature_sites
+from fedmets.simulation.holdout import held_out_validation, leave_one_site_out
 from fedmets.simulation.in_process import InProcessLink
-from fedmets.simulation.simulate import federation_config
 
 
 def _final_scores(worker: SiteWorker, run: str, model: str) -> np.ndarray:
@@ -99,29 +100,39 @@ def test_a_bundle_that_does_not_fit_the_site_is_refused(tmp_path):
         predict_site(next(iter(configs.values())), tmp_path / "model")
 
 
-@pytest.mark.slow
-def test_an_image_model_bundle_predicts_through_the_cli(tiny_extracted, tmp_path):
-    """The tiny cohort's two sites (images: Swin3D deep features), the final model in process,
-    then `fedmets site predict` at each site: the run's scores to 1e-6."""
-    cohort = tmp_path / "cohort"
-    shutil.copytree(tiny_extracted, cohort)
-    configs = {}
-    for toml in sorted(cohort.glob("*/site.toml")):
-        cfg = load_site_config(toml)
-        configs[cfg.site_id] = cfg
-    fed = federation_config("tiny", "final-images", 5)
-    result, workers = _run(configs, fed, "final-images", tmp_path)
-    assert result["final"]["image"] is not None and "image" in result["final"]["rounds"]
-    assert load_bundle(tmp_path / "model").manifest["image"]["backbone"] == "swin3d"
-    for site, cfg in configs.items():
-        out = tmp_path / f"{site}.csv"
-        done = run_fedmets(
-            "site", "predict", "--config", cfg.source, "--model", tmp_path / "model", "--out", out
-        )
-        assert done.returncode == 0, done.stderr
-        assert f"{len(workers[site].data.ids)} patients scored by" in done.stdout
-        predicted = pd.read_csv(out)
-        main = result["main_model"]
-        np.testing.assert_allclose(
-            predicted["risk"], _final_scores(workers[site], "final-images", main), atol=1e-6
-        )
+def test_held_out_sites_are_scored_by_the_model_trained_without_them(tmp_path):
+    """--holdout / --loso: the final model trained on the other sites, each held-out site's
+    release (grouped histograms, confusion counts, Brier sum, calibration fit) giving its
+    metrics; nothing of a held-out site enters the training run."""
+    tomls = write_feature_sites(tmp_path / "sites", [70, 60, 50], seed=6, folds=2)
+    configs = [load_site_config(t) for t in tomls]
+    fed = FederationConfig.model_validate(
+        {
+            "run": {"name": "held", "seed": 2},
+            "cv": {"folds": 2},
+            "stages": {"fusion_rounds": 3, "fusion_local_epochs": 2},
+            "selection": {"top_k": 8, "rf_trees": 20},
+        }
+    )
+    summary, replies = held_out_validation(configs, fed, ["site_002"], tmp_path / "holdout")
+    assert typed(HeldOut, to_jsonable(summary))
+    assert summary["training_sites"] == ["site_000", "site_001"]
+    assert summary["cross_validated"]["n"] == 130  # the training sites' patients only
+    held = summary["per_site"]["site_002"]
+    assert held["n"] == 50 and summary["pooled"]["n"] == 50
+    assert {"calibration_slope", "calibration_intercept"} <= set(held)
+    assert not (tmp_path / "holdout" / "state" / "site_002").exists()  # never asked anything
+    # the release gives the site's exact accuracy and, to the grouping, its AUC
+    predicted = predict_site(configs[2], tmp_path / "holdout" / "model")
+    labels = pd.read_parquet(configs[2].paths.output / "features.parquet")["label"].to_numpy()
+    assert held["acc"] == pytest.approx(float((predicted["dm_predicted"] == labels).mean()))
+    assert held["auc"] == pytest.approx(roc_auc_score(labels, predicted["risk"]), abs=0.05)
+    assert set(replies["site_002"]) >= {f"hist_pos:{summary['main_model']}", "n"}
+    with pytest.raises(ValueError, match="not in the cohort"):
+        held_out_validation(configs, fed, ["site_009"], tmp_path / "bad")
+
+    loso = leave_one_site_out(configs, fed, tmp_path / "loso", log=lambda m: None)
+    assert typed(LeaveOneSiteOut, to_jsonable(loso))
+    assert set(loso["per_site"]) == {"site_000", "site_001", "site_002"}
+    assert loso["pooled"]["n"] == 180
+    assert loso["runs"]["site_000"]["training_sites"] == ["site_001", "site_002"]

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -77,7 +79,7 @@ def test_sites_kept_their_state_and_audit_log_on_their_disk(simulated) -> None:
     for site in ("hospital_a", "hospital_b", "hospital_c"):
         state = cohort / site / "cache" / "federated" / run.name
         assert (state / "folds.npz").is_file()
-        assert len(list(state.glob("deep-fold*.npy"))) == 3
+        assert len(list(state.glob("deep-fold*.npy"))) == 3 + 1  # the folds', the final model's
         audit = cohort / site / "output" / "audit" / "wire-audit.jsonl"
         entries = [json.loads(line) for line in audit.read_text().splitlines()]
         routes = {e["route"] for e in entries}
@@ -85,6 +87,32 @@ def test_sites_kept_their_state_and_audit_log_on_their_disk(simulated) -> None:
         assert all(e["sent"] for e in entries)
         kinds = {f["kind"] for e in entries for f in e["fields"].values()}
         assert kinds <= {str(k) for k in REPLY_KINDS}
+
+
+@pytest.mark.slow
+def test_the_servers_bundle_scores_each_site_as_the_run_did(simulated) -> None:
+    """The ServerApp's final model (every patient, fold -1) and bundle: `fedmets site predict`
+    at each site gives the final model's in-run scores (Swin3D deep features, through the
+    Flower simulation's own code) to 1e-6."""
+    cohort, run, metrics = simulated
+    bundle = run / "federated" / "model"
+    server = json.loads((run / "federated" / "federated.json").read_text())
+    assert server["model"]["bundle"] == str(bundle) and "final" not in server
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["image"]["backbone"] == "swin3d" and manifest["cohort"]["sites"] == 3
+    main = metrics["main_model"]
+    for site in ("hospital_a", "hospital_b", "hospital_c"):
+        out = run / f"predict-{site}.csv"
+        toml = cohort / site / "site.toml"
+        done = CliRunner().invoke(
+            app,
+            ["site", "predict", "--config", str(toml), "--model", str(bundle), "--out", str(out)],
+        )
+        assert done.exit_code == 0, done.output
+        state = cohort / site / "cache" / "federated" / run.name
+        with np.load(state / "scores-fold-1.npz") as stored:
+            in_run = stored[main.replace("/", "_").replace("+", "_")]
+        np.testing.assert_allclose(pd.read_csv(out)["risk"], in_run, atol=1e-6)
 
 
 @pytest.mark.slow
