@@ -52,6 +52,11 @@ def test_the_bundle_scores_every_patient_as_the_run_did(tmp_path, fusion):
     result, workers = _run(configs, fed, "final", tmp_path)
     final = result["final"]
     assert set(final["rounds"]) == set(final["fusion"])  # each network: its median round
+    # two members per model, each trained and picking its own round (under late fusion the
+    # single-group models only)
+    curves = result["folds"][0]["fusion"]
+    assert {"none/radiomics", "none/radiomics~1"} <= set(curves)
+    assert ("none/radiomics+clinical~1" in curves) == (fusion == "joint")
     assert all(1 <= r <= 4 for r in final["rounds"].values())
     bundle = load_bundle(tmp_path / "model")
     manifest = bundle.manifest
