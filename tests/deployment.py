@@ -21,11 +21,12 @@ RUN_TIMEOUT_S = 600
 
 
 def federation_toml(root: Path, name: str, **federation) -> Path:
-    """The deployment tests' federation (2 folds, 1 fusion round, no final model: the
-    ServerApp's final model and bundle are tested by ``test_simulate``)."""
+    """The deployment tests' federation (``test_protocol._cfg``: no final model, the
+    ServerApp's final model and bundle are tested by ``test_simulate``; 2 folds, 1 fusion
+    round)."""
     cfg = _cfg(
         cv={"folds": 2},
-        stages={"fusion_rounds": 1, "final_model": False},
+        stages={"fusion_rounds": 1},
         federation={"round_timeout_s": 45, **federation},
     )
     data = cfg.model_dump(mode="json", exclude_none=True)

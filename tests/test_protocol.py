@@ -80,10 +80,12 @@ def sites(tmp_path: Path) -> dict[str, Path]:
 
 
 def _cfg(**sections) -> FederationConfig:
+    """The protocol tests' federation: 3 folds, 4 fusion rounds, no final model (trained and
+    checked in test_bundle, test_simulate and test_secure_aggregation)."""
     data = {
         "run": {"name": "test-run", "seed": 3},
         "cv": {"folds": 3},
-        "stages": {"fusion_rounds": 4, "fusion_local_epochs": 2},
+        "stages": {"fusion_rounds": 4, "fusion_local_epochs": 2, "final_model": False},
         "selection": {"top_k": 6, "rf_trees": 20},
         "model": {"fusion_hidden": [8], "fusion_lr": 1e-2},
         "evaluation": {"histogram_bins": 100},

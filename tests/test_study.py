@@ -4,7 +4,7 @@ selection and fusion; the study equals simulate's centralised baseline; late fus
 mode on synthetic and real feature tables; repeats; the CLI."""
 
 import json
-import os
+import queue
 import re
 import shutil
 from pathlib import Path
@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from conftest import run_fedmets
 
 from fedmets.client.site_files import FEATURES_FILE, crop_path
 from fedmets.shared.config import FederationConfig, load_site_config
 from fedmets.shared.models import group_subsets, model_key, single_group_models
+from fedmets.simulation import simulate
 from fedmets.simulation.repeated_study import run_repeated_study, summarise_repeats
-from fedmets.simulation.simulate import federation_config, run_baselines
+from fedmets.simulation.simulate import federation_config
 from fedmets.simulation.study import cohort_sites, run_study, table_site
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -134,20 +134,18 @@ def test_cohort_metrics_structure(cohort_run):
 
 
 @pytest.mark.slow
-def test_the_study_is_simulates_centralised_baseline(cohort_run, tmp_path):
+def test_the_study_is_simulates_centralised_baseline(cohort_run, tmp_path, monkeypatch):
     """Same seed and settings: the study's protocol run and ``fedmets simulate``'s centralised
-    baseline (in its own process) give identical metrics for every model."""
+    baseline (``simulate._baseline``, here in this process) give identical metrics for every
+    model."""
     cohort, _, _ = cohort_run
     fed = tiny()
-    configs = [load_site_config(p) for p in sorted(cohort.glob("*/site.toml"))]
-    cores = os.cpu_count() or 1  # the baseline's torch threads: CPU sums depend on them
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, cores // min(cores, 1 + len(configs))))
-    try:
-        study = run_study(cohort_sites(cohort), fed, tmp_path / "study", ["swin3d"])
-    finally:
-        torch.set_num_threads(threads)
-    centralized, _, _ = run_baselines(configs, fed, tmp_path / "simulate", log=lambda m: None)
+    study = run_study(cohort_sites(cohort), fed, tmp_path / "study", ["swin3d"])
+    tomls = sorted(cohort.glob("*/site.toml"))
+    monkeypatch.setattr(simulate, "_PROGRESS", queue.SimpleQueue())  # its log, unread
+    centralized = simulate._baseline(
+        "centralized", tomls, fed.model_dump(mode="json"), tmp_path / "simulate"
+    )
     protocol = study.metrics["protocol"]["swin3d"]
     assert json.dumps(protocol["models"]) == json.dumps(centralized["models"])
     assert protocol["folds"][0]["thresholds"] == centralized["folds"][0]["thresholds"]
