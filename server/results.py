@@ -156,6 +156,8 @@ class SimulationResults(_Strict):
     dp: dict[str, Any] | None = None  # a deployed run's server output: its DP settings
     run: str | None = None  # a deployed run's name
     backbone: str | None = None  # a deployed run's image backbone
+    secure_aggregation: bool | None = None  # a deployed run: its rounds went through SecAgg+
+    model: dict[str, Any] | None = None  # a deployed run: its bundle's path and rounds
 
 
 class PairedTest(_Strict):

@@ -76,6 +76,9 @@ def server_json(metrics: dict) -> dict:
         "dropouts": metrics["dropouts"],
         "timing_s": fed["timing_s"],
         "config": metrics["config"]["federation"],
+        "importance": fed.get("importance"),
+        "secure_aggregation": False,
+        "model": {"bundle": "run/federated/model", "rounds": {metrics["main_model"]: 3}},
     }
 
 

@@ -55,7 +55,7 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
     metrics = {
         key: value
         for key, value in server.items()
-        if key not in {"models", "folds", "timing_s", "config", "privacy"}
+        if key not in {"models", "folds", "timing_s", "config", "privacy", "importance"}
     }
     if "privacy" in server:  # the ServerApp's name for the privacy ledger report
         metrics["privacy_ledger"] = server["privacy"]
