@@ -1,5 +1,6 @@
 """One federated run two ways: Flower's simulation engine vs a real deployment on loopback
-(TLS SuperLink with SuperNode authentication, one SuperNode process per site).
+(TLS SuperLink with SuperNode authentication; per site a site service, ``fedmets site serve``,
+and a SuperNode whose ClientApp relays each message to it).
 
     .venv/bin/python benchmarks/bench_deployment.py [--sites 3] [--patients 60] [--out DIR]
                                                      [--secure-aggregation]
@@ -10,9 +11,8 @@ per way: wall time of the run, message rounds (one ``ask`` of the protocol, from
 ``received.jsonl``), wall time per message round, bytes each site sends per message round (mean
 of the replies' field sizes), and the deployment's extra cost per message round over the
 simulation (a ClientApp process start per message), and the part of that start that is fedmets'
-own: the median wall time of a fresh Python importing the ClientApp and the
-site worker (what a query or training message loads; SecAgg+'s key-exchange messages load only
-the ClientApp).
+own: the median wall time of a fresh Python importing the ClientApp (the relay: what every
+message loads; the site service imports the worker once, when it starts).
 """
 
 from __future__ import annotations
@@ -122,9 +122,8 @@ def main() -> None:
         )
     extra = results["deployment"]["s_per_round"] - results["simulation"]["s_per_round"]
     print(f"deployment overhead per message round: {extra:.2f} s (a ClientApp process per message)")
-    worker = import_s("fedmets.client.client_app, fedmets.client.site_worker")
-    print(f"ClientApp + site worker import in a fresh process: {worker:.2f} s (median of 3)")
-    print(f"ClientApp alone (SecAgg+ key exchange): {import_s('fedmets.client.client_app'):.2f} s")
+    relay = import_s("fedmets.client.client_app")
+    print(f"ClientApp (relay) import in a fresh process: {relay:.2f} s (median of 3)")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
-"""The site's Flower ClientApp: every route of ``fedmets.shared.wire`` answered by a
-``fedmets.client.site_worker.SiteWorker`` through the release gate (``fedmets.client.release``).
+"""The site's Flower ClientApp: a relay. Every route of ``fedmets.shared.wire`` goes to the
+site's service (``fedmets.client.site_service``), which answers through the hospital's own gate;
+the ClientApp itself reads no patient file and imports no torch.
 
-Which site this process is: the SuperNode's ``--node-config 'site-config="/path/site.toml"'``
-(deployment), or in Flower's simulation the run config's ``site-configs`` (site TOML paths
-joined by ``,``) indexed by the node's ``partition-id``. Workers are cached per process by
-config path and file times, so a simulation's long-lived actors load a site once.
+Which site this process serves:
+- deployment: the SuperNode's ``--node-config 'site-service="/path/site-service.sock"'``, the
+  socket of ``fedmets site serve`` (``fedmets.client.service_channel``);
+- Flower's simulation: the run config's ``site-configs`` (site TOML paths joined by ``,``)
+  indexed by the node's ``partition-id``, each served by a ``SiteService`` in this process
+  (cached: a simulation's long-lived actors load a site once).
 
 Secure aggregation: Flower's ``secaggplus_mod`` runs SecAgg+'s four stages on messages of type
-``"train"`` (``fedmets.shared.wire.SECURE_MESSAGE_TYPE``). Its key-exchange stages never reach
-fedmets; its masking stage calls :func:`secure_train`, which answers the training route named in the
-request through the same release gate and hands the mod the vector to mask
-(``fedmets.shared.wire.to_fitres``). The mod keeps its keys in the SuperNode's context between
-stages.
+``"train"`` (``fedmets.shared.wire.SECURE_MESSAGE_TYPE``) here, in the relay. Its key-exchange
+replies are sent to the service's audit log; its masking stage calls :func:`secure_train`,
+whose gated reply (the service answers the training route named in the request) the mod masks.
+The masking runs in the centre's code, so the site's gate treats that reply as released in
+clear (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -24,55 +27,41 @@ from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.compat.common import recorddict_compat
 
-from fedmets.client.release import answer, log_key_exchange
+from fedmets.client.service_channel import ServiceClient
 from fedmets.shared import wire
-from fedmets.shared.config import load_site_config
 
 if TYPE_CHECKING:
-    from fedmets.client.site_worker import SiteWorker
+    from fedmets.client.site_service import SiteService
 
 app = ClientApp()
 
 
-def site_config_path(context: Context) -> Path:
-    """The site TOML of this SuperNode (see the module docstring)."""
-    if "site-config" in context.node_config:
-        return Path(str(context.node_config["site-config"]))
+@lru_cache(maxsize=8)
+def _in_process(path: Path) -> SiteService:
+    from fedmets.client.site_service import SiteService  # simulation only: loads torch
+
+    return SiteService(path)
+
+
+def site_service(context: Context) -> ServiceClient | SiteService:
+    """This SuperNode's site service (see the module docstring)."""
+    if "site-service" in context.node_config:
+        return ServiceClient(Path(str(context.node_config["site-service"])))
     configs = str(context.run_config.get("site-configs", "")).split(",")
     partition = int(context.node_config.get("partition-id", -1))
     if not 0 <= partition < len(configs) or not configs[partition]:
         raise RuntimeError(
-            "no site config: start flower-supernode with --node-config "
-            "'site-config=\"/path/to/site.toml\"'"
+            "no site service: start `fedmets site serve --config site.toml` and the SuperNode "
+            "with --node-config 'site-service=\"/path/to/site-service.sock\"'"
         )
-    return Path(configs[partition])
-
-
-@lru_cache(maxsize=8)
-def _worker(path: Path, stamp: tuple[float, ...]) -> SiteWorker:
-    # Imported here: SecAgg+'s key-exchange messages (a fresh process each, when deployed)
-    # never load the worker and its torch / scikit-learn imports.
-    from fedmets.client.site_worker import SiteWorker
-
-    return SiteWorker([load_site_config(path)])
-
-
-def worker_for(context: Context) -> SiteWorker:
-    """The site worker of this SuperNode (reloaded when its config or features change)."""
-    path = site_config_path(context).resolve()
-    cfg = load_site_config(path)
-    features = cfg.paths.output / "features.parquet"
-    stamp = (path.stat().st_mtime, features.stat().st_mtime if features.is_file() else 0.0)
-    return _worker(path, stamp)
+    return _in_process(Path(configs[partition]).resolve())
 
 
 def _serve(msg: Message, context: Context) -> Message:
     route_name = msg.metadata.message_type
-    request = wire.from_records(msg.content)
-    reply = answer(worker_for(context), route_name, request)
-    return Message(wire.to_records(route_name, reply, reply=True), reply_to=msg)
+    reply = site_service(context).answer(route_name, msg.content)
+    return Message(reply, reply_to=msg)
 
 
 for _name in wire.ROUTES:
@@ -83,22 +72,17 @@ for _name in wire.ROUTES:
 
 def audit_key_exchange(msg: Message, context: Context, call_next: Any) -> Message:
     """A mod outside ``secaggplus_mod``: its key-exchange replies go to the site's audit log
-    (the masked vector is logged by the release gate in :func:`secure_train`)."""
+    (the masked vector is logged by the site's gate in :func:`secure_train`)."""
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)  # the mod pops it
     reply = call_next(msg, context)
     if stage != Stage.COLLECT_MASKED_VECTORS and reply.has_content():
-        cfg = load_site_config(site_config_path(context))
-        log_key_exchange(cfg, str(stage), reply.content.config_records[RECORD_KEY_CONFIGS])
+        sent = reply.content.config_records[RECORD_KEY_CONFIGS]
+        site_service(context).log_key_exchange(str(stage), sent)
     return reply
 
 
 @app.train(mods=[audit_key_exchange, secaggplus_mod])
 def secure_train(msg: Message, context: Context) -> Message:
-    """SecAgg+'s masking stage: the training route of the request, checked and logged as
-    masked by the release gate; the mod masks the returned vector before anything leaves."""
-    route_name, request = wire.from_fitins(
-        recorddict_compat.recorddict_to_fitins(msg.content, keep_input=True)
-    )
-    reply = answer(worker_for(context), route_name, request, masked=True)
-    fitres = wire.to_fitres(route_name, request, reply)
-    return Message(recorddict_compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    """SecAgg+'s masking stage: the site's gated reply to the training route in the request;
+    the mod masks the returned vector before anything leaves."""
+    return Message(site_service(context).secure(msg.content), reply_to=msg)

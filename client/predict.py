@@ -10,9 +10,10 @@ difference named: other extraction settings (``params_hash``), missing radiomics
 crops for a model with an image stage, no clinical columns for a model that reads them.
 
 Writes per patient: the main model's DM risk (probability), its class at the bundle's threshold,
-and each model's risk. :func:`evaluate_bundle` is what a site that did not train the model
-releases about it (held-out-site validation): what its evaluation route releases, nothing per
-patient.
+the input blocks (radiomics, clinical, deep) ranked by how much each raises that risk
+(:func:`block_contributions`), and each model's risk. :func:`evaluate_bundle` is what a site
+that did not train the model releases about it (held-out-site validation): what its evaluation
+route releases, nothing per patient.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from fedmets.client.training import extract_deep_features, predict_proba, resolv
 from fedmets.shared.bundle import Bundle, load_bundle
 from fedmets.shared.config import SiteConfig
 from fedmets.shared.metrics import calibration_slope_intercept
-from fedmets.shared.models import combine_scores
+from fedmets.shared.models import combine_scores, model_groups
 
 
 def predict_site(cfg: SiteConfig, model_dir: Path, out: Path | None = None) -> pd.DataFrame:
     """Scores of every extracted patient of the site ``cfg`` (labelled or not) by the bundle in
     ``model_dir``: ``patient_id``, ``risk`` and ``dm_predicted`` (the main model's probability
-    and its class at the bundle's threshold), ``model``, ``threshold``, then ``risk:<model>``
+    and its class at the bundle's threshold), ``model``, ``threshold``, ``top_blocks`` (the
+    main model's input blocks, most risk-raising first: ``deep > clinical > radiomics``) and
+    ``contribution:<block>`` (log-odds, :func:`block_contributions`), then ``risk:<model>``
     for every model. Written atomically to ``out`` (CSV) when given. ValueError names what
     does not fit."""
     bundle = load_bundle(model_dir)
@@ -54,14 +57,11 @@ def predict_site(cfg: SiteConfig, model_dir: Path, out: Path | None = None) -> p
         device = resolve_device(cfg.compute.device)
         deep = extract_deep_features(model, CropDataset(images), device)
     groups = standardised_groups(data, bundle.standardise(), deep, columns)
-    networks = load_networks(bundle.fusion_weights(), groups, manifest["fusion"])
-    scores = combine_scores(
-        {name: predict_proba(net, X) for name, (net, X) in networks.items()},
-        manifest["models"],
-        manifest["fusion"]["mode"],
-    )
+    scores = _scores(bundle, groups)
     main = manifest["main_model"]
     threshold = float(manifest["thresholds"][main])
+    contributions = block_contributions(bundle, groups, scores[main])
+    ranked = sorted(contributions, key=lambda g: -contributions[g].mean())  # for stable ties
     table = pd.DataFrame(
         {
             "patient_id": data.ids,
@@ -69,8 +69,14 @@ def predict_site(cfg: SiteConfig, model_dir: Path, out: Path | None = None) -> p
             "dm_predicted": (scores[main] >= threshold).astype(int),
             "model": main,
             "threshold": threshold,
+            "top_blocks": [
+                " > ".join(sorted(ranked, key=lambda g, i=i: -contributions[g][i]))
+                for i in range(len(data.ids))
+            ],
         }
     )
+    for block in ranked:
+        table[f"contribution:{block}"] = contributions[block]
     for name in manifest["models"]:
         table[f"risk:{name}"] = scores[name]
     if out is not None:
@@ -80,6 +86,38 @@ def predict_site(cfg: SiteConfig, model_dir: Path, out: Path | None = None) -> p
         table.to_csv(partial, index=False)
         partial.replace(out)
     return table
+
+
+def _scores(bundle: Bundle, groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every model's DM probability (n,) from the feature ``groups``, as the run combined them."""
+    manifest = bundle.manifest
+    networks = load_networks(bundle.fusion_weights(), groups, manifest["fusion"])
+    return combine_scores(
+        {name: predict_proba(net, X) for name, (net, X) in networks.items()},
+        manifest["models"],
+        manifest["fusion"]["mode"],
+    )
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def block_contributions(
+    bundle: Bundle, groups: dict[str, np.ndarray], risk: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per input block the main model reads (radiomics, clinical, deep), per patient (n,): how
+    much it moves the model's log-odds, ``logit(risk) - logit(risk with that block at the
+    training cohort's mean)`` (the mean is 0 once standardised). Positive: the block raises
+    this patient's risk. Occlusion of one block at a time; the blocks' effects need not add up
+    to the log-odds (the network is not additive)."""
+    main = bundle.manifest["main_model"]
+    contributions = {}
+    for block in model_groups(main):
+        occluded = {**groups, block: np.zeros_like(groups[block])}
+        contributions[block] = _logit(risk) - _logit(_scores(bundle, occluded)[main])
+    return contributions
 
 
 def _check_fit(bundle: Bundle, data: SiteData, cfg: SiteConfig) -> np.ndarray:

@@ -8,7 +8,8 @@ time, run, route, the request's settings (scalars as sent, arrays by shape, mode
 size and SHA-256), the number of patients behind the reply, and per reply field its kind,
 shape, dtype and size in bytes (never the values). A refused request (nothing computed) has
 ``"sent": false`` and ``rule``; a withheld reply (its count alone sent) has ``withheld`` and
-``rule``. Hospital IT reads it to see what left the site (``docs/hospital_guide.md``).
+``rule``. Each line carries the hash of the one before it (``fedmets.client.audit``: ``fedmets
+site audit verify``). Hospital IT reads it to see what left the site (``docs/hospital_guide.md``).
 
 Under secure aggregation (``masked=True``) the weights and the
 requested sums leave only inside SecAgg+'s masked vector: the entry then says
@@ -20,12 +21,12 @@ sum) is logged too, one entry per stage (fields of kind ``key``).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedmets.client.audit import append_entry
 from fedmets.client.policy import PolicyRefused, check_request
 from fedmets.shared import wire
 from fedmets.shared.config import SiteConfig
@@ -99,7 +100,7 @@ def log_key_exchange(cfg: SiteConfig, stage: str, sent: Mapping[str, Any]) -> No
         "sent": True,
         "fields": fields,
     }
-    _append(site_audit_path(cfg), entry)
+    append_entry(site_audit_path(cfg), entry)
 
 
 def _log(
@@ -136,10 +137,4 @@ def _log(
             entry["fields"] = wire.describe_masked(request, weight)
             held = set(entry["fields"]["masked"]["holds"]) | {"n"}
             entry["not_sent"] = sorted(k for k in reply if k not in held)
-    _append(audit_path(worker), entry)
-
-
-def _append(path: Path, entry: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as log:
-        log.write(json.dumps(entry) + "\n")
+    append_entry(audit_path(worker), entry)

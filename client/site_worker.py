@@ -2,7 +2,7 @@
 working on the site's own extracted features, crops and disk.
 
 :class:`SiteWorker` answers a request payload with a reply payload (plain dicts, see
-``fedmets.shared.wire``); ``fedmets.client.client_app`` wraps it for Flower, and the simulation
+``fedmets.shared.wire``); ``fedmets.client.site_service`` serves it to Flower, and the simulation
 calls it in process for the centralised and local-only baselines. A worker may also stand for
 several sites pooled (the centralised baseline): each patient keeps its own site's fold.
 
@@ -17,11 +17,10 @@ complement, and a reply on fewer patients than ``min_patients`` (the larger of t
 the server's), or on a patient set that differs from an earlier one by fewer, is withheld
 (:class:`Withheld`: its count alone is sent).
 
-A deployed site answers each message in a fresh ClientApp process, so this module imports only
-what every route needs: the image routes import MONAI (``fedmets.client.crops``,
+A deployed site answers through its long-lived site service (``fedmets.client.site_service``),
+which loads this module once; the image routes import MONAI (``fedmets.client.crops``,
 ``fedmets.shared.image_models``) when they run, and DP-SGD imports Opacus
-(``fedmets.client.privacy``) only when a request asks for it (``benchmarks/bench_deployment.py``
-measures the start cost).
+(``fedmets.client.privacy``) only when a request asks for it, so a tabular site never loads them.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ config_app = typer.Typer(
 app.add_typer(config_app, name="config")
 site_app = typer.Typer(help="Hospital-side commands on this site's own data.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
+audit_app = typer.Typer(
+    help="This site's audit log of what left it (a hash chain).", no_args_is_help=True
+)
+site_app.add_typer(audit_app, name="audit")
 
 LOG_WIDTH = 200
 """Console width when the output is not a terminal (a log file, CI): rich would otherwise lay
@@ -97,7 +101,7 @@ def config_check(
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the cohort to.")],
-    preset: Annotated[str, typer.Option(help="tiny | demo | paper")] = "demo",
+    preset: Annotated[str, typer.Option(help="tiny | quickstart | demo | paper")] = "demo",
     sites: Annotated[
         int | None, typer.Option(help="Number of sites (default: the preset's).")
     ] = None,
@@ -677,6 +681,76 @@ def site_predict(
         f"{len(table)} patients scored by {main} (threshold {table['threshold'].iloc[0]:.3f}):"
         f" {int(table['dm_predicted'].sum())} predicted DM; {out}"
     )
+
+
+@site_app.command("serve")
+def site_serve(
+    config: Annotated[Path, typer.Option(help="This site's TOML file.")],
+) -> None:
+    """Serve this site to its SuperNode: the one process that reads the site's data, answering
+    the federation's requests through the site's policy on the local socket of [service]
+    socket (until Ctrl-C or SIGTERM; docs/hospital_guide.md)."""
+    from fedmets.client.site_service import serve
+
+    cfg = _load_site_config_or_exit(config)
+    try:
+        serve(cfg.source or config, say=lambda line: _plain(_stamped(line)))
+    except (RuntimeError, OSError, KeyError) as error:
+        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
+
+
+def _stamped(line: str) -> str:
+    """``line`` after the UTC time (a service's log)."""
+    import time
+
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}"
+
+
+def _audit_log(config: Path) -> Path:
+    """The audit log of the site of ``config``; exits 1 when there is none yet."""
+    from fedmets.client.release import site_audit_path
+
+    path = site_audit_path(_load_site_config_or_exit(config))
+    if not path.is_file():
+        err_console.print(f"no audit log yet: {path}", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    return path
+
+
+@audit_app.command("verify")
+def audit_verify(config: Annotated[Path, typer.Option(help="This site's TOML file.")]) -> None:
+    """Check that no line of the audit log was edited, deleted, inserted or moved: each line
+    holds the hash of the one before it. Exits 1 at the first broken line, naming it."""
+    from fedmets.client.audit import verify
+
+    path = _audit_log(config)
+    check = verify(path)
+    if check.broken is not None:
+        err_console.print(
+            f"{path}: line {check.broken} of {check.lines}: {check.reason}",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    _plain(f"{path}: {check.lines} lines, chain intact; head (last line) sha256 {check.head}")
+
+
+@audit_app.command("show")
+def audit_show(config: Annotated[Path, typer.Option(help="This site's TOML file.")]) -> None:
+    """What left this site, per run and route: requests, answered, withheld (only the count
+    left), refused, and the bytes sent."""
+    from rich.table import Table
+
+    from fedmets.client.audit import summarise
+
+    table = Table(title=str(_audit_log(config)))
+    columns = ("run", "route", "requests", "answered", "withheld", "refused", "bytes")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "route") else "right")
+    for row in summarise(_audit_log(config)):
+        table.add_row(*(str(row[c]) for c in columns))
+    console.print(table)
 
 
 @site_app.command("explain")

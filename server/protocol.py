@@ -730,6 +730,9 @@ class FederatedProtocol:
             else:
                 replies = self._ask(f"train.{stage}", request, **where)
                 trained = {s: rep for s, rep in replies.items() if len(rep) > 1}
+                trained = self._valid_updates(
+                    f"train.{stage}", trained, current, where, len(replies)
+                )
                 sites = sorted(trained)
             if not trained:
                 raise ProtocolError(f"{stage} round {r}: no site could train (too few patients)")
@@ -781,6 +784,62 @@ class FederatedProtocol:
         for m in initial:
             curves[m]["best_round"] = best[m][2]
         return {m: best[m][1] for m in initial}, curves
+
+    def _valid_updates(
+        self,
+        route: str,
+        trained: dict[str, Payload],
+        current: dict[str, dict],
+        where: dict,
+        answered: int,
+    ) -> dict[str, Payload]:
+        """The training replies whose updates the server takes: each model's state has the
+        global model's tensors and shapes, only finite values, and lies within ``[federation]
+        max_update_norm`` (L2 over all tensors) of the global state; ``n`` is a whole number from
+        1 to the site's census count. A site breaking a rule is left out of this round (logged,
+        recorded as a dropout with the rule); ProtocolError when fewer than ``min_sites`` of
+        the ``answered`` sites remain."""
+        bound = self.cfg.federation.max_update_norm
+        valid = {}
+        for site, reply in sorted(trained.items()):
+            census = self.record.census.get(site, {}).get("n", 0)
+            n = reply.get("n")
+            problem = None
+            if not (np.ndim(n) == 0 and float(n).is_integer() and 1 <= n <= census):
+                problem = ("update.n", f"n {n!r} is not a count from 1 to its census {census}")
+            for model, state in current.items():
+                if problem:
+                    break
+                update = reply.get(wire.WEIGHTS_PREFIX + model, {})
+                if set(update) != set(state) or any(
+                    np.shape(update[k]) != np.shape(state[k]) for k in state
+                ):
+                    problem = ("update.shape", f"{model}: tensors or shapes differ from the model")
+                elif not all(np.isfinite(update[k]).all() for k in state):
+                    problem = ("update.finite", f"{model}: values that are not finite")
+                elif bound is not None:
+                    distance = float(
+                        np.sqrt(sum(np.sum((update[k] - state[k]) ** 2) for k in state))
+                    )
+                    if distance > bound:
+                        problem = (
+                            "update.norm",
+                            f"{model}: moved {distance:.3g} from the global model (bound {bound})",
+                        )
+            if problem:
+                rule, reason = problem
+                self.record.dropouts.append({"route": route, "site": site, **where, "rule": rule})
+                self.say(f"  site {site} left out of {route} {where}: {rule}: {reason}")
+                continue
+            valid[site] = reply
+        left_out = len(trained) - len(valid)
+        if left_out and answered - left_out < self.cfg.federation.min_sites:
+            raise ProtocolError(
+                f"{route}: {left_out} of {answered} sites sent an invalid update "
+                f"({', '.join(sorted(set(trained) - set(valid)))}); min_sites is "
+                f"{self.cfg.federation.min_sites}"
+            )
+        return valid
 
     def _validation(
         self,

@@ -263,6 +263,17 @@ class PolicySection(_Section):
         return self
 
 
+class ServiceSection(_Section):
+    """``[service]``: the site service (``fedmets site serve``) and the socket its SuperNode's
+    ClientApp reaches it on."""
+
+    # Unix domain socket (default: <paths.output>/site-service.sock).
+    socket: ConfigPath | None = None
+    # Group that may open the socket (mode 0660; e.g. the SuperNode user's); none: only the
+    # service's own user (0600).
+    socket_group: str | None = Field(None, min_length=1)
+
+
 class SiteConfig(_Section):
     """One hospital's site config."""
 
@@ -275,6 +286,7 @@ class SiteConfig(_Section):
     radiomics: RadiomicsSection = _section()
     preprocess: PreprocessSection = _section()
     policy: PolicySection = _section()
+    service: ServiceSection = _section()
 
     _source: Path | None = PrivateAttr(None)
 
@@ -282,6 +294,11 @@ class SiteConfig(_Section):
     def source(self) -> Path | None:
         """The TOML file this config was loaded from (``None`` if built in code)."""
         return self._source
+
+    @property
+    def service_socket(self) -> Path:
+        """Where the site service listens (``[service] socket``)."""
+        return self.service.socket or self.paths.output / "site-service.sock"
 
 
 # ---- federation config ------------------------------------------------------------------------
@@ -296,11 +313,15 @@ class RunSection(_Section):
 
 
 class FederationSection(_Section):
-    """``[federation]``: how many sites must take part and how long a round may take."""
+    """``[federation]``: how many sites must take part, how long a round may take, and what
+    a site's model update may be."""
 
     min_sites: int = Field(2, ge=1)
     round_timeout_s: float = Field(600.0, gt=0)
     min_patients: int = Field(5, ge=1)
+    # Largest L2 distance (over every parameter) of a site's trained model from the global one
+    # it got; none: no bound (an update must still be finite and of the global model's shapes).
+    max_update_norm: float | None = Field(None, gt=0)
 
 
 class StagesSection(_Section):

@@ -1,7 +1,8 @@
 """A real deployment on one machine: a SuperLink (TLS and SuperNode authentication by default),
-one SuperNode process per site, ``flwr run`` of the fedmets app -- the processes a coordinating
-centre and its hospitals run, on loopback. Used by the deployment tests and benchmarks, and by
-anyone rehearsing a deployment (docs/deployment.md).
+per site a site service (``fedmets site serve``) and a SuperNode relaying to it, ``flwr run`` of
+the fedmets app -- the processes a coordinating centre and its hospitals run, on loopback. Used
+by the deployment tests and benchmarks, and by anyone rehearsing a deployment
+(docs/deployment.md).
 
 Every process gets ``FLWR_HOME=ROOT/flwr-home``, runtime dependency installation off, and a log
 file under ``ROOT/logs/``. :meth:`LoopbackFederation.stop` ends them all (each in its own process
@@ -19,10 +20,14 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from fedmets.client.service_channel import ServiceClient
 from fedmets.server.certs import make_certificates
+from fedmets.shared.config import load_site_config
 
 APP_DIR = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
+SERVICE_START_TIMEOUT_S = 180.0
+"""A site service loads torch and the site's features before it answers (busy 2-core CI)."""
 
 
 def free_port() -> int:
@@ -47,7 +52,7 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 def flower_bin(name: str) -> str:
-    """A Flower executable of this Python environment."""
+    """An executable (Flower's, ``fedmets``) of this Python environment."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
 
@@ -88,7 +93,8 @@ class _ignore_missing:
 
 
 class LoopbackFederation:
-    """The SuperLink and SuperNodes of ``sites`` (site id -> site TOML) under ``root``."""
+    """The SuperLink, and per site (``sites``: site id -> site TOML) its site service (``fedmets
+    site serve``, started with the first SuperNode) and SuperNode, under ``root``."""
 
     def __init__(
         self, root: Path, sites: Mapping[str, Path], tls: bool = True, auth: bool = True
@@ -105,6 +111,7 @@ class LoopbackFederation:
         self.certs = make_certificates(self.root / "certs", sites=list(self.sites)) if tls else {}
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[str, subprocess.Popen] = {}
+        self.services: dict[str, subprocess.Popen] = {}
         self.connection = "pilot"
         entry = f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
         entry += f'address = "127.0.0.1:{self.port}"\n'
@@ -168,10 +175,30 @@ class LoopbackFederation:
         if done.returncode != 0:
             raise RuntimeError(f"register {site}: {done.stdout}{done.stderr}")
 
+    def start_service(self, site: str) -> Path:
+        """Start ``site``'s site service unless it runs; returns its socket once it answers."""
+        path = load_site_config(self.sites[site]).service_socket
+        service = self.services.get(site)
+        if service is None or service.poll() is not None:
+            command = [flower_bin("fedmets"), "site", "serve", "--config", str(self.sites[site])]
+            self.services[site] = service = self._spawn(f"service-{site}", command)
+        deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
+        while True:
+            try:
+                ServiceClient(path).site_id()
+                return path
+            except RuntimeError:
+                if service.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the site service of {site} did not start (logs/service-{site}.log)"
+                    ) from None
+                time.sleep(0.2)
+
     def start_supernode(self, site: str, key: Path | None = None, tls: bool | None = None) -> None:
-        """Start ``site``'s SuperNode (its own key unless ``key`` is given; TLS as the link
-        unless ``tls`` says otherwise)."""
+        """Start ``site``'s SuperNode, relaying to its site service (started first if need be;
+        its own key unless ``key`` is given; TLS as the link unless ``tls`` says otherwise)."""
         tls = self.tls if tls is None else tls
+        service_socket = self.start_service(site)
         command = [
             flower_bin("flower-supernode"),
             "--superlink",
@@ -181,7 +208,7 @@ class LoopbackFederation:
             "--isolation",
             "subprocess",
             "--node-config",
-            f'site-config="{self.sites[site]}"',
+            f'site-service="{service_socket}"',
         ]
         command += ["--root-certificates", str(self.certs["ca"])] if tls else ["--insecure"]
         if self.auth:
@@ -203,9 +230,11 @@ class LoopbackFederation:
         return self._spawn("flwr-run", command)
 
     def stop(self) -> None:
-        """Stop every SuperNode, then the SuperLink (and their children)."""
+        """Stop every SuperNode and site service, then the SuperLink (and their children)."""
         for site in list(self.supernodes):
             stop_process(self.supernodes.pop(site))
+        for site in list(self.services):
+            stop_process(self.services.pop(site))
         if self.superlink is not None:
             stop_process(self.superlink)
             self.superlink = None

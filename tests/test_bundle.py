@@ -81,7 +81,27 @@ def test_the_bundle_scores_every_patient_as_the_run_did(tmp_path, fusion):
         main = manifest["main_model"]
         threshold = manifest["thresholds"][main]
         assert (predicted["dm_predicted"] == (predicted["risk"] >= threshold)).all()
+        _check_contributions(predicted, fusion)
         assert pd.read_csv(tmp_path / f"{site}.csv").shape == predicted.shape
+
+
+def _check_contributions(predicted: pd.DataFrame, fusion: str) -> None:
+    """Each patient's blocks ranked by their contribution; under late fusion (the main model
+    the mean logit of its single-group models) occluding the clinical block moves the main
+    log-odds by half the clinical model's log-odds, plus a constant (its output at the mean)."""
+    blocks = {"radiomics", "clinical"}
+    contributions = predicted[[f"contribution:{b}" for b in sorted(blocks)]]
+    assert np.isfinite(contributions.to_numpy()).all()
+    for _, row in predicted.iterrows():
+        ranked = row["top_blocks"].split(" > ")
+        assert set(ranked) == blocks
+        values = [row[f"contribution:{b}"] for b in ranked]
+        assert values == sorted(values, reverse=True)
+    if fusion == "late":
+        p = predicted["risk:none/clinical"].to_numpy()
+        half_logit = np.log(p / (1 - p)) / 2
+        offset = predicted["contribution:clinical"].to_numpy() - half_logit
+        np.testing.assert_allclose(offset, offset.mean(), atol=1e-5)
 
 
 def test_a_bundle_that_does_not_fit_the_site_is_refused(tmp_path):

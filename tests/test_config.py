@@ -145,12 +145,12 @@ INVALID = {
     "unknown top-level key": (
         SITE.replace("seed = 3", "seed = 3\ncolour = 1"),
         "colour: unknown key (allowed here: site_id, display_name, seed, data, compute, paths,"
-        " radiomics, preprocess, policy)",
+        " radiomics, preprocess, policy, service)",
     ),
     "the old privacy section": (
         SITE + "[privacy]\nmin_patients = 5\n",
         "privacy: unknown key (allowed here: site_id, display_name, seed, data, compute, paths,"
-        " radiomics, preprocess, policy)",
+        " radiomics, preprocess, policy, service)",
     ),
     "policy floor of one patient": (
         SITE + "[policy]\nmin_patients = 1\n",
@@ -373,7 +373,7 @@ def test_several_problems_all_reported(tmp_path: Path) -> None:
         f"{path}: data.mode: must be one of 'images', 'tabular', got 'pixels'",
         f"{path}: radiomics.peritumoral_margin_mm: must be > 0, got 0",
         f"{path}: extra: unknown key (allowed here: site_id, display_name, seed, data, compute,"
-        " paths, radiomics, preprocess, policy)",
+        " paths, radiomics, preprocess, policy, service)",
     ]
     assert str(caught.value) == "\n".join(caught.value.problems)
 

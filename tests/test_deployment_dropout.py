@@ -1,5 +1,6 @@
 """Deployment with real processes on loopback (see test_deployment.py): a site crashes during
-a run and rejoins; what the server received is what each site's audit log says it sent."""
+a run and rejoins (its site service runs on); what the server received is what each site's
+audit log says it sent, and every log's hash chain is intact."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 from deployment import RUN_TIMEOUT_S, federation_toml, start_all_and_wait, wait_for
 from test_protocol import SITES
 
+from fedmets.client.audit import verify
+from fedmets.client.release import site_audit_path
 from fedmets.shared.config import load_site_config
 from fedmets.shared.wire import REPLY_KINDS
 from fedmets.simulation.loopback import stop_process
@@ -36,11 +39,13 @@ def test_run_survives_a_crashed_site_that_rejoins_and_every_reply_is_audited(fed
     per_site = result["models"]["none/radiomics+clinical"]["per_site"]
     assert set(per_site) == {"site_a", "site_b", "site_c"}
 
-    # the wire audit: what the server received is what each site logged as sent
+    # the wire audit: what the server received is what each site logged as sent, in a chain
+    # of hashes that no line breaks
     received = [json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()]
     sent = {}
     for site, toml in federation.sites.items():
-        audit = load_site_config(toml).paths.output / "audit" / "wire-audit.jsonl"
+        audit = site_audit_path(load_site_config(toml))
+        assert verify(audit).broken is None, site
         for line in audit.read_text().splitlines():
             entry = json.loads(line)
             if entry["run"] == "dropout":

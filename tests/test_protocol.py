@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from fedmets.client.policy import grouped_histograms
 from fedmets.client.site_worker import SiteWorker, assign_folds
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
+from fedmets.shared import wire
 from fedmets.shared.clinical import encoded_columns
 from fedmets.shared.config import FederationConfig, load_site_config
 from fedmets.shared.metrics import metrics_from_histograms
@@ -305,6 +306,57 @@ def test_a_dropped_site_is_recorded_and_too_few_sites_stop_the_run(sites) -> Non
             _cfg(federation={"min_sites": 3}),
             "test-run",
         ).run_all()
+
+
+class _FaultyUpdateLink(InProcessLink):
+    """``site``'s training replies come back broken by ``fault`` (a faulty or hostile site)."""
+
+    def __init__(self, workers, site: str, fault: str) -> None:
+        super().__init__(workers)
+        self.site, self.fault = site, fault
+
+    def ask(self, route, requests):
+        replies = super().ask(route, requests)
+        reply = replies.get(self.site)
+        if route == "train.fusion" and reply is not None and len(reply) > 1:
+            states = [v for k, v in reply.items() if k.startswith(wire.WEIGHTS_PREFIX)]
+            name = sorted(states[0])[0]
+            if self.fault == "nan":
+                states[0][name] = np.full_like(states[0][name], np.nan)
+            elif self.fault == "shape":
+                states[0][name] = states[0][name][..., :1]
+            elif self.fault == "norm":
+                states[0][name] = states[0][name] + 100.0
+            else:  # a weight larger than the site's census count
+                reply["n"] = 10_000
+        return replies
+
+
+@pytest.mark.parametrize(
+    ("fault", "rule"),
+    [
+        ("nan", "update.finite"),
+        ("shape", "update.shape"),
+        ("norm", "update.norm"),
+        ("n", "update.n"),
+    ],
+)
+def test_a_site_sending_an_invalid_update_is_left_out_of_the_round(sites, fault, rule) -> None:
+    workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
+    cfg = _cfg(cv={"folds": 3}, stages={"fusion_rounds": 2}, federation={"max_update_norm": 50.0})
+    protocol = FederatedProtocol(_FaultyUpdateLink(workers, "site_c", fault), cfg, "faulty")
+    protocol.census()
+    protocol.folds()
+    record, _ = protocol.fit(0, ["none/clinical"], ["none/clinical"], images=False)
+    left_out = [d for d in protocol.record.dropouts if d.get("rule") == rule]
+    assert [(d["site"], d["round"]) for d in left_out] == [("site_c", 1), ("site_c", 2)]
+    assert record["fusion"]["none/clinical"]["sites"] == [["site_a", "site_b"]] * 2
+    strict = _cfg(cv={"folds": 3}, federation={"min_sites": 3, "max_update_norm": 50.0})
+    protocol = FederatedProtocol(_FaultyUpdateLink(workers, "site_c", fault), strict, "faulty")
+    protocol.census()
+    protocol.folds()
+    with pytest.raises(ProtocolError, match=r"1 of 3 sites sent an invalid update"):
+        protocol.fit(0, ["none/clinical"], ["none/clinical"], images=False)
 
 
 class _FailingLink(InProcessLink):

@@ -2,11 +2,12 @@
 protocol.
 
 In process (fast): an in-memory Flower Grid hands the server's messages to the real ClientApp
-(``secaggplus_mod`` and fedmets' handler) and the server runs the real ``SecAggPlusWorkflow``:
-the secure average equals the plain weighted average within ``error_bound``, sites that cannot
-train take part with weight 0, a site that fails in training is dropped and its masks removed, a
-site lost before training makes the round restart without it, one training site alone is never
-unmasked, and no reply of a secure round carries an array in clear.
+(``secaggplus_mod`` and the relay to each site's service over its socket) and the server runs
+the real ``SecAggPlusWorkflow``: the secure average equals the plain weighted average within
+``error_bound``, sites that cannot train take part with weight 0, a site that fails in training
+is dropped and its masks removed, a site lost before training makes the round restart without
+it, one training site alone is never unmasked, and no reply of a secure round carries an array
+in clear.
 
 Flower's simulation engine (slow): a whole tiny run with secure aggregation gives the pooled
 AUCs of the same run aggregated in clear, also with a site that fails every training round.
@@ -18,6 +19,7 @@ import copy
 import itertools
 import json
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmets.client.client_app import app
 from fedmets.client.release import answer
+from fedmets.client.site_service import SiteService, start_service
 from fedmets.client.site_worker import SiteWorker
 from fedmets.server.aggregation import weighted_average
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
@@ -222,9 +225,10 @@ SIZES = [60, 50, 8, 60]  # site_002: too few patients to train; site_003: refuse
 
 
 @pytest.fixture(scope="module")
-def selected(tmp_path_factory) -> tuple[list[Path], dict]:
-    """Four tabular sites after census, folds and selection of fold 0 (in process): the site
-    TOMLs and fold 0's first fusion request."""
+def selected(tmp_path_factory) -> Iterator[tuple[list[Path], dict]]:
+    """Four tabular sites after census, folds and selection of fold 0 (in process), each then
+    served by its site service on its socket (in this process, the gRPC channel the deployed
+    relay uses): the site TOMLs and fold 0's first fusion request."""
     root = tmp_path_factory.mktemp("secure-round")
     tomls = write_feature_sites(root / "sites", SIZES, seed=3, folds=2)
     _refuses_to_train(tomls[3])
@@ -255,12 +259,19 @@ def selected(tmp_path_factory) -> tuple[list[Path], dict]:
         "dp_mode": "off",
         wire.SECURE_SUMS: [f"train_loss_sum:{m}" for m in sorted(models)],
     }
-    return tomls, request
+    servers = [
+        start_service(SiteService(t), load_site_config(t).service_socket, say=lambda _: None)
+        for t in tomls
+    ]
+    yield tomls, request
+    for server in servers:
+        server.stop(grace=None)
 
 
 def _secure(tomls, request, nodes=None, fail=None):
     """``secure_round`` over a LocalGrid of the sites (node 10 + i is site i): (outcome, grid)."""
-    grid = LocalGrid(app, {10 + i: {"site-config": str(t)} for i, t in enumerate(tomls)}, fail)
+    sockets = [str(load_site_config(t).service_socket) for t in tomls]
+    grid = LocalGrid(app, {10 + i: {"site-service": p} for i, p in enumerate(sockets)}, fail)
     nodes = nodes if nodes is not None else range(len(tomls))
     outcome = secure_round(
         grid,

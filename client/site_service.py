@@ -1,0 +1,190 @@
+"""The site service: the one long-lived process of a hospital that reads its patient files.
+
+``fedmets site serve --config site.toml`` holds the site's data, caches, privacy ledger, policy
+and audit log (:class:`SiteService`: a ``fedmets.client.site_worker.SiteWorker`` behind the
+release gate ``fedmets.client.release``) and answers the federation's requests over a Unix
+domain socket (``fedmets.client.service_channel``; mode 0600, or 0660 for ``[service]
+socket_group``). The SuperNode's ClientApp, which the coordinating centre uploads, only relays
+messages to it: whatever that code asks, the hospital's installed gate decides what leaves, and
+the SuperNode's user needs no access to the data. Flower's simulation calls the same
+:class:`SiteService` in process, so both answer through one gate.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from flwr.app import ConfigRecord, RecordDict
+from flwr.compat.common import recorddict_compat
+
+from fedmets.client.policy import PolicyRefused
+from fedmets.client.release import ReleaseRefused, answer, log_key_exchange
+from fedmets.client.service_channel import (
+    CHANNEL_OPTIONS,
+    METHODS,
+    ROUTE_KEY,
+    SERVICE,
+    ServiceClient,
+    decode,
+    encode,
+    target,
+)
+from fedmets.client.site_files import FEATURES_FILE
+from fedmets.client.site_worker import SiteWorker
+from fedmets.shared import wire
+from fedmets.shared.config import load_site_config
+
+REFUSALS = (PolicyRefused, ReleaseRefused, wire.WireError)
+"""What the gate refuses: sent back as ``PERMISSION_DENIED`` with its message."""
+MAX_SOCKET_PATH = 107
+"""Longest Unix domain socket path on Linux, in bytes."""
+
+
+class SiteService:
+    """A site's worker and gate, loaded once and reloaded when the site config or its feature
+    table change on disk (a re-extraction). One request at a time."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = Path(config_path).resolve()
+        self.cfg = load_site_config(self.config_path)
+        self._worker: SiteWorker | None = None
+        self._stamp: tuple[float, float] | None = None
+        self.lock = threading.Lock()
+
+    @property
+    def worker(self) -> SiteWorker:
+        """The site's worker (loaded now when the config or features changed)."""
+        features = self.cfg.paths.output / FEATURES_FILE
+        stamp = (
+            self.config_path.stat().st_mtime,
+            features.stat().st_mtime if features.is_file() else 0.0,
+        )
+        if self._worker is None or stamp != self._stamp:
+            self.cfg = load_site_config(self.config_path)
+            self._worker, self._stamp = SiteWorker([self.cfg]), stamp
+        return self._worker
+
+    def answer(self, route_name: str, request: RecordDict) -> RecordDict:
+        """The gated reply to a request on ``route_name`` (``fedmets.client.release.answer``)."""
+        with self.lock:
+            reply = answer(self.worker, route_name, wire.from_records(request))
+        return wire.to_records(route_name, reply, reply=True)
+
+    def secure(self, fitins: RecordDict) -> RecordDict:
+        """SecAgg+'s masking stage: the training route named in the request (a legacy FitIns
+        record), gated and logged as masked; returns the FitRes record to mask."""
+        route_name, request = wire.from_fitins(
+            recorddict_compat.recorddict_to_fitins(fitins, keep_input=True)
+        )
+        with self.lock:
+            reply = answer(self.worker, route_name, request, masked=True)
+        fitres = wire.to_fitres(route_name, request, reply)
+        return recorddict_compat.fitres_to_recorddict(fitres, keep_input=False)
+
+    def log_key_exchange(self, stage: str, sent: Mapping[str, Any]) -> None:
+        """Log a SecAgg+ key-exchange reply the relay sent (sizes, never values)."""
+        with self.lock:
+            log_key_exchange(self.cfg, stage, sent)
+
+    def site_id(self) -> str:
+        return self.cfg.site_id
+
+
+def _handlers(service: SiteService, say: Callable[[str], None]) -> grpc.GenericRpcHandler:
+    """The channel's four methods over ``service``; each request is logged in one line."""
+
+    def method(name: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        def handle(data: bytes, context: grpc.ServicerContext) -> bytes:
+            route = dict(context.invocation_metadata()).get(ROUTE_KEY, "")
+            started = time.perf_counter()
+            try:
+                records = decode(data)
+                if name == "Answer":
+                    reply = service.answer(route, records)
+                elif name == "Secure":
+                    reply = service.secure(records)
+                elif name == "KeyExchange":
+                    service.log_key_exchange(route, dict(records.config_records["sent"]))
+                    reply = RecordDict()
+                else:
+                    reply = RecordDict({"site": ConfigRecord({"site_id": service.site_id()})})
+            except REFUSALS as refusal:
+                say(f"{name} {route}: refused: {refusal}")
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, str(refusal))
+            except Exception as error:  # noqa: BLE001 - the relay reports it to the centre
+                say(f"{name} {route}: failed: {type(error).__name__}: {error}")
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+            if name != "Hello":
+                say(f"{name} {route}: answered in {time.perf_counter() - started:.1f} s")
+            return encode(reply)
+
+        return handle
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE, {name: grpc.unary_unary_rpc_method_handler(method(name)) for name in METHODS}
+    )
+
+
+def start_service(
+    service: SiteService, socket: Path, say: Callable[[str], None] = print
+) -> grpc.Server:
+    """Serve ``service`` on the Unix domain socket ``socket`` (created 0600, or 0660 with the
+    site's ``[service] socket_group``); returns the started gRPC server. Refuses a socket that
+    a running service already answers on."""
+    socket = Path(socket).resolve()
+    if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
+        raise RuntimeError(
+            f"socket path {socket} is longer than {MAX_SOCKET_PATH} bytes (a Unix socket's "
+            "limit): set a shorter [service] socket"
+        )
+    socket.parent.mkdir(parents=True, exist_ok=True)
+    if socket.exists():
+        try:
+            other = ServiceClient(socket).site_id()
+        except RuntimeError:
+            socket.unlink()  # left by a service that stopped
+        else:
+            raise RuntimeError(f"the site service of {other} already serves on {socket}")
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((_handlers(service, say),))
+    umask = os.umask(0o177)  # the socket is born 0600: no moment when others may open it
+    try:
+        server.add_insecure_port(target(socket))
+    finally:
+        os.umask(umask)
+    group = service.cfg.service.socket_group
+    if group is not None:
+        os.chown(socket, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(socket, 0o660)
+    server.start()
+    return server
+
+
+def serve(config_path: Path, say: Callable[[str], None] = print) -> None:
+    """``fedmets site serve``: load the site, serve it on its socket until SIGTERM or SIGINT."""
+    service = SiteService(config_path)
+    socket = service.cfg.service_socket
+    try:
+        worker = service.worker
+        say(f"{worker.site_id}: {len(worker.data.ids)} labelled patients loaded")
+    except Exception as error:  # noqa: BLE001 - the service still starts; requests will say
+        say(f"{service.cfg.site_id}: not ready: {error}")
+    server = start_service(service, socket, say)
+    mode = oct(os.stat(socket).st_mode & 0o777)
+    say(f"{service.cfg.site_id}: serving on {socket} (mode {mode[2:]}); stop with Ctrl-C")
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(grace=10).wait()
+    socket.unlink(missing_ok=True)
+    say(f"{service.cfg.site_id}: stopped")

@@ -1,0 +1,93 @@
+"""The site's audit log as a hash chain (``fedmets.client.audit``, ``fedmets site audit``): an
+intact log verifies; an edited, deleted, inserted or moved line is named; ``show`` counts what
+left per run and route."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_fedmets
+
+from fedmets.client.audit import GENESIS, append_entry, summarise, verify
+from fedmets.client.release import answer, site_audit_path
+from fedmets.client.site_worker import SiteWorker
+from fedmets.shared import wire
+from fedmets.shared.config import load_site_config
+from fedmets.simulation.feature_sites import write_feature_sites
+
+
+@pytest.fixture()
+def site(tmp_path) -> tuple[Path, Path]:
+    """A tabular site that answered a census, its folds, a refused request and a moments query
+    (fold 0): (site TOML, its audit log)."""
+    (toml,) = write_feature_sites(tmp_path / "sites", [40], folds=2)
+    worker = SiteWorker([load_site_config(toml)])
+    answer(worker, "query.census", {"protocol": wire.PROTOCOL_VERSION, "run": "r1"})
+    answer(worker, "query.folds", {"folds": 2, "run": "r1"})
+    with pytest.raises(RuntimeError, match="policy.folds"):
+        answer(worker, "query.folds", {"folds": 3, "run": "r1"})
+    answer(worker, "query.moments", {"fold": 0, "run": "r1"})
+    return toml, site_audit_path(load_site_config(toml))
+
+
+def _rewrite(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def test_an_intact_log_verifies_and_every_line_is_chained(site) -> None:
+    toml, path = site
+    lines = path.read_bytes().splitlines()
+    assert json.loads(lines[0])["prev_sha256"] == GENESIS
+    check = verify(path)
+    assert (check.lines, check.broken) == (4, None)
+    done = run_fedmets("site", "audit", "verify", "--config", toml)
+    assert done.returncode == 0 and "4 lines, chain intact" in done.stdout
+    assert check.head in done.stdout
+
+
+@pytest.mark.parametrize("tamper", ["edit", "delete", "insert", "reorder"])
+def test_a_tampered_line_is_named(site, tamper) -> None:
+    toml, path = site
+    lines = path.read_bytes().splitlines()
+    if tamper == "edit":  # a refusal made to look answered
+        entry = json.loads(lines[2])
+        entry["sent"] = True
+        lines[2] = json.dumps(entry).encode()
+    elif tamper == "delete":
+        del lines[2]
+    elif tamper == "insert":
+        lines.insert(1, lines[1])
+    else:
+        lines[1], lines[2] = lines[2], lines[1]
+    _rewrite(path, lines)
+    broken = {"edit": 4, "delete": 3, "insert": 3, "reorder": 2}[tamper]
+    assert verify(path).broken == broken
+    done = run_fedmets("site", "audit", "verify", "--config", toml)
+    assert done.returncode == 1
+    assert f"line {broken} of {len(lines)}" in done.stderr
+
+
+def test_a_line_longer_than_the_read_back_chunk_is_chained(tmp_path) -> None:
+    path = tmp_path / "audit.jsonl"
+    append_entry(path, {"route": "a" * 5000})  # longer than one read-back chunk
+    append_entry(path, {"route": "b"})
+    assert verify(path).broken is None
+
+
+def test_show_counts_what_left_per_run_and_route(site) -> None:
+    toml, path = site
+    rows = {r["route"]: r for r in summarise(path)}
+    assert rows["query.folds"] | {"bytes": 0} == {
+        "run": "r1",
+        "route": "query.folds",
+        "requests": 2,
+        "answered": 1,
+        "withheld": 0,
+        "refused": 1,
+        "bytes": 0,
+    }
+    assert rows["query.moments"]["bytes"] > 0
+    done = run_fedmets("site", "audit", "show", "--config", toml)
+    assert done.returncode == 0 and "query.moments" in done.stdout

@@ -1,0 +1,92 @@
+"""The site service (``fedmets site serve``, ``fedmets.client.site_service``) and the ClientApp's
+relay to it (``fedmets.client.service_channel``): the gate answers over a socket only its user
+can open, whatever the request, and the relay that runs the centre's app loads no torch.
+Real processes (``fedmets site serve`` beside SuperNodes) are in the deployment tests."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedmets.client.release import answer, site_audit_path
+from fedmets.client.service_channel import ServiceClient, ServiceRefused
+from fedmets.client.site_service import SiteService, start_service
+from fedmets.client.site_worker import SiteWorker
+from fedmets.shared import wire
+from fedmets.shared.config import load_site_config
+from fedmets.simulation.feature_sites import write_feature_sites
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[tuple[Path, ServiceClient]]:
+    """One tabular site (2 folds) served on its socket: (site TOML, a relay's client)."""
+    (toml,) = write_feature_sites(tmp_path_factory.mktemp("service") / "sites", [40], folds=2)
+    socket = load_site_config(toml).service_socket
+    server = start_service(SiteService(toml), socket, say=lambda _: None)
+    yield toml, ServiceClient(socket)
+    server.stop(grace=None)
+
+
+def _ask(client: ServiceClient, route: str, request: dict) -> dict:
+    records = wire.to_records(route, request, reply=False)
+    return wire.from_records(client.answer(route, records))
+
+
+def test_the_socket_is_the_service_users_alone(served) -> None:
+    toml, client = served
+    mode = stat.S_IMODE(load_site_config(toml).service_socket.stat().st_mode)
+    assert mode == 0o600
+    assert client.site_id() == "site_000"
+
+
+def test_the_service_answers_as_the_gate_in_process(served, tmp_path) -> None:
+    toml, client = served
+    request = {"protocol": wire.PROTOCOL_VERSION, "run": "service"}
+    relayed = _ask(client, "query.census", request)
+    in_process = answer(SiteWorker([load_site_config(toml)]), "query.census", request)
+    assert relayed == in_process
+    assert relayed["n"] == 40
+
+
+def test_a_request_outside_the_policy_is_refused_and_logged(served) -> None:
+    toml, client = served
+    with pytest.raises(ServiceRefused, match="policy.folds"):
+        _ask(client, "query.folds", {"folds": 5, "run": "service-refused"})
+    with pytest.raises(ServiceRefused, match="unknown route"):  # not in the wire declaration
+        client.answer("query.everything", wire.to_records("query.ledger", {}, reply=False))
+    audit = site_audit_path(load_site_config(toml)).read_text().splitlines()
+    refused = [json.loads(line) for line in audit if "service-refused" in line]
+    assert refused and not refused[-1]["sent"] and refused[-1]["rule"] == "policy.folds"
+
+
+def test_a_second_service_on_a_live_socket_is_refused(served) -> None:
+    toml, _ = served
+    with pytest.raises(RuntimeError, match="already serves"):
+        start_service(SiteService(toml), load_site_config(toml).service_socket)
+
+
+def test_no_service_behind_the_socket_says_how_to_start_one(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="fedmets site serve"):
+        ServiceClient(tmp_path / "none.sock").site_id()
+
+
+def test_the_relay_loads_no_torch_and_no_site_code() -> None:
+    """The ClientApp a deployed SuperNode starts for every message imports Flower and the
+    channel only: no torch, scikit-learn or pandas, and not the site's worker or gate."""
+    code = (
+        "import sys, fedmets.client.client_app\n"
+        "heavy = {'torch', 'sklearn', 'pandas', 'monai', 'radiomics'}\n"
+        "site = {'fedmets.client.site_worker', 'fedmets.client.release',"
+        " 'fedmets.client.site_service'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy | set(sys.modules) & site))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
