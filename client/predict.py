@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 
 from fedmets.client.policy import grouped_histograms
+from fedmets.client.recalibration import apply as apply_recalibration
+from fedmets.client.recalibration import site_recalibration
 from fedmets.client.scoring import image_config, load_networks, standardised_groups
 from fedmets.client.site_worker import SiteData, digest, load_site_data
 from fedmets.client.training import extract_deep_features, predict_proba, resolve_device, set_state
@@ -33,14 +35,19 @@ from fedmets.shared.metrics import calibration_slope_intercept
 from fedmets.shared.models import combine_scores, model_groups
 
 
-def predict_site(cfg: SiteConfig, model_dir: Path, out: Path | None = None) -> pd.DataFrame:
+def predict_site(
+    cfg: SiteConfig, model_dir: Path, out: Path | None = None, recalibrated: bool = True
+) -> pd.DataFrame:
     """Scores of every extracted patient of the site ``cfg`` (labelled or not) by the bundle in
     ``model_dir``: ``patient_id``, ``risk`` and ``dm_predicted`` (the main model's probability
     and its class at the bundle's threshold), ``model``, ``threshold``, ``top_blocks`` (the
     main model's input blocks, most risk-raising first: ``deep > clinical > radiomics``) and
     ``contribution:<block>`` (log-odds, :func:`block_contributions`), then ``risk:<model>``
-    for every model. Written atomically to ``out`` (CSV) when given. ValueError names what
-    does not fit."""
+    for every model. ``recalibrated``: when the site fitted a recalibration of this bundle
+    (``fedmets site recalibrate``), ``risk`` is the recalibrated one, ``risk_bundle`` the
+    bundle's own and ``recalibrated`` says so (the class stays the bundle's: recalibration keeps
+    the ranking). Written atomically to ``out`` (CSV) when given. ValueError names what does
+    not fit."""
     bundle = load_bundle(model_dir)
     manifest = bundle.manifest
     data = load_site_data([cfg], unlabelled=True)
@@ -75,6 +82,13 @@ def predict_site(cfg: SiteConfig, model_dir: Path, out: Path | None = None) -> p
             ],
         }
     )
+    fitted = site_recalibration(cfg, bundle.digest()) if recalibrated else None
+    table["recalibrated"] = fitted is not None
+    if fitted is not None:
+        table.insert(2, "risk_bundle", table["risk"])
+        table["risk"] = apply_recalibration(
+            table["risk_bundle"], fitted["slope"], fitted["intercept"]
+        )
     for block in ranked:
         table[f"contribution:{block}"] = contributions[block]
     for name in manifest["models"]:
@@ -168,7 +182,8 @@ def evaluate_bundle(cfg: SiteConfig, model_dir: Path, bins: int) -> dict:
             f"{cfg.site_id}: {len(labelled.ids)} labelled patients, under its min_patients "
             f"{policy.min_patients}: nothing to release"
         )
-    table = predict_site(cfg, model_dir).set_index("patient_id").loc[labelled.ids]
+    table = predict_site(cfg, model_dir, recalibrated=False).set_index("patient_id")
+    table = table.loc[labelled.ids]
     y = labelled.labels
     reply: dict = {"n": int(len(y))}
     for name in manifest["models"]:

@@ -73,6 +73,7 @@ from fedmets.client.training import (
     train_image_model,
 )
 from fedmets.shared import wire
+from fedmets.shared.bundle import BUNDLE_FORMAT, bundle_digest, save_bundle
 from fedmets.shared.clinical import decode_subsite, encoded_columns
 from fedmets.shared.config import SiteConfig
 from fedmets.shared.models import (
@@ -97,6 +98,11 @@ class Withheld(Exception):
     def __init__(self, rule: str, reason: str, reply: dict) -> None:
         super().__init__(f"{rule}: {reason}")
         self.rule, self.reason, self.reply = rule, reason, reply
+
+
+NOT_ABOUT_PATIENTS = frozenset({"query.ledger", "query.model_bundle"})
+"""Routes whose replies say nothing about patients (the ledger's own epsilon; the hash of a
+stored model bundle): not listed in the privacy ledger."""
 
 
 class SiteNotReady(RuntimeError):
@@ -256,6 +262,7 @@ class SiteWorker:
             "query.evaluation": self.evaluation,
             "query.ledger": self.ledger_summary,
             "query.permutation": self.permutation,
+            "query.model_bundle": self.keep_bundle,
         }
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -265,9 +272,24 @@ class SiteWorker:
         wire.route(route_name)
         self.route = route_name  # the statistic the handler's replies release (the guard's)
         reply = self.handlers[route_name](dict(request))
-        if route_name != "query.ledger":
+        if route_name not in NOT_ABOUT_PATIENTS:
             record_release(self.ledger(), route_name, request, reply)
         return reply
+
+    def keep_bundle(self, request: dict) -> dict:
+        """Keep the run's final model bundle (``fedmets.shared.bundle``) under
+        ``<paths.output>/model/`` (a pooled worker: beside its state), replacing an earlier
+        one atomically; reply its content hash, for the centre to check what was stored."""
+        manifest = json.loads(request["manifest"])
+        if manifest.get("format") != BUNDLE_FORMAT or manifest.get("run") != request["run"]:
+            raise ValueError(
+                f"{self.site_id}: not a {BUNDLE_FORMAT} bundle of run {request['run']}: "
+                f"format {manifest.get('format')!r}, run {manifest.get('run')!r}"
+            )
+        arrays = request["weights:bundle"]
+        root = self.configs[0].paths.output if len(self.configs) == 1 else self.state_root
+        save_bundle(root / "model", manifest, arrays)
+        return {"bundle_sha256": bundle_digest(manifest, arrays)}
 
     def ledger(self) -> PrivacyLedger:
         """The site's privacy ledger (``<ledger_root>/privacy/privacy-ledger.json``)."""

@@ -439,7 +439,9 @@ def study(
     id_column: Annotated[str, typer.Option("--id", help="Tabular mode: patient id column.")] = (
         "patient_id"
     ),
-    preset: Annotated[str, typer.Option(help="tiny | demo | gpu (as fedmets simulate)")] = "demo",
+    preset: Annotated[
+        str, typer.Option(help="tiny | quickstart | demo | gpu (as fedmets simulate)")
+    ] = "demo",
     config: Annotated[
         Path | None, typer.Option(help="A federation TOML instead of the preset.")
     ] = None,
@@ -753,6 +755,47 @@ def audit_show(config: Annotated[Path, typer.Option(help="This site's TOML file.
     console.print(table)
 
 
+@site_app.command("recalibrate")
+def site_recalibrate(
+    config: Annotated[Path, typer.Option(help="This site's TOML file.")],
+    model: Annotated[Path, typer.Option(help="The model bundle folder.")],
+) -> None:
+    """Fit the bundle's risk to this site's labelled patients (logistic recalibration: slope and
+    intercept on the main model's log-odds), locally; `site predict` then applies it. Prints the
+    calibration before and after (cross-validated)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from fedmets.client.recalibration import RECALIBRATION_FILE, recalibrate
+    from fedmets.client.site_worker import SiteNotReady
+
+    cfg = _load_site_config_or_exit(config)
+    try:
+        fitted = recalibrate(cfg, model)
+    except (ValueError, SiteNotReady, OSError) as error:
+        err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
+        raise typer.Exit(1) from error
+    table = Table(
+        title=f"{cfg.site_id}: {fitted['model']}, {fitted['patients']} patients"
+        f" ({fitted['events']} DM+)"
+    )
+    for column in ("risk", "calibration slope", "intercept", "Brier"):
+        table.add_column(column, justify="left" if column == "risk" else "right")
+    for label, key in (
+        ("bundle", "before"),
+        ("recalibrated (cross-validated)", "after_cross_validated"),
+    ):
+        row = fitted[key]
+        table.add_row(
+            label, _number(row["slope"]), _number(row["intercept"]), _number(row["brier"])
+        )
+    console.print(table)
+    _plain(
+        f"risk' = sigmoid({fitted['intercept']:.3f} + {fitted['slope']:.3f} x logit(risk)),"
+        f" kept in {cfg.paths.output / RECALIBRATION_FILE}; `fedmets site predict` applies it"
+    )
+
+
 @site_app.command("explain")
 def site_explain(
     config: Annotated[Path, typer.Option(help="This site's TOML file.")],
@@ -781,7 +824,7 @@ def site_explain(
 def simulate(
     cohort: Annotated[Path, typer.Option(help="Cohort folder with one <site>/site.toml per site.")],
     out: Annotated[Path, typer.Option(help="Run folder (created).")],
-    preset: Annotated[str, typer.Option(help="tiny | demo | gpu")] = "demo",
+    preset: Annotated[str, typer.Option(help="tiny | quickstart | demo | gpu")] = "demo",
     config: Annotated[
         Path | None, typer.Option(help="A federation TOML instead of the preset.")
     ] = None,

@@ -1,31 +1,35 @@
 """Writing the model bundle (``<run output>/model/``, format ``fedmets.shared.bundle``): the final
 federated model as a hospital applies it to its next patient (``fedmets site predict``), with what
-it needs and what it was shown to do. Written atomically (a temporary folder renamed into place).
+it needs and what it was shown to do. Written atomically (a temporary folder renamed into place),
+then sent to every site to keep (:func:`deliver_bundle`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedmets.server.results import to_jsonable
 from fedmets.shared import wire
 from fedmets.shared.bundle import (
-    ARRAYS_FILE,
     BUNDLE_FORMAT,
-    MANIFEST_FILE,
     STANDARDISE_ARRAYS,
     THRESHOLD_RULE,
+    load_bundle,
+    save_bundle,
 )
 from fedmets.shared.clinical import encoded_columns
 from fedmets.shared.config import FederationConfig
+
+if TYPE_CHECKING:
+    from fedmets.server.protocol import SiteLink
 
 
 def write_bundle(out: Path, result: dict, cfg: FederationConfig) -> Path:
@@ -85,20 +89,41 @@ def write_bundle(out: Path, result: dict, cfg: FederationConfig) -> Path:
         "threshold_rule": THRESHOLD_RULE,
         "rounds": final["rounds"],
         "cross_validated": {name: entry["pooled"] for name, entry in result["models"].items()},
+        "per_site": result["models"][result["main_model"]].get("per_site") or {},
+        "subgroups": result["models"][result["main_model"]].get("per_subsite") or {},
         "cohort": {
             "sites": len(census),
             "patients": int(sum(c["n"] for c in census.values())),
             "events": None if None in events else int(sum(events)),
         },
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=out.parent))
-    np.savez(staging / ARRAYS_FILE, **arrays)
-    (staging / MANIFEST_FILE).write_text(
-        json.dumps(to_jsonable(manifest), indent=1) + "\n", encoding="utf-8"
+    return save_bundle(out, json.loads(json.dumps(to_jsonable(manifest))), arrays)
+
+
+def deliver_bundle(link: SiteLink, model_dir: Path, run: str, say: Callable[[str], None]) -> dict:
+    """Send the bundle in ``model_dir`` to every site of ``link`` in a final message
+    (``query.model_bundle``): each keeps it under ``<paths.output>/model/`` and replies the
+    hash of what it stored. Returns site -> ``"stored"`` (the hash is the bundle's),
+    ``"differs"`` or ``"not stored"`` (no reply); a site that did not store it does not fail
+    the finished run."""
+    bundle = load_bundle(model_dir)
+    request = {
+        "run": run,
+        "manifest": json.dumps(bundle.manifest),
+        "weights:bundle": bundle.arrays,
+    }
+    sites = link.sites()
+    replies = link.ask("query.model_bundle", {site: request for site in sites})
+    expected = bundle.digest()
+    outcome = {}
+    for site in sites:
+        if site not in replies:
+            outcome[site] = "not stored"
+        else:
+            stored = replies[site].get("bundle_sha256")
+            outcome[site] = "stored" if stored == expected else "differs"
+    say(
+        f"model bundle {expected[:12]} sent to the sites: "
+        + ", ".join(f"{site} {state}" for site, state in sorted(outcome.items()))
     )
-    if out.exists():
-        shutil.rmtree(out)
-    staging.replace(out)
-    return out
+    return outcome

@@ -8,7 +8,7 @@ absolute), ``out`` (results folder; default ``[run] output_dir / [run] name``) a
 ``OUT/federated.json`` (results and run record), ``OUT/server.log`` (progress),
 ``OUT/received.jsonl`` (what each site sent: fields and sizes, never values) and
 ``OUT/checkpoints/`` (every finished step and training round) and, with ``[stages] final_model``,
-``OUT/model/`` (the model bundle, ``fedmets.server.bundle``).
+``OUT/model/`` (the model bundle, ``fedmets.server.bundle``; then sent to every site to keep).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedmets.server.bundle import write_bundle
+from fedmets.server.bundle import deliver_bundle, write_bundle
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.server.report import write_report
 from fedmets.server.results import to_jsonable
@@ -215,8 +215,12 @@ def main(grid: Grid, context: Context) -> None:
         final = results.pop("final")
         if final is not None:
             bundle = write_bundle(out / "model", {**results, "final": final}, cfg)
-            results["model"] = {"bundle": str(bundle), "rounds": final["rounds"]}
             say(f"final model: {bundle}")
+            results["model"] = {
+                "bundle": str(bundle),
+                "rounds": final["rounds"],
+                "sites": deliver_bundle(link, bundle, cfg.run.name, say),
+            }
         (out / "federated.json").write_text(
             json.dumps(to_jsonable(results), indent=1) + "\n", encoding="utf-8"
         )

@@ -89,6 +89,10 @@ SCALARS = "scalars"
 ARRAYS = "arrays"
 
 
+MAX_JSON_CHARS = 4_000_000
+"""Longest ``json`` request field (a model bundle's manifest: ~10 kB)."""
+
+
 class WireError(ValueError):
     """A payload that breaks its route's declaration (raised before anything is sent)."""
 
@@ -106,6 +110,7 @@ ParamType = Literal[
     "indices",
     "ints",
     "weights",
+    "json",
 ]
 
 
@@ -118,7 +123,8 @@ class Param:
     ``models`` (a list of model keys, :data:`MODEL_KEY`);
     ``vector`` / ``matrix`` (1-D / 2-D arrays of finite floats); ``indices`` (1-D
     non-negative integers); ``ints`` (1-D integers in range); ``weights`` (parameter name ->
-    numeric array). A site's policy may bound a field further (``fedmets.client.policy``)."""
+    numeric array); ``json`` (the text of one JSON object, at most :data:`MAX_JSON_CHARS`). A
+    site's policy may bound a field further (``fedmets.client.policy``)."""
 
     type: ParamType
     low: float | None = None
@@ -353,6 +359,17 @@ ROUTES: dict[str, Route] = {
             },
         ),
         Route(
+            "query.model_bundle",  # the final model, to keep (<paths.output>/model/)
+            {
+                "run": Param("name"),
+                "min_patients": _RUN["min_patients"],
+                "manifest": Param("json"),  # fedmets.shared.bundle's manifest.json
+                "weights:bundle": Param("weights"),  # its arrays.npz
+            },
+            {"bundle_sha256": Kind.HASH},  # fedmets.shared.bundle.bundle_digest, as stored
+            count_field=None,
+        ),
+        Route(
             "query.evaluation",
             {
                 "run": Param("name"),
@@ -487,6 +504,14 @@ def _param_problem(param: Param, value: Any, spec: Route) -> str | None:
             isinstance(v, str) and MODEL_KEY.match(v) for v in value
         )
         return None if ok else f"must list model keys, got {list(value)[:3]!r:.80}"
+    if kind == "json":
+        if not isinstance(value, str) or len(value) > MAX_JSON_CHARS:
+            return f"must be JSON text of at most {MAX_JSON_CHARS} characters"
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return "must be valid JSON"
+        return None if isinstance(parsed, dict) else "must be a JSON object"
     if kind == "weights":
         ok = isinstance(value, Mapping) and all(
             isinstance(v, np.ndarray) and v.dtype.kind in "iuf" and np.all(np.isfinite(v))
@@ -586,6 +611,9 @@ def describe_request(route_name: str, payload: Mapping[str, Any]) -> dict[str, A
                 digest.update(np.ascontiguousarray(value[name]).tobytes())
             count = int(sum(np.size(v) for v in value.values()))
             fields[key] = {"values": count, "sha256": digest.hexdigest()}
+        elif getattr(spec.request_param(key), "type", None) == "json" and isinstance(value, str):
+            text = value.encode()
+            fields[key] = {"chars": len(value), "sha256": hashlib.sha256(text).hexdigest()}
         elif isinstance(value, (bool, int, float, str)) or spec.request_param(key) is None:
             fields[key] = value if isinstance(value, (bool, int, float, str)) else repr(value)[:80]
         elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):

@@ -79,6 +79,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"fusion_lr": 3e-3},  # at 1e-3 the clinical net was still improving at round 30
         "cv": {"folds": 5},
     },
+    # The quickstart cohort (240 patients, 4 sites, 3 folds): the README's main job, the demo's
+    # training on 3 folds.
+    "quickstart": {
+        "stages": {
+            "image_rounds": 5,
+            "local_epochs": 2,
+            "fusion_rounds": 30,
+            "fusion_local_epochs": 3,
+        },
+        "model": {"fusion_lr": 3e-3},
+        "cv": {"folds": 3},
+    },
     # GPU sites: the published Swin UNETR encoder at 96^3, two sites per GPU.
     "gpu": {
         "stages": {"image_rounds": 20, "local_epochs": 3, "fusion_rounds": 30},

@@ -7,15 +7,18 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_fedmets
 from sklearn.metrics import roc_auc_score
 
 from fedmets.client.predict import predict_site
-from fedmets.client.site_worker import SiteWorker
-from fedmets.server.bundle import write_bundle
+from fedmets.client.recalibration import recalibrate
+from fedmets.client.site_worker import SiteWorker, load_site_data
+from fedmets.server.bundle import deliver_bundle, write_bundle
 from fedmets.server.protocol import FederatedProtocol
 from fedmets.server.results import HeldOut, LeaveOneSiteOut, to_jsonable, typed
 from fedmets.shared.bundle import load_bundle
 from fedmets.shared.config import FederationConfig, load_site_config
+from fedmets.shared.metrics import calibration_slope_intercept
 from fedmets.simulation.feature_sites import write_feature_sites
 from fedmets.simulation.holdout import held_out_validation, leave_one_site_out
 from fedmets.simulation.in_process import InProcessLink
@@ -70,6 +73,17 @@ def test_the_bundle_scores_every_patient_as_the_run_did(tmp_path, fusion):
     assert manifest["cross_validated"][result["main_model"]] == json.loads(
         json.dumps(result["models"][result["main_model"]]["pooled"])
     )
+    # the final message: every site keeps the bundle, byte for byte what the centre wrote
+    kept = deliver_bundle(InProcessLink(workers), tmp_path / "model", "final", lambda _: None)
+    assert kept == dict.fromkeys(configs, "stored")
+    card = (tmp_path / "model" / "MODEL_CARD.md").read_text()
+    for cfg in configs.values():
+        assert load_bundle(cfg.paths.output / "model").digest() == bundle.digest()
+        assert (cfg.paths.output / "model" / "MODEL_CARD.md").read_text() == card
+    main_auc = manifest["cross_validated"][result["main_model"]]["auc"]
+    for heading in ("Intended use", "Predictors", "Performance", "Calibration", "Limitations"):
+        assert f"## {heading}" in card
+    assert f"| **{result['main_model']}** | 180 | {main_auc:.3f} [" in card
     n = {site: len(worker.data.ids) for site, worker in workers.items()}
     assert all(v.ndim == 0 or v.shape[0] not in n.values() for v in bundle.arrays.values())
     for site, cfg in configs.items():
@@ -161,3 +175,39 @@ def test_held_out_sites_are_scored_by_the_model_trained_without_them(tmp_path):
     assert set(loso["per_site"]) == {"site_000", "site_001", "site_002"}
     assert loso["pooled"]["n"] == 180
     assert loso["runs"]["site_000"]["training_sites"] == ["site_001", "site_002"]
+
+
+def test_a_site_recalibrates_the_bundle_to_its_own_patients(tmp_path):
+    """`fedmets site recalibrate`: the slope and intercept on the main model's log-odds, fitted
+    on the site's labelled patients, are applied by `site predict` to that bundle only: the
+    recalibrated risk is calibrated in sample (slope 1, intercept 0), ranks and classes the
+    patients as the bundle did, and a site with too few events is refused."""
+    tomls = write_feature_sites(tmp_path / "sites", [120, 40], seed=8, folds=2)
+    configs = {load_site_config(t).site_id: load_site_config(t) for t in tomls}
+    fed = FederationConfig.model_validate(
+        {"run": {"name": "recal", "seed": 1}, "cv": {"folds": 2}, "stages": {"fusion_rounds": 3}}
+    )
+    _run(configs, fed, "recal", tmp_path)
+    large, small = configs["site_000"], configs["site_001"]
+    done = run_fedmets(
+        "site", "recalibrate", "--config", large.source, "--model", tmp_path / "model"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "recalibrated (cross-validated)" in done.stdout
+    fitted = json.loads((large.paths.output / "recalibration.json").read_text())
+    assert fitted["bundle_sha256"] == load_bundle(tmp_path / "model").digest()
+    predicted = predict_site(large, tmp_path / "model")
+    assert predicted["recalibrated"].all()
+    labels = load_site_data([large]).labels
+    slope, intercept = calibration_slope_intercept(labels, predicted["risk"])
+    assert slope == pytest.approx(1.0, abs=5e-3) and intercept == pytest.approx(0.0, abs=5e-3)
+    assert (predicted["risk"].rank() == predicted["risk_bundle"].rank()).all()
+    threshold = predicted["threshold"].iloc[0]
+    assert (predicted["dm_predicted"] == (predicted["risk_bundle"] >= threshold)).all()
+    # another bundle: the site's recalibration is not applied to it
+    (tmp_path / "model" / "manifest.json").write_text(
+        json.dumps({**load_bundle(tmp_path / "model").manifest, "run": "other"})
+    )
+    assert not predict_site(large, tmp_path / "model")["recalibrated"].any()
+    with pytest.raises(ValueError, match="needs at least 10 events"):
+        recalibrate(small, tmp_path / "model")

@@ -194,6 +194,41 @@ def test_optional_sections(tmp_path):
     assert "image: &epsilon; 2.75 (6 releases)" in text
     assert "worst site &epsilon; 2.75" in text and "server (client-level)" in text
     assert "moments, histograms" in text  # released without DP
+    assert "No model bundle in this run" in text
+
+
+def test_the_final_model_section_shows_its_card_and_held_out_sites(tmp_path):
+    """The bundle's model card and where it was kept; --holdout and --loso tables."""
+    metrics = json.loads(FIXTURE.read_text())
+    main = metrics["main_model"]
+    pooled = metrics["federated"]["pooled"]
+    site = {**pooled, "calibration_slope": 0.8125, "calibration_intercept": -0.25}
+    sites = list(metrics["federated"]["per_site"])
+    metrics["holdout"] = {
+        "training_sites": sites[1:],
+        "held_out": sites[:1],
+        "main_model": main,
+        "cross_validated": pooled,
+        "per_site": {sites[0]: site},
+        "pooled": site,
+        "bundle": "holdout/model",
+        "seconds": 1.0,
+    }
+    metrics["loso"] = {
+        "main_model": main,
+        "per_site": dict.fromkeys(sites, site),
+        "pooled": pooled,
+        "runs": {},
+    }
+    metrics["model"] = {"sites": dict.fromkeys(sites, "stored")}
+    run = make_sim_run(tmp_path, metrics)
+    (run / "federated" / "model").mkdir(parents=True)
+    (run / "federated" / "model" / "MODEL_CARD.md").write_text("# Model card: <main>\n")
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "# Model card: &lt;main&gt;" in text  # the card, escaped
+    assert f"{sites[0]} stored" in text
+    assert "Held-out sites" in text and "Leave one site out" in text
+    assert "0.812" in text and "-0.250" in text
 
 
 def test_server_output_only(tmp_path):

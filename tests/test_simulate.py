@@ -17,6 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from fedmets.cli import app
+from fedmets.shared.bundle import load_bundle
+from fedmets.shared.config import load_site_config
 from fedmets.shared.wire import REPLY_KINDS
 from fedmets.simulation.simulate import federation_config, simulation_resources
 from fedmets.simulation.synth import generate_cohort
@@ -91,22 +93,28 @@ def test_sites_kept_their_state_and_audit_log_on_their_disk(simulated) -> None:
 
 @pytest.mark.slow
 def test_the_servers_bundle_scores_each_site_as_the_run_did(simulated) -> None:
-    """The ServerApp's final model (every patient, fold -1) and bundle: `fedmets site predict`
-    at each site gives the final model's in-run scores (Swin3D deep features, through the
-    Flower simulation's own code) to 1e-6."""
+    """The ServerApp's final model (every patient, fold -1) and bundle, which every site kept
+    from the final message: `fedmets site predict` at each site with its own copy gives the
+    final model's in-run scores (Swin3D deep features, through the Flower simulation's own
+    code) to 1e-6."""
     cohort, run, metrics = simulated
     bundle = run / "federated" / "model"
     server = json.loads((run / "federated" / "federated.json").read_text())
     assert server["model"]["bundle"] == str(bundle) and "final" not in server
+    sites = ("hospital_a", "hospital_b", "hospital_c")
+    assert server["model"]["sites"] == dict.fromkeys(sites, "stored")
+    digest = load_bundle(bundle).digest()
+    kept = {site: load_site_config(cohort / site / "site.toml").paths.output for site in sites}
+    assert all(load_bundle(folder / "model").digest() == digest for folder in kept.values())
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["image"]["backbone"] == "swin3d" and manifest["cohort"]["sites"] == 3
     main = metrics["main_model"]
-    for site in ("hospital_a", "hospital_b", "hospital_c"):
+    for site in sites:
         out = run / f"predict-{site}.csv"
         toml = cohort / site / "site.toml"
+        own = kept[site] / "model"
         done = CliRunner().invoke(
-            app,
-            ["site", "predict", "--config", str(toml), "--model", str(bundle), "--out", str(out)],
+            app, ["site", "predict", "--config", str(toml), "--model", str(own), "--out", str(out)]
         )
         assert done.exit_code == 0, done.output
         state = cohort / site / "cache" / "federated" / run.name

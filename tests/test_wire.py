@@ -68,10 +68,30 @@ def test_replies_that_may_not_leave(route: str, reply: dict, problem: str) -> No
     assert any(problem in p for p in problems), problems
 
 
-def test_every_route_declares_a_patient_count() -> None:
+def test_every_route_declares_a_patient_count_or_replies_only_hashes() -> None:
     for spec in wire.ROUTES.values():
-        assert spec.reply_kind(spec.count_field) == wire.Kind.COUNT, spec.name
+        if spec.count_field is None:  # the stored model bundle's hash: nothing about patients
+            assert set(spec.reply.values()) == {wire.Kind.HASH}, spec.name
+        else:
+            assert spec.reply_kind(spec.count_field) == wire.Kind.COUNT, spec.name
         assert all(isinstance(p, wire.Param) for p in spec.request.values()), spec.name
+
+
+@pytest.mark.parametrize(
+    ("manifest", "problem"),
+    [
+        ("{not json", "must be valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ("{}" + " " * wire.MAX_JSON_CHARS, "at most"),
+    ],
+)
+def test_a_model_bundle_request_carries_one_json_object(manifest, problem) -> None:
+    request = {"run": "r1", "manifest": manifest, "weights:bundle": {"a": np.zeros(2)}}
+    assert any(problem in p for p in wire.check_request("query.model_bundle", request))
+    request["manifest"] = '{"format": "fedmets-model-1"}'
+    assert wire.check_request("query.model_bundle", request) == []
+    logged = wire.describe_request("query.model_bundle", request)["manifest"]
+    assert set(logged) == {"chars", "sha256"}  # the audit logs its size and hash, not its text
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ from fedmets.server.report.html import (
     table,
 )
 from fedmets.server.report.loading import SETTINGS
+from fedmets.shared.bundle import MODEL_CARD_FILE
 
 # (label, distribution name) read with importlib.metadata when the report is written
 PACKAGES = (
@@ -444,6 +445,60 @@ def dropouts_html(metrics: dict) -> str:
     return f'<h2>Dropouts</h2><p class="note">{len(dropouts)} unanswered messages.</p>' + generic(
         dropouts
     )
+
+
+def model_html(metrics: dict, run_dir: Path) -> str:
+    """The final model: where its bundle is, which sites kept it, its model card; then the
+    held-out-site validation (``--holdout``, ``--loso``) when the run did it."""
+    out = ["<h2>The final model</h2>"]
+    kept = (metrics.get("model") or {}).get("sites") or {}
+    for folder in (run_dir / "federated" / "model", run_dir / "model"):
+        card = folder / MODEL_CARD_FILE
+        if card.is_file():
+            out.append(f'<p class="note">Bundle: {e(folder.relative_to(run_dir))}/')
+            if kept:
+                out.append(
+                    "; sent to every site to keep: "
+                    + ", ".join(f"{e(site)} {e(state)}" for site, state in sorted(kept.items()))
+                )
+            out.append(
+                f".</p><details><summary>{e(MODEL_CARD_FILE)}</summary><pre>"
+                f"{e(card.read_text(encoding='utf-8'))}</pre></details>"
+            )
+            break
+    else:
+        out.append('<p class="absent">No model bundle in this run ([stages] final_model).</p>')
+    header = ["held-out site", *METRIC_HEADER, "calibration slope", "intercept"]
+
+    def rows(per_site: dict, pooled: dict | None) -> list[list[str]]:
+        listed = [
+            [
+                e(site),
+                *metric_cells(result),
+                num((result or {}).get("calibration_slope")),
+                num((result or {}).get("calibration_intercept")),
+            ]
+            for site, result in sorted(per_site.items())
+        ]
+        return [*listed, ["held-out sites pooled", *metric_cells(pooled), "", ""]]
+
+    holdout = metrics.get("holdout")
+    if holdout:
+        out.append(
+            f'<h3>Held-out sites</h3><p class="note">The final model trained on '
+            f"{e(', '.join(holdout['training_sites']))} (cross-validated AUC there "
+            f"{auc_text(holdout.get('cross_validated'))}), applied at each held-out site "
+            "(its release: grouped histograms, confusion counts, Brier sum, calibration "
+            f"fit).</p>{table(header, rows(holdout['per_site'], holdout.get('pooled')))}"
+        )
+    loso = metrics.get("loso")
+    if loso:
+        out.append(
+            '<h3>Leave one site out</h3><p class="note">Each site held out in turn: the final '
+            "model trained on the others, applied there.</p>"
+            + table(header, rows(loso["per_site"], loso.get("pooled")))
+        )
+    return "".join(out)
 
 
 def config_html(metrics: dict, run_dir: Path) -> str:

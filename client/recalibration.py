@@ -1,0 +1,107 @@
+"""`fedmets site recalibrate`: fit a model bundle's risk to this site's own patients, locally.
+
+A model trained elsewhere ranks a site's patients by its risk, but its probabilities may sit too
+high or too low there (other case mix, other scanners). Logistic recalibration keeps the ranking
+and refits the scale: ``risk' = sigmoid(intercept + slope * logit(risk))``, the slope and
+intercept of a logistic regression of the site's labels on the main model's log-odds
+(``fedmets.shared.metrics.calibration_slope_intercept``), fitted on every labelled patient of the
+site and kept in ``<paths.output>/recalibration.json`` with the bundle's content hash;
+``fedmets site predict`` applies it to that bundle only. Nothing is sent.
+
+What it reports, on the site's patients: the calibration slope, intercept and Brier score of the
+bundle as it is, and of the recalibrated risk **cross-validated** (each patient's recalibrated
+risk from a fit on the other folds: an honest estimate, not the in-sample fit that is 1 and 0 by
+construction).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from fedmets.client.site_worker import load_site_data
+from fedmets.shared.bundle import load_bundle
+from fedmets.shared.config import SiteConfig
+from fedmets.shared.metrics import calibration_slope_intercept
+
+RECALIBRATION_FILE = "recalibration.json"
+MIN_EVENTS = 10
+"""Fewest events and non-events a recalibration is fitted on."""
+CV_FOLDS = 5
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """Log-odds of probabilities (clipped to [1e-7, 1 - 1e-7])."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply(risk: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Recalibrated probabilities (n,) of ``risk`` (n,)."""
+    return 1 / (1 + np.exp(-(intercept + slope * logit(risk))))
+
+
+def _summary(y: np.ndarray, risk: np.ndarray) -> dict[str, float | None]:
+    fitted = calibration_slope_intercept(y, risk)
+    slope, intercept = fitted if fitted is not None else (None, None)
+    return {"slope": slope, "intercept": intercept, "brier": float(np.mean((risk - y) ** 2))}
+
+
+def recalibrate(cfg: SiteConfig, model_dir: Path, seed: int = 0) -> dict:
+    """Fit the recalibration of the bundle in ``model_dir`` on the labelled patients of
+    ``cfg``; write and return it (``slope``, ``intercept``, ``bundle_sha256``, ``model``,
+    ``patients``, ``events``, ``before`` and ``after_cross_validated`` calibration). ValueError
+    with fewer than :data:`MIN_EVENTS` events or non-events."""
+    from fedmets.client.predict import predict_site
+
+    bundle = load_bundle(model_dir)
+    data = load_site_data([cfg])
+    y = data.labels.astype(int)
+    events = int(y.sum())
+    if min(events, len(y) - events) < MIN_EVENTS:
+        raise ValueError(
+            f"{cfg.site_id}: {events} events among {len(y)} labelled patients: recalibration "
+            f"needs at least {MIN_EVENTS} events and {MIN_EVENTS} non-events"
+        )
+    table = predict_site(cfg, model_dir, recalibrated=False).set_index("patient_id")
+    risk = table.loc[data.ids, "risk"].to_numpy()
+    slope, intercept = calibration_slope_intercept(y, risk)
+    if slope <= 0:
+        raise ValueError(
+            f"{cfg.site_id}: calibration slope {slope:.3f}: the model ranks this site's patients "
+            "no better than chance or backwards; recalibration cannot fix that"
+        )
+    crossed = np.empty_like(risk)
+    folds = StratifiedKFold(min(CV_FOLDS, events), shuffle=True, random_state=seed)
+    for train, test in folds.split(risk, y):
+        fold_slope, fold_intercept = calibration_slope_intercept(y[train], risk[train])
+        crossed[test] = apply(risk[test], fold_slope, fold_intercept)
+    result = {
+        "bundle_sha256": bundle.digest(),
+        "model": bundle.manifest["main_model"],
+        "slope": slope,
+        "intercept": intercept,
+        "patients": int(len(y)),
+        "events": events,
+        "before": _summary(y, risk),
+        "after_cross_validated": _summary(y, crossed),
+    }
+    out = cfg.paths.output / RECALIBRATION_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    partial.replace(out)
+    return result
+
+
+def site_recalibration(cfg: SiteConfig, bundle_sha256: str) -> dict | None:
+    """The site's recalibration of the bundle with content hash ``bundle_sha256``, or None
+    (none fitted, or fitted for another bundle)."""
+    path = cfg.paths.output / RECALIBRATION_FILE
+    if not path.is_file():
+        return None
+    fitted = json.loads(path.read_text(encoding="utf-8"))
+    return fitted if fitted.get("bundle_sha256") == bundle_sha256 else None

@@ -1,0 +1,155 @@
+"""The model card of a model bundle (``MODEL_CARD.md`` beside ``manifest.json``): what a clinician
+or a reviewer reads before using the model, under the TRIPOD-AI headings that apply to a
+federated prognostic model: intended use, source of data and participants, predictors, model,
+performance with confidence intervals, calibration, subgroups, held-out sites, limitations.
+
+It is a function of the bundle's manifest alone (:func:`model_card`), so the centre that writes
+the bundle and every site that keeps a copy write the same card.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{float(value):.{digits}f}"
+
+
+def _auc(result: Mapping[str, Any]) -> str:
+    ci = result.get("auc_ci") or [None, None]
+    return f"{_number(result.get('auc'))} [{_number(ci[0])}, {_number(ci[1])}]"
+
+
+def _row(name: str, result: Mapping[str, Any] | None) -> str:
+    if not result:
+        return f"| {name} | not released | | | | | |"
+    cells = [_auc(result)] + [_number(result.get(k)) for k in ("acc", "sen", "spe", "brier")]
+    return f"| {name} | {result.get('n', 'n/a')} | " + " | ".join(cells) + " |"
+
+
+HEADER = "| | patients | AUC [95% CI] | accuracy | sensitivity | specificity | Brier |"
+RULE = "|---|---|---|---|---|---|---|"
+
+
+def model_card(manifest: Mapping[str, Any]) -> str:
+    """The Markdown model card of the bundle whose manifest is ``manifest``."""
+    main = manifest["main_model"]
+    cohort = manifest["cohort"]
+    cv = manifest.get("cross_validated") or {}
+    federation = manifest.get("federation") or {}
+    folds = (federation.get("cv") or {}).get("folds", "?")
+    dp = (federation.get("dp") or {}).get("mode", "off")
+    image = manifest.get("image")
+    events = cohort.get("events")
+    lines = [
+        f"# Model card: {main} (run {manifest['run']})",
+        "",
+        f"Bundle format {manifest['format']}, created {manifest.get('created', 'n/a')};"
+        f" fedmets {manifest['versions'].get('fedmets')}, wire protocol"
+        f" {manifest['versions'].get('protocol')}; config fingerprint"
+        f" `{manifest['config_fingerprint'][:16]}`.",
+        "",
+        "## Intended use",
+        "",
+        "Risk of distant metastasis of a head-and-neck squamous cell carcinoma, estimated before"
+        " treatment from the planning CT, the tumour contour and clinical variables, for adults"
+        " like those of the training cohort. A research model: it supports, and does not replace,"
+        " a clinician's judgement; it has not been evaluated prospectively.",
+        "",
+        "## Source of data and participants",
+        "",
+        f"{cohort['patients']} patients at {cohort['sites']} sites, "
+        + (f"{events} with distant metastasis" if events is not None else "events not released")
+        + f". Trained federated: no image, feature row or label left its site"
+        f" (DP mode `{dp}`).",
+        "",
+        "## Predictors",
+        "",
+        f"- Radiomics: {len(manifest['radiomics_features'])} PyRadiomics features of the tumour"
+        " and its peritumoral ring, selected on the training rows (extraction settings hash"
+        f" `{manifest['params_hash'][:16]}`): "
+        + ", ".join(f"`{name}`" for name in manifest["radiomics_features"]),
+        f"- Clinical: {len(manifest['clinical_columns'])} encoded columns"
+        + (f" ({', '.join(manifest['clinical_columns'])})" if manifest["clinical_columns"] else ""),
+        "- Image: "
+        + (
+            f"{image['backbone']} ({image['image_preset']}) on the CT crop with the"
+            f" {image['mask_channel']} mask channel; its features centred and projected"
+            if image
+            else "none"
+        ),
+        "",
+        "## Model",
+        "",
+        f"Fully connected fusion networks ({manifest['fusion']['mode']} fusion, hidden"
+        f" {manifest['fusion']['hidden']}), one per input-group subset; the main model is"
+        f" `{main}`. Threshold {_number(manifest['thresholds'][main])}: "
+        f"{manifest['threshold_rule']}. Rounds trained: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(manifest["rounds"].items()))
+        + ".",
+        "",
+        f"## Performance ({folds}-fold cross-validation, each site's own folds, pooled)",
+        "",
+        HEADER,
+        RULE,
+        *(_row(f"**{name}**" if name == main else name, cv.get(name)) for name in cv),
+        "",
+        "## Calibration",
+        "",
+    ]
+    calibration = (cv.get(main) or {}).get("calibration")
+    if calibration:
+        lines += [
+            "Observed DM rate against the main model's mean predicted risk, per risk group"
+            " (cross-validated scores):",
+            "",
+            "| predicted | observed | patients |",
+            "|---|---|---|",
+            *(
+                f"| {_number(p)} | {_number(o)} | {n} |"
+                for p, o, n in zip(
+                    calibration["prob_pred"],
+                    calibration["prob_true"],
+                    calibration["counts"],
+                    strict=True,
+                )
+            ),
+        ]
+    else:
+        lines.append("Not released.")
+    subgroups = manifest.get("subgroups") or {}
+    lines += ["", "## Subgroups (main model, by tumour subsite)", ""]
+    if subgroups:
+        lines += [HEADER, RULE, *(_row(group, result) for group, result in subgroups.items())]
+    else:
+        lines.append("Not released (groups below the sites' release floor are suppressed).")
+    sites = manifest.get("per_site") or {}
+    lines += ["", "## Per site (main model, cross-validated)", ""]
+    if sites:
+        lines += [HEADER, RULE, *(_row(site, result) for site, result in sites.items())]
+    else:
+        lines.append("Not released.")
+    lines += [
+        "",
+        "## Held-out sites",
+        "",
+        "Not part of this bundle: validation at hospitals that did not train the model is"
+        " `fedmets simulate --holdout SITE` / `--loso` (docs/model.md) or `fedmets site predict`"
+        " at a new site.",
+        "",
+        "## Limitations",
+        "",
+        f"- {events if events is not None else 'Few'} events: the confidence intervals are wide,"
+        " and a difference between models within them is not evidence.",
+        "- Cross-validated figures come from the same sites that trained the model; a new"
+        " hospital's scanners and case mix may shift the risk (recalibrate locally:"
+        " `fedmets site recalibrate`).",
+        "- Pooled federated metrics come from per-site score histograms in groups of patients"
+        " (the sites' release policy), not from exact per-patient scores.",
+        "- Radiomics depend on the extraction settings: a site must extract with the same"
+        " parameters (`params_hash`), or the bundle is refused.",
+        "",
+    ]
+    return "\n".join(lines)
