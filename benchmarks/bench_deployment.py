@@ -39,7 +39,7 @@ def federation_toml(path: Path, secure_aggregation: bool = False) -> Path:
     cfg = FederationConfig.model_validate(
         {
             "run": {"name": "bench-deploy", "seed": 1},
-            "cv": {"folds": 2, "seed": 1},
+            "cv": {"folds": 2},
             "stages": {"fusion_rounds": 2, "fusion_local_epochs": 2},
             "selection": {"top_k": 10, "rf_trees": 20},
             "federation": {"min_sites": 2, "round_timeout_s": 120},
@@ -92,7 +92,7 @@ def main() -> None:
     )
     opts = args.parse_args()
     root = opts.out or Path(tempfile.mkdtemp(prefix="fedmets-deploy-"))
-    tomls = write_feature_sites(root / "sites", [opts.patients] * opts.sites, seed=3, folds=3)
+    tomls = write_feature_sites(root / "sites", [opts.patients] * opts.sites, seed=3, folds=2)
     fed = federation_toml(root / "federation.toml", opts.secure_aggregation)
     results = {}
 
