@@ -38,7 +38,7 @@ import resource
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -63,6 +63,7 @@ from fedmets.client.radiomics_features import (
     extractor_for,
     params_file,
     regions_features,
+    restricted_extractor,
     use_one_thread,
 )
 from fedmets.client.site_check import check_site
@@ -94,13 +95,15 @@ _IMAGE_FIELD = {"ct": "ct", "tumour": "tumour_mask"}
 
 @dataclass(frozen=True)
 class _Task:
-    """One patient for a worker: its record, the site config and where its cache entry goes."""
+    """One patient for a worker: its record, the site config and where its cache entry goes;
+    ``features``: only these radiomics features (fedmets names), or every one of ``params``."""
 
     record: PatientRecord
     cfg: SiteConfig
     params: Path
     key: str
     entry: Path
+    features: tuple[str, ...] | None = None
 
 
 def extract_site(
@@ -108,9 +111,16 @@ def extract_site(
     workers: int | None = None,
     on_patient_done: Callable[[int, int], None] | None = None,
     on_patient_checked: Callable[[int, int], None] | None = None,
+    features: Sequence[str] | None = None,
+    labelled: bool = True,
 ) -> dict:
     """Check the site, extract every usable patient, write features.parquet and
     extraction_report.json under ``paths.output``, and return the report.
+
+    ``features``: compute only these radiomics features (fedmets names; a model bundle's), each
+    equal to the full extraction's; the report's ``settings`` stay the parameter file's, and the
+    cache keeps such entries apart. ``labelled=False``: patients without a label are usable
+    (new patients to score).
 
     ``workers`` defaults to ``compute.workers``. ``on_patient_checked(done, total)`` is called
     after each patient of the site check, ``on_patient_done(done, total)`` after each usable
@@ -124,10 +134,12 @@ def extract_site(
     if not params.is_file():
         raise FileNotFoundError(f"radiomics.params: file not found: {params}")
     context = _worker_context()  # the workers' server starts now, beside the site check
-    check = check_site(cfg, workers, on_patient_checked)
+    check = check_site(cfg, workers, on_patient_checked, labelled=labelled)
     usable = set(check.usable)
     records = [r for r in read_manifest(cfg)[0] if r.patient_id in usable] if usable else []
     fingerprint = settings_fingerprint(cfg, params)
+    only = tuple(sorted(features)) if features is not None else None
+    keyed = fingerprint if only is None else {**fingerprint, "only_features": list(only)}
     use_clinical = "clinical" in cfg.data.modalities
     cache_root = cfg.paths.cache / CACHE_FOLDER
 
@@ -155,7 +167,7 @@ def extract_site(
                 row = pd.DataFrame([record.clinical], index=[record.patient_id])
                 clinical[record.patient_id] = encode_clinical(row)
             stage = "hash"
-            key = cache_key(record, fingerprint)
+            key = cache_key(record, keyed)
             mask_bytes[record.patient_id] = record.tumour_mask_path.stat().st_size
         except (ValueError, OSError) as error:
             failed[record.patient_id] = _failure(record, cfg, stage, error, entry) | {
@@ -165,7 +177,7 @@ def extract_site(
             continue
         hit = read_entry(entry, key)
         if hit is None:
-            tasks.append(_Task(record, cfg, params, key, entry))
+            tasks.append(_Task(record, cfg, params, key, entry, only))
             continue
         if "features" in hit:
             features[record.patient_id] = hit["features"]
@@ -362,10 +374,15 @@ def _extract_patient(task: _Task) -> dict:
             cfg.preprocess.air_threshold_hu,
             cfg.preprocess.bone_threshold_hu,
         )
-        extractor = extractor_for(task.params)
         box = prepared.radiomics_box
         ct = box.crop(prepared.ct)
         masks = dict(zip(REGIONS, (box.crop(prepared.tumour), box.crop(ring)), strict=True))
+        if task.features is None:
+            extractor = extractor_for(task.params)
+        else:
+            extractor = restricted_extractor(task.params, task.features)
+            needed = {name.split("_", 1)[0] for name in task.features}
+            masks = {region: mask for region, mask in masks.items() if region in needed}
         stage = "radiomics"
         features = regions_features(extractor, ct, masks)
         stage = "cache"

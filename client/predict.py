@@ -35,6 +35,38 @@ from fedmets.shared.metrics import calibration_slope_intercept
 from fedmets.shared.models import combine_scores, model_groups
 
 
+def new_patients_site(cfg: SiteConfig, manifest: Path) -> SiteConfig:
+    """The site config that reads the patients of ``manifest`` (the site's manifest format, file
+    paths relative to ``data.root``; the label column may be empty) into a cache and output of
+    their own, ``<paths.cache>/predict/`` and ``<paths.output>/predict/<manifest name>/``, apart
+    from the site's own extraction."""
+    manifest = Path(manifest).resolve()
+    return cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"manifest": manifest}),
+            "paths": cfg.paths.model_copy(
+                update={
+                    "cache": cfg.paths.cache / "predict",
+                    "output": cfg.paths.output / "predict" / manifest.stem,
+                }
+            ),
+        }
+    )
+
+
+def extract_new_patients(cfg: SiteConfig, model_dir: Path, manifest: Path) -> SiteConfig:
+    """Check the patients of ``manifest`` and extract, of the radiomics, only the features the
+    bundle in ``model_dir`` reads (and every crop); returns their site config
+    (:func:`new_patients_site`), whose ``extraction_report.json`` lists the quarantined and
+    failed patients."""
+    from fedmets.client.extract import extract_site
+
+    new = new_patients_site(cfg, manifest)
+    features = load_bundle(model_dir).manifest["radiomics_features"]
+    extract_site(new, features=features, labelled=False)
+    return new
+
+
 def predict_site(
     cfg: SiteConfig, model_dir: Path, out: Path | None = None, recalibrated: bool = True
 ) -> pd.DataFrame:

@@ -61,6 +61,46 @@ def extractor_for(path: Path) -> RadiomicsFeatureExtractor:
     return RadiomicsFeatureExtractor(str(path))
 
 
+@lru_cache(maxsize=4)
+def restricted_extractor(path: Path, features: tuple[str, ...]) -> RadiomicsFeatureExtractor:
+    """The extractor of the parameter file at ``path`` computing only what ``features`` (fedmets
+    names, ``<region>_<image type>_<class>_<feature>``) need: their image types (LoG only at
+    their sigmas, with the file's other settings) and their features. Each value equals the full
+    extraction's: a PyRadiomics feature does not depend on which others are enabled."""
+    radiomics.setVerbosity(logging.ERROR)
+    extractor = RadiomicsFeatureExtractor(str(path))
+    configured = dict(extractor.enabledImagetypes)
+    sigmas: dict[str, set[float]] = {}
+    classes: dict[str, set[str]] = {}
+    for name in features:
+        type_name, feature_class, feature = name.split("_", 1)[1].rsplit("_", 2)
+        image_type, sigma = _image_type(type_name)
+        sigmas.setdefault(image_type, set()).update([] if sigma is None else [sigma])
+        classes.setdefault(feature_class, set()).add(feature)
+    extractor.disableAllImageTypes()
+    for image_type, needed in sigmas.items():
+        custom = dict(configured.get(image_type) or {})
+        if needed:
+            custom["sigma"] = sorted(needed)
+        extractor.enableImageTypeByName(image_type, customArgs=custom)
+    extractor.disableAllFeatures()
+    extractor.enableFeaturesByName(**{k: sorted(v) for k, v in classes.items()})
+    return extractor
+
+
+def _image_type(type_name: str) -> tuple[str, float | None]:
+    """PyRadiomics' image type of a feature-name prefix (``log-sigma-2-0-mm-3D`` -> ("LoG",
+    2.0), ``wavelet-LLH`` -> ("Wavelet", None))."""
+    if type_name.startswith("log-sigma-"):
+        return "LoG", float(type_name[len("log-sigma-") : -len("-mm-3D")].replace("-", "."))
+    if type_name.startswith("wavelet"):
+        return "Wavelet", None
+    if type_name.startswith("lbp-"):
+        return ("LBP3D" if type_name.startswith("lbp-3D") else "LBP2D"), None
+    known = {"squareroot": "SquareRoot"}
+    return known.get(type_name, type_name.capitalize()), None
+
+
 def shares_filtered_images(extractor: RadiomicsFeatureExtractor) -> bool:
     """Whether the extractor's filtered images are the same for every mask on one CT (no
     resampling, pre-cropping or resegmentation by PyRadiomics, no mask-reading filter)."""

@@ -78,10 +78,12 @@ def check_site(
     cfg: SiteConfig,
     workers: int | None = None,
     on_patient_done: Callable[[int, int], None] | None = None,
+    labelled: bool = True,
 ) -> SiteCheckReport:
     """Run every check on every patient of the site, ``workers`` processes in parallel (default
     ``compute.workers``); ``on_patient_done(done, total)`` is called after each patient (once,
-    for all rows, in tabular mode)."""
+    for all rows, in tabular mode). ``labelled=False`` (new patients to score): an empty label
+    cell is no problem."""
     if cfg.data.mode == "tabular":
         table = load_feature_table(cfg)
         if on_patient_done:
@@ -95,7 +97,8 @@ def check_site(
     except ValueError as error:
         return SiteCheckReport(cfg.site_id, 0, [], {}, [str(error)])
     found = [(problem.row, problem.patient_id, problem.problem) for problem in row_problems]
-    checks = _map(partial(check_patient, cfg=cfg), records, workers or cfg.compute.workers)
+    check = partial(check_patient, cfg=cfg, labelled=labelled)
+    checks = _map(check, records, workers or cfg.compute.workers)
     for done, problems in enumerate(checks, start=1):
         found += [(problem.row, problem.patient_id, problem.problem) for problem in problems]
         if on_patient_done:
@@ -111,8 +114,11 @@ def check_site(
     return SiteCheckReport(cfg.site_id, n_patients, usable, quarantined, site_problems)
 
 
-def check_patient(record: PatientRecord, cfg: SiteConfig) -> list[PatientDataError]:
-    """Every problem of one patient: clinical cells, label, files, plausibility."""
+def check_patient(
+    record: PatientRecord, cfg: SiteConfig, labelled: bool = True
+) -> list[PatientDataError]:
+    """Every problem of one patient: clinical cells, label (when ``labelled``), files,
+    plausibility."""
     manifest = shown_path(cfg.data.manifest, cfg)
 
     def problem(field: str, message: str) -> PatientDataError:
@@ -123,7 +129,7 @@ def check_patient(record: PatientRecord, cfg: SiteConfig) -> list[PatientDataErr
         problems += [
             problem(field, message) for field, message in validate_clinical(record.clinical)
         ]
-    if record.label is None:
+    if labelled and record.label is None:
         problems.append(problem(cfg.data.label_column, "label is missing (must be 0 or 1)"))
     images, image_problems = try_load_patient_images(record, cfg)
     problems += image_problems

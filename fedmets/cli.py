@@ -664,16 +664,34 @@ def site_predict(
     config: Annotated[Path, typer.Option(help="This site's TOML file.")],
     model: Annotated[Path, typer.Option(help="The model bundle folder (a run's model/).")],
     out: Annotated[Path, typer.Option(help="Predictions CSV (written atomically).")],
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            help="New patients (a manifest like the site's; empty labels allowed): checked and"
+            " extracted first, only the radiomics features the bundle reads."
+        ),
+    ] = None,
 ) -> None:
-    """Score this site's extracted patients with a federated model bundle, locally: each
-    patient's DM risk, its class at the bundle's threshold and every model's risk."""
+    """Score this site's extracted patients (or the new patients of --manifest) with a federated
+    model bundle, locally: each patient's DM risk, its class at the bundle's threshold, the input
+    blocks that raised it and every model's risk."""
+    import json
+
     from rich.text import Text
 
-    from fedmets.client.predict import predict_site
+    from fedmets.client.predict import extract_new_patients, predict_site
+    from fedmets.client.site_files import REPORT_FILE
     from fedmets.client.site_worker import SiteNotReady
 
     cfg = _load_site_config_or_exit(config)
     try:
+        if manifest is not None:
+            cfg = extract_new_patients(cfg, model, manifest)
+            report = json.loads((cfg.paths.output / REPORT_FILE).read_text(encoding="utf-8"))
+            for patient, problems in report["quarantined"].items():
+                err_console.print(f"quarantined: {patient}: {'; '.join(problems)}", markup=False)
+            for patient, failure in report["failed"].items():
+                err_console.print(f"failed: {patient}: {failure['message']}", markup=False)
         table = predict_site(cfg, model, out)
     except (ValueError, SiteNotReady, OSError) as error:
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)

@@ -33,6 +33,12 @@ HEADER = "| | patients | AUC [95% CI] | accuracy | sensitivity | specificity | B
 RULE = "|---|---|---|---|---|---|---|"
 
 
+def _results_table(title: str, results: Mapping[str, Any] | None, absent: str) -> list[str]:
+    """A section of one results row per group (site, subsite), or ``absent``."""
+    rows = [_row(name, result) for name, result in (results or {}).items()]
+    return ["", f"## {title}", "", *([HEADER, RULE, *rows] if rows else [absent])]
+
+
 def model_card(manifest: Mapping[str, Any]) -> str:
     """The Markdown model card of the bundle whose manifest is ``manifest``."""
     main = manifest["main_model"]
@@ -119,18 +125,14 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         ]
     else:
         lines.append("Not released.")
-    subgroups = manifest.get("subgroups") or {}
-    lines += ["", "## Subgroups (main model, by tumour subsite)", ""]
-    if subgroups:
-        lines += [HEADER, RULE, *(_row(group, result) for group, result in subgroups.items())]
-    else:
-        lines.append("Not released (groups below the sites' release floor are suppressed).")
-    sites = manifest.get("per_site") or {}
-    lines += ["", "## Per site (main model, cross-validated)", ""]
-    if sites:
-        lines += [HEADER, RULE, *(_row(site, result) for site, result in sites.items())]
-    else:
-        lines.append("Not released.")
+    lines += _results_table(
+        "Subgroups (main model, by tumour subsite)",
+        manifest.get("subgroups"),
+        "Not released (groups below the sites' release floor are suppressed).",
+    )
+    lines += _results_table(
+        "Per site (main model, cross-validated)", manifest.get("per_site"), "Not released."
+    )
     lines += [
         "",
         "## Held-out sites",

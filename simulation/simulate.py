@@ -59,6 +59,11 @@ from fedmets.simulation.loopback import (
 APP_DIR = Path(__file__).resolve().parent.parent
 """The Flower app (the folder holding pyproject.toml's ``[tool.flwr.app]``)."""
 
+_DEMO = {
+    "stages": {"image_rounds": 5, "local_epochs": 2, "fusion_rounds": 30, "fusion_local_epochs": 3},
+    "model": {"fusion_lr": 3e-3},  # at 1e-3 the clinical net was still improving at round 30
+    "cv": {"folds": 5},
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # Plumbing: seconds per fold on 2 cores.
     "tiny": {
@@ -69,28 +74,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"fusion_hidden": [16]},
     },
     # The demo cohort (400 patients, 4 sites) on 2 CPU cores.
-    "demo": {
-        "stages": {
-            "image_rounds": 5,
-            "local_epochs": 2,
-            "fusion_rounds": 30,
-            "fusion_local_epochs": 3,
-        },
-        "model": {"fusion_lr": 3e-3},  # at 1e-3 the clinical net was still improving at round 30
-        "cv": {"folds": 5},
-    },
+    "demo": _DEMO,
     # The quickstart cohort (240 patients, 4 sites, 3 folds): the README's main job, the demo's
     # training on 3 folds.
-    "quickstart": {
-        "stages": {
-            "image_rounds": 5,
-            "local_epochs": 2,
-            "fusion_rounds": 30,
-            "fusion_local_epochs": 3,
-        },
-        "model": {"fusion_lr": 3e-3},
-        "cv": {"folds": 3},
-    },
+    "quickstart": {**_DEMO, "cv": {"folds": 3}},
     # GPU sites: the published Swin UNETR encoder at 96^3, two sites per GPU.
     "gpu": {
         "stages": {"image_rounds": 20, "local_epochs": 3, "fusion_rounds": 30},

@@ -175,3 +175,60 @@ def test_a_gpu_share_without_a_gpu_is_refused(tmp_path) -> None:
     done = CliRunner().invoke(app, [*command, "--gpus-per-site", "1"])
     assert done.exit_code == 1
     assert "gpus_per_site 1: no CUDA GPU on this machine" in done.output
+
+
+@pytest.mark.slow
+def test_a_hospital_that_never_joined_scores_new_raw_patients(simulated, tmp_path) -> None:
+    """`fedmets site predict --manifest` at a freshly synthesised site outside the federation:
+    eight raw patients (NIfTI; one as a DICOM series + RTSTRUCT, one without a label) are
+    checked, extracted with only the bundle's radiomics features and scored; every NIfTI
+    patient's scores equal those of a full extraction of the same patients to 1e-6."""
+    import SimpleITK as sitk
+    from test_ingest import write_dicom_series, write_rtstruct
+
+    from fedmets.client.predict import predict_site
+
+    cohort, run, _ = simulated
+    bundle = run / "federated" / "model"
+    fresh = tmp_path / "fresh"
+    generate_cohort("tiny", 1, 11, fresh, workers=2)
+    (toml,) = fresh.glob("*/site.toml")
+    site = toml.parent
+    text = toml.read_text().replace('params = "default"', 'params = "fast"')
+    toml.write_text(text + "\n[preprocess]\ncrop_voxels = [32, 32, 32]\n")
+    table = pd.read_csv(site / "manifest.csv").head(8)
+    table.to_csv(site / "manifest.csv", index=False)  # the reference: a full extraction
+    done = subprocess.run(
+        [FEDMETS, "site", "extract", "--config", str(toml)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = predict_site(load_site_config(toml), bundle).set_index("patient_id")
+
+    ct_file = site / table.loc[0, "ct_path"]
+    write_dicom_series(sitk.ReadImage(str(ct_file)), site / "dicom" / "ct")
+    tumour = sitk.GetArrayFromImage(sitk.ReadImage(str(site / table.loc[0, "tumour_mask_path"])))
+    write_rtstruct(site / "dicom" / "ct", {"GTVp": tumour}, site / "dicom" / "rtstruct.dcm")
+    new = table.copy()
+    new.loc[0, ["ct_path", "tumour_mask_path"]] = ["dicom/ct", "dicom/rtstruct.dcm"]
+    new["dm"] = new["dm"].astype("Int64")
+    new.loc[1, "dm"] = pd.NA  # a patient whose outcome is not known yet
+    new.to_csv(site / "new_patients.csv", index=False)
+    out = tmp_path / "new.csv"
+    done = CliRunner().invoke(
+        app,
+        ["site", "predict", "--config", str(toml), "--model", str(bundle), "--out", str(out),
+         "--manifest", str(site / "new_patients.csv")],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    scored = pd.read_csv(out).set_index("patient_id")
+    assert list(scored.index) == list(table["patient_id"])
+    assert np.isfinite(scored["risk"]).all() and scored["top_blocks"].notna().all()
+    nifti = table["patient_id"].iloc[1:]
+    for column in [c for c in reference.columns if c.startswith("risk")]:
+        expected = reference.loc[nifti, column]
+        np.testing.assert_allclose(scored.loc[nifti, column], expected, atol=1e-6)
+    own = load_site_config(toml).paths.output / "predict" / "new_patients"
+    extracted = pd.read_parquet(own / "features.parquet")
+    radiomics = [c for c in extracted.columns if c.startswith(("tumour_", "ring_"))]
+    selected = json.loads((bundle / "manifest.json").read_text())["radiomics_features"]
+    assert sorted(radiomics) == sorted(selected)
