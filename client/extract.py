@@ -65,6 +65,7 @@ from fedmets.client.radiomics_features import (
     regions_features,
     restricted_extractor,
     use_one_thread,
+    wanted_features,
 )
 from fedmets.client.site_check import check_site
 from fedmets.client.site_files import (
@@ -384,7 +385,10 @@ def _extract_patient(task: _Task) -> dict:
             needed = {name.split("_", 1)[0] for name in task.features}
             masks = {region: mask for region, mask in masks.items() if region in needed}
         stage = "radiomics"
-        features = regions_features(extractor, ct, masks)
+        wanted = None if task.features is None else wanted_features(task.features)
+        features = regions_features(extractor, ct, masks, wanted)
+        if task.features is not None:  # a class computes features beside the wanted ones
+            features = {name: features[name] for name in task.features}
         stage = "cache"
         task.entry.mkdir(parents=True, exist_ok=True)
         save_crop(task.entry / CROP_FILE, prepared, ring)

@@ -14,7 +14,7 @@ Tumour and ring share one CT crop: when the parameter file lets PyRadiomics' fil
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
@@ -88,6 +88,17 @@ def restricted_extractor(path: Path, features: tuple[str, ...]) -> RadiomicsFeat
     return extractor
 
 
+def wanted_features(features: tuple[str, ...]) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """``features`` (fedmets names) as region -> image type name -> feature class -> names."""
+    wanted: dict[str, dict[str, dict[str, list[str]]]] = {}
+    for name in features:
+        region, rest = name.split("_", 1)
+        type_name, feature_class, feature = rest.rsplit("_", 2)
+        classes = wanted.setdefault(region, {}).setdefault(type_name, {})
+        classes.setdefault(feature_class, []).append(feature)
+    return wanted
+
+
 def _image_type(type_name: str) -> tuple[str, float | None]:
     """PyRadiomics' image type of a feature-name prefix (``log-sigma-2-0-mm-3D`` -> ("LoG",
     2.0), ``wavelet-LLH`` -> ("Wavelet", None))."""
@@ -111,7 +122,10 @@ def shares_filtered_images(extractor: RadiomicsFeatureExtractor) -> bool:
 
 
 def regions_features(
-    extractor: RadiomicsFeatureExtractor, ct: sitk.Image, masks: dict[str, sitk.Image]
+    extractor: RadiomicsFeatureExtractor,
+    ct: sitk.Image,
+    masks: dict[str, sitk.Image],
+    wanted: Mapping[str, Mapping[str, dict[str, list[str]]]] | None = None,
 ) -> dict[str, float]:
     """PyRadiomics features of ``ct`` (HU) inside each ``masks[region]`` (label 1, on the CT's
     grid), named ``<region>_<name>``, regions in the given order, diagnostics dropped; values as
@@ -121,7 +135,9 @@ def regions_features(
     :func:`shares_filtered_images`, PyRadiomics' own steps run with each filter applied once:
     load and check every mask, shape per mask, then every filtered image cropped to each mask.
     Raises what ``execute`` raises; a mask PyRadiomics rejects raises ValueError naming the
-    region."""
+    region. ``wanted`` (region -> image type name -> feature class -> features, from
+    :func:`wanted_features`): with shared filters, compute for each region and filtered image
+    only those (at least; a class computes its matrix once whatever its features)."""
     if not shares_filtered_images(extractor):
         features: dict[str, float] = {}
         for region, mask in masks.items():
@@ -130,20 +146,30 @@ def regions_features(
         return features
     settings = extractor.settings | {"label": 1}
     vectors, checked = {}, {}
-    for region, mask in masks.items():
-        with _naming(region):  # the loaded image is the same for every mask (shared filters)
-            image, mask = extractor.loadImage(ct, mask, None, **settings)
-            box, corrected = imageoperations.checkMask(image, mask, **settings)
-        checked[region] = (mask if corrected is None else corrected, box)
-        vectors[region] = dict(extractor.computeShape(image, *checked[region], **settings))
-    for image_type, custom in extractor.enabledImagetypes.items():
-        make_images = getattr(imageoperations, f"get{image_type}Image")
-        for filtered, type_name, kwargs in make_images(image, None, **(settings | custom)):
-            for region, (mask, box) in checked.items():
-                cropped_image, cropped_mask = imageoperations.cropToTumorMask(filtered, mask, box)
-                vectors[region].update(
-                    extractor.computeFeatures(cropped_image, cropped_mask, type_name, **kwargs)
-                )
+    enabled = extractor.enabledFeatures
+    try:
+        for region, mask in masks.items():
+            with _naming(region):  # the loaded image is the same for every mask (shared filters)
+                image, mask = extractor.loadImage(ct, mask, None, **settings)
+                box, corrected = imageoperations.checkMask(image, mask, **settings)
+            checked[region] = (mask if corrected is None else corrected, box)
+            if wanted is not None:
+                extractor.enabledFeatures = wanted.get(region, {}).get("original", {})
+            vectors[region] = dict(extractor.computeShape(image, *checked[region], **settings))
+        for image_type, custom in extractor.enabledImagetypes.items():
+            make_images = getattr(imageoperations, f"get{image_type}Image")
+            for filtered, type_name, kwargs in make_images(image, None, **(settings | custom)):
+                for region, (mask, box) in checked.items():
+                    if wanted is not None:
+                        extractor.enabledFeatures = wanted.get(region, {}).get(type_name, {})
+                        if not extractor.enabledFeatures:
+                            continue
+                    cropped, cropped_mask = imageoperations.cropToTumorMask(filtered, mask, box)
+                    vectors[region].update(
+                        extractor.computeFeatures(cropped, cropped_mask, type_name, **kwargs)
+                    )
+    finally:
+        extractor.enabledFeatures = enabled
     return {
         name: value for region in masks for name, value in _named(vectors[region], region).items()
     }

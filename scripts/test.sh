@@ -3,7 +3,7 @@
 #   bash scripts/test.sh            the full suite (what CI runs)
 #   bash scripts/test.sh --quick    everything not marked slow (real Flower processes, whole
 #                                   simulations, extraction fixtures): the development loop
-# Other arguments go to pytest (e.g. -k attacks, -x). Tests run on 4 pytest-xdist workers, a
+# Other arguments go to pytest (e.g. -k attacks, -x). Tests run on 3 pytest-xdist workers, a
 # module's tests on one, modules in collection order (slow ones first: tests/conftest.py);
 # FEDMETS_TEST_WORKERS changes the count (0: one process, as plain pytest).
 set -euo pipefail
@@ -19,7 +19,7 @@ done
 bash scripts/install.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-workers=${FEDMETS_TEST_WORKERS:-4}
+workers=${FEDMETS_TEST_WORKERS:-3}
 if [[ $workers != 0 ]]; then
     args=(-n "$workers" --dist loadfile --no-loadscope-reorder "${args[@]}")
 fi

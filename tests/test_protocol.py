@@ -422,7 +422,7 @@ def test_a_private_run_completes_and_its_ledger_is_reported(sites, mode) -> None
 @pytest.mark.parametrize("mode", ["sample", "client"])
 def test_epsilon_per_fold_composes_over_the_folds_in_the_ledger(sites, mode) -> None:
     dp = {"mode": mode, "epsilon": 4.0, "epsilon_scope": "fold", "ablation": True}
-    cfg = _cfg(dp=dp, stages={"fusion_rounds": 2})
+    cfg = _cfg(dp=dp, stages={"fusion_rounds": 1, "fusion_local_epochs": 1})
     result = FederatedProtocol(_link(sites), cfg, f"dp-per-fold-{mode}").run_all()
     assert len(result["models"]) == 3  # the ablation networks too
     privacy = result["privacy"]  # each fold's trainings end at 4; the ledger holds them all
