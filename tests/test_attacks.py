@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedmets.client.policy import PolicyRefused
 from fedmets.client.release import answer, site_audit_path
@@ -80,6 +81,7 @@ def fusion_request(worker: SiteWorker, hidden: list[int] | None = None) -> dict:
     made-up statistics, clinical as is, a fresh fusion network's weights."""
     p = worker.data.radiomics.shape[1]
     q = worker.data.clinical.shape[1]
+    torch.manual_seed(11)  # the same network whatever ran before in this process
     net = FusionNet({"radiomics": p, "clinical": q}, hidden or [], 0.0)
     return {
         "radiomics_columns": np.arange(p),
