@@ -15,6 +15,7 @@ from __future__ import annotations
 import grp
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -139,7 +140,7 @@ def start_service(
 ) -> grpc.Server:
     """Serve ``service`` on the Unix domain socket ``socket`` (created 0600, or 0660 with the
     site's ``[service] socket_group``); returns the started gRPC server. Refuses a socket that
-    a running service already answers on."""
+    a running service already answers on, and a path that is not a socket (never removed)."""
     socket = Path(socket).resolve()
     if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
         raise RuntimeError(
@@ -148,6 +149,8 @@ def start_service(
         )
     socket.parent.mkdir(parents=True, exist_ok=True)
     if socket.exists():
+        if not stat.S_ISSOCK(socket.stat().st_mode):
+            raise RuntimeError(f"{socket} exists and is not a socket: set another [service] socket")
         try:
             other = ServiceClient(socket).site_id()
         except RuntimeError:

@@ -71,6 +71,15 @@ def test_a_second_service_on_a_live_socket_is_refused(served) -> None:
         start_service(SiteService(toml), load_site_config(toml).service_socket)
 
 
+def test_a_file_at_the_socket_path_is_never_removed(served, tmp_path) -> None:
+    toml, _ = served
+    kept = tmp_path / "site.toml"
+    kept.write_text("a hospital's file\n")
+    with pytest.raises(RuntimeError, match="is not a socket"):
+        start_service(SiteService(toml), kept)
+    assert kept.read_text() == "a hospital's file\n"
+
+
 def test_no_service_behind_the_socket_says_how_to_start_one(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="fedmets site serve"):
         ServiceClient(tmp_path / "none.sock").site_id()
