@@ -31,7 +31,7 @@ from fedmets.client.site_worker import SiteData, digest, load_site_data
 from fedmets.client.training import extract_deep_features, predict_proba, resolve_device, set_state
 from fedmets.shared.bundle import Bundle, load_bundle
 from fedmets.shared.config import SiteConfig
-from fedmets.shared.metrics import calibration_slope_intercept
+from fedmets.shared.metrics import calibration_slope_intercept, logit
 from fedmets.shared.models import combine_scores, model_groups
 
 
@@ -145,11 +145,6 @@ def _scores(bundle: Bundle, groups: dict[str, np.ndarray]) -> dict[str, np.ndarr
     )
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
-
-
 def block_contributions(
     bundle: Bundle, groups: dict[str, np.ndarray], risk: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -162,7 +157,7 @@ def block_contributions(
     contributions = {}
     for block in model_groups(main):
         occluded = {**groups, block: np.zeros_like(groups[block])}
-        contributions[block] = _logit(risk) - _logit(_scores(bundle, occluded)[main])
+        contributions[block] = logit(risk) - logit(_scores(bundle, occluded)[main])
     return contributions
 
 

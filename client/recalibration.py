@@ -25,18 +25,12 @@ from sklearn.model_selection import StratifiedKFold
 from fedmets.client.site_worker import load_site_data
 from fedmets.shared.bundle import load_bundle
 from fedmets.shared.config import SiteConfig
-from fedmets.shared.metrics import calibration_slope_intercept
+from fedmets.shared.metrics import calibration_slope_intercept, logit
 
 RECALIBRATION_FILE = "recalibration.json"
 MIN_EVENTS = 10
 """Fewest events and non-events a recalibration is fitted on."""
 CV_FOLDS = 5
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    """Log-odds of probabilities (clipped to [1e-7, 1 - 1e-7])."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
 
 
 def apply(risk: np.ndarray, slope: float, intercept: float) -> np.ndarray:

@@ -329,6 +329,12 @@ def calibration_from_histograms(
     }
 
 
+def logit(p: ArrayLike) -> np.ndarray:
+    """Log-odds of probabilities ``p`` (clipped to [1e-7, 1 - 1e-7], as the scores are fused)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
 def calibration_slope_intercept(y_true: ArrayLike, prob: ArrayLike) -> tuple[float, float] | None:
     """Calibration slope and intercept of probabilities ``prob`` (n,) against 0/1 ``y_true``:
     the coefficients of a logistic regression of the labels on logit(prob) (probabilities
