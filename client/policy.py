@@ -41,7 +41,7 @@ import hashlib
 import json
 import secrets
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,10 @@ class PolicyRefused(RuntimeError):
 
     def __init__(self, rule: str, message: str) -> None:
         super().__init__(f"{rule}: {message}")
-        self.rule = rule
+        self.rule, self.message = rule, message
+
+    def __reduce__(self):  # picklable across processes (the simulation's baseline workers)
+        return type(self), (self.rule, self.message)
 
 
 def check_request(route_name: str, request: Mapping[str, Any], policy: PolicySection) -> None:
@@ -191,23 +194,33 @@ class DifferencingGuard:
     def admit(self, ids: np.ndarray, families: set[str]) -> str | None:
         """Record the patient set ``ids`` for each of ``families`` and return None when it may
         be released on, else why not (nothing recorded)."""
-        members = sorted(map(str, ids))
-        key = hashlib.sha256("\n".join(members).encode()).hexdigest()
+        return self.admit_together([ids], families)
+
+    def admit_together(self, sets: Sequence[np.ndarray], families: set[str]) -> str | None:
+        """:meth:`admit` for the patient sets of one reply (sums over several groups): each
+        against the earlier releases and against the reply's other sets; all recorded, or
+        none (a refused reply releases nothing, so it must not narrow later ones)."""
         known = self._sets()
-        new = set(members)
-        for family in sorted(families):
-            for digest, other in known.get(family, {}).items():
-                differ = len(new.symmetric_difference(other))
-                if digest != key and differ < self.floor:
-                    return (
-                        f"{family}: the {len(new)} patients differ by {differ} from a set this "
-                        f"site already released it on ({len(other)} patients); the floor is "
-                        f"{self.floor}"
-                    )
-        if all(key in known.get(family, {}) for family in families):
+        pending: dict[str, list[str]] = {}
+        for ids in sets:
+            members = sorted(map(str, ids))
+            key = hashlib.sha256("\n".join(members).encode()).hexdigest()
+            new = set(members)
+            for family in sorted(families):
+                earlier = {**known.get(family, {}), **pending}
+                for digest, other in earlier.items():
+                    differ = len(new.symmetric_difference(other))
+                    if digest != key and differ < self.floor:
+                        return (
+                            f"{family}: the {len(new)} patients differ by {differ} from a set "
+                            f"this site already released it on ({len(other)} patients); the "
+                            f"floor is {self.floor}"
+                        )
+            pending[key] = members
+        if all(key in known.get(family, {}) for key in pending for family in families):
             return None
         for family in families:
-            known.setdefault(family, {})[key] = members
+            known.setdefault(family, {}).update(pending)
         _write_json(self.path, known)
         return None
 

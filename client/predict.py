@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedmets.client.harmonise import harmonised_for_bundle
 from fedmets.client.policy import grouped_histograms
 from fedmets.client.recalibration import apply as apply_recalibration
 from fedmets.client.recalibration import site_recalibration
@@ -68,7 +69,11 @@ def extract_new_patients(cfg: SiteConfig, model_dir: Path, manifest: Path) -> Si
 
 
 def predict_site(
-    cfg: SiteConfig, model_dir: Path, out: Path | None = None, recalibrated: bool = True
+    cfg: SiteConfig,
+    model_dir: Path,
+    out: Path | None = None,
+    recalibrated: bool = True,
+    site_output: Path | None = None,
 ) -> pd.DataFrame:
     """Scores of every extracted patient of the site ``cfg`` (labelled or not) by the bundle in
     ``model_dir``: ``patient_id``, ``risk`` and ``dm_predicted`` (the main model's probability
@@ -78,12 +83,18 @@ def predict_site(
     for every model. ``recalibrated``: when the site fitted a recalibration of this bundle
     (``fedmets site recalibrate``), ``risk`` is the recalibrated one, ``risk_bundle`` the
     bundle's own and ``recalibrated`` says so (the class stays the bundle's: recalibration keeps
-    the ranking). Written atomically to ``out`` (CSV) when given. ValueError names what does
-    not fit."""
+    the ranking). A bundle whose run harmonised the radiomics (ComBat) is applied to them
+    harmonised as the run did (``fedmets.client.harmonise``; column ``harmonised``: ``site``,
+    ``own-batch`` or ``none``). ``site_output``: where the site keeps its recalibration and
+    ComBat corrections (default ``cfg.paths.output``; new patients' configs keep their output
+    apart). Written atomically to ``out`` (CSV) when given. ValueError names what does not
+    fit."""
     bundle = load_bundle(model_dir)
     manifest = bundle.manifest
+    site_output = Path(site_output or cfg.paths.output)
     data = load_site_data([cfg], unlabelled=True)
     columns = _check_fit(bundle, data, cfg)
+    data, harmonised = harmonised_for_bundle(data, bundle, cfg.site_id, site_output)
     deep = None
     if manifest["image"] is not None:
         from fedmets.client.crops import CropDataset, load_crops
@@ -114,8 +125,9 @@ def predict_site(
             ],
         }
     )
-    fitted = site_recalibration(cfg, bundle.digest()) if recalibrated else None
+    fitted = site_recalibration(site_output, bundle.digest()) if recalibrated else None
     table["recalibrated"] = fitted is not None
+    table["harmonised"] = harmonised
     if fitted is not None:
         table.insert(2, "risk_bundle", table["risk"])
         table["risk"] = apply_recalibration(

@@ -91,10 +91,10 @@ def recalibrate(cfg: SiteConfig, model_dir: Path, seed: int = 0) -> dict:
     return result
 
 
-def site_recalibration(cfg: SiteConfig, bundle_sha256: str) -> dict | None:
-    """The site's recalibration of the bundle with content hash ``bundle_sha256``, or None
-    (none fitted, or fitted for another bundle)."""
-    path = cfg.paths.output / RECALIBRATION_FILE
+def site_recalibration(site_output: Path, bundle_sha256: str) -> dict | None:
+    """The site's recalibration (kept in its ``paths.output``) of the bundle with content hash
+    ``bundle_sha256``, or None (none fitted, or fitted for another bundle)."""
+    path = Path(site_output) / RECALIBRATION_FILE
     if not path.is_file():
         return None
     fitted = json.loads(path.read_text(encoding="utf-8"))

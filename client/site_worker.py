@@ -30,7 +30,7 @@ import json
 import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +38,10 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.model_selection import StratifiedShuffleSplit
 from torch import nn
 
+from fedmets.client.harmonise import keep_with_bundle, save_adjustments
 from fedmets.client.policy import (
     DifferencingGuard,
     fold_seed,
@@ -76,6 +78,13 @@ from fedmets.shared import wire
 from fedmets.shared.bundle import BUNDLE_FORMAT, bundle_digest, save_bundle
 from fedmets.shared.clinical import decode_subsite, encoded_columns
 from fedmets.shared.config import SiteConfig
+from fedmets.shared.harmonisation import (
+    BatchAdjustment,
+    covariate_design,
+    design_statistics,
+    impute,
+    residual_sumsq,
+)
 from fedmets.shared.models import (
     MEMBER_MARK,
     FusionNet,
@@ -87,6 +96,8 @@ from fedmets.shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epo
 if TYPE_CHECKING:
     from fedmets.shared.image_models import ImageClassifier
 
+FINAL_ADJUSTMENTS = "combat-final.npz"
+"""The final model's ComBat corrections in the run's state (``fedmets.client.harmonise``)."""
 IMAGE_MODEL = "image"
 """Name of the image model's weights (``weights:image``)."""
 
@@ -248,11 +259,15 @@ class SiteWorker:
         self.policy = self.configs[0].policy
         self.route = ""  # the route being answered (see handle)
         self.device = resolve_device(self.configs[0].compute.device)
+        self._harmonised: tuple[tuple, SiteData] | None = None  # (file and mtime, the view)
         self.handlers: dict[str, Callable[[dict], dict]] = {
             "query.census": self.census,
             "query.folds": self.folds,
             "query.moments": self.moments,
             "query.covariance": self.covariance,
+            "query.combat_statistics": self.combat_statistics,
+            "query.combat_variance": self.combat_variance,
+            "query.combat_apply": self.combat_apply,
             "query.importance": self.importance,
             "train.image": self.train_image,
             "query.validate": self.validate,
@@ -289,7 +304,9 @@ class SiteWorker:
         arrays = request["weights:bundle"]
         root = self.configs[0].paths.output if len(self.configs) == 1 else self.state_root
         save_bundle(root / "model", manifest, arrays)
-        return {"bundle_sha256": bundle_digest(manifest, arrays)}
+        digest = bundle_digest(manifest, arrays)
+        keep_with_bundle(self._state(request) / FINAL_ADJUSTMENTS, root, digest)
+        return {"bundle_sha256": digest}
 
     def ledger(self) -> PrivacyLedger:
         """The site's privacy ledger (``<ledger_root>/privacy/privacy-ledger.json``)."""
@@ -359,11 +376,19 @@ class SiteWorker:
         least the floor of them, and a patient set the same as each one those statistics were
         released on before or differing from it by at least the floor; else :class:`Withheld`
         with the count alone."""
-        n, floor = int(rows.sum()), self.min_patients(request)
-        if n < floor:
-            raise Withheld("policy.min_patients", f"{n} patients, floor {floor}", {"n": n})
+        self._admit_together(request, [rows], families, int(rows.sum()))
+
+    def _admit_together(
+        self, request: Mapping[str, Any], groups: list[np.ndarray], families: set[str], n: int
+    ) -> None:
+        """:meth:`_admit` for a reply that releases ``families`` on each of the bool masks
+        ``groups`` at once (all admitted and recorded, or none); ``n`` the reply's count."""
+        floor = self.min_patients(request)
+        small = [int(rows.sum()) for rows in groups if rows.sum() < floor]
+        if small:
+            raise Withheld("policy.min_patients", f"{small[0]} patients, floor {floor}", {"n": n})
         guard = DifferencingGuard(self.policy_folder(), floor)
-        problem = guard.admit(self.data.ids[rows], families)
+        problem = guard.admit_together([self.data.ids[rows] for rows in groups], families)
         if problem:
             raise Withheld("policy.difference", problem, {"n": n})
 
@@ -431,8 +456,15 @@ class SiteWorker:
         return reply
 
     def moments(self, request: dict) -> dict:
+        """Sums over the fold's training rows; of the fold's harmonised radiomics when the
+        request says ``harmonised`` (else any harmonisation kept for the fold is dropped)."""
         train = self._rows(request)["train"]
-        X = self.data.radiomics.to_numpy()[train]
+        path = self._harmonised_path(request)
+        if request.get("harmonised") and not path.is_file():
+            raise SiteNotReady(f"{self.site_id}: fold {request['fold']} is not harmonised yet")
+        if not request.get("harmonised"):
+            path.unlink(missing_ok=True)
+        X = self._fold_data(request).radiomics.to_numpy()[train]
         reply = {
             "n": int(train.sum()),
             "positives": int(self.data.labels[train].sum()),
@@ -447,7 +479,7 @@ class SiteWorker:
     def covariance(self, request: dict) -> dict:
         train = self._rows(request)["train"]
         mean = np.asarray(request["radiomics_mean"], dtype=np.float64)
-        X = self.data.radiomics.to_numpy()[train]
+        X = self._fold_data(request).radiomics.to_numpy()[train]
         centred = np.where(np.isfinite(X), X, mean) - mean
         reply = {
             "n": int(train.sum()),
@@ -459,19 +491,151 @@ class SiteWorker:
             reply |= {"positives": int(y.sum()), "label_products": centred.T @ y}
         return self._released(request, train, reply)
 
+    # ---- ComBat (fedmets.shared.harmonisation) -------------------------------------------------
+
+    def _batches(self) -> list[str]:
+        """The site's ComBat batches, in the order of its replies: each site one."""
+        return [cfg.site_id for cfg in self.configs]
+
+    def _combat_inputs(
+        self, request: Mapping[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row's raw radiomics with missing values at the request's mean (n, p), its
+        covariate design (n, q) and the row's training mask (n,)."""
+        X = self.data.radiomics.to_numpy()
+        mean = np.asarray(request["radiomics_mean"], dtype=np.float64)
+        if mean.shape != (X.shape[1],):
+            raise ValueError(
+                f"{self.site_id}: radiomics_mean has shape {mean.shape}, the site has "
+                f"{X.shape[1]} radiomics columns"
+            )
+        c = covariate_design(self.data.clinical, list(request["covariates"]))
+        return impute(X, mean), c, self._rows(request)["train"]
+
+    def combat_statistics(self, request: dict) -> dict:
+        """Each batch's sums over its training rows (``design_statistics``). Every covariate
+        indicator splits the rows into two groups whose feature sums it releases: each
+        group must be a patient set the policy admits (or empty), like each batch."""
+        y, c, train = self._combat_inputs(request)
+        batches = self._batches()
+        reply = {
+            "n": int(train.sum()),
+            **design_statistics(y[train], c[train], self.data.site[train], batches),
+        }
+        groups = [train] + [train & (self.data.site == b) for b in batches]
+        for j in range(c.shape[1]):
+            if np.isin(c[train, j], (0.0, 1.0)).all():
+                groups += [train & (c[:, j] == 1), train & (c[:, j] == 0)]
+        groups = [g for g in groups if g.any()]
+        self._admit_together(request, groups, release_families(self.route, reply), reply["n"])
+        return reply
+
+    def combat_variance(self, request: dict) -> dict:
+        """The residual sums of squares (p,) of the training rows at each batch's intercept
+        (``batch_intercepts``, (b, p) in the order of :meth:`combat_statistics`)."""
+        y, c, train = self._combat_inputs(request)
+        intercepts = np.asarray(request["batch_intercepts"], dtype=np.float64)
+        effects = self._effects(request, y, c)
+        if intercepts.shape != (len(self._batches()), y.shape[1]):
+            raise ValueError(
+                f"{self.site_id}: batch_intercepts has shape {intercepts.shape}, expected "
+                f"({len(self._batches())}, {y.shape[1]})"
+            )
+        sumsq = sum(
+            residual_sumsq(y[rows], c[rows], intercepts[i], effects)
+            for i, b in enumerate(self._batches())
+            for rows in [train & (self.data.site == b)]
+        )
+        return self._released(request, train, {"n": int(train.sum()), "residual_sumsq": sumsq})
+
+    def combat_apply(self, request: dict) -> dict:
+        """Fit each batch's empirical-Bayes location and scale on its training rows and
+        harmonise all its rows (held-out ones too) with them; kept for the fold's later
+        requests (:meth:`_fold_data`) and, for the final model, for ``fedmets site predict``
+        (:func:`fedmets.client.harmonise.keep_adjustment`). Replies the count alone."""
+        y, c, train = self._combat_inputs(request)
+        effects = self._effects(request, y, c)
+        grand_mean = np.asarray(request["grand_mean"], dtype=np.float64)
+        variance = np.asarray(request["pooled_variance"], dtype=np.float64)
+        if grand_mean.shape != variance.shape or variance.shape != (y.shape[1],):
+            raise ValueError(f"{self.site_id}: grand_mean/pooled_variance are not ({y.shape[1]},)")
+        if (variance <= 0).any():
+            raise ValueError(f"{self.site_id}: pooled_variance must be > 0")
+        raw = self.data.radiomics.to_numpy()
+        harmonised = np.empty_like(raw)
+        adjustments = {}
+        mean = np.asarray(request["radiomics_mean"], dtype=np.float64)
+        for b in self._batches():
+            rows, fit = self.data.site == b, train & (self.data.site == b)
+            adjustment = BatchAdjustment.fit(y[fit], c[fit], grand_mean, effects, variance)
+            harmonised[rows] = adjustment.apply(raw[rows], c[rows], mean)
+            adjustments[b] = adjustment
+        path = self._harmonised_path(request)
+        partial = path.with_suffix(".partial.npy")
+        np.save(partial, harmonised)
+        partial.replace(path)
+        if int(request["fold"]) == wire.FINAL_FOLD:
+            save_adjustments(
+                self._state(request) / FINAL_ADJUSTMENTS,
+                adjustments,
+                list(self.data.radiomics.columns),
+                list(request["covariates"]),
+                mean,
+            )
+        return self._released(request, train, {"n": int(train.sum())})
+
+    def _effects(self, request: Mapping[str, Any], y: np.ndarray, c: np.ndarray) -> np.ndarray:
+        effects = np.asarray(request["covariate_effects"], dtype=np.float64)
+        if effects.shape != (c.shape[1], y.shape[1]):
+            raise ValueError(
+                f"{self.site_id}: covariate_effects has shape {effects.shape}, expected "
+                f"({c.shape[1]}, {y.shape[1]})"
+            )
+        return effects
+
+    def _harmonised_path(self, request: Mapping[str, Any]) -> Path:
+        return self._state(request) / f"harmonised-fold{int(request['fold'])}.npy"
+
+    def _fold_data(self, request: Mapping[str, Any]) -> SiteData:
+        """The site's data with the fold's radiomics: harmonised (:meth:`combat_apply`) when
+        they were, else as extracted."""
+        path = self._harmonised_path(request)
+        if not path.is_file():
+            return self.data
+        key = (str(path), path.stat().st_mtime_ns)
+        if self._harmonised is None or self._harmonised[0] != key:
+            radiomics = self.data.radiomics
+            values = pd.DataFrame(np.load(path), columns=radiomics.columns, index=radiomics.index)
+            self._harmonised = (key, replace(self.data, radiomics=values))
+        return self._harmonised[1]
+
     def importance(self, request: dict) -> dict:
+        """Random-forest importances (k_kept,) of the request's columns on the training rows;
+        with ``resamples``, also each column's ``selection_frequency``: the share of forests,
+        each on a random half of the training rows (stratified; halves of at least the floor
+        of patients, drawn from the site's own randomness), that rank it in their ``top_k``."""
         train = self._rows(request)["train"]
-        X = standardised_groups(self.data, request, None)["radiomics"][train]
+        X = standardised_groups(self._fold_data(request), request, None)["radiomics"][train]
         y = self.data.labels[train]
         reply: dict[str, Any] = {"n": int(train.sum()), "positives": int(y.sum())}
         if 0 < y.sum() < len(y):
-            forest = RandomForestClassifier(
-                n_estimators=int(request["trees"]),
-                class_weight="balanced",
-                random_state=site_seed(int(request["seed"]), self.site_id, int(request["fold"])),
-                n_jobs=1,
-            )
-            reply["importances"] = forest.fit(X, y).feature_importances_.astype(np.float64)
+            seed = site_seed(int(request["seed"]), self.site_id, int(request["fold"]))
+            reply["importances"] = _forest(X, y, int(request["trees"]), seed)
+            resamples = int(request.get("resamples", 0))
+            halves_hold = len(y) // 2 >= self.min_patients(request)
+            if resamples and halves_hold and min(y.sum(), len(y) - y.sum()) >= 2:
+                top_k = int(request["top_k"])
+                counts = np.zeros(X.shape[1])
+                draw = private_seed(  # secure randomness: the centre cannot know the halves
+                    self.policy, seed, self.site_id, int(request["fold"]) % 2**32, 1
+                )
+                halves = StratifiedShuffleSplit(
+                    resamples, train_size=0.5, random_state=draw % 2**32
+                )
+                for b, (half, _) in enumerate(halves.split(X, y)):
+                    scores = _forest(X[half], y[half], int(request["trees"]), seed + 1 + b)
+                    counts[np.argsort(-scores, kind="stable")[:top_k]] += 1
+                reply["selection_frequency"] = counts / resamples
         return self._released(request, train, reply)
 
     # ---- image model ---------------------------------------------------------------------------
@@ -622,7 +786,7 @@ class SiteWorker:
         when the fold's deep features exist."""
         deep_file = self._state(request) / f"deep-fold{int(request['fold'])}.npy"
         deep = np.load(deep_file) if deep_file.is_file() else None
-        return standardised_groups(self.data, request, deep)
+        return standardised_groups(self._fold_data(request), request, deep)
 
     def _fusion_models(
         self, request: Mapping[str, Any], groups: Mapping[str, np.ndarray]
@@ -837,6 +1001,14 @@ class SiteWorker:
         """The seed of a DP-SGD training's noise and sampling (``fedmets.client.policy``)."""
         keys = (int(request["fold"]), int(request["round"]))
         return private_seed(self.policy, int(request["seed"]), self.site_id, *keys)
+
+
+def _forest(X: np.ndarray, y: np.ndarray, trees: int, seed: int) -> np.ndarray:
+    """Impurity importances (columns,) of a class-balanced random forest on ``X``, ``y``."""
+    forest = RandomForestClassifier(
+        n_estimators=trees, class_weight="balanced", random_state=seed % 2**32, n_jobs=1
+    )
+    return forest.fit(X, y).feature_importances_.astype(np.float64)
 
 
 @torch.no_grad()

@@ -578,6 +578,15 @@ def _print_study(metrics: dict, preset: str, out: Path) -> None:
             ("fused model", "single group"),
         )
     )
+    console.print(
+        _paired_table(
+            metrics,
+            "versus_without_radiomics",
+            "What the selected radiomics add: each model against itself without them (DeLong, "
+            "paired)",
+            ("model", "without radiomics"),
+        )
+    )
     backbones = _paired_table(
         metrics,
         "versus_other_backbones",
@@ -684,6 +693,7 @@ def site_predict(
     from fedmets.client.site_worker import SiteNotReady
 
     cfg = _load_site_config_or_exit(config)
+    site_output = cfg.paths.output
     try:
         if manifest is not None:
             cfg = extract_new_patients(cfg, model, manifest)
@@ -692,7 +702,7 @@ def site_predict(
                 err_console.print(f"quarantined: {patient}: {'; '.join(problems)}", markup=False)
             for patient, failure in report["failed"].items():
                 err_console.print(f"failed: {patient}: {failure['message']}", markup=False)
-        table = predict_site(cfg, model, out)
+        table = predict_site(cfg, model, out, site_output=site_output)
     except (ValueError, SiteNotReady, OSError) as error:
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         raise typer.Exit(1) from error

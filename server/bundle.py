@@ -42,6 +42,9 @@ def write_bundle(out: Path, result: dict, cfg: FederationConfig) -> Path:
     names = reference["radiomics_names"]
     selected = [str(names[int(i)]) for i in standardise["radiomics_columns"]]
     arrays = {k: np.asarray(v) for k, v in standardise.items() if k in STANDARDISE_ARRAYS}
+    combat = final.get("combat")
+    for name, value in (combat or {}).items():  # the pooled ComBat fit of the selected columns
+        arrays[f"combat_{name}"] = np.asarray(value)
     for parameter, value in (final["image"] or {}).items():
         arrays[f"image/{parameter}"] = np.asarray(value)
     for network, state in final["fusion"].items():
@@ -68,6 +71,7 @@ def write_bundle(out: Path, result: dict, cfg: FederationConfig) -> Path:
         "params_hash": reference["params_hash"],
         "radiomics_features": selected,
         "clinical_columns": encoded_columns() if "clinical_mean" in standardise else [],
+        "harmonisation": final["record"]["selection"].get("harmonisation") or {"method": "none"},
         "image": None
         if final["image"] is None
         else {

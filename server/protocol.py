@@ -8,13 +8,18 @@ centralised and local-only baselines). Every request and reply is a ``fedmets.sh
 
 Per fold ``f`` (the sites' own stratified folds; training rows = every other fold):
 
+0. with ``[harmonisation] method = "combat"``: ``query.combat_statistics``,
+   ``query.combat_variance``, ``query.combat_apply`` -> every site's radiomics harmonised
+   for the fold (federated ComBat, ``fedmets.shared.harmonisation``), read by every later step;
 1. ``query.moments`` -> pooled radiomics means (over non-missing values) and clinical means/SDs;
 2. ``query.covariance`` (centred at those means, missing values at the mean) -> the pooled
    covariance: constant columns dropped, then ``fedmets.shared.selection.correlation_filter`` on the
    pooled correlation -- exactly the filter of the pooled training rows;
 3. ranking (``[selection] ranking``): ``query.importance`` -> random-forest importances per
-   site, averaged weighted by training patients; or |r| with the label from the covariance
-   replies' label products (exactly the pooled correlation) -> the ``top_k`` columns;
+   site, averaged weighted by training patients (with ``"stability"`` ranked by how often the
+   sites' forests on random halves put a column in their top k); or |r| with the label from
+   the covariance replies' label products (exactly the pooled correlation) -> the ``top_k``
+   columns (how alike the folds' sets are: ``selection_stability``);
 4. image model (image mode): ``image_rounds`` rounds of ``train.image`` + aggregation +
    ``query.validate`` on the sites' inner validation rows; the round with the lowest pooled
    validation loss is kept; ``query.deep_features`` -> pooled deep-feature means/SDs;
@@ -40,7 +45,7 @@ from __future__ import annotations
 import pickle
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,8 +56,9 @@ from fedmets.server.aggregation import Aggregator
 from fedmets.server.privacy import ClientLevelDP, privacy_report, summary_from_reply
 from fedmets.server.secure_aggregation import max_weight
 from fedmets.shared import wire
-from fedmets.shared.clinical import encoded_columns
+from fedmets.shared.clinical import CLINICAL_COLUMNS, encoded_columns
 from fedmets.shared.config import FederationConfig
+from fedmets.shared.harmonisation import fit_location, pooled_variance
 from fedmets.shared.image_models import (
     DP_SGD_BACKBONES,
     IMAGE_PRESETS,
@@ -194,10 +200,17 @@ class FederatedProtocol:
 
     # ---- messaging -----------------------------------------------------------------------------
 
-    def _ask(self, route: str, payload: Payload | Mapping[str, Payload], **where: Any) -> dict:
-        """Ask every site (the same ``payload``, or per-site payloads keyed by site id); record
-        dropouts; ProtocolError when fewer than ``min_sites`` answered."""
-        sites = self.link.sites()
+    def _ask(
+        self,
+        route: str,
+        payload: Payload | Mapping[str, Payload],
+        only: Sequence[str] | None = None,
+        **where: Any,
+    ) -> dict:
+        """Ask every site, or those of ``only`` (the same ``payload``, or per-site payloads
+        keyed by site id); record dropouts; ProtocolError when fewer than ``min_sites``
+        answered."""
+        sites = [s for s in self.link.sites() if only is None or s in only]
         per_site = payload if set(payload) == set(sites) and sites else None
         requests = {s: {**self.base, **(per_site[s] if per_site else payload)} for s in sites}
         replies = self.link.ask(route, requests)
@@ -302,6 +315,9 @@ class FederatedProtocol:
             "backbone": backbone,
             "census": self.record.census,
             "folds": self.record.folds,
+            "selection_stability": selection_stability(
+                [f["selection"]["selected"] for f in self.record.folds]
+            ),
             "dropouts": self.record.dropouts,
             "secure_aggregation": self.secure,
             "timing_s": self.record.timing_s,
@@ -458,10 +474,10 @@ class FederatedProtocol:
         fusion_networks``) and the thresholds of the ``models`` they make. ``rounds``
         (network or ``"image"`` -> rounds): train each that long and keep its last round,
         unvalidated (the final model); else each keeps its best validated round. Returns
-        (the record, {``standardise``, ``image``, ``fusion``, ``dims``})."""
+        (the record, {``combat``, ``standardise``, ``image``, ``fusion``, ``dims``})."""
         prefix = "final" if fold == wire.FINAL_FOLD else f"fold{fold}"
         where = {"fold": fold}
-        standardise, pos_weight, selection = self._step(
+        standardise, pos_weight, selection, combat = self._step(
             f"{prefix}-selection", lambda: self.select(fold, where)
         )
         record: dict[str, Any] = {"fold": fold, "selection": selection, "pos_weight": pos_weight}
@@ -489,6 +505,7 @@ class FederatedProtocol:
             lambda: self.thresholds(fold, fusion_weights, standardise, models),
         )
         fitted = {
+            "combat": combat,
             "standardise": standardise,
             "image": image_weights,
             "fusion": fusion_weights,
@@ -545,18 +562,22 @@ class FederatedProtocol:
 
     # ---- selection -----------------------------------------------------------------------------
 
-    def select(self, fold: int, where: dict) -> tuple[Payload, float, dict]:
-        """Pooled standardisation, correlation filter and ranking on the fold's
-        training rows -> the standardisation payload of the selected columns."""
-        moments = self._usable(self._ask("query.moments", {"fold": fold}, **where), "radiomics_sum")
+    def select(self, fold: int, where: dict) -> tuple[Payload, float, dict, dict | None]:
+        """ComBat harmonisation (``[harmonisation] method``), then pooled standardisation,
+        correlation filter and ranking on the fold's training rows -> the standardisation
+        payload of the selected columns, the positive-class weight, the selection's record and
+        the pooled ComBat fit of the selected columns (None without harmonisation)."""
+        moments = self._moments(fold, where, harmonised=False)
+        harmonisation = None
+        if self.cfg.harmonisation.method == "combat":
+            harmonisation = self._combat(fold, where, _pooled_mean(moments))
+            moments = self._moments(fold, where, harmonised=True)
         n = sum(r["n"] for r in moments.values())
         positives = sum(r["positives"] for r in moments.values())
         if positives == 0 or positives == n:
             raise ProtocolError(f"fold {fold}: the training rows have one class only")
         pos_weight = (n - positives) / positives
-        count = sum(r["radiomics_count"] for r in moments.values())
-        mean = np.where(count > 0, sum(r["radiomics_sum"] for r in moments.values()), 0.0)
-        mean = mean / np.maximum(count, 1)
+        mean = _pooled_mean(moments)
         standardise: Payload = {}
         if all("clinical_sum" in r for r in moments.values()):
             c_mean = sum(r["clinical_sum"] for r in moments.values()) / n
@@ -581,12 +602,17 @@ class FederatedProtocol:
         corr = cov[np.ix_(varying, varying)] / np.outer(sd[varying], sd[varying])
         kept = varying[correlation_filter(corr, self.cfg.selection.correlation_threshold)]
 
+        frequency = None
         if by_correlation:
             importance = self._label_correlation(cov_replies, sums, sd, kept)
             ranked_by = cov_replies
         else:
-            importance, ranked_by = self._forest_importance(fold, kept, mean, sd, where)
-        order = np.argsort(-importance, kind="stable")[: self.cfg.selection.top_k]
+            importance, ranked_by, frequency = self._forest_importance(fold, kept, mean, sd, where)
+        if frequency is None:
+            order = np.argsort(-importance, kind="stable")
+        else:  # most often in a resample's top_k; ties by the mean importance
+            order = np.lexsort((-importance, -frequency))
+        order = order[: self.cfg.selection.top_k]
         selected = kept[order]
         standardise |= {
             "radiomics_columns": selected,
@@ -607,26 +633,124 @@ class FederatedProtocol:
             "importance": importance[order].round(6).tolist(),
             "ranked_by": sorted(ranked_by),
         }
-        return standardise, pos_weight, selection
+        if frequency is not None:
+            selection["selection_frequency"] = frequency[order].round(4).tolist()
+        combat = None
+        if harmonisation is not None:
+            selection["harmonisation"] = harmonisation.pop("record")
+            combat = {k: v[..., selected] for k, v in harmonisation.items()}
+        return standardise, pos_weight, selection, combat
 
-    def _forest_importance(
-        self, fold: int, kept: np.ndarray, mean: np.ndarray, sd: np.ndarray, where: dict
-    ) -> tuple[np.ndarray, dict[str, Payload]]:
-        """Random-forest importances of the ``kept`` columns (k,): each site's forest on its
-        standardised training rows, averaged weighted by its training patients; and the
-        sites that ranked."""
-        ranking = self._ask(
-            "query.importance",
+    def _moments(self, fold: int, where: dict, harmonised: bool) -> dict[str, Payload]:
+        request = {"fold": fold, "harmonised": harmonised}
+        return self._usable(self._ask("query.moments", request, **where), "radiomics_sum")
+
+    def _combat(self, fold: int, where: dict, mean: np.ndarray) -> dict:
+        """Federated ComBat on the fold's training rows (``fedmets.shared.harmonisation``):
+        the sites' design sums -> the least-squares location; their residual sums of squares
+        -> the pooled variance; every site then fits its own empirical-Bayes location and scale
+        on its training rows and harmonises its rows. The covariates are ``[harmonisation]
+        covariates`` (none without clinical data); when a site's policy withholds the sums over
+        a categorical covariate's groups (a group under its floor, or one that moved by fewer
+        than the floor from an earlier fold's), the fold keeps the numeric covariates only. A
+        site that still withholds its sums (too few patients) is left out of the pooled fit
+        and harmonised with it as a new batch, as ComBat treats one. Returns the pooled fit
+        (``grand_mean``, ``effects``, ``variance``, ``mean``: (p,), (q, p), (p,), (p,)) and
+        its ``record``."""
+        clinical = all(c["clinical_columns"] > 0 for c in self.record.census.values())
+        covariates = list(self.cfg.harmonisation.covariates) if clinical else []
+        numeric = [c for c in covariates if CLINICAL_COLUMNS[c].kind == "numeric"]
+        while True:
+            request = {"fold": fold, "radiomics_mean": mean, "covariates": covariates}
+            stats = self._ask("query.combat_statistics", request, **where)
+            sites = sorted(s for s, r in stats.items() if "batch_n" in r)
+            withheld = sorted(set(stats) - set(sites))
+            if not withheld or covariates == numeric:
+                break
+            self.say(
+                f"  ComBat: sites {', '.join(withheld)} withheld the sums of the categorical "
+                f"covariates' groups (policy): asked again with {numeric or 'no covariates'}"
+            )
+            covariates = numeric
+        if not sites:
+            raise ProtocolError(f"fold {fold}: every site withheld its ComBat sums")
+        if withheld:
+            self.say(
+                f"  ComBat: sites {', '.join(withheld)} withheld their sums (policy): "
+                "harmonised as new batches of the others' fit"
+            )
+        location = fit_location([stats[s] for s in sites])
+        first = np.cumsum([0] + [len(stats[s]["batch_n"]) for s in sites])
+        variance_requests = {
+            s: {
+                **request,
+                "batch_intercepts": location.intercepts[first[i] : first[i + 1]],
+                "covariate_effects": location.effects,
+            }
+            for i, s in enumerate(sites)
+        }
+        residuals = self._ask("query.combat_variance", variance_requests, sites, **where)
+        self._all_answered("query.combat_variance", residuals, sites, "residual_sumsq")
+        total = int(sum(stats[s]["batch_n"].sum() for s in sites))
+        variance = pooled_variance([residuals[s]["residual_sumsq"] for s in sites], total)
+        applied = self._ask(
+            "query.combat_apply",
             {
-                "fold": fold,
-                "radiomics_columns": kept,
-                "radiomics_mean": mean[kept],
-                "radiomics_scale": sd[kept],
-                "trees": self.cfg.selection.rf_trees,
-                "seed": self.cfg.run.seed,
+                **request,
+                "grand_mean": location.grand_mean,
+                "covariate_effects": location.effects,
+                "pooled_variance": variance,
             },
             **where,
         )
+        self._all_answered("query.combat_apply", applied, sorted(stats), "n")
+        self.say(
+            f"  ComBat: fitted on {len(sites)} sites ({total} patients), covariates "
+            f"{covariates or 'none'}"
+        )
+        return {
+            "grand_mean": location.grand_mean,
+            "effects": location.effects,
+            "variance": variance,
+            "mean": mean,
+            "record": {
+                "method": "combat",
+                "covariates": covariates,
+                "sites": sites,
+                "new_batches": withheld,
+            },
+        }
+
+    @staticmethod
+    def _all_answered(route: str, replies: dict, sites: list[str], needed: str) -> None:
+        missing = sorted(s for s in sites if needed not in replies.get(s, {}))
+        if missing:
+            raise ProtocolError(
+                f"{route}: sites {', '.join(missing)} did not answer; ComBat needs every site "
+                "of its fit"
+            )
+
+    def _forest_importance(
+        self, fold: int, kept: np.ndarray, mean: np.ndarray, sd: np.ndarray, where: dict
+    ) -> tuple[np.ndarray, dict[str, Payload], np.ndarray | None]:
+        """Random-forest importances of the ``kept`` columns (k,): each site's forest on its
+        standardised training rows, averaged weighted by its training patients; the sites that
+        ranked; with the stability ranking also the columns' selection frequencies (k,), the
+        same average of each site's share of forests on random halves that put them in their
+        top_k (else None)."""
+        selection = self.cfg.selection
+        stability = selection.ranking == "stability"
+        request = {
+            "fold": fold,
+            "radiomics_columns": kept,
+            "radiomics_mean": mean[kept],
+            "radiomics_scale": sd[kept],
+            "trees": selection.rf_trees,
+            "seed": self.cfg.run.seed,
+        }
+        if stability:
+            request |= {"resamples": selection.stability_resamples, "top_k": selection.top_k}
+        ranking = self._ask("query.importance", request, **where)
         ranked = {s: r for s, r in ranking.items() if "importances" in r}
         if not ranked:
             raise ProtocolError(f"fold {fold}: no site could rank features (one class each)")
@@ -634,7 +758,17 @@ class FederatedProtocol:
         importance = np.average(
             [r["importances"] for r in ranked.values()], axis=0, weights=weights
         )
-        return importance, ranked
+        frequency = None
+        if stability:
+            resampled = {s: r for s, r in ranked.items() if "selection_frequency" in r}
+            if not resampled:
+                raise ProtocolError(f"fold {fold}: no site could resample (too few events)")
+            frequency = np.average(
+                [r["selection_frequency"] for r in resampled.values()],
+                axis=0,
+                weights=[r["n"] for r in resampled.values()],
+            )
+        return importance, ranked, frequency
 
     @staticmethod
     def _label_correlation(
@@ -943,7 +1077,7 @@ class FederatedProtocol:
     def _fusion_settings(self) -> Payload:
         model = self.cfg.model
         return {
-            "hidden": list(model.fusion_hidden),
+            "hidden": np.asarray(model.fusion_hidden, dtype=np.int64),  # [] stays integer
             "dropout": model.fusion_dropout,
             "group_dropout": model.fusion_group_dropout,
         }
@@ -1068,6 +1202,29 @@ class FederatedProtocol:
                 },
             }
         return results
+
+
+def selection_stability(selected: list[list[int]]) -> dict:
+    """How alike the folds' selected radiomics sets are: the mean Jaccard index over pairs of
+    folds (1: the same set every fold), the columns selected in every fold and in any."""
+    sets = [set(s) for s in selected]
+    pairs = [
+        len(a & b) / len(a | b) if a | b else 1.0 for i, a in enumerate(sets) for b in sets[i + 1 :]
+    ]
+    return {
+        "folds": len(sets),
+        "mean_jaccard": round(float(np.mean(pairs)), 4) if pairs else None,
+        "in_every_fold": len(set.intersection(*sets)) if sets else 0,
+        "in_any_fold": len(set.union(*sets)) if sets else 0,
+    }
+
+
+def _pooled_mean(moments: dict[str, Payload]) -> np.ndarray:
+    """The pooled radiomics means (p,) over the non-missing values of ``query.moments``
+    replies (0 for a column without any)."""
+    count = sum(r["radiomics_count"] for r in moments.values())
+    total = np.where(count > 0, sum(r["radiomics_sum"] for r in moments.values()), 0.0)
+    return total / np.maximum(count, 1)
 
 
 def _chosen_rounds(folds: list[dict]) -> dict[str, list[dict]]:

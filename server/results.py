@@ -99,6 +99,7 @@ class ProtocolSummary(_Strict):
     per_site: dict[str, Metrics | None]
     models: dict[str, ModelResults]
     folds: list[dict[str, Any]]
+    selection_stability: dict[str, Any] | None = None  # protocol.selection_stability
     importance: dict[str, Any] | None = None
     timing_s: dict[str, float]
 
@@ -150,6 +151,8 @@ class SimulationResults(_Strict):
     centralized: ProtocolSummary | None = None
     local_only: LocalOnly | None = None
     ablation: dict[str, dict[str, Metrics | None]] | None = None
+    baselines: dict[str, dict[str, Any]] | None = None  # logistic: the plain model beside
+    site_effect: dict[str, Any] | None = None  # simulation.site_effect: site AUC before/after
     holdout: HeldOut | None = None
     loso: LeaveOneSiteOut | None = None
     timing_s: dict[str, float] = {}
@@ -170,12 +173,14 @@ class PairedTest(_Strict):
 
 class StudyModel(_Strict):
     """One model of the study: exact pooled, per-subsite and per-fold metrics, and its paired
-    tests against its single groups and against the other backbones."""
+    tests against its single groups, against itself without the radiomics and against the
+    other backbones."""
 
     pooled: Metrics
     per_subsite: dict[str, Metrics]
     per_fold: list[Metrics]
     versus_single_groups: dict[str, PairedTest] = {}
+    versus_without_radiomics: dict[str, PairedTest] = {}
     versus_other_backbones: dict[str, PairedTest] = {}
 
 

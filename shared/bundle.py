@@ -5,10 +5,14 @@
   (``radiomics_mean``/``radiomics_scale``, (k,)) and of the clinical columns (``clinical_*``,
   (q,)); the deep-feature centring and projection (``deep_mean`` (D,), ``deep_projection``
   (D, c) or ``deep_scale`` (D,)); the image model's weights (``image/<parameter>``) and each
-  fusion network's (``fusion/<network>/<parameter>``).
+  fusion network's (``fusion/<network>/<parameter>``); with ComBat harmonisation the pooled
+  fit of the selected columns (``combat_grand_mean``, ``combat_effects`` (q, k),
+  ``combat_variance``, ``combat_mean``: the imputation mean), which a site that was not in the
+  federation fits its own batch with (``fedmets.client.harmonise``).
 - ``manifest.json``: format and versions; the run, its config's fingerprint and the sites'
   schema and extraction-settings hashes; the selected radiomics features by their PyRadiomics
-  names; the image model's settings; the fusion networks and how they make each model; each
+  names; the harmonisation (method, covariates, the sites that took part); the image model's
+  settings; the fusion networks and how they make each model; each
   model's threshold and how it was chosen; the rounds each network trained; each model's
   cross-validated pooled metrics with their CIs; the training cohort in counts.
 

@@ -374,8 +374,34 @@ class SelectionSection(_Section):
     # How the filtered columns are ranked: "forest", random-forest importances (the study's
     # method; each site fits a forest); "correlation", |Pearson r| with the DM label from
     # pooled sums (exactly the pooled ranking; the choice under DP, see docs/privacy.md).
-    ranking: Literal["forest", "correlation"] = "forest"
+    # "stability": each site fits a forest on each of ``stability_resamples`` random halves of
+    # its training rows; the columns ranked by how often they are in a forest's top_k
+    # (averaged over the sites by training patients; ties by the mean forest importance).
+    ranking: Literal["forest", "correlation", "stability"] = "forest"
     rf_trees: int = Field(200, ge=10)
+    stability_resamples: int = Field(20, ge=2, le=200)
+
+
+class HarmonisationSection(_Section):
+    """``[harmonisation]``: scanner and protocol effects on the radiomics features, removed per
+    fold on its training rows before selection (``fedmets.shared.harmonisation``)."""
+
+    # "combat": federated ComBat, each site one batch (location and scale, empirical Bayes);
+    # "none": the features as extracted.
+    method: Literal["none", "combat"] = "none"
+    # Clinical schema columns whose effect on the features is kept (never the label); left
+    # out when the sites have no clinical data.
+    covariates: list[str] = Field(["age", "sex", "t_stage"])
+
+    @field_validator("covariates")
+    @classmethod
+    def _schema_columns(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(CLINICAL_COLUMNS))
+        if unknown:
+            raise ValueError(
+                f"{unknown} are not clinical schema columns ({', '.join(CLINICAL_COLUMNS)})"
+            )
+        return value
 
 
 class ModelSection(_Section):
@@ -452,6 +478,7 @@ class FederationConfig(_Section):
     strategy: StrategySection = _section()
     cv: CvSection = _section()
     selection: SelectionSection = _section()
+    harmonisation: HarmonisationSection = _section()
     model: ModelSection = _section()
     evaluation: EvaluationSection = _section()
     dp: DpSection = _section()

@@ -39,6 +39,19 @@ def _results_table(title: str, results: Mapping[str, Any] | None, absent: str) -
     return ["", f"## {title}", "", *([HEADER, RULE, *rows] if rows else [absent])]
 
 
+def _harmonisation(spec: Mapping[str, Any] | None) -> str:
+    from fedmets.shared.harmonisation import MIN_OWN_BATCH
+
+    if not spec or spec.get("method", "none") == "none":
+        return "none (the radiomics as extracted)"
+    covariates = ", ".join(spec.get("covariates") or []) or "none"
+    return (
+        f"federated ComBat before selection (covariates kept: {covariates}); a site applies its"
+        f" own correction from the run, a new site fits its own batch on >= {MIN_OWN_BATCH} of"
+        " its patients"
+    )
+
+
 def model_card(manifest: Mapping[str, Any]) -> str:
     """The Markdown model card of the bundle whose manifest is ``manifest``."""
     main = manifest["main_model"]
@@ -77,6 +90,7 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         " and its peritumoral ring, selected on the training rows (extraction settings hash"
         f" `{manifest['params_hash'][:16]}`): "
         + ", ".join(f"`{name}`" for name in manifest["radiomics_features"]),
+        "- Harmonisation: " + _harmonisation(manifest.get("harmonisation")),
         f"- Clinical: {len(manifest['clinical_columns'])} encoded columns"
         + (f" ({', '.join(manifest['clinical_columns'])})" if manifest["clinical_columns"] else ""),
         "- Image: "

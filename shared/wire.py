@@ -48,7 +48,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """Bumped whenever a route's request or reply changes; the census refuses other versions."""
 
 
@@ -111,6 +111,7 @@ ParamType = Literal[
     "ints",
     "weights",
     "json",
+    "covariates",
 ]
 
 
@@ -123,7 +124,8 @@ class Param:
     ``models`` (a list of model keys, :data:`MODEL_KEY`);
     ``vector`` / ``matrix`` (1-D / 2-D arrays of finite floats); ``indices`` (1-D
     non-negative integers); ``ints`` (1-D integers in range); ``weights`` (parameter name ->
-    numeric array); ``json`` (the text of one JSON object, at most :data:`MAX_JSON_CHARS`). A
+    numeric array); ``json`` (the text of one JSON object, at most :data:`MAX_JSON_CHARS`);
+    ``covariates`` (a list of clinical schema column names, ``fedmets.shared.clinical``). A
     site's policy may bound a field further (``fedmets.client.policy``)."""
 
     type: ParamType
@@ -210,6 +212,10 @@ _TRAINING = {
     "seed": _SEED,
 }
 _BINS = {"bins": Param("int", 2, 10**6)}
+_COMBAT = {  # fedmets.shared.harmonisation: missing values at the mean, covariates kept
+    "radiomics_mean": _VECTOR,
+    "covariates": Param("covariates"),
+}
 _WEIGHTS = {"weights:*": Param("weights")}
 
 ROUTES: dict[str, Route] = {
@@ -247,7 +253,7 @@ ROUTES: dict[str, Route] = {
         ),
         Route(
             "query.moments",
-            _RUN,
+            {**_RUN, "harmonised": Param("bool")},  # of the fold's ComBat-harmonised values
             {
                 "n": C,
                 "positives": C,
@@ -269,9 +275,44 @@ ROUTES: dict[str, Route] = {
             },
         ),
         Route(
+            "query.combat_statistics",
+            {**_RUN, **_COMBAT},
+            {
+                "n": C,
+                "batch_n": C,  # (b,) patients of each of the site's batches
+                "batch_covariate_sum": A,  # (b, q)
+                "batch_response_sum": A,  # (b, p)
+                "covariate_gram": A,  # (q, q)
+                "covariate_response": A,  # (q, p)
+            },
+        ),
+        Route(
+            "query.combat_variance",
+            {**_RUN, **_COMBAT, "batch_intercepts": _MATRIX, "covariate_effects": _MATRIX},
+            {"n": C, "residual_sumsq": A},  # (p,) over the site's batches
+        ),
+        Route(
+            "query.combat_apply",  # the site harmonises its rows; nothing but n comes back
+            {
+                **_RUN,
+                **_COMBAT,
+                "grand_mean": _VECTOR,
+                "covariate_effects": _MATRIX,
+                "pooled_variance": _VECTOR,
+            },
+            {"n": C},
+        ),
+        Route(
             "query.importance",
-            {**_RUN, **_STANDARDISE, "trees": Param("int", 1, 10**5), "seed": _SEED},
-            {"n": C, "positives": C, "importances": A},  # (k_kept,)
+            {
+                **_RUN,
+                **_STANDARDISE,
+                "trees": Param("int", 1, 10**5),
+                "seed": _SEED,
+                "resamples": Param("int", 0, 200),  # stability ranking: forests on halves
+                "top_k": Param("int", 1, 10**5),  # ... counted when in a forest's top_k
+            },
+            {"n": C, "positives": C, "importances": A, "selection_frequency": A},  # (k_kept,)
         ),
         Route(
             "train.image",
@@ -504,6 +545,14 @@ def _param_problem(param: Param, value: Any, spec: Route) -> str | None:
             isinstance(v, str) and MODEL_KEY.match(v) for v in value
         )
         return None if ok else f"must list model keys, got {list(value)[:3]!r:.80}"
+    if kind == "covariates":  # an empty list arrives as an empty array
+        from fedmets.shared.clinical import CLINICAL_COLUMNS  # (pandas: not in the relay)
+
+        listed = isinstance(value, (list, tuple)) or (
+            isinstance(value, np.ndarray) and not value.size
+        )
+        ok = listed and all(isinstance(v, str) and v in CLINICAL_COLUMNS for v in value)
+        return None if ok else f"must list clinical schema columns, got {value!r:.80}"
     if kind == "json":
         if not isinstance(value, str) or len(value) > MAX_JSON_CHARS:
             return f"must be JSON text of at most {MAX_JSON_CHARS} characters"

@@ -38,7 +38,7 @@ import torch
 from fedmets.client.extract import extract_site
 from fedmets.client.site_files import FEATURES_FILE
 from fedmets.client.site_worker import SiteWorker
-from fedmets.server.protocol import ProtocolError
+from fedmets.server.protocol import FederatedProtocol, ProtocolError, main_model
 from fedmets.server.results import SimulationResults, to_jsonable, typed
 from fedmets.shared.config import (
     FederationConfig,
@@ -47,7 +47,7 @@ from fedmets.shared.config import (
     load_site_config,
 )
 from fedmets.simulation.holdout import held_out_validation, leave_one_site_out
-from fedmets.simulation.in_process import run_in_process
+from fedmets.simulation.in_process import InProcessLink, run_in_process
 from fedmets.simulation.loopback import (
     flower_bin,
     flower_env,
@@ -55,6 +55,7 @@ from fedmets.simulation.loopback import (
     stop_process,
     wait_for_port,
 )
+from fedmets.simulation.site_effect import site_effect
 
 APP_DIR = Path(__file__).resolve().parent.parent
 """The Flower app (the folder holding pyproject.toml's ``[tool.flwr.app]``)."""
@@ -162,6 +163,7 @@ def simulate(
         "census": federated["census"],
         "dropouts": federated["dropouts"],
         "privacy_ledger": federated["privacy"],
+        "site_effect": site_effect(configs, federated["run"], federated["folds"]),
     }
     if baselines:
         tic = time.perf_counter()
@@ -169,9 +171,10 @@ def simulate(
             "baselines: the same protocol on all sites pooled (centralised) and on each site alone "
             "(local-only), side by side in worker processes"
         )
-        centralized, local, not_run = run_baselines(configs, fed, out, log)
+        centralized, local, not_run, logistic = run_baselines(configs, fed, out, log)
         timing["baselines"] = time.perf_counter() - tic
         metrics["centralized"] = centralized
+        metrics["baselines"] = {"logistic": _logistic_summary(logistic)}
         main = federated["main_model"]
         metrics["local_only"] = {
             "per_site": {s: r["models"][main]["pooled"] for s, r in local.items()},
@@ -218,7 +221,8 @@ def run_baselines(
     cores the centralised run beside the four local-only runs in turn, one thread each, which
     costs less than the two in a row on two threads each. The centralised run logs its
     progress through ``log`` as it goes; local-only runs say when each is done."""
-    tasks = [("centralized", [c.source for c in configs])]
+    every = [c.source for c in configs]
+    tasks = [("centralized", every), (LOGISTIC_FEDERATED, every), (LOGISTIC_CENTRALIZED, every)]
     for cfg in sorted(configs, key=_patients, reverse=True):
         tasks.append((cfg.site_id, [cfg.source]))
     cores = os.cpu_count() or 1
@@ -228,6 +232,7 @@ def run_baselines(
     local: dict[str, dict] = {}
     not_run: dict[str, str] = {}
     centralized: dict = {}
+    logistic: dict[str, dict] = {}
     spawn = multiprocessing.get_context("spawn")
     progress = spawn.Queue()  # the centralised run's log lines, as they come
     with ProcessPoolExecutor(
@@ -245,6 +250,9 @@ def run_baselines(
                 outcome = job.result()
                 if kind == "centralized":
                     centralized = outcome
+                elif kind in (LOGISTIC_FEDERATED, LOGISTIC_CENTRALIZED):
+                    logistic[kind.removeprefix("logistic-")] = outcome
+                    log(f"logistic baseline ({kind.removeprefix('logistic-')}) done")
                 elif isinstance(outcome, str):  # too small to train alone under its policy
                     not_run[kind] = outcome
                     log(f"local-only baseline: {kind} alone cannot run: {outcome}")
@@ -252,7 +260,42 @@ def run_baselines(
                     local[kind] = outcome
                     log(f"local-only baseline: {kind} done")
     _drain(progress, log)
-    return centralized, dict(sorted(local.items())), not_run
+    return centralized, dict(sorted(local.items())), not_run, logistic
+
+
+LOGISTIC_FEDERATED, LOGISTIC_CENTRALIZED = "logistic-federated", "logistic-centralized"
+LOGISTIC_WEIGHT_DECAY = 1e-2
+"""The L2 penalty (Adam weight decay) of the plain logistic baseline."""
+
+
+def logistic_config(fed: FederationConfig) -> FederationConfig:
+    """The plain baseline of ``fed``: the same protocol, selection, harmonisation and clinical
+    encoding, with a logistic regression (a fusion network without hidden layers, L2 by weight
+    decay, no dropout) for the fusion network and no image stage or final model."""
+    data = fed.model_dump(mode="json")
+    data["model"] |= {
+        "fusion_hidden": [],
+        "fusion_dropout": 0.0,
+        "fusion_group_dropout": 0.0,
+        "fusion_members": 1,
+        "fusion": "joint",
+        "fusion_weight_decay": LOGISTIC_WEIGHT_DECAY,
+    }
+    data["stages"] |= {"image": False, "final_model": False}
+    data["strategy"]["secure_aggregation"] = False
+    return FederationConfig.model_validate(data)
+
+
+def _logistic_summary(logistic: dict[str, dict]) -> dict:
+    """The logistic baseline's main model (radiomics + clinical, or radiomics alone), pooled
+    metrics federated and centralised, as ``metrics.json`` ``baselines.logistic`` holds them."""
+    federated = logistic["federated"]
+    model = main_model(list(federated["models"]))
+    return {
+        "model": model,
+        "weight_decay": LOGISTIC_WEIGHT_DECAY,
+        **{kind: r["models"][model]["pooled"] for kind, r in logistic.items()},
+    }
 
 
 def _patients(cfg: SiteConfig) -> int:
@@ -281,8 +324,21 @@ def _baseline(kind: str, site_tomls: list[Path], federation: dict, out: Path) ->
     Returns its summary or, for a site that cannot train alone, the protocol's error text."""
     configs = [load_site_config(p) for p in site_tomls]
     fed = FederationConfig.model_validate(federation)
-    if kind == "centralized":
-        state, run = out / "centralized-state", f"{fed.run.name}-pooled"
+    if kind == LOGISTIC_FEDERATED:  # one worker per site, in process
+        state = out / "logistic-state"
+        workers = {
+            c.site_id: SiteWorker([c], state_root=state / c.site_id, ledger_root=state / c.site_id)
+            for c in configs
+        }
+        link = InProcessLink(workers)
+        protocol = FederatedProtocol(
+            link, logistic_config(fed), f"{fed.run.name}-logistic", privacy_dir=state / "server"
+        )
+        return _summary(protocol.run_all())
+    if kind == LOGISTIC_CENTRALIZED:
+        kind, fed = "centralized-logistic", logistic_config(fed)
+    if kind.startswith("centralized"):
+        state, run = out / f"{kind}-state", f"{fed.run.name}-{kind}"
     else:
         state, run = out / "local-state" / kind, f"{fed.run.name}-local"
     worker = SiteWorker(configs, state_root=state, ledger_root=state)
@@ -293,7 +349,7 @@ def _baseline(kind: str, site_tomls: list[Path], federation: dict, out: Path) ->
             )
         )
     except ProtocolError as error:
-        if kind == "centralized":
+        if kind.startswith("centralized"):
             raise
         return str(error)
 
@@ -307,6 +363,7 @@ def _summary(result: dict) -> dict:
         "per_site": result["models"][main]["per_site"],
         "models": result["models"],
         "folds": result["folds"],
+        "selection_stability": result.get("selection_stability"),
         "importance": result.get("importance"),
         "timing_s": result["timing_s"],
     }
@@ -460,6 +517,24 @@ def summary_text(metrics: dict) -> str:
     ]
     if "centralized" in metrics:
         lines.append(f"centralised pooled: {_fmt(metrics['centralized']['pooled'])}")
+    logistic = (metrics.get("baselines") or {}).get("logistic")
+    if logistic:
+        lines.append(f"logistic baseline ({logistic['model']}):")
+        for kind in ("federated", "centralized"):
+            lines.append(f"  {kind:11s} {_fmt(logistic.get(kind))}")
+    stability = metrics["federated"].get("selection_stability")
+    if stability and stability["mean_jaccard"] is not None:
+        lines.append(
+            f"selected radiomics across folds: mean Jaccard {stability['mean_jaccard']:.2f}, "
+            f"{stability['in_every_fold']} in every fold, {stability['in_any_fold']} in any"
+        )
+    effect = metrics.get("site_effect")
+    if effect:
+        after = "n/a (not harmonised)" if effect["after"] is None else f"{effect['after']:.3f}"
+        lines.append(
+            f"site effect (site classifier AUC on the selected features): before "
+            f"{effect['before']:.3f}, after harmonisation {after}"
+        )
     lines.append("per site (federated model | the site alone):")
     for site in metrics["config"]["sites"]:
         local = metrics.get("local_only", {}).get("per_site", {}).get(site)

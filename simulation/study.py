@@ -275,6 +275,17 @@ def run_study(
                 single: delong_paired_test(y, models[key], models[single])
                 for single in single_group_models(key)
             }
+    for key in results:  # what the radiomics add: the same model without them (DeLong)
+        groups = model_groups(key)
+        if "radiomics" in groups and len(groups) > 1:
+            prefix = key.split("/", 1)[0]
+            without = f"{prefix if 'deep' in groups else 'none'}/" + "+".join(
+                g for g in groups if g != "radiomics"
+            )
+            if without in models:
+                results[key]["versus_without_radiomics"] = {
+                    without: delong_paired_test(y, models[key], models[without])
+                }
     for key in [k for k in results if backbones and k.startswith(backbones[0] + "/")]:
         others = [f"{b}/{key.split('/', 1)[1]}" for b in backbones[1:]]
         if others:

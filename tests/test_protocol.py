@@ -57,11 +57,19 @@ def write_sites(root: Path, folds: int = 3) -> dict[str, Path]:
     """Three tabular sites with features.parquet ready under ``root``, cross-validating with
     ``folds`` folds: site id -> site.toml."""
     rng = np.random.default_rng(5)
+    tables = {site: _features(n, p, rng, site) for site, (n, p) in SITES.items()}
+    return write_table_sites(root, tables, folds)
+
+
+def write_table_sites(root: Path, tables: dict[str, pd.DataFrame], folds: int) -> dict[str, Path]:
+    """A tabular site per features table (``patient_id``, ``label``, radiomics, encoded
+    clinical) under ``root``, its features.parquet ready, seed 1, ``folds`` folds: site id ->
+    site.toml."""
     paths = {}
-    for site, (n, prevalence) in SITES.items():
+    for site, table in tables.items():
         folder = root / site
         (folder / "output").mkdir(parents=True)
-        _features(n, prevalence, rng, site).to_parquet(folder / "output" / "features.parquet")
+        table.to_parquet(folder / "output" / "features.parquet")
         (folder / "features.csv").write_text("unused\n")
         paths[site] = write_site_config(
             folder,
@@ -136,7 +144,7 @@ def test_federated_selection_equals_the_pooled_filter(sites) -> None:
     protocol = FederatedProtocol(_link(sites), cfg, "test-run")
     protocol.census()
     protocol.folds()
-    standardise, _, selection = protocol.select(1, {"fold": 1})
+    standardise, _, selection, _ = protocol.select(1, {"fold": 1})
 
     X, _, varying, kept = _pooled_training_rows(sites, fold=1)
     assert selection["varying"] == P - 1  # the constant column is gone
@@ -153,7 +161,7 @@ def test_federated_correlation_ranking_equals_the_pooled_ranking(sites) -> None:
     protocol = FederatedProtocol(_link(sites), cfg, "test-run")
     protocol.census()
     protocol.folds()
-    standardise, _, selection = protocol.select(2, {"fold": 2})
+    standardise, _, selection, _ = protocol.select(2, {"fold": 2})
 
     X, y, _, kept = _pooled_training_rows(sites, fold=2)
     r = np.abs([np.corrcoef(X[:, j], y)[0, 1] for j in kept])
@@ -161,6 +169,47 @@ def test_federated_correlation_ranking_equals_the_pooled_ranking(sites) -> None:
     assert selection["ranking"] == "correlation"
     assert standardise["radiomics_columns"].tolist() == kept[order].tolist()
     np.testing.assert_allclose(selection["importance"], r[order], atol=1e-6)
+
+
+def test_stability_ranking_orders_by_how_often_a_column_is_in_a_resamples_top_k(
+    sites, tmp_path
+) -> None:
+    """Each site's forests on random halves of its training rows; the centre's order is by
+    the patient-weighted share of halves that put a column in their top_k (ties by the mean
+    importance). The planted columns (those of the label's latent factor) lead; the same run
+    repeats; a site whose halves would hold fewer patients than its floor sends no
+    frequencies."""
+    cfg = _cfg(selection={"ranking": "stability", "stability_resamples": 6})
+    protocol = FederatedProtocol(_link(sites), cfg, "test-run")
+    protocol.census()
+    protocol.folds()
+    standardise, _, selection, _ = protocol.select(0, {"fold": 0})
+    frequency = np.array(selection["selection_frequency"])
+    assert selection["ranking"] == "stability" and len(frequency) == cfg.selection.top_k
+    assert ((0 <= frequency) & (frequency <= 1)).all()
+    assert (np.diff(frequency) <= 0).all()  # most often chosen first
+    planted = {j for j in range(P) if j % 4 == 0}  # f00, f04, ...: the label's latent factor
+    assert int(standardise["radiomics_columns"][0]) in planted
+    again = FederatedProtocol(_link(sites), cfg, "test-run")
+    again.census()
+    again.folds()
+    assert again.select(0, {"fold": 0})[2]["selected"] == selection["selected"]
+    # 36 patients, 24 training rows in a fold; a fresh released-set history
+    worker = SiteWorker([load_site_config(sites["site_c"])], ledger_root=tmp_path / "fresh")
+    request = {
+        **protocol.base,
+        "min_patients": 13,
+        "fold": 0,
+        "radiomics_columns": np.arange(4),
+        "radiomics_mean": np.zeros(4),
+        "radiomics_scale": np.ones(4),
+        "trees": 10,
+        "seed": 1,
+        "resamples": 4,
+        "top_k": 2,
+    }
+    reply = worker.handle("query.importance", request)
+    assert "importances" in reply and "selection_frequency" not in reply
 
 
 def test_selection_never_reads_a_test_fold_row(sites) -> None:

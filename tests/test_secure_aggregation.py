@@ -237,7 +237,7 @@ def selected(tmp_path_factory) -> Iterator[tuple[list[Path], dict]]:
     protocol = FederatedProtocol(InProcessLink(workers), cfg, "secure-round")
     protocol.census()
     protocol.folds()
-    standardise, pos_weight, _ = protocol.select(0, {"fold": 0})
+    standardise, pos_weight, _, _ = protocol.select(0, {"fold": 0})
     captured = {}
 
     def capture(stage, fold, rounds, initial, train_request, validate_request, keep=None):

@@ -73,6 +73,15 @@ def test_metrics_have_every_comparison(simulated) -> None:
     assert re.search(r"baselines +[\d.]+ +side by side: centralised \d+ \(selection", summary)
     assert set(metrics["timing_s"]) == {"federated", "baselines", "total"}
     assert (run / "federated" / "server.log").is_file()
+    # the plain model beside the main one, through the same protocol, federated and pooled
+    logistic = metrics["baselines"]["logistic"]
+    assert logistic["model"] == "none/radiomics+clinical"
+    assert all(logistic[arm]["n"] == total for arm in ("federated", "centralized"))
+    assert re.search(r"logistic baseline \(none/radiomics\+clinical\):\n  federated +AUC", summary)
+    effect = metrics["site_effect"]
+    assert 0 <= effect["before"] <= 1 and effect["after"] is None and effect["folds"] == 3
+    stability = metrics["federated"]["selection_stability"]
+    assert stability["folds"] == 3 and 0 <= stability["mean_jaccard"] <= 1
 
 
 @pytest.mark.slow

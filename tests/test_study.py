@@ -123,6 +123,17 @@ def test_cohort_metrics_structure(cohort_run):
         for single, test in versus.items():
             difference = model["pooled"]["auc"] - metrics["models"][single]["pooled"]["auc"]
             assert test["auc_difference"] == pytest.approx(difference)
+        without = model.get("versus_without_radiomics", {})  # what the radiomics add
+        groups = key.split("/")[1].split("+")
+        if "radiomics" in groups and len(groups) > 1:
+            rest = "+".join(g for g in groups if g != "radiomics")
+            (other, test), *more = without.items()
+            prefix = key.split("/")[0] if "deep" in groups else "none"
+            assert not more and other == f"{prefix}/{rest}"
+            difference = model["pooled"]["auc"] - metrics["models"][other]["pooled"]["auc"]
+            assert test["auc_difference"] == pytest.approx(difference)
+        else:
+            assert without == {}
         versus = model.get("versus_other_backbones", {})  # the first backbone against the rest
         groups = key.split("/")[1]
         assert list(versus) == ([f"resnet3d/{groups}"] if key.startswith("swin3d") else [])

@@ -86,6 +86,10 @@ def results_html(metrics: dict, sites: list[str], figures: Figures) -> str:
     rows.append(["federated", *metric_cells(fed.get("pooled"))])
     if cen:
         rows.append(["centralised", *metric_cells(cen.get("pooled"))])
+    logistic = (metrics.get("baselines") or {}).get("logistic") or {}
+    for setting, label in (("federated", "federated"), ("centralized", "centralised")):
+        if logistic.get(setting):
+            rows.append([f"logistic baseline, {label}", *metric_cells(logistic[setting])])
     for site in sites:
         rows.append(f"site {e(site)}")
         rows.append(["federated", *metric_cells((fed.get("per_site") or {}).get(site))])
@@ -100,6 +104,21 @@ def results_html(metrics: dict, sites: list[str], figures: Figures) -> str:
         notes.append("No centralised baseline in this run.")
     if not local:
         notes.append("No local-only baseline in this run.")
+    if logistic:
+        notes.append(
+            f"Logistic baseline: an L2 logistic regression ({e(logistic['model'])}, weight decay "
+            f"{logistic['weight_decay']:g}) on the same selected features, clinical encoding "
+            "and folds, through the same protocol."
+        )
+    harmonisation = ((metrics.get("config") or {}).get("federation") or {}).get("harmonisation")
+    effect = metrics.get("site_effect")
+    if effect:
+        after = "not harmonised" if effect["after"] is None else f"{effect['after']:.3f}"
+        notes.append(
+            "Site effect: AUC of a classifier of the site from the selected radiomics (0.5: "
+            f"the site does not show) {effect['before']:.3f} as extracted, {after} after "
+            f"harmonisation ({e((harmonisation or {}).get('method', 'none'))})."
+        )
     out.append(f'<p class="note">{" ".join(notes)}</p>')
     missing = '<p class="absent">No data for this figure in the run.</p>'
     pair = [
@@ -361,8 +380,28 @@ def training_html(metrics: dict, figures: Figures) -> str:
     )
     timing = metrics.get("timing_s") or {}
     timing_text = ", ".join(f"{e(k)} {num(v, 1)} s" for k, v in timing.items())
-    return f"<h2>Training per stage and round</h2>{table(header, rows)}{figure}" + (
-        f'<p class="note">Wall time: {timing_text}.</p>' if timing_text else ""
+    notes = []
+    stability = (metrics.get("federated") or {}).get("selection_stability") or {}
+    if stability.get("mean_jaccard") is not None:
+        ranking = ((folds[0].get("selection") or {}).get("ranking")) or "n/a"
+        notes.append(
+            f"Selected radiomics across the {stability['folds']} folds ({e(ranking)} ranking): "
+            f"mean pairwise Jaccard {stability['mean_jaccard']:.2f}; "
+            f"{stability['in_every_fold']} columns in every fold, "
+            f"{stability['in_any_fold']} in any."
+        )
+    harmonised = [(f.get("selection") or {}).get("harmonisation") for f in folds]
+    if any(harmonised):
+        used = sorted({", ".join(h["covariates"]) or "none" for h in harmonised if h})
+        new = sorted({s for h in harmonised if h for s in h.get("new_batches", [])})
+        notes.append(
+            f"ComBat before selection in every fold (covariates: {e('; '.join(used))})"
+            + (f"; harmonised as new batches: {e(', '.join(new))}." if new else ".")
+        )
+    if timing_text:
+        notes.append(f"Wall time: {timing_text}.")
+    return f"<h2>Training per stage and round</h2>{table(header, rows)}{figure}" + "".join(
+        f'<p class="note">{n}</p>' for n in notes
     )
 
 
