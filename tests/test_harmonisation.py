@@ -261,3 +261,33 @@ def test_the_site_shows_less_in_the_features_after_harmonisation(tmp_path) -> No
     effect = site_effect(configs, "effect", folds)
     assert effect["folds"] == 3
     assert effect["before"] > 0.9 and effect["after"] < effect["before"] - 0.2
+
+
+def test_a_fold_asked_unharmonised_drops_its_kept_values_and_bad_fits_are_refused(tmp_path):
+    """``query.moments`` without ``harmonised`` reads the features as extracted and drops a
+    harmonisation kept for the fold (a later run of the same name cannot inherit it); a
+    pooled variance that is not positive is refused before anything is harmonised."""
+    sites = _write_sites(tmp_path)
+    protocol = _protocol(sites, "stale")
+    protocol.select(0, {"fold": 0})
+    worker = protocol.link.workers["site_a"]
+    kept = worker.state_root / "stale" / "harmonised-fold0.npy"
+    assert kept.is_file()
+    raw = worker.handle("query.moments", {**protocol.base, "fold": 0, "harmonised": False})
+    assert not kept.is_file()
+    radiomics = worker.data.radiomics.to_numpy()
+    with np.load(worker.state_root / "stale" / "folds.npz") as stored:
+        train = stored["fold"] != 0
+    np.testing.assert_allclose(raw["radiomics_sum"], radiomics[train].sum(axis=0))
+    bad = {
+        **protocol.base,
+        "fold": 0,
+        "radiomics_mean": np.zeros(P),
+        "covariates": ["age"],
+        "grand_mean": np.zeros(P),
+        "covariate_effects": np.zeros((1, P)),
+        "pooled_variance": np.r_[0.0, np.ones(P - 1)],
+    }
+    with pytest.raises(ValueError, match="pooled_variance must be > 0"):
+        worker.handle("query.combat_apply", bad)
+    assert not kept.is_file()
