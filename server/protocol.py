@@ -903,6 +903,15 @@ class FederatedProtocol:
                 latest = {k: curves[shown][k][-1] for k in ("train_loss", "val_loss", "val_auc")}
                 if sample_dp:
                     losses_shown = "losses not released under DP-SGD"
+                elif np.isnan(latest["val_loss"]):  # say why, and what is kept instead
+                    losses_shown = f"train loss {latest['train_loss']:.4f}, " + (
+                        "not validated (the final model: the folds' median round)"
+                        if keep is not None
+                        else "not validated under DP (the last round is kept)"
+                        if self.cfg.dp.mode != "off"
+                        else "no validation loss: no site's inner-validation rows reached its "
+                        "floor (min_patients), so the last round is kept"
+                    )
                 else:
                     losses_shown = (
                         f"train loss {latest['train_loss']:.4f}, validation loss"

@@ -307,6 +307,22 @@ def test_each_network_keeps_its_round_of_best_pooled_validation_score(sites, mon
                 assert curves["best_round"] == 1 + int(np.argmin(losses))
 
 
+def test_when_no_site_can_validate_the_log_says_why_and_the_last_round_is_kept(sites) -> None:
+    """A floor above every site's inner-validation rows: no validation loss is released, the
+    server log says why (not "nan") and each network keeps its last round."""
+    cfg = _cfg(federation={"min_patients": 12}, stages={"fusion_rounds": 3})
+    said: list[str] = []
+    protocol = FederatedProtocol(_link(sites), cfg, "no-validation", log=said.append)
+    protocol.census()
+    protocol.folds()
+    record, _ = protocol.fit(0, ["none/radiomics"], ["none/radiomics"], images=False)
+    curves = record["fusion"]["none/radiomics"]
+    assert np.isnan(curves["val_loss"]).all() and curves["best_round"] == 3
+    rounds = [line for line in said if "fusion round 3/3" in line]
+    assert rounds and "no validation loss: no site's inner-validation rows reached" in rounds[0]
+    assert not any("nan" in line for line in said)
+
+
 def test_same_seed_same_results(sites) -> None:
     first = FederatedProtocol(_link(sites), _cfg(), "run-one").run_all()
     second = FederatedProtocol(_link(sites), _cfg(), "run-two").run_all()
