@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from fedmets.shared.harmonisation import MIN_OWN_BATCH, BatchAdjustment, covariate_design
+from fedmets.shared.harmonisation import (
+    MIN_OWN_BATCH,
+    BatchAdjustment,
+    covariate_design,
+    impute,
+)
 
 if TYPE_CHECKING:
     from fedmets.client.site_worker import SiteData
@@ -95,9 +99,8 @@ def harmonised_for_bundle(
     c = covariate_design(data.clinical, spec["covariates"])
     raw = data.radiomics[names].to_numpy()
     stored = output / ADJUSTMENTS_FILE
-    header = load_adjustments(stored)[0] if stored.is_file() else None
+    header, mean, adjustments = load_adjustments(stored) if stored.is_file() else (None,) * 3
     if header and header["bundle_sha256"] == bundle.digest() and site_id in header["batches"]:
-        _, mean, adjustments = load_adjustments(stored)
         index = [header["columns"].index(n) for n in names]
         full = adjustments[site_id]
         adjustment = BatchAdjustment(**{k: v[..., index] for k, v in full.arrays().items()})
@@ -112,7 +115,7 @@ def harmonised_for_bundle(
                 f"patients, got {len(raw)} (extract the site's cohort and predict on it)"
             )
         adjustment = BatchAdjustment.fit(
-            np.where(np.isfinite(raw), raw, mean),
+            impute(raw, mean),
             c,
             arrays["combat_grand_mean"],
             arrays["combat_effects"],
@@ -121,4 +124,4 @@ def harmonised_for_bundle(
         how = "own-batch"
     radiomics = data.radiomics.copy()
     radiomics[names] = adjustment.apply(raw, c, mean)
-    return replace(data, radiomics=pd.DataFrame(radiomics)), how
+    return replace(data, radiomics=radiomics), how

@@ -541,11 +541,10 @@ class SiteWorker:
                 f"{self.site_id}: batch_intercepts has shape {intercepts.shape}, expected "
                 f"({len(self._batches())}, {y.shape[1]})"
             )
-        sumsq = sum(
-            residual_sumsq(y[rows], c[rows], intercepts[i], effects)
-            for i, b in enumerate(self._batches())
-            for rows in [train & (self.data.site == b)]
-        )
+        sumsq = np.zeros(y.shape[1])
+        for intercept, b in zip(intercepts, self._batches(), strict=True):
+            rows = train & (self.data.site == b)
+            sumsq += residual_sumsq(y[rows], c[rows], intercept, effects)
         return self._released(request, train, {"n": int(train.sum()), "residual_sumsq": sumsq})
 
     def combat_apply(self, request: dict) -> dict:
