@@ -33,7 +33,6 @@ import hashlib
 import json
 import multiprocessing
 import multiprocessing.forkserver
-import os
 import resource
 import signal
 import time
@@ -79,6 +78,7 @@ from fedmets.client.site_files import (
 from fedmets.client.tabular import load_feature_table
 from fedmets.shared.clinical import encode_clinical
 from fedmets.shared.config import SiteConfig
+from fedmets.shared.files import write_atomically
 
 # The input a failure at each stage points at when the error itself names none.
 _STAGE_FIELD = {
@@ -207,7 +207,7 @@ def extract_site(
     table = _feature_table(order, features, clinical)
     output = cfg.paths.output
     output.mkdir(parents=True, exist_ok=True)
-    _write_atomically(output / FEATURES_FILE, lambda path: table.to_parquet(path, index=False))
+    write_atomically(output / FEATURES_FILE, lambda path: table.to_parquet(path, index=False))
     elapsed = time.perf_counter() - started
     columns = {region: sum(c.startswith(f"{region}_") for c in table.columns) for region in REGIONS}
     columns["clinical"] = table.shape[1] - 2 - sum(columns.values())
@@ -239,7 +239,7 @@ def extract_site(
         "features_file": str(output / FEATURES_FILE),
     }
     text = json.dumps(report, indent=2) + "\n"
-    _write_atomically(output / REPORT_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    write_atomically(output / REPORT_FILE, lambda path: path.write_text(text, encoding="utf-8"))
     return report
 
 
@@ -258,7 +258,7 @@ def _extract_table(
             callback(loaded.n_rows, loaded.n_rows)
     output = cfg.paths.output
     output.mkdir(parents=True, exist_ok=True)
-    _write_atomically(output / FEATURES_FILE, lambda path: table.to_parquet(path, index=False))
+    write_atomically(output / FEATURES_FILE, lambda path: table.to_parquet(path, index=False))
     columns = {region: sum(c.startswith(f"{region}_") for c in table.columns) for region in REGIONS}
     columns["radiomics"] = len(loaded.radiomics_columns)
     columns["clinical"] = table.shape[1] - 2 - columns["radiomics"]
@@ -293,7 +293,7 @@ def _extract_table(
         "features_file": str(output / FEATURES_FILE),
     }
     text = json.dumps(report, indent=2) + "\n"
-    _write_atomically(output / REPORT_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    write_atomically(output / REPORT_FILE, lambda path: path.write_text(text, encoding="utf-8"))
     return report
 
 
@@ -344,12 +344,6 @@ def _content_digest(path: Path) -> str:
         with open(file, "rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # ---- one patient (runs in a worker process) ----------------------------------------------------
@@ -412,7 +406,7 @@ def _extract_patient(task: _Task) -> dict:
 def _write_entry(task: _Task, content: dict) -> None:
     """Write the patient's features.json (cache key, id and ``content``) atomically."""
     text = json.dumps({"cache_key": task.key, "patient_id": task.record.patient_id, **content})
-    _write_atomically(task.entry / ENTRY_FILE, lambda path: path.write_text(text, "utf-8"))
+    write_atomically(task.entry / ENTRY_FILE, lambda path: path.write_text(text, "utf-8"))
 
 
 def _failure(

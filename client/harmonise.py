@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedmets.shared.files import write_arrays
 from fedmets.shared.harmonisation import (
     MIN_OWN_BATCH,
     BatchAdjustment,
@@ -53,10 +54,7 @@ def save_adjustments(
         "bundle_sha256": bundle_sha256,
     }
     arrays = {f"{b}:{k}": v for b, a in adjustments.items() for k, v in a.arrays().items()}
-    partial = path.with_suffix(".partial.npz")
-    with partial.open("wb") as handle:
-        np.savez(handle, header=np.array(json.dumps(header)), mean=mean, **arrays)
-    partial.replace(path)
+    write_arrays(path, {"header": np.array(json.dumps(header)), "mean": mean, **arrays})
 
 
 def load_adjustments(path: Path) -> tuple[dict, np.ndarray, dict[str, BatchAdjustment]]:

@@ -49,6 +49,7 @@ import numpy as np
 
 from fedmets.shared import wire
 from fedmets.shared.config import PolicySection
+from fedmets.shared.files import write_json
 
 TRAINING_ROUTES = ("train.image", "train.fusion")
 MODEL_OUTPUT_ROUTES = (
@@ -147,7 +148,7 @@ def fold_seed(policy: PolicySection, site_seed: int, ids: np.ndarray, folder: Pa
     seeds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if cohort not in seeds:
         seeds[cohort] = secrets.randbits(63)
-        _write_json(path, seeds)
+        write_json(path, seeds)
     return int(seeds[cohort])
 
 
@@ -221,7 +222,7 @@ class DifferencingGuard:
             return None
         for family in families:
             known.setdefault(family, {}).update(pending)
-        _write_json(self.path, known)
+        write_json(self.path, known)
         return None
 
 
@@ -260,10 +261,3 @@ def suppressed_groups(sizes: Mapping[str, int], floor: int) -> set[str]:
     while 0 < sum(sizes[g] for g in out) < floor and rest:
         out.add(rest.pop(0)[1])
     return out
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value), encoding="utf-8")
-    partial.replace(path)

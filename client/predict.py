@@ -32,6 +32,7 @@ from fedmets.client.site_worker import SiteData, digest, load_site_data
 from fedmets.client.training import extract_deep_features, predict_proba, resolve_device, set_state
 from fedmets.shared.bundle import Bundle, load_bundle
 from fedmets.shared.config import SiteConfig
+from fedmets.shared.files import write_atomically
 from fedmets.shared.metrics import calibration_slope_intercept, logit
 from fedmets.shared.models import combine_scores, model_groups
 
@@ -140,9 +141,7 @@ def predict_site(
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(out.name + ".partial")
-        table.to_csv(partial, index=False)
-        partial.replace(out)
+        write_atomically(out, lambda path: table.to_csv(path, index=False))
     return table
 
 

@@ -25,6 +25,7 @@ from sklearn.model_selection import StratifiedKFold
 from fedmets.client.site_worker import load_site_data
 from fedmets.shared.bundle import load_bundle
 from fedmets.shared.config import SiteConfig
+from fedmets.shared.files import write_json
 from fedmets.shared.metrics import calibration_slope_intercept, logit
 
 RECALIBRATION_FILE = "recalibration.json"
@@ -83,11 +84,7 @@ def recalibrate(cfg: SiteConfig, model_dir: Path, seed: int = 0) -> dict:
         "before": _summary(y, risk),
         "after_cross_validated": _summary(y, crossed),
     }
-    out = cfg.paths.output / RECALIBRATION_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    partial.replace(out)
+    write_json(cfg.paths.output / RECALIBRATION_FILE, result, indent=1)
     return result
 
 

@@ -10,13 +10,11 @@ per message) can find the site's files without importing PyRadiomics, SimpleITK 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
-import numpy as np
-
 from fedmets.shared.config import SiteConfig
+from fedmets.shared.files import write_arrays, write_json
 
 FEATURES_FILE = "features.parquet"
 REPORT_FILE = "extraction_report.json"
@@ -47,5 +45,5 @@ def crop_path(cfg: SiteConfig, patient_id: str) -> Path:
 def save_fold_model(state_dir: Path, fold: int, weights: dict, settings: dict) -> None:
     """Keep the fold's global image model (weights + backbone, preset, mask channel) for
     ``fedmets.client.explain``."""
-    np.savez(state_dir / MODEL_FILE.format(fold=fold), **weights)
-    (state_dir / SETTINGS_FILE.format(fold=fold)).write_text(json.dumps(settings))
+    write_arrays(state_dir / MODEL_FILE.format(fold=fold), weights)
+    write_json(state_dir / SETTINGS_FILE.format(fold=fold), settings)

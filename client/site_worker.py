@@ -78,6 +78,7 @@ from fedmets.shared import wire
 from fedmets.shared.bundle import BUNDLE_FORMAT, bundle_digest, save_bundle
 from fedmets.shared.clinical import decode_subsite, encoded_columns
 from fedmets.shared.config import SiteConfig
+from fedmets.shared.files import write_array, write_arrays
 from fedmets.shared.harmonisation import (
     BatchAdjustment,
     covariate_design,
@@ -440,10 +441,9 @@ class SiteWorker:
                 self.data.labels[rows], k, cfg.policy.validation_fraction, seed
             )
             fold[rows], val[:, rows] = site_fold, site_val
-        path = self._state(request) / "folds.npz"
-        partial = path.with_suffix(".partial.npz")
-        np.savez(partial, ids=self.data.ids, fold=fold, val=val)
-        partial.replace(path)
+        write_arrays(
+            self._state(request) / "folds.npz", {"ids": self.data.ids, "fold": fold, "val": val}
+        )
         y = self.data.labels
         sizes = np.bincount(fold, minlength=k).astype(np.int64)
         reply = {"n": len(y), "fold_sizes": sizes}
@@ -569,10 +569,7 @@ class SiteWorker:
             adjustment = BatchAdjustment.fit(y[fit], c[fit], grand_mean, effects, variance)
             harmonised[rows] = adjustment.apply(raw[rows], c[rows], mean)
             adjustments[b] = adjustment
-        path = self._harmonised_path(request)
-        partial = path.with_suffix(".partial.npy")
-        np.save(partial, harmonised)
-        partial.replace(path)
+        write_array(self._harmonised_path(request), harmonised)
         if int(request["fold"]) == wire.FINAL_FOLD:
             save_adjustments(
                 self._state(request) / FINAL_ADJUSTMENTS,
@@ -652,10 +649,7 @@ class SiteWorker:
             from fedmets.client.crops import load_crops
 
             images = load_crops(self.data.crops, cfg.crop_voxels, request["mask_channel"])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial.npy")
-            np.save(partial, images)
-            partial.replace(path)
+            write_array(path, images)
         return np.load(path)
 
     def _image_model(self, request: Mapping[str, Any]) -> ImageClassifier:
@@ -760,7 +754,7 @@ class SiteWorker:
 
         model = self._image_model(request)
         deep = extract_deep_features(model, CropDataset(self._images(request)), self.device)
-        np.save(self._state(request) / f"deep-fold{int(request['fold'])}.npy", deep)
+        write_array(self._state(request) / f"deep-fold{int(request['fold'])}.npy", deep)
         train = self._rows(request)["train"]
         rows = deep[train].astype(np.float64)
         reply = {
@@ -913,10 +907,9 @@ class SiteWorker:
             reply[f"hist_pos:{name}"], reply[f"hist_neg:{name}"] = pos, neg
             held_out[name] = scores[kept]
         fold = int(request["fold"])
-        np.savez(
+        write_arrays(
             self._state(request) / f"scores-fold{fold}.npz",
-            rows=np.flatnonzero(kept),
-            **{_safe(k): v for k, v in held_out.items()},
+            {"rows": np.flatnonzero(kept), **{_safe(k): v for k, v in held_out.items()}},
         )
         return self._released(request, rows["train"], reply)
 

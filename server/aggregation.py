@@ -55,14 +55,7 @@ class Aggregator:
         if self.strategy != "fedadam":
             return average
         if self._optimiser is None:
-            self._params = {
-                k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
-                for k, v in global_state.items()
-                if v.dtype.kind == "f"
-            }
-            self._optimiser = torch.optim.Adam(
-                self._params.values(), lr=self.server_lr, betas=(0.9, 0.99), eps=1e-3
-            )
+            self._start({k: v for k, v in global_state.items() if v.dtype.kind == "f"})
         for name, param in self._params.items():
             with torch.no_grad():
                 param.copy_(torch.from_numpy(np.asarray(global_state[name], dtype=np.float64)))
@@ -72,3 +65,40 @@ class Aggregator:
         for name, param in self._params.items():
             out[name] = param.detach().numpy().astype(global_state[name].dtype)
         return out
+
+    def _start(self, params: State) -> None:
+        """FedAdam's float64 parameters (from ``params``) and its Adam optimiser."""
+        self._params = {
+            k: torch.tensor(np.asarray(v), dtype=torch.float64, requires_grad=True)
+            for k, v in params.items()
+        }
+        self._optimiser = torch.optim.Adam(
+            self._params.values(), lr=self.server_lr, betas=(0.9, 0.99), eps=1e-3
+        )
+
+    def to_checkpoint(self) -> dict:
+        """Its settings and, under FedAdam, the parameters and Adam's moments, as plain values
+        and arrays (``fedmets.server.checkpoints``)."""
+        moments = {}
+        if self._optimiser is not None:
+            for name, param in self._params.items():
+                state = self._optimiser.state[param]
+                moments[name] = {k: v.detach().numpy().copy() for k, v in state.items()}
+        return {
+            "strategy": self.strategy,
+            "server_lr": self.server_lr,
+            "params": {k: p.detach().numpy().copy() for k, p in self._params.items()},
+            "moments": moments,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> Aggregator:
+        """The aggregator :meth:`to_checkpoint` saved, moments included."""
+        aggregator = cls(saved["strategy"], saved["server_lr"])
+        if saved["params"]:
+            aggregator._start(saved["params"])
+            for name, state in saved["moments"].items():
+                aggregator._optimiser.state[aggregator._params[name]] = {
+                    k: torch.tensor(v) for k, v in state.items()
+                }
+        return aggregator

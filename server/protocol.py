@@ -42,7 +42,6 @@ link of the centralised and local-only baselines) aggregates in clear, and says 
 
 from __future__ import annotations
 
-import pickle
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedmets.server.aggregation import Aggregator
+from fedmets.server.checkpoints import check_config, load_checkpoint, save_checkpoint
 from fedmets.server.privacy import ClientLevelDP, privacy_report, summary_from_reply
 from fedmets.server.secure_aggregation import max_weight
 from fedmets.shared import wire
@@ -156,6 +156,7 @@ class FederatedProtocol:
         self.checkpoints = Path(checkpoints) if checkpoints else None
         if self.checkpoints:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
+            check_config(self.checkpoints, cfg.model_dump(mode="json"))
         self.privacy_dir = privacy_dir
         self.client_dp: ClientLevelDP | None = None
         self.dp_request: Payload = {"dp_mode": "off"}
@@ -166,22 +167,17 @@ class FederatedProtocol:
 
     def _load(self, key: str) -> Any:
         """The checkpoint ``key`` (and the run record saved with it), or None."""
-        path = self.checkpoints / f"{key}.pkl" if self.checkpoints else None
+        path = self.checkpoints / f"{key}.npz" if self.checkpoints else None
         if path is None or not path.is_file():
             return None
-        with path.open("rb") as handle:
-            saved = pickle.load(handle)
+        saved = load_checkpoint(path)
         self.record.dropouts = saved["dropouts"]
         return saved["value"]
 
     def _save(self, key: str, value: Any) -> None:
-        if self.checkpoints is None:
-            return
-        path = self.checkpoints / f"{key}.pkl"
-        partial = path.with_suffix(".partial")
-        with partial.open("wb") as handle:
-            pickle.dump({"value": value, "dropouts": self.record.dropouts}, handle)
-        partial.replace(path)
+        if self.checkpoints is not None:
+            path = self.checkpoints / f"{key}.npz"
+            save_checkpoint(path, {"value": value, "dropouts": self.record.dropouts})
 
     def _step(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, or its checkpointed result when resuming. Its seconds add up in

@@ -27,12 +27,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmets.server.bundle import deliver_bundle, write_bundle
+from fedmets.server.checkpoints import CheckpointError
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.server.report import write_report
 from fedmets.server.results import to_jsonable
 from fedmets.server.secure_aggregation import SecureRound, secure_round
 from fedmets.shared import wire
 from fedmets.shared.config import FederationConfig, load_federation_config
+from fedmets.shared.files import write_json
 
 app = ServerApp()
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -221,15 +223,13 @@ def main(grid: Grid, context: Context) -> None:
                 "rounds": final["rounds"],
                 "sites": deliver_bundle(link, bundle, cfg.run.name, say),
             }
-        (out / "federated.json").write_text(
-            json.dumps(to_jsonable(results), indent=1) + "\n", encoding="utf-8"
-        )
+        write_json(out / "federated.json", to_jsonable(results), indent=1)
         say(f"results written to {out / 'federated.json'}")
         try:
             say(f"report: {write_report(out)}")
         except Exception as error:  # noqa: BLE001 - a report never fails a finished run
             say(f"report not written: {error}", WARNING)
-    except ProtocolError as error:
+    except (ProtocolError, CheckpointError) as error:
         say(f"run stopped: {error}", WARNING)
         (out / "error.txt").write_text(f"{error}\n", encoding="utf-8")
         raise

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedmets.shared.files import write_json
 
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_VERSION = 1
@@ -306,8 +306,8 @@ class PrivacyLedger:
 
     def save(self) -> None:
         """Write the ledger atomically (a temporary file renamed over the old one)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(
+        write_json(
+            self.path,
             {
                 "version": LEDGER_VERSION,
                 "who": self.who,
@@ -318,10 +318,6 @@ class PrivacyLedger:
             },
             indent=1,
         )
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=".ledger-", suffix=".tmp")
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, self.path)
 
     # ---- reporting -----------------------------------------------------------------------------
 

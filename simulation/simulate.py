@@ -46,6 +46,7 @@ from fedmets.shared.config import (
     load_federation_config,
     load_site_config,
 )
+from fedmets.shared.files import write_json, write_text
 from fedmets.simulation.holdout import held_out_validation, leave_one_site_out
 from fedmets.simulation.in_process import InProcessLink, run_in_process
 from fedmets.simulation.loopback import (
@@ -201,8 +202,8 @@ def simulate(
     timing["total"] = time.perf_counter() - started
     metrics["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
     metrics = typed(SimulationResults, to_jsonable(metrics))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    (out / "summary.txt").write_text(summary_text(metrics), encoding="utf-8")
+    write_json(out / "metrics.json", metrics, indent=1)
+    write_text(out / "summary.txt", summary_text(metrics))
     return metrics
 
 

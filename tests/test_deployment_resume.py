@@ -33,7 +33,7 @@ def test_a_stopped_server_resumes_to_the_uninterrupted_result(federation) -> Non
     out = root / "run-resume"
     run = federation.run(fed_toml, out)
     deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "fold0-thresholds.pkl").is_file():
+    while not (out / "checkpoints" / "fold0-thresholds.npz").is_file():
         assert time.monotonic() < deadline and run.poll() is None
         time.sleep(0.5)
     stop_process(run)

@@ -448,8 +448,8 @@ def test_a_stopped_run_resumes_from_its_checkpoints_to_the_same_result(
     checkpoints = tmp_path / "checkpoints"
     with pytest.raises(KeyboardInterrupt):  # mid-way through fold 2's fusion rounds
         FederatedProtocol(_FailingLink(workers, 22), cfg, "resumed", None, checkpoints).run_all()
-    assert (checkpoints / "fold1-fusion-rounds.pkl").is_file()
-    assert not (checkpoints / "fold1-fusion.pkl").exists()
+    assert (checkpoints / "fold1-fusion-rounds.npz").is_file()
+    assert not (checkpoints / "fold1-fusion.npz").exists()
     said: list[str] = []
     resumed = FederatedProtocol(
         InProcessLink(workers), cfg, "resumed", said.append, checkpoints

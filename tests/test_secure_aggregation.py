@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from fedmets.client.release import answer
 from fedmets.client.site_service import SiteService, start_service
 from fedmets.client.site_worker import SiteWorker
 from fedmets.server.aggregation import weighted_average
+from fedmets.server.checkpoints import load_checkpoint
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.server.secure_aggregation import error_bound, max_weight, secure_round
 from fedmets.server.server_app import FlowerLink
@@ -411,12 +411,9 @@ def _same_results(secure: dict, plain: dict, root: Path) -> None:
             np.testing.assert_allclose(ours["train_loss"], curves["train_loss"], atol=1e-3)
             np.testing.assert_allclose(ours["val_loss"], curves["val_loss"], atol=1e-3)
     for fold in range(2):
-        with (root / "run" / "federated" / "checkpoints" / f"fold{fold}-fusion.pkl").open(
-            "rb"
-        ) as f:
-            ours = pickle.load(f)["value"][0]
-        with (root / "plain-checkpoints" / f"fold{fold}-fusion.pkl").open("rb") as f:
-            theirs = pickle.load(f)["value"][0]
+        checkpoint = f"fold{fold}-fusion.npz"
+        ours = load_checkpoint(root / "run" / "federated" / "checkpoints" / checkpoint)["value"][0]
+        theirs = load_checkpoint(root / "plain-checkpoints" / checkpoint)["value"][0]
         for model, state in theirs.items():
             for name, value in state.items():
                 np.testing.assert_allclose(ours[model][name], value, atol=5e-3, err_msg=name)

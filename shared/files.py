@@ -1,0 +1,57 @@
+"""Atomic writes: a file is written beside its destination under a temporary name, then renamed
+over it, so a reader (or a resumed run after a crash) sees the old file or the new one, never
+a part of one."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(partial)`` on a temporary path in ``path``'s folder (made if missing), then the
+    rename into place; a failed write leaves the old file and no temporary one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` atomically."""
+    write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, value: Any, indent: int | None = None) -> None:
+    """``value`` as JSON to ``path`` atomically (a trailing newline when indented)."""
+    write_text(path, json.dumps(value, indent=indent) + ("\n" if indent is not None else ""))
+
+
+def write_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``arrays`` by name as an uncompressed ``.npz`` at ``path`` (whatever its suffix),
+    atomically; read back with ``np.load(path, allow_pickle=False)``."""
+
+    def save(partial: Path) -> None:
+        with partial.open("wb") as handle:
+            np.savez(handle, **arrays)
+
+    write_atomically(path, save)
+
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    """One array as ``.npy`` at ``path`` atomically."""
+
+    def save(partial: Path) -> None:
+        with partial.open("wb") as handle:
+            np.save(handle, array)
+
+    write_atomically(path, save)
