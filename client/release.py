@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedmets.client.approval import check_approved
 from fedmets.client.audit import append_entry
 from fedmets.client.policy import PolicyRefused, check_request
 from fedmets.shared import wire
@@ -53,6 +54,8 @@ def answer(
 
     try:
         check_request(route_name, request, worker.policy)
+        if worker.require_approval:
+            check_approved(worker.configs[0], route_name, request)
     except PolicyRefused as refusal:
         _log(worker, route_name, request, {}, [str(refusal)], masked, rule=refusal.rule)
         raise

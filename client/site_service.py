@@ -27,6 +27,7 @@ import grpc
 from flwr.app import ConfigRecord, RecordDict
 from flwr.compat.common import recorddict_compat
 
+from fedmets.client.approval import approval_required
 from fedmets.client.policy import PolicyRefused
 from fedmets.client.release import ReleaseRefused, answer, log_key_exchange
 from fedmets.client.service_channel import (
@@ -54,8 +55,11 @@ class SiteService:
     """A site's worker and gate, loaded once and reloaded when the site config or its feature
     table change on disk (a re-extraction). One request at a time."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, served: bool = False) -> None:
+        """``served``: a deployed service (``fedmets site serve``), where runs need the
+        hospital's approval unless ``[policy] require_approval = false``."""
         self.config_path = Path(config_path).resolve()
+        self.served = served
         self.cfg = load_site_config(self.config_path)
         self._worker: SiteWorker | None = None
         self._stamp: tuple[float, float] | None = None
@@ -72,6 +76,7 @@ class SiteService:
         if self._worker is None or stamp != self._stamp:
             self.cfg = load_site_config(self.config_path)
             self._worker, self._stamp = SiteWorker([self.cfg]), stamp
+            self._worker.require_approval = approval_required(self.cfg, self.served)
         return self._worker
 
     def answer(self, route_name: str, request: RecordDict) -> RecordDict:
@@ -174,7 +179,7 @@ def start_service(
 
 def serve(config_path: Path, say: Callable[[str], None] = print) -> None:
     """``fedmets site serve``: load the site, serve it on its socket until SIGTERM or SIGINT."""
-    service = SiteService(config_path)
+    service = SiteService(config_path, served=True)
     socket = service.cfg.service_socket
     try:
         worker = service.worker

@@ -86,6 +86,7 @@ from fedmets.shared.harmonisation import (
     impute,
     residual_sumsq,
 )
+from fedmets.shared.identity import load_private_key, sign
 from fedmets.shared.models import (
     MEMBER_MARK,
     FusionNet,
@@ -260,6 +261,9 @@ class SiteWorker:
         self.policy = self.configs[0].policy
         self.route = ""  # the route being answered (see handle)
         self.device = resolve_device(self.configs[0].compute.device)
+        key = self.configs[0].service.identity_key if len(self.configs) == 1 else None
+        self.identity_key = load_private_key(key) if key else None
+        self.require_approval = False  # a deployed site service sets it (fedmets.client.approval)
         self._harmonised: tuple[tuple, SiteData] | None = None  # (file and mtime, the view)
         self.handlers: dict[str, Callable[[dict], dict]] = {
             "query.census": self.census,
@@ -419,6 +423,9 @@ class SiteWorker:
             "folds": self.policy.folds,
             "randomness": self.policy.randomness,
         }
+        if self.identity_key is not None and "challenge" in request:
+            challenge = request["challenge"]
+            reply["identity"] = sign(self.identity_key, request["run"], self.site_id, challenge)
         try:
             self._admit(request, np.ones(len(data.ids), dtype=bool), {self.route, "labels"})
         except Withheld as held:

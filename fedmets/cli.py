@@ -287,6 +287,18 @@ def _load_site_config_or_exit(config: Path):
     return cfg
 
 
+def _load_federation_config_or_exit(config: Path):
+    """The federation config at ``config``; prints its problems and exits 1."""
+    from fedmets.shared.config import ConfigError, load_federation_config
+
+    try:
+        return load_federation_config(config)
+    except ConfigError as error:
+        for problem in error.problems:
+            err_console.print(problem, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
+
+
 @site_app.command("check")
 def site_check(
     config: Annotated[Path, typer.Option("--config", help="This site's TOML config.")],
@@ -728,6 +740,44 @@ def site_serve(
     except (RuntimeError, OSError, KeyError) as error:
         err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from error
+
+
+@site_app.command("keys")
+def site_keys(
+    site: Annotated[str, typer.Option(help="This site's id (as in its site.toml).")],
+    out: Annotated[Path, typer.Option(help="Folder for the key pair (keep it private).")],
+) -> None:
+    """Make this hospital's key pair, here: OUT/SITE (private, mode 600: the SuperNode's
+    --auth-supernode-private-key and the service's [service] identity_key) and OUT/SITE.pub,
+    the only file sent to the coordinating centre."""
+    from fedmets.shared.identity import make_site_keys
+
+    try:
+        private, public = make_site_keys(out, site)
+    except FileExistsError as error:
+        err_console.print(f"error: {error}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from error
+    _plain(f"private key (stays here)     {private}")
+    _plain(f"public key (send the centre) {public}")
+    _plain("next: set [service] identity_key to the private key in site.toml, start the")
+    _plain("SuperNode with --auth-supernode-private-key on it; the centre registers the .pub")
+    _plain("(flwr supernode register) and lists it under [federation.identities].")
+
+
+@site_app.command("approve")
+def site_approve(
+    config: Annotated[Path, typer.Option(help="This site's TOML file.")],
+    run_config: Annotated[Path, typer.Option(help="The run's federation config (TOML).")],
+) -> None:
+    """Approve a run: its name and its federation config's fingerprint, which the site
+    service then answers (while [policy] require_approval holds; docs/hospital_guide.md)."""
+    from fedmets.client.approval import approvals_path, approve_run
+
+    cfg = _load_site_config_or_exit(config)
+    run = _load_federation_config_or_exit(run_config)
+    record = approve_run(cfg, run)
+    _plain(f"approved run {run.run.name} (config sha256 {record['config_sha256']})")
+    _plain(f"recorded in {approvals_path(cfg)}")
 
 
 def _stamped(line: str) -> str:

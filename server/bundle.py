@@ -6,7 +6,6 @@ then sent to every site to keep (:func:`deliver_bundle`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -62,9 +61,7 @@ def write_bundle(out: Path, result: dict, cfg: FederationConfig) -> Path:
             "torch": version("torch"),
         },
         "run": result["run"],
-        "config_fingerprint": hashlib.sha256(
-            json.dumps(settings, sort_keys=True).encode()
-        ).hexdigest(),
+        "config_fingerprint": cfg.fingerprint(),
         "federation": settings,
         "mode": reference["mode"],
         "schema_hash": reference["schema_hash"],

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmets.shared.identity import make_site_keys
+
 VALID_DAYS = 365
 
 
@@ -124,21 +126,3 @@ def make_certificates(
     for site in sites:
         paths[f"site:{site}"], paths[f"site:{site}.pub"] = make_site_keys(out / "sites", site)
     return paths
-
-
-def make_site_keys(folder: Path, site: str) -> tuple[Path, Path]:
-    """An ECDSA P-384 key pair for SuperNode authentication, OpenSSH format:
-    ``folder/<site>`` (private, mode 600) and ``folder/<site>.pub``."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    path = Path(folder) / site
-    _write(path, private, private=True)
-    _write(path.with_name(f"{site}.pub"), public + f" {site}\n".encode())
-    return path, path.with_name(f"{site}.pub")

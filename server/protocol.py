@@ -59,6 +59,7 @@ from fedmets.shared import wire
 from fedmets.shared.clinical import CLINICAL_COLUMNS, encoded_columns
 from fedmets.shared.config import FederationConfig
 from fedmets.shared.harmonisation import fit_location, pooled_variance
+from fedmets.shared.identity import identity_problem, new_challenge
 from fedmets.shared.image_models import (
     DP_SGD_BACKBONES,
     IMAGE_PRESETS,
@@ -108,6 +109,10 @@ class SiteLink(Protocol):
 
     def rename(self, names: Mapping[str, str]) -> None:
         """Call the sites by the ids their census gave (``old key -> site id``)."""
+        ...
+
+    def refuse(self, key: str) -> None:
+        """Leave the site (or node) ``key`` out of the run: its census did not prove its id."""
         ...
 
     # Links that can run a training round through SecAgg+ set ``secure_aggregation = True``
@@ -365,8 +370,31 @@ class FederatedProtocol:
         )
 
     def census(self) -> dict[str, Payload]:
-        """Ask every site for its counts and hashes; refuse a run whose sites disagree."""
-        replies = self._ask("query.census", {"protocol": wire.PROTOCOL_VERSION})
+        """Ask every site for its counts and hashes; leave out a node whose signature does not
+        prove the site id it claims (``[federation] identities``); refuse a run whose sites
+        disagree."""
+        challenge = new_challenge()
+        request = {
+            "protocol": wire.PROTOCOL_VERSION,
+            "challenge": challenge,
+            "config_sha256": self.cfg.fingerprint(),
+        }
+        replies = self._ask("query.census", request)
+        identities = self.cfg.federation.identities
+        for key in sorted(replies) if identities else []:
+            problem = identity_problem(identities, self.run, challenge, replies[key])
+            if problem:
+                self.say(f"  {key} refused: it {problem}")
+                self.record.dropouts.append(
+                    {"route": "query.census", "site": key, "refused": problem}
+                )
+                self.link.refuse(key)
+                del replies[key]
+        if len(replies) < self.cfg.federation.min_sites:
+            raise ProtocolError(
+                f"query.census: {len(replies)} sites proved their ids; min_sites is "
+                f"{self.cfg.federation.min_sites}"
+            )
         for site, reply in replies.items():
             if reply["protocol"] != wire.PROTOCOL_VERSION:
                 raise ProtocolError(

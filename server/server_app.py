@@ -35,6 +35,7 @@ from fedmets.server.secure_aggregation import SecureRound, secure_round
 from fedmets.shared import wire
 from fedmets.shared.config import FederationConfig, load_federation_config
 from fedmets.shared.files import write_json
+from fedmets.shared.identity import identity_problem, new_challenge
 
 app = ServerApp()
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -58,6 +59,7 @@ class FlowerLink:
 
     def __init__(self, grid: Grid, cfg: FederationConfig, say: Any, received: Path) -> None:
         self.grid = grid
+        self.cfg = cfg
         self.timeout = cfg.federation.round_timeout_s
         self.say = say
         self.received = received
@@ -75,6 +77,7 @@ class FlowerLink:
             )
         self.nodes: dict[str, int] = {f"node-{i}": i for i in ids}
         self.offline: set[str] = set()
+        self.refused: set[int] = set()  # nodes whose census did not prove their site id
 
     def sites(self) -> list[str]:
         return sorted(self.nodes)
@@ -82,6 +85,9 @@ class FlowerLink:
     def rename(self, names: Mapping[str, str]) -> None:
         self.nodes = {names.get(key, key): node for key, node in self.nodes.items()}
         self.named = True
+
+    def refuse(self, key: str) -> None:
+        self.refused.add(self.nodes.pop(key))
 
     def ask(self, route: str, requests: Mapping[str, dict]) -> dict[str, dict]:
         return self._send(route, self._online(requests))
@@ -113,7 +119,8 @@ class FlowerLink:
         admitted, sites gone offline said)."""
         connected = set(self.grid.get_node_ids())
         if self.named:
-            self._admit(connected - set(self.nodes.values()), next(iter(requests.values())))
+            new = connected - set(self.nodes.values()) - self.refused
+            self._admit(new, next(iter(requests.values())))
         for site, node in self.nodes.items():
             if node in connected and site in self.offline:
                 self.offline.discard(site)
@@ -124,18 +131,31 @@ class FlowerLink:
         return {s: r for s, r in requests.items() if self.nodes.get(s) in connected}
 
     def _admit(self, new_nodes: set[int], request: Mapping[str, Any]) -> None:
-        """Ask nodes not seen before for their census; known sites rejoin on their new node."""
+        """Ask nodes not seen before for their census; known sites rejoin on their new node,
+        once its signature proves the site id (``[federation] identities``)."""
         if not new_nodes:
             return
-        census = {"run": request["run"], "min_patients": request["min_patients"]}
-        census["protocol"] = wire.PROTOCOL_VERSION
+        challenge = new_challenge()
+        census = {
+            "run": request["run"],
+            "min_patients": request["min_patients"],
+            "protocol": wire.PROTOCOL_VERSION,
+            "challenge": challenge,
+            "config_sha256": self.cfg.fingerprint(),
+        }
         keys = {f"node-{n}": n for n in new_nodes}
         self.nodes.update(keys)
         replies = self._send("query.census", {k: census for k in keys})
+        identities = self.cfg.federation.identities
         for key in keys:
             node = self.nodes.pop(key)
-            site = replies.get(key, {}).get("site_id")
-            if site in self.nodes:
+            reply = replies.get(key, {})
+            site = reply.get("site_id")
+            problem = identities and identity_problem(identities, census["run"], challenge, reply)
+            if site is not None and problem:
+                self.refused.add(node)
+                self.say(f"  node {node} refused: it {problem}", WARNING)
+            elif site in self.nodes:
                 self.nodes[site] = node
                 self.offline.discard(site)
                 self.say(f"  site {site} rejoined (node {node})")

@@ -8,6 +8,8 @@ in either file are resolved against the folder of the TOML file (``data.manifest
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -255,6 +257,10 @@ class PolicySection(_Section):
     max_layers: int = Field(4, ge=0)
     max_trees: int = Field(1000, ge=1)
     max_repeats: int = Field(10, ge=1)
+    # Answer a run only once the hospital approved it (``fedmets site approve``: its name and
+    # its federation config's fingerprint). Unset: required under ``fedmets site serve`` (a
+    # deployed site), not in ``fedmets simulate``.
+    require_approval: bool | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> PolicySection:
@@ -272,6 +278,10 @@ class ServiceSection(_Section):
     # Group that may open the socket (mode 0660; e.g. the SuperNode user's); none: only the
     # service's own user (0600).
     socket_group: str | None = Field(None, min_length=1)
+    # The site's private key (``fedmets site keys``; the SuperNode's authentication key):
+    # the service signs each census challenge with it, so that the centre can check the site
+    # id against the public key it registered. None: census replies unsigned (simulation).
+    identity_key: ConfigPath | None = None
 
 
 class SiteConfig(_Section):
@@ -322,6 +332,24 @@ class FederationSection(_Section):
     # Largest L2 distance (over every parameter) of a site's trained model from the global one
     # it got; none: no bound (an update must still be finite and of the global model's shapes).
     max_update_norm: float | None = Field(None, gt=0)
+    # Site id -> its SuperNode public key (the ``.pub`` line ``fedmets site keys`` wrote). When
+    # set, a census reply counts only if signed with the key of the site id it claims
+    # (``fedmets.shared.identity``); other nodes are refused.
+    identities: dict[str, str] = {}
+
+    @field_validator("identities")
+    @classmethod
+    def _keys_parse(cls, identities: dict[str, str]) -> dict[str, str]:
+        from fedmets.shared.identity import load_public_key
+
+        for site, key in identities.items():
+            if not re.match(NAME_PATTERN, site):
+                raise ValueError(f"{site!r} is not a site id")
+            try:
+                load_public_key(key)
+            except ValueError as error:
+                raise ValueError(f"{site}: not an OpenSSH ECDSA public key ({error})") from None
+        return identities
 
 
 class StagesSection(_Section):
@@ -509,6 +537,13 @@ class FederationConfig(_Section):
     def source(self) -> Path | None:
         """The TOML file this config was loaded from (``None`` if built in code)."""
         return self._source
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the settings, the same wherever the file is loaded (the output
+        folder, resolved on the machine that reads it, left out): what a site approves and a
+        model bundle records."""
+        settings = self.model_dump(mode="json", exclude={"run": {"output_dir"}})
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 # ---- loading ----------------------------------------------------------------------------------

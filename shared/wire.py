@@ -48,7 +48,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """Bumped whenever a route's request or reply changes; the census refuses other versions."""
 
 
@@ -66,11 +66,13 @@ class Kind(StrEnum):
     SCHEMA = "schema"  # feature column names (PyRadiomics names: public, never patient data)
     MASKED = "masked"  # SecAgg+: a vector only readable summed over sites (see below)
     KEY = "key"  # SecAgg+: public keys, encrypted secret shares, shares that unmask the sum
+    SIGNATURE = "signature"  # the site's key over the centre's census challenge (hex)
 
 
 REPLY_KINDS = frozenset(Kind)
 ENUM_WORDS = frozenset({"images", "tabular", "secure", "seeded"})
 HEX = re.compile(r"^[0-9a-f]{8,128}$")
+SIGNATURE_HEX = re.compile(r"^[0-9a-f]{16,512}$")
 SITE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{1,31}$")
 FEATURE_NAME = re.compile(
     r"^((tumour|ring)_|(original|wavelet|log|square|squareroot|logarithm|exponential|gradient"
@@ -112,6 +114,7 @@ ParamType = Literal[
     "weights",
     "json",
     "covariates",
+    "hex",
 ]
 
 
@@ -125,7 +128,8 @@ class Param:
     ``vector`` / ``matrix`` (1-D / 2-D arrays of finite floats); ``indices`` (1-D
     non-negative integers); ``ints`` (1-D integers in range); ``weights`` (parameter name ->
     numeric array); ``json`` (the text of one JSON object, at most :data:`MAX_JSON_CHARS`);
-    ``covariates`` (a list of clinical schema column names, ``fedmets.shared.clinical``). A
+    ``covariates`` (a list of clinical schema column names, ``fedmets.shared.clinical``);
+    ``hex`` (a hex digest or challenge, 8-128 lowercase hex digits). A
     site's policy may bound a field further (``fedmets.client.policy``)."""
 
     type: ParamType
@@ -227,6 +231,8 @@ ROUTES: dict[str, Route] = {
                 "run": Param("name"),
                 "protocol": Param("int", 0, 10**6),
                 "min_patients": _RUN["min_patients"],
+                "challenge": Param("hex"),  # fedmets.shared.identity: fresh per census
+                "config_sha256": Param("hex"),  # the run config's fingerprint, for approval
             },
             {
                 "site_id": Kind.SITE,
@@ -244,6 +250,7 @@ ROUTES: dict[str, Route] = {
                 "radiomics_names": Kind.SCHEMA,
                 "folds": C,  # the site's own number of folds ([policy] folds)
                 "randomness": Kind.ENUM,  # secure | seeded: who could know its fold seed
+                "identity": Kind.SIGNATURE,  # the challenge signed with the site's key
             },
         ),
         Route(
@@ -553,6 +560,8 @@ def _param_problem(param: Param, value: Any, spec: Route) -> str | None:
         )
         ok = listed and all(isinstance(v, str) and v in CLINICAL_COLUMNS for v in value)
         return None if ok else f"must list clinical schema columns, got {value!r:.80}"
+    if kind == "hex":
+        return None if isinstance(value, str) and HEX.match(value) else "must be hex digits"
     if kind == "json":
         if not isinstance(value, str) or len(value) > MAX_JSON_CHARS:
             return f"must be JSON text of at most {MAX_JSON_CHARS} characters"
@@ -622,6 +631,9 @@ def _kind_problems(kind: Kind, value: Any) -> list[str]:
         return []
     if kind == Kind.HASH:
         return [] if isinstance(value, str) and HEX.match(value) else ["not a hex digest"]
+    if kind == Kind.SIGNATURE:
+        ok = isinstance(value, str) and SIGNATURE_HEX.match(value)
+        return [] if ok else ["not a hex signature"]
     if kind == Kind.SITE:
         return [] if isinstance(value, str) and SITE_ID.match(value) else ["not a site id"]
     if kind == Kind.ENUM:

@@ -34,6 +34,9 @@ class InProcessLink:
     def rename(self, names: Mapping[str, str]) -> None:
         self.workers = {names.get(k, k): w for k, w in self.workers.items()}
 
+    def refuse(self, key: str) -> None:
+        del self.workers[key]
+
     def ask(self, route: str, requests: Mapping[str, dict[str, Any]]) -> dict[str, dict]:
         replies = {}
         for site, request in requests.items():

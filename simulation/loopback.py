@@ -17,12 +17,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import tomli_w
+
+from fedmets.client.approval import approve_run
 from fedmets.client.service_channel import ServiceClient
 from fedmets.server.certs import make_certificates
-from fedmets.shared.config import load_site_config
+from fedmets.shared.config import load_federation_config, load_site_config
+from fedmets.shared.identity import make_site_keys
 
 APP_DIR = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
@@ -84,6 +89,13 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             process.wait()
 
 
+def sign_with(toml: Path, key: Path) -> None:
+    """Set ``[service] identity_key`` of the site TOML ``toml`` to ``key``."""
+    data = tomllib.loads(toml.read_text(encoding="utf-8"))
+    data.setdefault("service", {})["identity_key"] = str(key)
+    toml.write_text(tomli_w.dumps(data), encoding="utf-8")
+
+
 class _ignore_missing:
     def __enter__(self) -> None:
         return None
@@ -109,6 +121,8 @@ class LoopbackFederation:
         self.env = flower_env(self.home)
         self.port = free_port()
         self.certs = make_certificates(self.root / "certs", sites=list(self.sites)) if tls else {}
+        for site in self.sites if tls else []:
+            sign_with(self.sites[site], self.certs[f"site:{site}"])
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[str, subprocess.Popen] = {}
         self.services: dict[str, subprocess.Popen] = {}
@@ -169,6 +183,22 @@ class LoopbackFederation:
             cwd=self.root,
         )
 
+    def add_site(self, name: str, toml: Path) -> None:
+        """One more hospital ``name`` (its site TOML ``toml`` may claim any site id), with a
+        key pair of its own that its service signs with; register it to let it connect."""
+        self.sites[name] = Path(toml)
+        private, public = make_site_keys(self.root / "certs" / "sites", name)
+        self.certs[f"site:{name}"], self.certs[f"site:{name}.pub"] = private, public
+        sign_with(self.sites[name], private)
+
+    def identities(self) -> dict[str, str]:
+        """Site id -> its public key, for ``[federation] identities`` (the sites made here)."""
+        return {
+            load_site_config(toml).site_id: self.certs[f"site:{name}.pub"].read_text()
+            for name, toml in self.sites.items()
+            if name == load_site_config(toml).site_id
+        }
+
     def register(self, site: str) -> None:
         """Allow-list ``site``'s public key (``flwr supernode register``)."""
         done = self.flwr("supernode", "register", str(self.certs[f"site:{site}.pub"]))
@@ -219,9 +249,19 @@ class LoopbackFederation:
         """SIGKILL ``site``'s SuperNode and its ClientApp processes (a crash)."""
         stop_process(self.supernodes.pop(site), signal.SIGKILL)
 
-    def run(self, federation_toml: Path, out: Path, resume: bool = False) -> subprocess.Popen:
+    def run(
+        self,
+        federation_toml: Path,
+        out: Path,
+        resume: bool = False,
+        approving: Iterable[str] | None = None,
+    ) -> subprocess.Popen:
         """Start ``flwr run`` of the fedmets app (returns the running process; its output goes
-        to ``logs/flwr-run.log``)."""
+        to ``logs/flwr-run.log``), once the sites of ``approving`` (default: all) approved it
+        (as ``fedmets site approve`` does)."""
+        run_config = load_federation_config(federation_toml)
+        for site in self.sites if approving is None else approving:
+            approve_run(load_site_config(self.sites[site]), run_config)
         run_config = (
             f"federation-config='{federation_toml}' out='{out}' resume={str(resume).lower()}"
         )

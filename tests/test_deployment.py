@@ -13,7 +13,7 @@ import time
 import pytest
 from deployment import RUN_TIMEOUT_S, federation_toml, start_all_and_wait, wait_for
 
-from fedmets.server.certs import make_site_keys
+from fedmets.shared.identity import make_site_keys
 from fedmets.simulation.loopback import stop_process
 
 pytestmark = pytest.mark.slow  # real flower-superlink / flower-supernode processes

@@ -1,10 +1,14 @@
-"""Deployment with real processes on loopback (see test_deployment.py): a site crashes during
-a run and rejoins (its site service runs on); what the server received is what each site's
-audit log says it sent, and every log's hash chain is intact."""
+"""Deployment with real processes on loopback (see test_deployment.py): a run a site has not
+approved is refused there, and answered after ``fedmets site approve``; a registered node that
+claims another site's id is left out (bound identities); a site crashes during the run and
+rejoins (its site service runs on); what the server received is what each site's audit log
+says it sent, and every log's hash chain is intact."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 from deployment import RUN_TIMEOUT_S, federation_toml, start_all_and_wait, wait_for
@@ -14,16 +18,62 @@ from fedmets.client.audit import verify
 from fedmets.client.release import site_audit_path
 from fedmets.shared.config import load_site_config
 from fedmets.shared.wire import REPLY_KINDS
-from fedmets.simulation.loopback import stop_process
+from fedmets.simulation.loopback import flower_bin, stop_process
 
 pytestmark = pytest.mark.slow  # real flower-superlink / flower-supernode processes
 
 
-def test_run_survives_a_crashed_site_that_rejoins_and_every_reply_is_audited(federation):
+def _impostor(federation) -> None:
+    """A registered hospital whose site service says it is site_a (site_c's data copied)."""
+    site_c = federation.sites["site_c"]
+    folder = federation.root / "impostor"
+    shutil.copytree(site_c.parent, folder)
+    toml = folder / site_c.name
+    toml.write_text(toml.read_text().replace('site_id = "site_c"', 'site_id = "site_a"'))
+    federation.add_site("impostor", toml)
+    federation.register("impostor")
+
+
+def test_approval_identities_and_a_crashed_site_that_rejoins_with_every_reply_audited(
+    federation,
+):
     root = federation.root
+    _impostor(federation)
     start_all_and_wait(federation)
+    identities = federation.identities()
+    assert sorted(identities) == ["site_a", "site_b", "site_c"]
+
+    # a run site_c has not approved: refused there, and the impostor is left out
+    out = root / "run-unapproved"
+    toml = federation_toml(root, "unapproved", min_sites=3, identities=identities)
+    run = federation.run(toml, out, approving=["site_a", "site_b", "impostor"])
+    try:
+        run.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_process(run)
+    assert "min_sites is 3" in (out / "error.txt").read_text()
+    refusal = json.loads(
+        site_audit_path(load_site_config(federation.sites["site_c"])).read_text().splitlines()[-1]
+    )
+    assert (refusal["run"], refusal["rule"], refusal["sent"]) == (
+        "unapproved",
+        "policy.approval",
+        False,
+    )
+
+    # the hospital approves the run with the real command; the run goes on without the impostor
+    toml = federation_toml(root, "dropout", min_sites=2, identities=identities)
+    approve = [
+        flower_bin("fedmets"),
+        "site",
+        "approve",
+        "--config",
+        str(federation.sites["site_c"]),
+    ]
+    done = subprocess.run([*approve, "--run-config", str(toml)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     out = root / "run-dropout"
-    run = federation.run(federation_toml(root, "dropout", min_sites=2), out)
+    run = federation.run(toml, out, approving=["site_a", "site_b", "impostor"])
     try:
         wait_for(out / "server.log", "fold 1/2: selection", run)
         wait_for(out / "server.log", "fusion: 3 networks", run)
@@ -36,6 +86,10 @@ def test_run_survives_a_crashed_site_that_rejoins_and_every_reply_is_audited(fed
     result = json.loads((out / "federated.json").read_text())
     assert "site_c" in {d["site"] for d in result["dropouts"]}
     assert "site site_c rejoined" in (out / "server.log").read_text()
+    assert (
+        "refused: it claims site id 'site_a', but its signature does not verify"
+        in (out / "server.log").read_text()
+    )
     per_site = result["models"]["none/radiomics+clinical"]["per_site"]
     assert set(per_site) == {"site_a", "site_b", "site_c"}
 
@@ -49,7 +103,7 @@ def test_run_survives_a_crashed_site_that_rejoins_and_every_reply_is_audited(fed
         for line in audit.read_text().splitlines():
             entry = json.loads(line)
             if entry["run"] == "dropout":
-                key = (site, entry["route"], entry["fold"], entry["round"])
+                key = (entry["site"], entry["route"], entry["fold"], entry["round"])
                 sent.setdefault(key, []).append(entry["fields"])
     assert received
     for entry in received:

@@ -1,0 +1,77 @@
+"""Runs the hospital approved: ``fedmets site approve --config site.toml --run-config FILE``
+records a run's name and its federation config's fingerprint
+(``fedmets.shared.config.FederationConfig.fingerprint``) in
+``<paths.output>/policy/approved-runs.json``; while approval is required (``[policy]
+require_approval``; unset: under ``fedmets site serve``), the site's gate refuses every request
+of a run not recorded there, and a census whose declared fingerprint is not the approved one
+(rule ``policy.approval``, logged in the audit log like every refusal).
+
+The fingerprint is what the centre declares; it binds the approval to the reviewed file for an
+honest centre, while the site's ``[policy]`` bounds every request whatever is declared.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedmets.client.policy import PolicyRefused
+from fedmets.shared.config import FederationConfig, SiteConfig
+from fedmets.shared.files import write_json
+
+APPROVALS_FILE = "approved-runs.json"
+
+
+def approvals_path(cfg: SiteConfig) -> Path:
+    """Where the site keeps the runs it approved."""
+    return cfg.paths.output / "policy" / APPROVALS_FILE
+
+
+def approved_runs(cfg: SiteConfig) -> dict[str, dict]:
+    """Run name -> {``config_sha256``, ``approved`` (UTC time), ``by`` (user)}."""
+    path = approvals_path(cfg)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def approve_run(cfg: SiteConfig, run_config: FederationConfig) -> dict:
+    """Record ``run_config``'s run name and fingerprint as approved (replacing an earlier
+    approval of that name); returns the record."""
+    runs = approved_runs(cfg)
+    record = {
+        "config_sha256": run_config.fingerprint(),
+        "approved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "by": getpass.getuser(),
+    }
+    runs[run_config.run.name] = record
+    write_json(approvals_path(cfg), runs, indent=1)
+    return record
+
+
+def approval_required(cfg: SiteConfig, served: bool) -> bool:
+    """``[policy] require_approval``, or when unset whether the site runs as a service."""
+    required = cfg.policy.require_approval
+    return served if required is None else required
+
+
+def check_approved(cfg: SiteConfig, route_name: str, request: Mapping[str, Any]) -> None:
+    """PolicyRefused (``policy.approval``) unless the request's run is approved, and, for a
+    census, declared with the approved fingerprint."""
+    run = str(request.get("run", ""))
+    record = approved_runs(cfg).get(run)
+    how = (
+        f"review its federation config and run `fedmets site approve --config "
+        f"{cfg.source or 'site.toml'} --run-config FILE`"
+    )
+    if record is None:
+        raise PolicyRefused("policy.approval", f"{route_name}: run {run!r} is not approved: {how}")
+    declared = request.get("config_sha256")
+    if route_name == "query.census" and declared != record["config_sha256"]:
+        raise PolicyRefused(
+            "policy.approval",
+            f"{route_name}: run {run!r} was approved with config sha256 "
+            f"{record['config_sha256'][:16]}, the centre declares {str(declared)[:16]}: {how}",
+        )

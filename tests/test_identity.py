@@ -1,0 +1,142 @@
+"""Bound identities and run approval at the site.
+
+A site proves its id by signing the centre's census challenge with the key the hospital made
+(``fedmets site keys``); the centre leaves out a node that claims another site's id, and an
+old signature does not fit a new challenge. A deployed site answers only runs the hospital
+approved (``fedmets site approve``). Real processes: test_deployment_dropout.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import tomli_w
+from test_protocol import _cfg, write_sites
+from typer.testing import CliRunner
+
+from fedmets.cli import app
+from fedmets.client.approval import approve_run
+from fedmets.client.policy import PolicyRefused
+from fedmets.client.release import answer, site_audit_path
+from fedmets.client.site_service import SiteService
+from fedmets.client.site_worker import SiteWorker
+from fedmets.server.protocol import FederatedProtocol, ProtocolError
+from fedmets.shared import wire
+from fedmets.shared.config import ConfigError, load_federation_config, load_site_config
+from fedmets.shared.identity import identity_problem, make_site_keys, new_challenge, sign
+from fedmets.simulation.in_process import InProcessLink
+
+
+def _with_key(toml, key) -> None:
+    """Set ``[service] identity_key`` in the site TOML ``toml``."""
+    text = toml.read_text()
+    toml.write_text(text + f'\n[service]\nidentity_key = "{key}"\n')
+
+
+@pytest.fixture
+def keyed(tmp_path):
+    """Three tabular sites, each with its own key; the federation's identities."""
+    sites = write_sites(tmp_path / "sites")
+    identities = {}
+    for site, toml in sites.items():
+        private, public = make_site_keys(tmp_path / "keys", site)
+        _with_key(toml, private)
+        identities[site] = public.read_text()
+    return sites, identities
+
+
+def test_a_node_claiming_another_sites_id_is_left_out(keyed, tmp_path) -> None:
+    sites, identities = keyed
+    # an impostor: a copy of site_c's folder that says it is site_a, with a key of its own
+    impostor = tmp_path / "impostor"
+    shutil.copytree(sites["site_c"].parent, impostor)
+    toml = impostor / sites["site_c"].name
+    text = toml.read_text().replace('site_id = "site_c"', 'site_id = "site_a"')
+    own_key, _ = make_site_keys(tmp_path / "keys", "impostor")
+    toml.write_text(text.replace(str(tmp_path / "keys" / "site_c"), str(own_key)))
+    workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
+    workers["node-9"] = SiteWorker([load_site_config(toml)])
+    said: list[str] = []
+    cfg = _cfg(federation={"min_sites": 2, "min_patients": 5, "identities": identities})
+    protocol = FederatedProtocol(InProcessLink(workers), cfg, "bound", said.append)
+    census = protocol.census()
+    assert sorted(protocol.link.sites()) == ["site_a", "site_b", "site_c"]
+    assert census["site_a"]["n"] == 70  # the real site_a, not the impostor's 36 patients
+    assert any(
+        "node-9 refused" in line and "does not verify with site_a's key" in line for line in said
+    )
+    assert protocol.record.dropouts[0]["site"] == "node-9"
+
+    # without identities the same impostor is only caught as a duplicate id
+    workers["node-9"] = SiteWorker([load_site_config(toml)])
+    with pytest.raises(ProtocolError, match="two SuperNodes claim the same site id"):
+        FederatedProtocol(InProcessLink(workers), _cfg(), "unbound").census()
+
+
+def test_a_signature_fits_one_challenge_run_and_site_only(keyed) -> None:
+    sites, identities = keyed
+    worker = SiteWorker([load_site_config(sites["site_b"])])
+    challenge = new_challenge()
+    reply = {"site_id": "site_b", "identity": sign(worker.identity_key, "run", "site_b", challenge)}
+    assert identity_problem(identities, "run", challenge, reply) is None
+    assert "does not verify" in identity_problem(identities, "run", new_challenge(), reply)
+    assert "does not verify" in identity_problem(identities, "other", challenge, reply)
+    claimed = {**reply, "site_id": "site_a"}
+    assert "does not verify with site_a's key" in identity_problem(
+        identities, "run", challenge, claimed
+    )
+    assert "without a signature" in identity_problem(
+        identities, "run", challenge, {"site_id": "site_b"}
+    )
+    assert "does not list" in identity_problem(identities, "run", challenge, {"site_id": "site_z"})
+
+
+def test_keys_are_made_once_and_a_bad_identity_is_a_config_error(tmp_path) -> None:
+    runner = CliRunner()
+    done = runner.invoke(app, ["site", "keys", "--site", "site_a", "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "site_a").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "site_a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    again = runner.invoke(app, ["site", "keys", "--site", "site_a", "--out", str(tmp_path)])
+    assert again.exit_code == 1 and "is made once" in again.output
+    bad = tmp_path / "fed.toml"
+    data = _cfg().model_dump(mode="json", exclude_none=True)
+    data["federation"]["identities"] = {"site_a": "ssh-rsa AAAA not a key"}
+    bad.write_text(tomli_w.dumps(data))
+    with pytest.raises(ConfigError, match="site_a: not an OpenSSH ECDSA public key"):
+        load_federation_config(bad)
+
+
+def test_a_deployed_site_answers_only_approved_runs(tmp_path) -> None:
+    toml = write_sites(tmp_path / "sites")["site_b"]
+    cfg = _cfg()
+    fed = tmp_path / "fed.toml"
+    fed.write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
+    census = {
+        "run": cfg.run.name,
+        "min_patients": 5,
+        "protocol": wire.PROTOCOL_VERSION,
+        "challenge": new_challenge(),
+        "config_sha256": cfg.fingerprint(),
+    }
+    assert answer(SiteService(toml).worker, "query.census", census)["n"] == 50  # simulation
+    worker = SiteService(toml, served=True).worker
+    with pytest.raises(PolicyRefused, match=r"policy.approval.*not approved.*fedmets site approve"):
+        answer(worker, "query.census", census)
+    last = json.loads(site_audit_path(load_site_config(toml)).read_text().splitlines()[-1])
+    assert last["rule"] == "policy.approval" and last["sent"] is False
+
+    done = CliRunner().invoke(
+        app, ["site", "approve", "--config", str(toml), "--run-config", str(fed)]
+    )
+    assert done.exit_code == 0, done.output
+    assert cfg.fingerprint() in done.output
+    assert answer(worker, "query.census", census)["n"] == 50
+    assert answer(worker, "query.folds", {"run": cfg.run.name, "folds": 3, "min_patients": 5})
+
+    changed = _cfg(cv={"folds": 5})  # the same run name, another config declared
+    with pytest.raises(PolicyRefused, match="was approved with config sha256"):
+        answer(worker, "query.census", {**census, "config_sha256": changed.fingerprint()})
+    approve_run(load_site_config(toml), changed)  # the hospital approves the new config
+    answer(worker, "query.census", {**census, "config_sha256": changed.fingerprint()})
