@@ -968,24 +968,48 @@ def simulate(
 
 @app.command()
 def certs(
-    out: Annotated[Path, typer.Option(help="Folder for the CA, server and site keys.")],
+    out: Annotated[Path, typer.Option(help="Folder for the CA and the server certificate.")],
     site: Annotated[
-        list[str] | None, typer.Option("--site", help="A site id; repeat for each hospital.")
+        list[str] | None,
+        typer.Option("--site", help="Also a site key pair (a rehearsal on one machine)."),
     ] = None,
     host: Annotated[
         list[str] | None,
         typer.Option("--host", help="SuperLink host name or IP (repeatable; subjectAltName)."),
     ] = None,
-    days: Annotated[int, typer.Option(help="Validity of the certificates.")] = 365,
+    days: Annotated[int, typer.Option(help="Validity of the server certificate.")] = 365,
+    ca_days: Annotated[int, typer.Option(help="Validity of the CA.")] = 3650,
+    renew_server: Annotated[
+        Path | None,
+        typer.Option(
+            "--renew-server",
+            metavar="CA_KEY",
+            help="Only a new server certificate from OUT/ca.crt and this CA key.",
+        ),
+    ] = None,
 ) -> None:
-    """Create a pilot's CA, the SuperLink's TLS certificate and each site's SuperNode key pair
-    (see docs/deployment.md; hospitals with a PKI use theirs instead)."""
-    from fedmets.server.certs import make_certificates
+    """Create a pilot's CA and the SuperLink's TLS certificate, or renew the server
+    certificate from the same CA (docs/deployment.md; hospitals with a PKI use theirs)."""
+    from fedmets.server.certs import make_certificates, renew_server_certificate
 
     hosts = host or ["localhost", "127.0.0.1"]
-    paths = make_certificates(out, hosts, site or [], days)
+    if renew_server is not None:
+        try:
+            paths = renew_server_certificate(out, renew_server, hosts, days)
+        except (OSError, ValueError) as error:
+            err_console.print(f"error: {error}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from error
+    else:
+        paths = make_certificates(out, hosts, site or [], days, ca_days)
     for role, path in paths.items():
-        console.print(f"{role:24s} {path}", markup=False, highlight=False)
+        _plain(f"{role:24s} {path}")
+    if renew_server is None:
+        _plain("next: server.pem and server.key to the SuperLink host (--ssl-certfile,")
+        _plain("--ssl-keyfile), ca.crt to every hospital (--root-certificates); keep ca.key off")
+        _plain("the SuperLink host: it is needed only to renew (--renew-server CA_KEY).")
+    else:
+        _plain("next: restart the SuperLink with the new server.pem and server.key; the")
+        _plain("SuperNodes reconnect through the same CA, nothing to re-register.")
 
 
 # ---- report -----------------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 For a pilot without a hospital PKI, the coordinating centre creates in ``OUT/``:
 
-- ``ca.crt`` / ``ca.key``: a self-signed certificate authority (keep ``ca.key`` offline);
-- ``server.pem`` / ``server.key``: the SuperLink's TLS certificate, signed by the CA, with the
-  given host names and IP addresses as subjectAltNames (gRPC checks them);
-- ``sites/<site>`` / ``sites/<site>.pub``: each hospital's SuperNode authentication key pair
-  (ECDSA P-384, OpenSSH format, as ``flower-supernode --auth-supernode-private-key`` and
-  ``flwr supernode register`` expect). The private key goes to that hospital only.
+- ``ca.crt`` / ``ca.key``: a self-signed certificate authority, valid :data:`CA_VALID_DAYS`
+  (keep ``ca.key`` off the SuperLink host);
+- ``server.pem`` / ``server.key``: the SuperLink's TLS certificate, signed by the CA, valid
+  :data:`VALID_DAYS`, with the given host names and IP addresses as subjectAltNames (gRPC
+  checks them); :func:`renew_server_certificate` issues the next one from the same CA, so the
+  sites (which trust the CA) need nothing new;
+- with ``sites`` (a rehearsal on one machine): ``sites/<site>`` / ``sites/<site>.pub``, SuperNode
+  key pairs (``fedmets.shared.identity.make_site_keys``); in a deployment each hospital makes
+  its own (``fedmets site keys``).
 
 Hospitals with their own PKI use their CA and server certificate instead (docs/deployment.md).
 """
@@ -24,9 +27,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmets.shared.files import write_atomically
 from fedmets.shared.identity import make_site_keys
 
 VALID_DAYS = 365
+CA_VALID_DAYS = 3650
 
 
 def _name(common_name: str) -> x509.Name:
@@ -39,10 +44,14 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    """``data`` to ``path`` atomically; a private file is mode 600 before it is in place."""
+
+    def write(partial: Path) -> None:
+        partial.write_bytes(data)
+        if private:
+            partial.chmod(0o600)
+
+    write_atomically(path, write)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -68,10 +77,11 @@ def make_certificates(
     hosts: Sequence[str] = ("localhost", "127.0.0.1"),
     sites: Sequence[str] = (),
     days: int = VALID_DAYS,
+    ca_days: int = CA_VALID_DAYS,
 ) -> dict[str, Path]:
-    """Write the CA, the server certificate for ``hosts`` and a key pair per site into
-    ``out``; return the paths by role (``ca``, ``server_cert``, ``server_key``,
-    ``site:<id>``, ``site:<id>.pub``)."""
+    """Write the CA (valid ``ca_days``), the server certificate for ``hosts`` (valid ``days``)
+    and a key pair per site into ``out``; return the paths by role (``ca``, ``ca_key``,
+    ``server_cert``, ``server_key``, ``site:<id>``, ``site:<id>.pub``)."""
     out = Path(out)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -82,7 +92,7 @@ def make_certificates(
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_after(now + dt.timedelta(days=ca_days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -100,6 +110,34 @@ def make_certificates(
         )
         .sign(ca_key, hashes.SHA384())
     )
+    paths = {"ca": out / "ca.crt", "ca_key": out / "ca.key"}
+    _write(paths["ca"], ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write(paths["ca_key"], _pem_key(ca_key), private=True)
+    paths |= _server_certificate(out, ca_cert, ca_key, hosts, days)
+    for site in sites:
+        paths[f"site:{site}"], paths[f"site:{site}.pub"] = make_site_keys(out / "sites", site)
+    return paths
+
+
+def renew_server_certificate(
+    out: Path, ca_key: Path, hosts: Sequence[str], days: int = VALID_DAYS
+) -> dict[str, Path]:
+    """A new ``out/server.pem`` / ``server.key`` for ``hosts`` from the CA of ``out/ca.crt``
+    and its key ``ca_key`` (restart the SuperLink with them; the SuperNodes, which trust the
+    CA, and their registrations stay as they are). ValueError when the key is not the CA's."""
+    out = Path(out)
+    ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
+    if key.public_key() != ca_cert.public_key():
+        raise ValueError(f"{ca_key} is not the key of {out / 'ca.crt'}")
+    return _server_certificate(out, ca_cert, key, hosts, days)
+
+
+def _server_certificate(
+    out: Path, ca_cert: x509.Certificate, ca_key, hosts: Sequence[str], days: int
+) -> dict[str, Path]:
+    """Write the SuperLink's key and certificate for ``hosts``, signed by the CA."""
+    now = dt.datetime.now(dt.UTC)
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
@@ -113,16 +151,7 @@ def make_certificates(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    paths = {
-        "ca": out / "ca.crt",
-        "ca_key": out / "ca.key",
-        "server_cert": out / "server.pem",
-        "server_key": out / "server.key",
-    }
-    _write(paths["ca"], ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(paths["ca_key"], _pem_key(ca_key), private=True)
-    _write(paths["server_cert"], server_cert.public_bytes(serialization.Encoding.PEM))
+    paths = {"server_cert": out / "server.pem", "server_key": out / "server.key"}
     _write(paths["server_key"], _pem_key(server_key), private=True)
-    for site in sites:
-        paths[f"site:{site}"], paths[f"site:{site}.pub"] = make_site_keys(out / "sites", site)
+    _write(paths["server_cert"], server_cert.public_bytes(serialization.Encoding.PEM))
     return paths

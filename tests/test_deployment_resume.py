@@ -1,5 +1,6 @@
 """Deployment with real processes on loopback (see test_deployment.py): the coordinating
-centre stops mid-run and resumes from its checkpoints to the result of an uninterrupted run."""
+centre stops mid-run, renews its server certificate, and resumes from its checkpoints to the
+result of an uninterrupted run (the SuperNodes reconnect through the same CA)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from deployment import RUN_TIMEOUT_S, federation_toml, start_all_and_wait
 
 from fedmets.client.site_worker import SiteWorker
+from fedmets.server.certs import renew_server_certificate
 from fedmets.server.protocol import FederatedProtocol
 from fedmets.shared.config import load_federation_config, load_site_config
 from fedmets.simulation.in_process import InProcessLink
@@ -38,7 +40,12 @@ def test_a_stopped_server_resumes_to_the_uninterrupted_result(federation) -> Non
         time.sleep(0.5)
     stop_process(run)
     stop_process(federation.superlink)  # the coordinating centre goes down
-    federation.start_superlink()  # same database: the SuperNodes reconnect
+    served = federation.certs["server_cert"].read_bytes()
+    renew_server_certificate(  # and comes back with a new certificate from the same CA
+        federation.certs["ca"].parent, federation.certs["ca_key"], ["localhost", "127.0.0.1"]
+    )
+    assert federation.certs["server_cert"].read_bytes() != served
+    federation.start_superlink()  # same database: the SuperNodes reconnect, none re-registered
     rerun = federation.run(fed_toml, out, resume=True)
     try:
         assert rerun.wait(timeout=RUN_TIMEOUT_S) == 0

@@ -140,3 +140,35 @@ def test_a_deployed_site_answers_only_approved_runs(tmp_path) -> None:
         answer(worker, "query.census", {**census, "config_sha256": changed.fingerprint()})
     approve_run(load_site_config(toml), changed)  # the hospital approves the new config
     answer(worker, "query.census", {**census, "config_sha256": changed.fingerprint()})
+
+
+def test_the_server_certificate_is_renewed_from_the_same_ca(tmp_path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec as ec_keys
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["certs", "--out", str(tmp_path), "--host", "fl.example.org"])
+    assert made.exit_code == 0, made.output
+    assert "keep ca.key off" in made.output
+
+    def load(name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((tmp_path / name).read_bytes())
+
+    ca, first = load("ca.crt"), load("server.pem")
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days >= 3650  # outlives the server's
+    assert (first.not_valid_after_utc - first.not_valid_before_utc).days <= 366
+    renew = ["certs", "--out", str(tmp_path), "--host", "fl.example.org"]
+    done = runner.invoke(app, [*renew, "--renew-server", str(tmp_path / "ca.key")])
+    assert done.exit_code == 0, done.output
+    second = load("server.pem")
+    assert second.serial_number != first.serial_number and load("ca.crt") == ca
+    ca.public_key().verify(  # signed by the same CA: the sites' ca.crt still fits
+        second.signature,
+        second.tbs_certificate_bytes,
+        ec_keys.ECDSA(second.signature_hash_algorithm),
+    )
+    assert (tmp_path / "server.key").stat().st_mode & 0o777 == 0o600
+    other = tmp_path / "other"
+    runner.invoke(app, ["certs", "--out", str(other)])
+    wrong = runner.invoke(app, [*renew, "--renew-server", str(other / "ca.key")])
+    assert wrong.exit_code == 1 and "is not the key of" in wrong.output
