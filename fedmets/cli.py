@@ -1012,6 +1012,31 @@ def certs(
         _plain("SuperNodes reconnect through the same CA, nothing to re-register.")
 
 
+@app.command("proxy-config")
+def proxy_config(
+    certs: Annotated[Path, typer.Option(help="The folder `fedmets certs` wrote.")],
+    folder: Annotated[Path, typer.Option(help="nginx's folder for its pid, logs and temp files.")],
+    listen: Annotated[str, typer.Option(help="Where the hospitals connect (host:port).")] = (
+        "0.0.0.0:9091"
+    ),
+    superlink_port: Annotated[
+        int, typer.Option(help="The SuperLink's port on 127.0.0.1 (flower-superlink --port).")
+    ] = 9093,
+) -> None:
+    """Print the nginx configuration of the centre's proxy: TLS on LISTEN, the Fleet API
+    forwarded to the SuperLink on loopback, every other path refused (403), so that no
+    hospital reaches the Control API (docs/deployment.md). Run it with nginx -c FILE."""
+    import sys
+
+    from fedmets.server.proxy import nginx_config
+
+    certs = certs.resolve()
+    text = nginx_config(
+        listen, superlink_port, certs / "server.pem", certs / "server.key", certs / "ca.crt", folder
+    )
+    sys.stdout.write(text)
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 

@@ -26,12 +26,18 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --no-build-isolation "pyradiomics>=3.0.1"
 # The editable build warns about folders named like the package (fedmets/ is that package).
 PYTHONWARNINGS=ignore "${pip[@]}" install -e ".[dev]"
-# Headless Chromium renders the report page in tests/test_report.py (skipped without it).
-# Best effort, only as root with apt and no chromium yet; never fails the install.
-if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1 \
-    && ! command -v chromium >/dev/null 2>&1; then
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
-        >/dev/null 2>&1 || echo "note: chromium not installed; the report screenshot test will skip"
+# Debian packages the tests use, installed only as root with apt, best effort (never fails the
+# install): Chromium renders the report page in tests/test_report.py (skipped without it);
+# nginx-light is the centre's proxy in the deployment tests (fedmets.server.proxy).
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1 && ((${#missing[@]})); then
+    apt-get update -qq >/dev/null 2>&1 || true
+    for package in "${missing[@]}"; do
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null 2>&1 \
+            || echo "note: could not install $package (see docs/install.md)"
+    done
 fi
 echo "$want" > "$stamp"
 echo "fedmets installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -32,6 +32,7 @@ from fedmets.shared.identity import make_site_keys
 
 VALID_DAYS = 365
 CA_VALID_DAYS = 3650
+LOOPBACK = ("localhost", "127.0.0.1")
 
 
 def _name(common_name: str) -> x509.Name:
@@ -136,7 +137,9 @@ def renew_server_certificate(
 def _server_certificate(
     out: Path, ca_cert: x509.Certificate, ca_key, hosts: Sequence[str], days: int
 ) -> dict[str, Path]:
-    """Write the SuperLink's key and certificate for ``hosts``, signed by the CA."""
+    """Write the SuperLink's key and certificate for ``hosts`` and :data:`LOOPBACK` (the
+    centre's own ``flwr`` and its proxy reach the SuperLink there), signed by the CA."""
+    hosts = [*hosts, *(h for h in LOOPBACK if h not in hosts)]
     now = dt.datetime.now(dt.UTC)
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (

@@ -12,6 +12,7 @@ session, with its children).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import tomli_w
 from fedmets.client.approval import approve_run
 from fedmets.client.service_channel import ServiceClient
 from fedmets.server.certs import make_certificates
+from fedmets.server.proxy import write_nginx_config
 from fedmets.shared.config import load_federation_config, load_site_config
 from fedmets.shared.identity import make_site_keys
 
@@ -109,17 +111,29 @@ class LoopbackFederation:
     site serve``, started with the first SuperNode) and SuperNode, under ``root``."""
 
     def __init__(
-        self, root: Path, sites: Mapping[str, Path], tls: bool = True, auth: bool = True
+        self,
+        root: Path,
+        sites: Mapping[str, Path],
+        tls: bool = True,
+        auth: bool = True,
+        proxy: bool = True,
     ) -> None:
+        """``proxy`` (needs ``tls``): the SuperNodes reach the SuperLink through nginx, which
+        forwards the Fleet API only (``fedmets.server.proxy``); the centre's ``flwr`` connection
+        (``pilot``) goes to the SuperLink itself, a hospital's (``site``) to the proxy."""
+        if proxy and not tls:
+            raise ValueError("the proxy terminates TLS: it needs tls=True")
         self.root = Path(root)
         self.sites = dict(sites)
-        self.tls, self.auth = tls, auth
+        self.tls, self.auth, self.proxy = tls, auth, proxy
         self.home = self.root / "flwr-home"
         self.logs = self.root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
         self.env = flower_env(self.home)
         self.port = free_port()
+        self.public_port = free_port() if proxy else self.port  # where the SuperNodes connect
+        self.proxy_process: subprocess.Popen | None = None
         self.certs = make_certificates(self.root / "certs", sites=list(self.sites)) if tls else {}
         for site in self.sites if tls else []:
             sign_with(self.sites[site], self.certs[f"site:{site}"])
@@ -130,6 +144,9 @@ class LoopbackFederation:
         entry = f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
         entry += f'address = "127.0.0.1:{self.port}"\n'
         entry += f'root-certificates = "{self.certs["ca"]}"\n' if tls else "insecure = true\n"
+        if proxy:  # what a hospital holding ca.crt would configure: the public address
+            entry += f'\n[superlink.site]\naddress = "127.0.0.1:{self.public_port}"\n'
+            entry += f'root-certificates = "{self.certs["ca"]}"\n'
         (self.home / "config.toml").write_text(entry, encoding="utf-8")
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
@@ -171,6 +188,25 @@ class LoopbackFederation:
             command.append("--enable-supernode-auth")
         self.superlink = self._spawn("superlink", command)
         wait_for_port(self.port, self.superlink)
+        if self.proxy and (self.proxy_process is None or self.proxy_process.poll() is not None):
+            self.start_proxy()
+
+    def start_proxy(self) -> None:
+        """Start nginx in front of the SuperLink on ``public_port`` (``fedmets.server.proxy``)."""
+        nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+        if nginx is None:
+            raise RuntimeError(
+                "nginx not found: the rehearsal puts it in front of the SuperLink "
+                "(scripts/install.sh installs Debian's nginx-light as root)"
+            )
+        config = write_nginx_config(
+            self.root / "proxy" / "nginx.conf",
+            self.port,
+            f"127.0.0.1:{self.public_port}",
+            self.certs,
+        )
+        self.proxy_process = self._spawn("proxy", [nginx, "-c", str(config), "-e", "stderr"])
+        wait_for_port(self.public_port, self.proxy_process)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against this SuperLink (connection ``pilot``)."""
@@ -232,7 +268,7 @@ class LoopbackFederation:
         command = [
             flower_bin("flower-supernode"),
             "--superlink",
-            f"127.0.0.1:{self.port}",
+            f"127.0.0.1:{self.public_port}",
             "--port",
             str(free_port()),
             "--isolation",
@@ -278,6 +314,9 @@ class LoopbackFederation:
         if self.superlink is not None:
             stop_process(self.superlink)
             self.superlink = None
+        if self.proxy_process is not None:
+            stop_process(self.proxy_process)
+            self.proxy_process = None
 
     def __enter__(self) -> LoopbackFederation:
         return self

@@ -1,6 +1,7 @@
-"""Deployment with real processes on loopback: a TLS SuperLink with SuperNode authentication,
-three hospital SuperNodes (tabular sites), `flwr run` of the fedmets app: refused connections,
-and a run stopped by too few sites. A crashed site with the wire audit, and a stopped and
+"""Deployment with real processes on loopback: a TLS SuperLink with SuperNode authentication
+behind the centre's proxy (nginx: the Fleet API only), three hospital SuperNodes (tabular
+sites), `flwr run` of the fedmets app: refused connections, a hospital's `flwr` refused at the
+proxy, and a run stopped by too few sites. A crashed site with the wire audit, and a stopped and
 resumed server, are in test_deployment_dropout.py and test_deployment_resume.py (each module
 runs its own federation, side by side under pytest-xdist; helpers in deployment.py)."""
 
@@ -35,6 +36,26 @@ def test_unregistered_and_plaintext_supernodes_are_refused(federation) -> None:
     nodes = federation.flwr("supernode", "list", "--format", "json")
     listed = json.loads(nodes.stdout)
     assert all(n.get("status") != "online" for n in listed.get("nodes", [])), listed
+
+
+def test_a_hospital_reaches_the_fleet_api_only(federation) -> None:
+    """The SuperNodes connect through the proxy; a hospital's `flwr` (the CA it holds, the
+    address it knows) is refused there, while the centre's, on the SuperLink host, works."""
+    start_all_and_wait(federation)
+    for command in (
+        ("supernode", "list", "site", "--format", "json"),
+        ("ls", "site", "--format", "json"),
+        ("supernode", "register", str(federation.certs["site:site_a.pub"]), "site"),
+    ):
+        refused = federation.flwr(*command)
+        said = refused.stdout + refused.stderr
+        assert "403" in said and '"success": true' not in said, (command, said)
+    access = (federation.root / "proxy" / "access.log").read_text()
+    assert '"POST /v1/control/' in access and '" 403 ' in access
+    assert '"POST /v1/fleet/' in access  # the SuperNodes' traffic goes through the proxy
+    listed = json.loads(federation.flwr("supernode", "list", "--format", "json").stdout)
+    online = [n for n in listed["nodes"] if n.get("status") == "online"]
+    assert len(online) == len(federation.sites)  # still connected, through the proxy
 
 
 def test_too_few_sites_stop_the_run_after_the_round_timeout(federation) -> None:

@@ -45,6 +45,7 @@ def test_a_stopped_server_resumes_to_the_uninterrupted_result(federation) -> Non
         federation.certs["ca"].parent, federation.certs["ca_key"], ["localhost", "127.0.0.1"]
     )
     assert federation.certs["server_cert"].read_bytes() != served
+    stop_process(federation.proxy_process)  # the proxy serves the renewed certificate too
     federation.start_superlink()  # same database: the SuperNodes reconnect, none re-registered
     rerun = federation.run(fed_toml, out, resume=True)
     try:
