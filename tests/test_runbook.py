@@ -1,0 +1,52 @@
+"""The runbook as written: ``scripts/pilot.sh`` (the commands of docs/deployment.md, one host,
+three hospitals) runs a federation from certificates to results: each hospital makes its own
+key, the centre registers it before the SuperNode starts, every process logs to its file, the
+SuperNodes (each with its own FLWR_HOME and port) reach the SuperLink through the proxy, each
+hospital approves the run, and the node-id to hospital table is printed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from deployment import federation_toml
+from test_protocol import SITES, write_sites
+
+pytestmark = pytest.mark.slow  # real processes, one whole run
+
+PILOT = Path(__file__).resolve().parent.parent / "scripts" / "pilot.sh"
+
+
+def test_the_pilot_script_runs_the_runbook_to_results(tmp_path) -> None:
+    cohort = tmp_path / "cohort"
+    write_sites(cohort, folds=2)
+    fed = federation_toml(tmp_path, "runbook", min_sites=3, round_timeout_s=120)
+    work = tmp_path / "work"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    started = time.monotonic()
+    done = subprocess.run(
+        ["bash", str(PILOT), str(cohort), str(work), str(fed)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    print(f"pilot: {time.monotonic() - started:.0f} s")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (work / "node-table.txt").read_text().splitlines()
+    assert table[0].split() == ["node-id", "hospital"]
+    assert sorted(line.split()[1] for line in table[1:]) == sorted(SITES)
+    result = json.loads((work / "run" / "federated.json").read_text())
+    assert set(result["models"]["none/radiomics+clinical"]["per_site"]) == set(SITES)
+    assert not result["dropouts"]
+    logs = {p.stem for p in (work / "logs").glob("*.log")}
+    expected = {"superlink", "proxy", "flwr-run"}
+    expected |= {f"{kind}-{site}" for kind in ("service", "supernode") for site in SITES}
+    assert expected <= logs
+    access = (work / "centre" / "proxy" / "access.log").read_text()
+    assert "/v1/fleet/pull-messages" in access  # the hospitals came in through the proxy
