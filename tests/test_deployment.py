@@ -8,16 +8,33 @@ runs its own federation, side by side under pytest-xdist; helpers in deployment.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
+import tomli_w
 from deployment import RUN_TIMEOUT_S, federation_toml, start_all_and_wait, wait_for
 
 from fedmets.shared.identity import make_site_keys
-from fedmets.simulation.loopback import stop_process
+from fedmets.simulation.loopback import flower_bin, free_port, stop_process
 
 pytestmark = pytest.mark.slow  # real flower-superlink / flower-supernode processes
+
+NOBODY = 65534  # the user (and group, "nogroup") the probe's SuperNode runs as
+PROBE_APP = Path(__file__).resolve().parent / "data" / "probe_app"
+
+
+def wait_for_socket(path: Path, service: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_socket():
+        assert service.poll() is None and time.monotonic() < deadline, "the service did not start"
+        time.sleep(0.2)
 
 
 def test_unregistered_and_plaintext_supernodes_are_refused(federation) -> None:
@@ -56,6 +73,90 @@ def test_a_hospital_reaches_the_fleet_api_only(federation) -> None:
     listed = json.loads(federation.flwr("supernode", "list", "--format", "json").stdout)
     online = [n for n in listed["nodes"] if n.get("status") == "online"]
     assert len(online) == len(federation.sites)  # still connected, through the proxy
+
+
+def _others_can_run(path: Path) -> bool:
+    """Whether a user other than the owner can execute ``path`` (every folder above it
+    searchable by others)."""
+    path = path.resolve()
+    return bool(path.stat().st_mode & 0o001) and all(p.stat().st_mode & 0o001 for p in path.parents)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a SuperNode as another user: needs root")
+@pytest.mark.skipif(
+    not _others_can_run(Path(sys.executable)),
+    reason="this Python lives where other users cannot run it (e.g. under /root); a hospital "
+    "installs fedmets where the SuperNode's user can (docs/deployment.md)",
+)
+def test_the_uploaded_app_cannot_read_the_data_nor_pass_the_policy(federation) -> None:
+    """A SuperNode run as a user without access to the site's files (``nobody``, the socket
+    shared with its group), an app whose ClientApp tries to read a site file itself and to get
+    a request outside the site's policy answered: the first fails, the service refuses the
+    second."""
+    root = federation.root
+    shared = Path(tempfile.mkdtemp(prefix="fedmets-node-"))  # what the SuperNode's user may use
+    started: list[subprocess.Popen] = []
+    try:
+        shared.chmod(0o755)
+        site = root / "probe-site"
+        shutil.copytree(
+            federation.sites["site_a"].parent, site, ignore=shutil.ignore_patterns("*.sock")
+        )
+        toml = site / "site.toml"
+        data = tomllib.loads(toml.read_text())
+        data["service"] = {"socket": str(shared / "site.sock"), "socket_group": "nogroup"}
+        toml.write_text(tomli_w.dumps(data))
+        service = subprocess.Popen(
+            [flower_bin("fedmets"), "site", "serve", "--config", str(toml)],
+            stdout=(root / "logs" / "service-probe.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(service)
+        key, public = make_site_keys(shared / "keys", "probe")
+        home = shared / "flwr-home"
+        home.mkdir()
+        for path in (shared / "keys", key, home):
+            os.chown(path, NOBODY, NOBODY)
+        shutil.copy(federation.certs["ca"], shared / "ca.crt")
+        registered = federation.flwr("supernode", "register", str(public), "--format", "json")
+        node = json.loads(registered.stdout)["node-id"]
+        wait_for_socket(shared / "site.sock", service)
+        started.append(
+            subprocess.Popen(
+                [
+                    flower_bin("flower-supernode"),
+                    *("--superlink", f"127.0.0.1:{federation.public_port}"),
+                    *("--root-certificates", str(shared / "ca.crt")),
+                    *("--auth-supernode-private-key", str(key)),
+                    *("--isolation", "subprocess", "--port", str(free_port())),
+                    *("--node-config", f'site-service="{shared / "site.sock"}"'),
+                ],
+                env={**federation.env, "FLWR_HOME": str(home), "HOME": str(home)},
+                stdout=(root / "logs" / "supernode-probe.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=NOBODY,
+                group=NOBODY,
+                extra_groups=[],
+                cwd=shared,
+            )
+        )
+        out = root / "probe.json"
+        features = site / "output" / "features.parquet"
+        run_config = f"data-file='{features}' node-id='{node}' out='{out}'"
+        ran = federation.flwr(
+            "run", str(PROBE_APP), "--run-config", run_config, "--stream", timeout=300
+        )
+        assert out.is_file(), ran.stdout[-2000:] + ran.stderr[-2000:]
+        (found,) = json.loads(out.read_text())
+    finally:
+        for process in started:
+            stop_process(process)
+        shutil.rmtree(shared, ignore_errors=True)
+    assert found["uid"] == NOBODY and found["site"] == "site_a"
+    assert found["read"] == "PermissionError"  # the uploaded code cannot open the site's files
+    assert found["outside_policy"].startswith("refused: policy.folds")
 
 
 def test_too_few_sites_stop_the_run_after_the_round_timeout(federation) -> None:
