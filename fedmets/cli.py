@@ -553,6 +553,13 @@ def _plain(text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+def _next_steps(text: str) -> None:
+    """``next: text``, wrapped at 88 columns (plain text, for logs too)."""
+    import textwrap
+
+    _plain(textwrap.fill(f"next: {text}", width=88))
+
+
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -759,9 +766,11 @@ def site_keys(
         raise typer.Exit(1) from error
     _plain(f"private key (stays here)     {private}")
     _plain(f"public key (send the centre) {public}")
-    _plain("next: set [service] identity_key to the private key in site.toml, start the")
-    _plain("SuperNode with --auth-supernode-private-key on it; the centre registers the .pub")
-    _plain("(flwr supernode register) and lists it under [federation.identities].")
+    _next_steps(
+        "set [service] identity_key to the private key in site.toml, start the SuperNode with "
+        "--auth-supernode-private-key on it; the centre registers the .pub (flwr supernode "
+        "register) and lists it under [federation.identities]."
+    )
 
 
 @site_app.command("approve")
@@ -1003,13 +1012,14 @@ def certs(
         paths = make_certificates(out, hosts, site or [], days, ca_days)
     for role, path in paths.items():
         _plain(f"{role:24s} {path}")
-    if renew_server is None:
-        _plain("next: server.pem and server.key to the SuperLink host (--ssl-certfile,")
-        _plain("--ssl-keyfile), ca.crt to every hospital (--root-certificates); keep ca.key off")
-        _plain("the SuperLink host: it is needed only to renew (--renew-server CA_KEY).")
-    else:
-        _plain("next: restart the SuperLink with the new server.pem and server.key; the")
-        _plain("SuperNodes reconnect through the same CA, nothing to re-register.")
+    _next_steps(
+        "server.pem and server.key to the SuperLink host (--ssl-certfile, --ssl-keyfile), "
+        "ca.crt to every hospital (--root-certificates); keep ca.key off the SuperLink host: it "
+        "is needed only to renew (--renew-server CA_KEY)."
+        if renew_server is None
+        else "restart the SuperLink with the new server.pem and server.key; the SuperNodes "
+        "reconnect through the same CA, nothing to re-register."
+    )
 
 
 @app.command("proxy-config")
