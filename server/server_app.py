@@ -40,6 +40,7 @@ from fedmets.shared.identity import identity_problem, new_challenge
 app = ServerApp()
 APP_DIR = Path(__file__).resolve().parent.parent
 NODE_POLL_S = 1.0
+PULL_INTERVAL_S = 0.1
 
 
 class FlowerLink:
@@ -162,6 +163,20 @@ class FlowerLink:
             elif site is not None:
                 self.say(f"  node {node} says it is site {site}, not in this run: ignored", WARNING)
 
+    def _exchange(self, messages: list[Message]) -> list[Message]:
+        """``grid.send_and_receive``, but looking for replies every :data:`PULL_INTERVAL_S`
+        (Flower 1.42's deployed grid looks every 3 s; its simulation every 0.1 s)."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.timeout
+        replies: list[Message] = []
+        while waiting and time.monotonic() < deadline:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if waiting:
+                time.sleep(PULL_INTERVAL_S)
+        return replies
+
     def _send(self, route: str, requests: Mapping[str, dict]) -> dict[str, dict]:
         by_node = {self.nodes[site]: site for site in requests}
         messages = [
@@ -173,7 +188,7 @@ class FlowerLink:
             for site, request in requests.items()
         ]
         replies = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in self._exchange(messages):
             site = by_node.get(reply.metadata.src_node_id)
             if site is None:
                 continue

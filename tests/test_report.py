@@ -237,6 +237,12 @@ def test_server_output_only(tmp_path):
     folder = tmp_path / "server-out"
     folder.mkdir()
     server = server_json(metrics) | {"privacy": LEDGER}  # the ServerApp's name for the ledger
+    server["selection_stability"] = {  # top level in federated.json, under federated in metrics
+        "folds": 3,
+        "mean_jaccard": 0.4321,
+        "in_every_fold": 2,
+        "in_any_fold": 9,
+    }
     (folder / "federated.json").write_text(json.dumps(server))
     (folder / "server.log").write_text("census: 3 sites\n")
     page = write_report(folder)
@@ -246,6 +252,7 @@ def test_server_output_only(tmp_path):
     assert "No local-only baseline in this run" in text
     assert "centralised AUC [95% CI]" not in text  # no baseline columns in the ablation
     assert "server output" in text and "Server log" in text
+    assert "mean pairwise Jaccard 0.43" in text
     main = metrics["federated"]["models"][metrics["main_model"]]["pooled"]
     assert f"{main['auc']:.3f}" in text
     assert "[dp]" in text  # the federation config, rendered as TOML

@@ -51,11 +51,21 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
         "folds": server.get("folds") or [],
         "timing_s": server.get("timing_s") or {},
         "importance": server.get("importance"),
+        "selection_stability": server.get("selection_stability"),
     }
     metrics = {
         key: value
         for key, value in server.items()
-        if key not in {"models", "folds", "timing_s", "config", "privacy", "importance"}
+        if key
+        not in {
+            "models",
+            "folds",
+            "timing_s",
+            "config",
+            "privacy",
+            "importance",
+            "selection_stability",
+        }
     }
     if "privacy" in server:  # the ServerApp's name for the privacy ledger report
         metrics["privacy_ledger"] = server["privacy"]
