@@ -283,6 +283,7 @@ class SiteWorker:
             "query.ledger": self.ledger_summary,
             "query.permutation": self.permutation,
             "query.model_bundle": self.keep_bundle,
+            "query.bundle_evaluation": self.bundle_evaluation,
         }
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -312,6 +313,18 @@ class SiteWorker:
         digest = bundle_digest(manifest, arrays)
         keep_with_bundle(self._state(request) / FINAL_ADJUSTMENTS, root, digest)
         return {"bundle_sha256": digest}
+
+    def bundle_evaluation(self, request: dict) -> dict:
+        """A held-out site's evaluation of the bundle it kept (:meth:`keep_bundle`) on all its
+        labelled patients (``fedmets.client.predict.evaluate_bundle``: grouped histograms,
+        confusion counts at the bundle's threshold, Brier sum, the main model's calibration)."""
+        from fedmets.client.predict import evaluate_bundle  # (predict imports this module)
+
+        if len(self.configs) != 1:
+            raise ValueError("a held-out evaluation is one site's")
+        self._admit(request, np.ones(len(self.data.ids), dtype=bool), {self.route, "labels"})
+        cfg = self.configs[0]
+        return evaluate_bundle(cfg, cfg.paths.output / "model", int(request["bins"]))
 
     def ledger(self) -> PrivacyLedger:
         """The site's privacy ledger (``<ledger_root>/privacy/privacy-ledger.json``)."""

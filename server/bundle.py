@@ -7,7 +7,8 @@ then sent to every site to keep (:func:`deliver_bundle`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedmets.server.protocol import metrics_from_replies
 from fedmets.server.results import to_jsonable
 from fedmets.shared import wire
 from fedmets.shared.bundle import (
@@ -128,3 +130,56 @@ def deliver_bundle(link: SiteLink, model_dir: Path, run: str, say: Callable[[str
         + ", ".join(f"{site} {state}" for site, state in sorted(outcome.items()))
     )
     return outcome
+
+
+def evaluate_held_out(
+    link: SiteLink,
+    model_dir: Path,
+    result: dict,
+    cfg: FederationConfig,
+    say: Callable[[str], None],
+) -> dict:
+    """Ask the held-out sites (``[federation] held_out``), which kept the bundle in
+    ``model_dir``, for their evaluation of it (``query.bundle_evaluation``): the training and
+    held-out sites, the main model, its cross-validated pooled metrics (``result``'s, the
+    training sites'), per held-out site and pooled held-out metrics (:func:`held_out_metrics`)."""
+    started = time.perf_counter()
+    bins = cfg.evaluation.histogram_bins
+    request = {
+        "run": result["run"],
+        "min_patients": cfg.federation.min_patients,
+        "bins": bins,
+    }
+    present = [s for s in cfg.federation.held_out if s in link.sites()]
+    replies = link.ask("query.bundle_evaluation", {site: request for site in present})
+    main = result["main_model"]
+    summary = {
+        "training_sites": sorted(result["census"]),
+        "held_out": sorted(replies),
+        "main_model": main,
+        "cross_validated": result["models"][main]["pooled"],
+        **held_out_metrics(replies, main, bins),
+        "bundle": str(model_dir),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    for site in sorted(set(cfg.federation.held_out) - set(replies)):
+        say(f"held-out site {site}: no evaluation (not connected, or it refused)")
+    for site, metrics in sorted(summary["per_site"].items()):
+        auc = "n/a" if not metrics or metrics["auc"] is None else f"{metrics['auc']:.3f}"
+        say(f"held-out site {site}: AUC {auc} (the final model, trained without it)")
+    return summary
+
+
+def held_out_metrics(replies: Mapping[str, dict], model: str, bins: int) -> dict:
+    """From held-out sites' releases (``fedmets.client.predict.evaluate_bundle``): ``per_site``
+    metrics of ``model`` with each site's calibration slope and intercept, and ``pooled``."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    per_site = {}
+    for site, reply in replies.items():
+        metrics = metrics_from_replies([reply], model, edges, with_calibration=True)
+        if metrics is not None and f"calibration:{model}" in reply:
+            slope, intercept = (float(v) for v in reply[f"calibration:{model}"])
+            metrics |= {"calibration_slope": slope, "calibration_intercept": intercept}
+        per_site[site] = metrics
+    pooled = metrics_from_replies(list(replies.values()), model, edges) if replies else None
+    return {"per_site": per_site, "pooled": pooled}

@@ -126,6 +126,7 @@ class RunRecord:
     dropouts, timing."""
 
     census: dict[str, Payload] = field(default_factory=dict)
+    held_out: dict[str, Payload] = field(default_factory=dict)  # census of held-out sites
     folds: list[dict] = field(default_factory=list)
     dropouts: list[dict] = field(default_factory=list)
     timing_s: dict[str, float] = field(default_factory=dict)
@@ -167,6 +168,7 @@ class FederatedProtocol:
         self.dp_request: Payload = {"dp_mode": "off"}
         self.secure = cfg.strategy.secure_aggregation and getattr(link, "secure_aggregation", False)
         self.secure_rounds = 0
+        self.held_out: list[str] = []  # [federation] held_out sites present at the census
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -208,10 +210,14 @@ class FederatedProtocol:
         only: Sequence[str] | None = None,
         **where: Any,
     ) -> dict:
-        """Ask every site, or those of ``only`` (the same ``payload``, or per-site payloads
-        keyed by site id); record dropouts; ProtocolError when fewer than ``min_sites``
-        answered."""
-        sites = [s for s in self.link.sites() if only is None or s in only]
+        """Ask every training site (not the held-out ones), or those of ``only`` (the same
+        ``payload``, or per-site payloads keyed by site id); record dropouts; ProtocolError
+        when fewer than ``min_sites`` answered."""
+        sites = [
+            s
+            for s in self.link.sites()
+            if (s in only if only is not None else s not in self.held_out)
+        ]
         per_site = payload if set(payload) == set(sites) and sites else None
         requests = {s: {**self.base, **(per_site[s] if per_site else payload)} for s in sites}
         replies = self.link.ask(route, requests)
@@ -230,7 +236,7 @@ class FederatedProtocol:
         """A training round through SecAgg+: ``({"secure sum": the average as one reply},
         the sites that trained)``; dropouts recorded with the SecAgg+ stage they were lost
         in; ProtocolError when the round stopped or fewer than ``min_sites`` took part."""
-        sites = self.link.sites()
+        sites = [s for s in self.link.sites() if s not in self.held_out]
         requests = {s: {**self.base, **payload} for s in sites}
         largest = max((c["n"] for c in self.record.census.values()), default=1)
         self.secure_rounds += 1
@@ -420,6 +426,15 @@ class FederatedProtocol:
                     f"{replies[reference][key]!s:.16}; extract every site with the same "
                     f"fedmets version and settings"
                 )
+        self.held_out = sorted(s for s in replies if s in self.cfg.federation.held_out)
+        if self.held_out:  # they check the schema with the others, and train nothing
+            self.record.held_out = {s: replies.pop(s) for s in self.held_out}
+            self.say(f"held out, to evaluate the final model only: {', '.join(self.held_out)}")
+        if len(replies) < self.cfg.federation.min_sites:
+            raise ProtocolError(
+                f"{len(replies)} training sites besides the held-out ones; min_sites is "
+                f"{self.cfg.federation.min_sites}"
+            )
         other_folds = sorted(s for s, r in replies.items() if r["folds"] != self.cfg.cv.folds)
         if other_folds:
             raise ProtocolError(

@@ -26,7 +26,7 @@ from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedmets.server.bundle import deliver_bundle, write_bundle
+from fedmets.server.bundle import deliver_bundle, evaluate_held_out, write_bundle
 from fedmets.server.checkpoints import CheckpointError
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.server.report import write_report
@@ -258,6 +258,8 @@ def main(grid: Grid, context: Context) -> None:
                 "rounds": final["rounds"],
                 "sites": deliver_bundle(link, bundle, cfg.run.name, say),
             }
+            if cfg.federation.held_out:
+                results["holdout"] = evaluate_held_out(link, bundle, results, cfg, say)
         write_json(out / "federated.json", to_jsonable(results), indent=1)
         say(f"results written to {out / 'federated.json'}")
         try:

@@ -336,6 +336,9 @@ class FederationSection(_Section):
     # set, a census reply counts only if signed with the key of the site id it claims
     # (``fedmets.shared.identity``); other nodes are refused.
     identities: dict[str, str] = {}
+    # Site ids that take no part in training: after the final model each receives the bundle
+    # and releases its evaluation of it (``query.bundle_evaluation``: results["holdout"]).
+    held_out: list[str] = []
 
     @field_validator("identities")
     @classmethod
@@ -513,6 +516,16 @@ class FederationConfig(_Section):
     simulation: SimulationSection = _section()
 
     _source: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _held_out_needs_a_final_model(self) -> FederationConfig:
+        if self.federation.held_out and (not self.stages.final_model or self.dp.mode != "off"):
+            raise _rule_error(
+                "held-out sites evaluate the final model: it needs stages.final_model = true "
+                "and dp.mode 'off' (no final model is trained under DP)",
+                "federation.held_out",
+            )
+        return self
 
     @model_validator(mode="after")
     def _secure_aggregation_fits(self) -> FederationConfig:

@@ -48,7 +48,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 """Bumped whenever a route's request or reply changes; the census refuses other versions."""
 
 
@@ -404,6 +404,18 @@ ROUTES: dict[str, Route] = {
                 "epsilon:*": Kind.METRIC,  # per stage
                 "releases:*": C,
                 "uncovered:*": C,
+            },
+        ),
+        Route(
+            "query.bundle_evaluation",  # a held-out site: its patients scored by the kept bundle
+            {"run": Param("name"), "min_patients": _RUN["min_patients"], **_BINS},
+            {
+                "n": C,
+                "hist_pos:*": Kind.HISTOGRAM,  # per model, grouped as query.evaluation's
+                "hist_neg:*": Kind.HISTOGRAM,
+                "confusion:*": C,  # (tp, fn, tn, fp) at the bundle's threshold
+                "brier_sum:*": Kind.METRIC,
+                "calibration:*": A,  # the main model's slope and intercept on all its patients
             },
         ),
         Route(

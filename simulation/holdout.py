@@ -9,7 +9,10 @@ bundle to its own patients and releases only what a site's evaluation releases
 bundle's threshold, the Brier sum, the calibration slope and intercept); the metrics come from
 those releases as the protocol's do (``fedmets.server.protocol.metrics_from_replies``).
 ``--loso`` does it for each site in turn and pools the held-out releases (each site's scores
-from the model trained without it).
+from the model trained without it). A deployment does the same in one run with ``[federation]
+held_out``: the held-out sites check their census with the others, train nothing, keep the
+bundle and answer ``query.bundle_evaluation`` with these releases
+(``fedmets.server.bundle.evaluate_held_out``).
 """
 
 from __future__ import annotations
@@ -18,12 +21,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from fedmets.client.predict import evaluate_bundle
 from fedmets.client.site_worker import SiteWorker
-from fedmets.server.bundle import write_bundle
-from fedmets.server.protocol import FederatedProtocol, metrics_from_replies
+from fedmets.server.bundle import held_out_metrics, write_bundle
+from fedmets.server.protocol import FederatedProtocol
 from fedmets.shared.config import FederationConfig, SiteConfig
 from fedmets.simulation.in_process import InProcessLink
 
@@ -75,8 +76,7 @@ def held_out_validation(
         "held_out": sorted(held_out),
         "main_model": main,
         "cross_validated": result["models"][main]["pooled"],
-        "per_site": {site: site_metrics(reply, main, bins) for site, reply in replies.items()},
-        "pooled": metrics_from_replies(list(replies.values()), main, _edges(bins)),
+        **held_out_metrics(replies, main, bins),
         "bundle": str(bundle),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -105,23 +105,9 @@ def leave_one_site_out(
     return {
         "main_model": main,
         "per_site": per_site,
-        "pooled": metrics_from_replies(releases, main, _edges(bins)),
+        "pooled": held_out_metrics(dict(enumerate(releases)), main, bins)["pooled"],
         "runs": runs,
     }
-
-
-def site_metrics(reply: dict, model: str, bins: int) -> dict | None:
-    """One held-out site's metrics of ``model`` from its release, with its calibration slope
-    and intercept."""
-    metrics = metrics_from_replies([reply], model, _edges(bins), with_calibration=True)
-    if metrics is not None and f"calibration:{model}" in reply:
-        slope, intercept = (float(v) for v in reply[f"calibration:{model}"])
-        metrics |= {"calibration_slope": slope, "calibration_intercept": intercept}
-    return metrics
-
-
-def _edges(bins: int) -> np.ndarray:
-    return np.linspace(0.0, 1.0, bins + 1)
 
 
 def _auc(metrics: dict | None) -> str:

@@ -10,10 +10,11 @@ import pytest
 from conftest import run_fedmets
 from sklearn.metrics import roc_auc_score
 
-from fedmets.client.predict import predict_site
+from fedmets.client.predict import evaluate_bundle, predict_site
 from fedmets.client.recalibration import recalibrate
+from fedmets.client.release import site_audit_path
 from fedmets.client.site_worker import SiteWorker, load_site_data
-from fedmets.server.bundle import deliver_bundle, write_bundle
+from fedmets.server.bundle import deliver_bundle, evaluate_held_out, held_out_metrics, write_bundle
 from fedmets.server.protocol import FederatedProtocol
 from fedmets.server.results import HeldOut, LeaveOneSiteOut, to_jsonable, typed
 from fedmets.shared.bundle import load_bundle
@@ -175,6 +176,54 @@ def test_held_out_sites_are_scored_by_the_model_trained_without_them(tmp_path):
     assert set(loso["per_site"]) == {"site_000", "site_001", "site_002"}
     assert loso["pooled"]["n"] == 180
     assert loso["runs"]["site_000"]["training_sites"] == ["site_001", "site_002"]
+
+
+def test_a_deployed_held_out_site_trains_nothing_and_evaluates_the_bundle(tmp_path):
+    """[federation] held_out: the site takes the census, is asked nothing until it keeps the
+    final bundle, then answers query.bundle_evaluation through its gate with what an in-process
+    held-out evaluation releases."""
+    tomls = write_feature_sites(tmp_path / "sites", [70, 60, 50], seed=6, folds=2)
+    configs = {load_site_config(t).site_id: load_site_config(t) for t in tomls}
+    fed = FederationConfig.model_validate(
+        {
+            "run": {"name": "held-deployed", "seed": 2},
+            "cv": {"folds": 2},
+            "stages": {"fusion_rounds": 3, "fusion_local_epochs": 2},
+            "selection": {"top_k": 8, "rf_trees": 20},
+            "federation": {"held_out": ["site_002"]},
+        }
+    )
+    link = InProcessLink({s: SiteWorker([c]) for s, c in configs.items()})
+    said: list[str] = []
+    result = FederatedProtocol(link, fed, "held-deployed", said.append).run_all()
+    assert sorted(result["census"]) == ["site_000", "site_001"]
+    assert result["models"][result["main_model"]]["pooled"]["n"] == 130
+    routes = [
+        json.loads(line)["route"]
+        for line in site_audit_path(configs["site_002"]).read_text().splitlines()
+    ]
+    assert routes == ["query.census"]  # nothing else before the bundle
+    bundle = write_bundle(tmp_path / "model", result, fed)
+    assert deliver_bundle(link, bundle, "held-deployed", said.append)["site_002"] == "stored"
+    summary = evaluate_held_out(link, bundle, result, fed, said.append)
+    assert typed(HeldOut, to_jsonable(summary))
+    assert summary["training_sites"] == ["site_000", "site_001"]
+    assert summary["held_out"] == ["site_002"] and summary["pooled"]["n"] == 50
+    direct = evaluate_bundle(configs["site_002"], bundle, fed.evaluation.histogram_bins)
+    bins = fed.evaluation.histogram_bins
+    expected = held_out_metrics({"site_002": direct}, result["main_model"], bins)
+    assert summary["per_site"] == expected["per_site"]
+    last = json.loads(site_audit_path(configs["site_002"]).read_text().splitlines()[-1])
+    assert (last["route"], last["sent"], last["patients"]) == ("query.bundle_evaluation", True, 50)
+    assert any(line.startswith("held-out site site_002: AUC") for line in said)
+    with pytest.raises(ValueError, match="held-out sites evaluate the final model"):
+        FederationConfig.model_validate(
+            {
+                "run": {"name": "bad-held"},
+                "federation": {"held_out": ["site_002"]},
+                "stages": {"final_model": False},
+            }
+        )
 
 
 def test_a_site_recalibrates_the_bundle_to_its_own_patients(tmp_path):
