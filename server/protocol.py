@@ -227,8 +227,8 @@ class FederatedProtocol:
         if len(replies) < self.cfg.federation.min_sites:
             raise ProtocolError(
                 f"{route}: {len(replies)} of {len(sites)} sites answered "
-                f"({', '.join(sorted(r['site_id'] for r in replies.values())) or 'none'}); "
-                f"min_sites is {self.cfg.federation.min_sites}"
+                f"({', '.join(sorted(replies)) or 'none'}); min_sites is "
+                f"{self.cfg.federation.min_sites}"
             )
         return replies
 
