@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tomli_w
 import torch
 from typer.testing import CliRunner
 
@@ -28,8 +29,8 @@ FEDMETS = str(Path(sys.executable).parent / "fedmets")
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> tuple[Path, Path, dict]:
-    """A 3-site tiny cohort (fast radiomics, 32^3 crops) simulated with the tiny preset:
-    (cohort, run folder, metrics.json)."""
+    """A 3-site tiny cohort (fast radiomics, 32^3 crops) simulated with the tiny preset's
+    settings in fewer rounds, from a federation TOML: (cohort, run folder, metrics.json)."""
     root = tmp_path_factory.mktemp("simulate")
     cohort = root / "cohort"
     generate_cohort("tiny", 3, 3, cohort, workers=2)
@@ -37,9 +38,13 @@ def simulated(tmp_path_factory) -> tuple[Path, Path, dict]:
         text = toml.read_text().replace('params = "default"', 'params = "fast"')
         toml.write_text(text + "\n[preprocess]\ncrop_voxels = [32, 32, 32]\n")
     run = root / "run"
+    settings = federation_config("tiny", "run", 7).model_dump(mode="json", exclude_none=True)
+    settings["stages"] |= {"image_rounds": 1, "fusion_rounds": 3}  # structure, not learning
+    fed = root / "federation.toml"
+    fed.write_text(tomli_w.dumps(settings))
     env = {**os.environ, "COLUMNS": "200"}
     done = subprocess.run(
-        [FEDMETS, "simulate", "--cohort", str(cohort), "--out", str(run), "--preset", "tiny"],
+        [FEDMETS, "simulate", "--cohort", str(cohort), "--out", str(run), "--config", str(fed)],
         capture_output=True,
         text=True,
         env=env,

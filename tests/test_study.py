@@ -49,11 +49,18 @@ def noise_table(
     return path
 
 
-def tiny(seed: int = 3, folds: int | None = None, **model: object) -> FederationConfig:
-    """The ``tiny`` preset as the study's federation config, with ``[model]`` changes and
-    ``folds`` (default the preset's 3, the tiny cohort's own)."""
+SHORT = {"image_rounds": 1, "fusion_rounds": 3}
+"""Fewer rounds than the preset, where the test checks structure or identity, not learning."""
+
+
+def tiny(
+    seed: int = 3, folds: int | None = None, stages: dict | None = None, **model: object
+) -> FederationConfig:
+    """The ``tiny`` preset as the study's federation config, with ``[model]`` and ``[stages]``
+    changes and ``folds`` (default the preset's 3, the tiny cohort's own)."""
     data = federation_config("tiny", "study", seed).model_dump(mode="json")
     data["model"] |= model
+    data["stages"] |= stages or {}
     data["cv"]["folds"] = folds or data["cv"]["folds"]
     return FederationConfig.model_validate(data)
 
@@ -66,7 +73,8 @@ def cohort_run(tiny_extracted, tmp_path_factory):
     cohort = root / "cohort"
     shutil.copytree(tiny_extracted, cohort)
     out = root / "run"
-    result = run_study(cohort_sites(cohort, workers=2), tiny(folds=2), out, ["swin3d", "resnet3d"])
+    fed = tiny(folds=2, stages=SHORT)
+    result = run_study(cohort_sites(cohort, workers=2), fed, out, ["swin3d", "resnet3d"])
     return cohort, out, result
 
 
@@ -150,7 +158,7 @@ def test_the_study_is_simulates_centralised_baseline(cohort_run, tmp_path, monke
     baseline (``simulate._baseline``, here in this process) give identical metrics for every
     model."""
     cohort, _, _ = cohort_run
-    fed = tiny()
+    fed = tiny(stages=SHORT)
     study = run_study(cohort_sites(cohort), fed, tmp_path / "study", ["swin3d"])
     tomls = sorted(cohort.glob("*/site.toml"))
     monkeypatch.setattr(simulate, "_PROGRESS", queue.SimpleQueue())  # its log, unread
