@@ -132,6 +132,16 @@ class RunRecord:
     timing_s: dict[str, float] = field(default_factory=dict)
 
 
+def census_request(cfg: FederationConfig) -> Payload:
+    """A census request: the protocol version, a fresh challenge for the sites to sign
+    (``fedmets.shared.identity``), the run config's fingerprint (for the sites' approval)."""
+    return {
+        "protocol": wire.PROTOCOL_VERSION,
+        "challenge": new_challenge(),
+        "config_sha256": cfg.fingerprint(),
+    }
+
+
 def main_model(models: list[str]) -> str:
     """The model of the headline numbers: every group fused (the last, widest key)."""
     return max(models, key=lambda k: (len(model_groups(k)), k.startswith(NO_IMAGE)))
@@ -379,12 +389,8 @@ class FederatedProtocol:
         """Ask every site for its counts and hashes; leave out a node whose signature does not
         prove the site id it claims (``[federation] identities``); refuse a run whose sites
         disagree."""
-        challenge = new_challenge()
-        request = {
-            "protocol": wire.PROTOCOL_VERSION,
-            "challenge": challenge,
-            "config_sha256": self.cfg.fingerprint(),
-        }
+        request = census_request(self.cfg)
+        challenge = request["challenge"]
         replies = self._ask("query.census", request)
         identities = self.cfg.federation.identities
         for key in sorted(replies) if identities else []:

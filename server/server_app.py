@@ -28,14 +28,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmets.server.bundle import deliver_bundle, evaluate_held_out, write_bundle
 from fedmets.server.checkpoints import CheckpointError
-from fedmets.server.protocol import FederatedProtocol, ProtocolError
+from fedmets.server.protocol import FederatedProtocol, ProtocolError, census_request
 from fedmets.server.report import write_report
 from fedmets.server.results import to_jsonable
 from fedmets.server.secure_aggregation import SecureRound, secure_round
 from fedmets.shared import wire
 from fedmets.shared.config import FederationConfig, load_federation_config
 from fedmets.shared.files import write_json
-from fedmets.shared.identity import identity_problem, new_challenge
+from fedmets.shared.identity import identity_problem
 
 app = ServerApp()
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -136,14 +136,12 @@ class FlowerLink:
         once its signature proves the site id (``[federation] identities``)."""
         if not new_nodes:
             return
-        challenge = new_challenge()
         census = {
             "run": request["run"],
             "min_patients": request["min_patients"],
-            "protocol": wire.PROTOCOL_VERSION,
-            "challenge": challenge,
-            "config_sha256": self.cfg.fingerprint(),
+            **census_request(self.cfg),
         }
+        challenge = census["challenge"]
         keys = {f"node-{n}": n for n in new_nodes}
         self.nodes.update(keys)
         replies = self._send("query.census", {k: census for k in keys})

@@ -229,10 +229,11 @@ class LoopbackFederation:
 
     def identities(self) -> dict[str, str]:
         """Site id -> its public key, for ``[federation] identities`` (the sites made here)."""
+        claimed = {name: load_site_config(toml).site_id for name, toml in self.sites.items()}
         return {
-            load_site_config(toml).site_id: self.certs[f"site:{name}.pub"].read_text()
-            for name, toml in self.sites.items()
-            if name == load_site_config(toml).site_id
+            site: self.certs[f"site:{name}.pub"].read_text()
+            for name, site in claimed.items()
+            if name == site
         }
 
     def register(self, site: str) -> None:

@@ -140,20 +140,24 @@ def test_a_bundle_that_does_not_fit_the_site_is_refused(tmp_path):
         predict_site(next(iter(configs.values())), tmp_path / "model")
 
 
+def _held_out_config(name: str, **sections) -> FederationConfig:
+    """The held-out tests' federation: 2 folds, 3 fusion rounds, 8 radiomics features."""
+    data = {
+        "run": {"name": name, "seed": 2},
+        "cv": {"folds": 2},
+        "stages": {"fusion_rounds": 3, "fusion_local_epochs": 2},
+        "selection": {"top_k": 8, "rf_trees": 20},
+    }
+    return FederationConfig.model_validate(data | sections)
+
+
 def test_held_out_sites_are_scored_by_the_model_trained_without_them(tmp_path):
     """--holdout / --loso: the final model trained on the other sites, each held-out site's
     release (grouped histograms, confusion counts, Brier sum, calibration fit) giving its
     metrics; nothing of a held-out site enters the training run."""
     tomls = write_feature_sites(tmp_path / "sites", [70, 60, 50], seed=6, folds=2)
     configs = [load_site_config(t) for t in tomls]
-    fed = FederationConfig.model_validate(
-        {
-            "run": {"name": "held", "seed": 2},
-            "cv": {"folds": 2},
-            "stages": {"fusion_rounds": 3, "fusion_local_epochs": 2},
-            "selection": {"top_k": 8, "rf_trees": 20},
-        }
-    )
+    fed = _held_out_config("held")
     summary, replies = held_out_validation(configs, fed, ["site_002"], tmp_path / "holdout")
     assert typed(HeldOut, to_jsonable(summary))
     assert summary["training_sites"] == ["site_000", "site_001"]
@@ -184,15 +188,7 @@ def test_a_deployed_held_out_site_trains_nothing_and_evaluates_the_bundle(tmp_pa
     held-out evaluation releases."""
     tomls = write_feature_sites(tmp_path / "sites", [70, 60, 50], seed=6, folds=2)
     configs = {load_site_config(t).site_id: load_site_config(t) for t in tomls}
-    fed = FederationConfig.model_validate(
-        {
-            "run": {"name": "held-deployed", "seed": 2},
-            "cv": {"folds": 2},
-            "stages": {"fusion_rounds": 3, "fusion_local_epochs": 2},
-            "selection": {"top_k": 8, "rf_trees": 20},
-            "federation": {"held_out": ["site_002"]},
-        }
-    )
+    fed = _held_out_config("held-deployed", federation={"held_out": ["site_002"]})
     link = InProcessLink({s: SiteWorker([c]) for s, c in configs.items()})
     said: list[str] = []
     result = FederatedProtocol(link, fed, "held-deployed", said.append).run_all()
