@@ -23,9 +23,10 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   patient set the site released it on, across runs, and withholds a release on a set that
   differs from an earlier one by fewer than the floor (the same statistic on two sets that
   differ by one patient gives that patient's value);
-- ``policy.min_bin_count``: a score histogram's non-empty bins hold at least that many
-  patients (:func:`grouped_histograms`: groups of that many patients by score, each at its
-  mean);
+- ``policy.min_bin_count``: every statistic of scores and labels (histograms, confusion
+  counts, Brier, loss sums, calibration) is computed on groups of that many patients by score,
+  each patient at its group's mean (:class:`ScoreGroups`): no such release separates one
+  patient's label from its group's;
 - ``policy.suppression``: subsite groups under the floor are suppressed, and then more groups
   until the suppressed patients are none or at least the floor (:func:`suppressed_groups`), so
   that the whole site minus the released groups is never a small group.
@@ -50,6 +51,7 @@ import numpy as np
 from fedmets.shared import wire
 from fedmets.shared.config import PolicySection
 from fedmets.shared.files import write_json
+from fedmets.shared.metrics import calibration_slope_intercept
 
 TRAINING_ROUTES = ("train.image", "train.fusion")
 MODEL_OUTPUT_ROUTES = (
@@ -226,30 +228,77 @@ class DifferencingGuard:
         return None
 
 
-def grouped_histograms(
-    y: np.ndarray, scores: np.ndarray, bins: int, min_count: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Class-conditional counts (bins,) of ``scores`` in [0, 1] (labels ``y``: 1 positive, 0
-    negative) over ``bins`` equal-width bins, every non-empty bin holding at least ``min_count``
-    patients. The patients, sorted by score whatever their labels, form consecutive groups of
-    ``min_count`` (the remainder joins the last group); each group's class counts go to the bin
-    that holds the group's mean score. What leaves the site is, per group of ``min_count``, its
-    mean score (to a bin) and its class counts; the grouping does not depend on ``bins``, so a
-    finer grid places a group more precisely but never splits it, and grids cannot be
-    differenced against each other."""
-    y = np.asarray(y).astype(bool)
-    s = np.asarray(scores, dtype=float)
-    pos, neg = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
-    order = np.argsort(s, kind="stable")
-    starts = list(range(0, len(s), max(min_count, 1)))
-    if len(starts) > 1 and len(s) - starts[-1] < min_count:
-        starts.pop()  # a short last group joins the one before
-    for first, end in zip(starts, [*starts[1:], len(s)], strict=True):
-        members = order[first:end]
-        where = min(int(s[members].mean() * bins), bins - 1)
-        pos[where] += int(y[members].sum())
-        neg[where] += int((~y[members]).sum())
-    return pos, neg
+class ScoreGroups:
+    """Patients sorted by score (whatever their labels) in consecutive groups of ``min_count``
+    (``policy.min_bin_count``; a short last group joins the one before): the only form in which
+    a score-and-label statistic leaves the site. Each group is known by its mean score and its
+    class counts, so every statistic below is a sum over whole groups: one patient's label is
+    never separable from its group's, whatever scores a crafted model gives (a network that
+    scores one patient apart still lands it in a group of ``min_count``). The grouping depends
+    on the scores only, never on the request's bins or thresholds, so two statistics of the
+    same scores cannot be differenced into a smaller group.
+
+    ``mean`` (G,) the groups' mean scores, ``pos``/``neg`` (G,) int64 their DM+ / DM- counts,
+    ``members`` the row indices of each group (site-side only)."""
+
+    def __init__(self, y: np.ndarray, scores: np.ndarray, min_count: int) -> None:
+        y = np.asarray(y).astype(bool)
+        s = np.asarray(scores, dtype=float)
+        order = np.argsort(s, kind="stable")
+        starts = list(range(0, len(s), max(min_count, 1)))
+        if len(starts) > 1 and len(s) - starts[-1] < min_count:
+            starts.pop()  # a short last group joins the one before
+        self.members = [order[a:b] for a, b in zip(starts, [*starts[1:], len(s)], strict=True)]
+        self.mean = np.array([s[m].mean() for m in self.members], dtype=float)
+        self.pos = np.array([y[m].sum() for m in self.members], dtype=np.int64)
+        self.neg = np.array([len(m) for m in self.members], dtype=np.int64) - self.pos
+        self.size = len(s)
+
+    def histograms(self, bins: int) -> tuple[np.ndarray, np.ndarray]:
+        """Class-conditional counts (bins,) int64 over ``bins`` equal-width bins of [0, 1],
+        each group's counts in the bin of its mean score: every non-empty bin holds at least
+        ``min_count`` patients, and a finer grid places a group more precisely but never
+        splits it."""
+        where = np.minimum((self.mean * bins).astype(int), bins - 1)
+        return np.bincount(where, self.pos, bins).astype(np.int64), np.bincount(
+            where, self.neg, bins
+        ).astype(np.int64)
+
+    def confusion(self, thresholds: float | np.ndarray) -> np.ndarray:
+        """(TP, FN, TN, FP) int64 with each group called DM+ as a whole when its mean score
+        reaches its threshold: ``thresholds`` one number, or (n,) one per patient (each
+        fold's own), a group's being its members' mean."""
+        t = np.broadcast_to(np.asarray(thresholds, dtype=float), (self.size,))
+        called = self.mean >= np.array([t[m].mean() for m in self.members])
+        return np.array(
+            [
+                self.pos[called].sum(),
+                self.pos[~called].sum(),
+                self.neg[~called].sum(),
+                self.neg[called].sum(),
+            ],
+            dtype=np.int64,
+        )
+
+    def brier_sum(self) -> float:
+        """Summed squared error with each patient at its group's mean score."""
+        m = self.mean
+        return float((self.pos * (1 - m) ** 2 + self.neg * m**2).sum())
+
+    def loss_sum(self, pos_weight: float) -> float:
+        """Summed weighted binary cross-entropy (DM+ terms times ``pos_weight``, scores clipped
+        to [1e-7, 1 - 1e-7] as in training) with each patient at its group's mean score."""
+        m = np.clip(self.mean, 1e-7, 1 - 1e-7)
+        return float(-(pos_weight * self.pos * np.log(m) + self.neg * np.log1p(-m)).sum())
+
+    def calibration(self) -> tuple[float, float] | None:
+        """Calibration slope and intercept (``calibration_slope_intercept``) fitted on the
+        groups: each patient at its group's mean score. None with one class."""
+        return calibration_slope_intercept(
+            np.r_[np.ones(len(self.mean)), np.zeros(len(self.mean))],
+            np.r_[self.mean, self.mean],
+            weights=np.r_[self.pos, self.neg],
+        )
 
 
 def suppressed_groups(sizes: Mapping[str, int], floor: int) -> set[str]:

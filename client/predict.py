@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from fedmets.client.harmonise import harmonised_for_bundle
-from fedmets.client.policy import grouped_histograms
+from fedmets.client.policy import ScoreGroups
 from fedmets.client.recalibration import apply as apply_recalibration
 from fedmets.client.recalibration import site_recalibration
 from fedmets.client.scoring import image_config, load_networks, standardised_groups
@@ -33,7 +33,7 @@ from fedmets.client.training import extract_deep_features, predict_proba, resolv
 from fedmets.shared.bundle import Bundle, load_bundle
 from fedmets.shared.config import SiteConfig
 from fedmets.shared.files import write_atomically
-from fedmets.shared.metrics import calibration_slope_intercept, logit
+from fedmets.shared.metrics import logit
 from fedmets.shared.models import combine_scores, model_groups
 
 
@@ -203,10 +203,11 @@ def _check_fit(bundle: Bundle, data: SiteData, cfg: SiteConfig) -> np.ndarray:
 def evaluate_bundle(cfg: SiteConfig, model_dir: Path, bins: int) -> dict:
     """A held-out site's evaluation of the bundle in ``model_dir`` on its labelled patients,
     under its ``[policy]``: per model (as ``query.evaluation`` releases, without subsites) the
-    class-conditional score histograms over ``bins`` (ValueError over its ``max_bins``) in groups of
-    ``min_bin_count`` patients, the confusion counts (TP, FN, TN, FP) at the bundle's threshold
-    and the Brier sum; for the main model the calibration slope and intercept
-    (``calibration:<model>``, 2 numbers fitted on all its patients). ValueError when the site
+    class-conditional score histograms over ``bins`` (ValueError over its ``max_bins``), the
+    confusion counts (TP, FN, TN, FP) at the bundle's threshold and the Brier sum; for the main
+    model the calibration slope and intercept (``calibration:<model>``, 2 numbers), all of
+    them on groups of ``min_bin_count`` patients by score (``ScoreGroups``: each patient at its
+    group's mean score). ValueError when the site
     has fewer labelled patients than its ``min_patients``."""
     manifest = load_bundle(model_dir).manifest
     labelled = load_site_data([cfg])
@@ -225,22 +226,10 @@ def evaluate_bundle(cfg: SiteConfig, model_dir: Path, bins: int) -> dict:
     y = labelled.labels
     reply: dict = {"n": int(len(y))}
     for name in manifest["models"]:
-        s = table[f"risk:{name}"].to_numpy()
-        predicted = s >= float(manifest["thresholds"][name])
-        pos, neg = grouped_histograms(y, s, bins, policy.min_bin_count)
-        reply[f"hist_pos:{name}"], reply[f"hist_neg:{name}"] = pos, neg
-        reply[f"confusion:{name}"] = np.array(
-            [
-                (predicted & (y == 1)).sum(),
-                (~predicted & (y == 1)).sum(),
-                (~predicted & (y == 0)).sum(),
-                (predicted & (y == 0)).sum(),
-            ],
-            dtype=np.int64,
-        )
-        reply[f"brier_sum:{name}"] = float(((s - y) ** 2).sum())
-    main = manifest["main_model"]
-    fitted = calibration_slope_intercept(y, table[f"risk:{main}"].to_numpy())
-    if fitted is not None:
-        reply[f"calibration:{main}"] = np.array(fitted)
+        groups = ScoreGroups(y, table[f"risk:{name}"].to_numpy(), policy.min_bin_count)
+        reply[f"hist_pos:{name}"], reply[f"hist_neg:{name}"] = groups.histograms(bins)
+        reply[f"confusion:{name}"] = groups.confusion(float(manifest["thresholds"][name]))
+        reply[f"brier_sum:{name}"] = groups.brier_sum()
+        if name == manifest["main_model"] and (fitted := groups.calibration()) is not None:
+            reply[f"calibration:{name}"] = np.array(fitted)
     return reply

@@ -39,13 +39,12 @@ import pandas as pd
 import torch
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import StratifiedShuffleSplit
-from torch import nn
 
 from fedmets.client.harmonise import keep_with_bundle, save_adjustments
 from fedmets.client.policy import (
     DifferencingGuard,
+    ScoreGroups,
     fold_seed,
-    grouped_histograms,
     private_seed,
     release_families,
     suppressed_groups,
@@ -765,7 +764,7 @@ class SiteWorker:
         reply = {
             "n": n,
             wire.WEIGHTS_PREFIX + IMAGE_MODEL: get_state(model),
-            "train_loss_sum": float(history["train_loss"][-1] * n),
+            "train_loss_sum": self._training_loss(history, request),
         }
         return self._released(request, rows, reply)
 
@@ -849,7 +848,7 @@ class SiteWorker:
                 proximal_mu=float(request["proximal_mu"]),
             )
             reply[wire.WEIGHTS_PREFIX + name] = get_state(net)
-            reply[f"train_loss_sum:{name}"] = float(history["train_loss"][-1] * n)
+            reply[f"train_loss_sum:{name}"] = self._training_loss(history, request)
         return self._released(request, rows, reply)
 
     def validate(self, request: dict) -> dict:
@@ -857,46 +856,51 @@ class SiteWorker:
         n = int(rows.sum())
         if n < self.min_patients(request):
             return {"n": n}
-        y = torch.from_numpy(self.data.labels[rows].astype(np.float32))
-        loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(request["pos_weight"])))
+        y = self.data.labels[rows]
+        pos_weight = float(request["pos_weight"])
         reply: dict[str, Any] = {"n": n}
         if request["stage"] == "image":
             model = self._image_model(request)
             images = np.asarray(self._images(request)[rows])
             probs = extract_probabilities(model, images, self.device)
-            reply[f"val_loss_sum:{IMAGE_MODEL}"] = _loss_sum(loss, probs, y)
+            reply[f"val_loss_sum:{IMAGE_MODEL}"] = self._score_groups(y, probs).loss_sum(pos_weight)
             return self._released(request, rows, reply)
         groups = self._groups(request)
         for name, (net, X) in self._fusion_models(request, groups).items():
             probs = predict_proba(net, X[rows])
-            reply[f"val_loss_sum:{name}"] = _loss_sum(loss, probs, y)
+            reply[f"val_loss_sum:{name}"] = self._score_groups(y, probs).loss_sum(pos_weight)
             if "bins" in request:
-                pos, neg = self._histograms(self.data.labels[rows], probs, request)
+                pos, neg = self._histograms(y, probs, request)
                 reply[f"val_hist_pos:{name}"], reply[f"val_hist_neg:{name}"] = pos, neg
         return self._released(request, rows, reply)
 
     def permutation(self, request: dict) -> dict:
         """Permutation importance of the request's fusion network on this site's held-out rows
-        of the fold: the summed weighted-BCE increase when one input block (a radiomics column,
-        a clinical variable, the deep features) is shuffled across those rows, averaged over
-        ``repeats`` shuffles; (blocks,) in ``fedmets.shared.models.input_blocks`` order."""
+        of the fold: the summed weighted-BCE increase (on score groups) when one input block (a
+        radiomics column, a clinical variable, the deep features) is shuffled across those rows,
+        averaged over ``repeats`` shuffles; (blocks,) in ``fedmets.shared.models.input_blocks``
+        order."""
         rows = self._rows(request)["test"]
         n = int(rows.sum())
         if n < self.min_patients(request):
             return {"n": n}
         (name, (net, X)), *_ = self._fusion_models(request, self._groups(request)).items()
-        X, y = X[rows], torch.from_numpy(self.data.labels[rows].astype(np.float32))
-        loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(request["pos_weight"])))
+        X, y = X[rows], self.data.labels[rows]
+        pos_weight = float(request["pos_weight"])
+
+        def loss_sum(inputs: np.ndarray) -> float:
+            return self._score_groups(y, predict_proba(net, inputs)).loss_sum(pos_weight)
+
         clinical = [] if self.data.clinical is None else list(self.data.clinical.columns)
         blocks = input_blocks(net.group_dims, clinical)
         rng = np.random.default_rng(site_seed(int(request["seed"]), self.site_id))
-        base = _loss_sum(loss, predict_proba(net, X), y)
+        base = loss_sum(X)
         increase = np.zeros(len(blocks))
         for _ in range(int(request["repeats"])):
             for b, (_, columns) in enumerate(blocks):
                 shuffled = X.copy()
                 shuffled[:, columns] = X[rng.permutation(n)][:, columns]
-                increase[b] += _loss_sum(loss, predict_proba(net, shuffled), y) - base
+                increase[b] += loss_sum(shuffled) - base
         reply = {
             "n": n,
             "base_loss_sum": base,
@@ -935,7 +939,8 @@ class SiteWorker:
 
     def evaluation(self, request: dict) -> dict:
         """Out-of-fold results per model, over the whole site and per subsite group: score
-        histograms, the confusion counts at each fold's threshold and the Brier sum."""
+        histograms, the confusion counts at each fold's threshold and the Brier sum, all of
+        them on the policy's score groups (:class:`ScoreGroups`)."""
         thresholds = {
             k.removeprefix("thresholds:"): np.asarray(v, dtype=float)
             for k, v in request.items()
@@ -964,18 +969,11 @@ class SiteWorker:
                 continue
             y = self.data.labels[rows]
             for name in thresholds:
-                s, t = scores[name][rows], cut[name][rows]
-                pos, neg = self._histograms(y, s, request)
-                predicted = s >= t
-                confusion = [
-                    (predicted & (y == 1)).sum(),
-                    (~predicted & (y == 1)).sum(),
-                    (~predicted & (y == 0)).sum(),
-                    (predicted & (y == 0)).sum(),
-                ]
+                groups = self._score_groups(y, scores[name][rows])
+                pos, neg = groups.histograms(int(request["bins"]))
                 reply[f"hist_pos:{name}{suffix}"], reply[f"hist_neg:{name}{suffix}"] = pos, neg
-                reply[f"confusion:{name}{suffix}"] = np.asarray(confusion, dtype=np.int64)
-                reply[f"brier_sum:{name}{suffix}"] = float(((s - y) ** 2).sum())
+                reply[f"confusion:{name}{suffix}"] = groups.confusion(cut[name][rows])
+                reply[f"brier_sum:{name}{suffix}"] = groups.brier_sum()
             if suffix:
                 reply[f"group_n:{suffix[1:]}"] = int(rows.sum())
         return reply
@@ -1002,12 +1000,24 @@ class SiteWorker:
                     scores[name][stored["rows"]] = stored[_safe(name)]
         return fold, scores
 
+    def _training_loss(self, history: Mapping[str, Any], request: Mapping[str, Any]) -> float:
+        """The summed weighted BCE of the last local epoch, in the policy's score groups: the
+        scores the model gave its training samples as it trained on them
+        (``history["last_scores"]``), each at its group's mean."""
+        groups = self._score_groups(history["last_labels"], history["last_scores"])
+        return groups.loss_sum(float(request["pos_weight"]))
+
+    def _score_groups(self, y: np.ndarray, scores: np.ndarray) -> ScoreGroups:
+        """Labels ``y`` (n,) and scores (n,) in the policy's groups of ``min_bin_count``
+        patients by score: the form every score-and-label statistic leaves in."""
+        return ScoreGroups(y, scores, self.policy.min_bin_count)
+
     def _histograms(
         self, y: np.ndarray, scores: np.ndarray, request: Mapping[str, Any]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Class-conditional score counts over the request's ``bins``, in groups of the
-        policy's ``min_bin_count`` patients: (bins,) int64 each (``grouped_histograms``)."""
-        return grouped_histograms(y, scores, int(request["bins"]), self.policy.min_bin_count)
+        """Class-conditional score counts (bins,) int64 each over the request's ``bins``, in
+        the policy's score groups."""
+        return self._score_groups(y, scores).histograms(int(request["bins"]))
 
     def _private_seed(self, request: Mapping[str, Any]) -> int:
         """The seed of a DP-SGD training's noise and sampling (``fedmets.client.policy``)."""
@@ -1034,12 +1044,6 @@ def extract_probabilities(
         for batch in np.array_split(images, max(1, len(images) // 16))
     ]
     return torch.cat(out).double().numpy()
-
-
-def _loss_sum(loss: nn.Module, probs: np.ndarray, y: torch.Tensor) -> float:
-    """Summed weighted BCE of probabilities ``probs`` (n,) against ``y`` (n,)."""
-    p = torch.from_numpy(np.clip(probs, 1e-7, 1 - 1e-7)).float()
-    return float(loss(torch.logit(p), y)) * len(y)
 
 
 def _safe(name: str) -> str:

@@ -94,7 +94,10 @@ def _fit(
 ) -> dict:
     """Shared loop: AdamW + weighted BCE (plus FedProx's ``proximal_mu / 2 * ||w - w_start||^2``
     when ``proximal_mu`` > 0) for ``epochs``. Returns the history: ``train_loss`` per epoch
-    (mean weighted BCE per sample), ``epochs_run`` and ``seconds``. Which round's weights are
+    (mean weighted BCE per sample), ``last_scores`` and ``last_labels`` (m,) the DM
+    probabilities the model gave its samples during the last epoch and their labels (a
+    sample is seen once per epoch; m < n where a lone last sample is dropped),
+    ``epochs_run`` and ``seconds``. Which round's weights are
     kept is the protocol's choice, on the pooled inner-validation rows.
 
     ``micro_batch`` < ``batch_size``: gradient accumulation. Each batch of ``batch_size``
@@ -119,16 +122,21 @@ def _fit(
     history: dict = {"train_loss": []}
     for _ in range(epochs):
         model.train()
-        total, count = 0.0, 0
+        total, count, scores, labels = 0.0, 0, [], []
         for x_batch, y_batch in loader:
             optimiser.zero_grad(set_to_none=True)
-            total += _backward(
+            summed, probs = _backward(
                 model, x_batch, y_batch, loss_fn, autocast, scaler, micro_batch, anchor, proximal_mu
             )
+            total += summed
             count += len(y_batch)
+            scores.append(probs)
+            labels.append(y_batch.numpy())
             scaler.step(optimiser)
             scaler.update()
         history["train_loss"].append(total / max(count, 1))
+    history["last_scores"] = np.concatenate(scores) if epochs else np.zeros(0)
+    history["last_labels"] = np.concatenate(labels) if epochs else np.zeros(0)
     history["epochs_run"] = len(history["train_loss"])
     history["seconds"] = time.perf_counter() - started
     return history
@@ -144,13 +152,14 @@ def _backward(
     micro_batch: int | None = None,
     anchor: list[torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
-) -> float:
+) -> tuple[float, np.ndarray]:
     """Accumulate into the parameters' ``.grad`` the gradient of one batch's mean loss (plus
     the proximal term against ``anchor``), passing the batch (B, ...) through the model in
     chunks of at most ``micro_batch`` samples, each chunk's loss weighted by its share of the
-    batch. Returns the batch's summed loss (without the proximal term)."""
+    batch. Returns the batch's summed loss (without the proximal term) and its DM
+    probabilities (B,)."""
     device = next(model.parameters()).device
-    summed = 0.0
+    summed, probs = 0.0, []
     chunk = micro_batch or len(y_batch)
     for x, y in zip(x_batch.split(chunk), y_batch.split(chunk), strict=True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -158,12 +167,13 @@ def _backward(
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         summed += loss.item() * len(y)
+        probs.append(torch.sigmoid(logits.detach().float()).cpu().numpy().reshape(-1))
         if anchor:
             pairs = zip(model.parameters(), anchor, strict=True)
             drift = sum(((p - a) ** 2).sum() for p, a in pairs)
             loss = loss + proximal_mu / 2 * drift
         scaler.scale(loss * len(y) / len(y_batch)).backward()
-    return summed
+    return summed, np.concatenate(probs)
 
 
 def train_image_model(

@@ -1334,9 +1334,9 @@ def metrics_from_replies(
 ) -> dict | None:
     """Metrics of model (or model@subsite) ``key`` from the sites' summed evaluation replies:
     AUC and its DeLong CI from the histograms, ACC/SEN/SPE from the confusion counts at each
-    fold's threshold (exact), Brier from the summed squared errors; ``with_roc``: ``roc``,
-    the histograms' ROC points ``{"fpr": [...], "tpr": [...]}`` to 4 decimals (None without
-    both classes)."""
+    fold's threshold, Brier from the summed squared errors (both on the sites' score groups);
+    ``with_roc``: ``roc``, the histograms' ROC points ``{"fpr": [...], "tpr": [...]}`` to 4
+    decimals (None without both classes)."""
     have = [r for r in replies if f"hist_pos:{key}" in r]
     if not have:
         return None

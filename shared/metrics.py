@@ -335,16 +335,21 @@ def logit(p: ArrayLike) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def calibration_slope_intercept(y_true: ArrayLike, prob: ArrayLike) -> tuple[float, float] | None:
+def calibration_slope_intercept(
+    y_true: ArrayLike, prob: ArrayLike, weights: ArrayLike | None = None
+) -> tuple[float, float] | None:
     """Calibration slope and intercept of probabilities ``prob`` (n,) against 0/1 ``y_true``:
     the coefficients of a logistic regression of the labels on logit(prob) (probabilities
-    clipped to [1e-7, 1 - 1e-7]); a perfectly calibrated model has slope 1 and intercept 0.
-    None with one class."""
+    clipped to [1e-7, 1 - 1e-7]), each row counted ``weights`` (n,) times (default once); a
+    perfectly calibrated model has slope 1 and intercept 0. None with one class (weighted)."""
     from sklearn.linear_model import LogisticRegression
 
     y, p = _binary_inputs(y_true, prob)
-    if _single_class_note(y) is not None:
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
+    keep = w > 0
+    y, p, w = y[keep], p[keep], w[keep]
+    if y.size == 0 or _single_class_note(y) is not None:
         return None
     p = np.clip(p, 1e-7, 1 - 1e-7)
-    fit = LogisticRegression(C=np.inf).fit(np.log(p / (1 - p))[:, None], y)
+    fit = LogisticRegression(C=np.inf).fit(np.log(p / (1 - p))[:, None], y, sample_weight=w)
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])

@@ -413,9 +413,9 @@ ROUTES: dict[str, Route] = {
                 "n": C,
                 "hist_pos:*": Kind.HISTOGRAM,  # per model, grouped as query.evaluation's
                 "hist_neg:*": Kind.HISTOGRAM,
-                "confusion:*": C,  # (tp, fn, tn, fp) at the bundle's threshold
+                "confusion:*": C,  # (tp, fn, tn, fp) at the bundle's threshold, score groups
                 "brier_sum:*": Kind.METRIC,
-                "calibration:*": A,  # the main model's slope and intercept on all its patients
+                "calibration:*": A,  # the main model's slope and intercept, on score groups
             },
         ),
         Route(
@@ -442,7 +442,7 @@ ROUTES: dict[str, Route] = {
                 "n": C,
                 "hist_pos:*": Kind.HISTOGRAM,  # out-of-fold test scores, per model[@subsite]
                 "hist_neg:*": Kind.HISTOGRAM,
-                "confusion:*": C,  # (tp, fn, tn, fp) at each fold's threshold
+                "confusion:*": C,  # (tp, fn, tn, fp) at each fold's threshold, score groups
                 "brier_sum:*": Kind.METRIC,
                 "group_n:*": C,  # patients per subsite group (suppressed groups absent)
                 "suppressed": C,  # groups left out for having < min_patients patients

@@ -15,13 +15,14 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmets.client.policy import PolicyRefused
+from fedmets.client.policy import PolicyRefused, ScoreGroups
 from fedmets.client.release import answer, site_audit_path
 from fedmets.client.site_worker import SiteWorker
 from fedmets.client.training import get_state
 from fedmets.shared import wire
 from fedmets.shared.clinical import encoded_columns
 from fedmets.shared.config import load_site_config
+from fedmets.shared.metrics import logit
 from fedmets.shared.models import FusionNet
 from fedmets.simulation.feature_sites import feature_table
 from fedmets.simulation.site_files import write_site_config
@@ -225,6 +226,91 @@ def test_subsite_subtraction_leaves_no_small_group(site) -> None:
     hidden = reply["n"] - sum(released.values())
     assert hidden == 0 or hidden >= FLOOR  # the whole minus the groups: no small group
     assert reply["suppressed"] == 2
+
+
+# ---- crafted scores: one patient apart ----------------------------------------------------------
+
+MAIN = "none/radiomics+clinical"
+
+
+def isolating_request(worker: SiteWorker) -> tuple[dict, np.ndarray]:
+    """Crafted fusion weights (a linear network) under which one patient scores 0.9 and every
+    other at most 0.1: the patient furthest along a direction the centre drew, which a centre
+    with side knowledge of that patient's features can aim at. Returns the request and the
+    patients' rows in order of that direction, the isolated one first."""
+    request = fusion_request(worker)
+    p, q = worker.data.radiomics.shape[1], worker.data.clinical.shape[1]
+    along = (worker.data.radiomics.to_numpy() / 100.0) @ np.random.default_rng(5).normal(size=p)
+    order = np.argsort(-along)
+    first, second = along[order[0]], along[order[1]]
+    steep = (logit(0.9) - logit(0.1)) / (first - second)
+    weight = np.zeros((1, p + q), np.float32)
+    weight[0, :p] = steep * np.random.default_rng(5).normal(size=p)
+    key = wire.WEIGHTS_PREFIX + MAIN
+    state = {**request[key], "net.0.weight": weight}
+    state["net.0.bias"] = np.array([logit(0.9) - steep * first], np.float32)
+    return {**request, key: state}, order
+
+
+def test_score_groups_release_group_counts_only() -> None:
+    """Every statistic of scores and labels a site releases (histograms, confusion counts at
+    per-patient thresholds, Brier and loss sums, calibration) comes from its score groups:
+    shuffling the labels within each group changes none of them, and a score that sets one
+    patient apart still lands it in a group of ``min_bin_count``."""
+    rng = np.random.default_rng(0)
+    y, s = rng.integers(0, 2, 72), rng.uniform(size=72)
+    thresholds = rng.choice([0.3, 0.5, 0.6], 72)
+    groups = ScoreGroups(y, s, 5)
+    shuffled = y.copy()
+    for members in groups.members:
+        shuffled[members] = rng.permutation(y[members])
+    assert not np.array_equal(shuffled, y)
+    other = ScoreGroups(shuffled, s, 5)
+    for a, b in [(groups.histograms(20), other.histograms(20))]:
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(groups.confusion(thresholds), other.confusion(thresholds))
+    assert groups.brier_sum() == other.brier_sum()
+    assert groups.loss_sum(2.0) == other.loss_sum(2.0)
+    assert groups.calibration() == pytest.approx(other.calibration())
+    apart = np.where(np.arange(72) == 7, 0.9, 0.05)  # patient 7 alone above 0.5
+    tp, fn, tn, fp = ScoreGroups(y, apart, 5).confusion(0.5)
+    assert tp + fp in (0, 5)  # called with its group, never alone (exactly: 1)
+
+
+def test_a_crafted_model_cannot_single_out_a_patients_label(tmp_path) -> None:
+    """The attack: a network that scores one patient 0.9 and every other at most 0.1, then the
+    evaluation at threshold 0.5 (exactly: TP + FP = 1 and TP = that patient's label) and its
+    Brier sum (exactly: a fraction of 0.01 or 0.81 for that patient). Measured on two cohorts
+    that differ only in that patient's label, swapped with a group mate's (one of the four
+    patients scored next to it): the site-wide release is the same for both, while the exact
+    statistics of the scores the site kept tell them apart. (Subsite groups are other groups
+    of the same scores: docs/privacy.md, residual risks.)"""
+    released, exact = [], []
+    for world in ("as is", "swapped"):
+        site = make_site(tmp_path / world.replace(" ", "-"))
+        request, order = isolating_request(site)
+        if world == "swapped":
+            labels = site.data.labels
+            mate = next(r for r in order[1:5] if labels[r] != labels[order[0]])
+            features = site.configs[0].paths.output / "features.parquet"
+            table = pd.read_parquet(features)
+            table.loc[[order[0], mate], "label"] = table.loc[[mate, order[0]], "label"].to_numpy()
+            table.to_parquet(features)
+            site = SiteWorker(site.configs)
+        ask(site, "query.folds", folds=5)
+        for fold in range(5):
+            ask(site, "query.train_scores", bins=100, fold=fold, dp_mode="off", **request)
+        thresholds = {f"thresholds:{MAIN}": np.full(5, 0.5)}
+        reply = ask(site, "query.evaluation", bins=100, dp_mode="off", **thresholds)
+        released.append({k: v for k, v in reply.items() if k.endswith(MAIN)})
+        _, scores = site.out_of_fold("attack", [MAIN], 5)
+        s, y = scores[MAIN], site.data.labels
+        assert (s >= 0.5).sum() == 1 and s[order[0]] >= 0.5  # the crafting worked
+        exact.append((int(((s >= 0.5) & (y == 1)).sum()), float(((s - y) ** 2).sum())))
+    assert exact[0][0] != exact[1][0] and exact[0][1] != exact[1][1]  # without the groups
+    assert released[0].keys() == released[1].keys() and len(released[0]) == 4
+    for key, value in released[0].items():
+        np.testing.assert_array_equal(value, released[1][key], err_msg=key)
 
 
 # ---- crafted training requests -----------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 from conftest import run_fedmets
 from sklearn.metrics import roc_auc_score
 
+from fedmets.client.policy import ScoreGroups
 from fedmets.client.predict import evaluate_bundle, predict_site
 from fedmets.client.recalibration import recalibrate
 from fedmets.client.release import site_audit_path
@@ -166,10 +167,15 @@ def test_held_out_sites_are_scored_by_the_model_trained_without_them(tmp_path):
     assert held["n"] == 50 and summary["pooled"]["n"] == 50
     assert {"calibration_slope", "calibration_intercept"} <= set(held)
     assert not (tmp_path / "holdout" / "state" / "site_002").exists()  # never asked anything
-    # the release gives the site's exact accuracy and, to the grouping, its AUC
-    predicted = predict_site(configs[2], tmp_path / "holdout" / "model")
+    # the release gives the site's accuracy on its score groups and, to the grouping, its AUC
+    predicted = predict_site(configs[2], tmp_path / "holdout" / "model", recalibrated=False)
     labels = pd.read_parquet(configs[2].paths.output / "features.parquet")["label"].to_numpy()
-    assert held["acc"] == pytest.approx(float((predicted["dm_predicted"] == labels).mean()))
+    threshold = load_bundle(tmp_path / "holdout" / "model").manifest["thresholds"]
+    main = summary["main_model"]
+    tp, fn, tn, fp = ScoreGroups(labels, predicted[f"risk:{main}"], 5).confusion(threshold[main])
+    assert held["acc"] == pytest.approx((tp + tn) / 50)
+    exact = float((predicted["dm_predicted"] == labels).mean())
+    assert abs(held["acc"] - exact) <= 9 / 50  # one group (5 to 9 patients) straddles the cut
     assert held["auc"] == pytest.approx(roc_auc_score(labels, predicted["risk"]), abs=0.05)
     assert set(replies["site_002"]) >= {f"hist_pos:{summary['main_model']}", "n"}
     with pytest.raises(ValueError, match="not in the cohort"):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fedmets.client.policy import grouped_histograms
+from fedmets.client.policy import ScoreGroups
 from fedmets.client.site_worker import SiteWorker, assign_folds
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.shared import wire
@@ -244,12 +244,12 @@ def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
     assert result["main_model"] == "none/radiomics+clinical"
     assert set(result["models"]) == {"none/radiomics", "none/clinical", "none/radiomics+clinical"}
     scores, labels, decisions = [], [], []
-    released_pos, released_neg = 0, 0
+    released_pos, released_neg, confusion, brier = 0, 0, 0, 0.0
     bins = cfg.evaluation.histogram_bins
     for site, path in sites.items():
         cfg_site = load_site_config(path)
         table = pd.read_parquet(cfg_site.paths.output / "features.parquet")
-        site_scores, site_labels = [], []
+        site_scores, site_labels, site_thresholds = [], [], []
         for fold in range(cfg.cv.folds):
             state = cfg_site.paths.cache / "federated" / "test-run" / f"scores-fold{fold}.npz"
             with np.load(state) as stored:
@@ -257,11 +257,15 @@ def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
                 site_scores.append(s)
                 site_labels.append(table["label"].to_numpy()[stored["rows"]])
                 threshold = result["folds"][fold]["thresholds"]["none/radiomics+clinical"]
+                site_thresholds.append(np.full(len(s), threshold))
                 decisions.append(s >= threshold)
         assert result["models"]["none/radiomics+clinical"]["per_site"][site]["n"] == len(table)
         site_y, site_s = np.concatenate(site_labels), np.concatenate(site_scores)
-        pos, neg = grouped_histograms(site_y, site_s, bins, 5)  # the site's policy
+        groups = ScoreGroups(site_y, site_s, 5)  # the site's policy
+        pos, neg = groups.histograms(bins)
         released_pos, released_neg = released_pos + pos, released_neg + neg
+        confusion = confusion + groups.confusion(np.concatenate(site_thresholds))
+        brier += groups.brier_sum()
         scores += site_scores
         labels += site_labels
     y, s, d = np.concatenate(labels), np.concatenate(scores), np.concatenate(decisions)
@@ -270,9 +274,13 @@ def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
     from_released = metrics_from_histograms(released_pos, released_neg, edges, 0.5)["auc"]
     assert pooled["auc"] == pytest.approx(from_released, abs=1e-12)  # what the sites released
     assert abs(pooled["auc"] - roc_auc_score(y, s)) < 0.01  # the cost of coarsened histograms
-    assert pooled["acc"] == pytest.approx((d == y).mean(), abs=1e-12)
-    assert pooled["sen"] == pytest.approx(d[y == 1].mean(), abs=1e-12)
-    assert pooled["brier"] == pytest.approx(((s - y) ** 2).mean(), rel=1e-9)
+    tp, fn, tn, fp = confusion  # every patient at its score group's mean, as released
+    assert pooled["acc"] == pytest.approx((tp + tn) / len(y), abs=1e-12)
+    assert pooled["sen"] == pytest.approx(tp / (tp + fn), abs=1e-12)
+    assert pooled["brier"] == pytest.approx(brier / len(y), rel=1e-9)
+    # the cost of the groups: a group straddling its threshold is called as a whole
+    assert abs(pooled["acc"] - (d == y).mean()) <= 0.05
+    assert abs(pooled["brier"] - ((s - y) ** 2).mean()) < 0.01
     assert pooled["auc_ci"][0] < pooled["auc"] < pooled["auc_ci"][1]
     assert pooled["auc"] > 0.7  # the latent factor drives both radiomics and labels
     points = np.column_stack([pooled["roc"]["fpr"], pooled["roc"]["tpr"]])
