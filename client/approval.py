@@ -6,8 +6,12 @@ require_approval``; unset: under ``fedmets site serve``), the site's gate refuse
 of a run not recorded there, and a census whose declared fingerprint is not the approved one
 (rule ``policy.approval``, logged in the audit log like every refusal).
 
-The fingerprint is what the centre declares; it binds the approval to the reviewed file for an
-honest centre, while the site's ``[policy]`` bounds every request whatever is declared.
+With ``--app FILE.fab`` the approval also pins the app bundle the hospital reviewed (its
+content digest, ``fedmets.client.app_digest``): a request relayed by another app is refused.
+
+The fingerprint and the digest are what the centre's code declares; they bind the approval to
+the reviewed files for an honest centre, while the site's ``[policy]`` bounds every request
+whatever is declared.
 """
 
 from __future__ import annotations
@@ -32,17 +36,20 @@ def approvals_path(cfg: SiteConfig) -> Path:
 
 
 def approved_runs(cfg: SiteConfig) -> dict[str, dict]:
-    """Run name -> {``config_sha256``, ``approved`` (UTC time), ``by`` (user)}."""
+    """Run name -> {``config_sha256``, ``app_sha256`` ("": any app), ``approved`` (UTC
+    time), ``by`` (user)}."""
     path = approvals_path(cfg)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def approve_run(cfg: SiteConfig, run_config: FederationConfig) -> dict:
+def approve_run(cfg: SiteConfig, run_config: FederationConfig, app_sha256: str = "") -> dict:
     """Record ``run_config``'s run name and fingerprint as approved (replacing an earlier
-    approval of that name); returns the record."""
+    approval of that name), with ``app_sha256`` the app digest it pins ("": any app); returns
+    the record."""
     runs = approved_runs(cfg)
     record = {
         "config_sha256": run_config.fingerprint(),
+        "app_sha256": app_sha256,
         "approved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "by": getpass.getuser(),
     }
@@ -57,9 +64,12 @@ def approval_required(cfg: SiteConfig, served: bool) -> bool:
     return served if required is None else required
 
 
-def check_approved(cfg: SiteConfig, route_name: str, request: Mapping[str, Any]) -> None:
-    """PolicyRefused (``policy.approval``) unless the request's run is approved, and, for a
-    census, declared with the approved fingerprint."""
+def check_approved(
+    cfg: SiteConfig, route_name: str, request: Mapping[str, Any], app: str | None = None
+) -> None:
+    """PolicyRefused (``policy.approval``) unless the request's run is approved, for a census
+    declared with the approved fingerprint, and, when the approval pins an app, relayed by
+    that app (``app``: the digest the relay reports; None in process, where nothing relays)."""
     run = str(request.get("run", ""))
     record = approved_runs(cfg).get(run)
     how = (
@@ -74,4 +84,12 @@ def check_approved(cfg: SiteConfig, route_name: str, request: Mapping[str, Any])
             "policy.approval",
             f"{route_name}: run {run!r} was approved with config sha256 "
             f"{record['config_sha256'][:16]}, the centre declares {str(declared)[:16]}: {how}",
+        )
+    pinned = record.get("app_sha256", "")
+    if pinned and app is not None and app != pinned:
+        raise PolicyRefused(
+            "policy.approval",
+            f"{route_name}: run {run!r} was approved for app sha256 {pinned[:16]}, the request "
+            f"came through app {app[:16] or '(not an installed bundle)'}: review the new app "
+            f"bundle and approve again with --app FILE.fab",
         )

@@ -28,6 +28,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from fedmets.client.app_digest import running_app_digest
 from fedmets.client.service_channel import ServiceClient
 from fedmets.shared import wire
 
@@ -47,7 +48,8 @@ def _in_process(path: Path) -> SiteService:
 def site_service(context: Context) -> ServiceClient | SiteService:
     """This SuperNode's site service (see the module docstring)."""
     if "site-service" in context.node_config:
-        return ServiceClient(Path(str(context.node_config["site-service"])))
+        socket = Path(str(context.node_config["site-service"]))
+        return ServiceClient(socket, app=running_app_digest())
     configs = str(context.run_config.get("site-configs", "")).split(",")
     partition = int(context.node_config.get("partition-id", -1))
     if not 0 <= partition < len(configs) or not configs[partition]:

@@ -43,21 +43,28 @@ class ReleaseRefused(RuntimeError):
 
 
 def answer(
-    worker: SiteWorker, route_name: str, request: Mapping[str, Any], masked: bool = False
+    worker: SiteWorker,
+    route_name: str,
+    request: Mapping[str, Any],
+    masked: bool = False,
+    app: str | None = None,
 ) -> dict:
     """The worker's reply to ``request``: the request checked by the site's policy
     (``PolicyRefused``, logged, when it breaks it), the reply (or, when the policy withholds
     it, the count alone) checked against the wire rules and logged; raises ReleaseRefused (and
     logs the refusal) when it breaks them. ``masked``: the reply goes to SecAgg+
-    (``fedmets.shared.wire.to_fitres``), so it must also fit the masked vector's layout."""
+    (``fedmets.shared.wire.to_fitres``), so it must also fit the masked vector's layout.
+    ``app``: the digest of the app bundle that relayed the request, as its relay reports it
+    (``fedmets.client.app_digest``; "" from a source checkout), logged and checked against
+    the run's approval; None in process (no relay)."""
     from fedmets.client.site_worker import Withheld
 
     try:
         check_request(route_name, request, worker.policy)
         if worker.require_approval:
-            check_approved(worker.configs[0], route_name, request)
+            check_approved(worker.configs[0], route_name, request, app)
     except PolicyRefused as refusal:
-        _log(worker, route_name, request, {}, [str(refusal)], masked, rule=refusal.rule)
+        _log(worker, route_name, request, {}, [str(refusal)], masked, refusal.rule, app=app)
         raise
     withheld = None
     try:
@@ -67,7 +74,7 @@ def answer(
     problems = wire.check_reply(route_name, reply, worker.min_patients(request))
     if masked and not problems:
         problems = wire.check_masked(route_name, request, reply)
-    _log(worker, route_name, request, reply, problems, masked, withheld=withheld)
+    _log(worker, route_name, request, reply, problems, masked, withheld=withheld, app=app)
     if problems:
         raise ReleaseRefused(f"{worker.site_id}: {route_name} reply refused: {'; '.join(problems)}")
     return reply
@@ -115,6 +122,7 @@ def _log(
     masked: bool = False,
     rule: str | None = None,
     withheld: Exception | None = None,
+    app: str | None = None,
 ) -> None:
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -129,6 +137,8 @@ def _log(
         "problems": problems,
         "fields": wire.describe(route_name, reply),
     }
+    if app is not None:
+        entry["app_sha256"] = app
     if rule:
         entry["rule"] = rule
     if withheld is not None:

@@ -32,6 +32,9 @@ SERVICE = "fedmets.SiteService"
 METHODS = ("Answer", "Secure", "KeyExchange", "Hello")
 ROUTE_KEY = "fedmets-route"
 """Call metadata: the wire route (``Answer``) or the SecAgg+ stage (``KeyExchange``)."""
+APP_KEY = "fedmets-app"
+"""Call metadata: the digest of the app bundle the relay runs from
+(``fedmets.client.app_digest``; "" from a source checkout)."""
 MAX_MESSAGE_BYTES = 1 << 30
 """Largest message either way (model weights: the `gpu` Swin3D is ~32 MB in float32)."""
 CHANNEL_OPTIONS = [
@@ -61,16 +64,19 @@ def target(socket: Path) -> str:
 
 class ServiceClient:
     """The relay's side of the channel: the same calls as ``SiteService`` (answer, secure,
-    log_key_exchange, site_id), each over the socket ``socket``."""
+    log_key_exchange, site_id), each over the socket ``socket``, naming the app ``app`` (its
+    digest) that relays them."""
 
-    def __init__(self, socket: Path) -> None:
+    def __init__(self, socket: Path, app: str = "") -> None:
         self.socket = Path(socket)
+        self.app = app
 
     def _call(self, method: str, records: RecordDict, route: str = "") -> RecordDict:
         with grpc.insecure_channel(target(self.socket), options=CHANNEL_OPTIONS) as channel:
             call = channel.unary_unary(f"/{SERVICE}/{method}")
             try:
-                return decode(call(encode(records), metadata=((ROUTE_KEY, route),)))
+                metadata = ((ROUTE_KEY, route), (APP_KEY, self.app))
+                return decode(call(encode(records), metadata=metadata))
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.PERMISSION_DENIED:
                     raise ServiceRefused(error.details()) from None

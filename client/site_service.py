@@ -31,6 +31,7 @@ from fedmets.client.approval import approval_required
 from fedmets.client.policy import PolicyRefused
 from fedmets.client.release import ReleaseRefused, answer, log_key_exchange
 from fedmets.client.service_channel import (
+    APP_KEY,
     CHANNEL_OPTIONS,
     METHODS,
     ROUTE_KEY,
@@ -79,20 +80,21 @@ class SiteService:
             self._worker.require_approval = approval_required(self.cfg, self.served)
         return self._worker
 
-    def answer(self, route_name: str, request: RecordDict) -> RecordDict:
-        """The gated reply to a request on ``route_name`` (``fedmets.client.release.answer``)."""
+    def answer(self, route_name: str, request: RecordDict, app: str | None = None) -> RecordDict:
+        """The gated reply to a request on ``route_name`` (``fedmets.client.release.answer``),
+        relayed by the app of digest ``app`` (None in process)."""
         with self.lock:
-            reply = answer(self.worker, route_name, wire.from_records(request))
+            reply = answer(self.worker, route_name, wire.from_records(request), app=app)
         return wire.to_records(route_name, reply, reply=True)
 
-    def secure(self, fitins: RecordDict) -> RecordDict:
+    def secure(self, fitins: RecordDict, app: str | None = None) -> RecordDict:
         """SecAgg+'s masking stage: the training route named in the request (a legacy FitIns
         record), gated and logged as masked; returns the FitRes record to mask."""
         route_name, request = wire.from_fitins(
             recorddict_compat.recorddict_to_fitins(fitins, keep_input=True)
         )
         with self.lock:
-            reply = answer(self.worker, route_name, request, masked=True)
+            reply = answer(self.worker, route_name, request, masked=True, app=app)
         fitres = wire.to_fitres(route_name, request, reply)
         return recorddict_compat.fitres_to_recorddict(fitres, keep_input=False)
 
@@ -106,31 +108,34 @@ class SiteService:
 
 
 def _handlers(service: SiteService, say: Callable[[str], None]) -> grpc.GenericRpcHandler:
-    """The channel's four methods over ``service``; each request is logged in one line."""
+    """The channel's four methods over ``service``; each request is logged in one line, with
+    the first 12 hex digits of the digest of the app that relayed it."""
 
     def method(name: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         def handle(data: bytes, context: grpc.ServicerContext) -> bytes:
-            route = dict(context.invocation_metadata()).get(ROUTE_KEY, "")
+            metadata = dict(context.invocation_metadata())
+            route, app = metadata.get(ROUTE_KEY, ""), metadata.get(APP_KEY, "")
+            call = f"{name} {route} (app {app[:12] or 'from a source checkout'})"
             started = time.perf_counter()
             try:
                 records = decode(data)
                 if name == "Answer":
-                    reply = service.answer(route, records)
+                    reply = service.answer(route, records, app)
                 elif name == "Secure":
-                    reply = service.secure(records)
+                    reply = service.secure(records, app)
                 elif name == "KeyExchange":
                     service.log_key_exchange(route, dict(records.config_records["sent"]))
                     reply = RecordDict()
                 else:
                     reply = RecordDict({"site": ConfigRecord({"site_id": service.site_id()})})
             except REFUSALS as refusal:
-                say(f"{name} {route}: refused: {refusal}")
+                say(f"{call}: refused: {refusal}")
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, str(refusal))
             except Exception as error:  # noqa: BLE001 - the relay reports it to the centre
-                say(f"{name} {route}: failed: {type(error).__name__}: {error}")
+                say(f"{call}: failed: {type(error).__name__}: {error}")
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
             if name != "Hello":
-                say(f"{name} {route}: answered in {time.perf_counter() - started:.1f} s")
+                say(f"{call}: answered in {time.perf_counter() - started:.1f} s")
             return encode(reply)
 
         return handle

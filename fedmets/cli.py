@@ -777,15 +777,28 @@ def site_keys(
 def site_approve(
     config: Annotated[Path, typer.Option(help="This site's TOML file.")],
     run_config: Annotated[Path, typer.Option(help="The run's federation config (TOML).")],
+    app: Annotated[
+        Path | None,
+        typer.Option(help="The app bundle (.fab) reviewed: only it may relay the run."),
+    ] = None,
 ) -> None:
-    """Approve a run: its name and its federation config's fingerprint, which the site
-    service then answers (while [policy] require_approval holds; docs/hospital_guide.md)."""
+    """Approve a run: its name and its federation config's fingerprint, and with --app the
+    app bundle, which the site service then answers (while [policy] require_approval holds;
+    docs/hospital_guide.md)."""
+    from fedmets.client.app_digest import fab_digest
     from fedmets.client.approval import approvals_path, approve_run
 
     cfg = _load_site_config_or_exit(config)
     run = _load_federation_config_or_exit(run_config)
-    record = approve_run(cfg, run)
+    try:
+        digest = fab_digest(app) if app is not None else ""
+    except (OSError, ValueError) as error:
+        err_console.print(f"--app: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
+    record = approve_run(cfg, run, digest)
     _plain(f"approved run {run.run.name} (config sha256 {record['config_sha256']})")
+    if digest:
+        _plain(f"pinned app {app.name} (app sha256 {digest})")
     _plain(f"recorded in {approvals_path(cfg)}")
 
 

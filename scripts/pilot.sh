@@ -2,7 +2,8 @@
 # A pilot federation on one host, step by step as docs/deployment.md's runbooks say: the
 # centre's certificates, SuperLink (loopback) and proxy (nginx: the Fleet API only); per
 # hospital its own key (fedmets site keys), site service, SuperNode (its own FLWR_HOME and
-# port) and approval (fedmets site approve); registration before start; then one run.
+# port) and approval of the run and its app bundle (fedmets site approve --app); registration
+# before start; then one run.
 #
 #   bash scripts/pilot.sh COHORT WORK FEDERATION_TOML
 #
@@ -83,6 +84,9 @@ config.setdefault("federation", {})["identities"] = {
 Path(out).write_text(tomli_w.dumps(config))
 EOF
 fedmets config check "$work/federation.toml"
+echo "== centre: the app bundle the run uploads, sent to the hospitals with the config"
+(cd "$work" && flwr build --app "$repo" >/dev/null)
+bundle=$(ls "$work"/*.fab)
 
 echo "== centre: SuperLink on loopback, proxy for the hospitals"
 link_port=$(free_port)
@@ -130,7 +134,8 @@ for site in "${sites[@]}"; do
         --auth-supernode-private-key "$work/hospitals/$site/keys/$site" \
         --isolation subprocess --port "$(free_port)" \
         --node-config "site-service=\"$work/sockets/$site.sock\""
-    fedmets site approve --config "$cohort/$site/site.toml" --run-config "$work/federation.toml"
+    fedmets site approve --config "$cohort/$site/site.toml" --run-config "$work/federation.toml" \
+        --app "$bundle"
 done
 
 echo "== centre: the run"

@@ -1,5 +1,6 @@
 """Deployment with real processes on loopback (see test_deployment.py): a run a site has not
-approved is refused there, and answered after ``fedmets site approve``; a registered node that
+approved is refused there, and answered after ``fedmets site approve`` (which pins the app
+bundle, built with ``flwr build``, that relays it); a registered node that
 claims another site's id is left out (bound identities); a site crashes during the run and
 rejoins (its site service runs on); what the server received is what each site's audit log
 says it sent, and every log's hash chain is intact."""
@@ -14,11 +15,12 @@ import pytest
 from deployment import RUN_TIMEOUT_S, federation_toml, start_all_and_wait, wait_for
 from test_protocol import SITES
 
+from fedmets.client.app_digest import fab_digest
 from fedmets.client.audit import verify
 from fedmets.client.release import site_audit_path
 from fedmets.shared.config import load_site_config
 from fedmets.shared.wire import REPLY_KINDS
-from fedmets.simulation.loopback import flower_bin, stop_process
+from fedmets.simulation.loopback import APP_DIR, flower_bin, stop_process
 
 pytestmark = pytest.mark.slow  # real flower-superlink / flower-supernode processes
 
@@ -62,14 +64,20 @@ def test_approval_identities_and_a_crashed_site_that_rejoins_with_every_reply_au
             False,
         )
 
-    # site_c approves the same run with the real command (site_b through the harness): the run
-    # is answered, and goes on without the impostor
+    # site_c approves the same run and the app bundle with the real commands (site_b through
+    # the harness): the run is answered, and goes on without the impostor
+    subprocess.run(
+        [flower_bin("flwr"), "build", "--app", str(APP_DIR)], cwd=root, check=True, text=True
+    )
+    (fab,) = root.glob("*.fab")
     approve = [
         flower_bin("fedmets"),
         "site",
         "approve",
         "--config",
         str(federation.sites["site_c"]),
+        "--app",
+        str(fab),
     ]
     done = subprocess.run([*approve, "--run-config", str(toml)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -93,6 +101,11 @@ def test_approval_identities_and_a_crashed_site_that_rejoins_with_every_reply_au
     )
     per_site = result["models"]["none/radiomics+clinical"]["per_site"]
     assert set(per_site) == {"site_a", "site_b", "site_c"}
+    # every request site_c answered came through the app it pinned, as its log names it
+    audit = site_audit_path(load_site_config(federation.sites["site_c"])).read_text()
+    entries = [json.loads(line) for line in audit.splitlines()]
+    answered = [e for e in entries if e.get("run") == "dropout" and e["sent"]]
+    assert answered and {e["app_sha256"] for e in answered} == {fab_digest(fab)}
 
     # the wire audit: what the server received is what each site logged as sent, in a chain
     # of hashes that no line breaks

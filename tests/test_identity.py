@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import tomli_w
+from flwr.cli.install import install_from_fab
 from test_protocol import _cfg, write_sites
 from typer.testing import CliRunner
 
 from fedmets.cli import app
+from fedmets.client.app_digest import fab_digest, folder_digest, running_app_digest
 from fedmets.client.approval import approve_run
 from fedmets.client.policy import PolicyRefused
 from fedmets.client.release import answer, site_audit_path
-from fedmets.client.site_service import SiteService
+from fedmets.client.service_channel import ServiceClient, ServiceRefused
+from fedmets.client.site_service import SiteService, start_service
 from fedmets.client.site_worker import SiteWorker
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.shared import wire
 from fedmets.shared.config import ConfigError, load_federation_config, load_site_config
 from fedmets.shared.identity import identity_problem, make_site_keys, new_challenge, sign
 from fedmets.simulation.in_process import InProcessLink
+from fedmets.simulation.loopback import APP_DIR, flower_bin
 
 
 def _with_key(toml, key) -> None:
@@ -140,6 +146,69 @@ def test_a_deployed_site_answers_only_approved_runs(tmp_path) -> None:
         answer(worker, "query.census", {**census, "config_sha256": changed.fingerprint()})
     approve_run(load_site_config(toml), changed)  # the hospital approves the new config
     answer(worker, "query.census", {**census, "config_sha256": changed.fingerprint()})
+
+
+def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:
+    """The app digest of a real ``flwr build`` bundle is the one its relay reports once Flower
+    installed it (``install_from_fab``); ``fedmets site approve --app`` pins it, and the
+    service refuses a request relayed by another app, logging the app of every request."""
+    built = subprocess.run(
+        [flower_bin("flwr"), "build", "--app", str(APP_DIR)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (fab,) = tmp_path.glob("*.fab")
+    digest = fab_digest(fab)
+    installed = install_from_fab(fab, install_dir=tmp_path / "flwr-home", skip_prompt=True)
+    reported = subprocess.run(  # the installed copy's own code, as the relay runs it
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            "from fedmets.client.app_digest import running_app_digest; print(running_app_digest())",
+            str(installed),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert reported.stdout.strip() == digest, built.stdout
+    assert running_app_digest() == ""  # this checkout is not an installed bundle
+    (installed / "client" / "__pycache__").mkdir(exist_ok=True)
+    (installed / "client" / "__pycache__" / "policy.cpython-311.pyc").write_bytes(b"cache")
+    assert folder_digest(installed) == digest  # bytecode caches are not the app
+    policy = installed / "client" / "policy.py"
+    policy.write_text(policy.read_text().replace("min_count", "min_count_"))
+    edited = folder_digest(installed)
+    assert edited != digest
+
+    toml = write_sites(tmp_path / "sites")["site_b"]
+    cfg = _cfg()
+    fed = tmp_path / "fed.toml"
+    fed.write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
+    command = ["site", "approve", "--config", str(toml), "--run-config", str(fed)]
+    done = CliRunner().invoke(app, [*command, "--app", str(fab)])
+    assert done.exit_code == 0 and digest in done.output, done.output
+    said: list[str] = []
+    socket = tmp_path / "site_b.sock"
+    server = start_service(SiteService(toml, served=True), socket, say=said.append)
+    try:
+        folds = {"run": cfg.run.name, "folds": 3, "min_patients": 5}
+        request = wire.to_records("query.folds", folds, reply=False)
+        assert ServiceClient(socket, app=digest).answer("query.folds", request)
+        with pytest.raises(ServiceRefused, match="approved for app sha256 " + digest[:16]):
+            ServiceClient(socket, app=edited).answer("query.folds", request)
+    finally:
+        server.stop(grace=None)
+    assert f"Answer query.folds (app {digest[:12]}): answered" in said[0]
+    audit = site_audit_path(load_site_config(toml)).read_text().splitlines()
+    logged = [json.loads(line) for line in audit[-2:]]
+    assert [e["app_sha256"] for e in logged] == [digest, edited]
+    assert [e["sent"] for e in logged] == [True, False]
+    broken = CliRunner().invoke(app, [*command, "--app", str(toml)])  # not a bundle
+    assert broken.exit_code == 1 and "not a Flower app bundle" in broken.output
 
 
 def test_the_server_certificate_is_renewed_from_the_same_ca(tmp_path) -> None:

@@ -2,7 +2,7 @@
 two hospitals) runs a federation from certificates to results: each hospital makes its own
 key, the centre registers it before the SuperNode starts, every process logs to its file, the
 SuperNodes (each with its own FLWR_HOME and port) reach the SuperLink through the proxy, each
-hospital approves the run, and the node-id to hospital table is printed."""
+hospital approves the run and pins its app bundle, and the node-id to hospital table is printed."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from deployment import federation_toml
 from test_protocol import SITES, write_sites
+
+from fedmets.client.app_digest import fab_digest
 
 pytestmark = pytest.mark.slow  # real processes, one whole run
 
@@ -53,3 +55,7 @@ def test_the_pilot_script_runs_the_runbook_to_results(tmp_path) -> None:
     assert expected <= logs
     access = (work / "centre" / "proxy" / "access.log").read_text()
     assert "/v1/fleet/pull-messages" in access  # the hospitals came in through the proxy
+    (bundle,) = work.glob("*.fab")  # each hospital pinned the bundle; its relays named it
+    for site in hospitals:
+        service_log = (work / "logs" / f"service-{site}.log").read_text()
+        assert f"(app {fab_digest(bundle)[:12]}): answered" in service_log
