@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import tomllib
@@ -84,11 +86,42 @@ def _others_can_run(path: Path) -> bool:
     return bool(path.stat().st_mode & 0o001) and all(p.stat().st_mode & 0o001 for p in path.parents)
 
 
+def _python_for_others() -> str | None:
+    """An interpreter of this Python's version that other users can run: this one, or the
+    system's (a Python under /root is not); None without one."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (Path(sys.executable), Path("/usr/bin") / version):
+        if candidate.is_file() and _others_can_run(candidate):
+            return str(candidate)
+    return None
+
+
+def _flower_for_others(folder: Path, python: str) -> Path:
+    """Flower's node commands for a user who cannot run this environment's interpreter: each a
+    script in ``folder`` that runs this environment's entry point with ``python``, with this
+    environment's packages (their ``.pth`` files read) in place of the system's. Returns
+    ``folder``."""
+    packages = sysconfig.get_paths()["purelib"]
+    folder.mkdir(mode=0o755)
+    for name in ("flower-supernode", "flower-superexec", "flwr-clientapp"):
+        code = (
+            "import runpy, site, sys; "
+            "sys.path[:] = [p for p in sys.path if 'dist-packages' not in p]; "
+            f"site.addsitedir({packages!r}); sys.argv[0] = {name!r}; "
+            f"runpy.run_path({flower_bin(name)!r}, run_name='__main__')"
+        )
+        script = folder / name
+        script.write_text(f'#!/bin/sh\nexec {python} -c {shlex.quote(code)} "$@"\n')
+        script.chmod(0o755)
+    return folder
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs a SuperNode as another user: needs root")
 @pytest.mark.skipif(
-    not _others_can_run(Path(sys.executable)),
-    reason="this Python lives where other users cannot run it (e.g. under /root); a hospital "
-    "installs fedmets where the SuperNode's user can (docs/deployment.md)",
+    _python_for_others() is None,
+    reason="no Python of this version that other users can run (this one lives under /root, "
+    "and the system has none); a hospital installs fedmets where the SuperNode's user can "
+    "(docs/deployment.md)",
 )
 def test_the_uploaded_app_cannot_read_the_data_nor_pass_the_policy(federation) -> None:
     """A SuperNode run as a user without access to the site's files (``nobody``, the socket
@@ -100,6 +133,7 @@ def test_the_uploaded_app_cannot_read_the_data_nor_pass_the_policy(federation) -
     started: list[subprocess.Popen] = []
     try:
         shared.chmod(0o755)
+        commands = _flower_for_others(shared / "bin", _python_for_others())
         site = root / "probe-site"
         shutil.copytree(
             federation.sites["site_a"].parent, site, ignore=shutil.ignore_patterns("*.sock")
@@ -127,14 +161,19 @@ def test_the_uploaded_app_cannot_read_the_data_nor_pass_the_policy(federation) -
         started.append(
             subprocess.Popen(
                 [
-                    flower_bin("flower-supernode"),
+                    str(commands / "flower-supernode"),
                     *("--superlink", f"127.0.0.1:{federation.public_port}"),
                     *("--root-certificates", str(shared / "ca.crt")),
                     *("--auth-supernode-private-key", str(key)),
                     *("--isolation", "subprocess", "--port", str(free_port())),
                     *("--node-config", f'site-service="{shared / "site.sock"}"'),
                 ],
-                env={**federation.env, "FLWR_HOME": str(home), "HOME": str(home)},
+                env={
+                    **federation.env,
+                    "FLWR_HOME": str(home),
+                    "HOME": str(home),
+                    "PATH": f"{commands}{os.pathsep}{federation.env.get('PATH', '')}",
+                },
                 stdout=(root / "logs" / "supernode-probe.log").open("w"),
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -156,6 +195,6 @@ def test_the_uploaded_app_cannot_read_the_data_nor_pass_the_policy(federation) -
         for process in started:
             stop_process(process)
         shutil.rmtree(shared, ignore_errors=True)
-    assert found["uid"] == NOBODY and found["site"] == "site_a"
+    assert found.get("uid") == NOBODY and found["site"] == "site_a", found
     assert found["read"] == "PermissionError"  # the uploaded code cannot open the site's files
     assert found["outside_policy"].startswith("refused: policy.folds")
