@@ -12,7 +12,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   the assignment itself comes from a seed the site draws once per
   cohort (:func:`fold_seed`), never from the request;
 - training and scoring within bounds: ``policy.min_batch``, ``policy.max_epochs``,
-  ``policy.lr``, ``policy.network`` (fusion widths and layers), ``policy.max_trees``,
+  ``policy.lr``, ``policy.network`` (fusion widths and layers, the run's and each variant
+  network's), ``policy.max_trees``,
   ``policy.max_repeats``, ``policy.max_bins``;
 - ``policy.require_dp``: training and every route that releases anything computed from a
   model's outputs answer only in runs whose sites train under DP-SGD (``dp_mode = "sample"``:
@@ -52,6 +53,7 @@ from fedmets.shared import wire
 from fedmets.shared.config import PolicySection
 from fedmets.shared.files import write_json
 from fedmets.shared.metrics import calibration_slope_intercept
+from fedmets.shared.models import network_variant
 
 TRAINING_ROUTES = ("train.image", "train.fusion")
 MODEL_OUTPUT_ROUTES = (
@@ -121,12 +123,21 @@ def check_request(route_name: str, request: Mapping[str, Any], policy: PolicySec
     for field, rule, allowed, wanted in bounds:
         if field in request and not allowed(request[field]):
             refuse(rule, f"{field} {request[field]!r} is outside this site's bound ({wanted})")
-    if "hidden" in request:
-        widths = [int(w) for w in np.asarray(request["hidden"]).reshape(-1)]
+    networks = {"hidden": np.asarray(request.get("hidden", [])).reshape(-1)}
+    for key in request:
+        if key.startswith(wire.WEIGHTS_PREFIX):
+            try:
+                variant = network_variant(key.removeprefix(wire.WEIGHTS_PREFIX))
+            except ValueError as error:
+                refuse("wire.declaration", str(error))
+            if variant.hidden is not None:
+                networks[f"{key} hidden"] = np.asarray(variant.hidden)
+    for what, value in networks.items():
+        widths = [int(w) for w in value]
         if len(widths) > policy.max_layers or any(w > policy.max_width for w in widths):
             refuse(
                 "policy.network",
-                f"hidden {widths}: this site trains at most {policy.max_layers} hidden layers "
+                f"{what} {widths}: this site trains at most {policy.max_layers} hidden layers "
                 f"of at most {policy.max_width} units",
             )
     private = request.get("dp_mode", "off") == "sample"

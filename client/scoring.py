@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedmets.client.training import set_state
-from fedmets.shared.models import FusionNet, model_groups
+from fedmets.shared.models import FUSION_GROUPS, FusionNet, network_dims, network_variant
 
 if TYPE_CHECKING:
     from fedmets.client.site_worker import SiteData
@@ -67,15 +67,23 @@ def load_networks(
     settings: Mapping[str, Any],
 ) -> dict[str, tuple[FusionNet, np.ndarray]]:
     """Each network (name -> state dict) as (the loaded FusionNet, its input matrix (n, F) from
-    ``groups``); ``settings``: ``hidden``, ``dropout``, ``group_dropout``."""
+    ``groups``); ``settings``: ``hidden``, ``dropout``, ``group_dropout``. A variant network
+    (``fedmets.shared.models.network_variant``) has its own hidden widths and reads the first
+    (top-ranked) of the radiomics columns only."""
     networks = {}
     for name, state in states.items():
+        variant = network_variant(name)
+        widths = {g: groups[g].shape[1] for g in FUSION_GROUPS if g in groups}
+        hidden = variant.hidden
+        if hidden is None:
+            hidden = tuple(np.atleast_1d(settings["hidden"]).astype(int))
         net = FusionNet(
-            {g: groups[g].shape[1] for g in model_groups(name)},
-            hidden=list(np.atleast_1d(settings["hidden"]).astype(int)),
+            network_dims(name, widths),
+            hidden=list(hidden),
             dropout=float(settings["dropout"]),
             group_dropout=float(settings.get("group_dropout", 0.0)),
         )
         set_state(net, state)
-        networks[name] = (net, np.concatenate([groups[g] for g in net.input_groups], axis=1))
+        inputs = [groups[g][:, : net.group_dims[g]] for g in net.input_groups]
+        networks[name] = (net, np.concatenate(inputs, axis=1))
     return networks

@@ -87,8 +87,8 @@ from fedmets.shared.harmonisation import (
 )
 from fedmets.shared.identity import load_private_key, sign
 from fedmets.shared.models import (
-    MEMBER_MARK,
     FusionNet,
+    base_model,
     combine_scores,
     input_blocks,
 )
@@ -922,7 +922,7 @@ class SiteWorker:
         held_out = {}
         networks = self._fusion_models(request, self._groups(request))
         scores = {name: predict_proba(net, X) for name, (net, X) in networks.items()}
-        every = list(dict.fromkeys(name.split(MEMBER_MARK, 1)[0] for name in networks))
+        every = list(dict.fromkeys(base_model(name) for name in networks))
         models = combine_scores(
             scores, list(request.get("models", every)), request.get("fusion", "joint")
         )

@@ -74,7 +74,6 @@ from fedmets.shared.metrics import (
     youden_from_histograms,
 )
 from fedmets.shared.models import (
-    FUSION_GROUPS,
     NO_IMAGE,
     FusionNet,
     fusion_networks,
@@ -82,6 +81,9 @@ from fedmets.shared.models import (
     input_blocks,
     model_groups,
     model_key,
+    network_dims,
+    network_variant,
+    variant_name,
 )
 from fedmets.shared.reproducibility import set_seed
 from fedmets.shared.selection import correlation_filter
@@ -179,6 +181,7 @@ class FederatedProtocol:
         self.secure = cfg.strategy.secure_aggregation and getattr(link, "secure_aggregation", False)
         self.secure_rounds = 0
         self.held_out: list[str] = []  # [federation] held_out sites present at the census
+        self.candidates: list[str] = []  # the main model's variant networks ([model] main_*)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -299,6 +302,11 @@ class FederatedProtocol:
                 "(each ablation network would spend the same patients' budget; dp.ablation)"
             )
         networks = fusion_networks(models, self.cfg.model.fusion, self.cfg.model.fusion_members)
+        self.candidates = self._main_candidates(main_model(models))
+        if self.candidates:
+            main = main_model(models)
+            networks = [n for n in networks if n != main] + self.candidates
+            self.say(f"main model {main}: its network chosen per fold among {self.candidates}")
         self.folds()
         self._plan_privacy(images, len(networks))
         thresholds = {m: np.full(self.cfg.cv.folds, np.nan) for m in models}
@@ -477,7 +485,7 @@ class FederatedProtocol:
         network). Returns the fold's record."""
         self.say(f"fold {fold + 1}/{self.cfg.cv.folds}: selection")
         record, fitted = self.fit(fold, models, networks, images)
-        main = main_model(models)
+        main = record.get("main_network", main_model(models))
         if main not in fitted["fusion"]:
             record["importance"] = None
             return record
@@ -504,6 +512,10 @@ class FederatedProtocol:
             name: max(1, int(round(float(np.median([r["best_round"] for r in chosen])))))
             for name, chosen in _chosen_rounds(self.record.folds).items()
         }
+        if self.candidates:
+            kept = _most_chosen([f["main_network"] for f in self.record.folds], self.candidates)
+            networks = [n for n in networks if n not in self.candidates or n == kept]
+            self.say(f"  main model's network: {kept} (chosen in most folds)")
         record, fitted = self.fit(wire.FINAL_FOLD, models, networks, images, rounds)
         return {"record": record, "rounds": rounds, **fitted}
 
@@ -546,6 +558,14 @@ class FederatedProtocol:
             f"{prefix}-fusion",
             lambda: self.train_fusion(fold, networks, dims, standardise, pos_weight, rounds),
         )
+        trained = [c for c in self.candidates if c in fusion_weights]
+        if len(trained) > 1:  # the final model trains the one kept (final_model)
+            chosen, record["main_candidates"] = self._choose_main(trained, record["fusion"])
+            fusion_weights = {
+                n: w for n, w in fusion_weights.items() if n not in trained or n == chosen
+            }
+        if trained:
+            record["main_network"] = next(c for c in trained if c in fusion_weights)
         record["thresholds"] = self._step(
             f"{prefix}-thresholds",
             lambda: self.thresholds(fold, fusion_weights, standardise, models),
@@ -586,8 +606,7 @@ class FederatedProtocol:
             fold=fold,
         )
         usable = [r for r in replies.values() if "loss_increase_sum" in r]
-        used = model.split("/", 1)[1].split("+")
-        blocks = input_blocks({g: dims[g] for g in used}, encoded_columns())
+        blocks = input_blocks(network_dims(model, dims), encoded_columns())
         if not usable:
             return {"model": model, "blocks": [], "importance": [], "patients": 0}
         n = sum(r["n"] for r in usable)
@@ -1129,6 +1148,37 @@ class FederatedProtocol:
             out["deep_projection"] = vectors[:, top] / scale
         return out
 
+    def _main_candidates(self, main: str) -> list[str]:
+        """The variant networks the main model chooses among (``[model] main_radiomics`` x
+        ``main_hidden``, either defaulting to the run's setting), or [] when neither is set.
+        A 0-radiomics variant of a radiomics-only model is left out (it would read nothing)."""
+        model = self.cfg.model
+        if not (model.main_radiomics or model.main_hidden):
+            return []
+        widths = model.main_radiomics or [self.cfg.selection.top_k]
+        hiddens = model.main_hidden or [model.fusion_hidden]
+        names = [variant_name(main, k, h) for k in widths for h in hiddens]
+        return [n for n in names if model_groups(n)]
+
+    def _choose_main(self, candidates: list[str], curves: dict) -> tuple[str, dict]:
+        """The candidate with the best pooled inner-validation figure at its kept round (the
+        lowest loss, or with ``fusion_monitor = "auc"`` the highest AUC; ties: the earlier
+        candidate), and each candidate's figure. Training rows only: the fold's held-out rows
+        play no part."""
+        auc = self.cfg.model.fusion_monitor == "auc"
+        figures = {}
+        for name in candidates:
+            curve = curves[name]["val_auc" if auc else "val_loss"]
+            value = curve[curves[name]["best_round"] - 1] if curve else float("nan")
+            figures[name] = float(value) if value is not None else float("nan")
+        usable = [n for n in candidates if np.isfinite(figures[n])]
+        if not usable:
+            raise ProtocolError("no inner-validation figure to choose the main model's network")
+        chosen = (max if auc else min)(usable, key=lambda n: figures[n])
+        shown = ", ".join(f"{n.split('#', 1)[1]} {figures[n]:.4f}" for n in candidates)
+        self.say(f"  main model: {chosen.split('#', 1)[1]} chosen ({shown})")
+        return chosen, figures
+
     def _fusion_settings(self) -> Payload:
         model = self.cfg.model
         return {
@@ -1152,11 +1202,11 @@ class FederatedProtocol:
         model = self.cfg.model
         initial = {}
         for i, name in enumerate(networks):
-            used = model_groups(name)
+            settings = self._fusion_settings()
+            if (hidden := network_variant(name).hidden) is not None:
+                settings["hidden"] = hidden
             set_seed(self._seed(fold, 2, i))
-            net = FusionNet(
-                {g: dims[g] for g in FUSION_GROUPS if g in used}, **self._fusion_settings()
-            )
+            net = FusionNet(network_dims(name, dims), **settings)
             initial[name] = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
         self.say(f"  fusion: {len(networks)} networks ({', '.join(networks)})")
         keep = None if rounds is None else {n: rounds[n] for n in networks}
@@ -1291,6 +1341,11 @@ def _chosen_rounds(folds: list[dict]) -> dict[str, list[dict]]:
         for name, curves in fold["fusion"].items():
             chosen.setdefault(name, []).append(curves)
     return chosen
+
+
+def _most_chosen(chosen: list[str], candidates: list[str]) -> str:
+    """The candidate the folds chose most often (ties: the earlier candidate)."""
+    return max(candidates, key=lambda c: (chosen.count(c), -candidates.index(c)))
 
 
 def _mean_importance(per_fold: list[dict]) -> dict:

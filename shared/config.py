@@ -451,8 +451,8 @@ class ModelSection(_Section):
     fusion_group_dropout: float = Field(0.3, ge=0, lt=1)
     deep_components: int = Field(8, ge=0)  # whitened PCA of the deep features; 0 = all, scaled
     # What picks each fusion network's round: the pooled weighted BCE of the inner-validation
-    # rows ("loss": exact sums) or their pooled AUC ("auc": from the sites' grouped
-    # validation-score histograms, as the study's fusion_monitor). docs/federated.md: why.
+    # rows ("loss": sums on the sites' score groups) or their pooled AUC ("auc": from the
+    # sites' grouped validation-score histograms). docs/federated.md: why.
     fusion_monitor: Literal["auc", "loss"] = "loss"
     # Models of several feature groups: "joint", one network on the concatenated groups; "late",
     # the mean logit of the single-group models (fedmets.shared.models.FusionMode).
@@ -460,6 +460,13 @@ class ModelSection(_Section):
     # Networks per model, each from its own initial weights and early-stopped on its own; the
     # model's score is their mean probability (an ensemble; 1 = one network).
     fusion_members: int = Field(1, ge=1, le=20)
+    # The main model's network, chosen per fold on the pooled inner-validation figure
+    # (fusion_monitor; training rows only) among every combination of: how many of the
+    # top-ranked selected radiomics columns it reads (0: none), and its hidden widths ([]: a
+    # logistic model). Either list empty: the run's setting (selection.top_k, fusion_hidden);
+    # both empty: no choice. The final model keeps the network chosen in most folds.
+    main_radiomics: list[Annotated[int, Field(ge=0)]] = Field([])
+    main_hidden: list[list[Annotated[int, Field(ge=1)]]] = Field([])
 
 
 class EvaluationSection(_Section):
@@ -524,6 +531,25 @@ class FederationConfig(_Section):
                 "held-out sites evaluate the final model: it needs stages.final_model = true "
                 "and dp.mode 'off' (no final model is trained under DP)",
                 "federation.held_out",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _main_candidates_fit(self) -> FederationConfig:
+        model = self.model
+        if not (model.main_radiomics or model.main_hidden):
+            return self
+        if self.dp.mode != "off" or model.fusion != "joint" or model.fusion_members != 1:
+            raise _rule_error(
+                "a choice of the main model's network needs dp.mode 'off' (under DP nothing is "
+                "chosen on validation), model.fusion 'joint' and model.fusion_members 1",
+                "model.main_radiomics",
+            )
+        if any(k > self.selection.top_k for k in model.main_radiomics):
+            raise _rule_error(
+                f"at most selection.top_k ({self.selection.top_k}) radiomics columns, got "
+                f"{model.main_radiomics}",
+                "model.main_radiomics",
             )
         return self
 

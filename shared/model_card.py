@@ -12,6 +12,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fedmets.shared.models import network_variant
+
+
+def _chosen_network(networks: list[str], main: str) -> str:
+    """How the main model's network differs from the others when it was chosen on inner
+    validation (a variant network, ``fedmets.shared.models.network_variant``), or ""."""
+    variant = next((n for n in networks if n.startswith(f"{main}#")), None)
+    if variant is None:
+        return ""
+    shape = network_variant(variant)
+    widths = list(shape.hidden) if shape.hidden is not None else "the run's"
+    return (
+        f", whose network (`{variant}`, chosen on the folds' inner validation) reads the top"
+        f" {shape.radiomics} selected radiomics features through hidden layers {widths}"
+    )
+
 
 def _number(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{float(value):.{digits}f}"
@@ -105,7 +121,8 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         "",
         f"Fully connected fusion networks ({manifest['fusion']['mode']} fusion, hidden"
         f" {manifest['fusion']['hidden']}), one per input-group subset; the main model is"
-        f" `{main}`. Threshold {_number(manifest['thresholds'][main])}: "
+        f" `{main}`{_chosen_network(manifest['fusion']['networks'], main)}."
+        f" Threshold {_number(manifest['thresholds'][main])}: "
         f"{manifest['threshold_rule']}. Rounds trained: "
         + ", ".join(f"{k} {v}" for k, v in sorted(manifest["rounds"].items()))
         + ".",

@@ -9,6 +9,7 @@ backbone and its groups (:func:`model_key`). The image classifiers are in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Literal
 
@@ -50,10 +51,66 @@ logits of its single-group models (decision-level fusion, nothing more trained).
 MEMBER_MARK = "~"
 """Separates a model key from an ensemble member's number: ``"none/radiomics~2"``."""
 
+VARIANT_MARK = "#"
+"""Separates a model key from a variant of its network (a candidate the protocol chooses
+among on inner validation, :func:`variant_name`): ``"none/radiomics+clinical#r12#h16-8"``."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A network's own architecture, where it differs from the run's: ``radiomics``, how many
+    of the top-ranked selected radiomics columns it reads (0: no radiomics group; None: all);
+    ``hidden``, its hidden widths (``()``: none, a logistic model; None: the run's)."""
+
+    radiomics: int | None = None
+    hidden: tuple[int, ...] | None = None
+
+
+def variant_name(model: str, radiomics: int, hidden: Sequence[int]) -> str:
+    """The network name of ``model`` reading its top ``radiomics`` selected columns through
+    hidden layers ``hidden``: ``"<model>#r<k>#h<w1>-<w2>"`` (``#h`` alone: no hidden layer)."""
+    widths = "-".join(str(int(w)) for w in hidden)
+    return f"{model}{VARIANT_MARK}r{int(radiomics)}{VARIANT_MARK}h{widths}"
+
+
+def network_variant(name: str) -> Variant:
+    """The :class:`Variant` a network name declares (ValueError for a malformed one)."""
+    radiomics, hidden = None, None
+    for part in name.split(MEMBER_MARK, 1)[0].split(VARIANT_MARK)[1:]:
+        widths = part[1:].split("-") if part[1:] else []
+        if part[:1] == "r" and part[1:].isdigit():
+            radiomics = int(part[1:])
+        elif part[:1] == "h" and all(w.isdigit() for w in widths):
+            hidden = tuple(int(w) for w in widths)
+        else:
+            raise ValueError(f"network {name!r}: {part!r} is not a variant (r<k> or h<widths>)")
+    return Variant(radiomics, hidden)
+
+
+def base_model(name: str) -> str:
+    """The model key a network name belongs to (without member number or variant)."""
+    return name.split(MEMBER_MARK, 1)[0].split(VARIANT_MARK, 1)[0]
+
 
 def model_groups(key: str) -> tuple[str, ...]:
-    """The feature groups of a model key or of one of its members' network names."""
-    return tuple(key.split(MEMBER_MARK, 1)[0].split("/", 1)[1].split("+"))
+    """The feature groups of a model key or of a network name (a member, a variant: ``#r0``
+    reads no radiomics)."""
+    groups = tuple(base_model(key).split("/", 1)[1].split("+"))
+    if network_variant(key).radiomics == 0:
+        groups = tuple(g for g in groups if g != "radiomics")
+    return groups
+
+
+def network_dims(name: str, dims: Mapping[str, int]) -> dict[str, int]:
+    """The input width of each group network ``name`` reads, in :data:`FUSION_GROUPS` order,
+    from the run's widths ``dims`` (its variant's radiomics width where it declares one)."""
+    used = model_groups(name)
+    radiomics = network_variant(name).radiomics
+    return {
+        g: (radiomics if g == "radiomics" and radiomics is not None else int(dims[g]))
+        for g in FUSION_GROUPS
+        if g in used
+    }
 
 
 def single_group_models(key: str) -> list[str]:
@@ -79,12 +136,13 @@ def combine_scores(
     network_scores: Mapping[str, np.ndarray], models: Sequence[str], fusion: FusionMode
 ) -> dict[str, np.ndarray]:
     """Each model's DM probabilities (n,) from its networks' (``fusion_networks`` names ->
-    (n,)): the mean probability of a model's members; with ``fusion="late"`` a model of several
+    (n,)): the mean probability of a model's members (a variant network counts for its
+    model, :func:`base_model`); with ``fusion="late"`` a model of several
     groups is the sigmoid of the mean logit of its single-group models (probabilities clipped to
     [1e-7, 1 - 1e-7] first, so that a saturated member stays finite)."""
     ensembles: dict[str, list[np.ndarray]] = {}
     for name, scores in network_scores.items():
-        ensembles.setdefault(name.split(MEMBER_MARK, 1)[0], []).append(np.asarray(scores))
+        ensembles.setdefault(base_model(name), []).append(np.asarray(scores))
     means = {k: np.mean(v, axis=0) for k, v in ensembles.items()}
     out = {}
     for key in models:

@@ -338,6 +338,11 @@ def test_crafted_training_requests_are_refused(site) -> None:
     refused(site, "train.fusion", "policy.lr", **{**base, "lr": 5.0})
     wide = {**base, **fusion_request(site, hidden=[1024])}
     refused(site, "train.fusion", "policy.network", **wide)
+    weights = base[wire.WEIGHTS_PREFIX + MAIN]  # a variant network declares its own widths
+    variant = {**base, wire.WEIGHTS_PREFIX + MAIN + "#r4#h1024": weights}
+    assert "#r4#h1024 hidden [1024]" in refused(site, "train.fusion", "policy.network", **variant)
+    malformed = {**base, wire.WEIGHTS_PREFIX + MAIN + "#x": weights}
+    refused(site, "train.fusion", "wire.declaration", **malformed)
     reply = ask(site, "train.fusion", **base)  # within the bounds: trained and sent
     assert reply["n"] >= FLOOR and wire.WEIGHTS_PREFIX + "none/radiomics+clinical" in reply
 

@@ -101,6 +101,43 @@ def test_the_bundle_scores_every_patient_as_the_run_did(tmp_path, fusion):
         assert pd.read_csv(tmp_path / f"{site}.csv").shape == predicted.shape
 
 
+def test_the_main_models_network_is_chosen_on_inner_validation_and_kept_in_the_bundle(tmp_path):
+    """``[model] main_radiomics`` x ``main_hidden``: per fold the main model's network is the
+    candidate with the lowest pooled inner-validation loss (its radiomics width and hidden
+    layers its own); the final model keeps the one chosen in most folds, and the bundle scores
+    with it as the run did."""
+    tomls = write_feature_sites(tmp_path / "sites", [70, 60, 50], seed=2, folds=2)
+    configs = {load_site_config(t).site_id: load_site_config(t) for t in tomls}
+    fed = FederationConfig.model_validate(
+        {
+            "run": {"name": "chosen", "seed": 3},
+            "cv": {"folds": 2},
+            "stages": {"fusion_rounds": 4, "fusion_local_epochs": 2},
+            "selection": {"top_k": 8, "rf_trees": 20},
+            "model": {"main_radiomics": [0, 4, 8], "main_hidden": [[], [8]]},
+        }
+    )
+    result, workers = _run(configs, fed, "chosen", tmp_path)
+    main = result["main_model"]
+    candidates = [f"{main}#r{k}#h{h}" for k in (0, 4, 8) for h in ("", "8")]
+    for fold in result["folds"]:
+        figures = fold["main_candidates"]
+        assert list(figures) == candidates and all(np.isfinite(list(figures.values())))
+        assert fold["main_network"] == min(candidates, key=lambda c: figures[c])
+        assert main not in fold["fusion"] and set(candidates) <= set(fold["fusion"])
+        width = int(fold["main_network"].split("#r")[1].split("#")[0])
+        radiomics = [b for b in fold["importance"]["blocks"] if b.startswith("radiomics:")]
+        assert len(radiomics) == width  # the chosen network's own inputs
+    chosen = [fold["main_network"] for fold in result["folds"]]
+    kept = [n for n in result["final"]["fusion"] if "#" in n]
+    assert len(kept) == 1 and chosen.count(kept[0]) == max(map(chosen.count, candidates))
+    assert load_bundle(tmp_path / "model").manifest["fusion"]["networks"].count(kept[0]) == 1
+    for site, cfg in configs.items():
+        predicted = predict_site(cfg, tmp_path / "model", tmp_path / f"{site}.csv")
+        in_run = _final_scores(workers[site], "chosen", main)
+        np.testing.assert_allclose(predicted[f"risk:{main}"], in_run, rtol=0, atol=1e-6)
+
+
 def _check_contributions(predicted: pd.DataFrame, fusion: str) -> None:
     """Each patient's blocks ranked by their contribution; under late fusion (the main model
     the mean logit of its single-group models) occluding the clinical block moves the main

@@ -292,6 +292,15 @@ INVALID = {
         "strategy.fraction_train: unknown key (allowed here: name, proximal_mu,"
         " server_learning_rate, secure_aggregation)",
     ),
+    "main network choice under late fusion": (
+        FEDERATION + '[model]\nfusion = "late"\nmain_radiomics = [0, 12]\n',
+        "model.main_radiomics: a choice of the main model's network needs dp.mode 'off' (under"
+        " DP nothing is chosen on validation), model.fusion 'joint' and model.fusion_members 1",
+    ),
+    "main network wider than the selection": (
+        FEDERATION + "[model]\nmain_radiomics = [0, 40]\n",
+        "model.main_radiomics: at most selection.top_k (36) radiomics columns, got [0, 40]",
+    ),
     "float for int": (FEDERATION + "[cv]\nfolds = 1.5\n", "cv.folds: must be an integer, got 1.5"),
     "table expected": (
         "selection = 3\n" + FEDERATION,

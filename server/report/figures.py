@@ -324,7 +324,9 @@ def training_figure(folds: list[dict], main: str | None, figures: Figures) -> st
     stages = []
     if any((fold.get("image") or {}).get("train_loss") for fold in folds):
         stages.append(("image model", [fold.get("image") or {} for fold in folds]))
-    fusion = [((fold.get("fusion") or {}).get(main) or {}) for fold in folds]
+    fusion = [
+        ((fold.get("fusion") or {}).get(fold.get("main_network", main)) or {}) for fold in folds
+    ]
     if any(f.get("train_loss") for f in fusion):
         stages.append((f"fusion: {main}", fusion))
     if not stages:

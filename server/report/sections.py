@@ -345,7 +345,7 @@ def training_html(metrics: dict, figures: Figures) -> str:
     for fold in folds:
         sel = fold.get("selection") or {}
         image = fold.get("image") or {}
-        fusion = (fold.get("fusion") or {}).get(main) or {}
+        fusion = (fold.get("fusion") or {}).get(fold.get("main_network", main)) or {}
         image_sites = [len(s) for s in image.get("sites") or []]
         fusion_sites = [len(s) for s in fusion.get("sites") or []]
         rows.append(
@@ -360,7 +360,12 @@ def training_html(metrics: dict, figures: Figures) -> str:
                 if image
                 else "no image stage",
                 _span(image_sites),
-                f"{num(fusion.get('best_round'))} / {len(fusion.get('train_loss') or [])}",
+                f"{num(fusion.get('best_round'))} / {len(fusion.get('train_loss') or [])}"
+                + (
+                    f" ({e(fold['main_network'].split('#', 1)[1])})"
+                    if "main_network" in fold
+                    else ""
+                ),
                 _span(fusion_sites),
                 num((fold.get("thresholds") or {}).get(main), 4),
             ]
@@ -371,7 +376,7 @@ def training_html(metrics: dict, figures: Figures) -> str:
         "pos_weight",
         "image best / rounds",
         "sites per image round",
-        "fusion best / rounds",
+        "fusion best / rounds (the main model's network, where chosen)",
         "sites per fusion round",
         "threshold",
     ]
