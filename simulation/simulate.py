@@ -272,7 +272,8 @@ LOGISTIC_WEIGHT_DECAY = 1e-2
 def logistic_config(fed: FederationConfig) -> FederationConfig:
     """The plain baseline of ``fed``: the same protocol, selection, harmonisation and clinical
     encoding, with a logistic regression (a fusion network without hidden layers, L2 by weight
-    decay, no dropout) for the fusion network and no image stage or final model."""
+    decay, no dropout, no choice of the main model's network) for the fusion network and no
+    image stage or final model."""
     data = fed.model_dump(mode="json")
     data["model"] |= {
         "fusion_hidden": [],
@@ -281,6 +282,8 @@ def logistic_config(fed: FederationConfig) -> FederationConfig:
         "fusion_members": 1,
         "fusion": "joint",
         "fusion_weight_decay": LOGISTIC_WEIGHT_DECAY,
+        "main_radiomics": [],
+        "main_hidden": [],
     }
     data["stages"] |= {"image": False, "final_model": False}
     data["strategy"]["secure_aggregation"] = False

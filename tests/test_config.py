@@ -9,12 +9,14 @@ from conftest import CliResult, run_fedmets
 
 from fedmets.shared.config import (
     ConfigError,
+    FederationConfig,
     SiteConfig,
     check_config_file,
     check_paths,
     load_federation_config,
     load_site_config,
 )
+from fedmets.simulation.simulate import logistic_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "site_configs").glob("*.toml"))
@@ -412,3 +414,13 @@ def test_cli_checks_paths_unless_schema_only(tmp_path: Path) -> None:
     path = write(tmp_path, SITE)
     assert run_cli(str(path)).returncode == 1
     assert run_cli("--schema-only", str(path)).returncode == 0
+
+
+def test_the_logistic_baseline_chooses_no_network() -> None:
+    """The plain baseline stays a logistic regression when the run chooses its main model's
+    network (``[model] main_radiomics``, ``main_hidden``)."""
+    fed = FederationConfig.model_validate(
+        {"run": {"name": "choice"}, "model": {"main_radiomics": [0, 12], "main_hidden": [[8]]}}
+    )
+    plain = logistic_config(fed).model
+    assert (plain.fusion_hidden, plain.main_radiomics, plain.main_hidden) == ([], [], [])
