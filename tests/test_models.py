@@ -18,13 +18,18 @@ from fedmets.shared.image_models import (
 from fedmets.shared.models import (
     FUSION_GROUPS,
     FusionNet,
+    Variant,
+    base_model,
     combine_scores,
     count_parameters,
     fusion_networks,
     group_subsets,
     model_groups,
+    network_dims,
+    network_variant,
     positive_class_weight,
     single_group_models,
+    variant_name,
 )
 from fedmets.shared.reproducibility import set_seed
 
@@ -314,6 +319,26 @@ def test_fusion_networks_for_ensembles_and_late_fusion() -> None:
     ]
     assert model_groups("swin3d/deep+clinical~1") == ("deep", "clinical")
     assert single_group_models("resnet3d/deep+radiomics") == ["resnet3d/deep", "none/radiomics"]
+
+
+def test_a_variant_network_is_named_for_its_architecture() -> None:
+    """A candidate of the main model's network: its name declares its radiomics width and
+    hidden layers, it counts for its model, and ``#r0`` drops the radiomics group."""
+    name = variant_name("swin3d/deep+radiomics+clinical", 12, [16, 8])
+    assert name == "swin3d/deep+radiomics+clinical#r12#h16-8"
+    assert network_variant(name) == Variant(radiomics=12, hidden=(16, 8))
+    assert network_variant("none/radiomics#r4#h") == Variant(4, ())
+    assert network_variant("none/radiomics~1") == Variant()
+    assert base_model(name) == "swin3d/deep+radiomics+clinical"
+    dims = {"deep": 8, "radiomics": 36, "clinical": 5}
+    assert network_dims(name, dims) == {"deep": 8, "radiomics": 12, "clinical": 5}
+    none = variant_name("none/radiomics+clinical", 0, [])
+    assert model_groups(none) == ("clinical",) and network_dims(none, dims) == {"clinical": 5}
+    scores = {none: np.full(3, 0.2), "none/clinical": np.full(3, 0.7)}
+    combined = combine_scores(scores, ["none/radiomics+clinical", "none/clinical"], "joint")
+    np.testing.assert_allclose(combined["none/radiomics+clinical"], 0.2)
+    with pytest.raises(ValueError, match="not a variant"):
+        network_variant("none/radiomics#q3")
 
 
 def test_combine_scores_averages_members_and_fuses_late() -> None:
