@@ -52,8 +52,6 @@ import numpy as np
 from fedmets.shared import wire
 from fedmets.shared.config import PolicySection
 from fedmets.shared.files import write_json
-from fedmets.shared.metrics import calibration_slope_intercept
-from fedmets.shared.models import network_variant
 
 TRAINING_ROUTES = ("train.image", "train.fusion")
 MODEL_OUTPUT_ROUTES = (
@@ -123,6 +121,8 @@ def check_request(route_name: str, request: Mapping[str, Any], policy: PolicySec
     for field, rule, allowed, wanted in bounds:
         if field in request and not allowed(request[field]):
             refuse(rule, f"{field} {request[field]!r} is outside this site's bound ({wanted})")
+    from fedmets.shared.models import network_variant  # torch: not for the CLI's imports
+
     networks = {"hidden": np.asarray(request.get("hidden", [])).reshape(-1)}
     for key in request:
         if key.startswith(wire.WEIGHTS_PREFIX):
@@ -305,6 +305,8 @@ class ScoreGroups:
     def calibration(self) -> tuple[float, float] | None:
         """Calibration slope and intercept (``calibration_slope_intercept``) fitted on the
         groups: each patient at its group's mean score. None with one class."""
+        from fedmets.shared.metrics import calibration_slope_intercept  # scikit-learn
+
         return calibration_slope_intercept(
             np.r_[np.ones(len(self.mean)), np.zeros(len(self.mean))],
             np.r_[self.mean, self.mean],
