@@ -48,8 +48,9 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-PROTOCOL_VERSION = 7
-"""Bumped whenever a route's request or reply changes; the census refuses other versions."""
+PROTOCOL_VERSION = 8
+"""Bumped whenever a route's request or reply changes (8: statistics on score groups, variant
+networks); the census refuses other versions."""
 
 
 class Kind(StrEnum):
