@@ -513,7 +513,8 @@ class FederatedProtocol:
             for name, chosen in _chosen_rounds(self.record.folds).items()
         }
         if self.candidates:
-            kept = _most_chosen([f["main_network"] for f in self.record.folds], self.candidates)
+            auc = self.cfg.model.fusion_monitor == "auc"
+            kept = _most_chosen(self.record.folds, self.candidates, higher_is_better=auc)
             networks = [n for n in networks if n not in self.candidates or n == kept]
             self.say(f"  main model's network: {kept} (chosen in most folds)")
         record, fitted = self.fit(wire.FINAL_FOLD, models, networks, images, rounds)
@@ -1343,9 +1344,20 @@ def _chosen_rounds(folds: list[dict]) -> dict[str, list[dict]]:
     return chosen
 
 
-def _most_chosen(chosen: list[str], candidates: list[str]) -> str:
-    """The candidate the folds chose most often (ties: the earlier candidate)."""
-    return max(candidates, key=lambda c: (chosen.count(c), -candidates.index(c)))
+def _most_chosen(folds: list[dict], candidates: list[str], higher_is_better: bool) -> str:
+    """The candidate the folds chose most often (``main_network``); ties go to the better mean
+    inner-validation figure over the folds (``main_candidates``), then to the earlier one."""
+    chosen = [fold["main_network"] for fold in folds]
+
+    def rank(candidate: str) -> tuple[int, float, int]:
+        mean = float(np.nanmean([fold["main_candidates"][candidate] for fold in folds]))
+        return (
+            chosen.count(candidate),
+            mean if higher_is_better else -mean,
+            -candidates.index(candidate),
+        )
+
+    return max(candidates, key=rank)
 
 
 def _mean_importance(per_fold: list[dict]) -> dict:

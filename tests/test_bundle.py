@@ -41,19 +41,26 @@ def _run(configs: dict, fed: FederationConfig, run: str, out) -> tuple[dict, dic
     return result, workers
 
 
-@pytest.mark.parametrize("fusion", ["joint", "late"])
-def test_the_bundle_scores_every_patient_as_the_run_did(tmp_path, fusion):
+def _three_sites(tmp_path, run: str, model: dict) -> tuple[dict, FederationConfig]:
+    """Three tabular sites (70, 60, 50 patients, 2 folds) and a short federation (2 folds, 4
+    fusion rounds, top 8 radiomics, a final model) with ``[model]`` settings ``model``."""
     tomls = write_feature_sites(tmp_path / "sites", [70, 60, 50], seed=2, folds=2)
     configs = {load_site_config(t).site_id: load_site_config(t) for t in tomls}
     fed = FederationConfig.model_validate(
         {
-            "run": {"name": "final", "seed": 3},
+            "run": {"name": run, "seed": 3},
             "cv": {"folds": 2},
             "stages": {"fusion_rounds": 4, "fusion_local_epochs": 2},
             "selection": {"top_k": 8, "rf_trees": 20},
-            "model": {"fusion_members": 2, "fusion": fusion},
+            "model": model,
         }
     )
+    return configs, fed
+
+
+@pytest.mark.parametrize("fusion", ["joint", "late"])
+def test_the_bundle_scores_every_patient_as_the_run_did(tmp_path, fusion):
+    configs, fed = _three_sites(tmp_path, "final", {"fusion_members": 2, "fusion": fusion})
     result, workers = _run(configs, fed, "final", tmp_path)
     final = result["final"]
     assert set(final["rounds"]) == set(final["fusion"])  # each network: its median round
@@ -106,17 +113,8 @@ def test_the_main_models_network_is_chosen_on_inner_validation_and_kept_in_the_b
     candidate with the lowest pooled inner-validation loss (its radiomics width and hidden
     layers its own); the final model keeps the one chosen in most folds, and the bundle scores
     with it as the run did."""
-    tomls = write_feature_sites(tmp_path / "sites", [70, 60, 50], seed=2, folds=2)
-    configs = {load_site_config(t).site_id: load_site_config(t) for t in tomls}
-    fed = FederationConfig.model_validate(
-        {
-            "run": {"name": "chosen", "seed": 3},
-            "cv": {"folds": 2},
-            "stages": {"fusion_rounds": 4, "fusion_local_epochs": 2},
-            "selection": {"top_k": 8, "rf_trees": 20},
-            "model": {"main_radiomics": [0, 4, 8], "main_hidden": [[], [8]]},
-        }
-    )
+    choice = {"main_radiomics": [0, 4, 8], "main_hidden": [[], [8]]}
+    configs, fed = _three_sites(tmp_path, "chosen", choice)
     result, workers = _run(configs, fed, "chosen", tmp_path)
     main = result["main_model"]
     candidates = [f"{main}#r{k}#h{h}" for k in (0, 4, 8) for h in ("", "8")]

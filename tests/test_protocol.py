@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from fedmets.client.policy import ScoreGroups
 from fedmets.client.site_worker import SiteWorker, assign_folds
-from fedmets.server.protocol import FederatedProtocol, ProtocolError
+from fedmets.server.protocol import FederatedProtocol, ProtocolError, _most_chosen
 from fedmets.shared import wire
 from fedmets.shared.clinical import encoded_columns
 from fedmets.shared.config import FederationConfig, load_site_config
@@ -329,6 +329,20 @@ def test_when_no_site_can_validate_the_log_says_why_and_the_last_round_is_kept(s
     rounds = [line for line in said if "fusion round 3/3" in line]
     assert rounds and "no validation loss: no site's inner-validation rows reached" in rounds[0]
     assert not any("nan" in line for line in said)
+
+
+def test_the_final_model_keeps_the_network_chosen_most_often() -> None:
+    """``[model] main_*``: the final model's network is the one the folds chose most often;
+    a tie goes to the better mean inner-validation figure over the folds."""
+
+    def fold(chosen: str, a: float, b: float) -> dict:
+        return {"main_network": chosen, "main_candidates": {"a": a, "b": b}}
+
+    twice = [fold("a", 1.0, 0.9), fold("b", 1.2, 0.8), fold("a", 0.7, 0.9)]
+    assert _most_chosen(twice, ["a", "b"], higher_is_better=False) == "a"
+    tie = [fold("a", 1.0, 0.9), fold("b", 1.2, 0.8)]  # mean loss: a 1.1, b 0.85
+    assert _most_chosen(tie, ["a", "b"], higher_is_better=False) == "b"
+    assert _most_chosen(tie, ["a", "b"], higher_is_better=True) == "a"  # as AUCs
 
 
 def test_same_seed_same_results(sites) -> None:
