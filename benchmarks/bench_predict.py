@@ -9,80 +9,28 @@ of the site's parameter file (what ``fedmets site extract`` does), and only the 
 bundle reads (what ``fedmets site predict --manifest`` does, ``extract_new_patients``); then the
 bundle scores them. Printed: seconds and patients per minute of each extraction, the speed-up,
 the scoring seconds, and the largest difference between the two ways' risks (they must agree).
-Then each stage of one patient's extraction timed in this process (``--stages`` patients, one
-thread): what every patient pays whatever the bundle reads (load, resampling, ring, crops), the
-radiomics of each way, and the speed-up that would remain with no fixed cost at all (no site
-check, no process pool).
+Then each extraction's mean seconds per patient and stage (its report's
+``mean_stage_seconds``): what every patient pays whatever the bundle reads (load, resampling,
+ring, crops), the radiomics of each way, and the speed-up that would remain with no fixed cost
+at all (no site check, no process pool).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from fedmets.client.extract import extract_site
-from fedmets.client.ingest import load_patient_images, read_manifest
-from fedmets.client.peritumoral import peritumoral_ring
 from fedmets.client.predict import extract_new_patients, new_patients_site, predict_site
-from fedmets.client.preprocess import prepare_patient, save_crop
-from fedmets.client.radiomics_features import (
-    REGIONS,
-    extractor_for,
-    params_file,
-    regions_features,
-    restricted_extractor,
-    use_one_thread,
-    wanted_features,
-)
+from fedmets.client.site_files import REPORT_FILE
 from fedmets.shared.bundle import load_bundle
-from fedmets.shared.config import SiteConfig, load_site_config
-
-
-def stage_seconds(cfg: SiteConfig, features: tuple[str, ...], patients: int, out: Path) -> dict:
-    """Mean seconds per patient of each extraction stage, in this process on one thread, over
-    the site's first ``patients`` patients: ``load``, ``resample`` (resampling, body and box),
-    ``ring``, ``crops`` (writing the image model's input), ``radiomics full`` and ``radiomics
-    bundle`` (only ``features``)."""
-    use_one_thread()
-    records = read_manifest(cfg)[0][:patients]
-    params = params_file(cfg.radiomics.params)
-    margin = cfg.radiomics.peritumoral_margin_mm
-    full, restricted = extractor_for(params), restricted_extractor(params, features)
-    regions = {name.split("_", 1)[0] for name in features}
-    seconds: dict[str, float] = {}
-
-    @contextmanager
-    def timed(stage: str) -> Iterator[None]:
-        tic = time.perf_counter()
-        yield
-        seconds[stage] = seconds.get(stage, 0.0) + (time.perf_counter() - tic) / len(records)
-
-    for record in records:
-        with timed("load"):
-            images = load_patient_images(record, cfg)
-        with timed("resample"):
-            prepared = prepare_patient(images.ct, images.tumour, cfg.preprocess, margin)
-        with timed("ring"):
-            air, bone = cfg.preprocess.air_threshold_hu, cfg.preprocess.bone_threshold_hu
-            ring = peritumoral_ring(prepared.ct, prepared.tumour, prepared.body, margin, air, bone)
-        with timed("crops"):
-            save_crop(out / "crop.npz", prepared, ring)
-        box = prepared.radiomics_box
-        ct = box.crop(prepared.ct)
-        masks = dict(zip(REGIONS, (box.crop(prepared.tumour), box.crop(ring)), strict=True))
-        with timed("radiomics full"):
-            regions_features(full, ct, masks, None)
-        with timed("radiomics bundle"):
-            needed = {region: mask for region, mask in masks.items() if region in regions}
-            regions_features(restricted, ct, needed, wanted_features(features))
-    return seconds
+from fedmets.shared.config import load_site_config
 
 
 def main() -> None:
@@ -90,7 +38,6 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--patients", type=int, default=20)
-    parser.add_argument("--stages", type=int, default=4, help="patients timed stage by stage")
     parser.add_argument("--out", type=Path, default=None)
     opts = parser.parse_args()
     out = Path(opts.out or tempfile.mkdtemp(prefix="bench-predict-"))
@@ -99,6 +46,7 @@ def main() -> None:
     bundle = load_bundle(opts.model)
     timings = {}
     risks = {}
+    stages = {}
     for way in ("full", "bundle"):
         folder = out / way
         folder.mkdir(parents=True, exist_ok=True)
@@ -113,6 +61,8 @@ def main() -> None:
         else:
             site = extract_new_patients(local, opts.model, listed)
         timings[way] = time.perf_counter() - tic
+        report = json.loads((site.paths.output / REPORT_FILE).read_text())
+        stages[way] = report["mean_stage_seconds"]
         tic = time.perf_counter()
         risks[way] = predict_site(site, opts.model)["risk"].to_numpy()
         timings[f"{way} scoring"] = time.perf_counter() - tic
@@ -129,13 +79,12 @@ def main() -> None:
     print(f"speed-up of the extraction: {timings['full'] / timings['bundle']:.1f}x")
     difference = float(np.max(np.abs(risks["full"] - risks["bundle"])))
     print(f"largest risk difference between the two: {difference:.2e}; in {out}")
-    names = tuple(bundle.manifest["radiomics_features"])
-    seconds = stage_seconds(cfg, names, opts.stages, out)
-    print(f"per patient, one thread, {opts.stages} patients (seconds):")
-    for stage, value in seconds.items():
-        print(f"  {stage:17s} {value:6.2f}")
-    shared = sum(v for k, v in seconds.items() if not k.startswith("radiomics"))
-    bound = (shared + seconds["radiomics full"]) / (shared + seconds["radiomics bundle"])
+    print("mean seconds per patient inside a worker, per stage (the extraction reports):")
+    print(f"  {'stage':12s} {'full':>6s} {'bundle':>6s}")
+    for stage in stages["full"]:
+        print(f"  {stage:12s} {stages['full'][stage]:6.2f} {stages['bundle'][stage]:6.2f}")
+    shared = sum(v for k, v in stages["bundle"].items() if k != "radiomics")
+    bound = (shared + stages["full"]["radiomics"]) / (shared + stages["bundle"]["radiomics"])
     print(f"speed-up with no fixed cost (every patient's shared stages only): {bound:.1f}x")
 
 

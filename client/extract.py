@@ -148,6 +148,7 @@ def extract_site(
     clinical: dict[str, pd.DataFrame] = {}
     failed: dict[str, dict[str, str]] = {}
     seconds: list[float] = []
+    stages: list[dict[str, float]] = []  # per extracted patient: seconds per stage
     peak_rss_mb = 0.0
     done = 0
     cached = 0
@@ -193,6 +194,7 @@ def extract_site(
         if "features" in result:
             features[patient_id] = result["features"]
             seconds.append(result["seconds"])
+            stages.append(result["stages"])
         else:
             failed[patient_id] = result["failure"]
         peak_rss_mb = max(peak_rss_mb, result.get("peak_rss_mb", 0.0))
@@ -234,6 +236,11 @@ def extract_site(
         "mean_seconds_per_extracted_patient": (
             round(sum(seconds) / len(seconds), 3) if seconds else None
         ),
+        "mean_stage_seconds": {
+            stage: round(sum(s[stage] for s in stages) / len(stages), 3) for stage in stages[0]
+        }
+        if stages
+        else None,
         "peak_worker_rss_mb": round(peak_rss_mb, 1) if tasks else None,
         "worker_restarts": restarts,
         "features_file": str(output / FEATURES_FILE),
@@ -288,6 +295,7 @@ def _extract_table(
         "seconds": round(elapsed, 3),
         "patients_per_minute": round(60 * n_usable / elapsed, 2),
         "mean_seconds_per_extracted_patient": None,
+        "mean_stage_seconds": None,
         "peak_worker_rss_mb": None,
         "worker_restarts": 0,
         "features_file": str(output / FEATURES_FILE),
@@ -351,16 +359,25 @@ def _content_digest(path: Path) -> str:
 
 def _extract_patient(task: _Task) -> dict:
     """Extract one patient and write its cache entry; never raises: a problem comes back as
-    ``{"failure": {...}}``, success as ``{"features": {...}, "seconds": s}``."""
+    ``{"failure": {...}}``, success as ``{"features": {...}, "seconds": s, "stages": {...}}``
+    (seconds of each stage: load, preprocess, ring, radiomics, cache: crops and entry)."""
     started = time.perf_counter()
     record, cfg = task.record, task.cfg
     margin = cfg.radiomics.peritumoral_margin_mm
-    stage = "load"
+    stage_seconds: dict[str, float] = {}
+    stage, tic = "load", started
+
+    def begin(next_stage: str) -> str:
+        nonlocal tic
+        stage_seconds[stage] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        return next_stage
+
     try:
         images = load_patient_images(record, cfg)
-        stage = "preprocess"
+        stage = begin("preprocess")
         prepared = prepare_patient(images.ct, images.tumour, cfg.preprocess, margin)
-        stage = "ring"
+        stage = begin("ring")
         ring = peritumoral_ring(
             prepared.ct,
             prepared.tumour,
@@ -378,17 +395,18 @@ def _extract_patient(task: _Task) -> dict:
             extractor = restricted_extractor(task.params, task.features)
             needed = {name.split("_", 1)[0] for name in task.features}
             masks = {region: mask for region, mask in masks.items() if region in needed}
-        stage = "radiomics"
+        stage = begin("radiomics")
         wanted = None if task.features is None else wanted_features(task.features)
         features = regions_features(extractor, ct, masks, wanted)
         if task.features is not None:  # a class computes features beside the wanted ones
             features = {name: features[name] for name in task.features}
-        stage = "cache"
+        stage = begin("cache")
         task.entry.mkdir(parents=True, exist_ok=True)
         save_crop(task.entry / CROP_FILE, prepared, ring)
         seconds = time.perf_counter() - started
         _write_entry(task, {"seconds": seconds, "features": features})
-        result: dict = {"features": features, "seconds": seconds}
+        begin("")
+        result: dict = {"features": features, "seconds": seconds, "stages": stage_seconds}
     except Exception as error:  # noqa: BLE001 - any failure is this patient's, never the run's
         failure = _failure(record, cfg, stage, error, task.entry)
         result = {"failure": failure | {"cached": False}}

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedmets.client.training import set_state
-from fedmets.shared.models import FUSION_GROUPS, FusionNet, network_dims, network_variant
+from fedmets.shared.models import FUSION_GROUPS, FusionNet, network_dims, network_hidden
 
 if TYPE_CHECKING:
     from fedmets.client.site_worker import SiteData
@@ -72,14 +72,10 @@ def load_networks(
     (top-ranked) of the radiomics columns only."""
     networks = {}
     for name, state in states.items():
-        variant = network_variant(name)
         widths = {g: groups[g].shape[1] for g in FUSION_GROUPS if g in groups}
-        hidden = variant.hidden
-        if hidden is None:
-            hidden = tuple(np.atleast_1d(settings["hidden"]).astype(int))
         net = FusionNet(
             network_dims(name, widths),
-            hidden=list(hidden),
+            hidden=network_hidden(name, np.atleast_1d(settings["hidden"])),
             dropout=float(settings["dropout"]),
             group_dropout=float(settings.get("group_dropout", 0.0)),
         )

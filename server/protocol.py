@@ -82,7 +82,7 @@ from fedmets.shared.models import (
     model_groups,
     model_key,
     network_dims,
-    network_variant,
+    network_hidden,
     variant_name,
 )
 from fedmets.shared.reproducibility import set_seed
@@ -1204,8 +1204,7 @@ class FederatedProtocol:
         initial = {}
         for i, name in enumerate(networks):
             settings = self._fusion_settings()
-            if (hidden := network_variant(name).hidden) is not None:
-                settings["hidden"] = hidden
+            settings["hidden"] = network_hidden(name, settings["hidden"])
             set_seed(self._seed(fold, 2, i))
             net = FusionNet(network_dims(name, dims), **settings)
             initial[name] = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}

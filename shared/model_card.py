@@ -12,20 +12,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedmets.shared.models import network_variant
+from fedmets.shared.models import network_hidden, network_variant
 
 
-def _chosen_network(networks: list[str], main: str) -> str:
+def _chosen_network(fusion: Mapping[str, Any], main: str) -> str:
     """How the main model's network differs from the others when it was chosen on inner
-    validation (a variant network, ``fedmets.shared.models.network_variant``), or ""."""
-    variant = next((n for n in networks if n.startswith(f"{main}#")), None)
+    validation (a variant network among the manifest's ``fusion`` networks,
+    ``fedmets.shared.models.network_variant``), or ""."""
+    variant = next((n for n in fusion["networks"] if n.startswith(f"{main}#")), None)
     if variant is None:
         return ""
-    shape = network_variant(variant)
-    widths = list(shape.hidden) if shape.hidden is not None else "the run's"
     return (
         f", whose network (`{variant}`, chosen on the folds' inner validation) reads the top"
-        f" {shape.radiomics} selected radiomics features through hidden layers {widths}"
+        f" {network_variant(variant).radiomics} selected radiomics features through hidden"
+        f" layers {network_hidden(variant, fusion['hidden'])}"
     )
 
 
@@ -121,7 +121,7 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         "",
         f"Fully connected fusion networks ({manifest['fusion']['mode']} fusion, hidden"
         f" {manifest['fusion']['hidden']}), one per input-group subset; the main model is"
-        f" `{main}`{_chosen_network(manifest['fusion']['networks'], main)}."
+        f" `{main}`{_chosen_network(manifest['fusion'], main)}."
         f" Threshold {_number(manifest['thresholds'][main])}: "
         f"{manifest['threshold_rule']}. Rounds trained: "
         + ", ".join(f"{k} {v}" for k, v in sorted(manifest["rounds"].items()))

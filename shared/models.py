@@ -87,6 +87,12 @@ def network_variant(name: str) -> Variant:
     return Variant(radiomics, hidden)
 
 
+def network_hidden(name: str, hidden: Sequence[int]) -> list[int]:
+    """The hidden widths of network ``name``: its variant's own, else the run's ``hidden``."""
+    own = network_variant(name).hidden
+    return [int(w) for w in (hidden if own is None else own)]
+
+
 def base_model(name: str) -> str:
     """The model key a network name belongs to (without member number or variant)."""
     return name.split(MEMBER_MARK, 1)[0].split(VARIANT_MARK, 1)[0]

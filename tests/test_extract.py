@@ -113,6 +113,12 @@ def test_cold_run_extracts_every_usable_patient_and_reports_the_bad_ones(site):
     assert report["features_per_region"] == {"tumour": 293, "ring": 293, "clinical": 28}
     assert report["worker_restarts"] == 0 and report["patients_per_minute"] > 0
     assert 0 < report["peak_worker_rss_mb"] < 2000
+    stages = report["mean_stage_seconds"]  # where a patient's time goes, stage by stage
+    assert list(stages) == ["load", "preprocess", "ring", "radiomics", "cache"]
+    assert min(stages.values()) > 0
+    assert sum(stages.values()) == pytest.approx(
+        report["mean_seconds_per_extracted_patient"], abs=0.01
+    )
 
 
 def test_feature_table_rows_columns_labels_and_clinical(site):

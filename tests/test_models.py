@@ -26,6 +26,7 @@ from fedmets.shared.models import (
     group_subsets,
     model_groups,
     network_dims,
+    network_hidden,
     network_variant,
     positive_class_weight,
     single_group_models,
@@ -330,6 +331,7 @@ def test_a_variant_network_is_named_for_its_architecture() -> None:
     assert network_variant("none/radiomics#r4#h") == Variant(4, ())
     assert network_variant("none/radiomics~1") == Variant()
     assert base_model(name) == "swin3d/deep+radiomics+clinical"
+    assert network_hidden(name, [32]) == [16, 8] and network_hidden("none/clinical", [32]) == [32]
     dims = {"deep": 8, "radiomics": 36, "clinical": 5}
     assert network_dims(name, dims) == {"deep": 8, "radiomics": 12, "clinical": 5}
     none = variant_name("none/radiomics+clinical", 0, [])
