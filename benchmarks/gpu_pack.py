@@ -1,11 +1,12 @@
-"""Pack what ``benchmarks/gpu_check.sh`` needs on a GPU machine: the wheels of the pure-Python
-packages that machine lacks (MONAI, pydantic and its core, built for its Python).
+"""Pack what ``benchmarks/gpu_check.sh`` needs on a GPU machine: the extracted demo cohort
+(``fedmets.simulation.packed_cohort``) and the wheels of the packages that machine lacks
+(MONAI, pydantic and its core, Flower and the cryptography it imports; built for its Python).
 
-    .venv/bin/python benchmarks/gpu_pack.py --out .gpu [--python-version 3.12]
+    .venv/bin/python benchmarks/gpu_pack.py --cohort data/demo --out .gpu [--hu-step 10]
 
-Writes ``OUT/wheels/*.whl`` (pip download from the package registry, the versions installed
-here) and prints their size: together with the working tree it must stay under the 64 MiB that
-travels.
+Writes ``OUT/cohort.zip`` and ``OUT/wheels/*.whl`` (pip download from the package registry,
+the versions installed here) and prints their sizes and the working tree's: together they must
+stay under the 64 MiB that travels.
 """
 
 from __future__ import annotations
@@ -16,25 +17,63 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-WHEELS = ("monai", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
+from fedmets.simulation.packed_cohort import pack_cohort
+
+WHEELS = (
+    "monai",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "flwr",
+    "cryptography",
+    "pycryptodome",
+    "iterators",
+)
+LIMIT_MIB = 64
+
+
+def tree_bytes() -> int:
+    """The size of the git working tree that travels (tracked and untracked, not ignored)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    return sum(Path(p.decode()).stat().st_size for p in listed if p and Path(p.decode()).is_file())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cohort", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path(".gpu"))
+    parser.add_argument("--hu-step", type=float, default=10.0)
     parser.add_argument("--python-version", default="3.12")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    packed = pack_cohort(args.cohort, args.out / "cohort.zip", args.hu_step)
+    print(
+        f"{args.out / 'cohort.zip'}: {packed['patients']} patients, {packed['mib']:.1f} MiB "
+        f"(CT in {packed['hu_step']:g} HU steps inside {packed['hu_window']} HU, rounding SD "
+        f"{packed['rounding_sd_hu']:.2f} HU)"
+    )
     wheels = args.out / "wheels"
     pins = [f"{name}=={version(name)}" for name in WHEELS]
-    platform = ["--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64"]
+    platforms = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
-        + ["--python-version", args.python_version, *platform, "-d", str(wheels), *pins],
+        + ["--python-version", args.python_version]
+        + [arg for platform in platforms for arg in ("--platform", platform)]
+        + ["-d", str(wheels), *pins],
         check=True,
     )
-    size = sum(p.stat().st_size for p in wheels.glob("*.whl"))
-    print(f"{wheels}: {', '.join(pins)}; {size / 2**20:.1f} MiB")
+    size = sum(p.stat().st_size for p in wheels.glob("*.whl")) / 2**20
+    print(f"{wheels}: {', '.join(pins)}; {size:.1f} MiB")
+    tree = tree_bytes() / 2**20
+    total = tree + size + packed["mib"]
+    print(f"working tree {tree:.1f} MiB; all that travels {total:.1f} of {LIMIT_MIB} MiB")
+    if total > LIMIT_MIB:
+        raise SystemExit(f"over the {LIMIT_MIB} MiB that travel: raise --hu-step")
 
 
 if __name__ == "__main__":

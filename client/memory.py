@@ -16,10 +16,10 @@ the same update as the whole batch up to rounding (``fedmets.client.training._fi
 gives the same values and costs about a third more compute. On the CPU nothing is measured:
 the whole batch is used.
 
-The budget is the site's ``[compute] gpu_memory_gib`` (or the study's ``--gpu-memory-gib``)
-when set, else what the device has free now. It bounds what PyTorch reserves on the device for
-the whole training (weights, AdamW state, the crops held there, activations); the CUDA
-context (about half a GiB) comes on top.
+The budget is the site's ``[compute] gpu_memory_gib`` when set, else what the device has free
+now; trainings run at once share it (``fedmets study --parallel-folds``). It bounds what
+PyTorch reserves on the device for the whole training (weights, AdamW state, the crops held
+there, activations); the CUDA context (about half a GiB) comes on top.
 """
 
 from __future__ import annotations

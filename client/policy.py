@@ -51,7 +51,7 @@ import numpy as np
 
 from fedmets.shared import wire
 from fedmets.shared.config import PolicySection
-from fedmets.shared.files import write_json
+from fedmets.shared.files import exclusive, write_json
 
 TRAINING_ROUTES = ("train.image", "train.fusion")
 MODEL_OUTPUT_ROUTES = (
@@ -158,10 +158,11 @@ def fold_seed(policy: PolicySection, site_seed: int, ids: np.ndarray, folder: Pa
         return int(np.random.SeedSequence([site_seed, 1]).generate_state(1)[0])
     cohort = hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()
     path = Path(folder) / "fold-seeds.json"
-    seeds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if cohort not in seeds:
-        seeds[cohort] = secrets.randbits(63)
-        write_json(path, seeds)
+    with exclusive(path):
+        seeds = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if cohort not in seeds:
+            seeds[cohort] = secrets.randbits(63)
+            write_json(path, seeds)
     return int(seeds[cohort])
 
 
@@ -213,7 +214,12 @@ class DifferencingGuard:
     def admit_together(self, sets: Sequence[np.ndarray], families: set[str]) -> str | None:
         """:meth:`admit` for the patient sets of one reply (sums over several groups): each
         against the earlier releases and against the reply's other sets; all recorded, or
-        none (a refused reply releases nothing, so it must not narrow later ones)."""
+        none (a refused reply releases nothing, so it must not narrow later ones). Processes
+        answering at once (folds run in parallel) take turns on the record."""
+        with exclusive(self.path):
+            return self._admit_together(sets, families)
+
+    def _admit_together(self, sets: Sequence[np.ndarray], families: set[str]) -> str | None:
         known = self._sets()
         pending: dict[str, list[str]] = {}
         for ids in sets:

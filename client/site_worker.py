@@ -263,6 +263,9 @@ class SiteWorker:
         key = self.configs[0].service.identity_key if len(self.configs) == 1 else None
         self.identity_key = load_private_key(key) if key else None
         self.require_approval = False  # a deployed site service sets it (fedmets.client.approval)
+        # Each image training's GPU memory budget in bytes when several share the device
+        # (fedmets.simulation.in_process.FoldPool); None: [compute] gpu_memory_gib.
+        self.gpu_memory_bytes: int | None = None
         self._harmonised: tuple[tuple, SiteData] | None = None  # (file and mtime, the view)
         self.handlers: dict[str, Callable[[dict], dict]] = {
             "query.census": self.census,
@@ -745,7 +748,9 @@ class SiteWorker:
             return self._released(request, rows, reply)
         from fedmets.client.memory import device_budget_bytes, plan_image_training
 
-        budget = device_budget_bytes(self.device, self.configs[0].compute.gpu_memory_gib)
+        budget = self.gpu_memory_bytes or device_budget_bytes(
+            self.device, self.configs[0].compute.gpu_memory_gib
+        )
         plan = plan_image_training(
             model, tuple(images.shape[1:]), int(request["batch"]), self.device, budget
         )

@@ -452,7 +452,7 @@ def study(
         "patient_id"
     ),
     preset: Annotated[
-        str, typer.Option(help="tiny | quickstart | demo | gpu (as fedmets simulate)")
+        str, typer.Option(help="tiny | quickstart | demo | paper | gpu (as fedmets simulate)")
     ] = "demo",
     config: Annotated[
         Path | None, typer.Option(help="A federation TOML instead of the preset.")
@@ -491,6 +491,14 @@ def study(
     workers: Annotated[
         int | None, typer.Option(min=1, help="Extraction processes (default: compute.workers).")
     ] = None,
+    parallel_folds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Folds trained at once, each in its own process with its share of the CPU"
+            " cores and the GPU memory ([dp] mode off only).",
+        ),
+    ] = 1,
 ) -> None:
     """Centralised cross-validated study (the paper's reference): the federated protocol over
     every patient pooled in one site (simulate's centralised baseline), once per backbone, with
@@ -535,9 +543,11 @@ def study(
         else:
             sites = table_site(table, label, id_column, out)
         if repeats > 1:
-            summary = run_repeated_study(sites, fed, out, repeats, chosen, device, say)
+            summary = run_repeated_study(
+                sites, fed, out, repeats, chosen, device, say, parallel_folds
+            )
         else:
-            result = run_study(sites, fed, out, chosen, 0, device, say)
+            result = run_study(sites, fed, out, chosen, 0, device, say, parallel_folds)
     except (ValueError, OSError, ConfigError) as error:
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         raise typer.Exit(1) from error
@@ -924,7 +934,7 @@ def site_explain(
 def simulate(
     cohort: Annotated[Path, typer.Option(help="Cohort folder with one <site>/site.toml per site.")],
     out: Annotated[Path, typer.Option(help="Run folder (created).")],
-    preset: Annotated[str, typer.Option(help="tiny | quickstart | demo | gpu")] = "demo",
+    preset: Annotated[str, typer.Option(help="tiny | quickstart | demo | paper | gpu")] = "demo",
     config: Annotated[
         Path | None, typer.Option(help="A federation TOML instead of the preset.")
     ] = None,

@@ -42,9 +42,10 @@ link of the centralised and local-only baselines) aggregates in clear, and says 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -122,6 +123,12 @@ class SiteLink(Protocol):
     # fedmets.server.secure_aggregation.SecureRound``; a link without the attribute cannot.
 
 
+FoldRunner = Callable[[Sequence[int]], dict[int, dict]]
+"""Runs the given cross-validation folds elsewhere, at once (each a protocol of the same config,
+run name and checkpoints folder calling :meth:`FederatedProtocol.run_folds`); returns what
+``run_folds`` returns for each."""
+
+
 @dataclass
 class RunRecord:
     """What the run did, for the report: census, folds, selection, training curves, thresholds,
@@ -160,11 +167,20 @@ class FederatedProtocol:
         log: Callable[[str], None] | None = None,
         checkpoints: Path | None = None,
         privacy_dir: Path | None = None,
+        fold_runner: FoldRunner | None = None,
     ) -> None:
         """``checkpoints``: a folder where every finished step (and every training round) is
         saved; a protocol given a folder that already holds some resumes after the last one.
         ``privacy_dir``: the server's privacy ledger under client-level DP (default: a fresh
-        temporary folder)."""
+        temporary folder). ``fold_runner``: runs the folds elsewhere, at once, into
+        ``checkpoints`` (:data:`FoldRunner`); this protocol then resumes each fold from them."""
+        if fold_runner is not None and checkpoints is None:
+            raise ValueError("a fold_runner needs a checkpoints folder to hand the folds over")
+        if fold_runner is not None and cfg.dp.mode != "off":
+            raise ValueError(
+                f"dp.mode {cfg.dp.mode!r}: folds run at once would each spend the budget on "
+                "their own ledger; run them in sequence"
+            )
         self.link = link
         self.cfg = cfg
         self.run = run
@@ -182,6 +198,7 @@ class FederatedProtocol:
         self.secure_rounds = 0
         self.held_out: list[str] = []  # [federation] held_out sites present at the census
         self.candidates: list[str] = []  # the main model's variant networks ([model] main_*)
+        self.fold_runner = fold_runner
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -274,10 +291,9 @@ class FederatedProtocol:
 
     # ---- the run -------------------------------------------------------------------------------
 
-    def run_all(self) -> dict:
-        """The whole protocol; returns the results (``models``: per model pooled, per-site
-        and per-subsite metrics) with the run record."""
-        started = time.perf_counter()
+    def _prepare(self) -> tuple[bool, str | None, list[str], list[str]]:
+        """The census, then what every fold trains: (images, backbone, models, networks); the
+        sites' folds drawn and the privacy plan made."""
         if self.cfg.strategy.secure_aggregation and not self.secure:
             self.say(
                 f"secure_aggregation: {type(self.link).__name__} cannot run SecAgg+; the "
@@ -309,13 +325,53 @@ class FederatedProtocol:
             self.say(f"main model {main}: its network chosen per fold among {self.candidates}")
         self.folds()
         self._plan_privacy(images, len(networks))
+        return images, backbone, models, networks
+
+    @contextlib.contextmanager
+    def _muted(self) -> Iterator[None]:
+        """No progress lines inside the block."""
+        say, self.say = self.say, lambda message: None
+        try:
+            yield
+        finally:
+            self.say = say
+
+    def run_folds(self, folds: Sequence[int]) -> dict[int, dict]:
+        """Only the cross-validation folds ``folds`` (after the census), each to the end of its
+        steps, saved in the checkpoints folder: a :data:`FoldRunner`'s work. Returns per fold
+        ``seconds`` and ``timing_s`` (seconds per stage)."""
+        with self._muted():  # the parent protocol has said it all
+            images, _, models, networks = self._prepare()
+        done = {}
+        for fold in folds:
+            self.record.timing_s = {}
+            tic = time.perf_counter()
+            self.run_fold(fold, models, networks, images)
+            done[fold] = {
+                "seconds": round(time.perf_counter() - tic, 1),
+                "timing_s": dict(self.record.timing_s),
+            }
+        return done
+
+    def run_all(self) -> dict:
+        """The whole protocol; returns the results (``models``: per model pooled, per-site
+        and per-subsite metrics) with the run record."""
+        started = time.perf_counter()
+        images, backbone, models, networks = self._prepare()
         thresholds = {m: np.full(self.cfg.cv.folds, np.nan) for m in models}
+        elsewhere = self.fold_runner(range(self.cfg.cv.folds)) if self.fold_runner else {}
+        for ran in elsewhere.values():
+            for stage, seconds in ran["timing_s"].items():
+                spent = self.record.timing_s.get(stage, 0.0) + seconds
+                self.record.timing_s[stage] = round(spent, 1)
         for fold in range(self.cfg.cv.folds):
             tic = time.perf_counter()
-            fold_record = self.run_fold(fold, models, networks, images)
+            with self._muted() if fold in elsewhere else contextlib.nullcontext():
+                fold_record = self.run_fold(fold, models, networks, images)  # resumed
             for m, t in fold_record["thresholds"].items():
                 thresholds[m][fold] = t
-            fold_record["seconds"] = round(time.perf_counter() - tic, 1)
+            here = round(time.perf_counter() - tic, 1)
+            fold_record["seconds"] = elsewhere[fold]["seconds"] if fold in elsewhere else here
             self.record.folds.append(fold_record)
         results = self.evaluate(thresholds)
         final = None

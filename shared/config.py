@@ -39,7 +39,7 @@ PATTERN_MEANINGS = {
 
 Modality = Literal["ct", "tumour_mask", "organ_mask", "clinical", "radiomics_table"]
 Backbone = Literal["swin3d", "resnet3d", "densenet3d"]  # fedmets.shared.models.BACKBONES
-ImagePreset = Literal["cpu-small", "gpu"]  # fedmets.shared.models.IMAGE_PRESETS
+ImagePreset = Literal["cpu-small", "paper", "gpu"]  # fedmets.shared.models.IMAGE_PRESETS
 IMAGE_MODALITIES = ("ct", "tumour_mask", "organ_mask")
 # RTSTRUCT ROI names taken as the primary tumour (matched ignoring case).
 DEFAULT_ROI_PATTERN = r"^(gtvp|gtv-?1|gtv_?primary|gtv)$"

@@ -19,18 +19,19 @@ restarts per message) and written atomically; nothing lives in memory only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedmets.shared.files import write_json
+from fedmets.shared.files import exclusive, write_json
 
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_VERSION = 1
@@ -184,17 +185,32 @@ class PrivacyLedger:
         self.who = who
         self.delta = float(delta)
         self.budget = None if budget is None else float(budget)
-        self.entries: list[dict[str, Any]] = []
-        if self.path.is_file():
-            stored = json.loads(self.path.read_text(encoding="utf-8"))
-            if stored.get("who") != who:
-                raise ValueError(f"{self.path} is the ledger of {stored.get('who')!r}, not {who!r}")
-            if not math.isclose(float(stored.get("delta", -1)), self.delta):
-                raise ValueError(
-                    f"{self.path} accounts at delta {stored.get('delta')}, not {self.delta}: "
-                    "keep one delta per ledger"
-                )
-            self.entries = list(stored.get("entries", []))
+        self.entries = self._read()
+
+    def _read(self) -> list[dict[str, Any]]:
+        """The entries stored in the file (none when there is none yet)."""
+        if not self.path.is_file():
+            return []
+        stored = json.loads(self.path.read_text(encoding="utf-8"))
+        if stored.get("who") != self.who:
+            raise ValueError(
+                f"{self.path} is the ledger of {stored.get('who')!r}, not {self.who!r}"
+            )
+        if not math.isclose(float(stored.get("delta", -1)), self.delta):
+            raise ValueError(
+                f"{self.path} accounts at delta {stored.get('delta')}, not {self.delta}: "
+                "keep one delta per ledger"
+            )
+        return list(stored.get("entries", []))
+
+    @contextlib.contextmanager
+    def _appending(self) -> Iterator[None]:
+        """Re-read the file, let the block append, save: processes recording at once (folds
+        run in parallel) take turns, and none overwrites another's entries."""
+        with exclusive(self.path):
+            self.entries = self._read()
+            yield
+            self.save()
 
     # ---- accounting ----------------------------------------------------------------------------
 
@@ -254,10 +270,10 @@ class PrivacyLedger:
             "steps": int(steps),
             "max_grad_norm": float(max_grad_norm),
         }
-        self.entries.append(entry)
-        entry["epsilon"] = self.epsilon()
-        entry["delta"] = self.delta
-        self.save()
+        with self._appending():
+            self.entries.append(entry)
+            entry["epsilon"] = self.epsilon()
+            entry["delta"] = self.delta
         return entry
 
     def record_uncovered(
@@ -273,25 +289,24 @@ class PrivacyLedger:
         """Append a release that differential privacy does NOT cover (``release``: what was
         sent, e.g. ``"query.moments[n,radiomics_sum]"``) and save. A repeat of the same
         release (run, stage, fold, release) increments that entry's ``times`` instead."""
-        for entry in reversed(self.entries):
-            same = (entry.get("run"), entry["stage"], entry.get("fold"), entry.get("release"))
-            if not entry["covered"] and same == (run, stage, fold, release):
-                entry["times"] = int(entry.get("times", 1)) + 1
-                entry["epsilon"] = self.epsilon()
-                self.save()
-                return entry
-        entry = {
-            **self._where(stage, fold, round, run, None),
-            "mechanism": NOT_COVERED,
-            "covered": False,
-            "release": release,
-            "patients": None if patients is None else int(patients),
-            "times": 1,
-            "epsilon": self.epsilon(),
-            "delta": self.delta,
-        }
-        self.entries.append(entry)
-        self.save()
+        with self._appending():
+            for entry in reversed(self.entries):
+                same = (entry.get("run"), entry["stage"], entry.get("fold"), entry.get("release"))
+                if not entry["covered"] and same == (run, stage, fold, release):
+                    entry["times"] = int(entry.get("times", 1)) + 1
+                    entry["epsilon"] = self.epsilon()
+                    return entry
+            entry = {
+                **self._where(stage, fold, round, run, None),
+                "mechanism": NOT_COVERED,
+                "covered": False,
+                "release": release,
+                "patients": None if patients is None else int(patients),
+                "times": 1,
+                "epsilon": self.epsilon(),
+                "delta": self.delta,
+            }
+            self.entries.append(entry)
         return entry
 
     @staticmethod

@@ -48,9 +48,9 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 """Bumped whenever a route's request or reply changes (8: statistics on score groups, variant
-networks); the census refuses other versions."""
+networks; 9: the ``paper`` image preset); the census refuses other versions."""
 
 
 class Kind(StrEnum):
@@ -169,7 +169,7 @@ def _lookup(fields: Mapping[str, Any], key: str) -> Any:
 
 C, A = Kind.COUNT, Kind.AGGREGATE
 BACKBONE_NAMES = frozenset({"swin3d", "resnet3d", "densenet3d"})  # shared.image_models.BACKBONES
-IMAGE_PRESET_NAMES = frozenset({"cpu-small", "gpu"})  # shared.image_models.IMAGE_PRESETS
+IMAGE_PRESET_NAMES = frozenset({"cpu-small", "paper", "gpu"})  # shared.image_models.IMAGE_PRESETS
 _VECTOR, _MATRIX = Param("vector"), Param("matrix")
 _RATE = Param("float", 0.0, 0.999)  # dropout rates
 _SEED = Param("int", 0, 2**63 - 1)

@@ -33,6 +33,7 @@ def run_repeated_study(
     backbones: Sequence[str] = ("swin3d",),
     device: str | None = None,
     log: Callable[[str], None] | None = None,
+    parallel_folds: int = 1,
 ) -> dict:
     """Run ``run_study`` for repeats ``0 .. repeats - 1`` into ``out/repeat-<k>/``; write and
     return the ``summarise_repeats`` summary (``out/repeats.json``)."""
@@ -43,7 +44,9 @@ def run_repeated_study(
     runs = []
     for repeat in range(repeats):
         say(f"repeat {repeat + 1}/{repeats}")
-        result = run_study(sites, fed, out / f"repeat-{repeat}", backbones, repeat, device, log)
+        result = run_study(
+            sites, fed, out / f"repeat-{repeat}", backbones, repeat, device, log, parallel_folds
+        )
         runs.append(result.metrics)
     summary = summarise_repeats(runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from fedmets.shared.config import (
 )
 from fedmets.shared.files import write_json, write_text
 from fedmets.simulation.holdout import held_out_validation, leave_one_site_out
-from fedmets.simulation.in_process import InProcessLink, run_in_process
+from fedmets.simulation.in_process import InProcessLink, drain_progress, run_in_process
 from fedmets.simulation.loopback import (
     flower_bin,
     flower_env,
@@ -80,6 +80,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The quickstart cohort (240 patients, 4 sites, 3 folds): the README's main job, the demo's
     # training on 3 folds.
     "quickstart": {**_DEMO, "cv": {"folds": 3}},
+    # The demo's networks on its native 64^3 crops, 24 image epochs (the epoch kept in 14 of
+    # the 15 folds of 40-epoch runs, docs/study.md): a GPU's study.
+    "paper": {
+        **_DEMO,
+        "stages": {**_DEMO["stages"], "image_rounds": 12},
+        "model": {**_DEMO["model"], "image_preset": "paper", "image_lr": 2e-4},
+    },
     # GPU sites: the published Swin UNETR encoder at 96^3, two sites per GPU.
     "gpu": {
         "stages": {"image_rounds": 20, "local_epochs": 3, "fusion_rounds": 30},
@@ -245,7 +252,7 @@ def run_baselines(
         pending = {pool.submit(_baseline, kind, tomls, data, out): kind for kind, tomls in tasks}
         while pending:
             done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-            _drain(progress, log)
+            drain_progress(progress, log)
             for job in done:
                 kind = pending.pop(job)
                 outcome = job.result()
@@ -260,7 +267,7 @@ def run_baselines(
                 else:
                     local[kind] = outcome
                     log(f"local-only baseline: {kind} done")
-    _drain(progress, log)
+    drain_progress(progress, log)
     return centralized, dict(sorted(local.items())), not_run, logistic
 
 
@@ -305,11 +312,6 @@ def _logistic_summary(logistic: dict[str, dict]) -> dict:
 def _patients(cfg: SiteConfig) -> int:
     """Rows of a site's feature table (its size, for ordering the baselines)."""
     return pq.ParquetFile(cfg.paths.output / FEATURES_FILE).metadata.num_rows
-
-
-def _drain(progress: Any, log: Callable[[str], None]) -> None:
-    while not progress.empty():
-        log(progress.get())
 
 
 _PROGRESS: Any = None

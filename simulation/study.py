@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from fedmets.client.memory import device_budget_bytes
 from fedmets.client.site_files import FEATURES_FILE
 from fedmets.client.site_worker import SiteNotReady, SiteWorker
 from fedmets.server.protocol import ProtocolError
@@ -68,7 +70,7 @@ from fedmets.shared.models import (
     model_key,
     single_group_models,
 )
-from fedmets.simulation.in_process import run_in_process
+from fedmets.simulation.in_process import FoldPool, run_in_process
 
 STATE_DIR = "state"
 """``OUT/state``: the pooled worker's run state (folds, deep features, held-out scores)."""
@@ -192,12 +194,15 @@ def run_study(
     repeat: int = 0,
     device: str | None = None,
     log: Callable[[str], None] | None = None,
+    parallel_folds: int = 1,
 ) -> StudyResult:
     """Run the cross-validated study of ``fed`` (the protocol's settings; its ``[run] seed``
     plus ``repeat`` seeds the training) on ``sites`` pooled, once per backbone of
     ``backbones`` (none for tabular sites or an empty list), and write metrics.json,
-    oof_predictions.csv and the figures into ``out``. ValueError names a site that cannot be
-    pooled or a protocol that cannot run."""
+    oof_predictions.csv and the figures into ``out``. ``parallel_folds`` > 1: that many folds
+    at once, of every backbone's run (``fedmets.simulation.in_process.FoldPool``; the runs side
+    by side, each with its own pooled worker). ValueError names a site that cannot
+    be pooled or a protocol that cannot run."""
     started = time.perf_counter()
     say = log or (lambda message: None)
     out = Path(out)
@@ -217,7 +222,8 @@ def run_study(
     thresholds: dict[str, list[float]] = {}
     protocol: dict[str, dict] = {}
     fold = np.full(len(y), -1)
-    for i, backbone in enumerate(backbones or [None]):
+
+    def protocol_run(backbone: str | None, run_worker: SiteWorker, pool: FoldPool | None) -> dict:
         settings = fed.model_dump(mode="json")
         settings["run"]["seed"] = fed.run.seed + repeat
         settings["stages"]["image"] = backbone is not None
@@ -225,12 +231,25 @@ def run_study(
             settings["model"]["backbone"] = backbone
         run = f"{fed.run.name}-{backbone or 'tabular'}"
         say(f"protocol run {run}: every patient in one site, {fed.cv.folds} folds")
+        run_log = log if pool is None else (lambda message: say(f"[{run}] {message.strip()}"))
         try:
-            result = run_in_process(
-                worker, FederationConfig.model_validate(settings), run, state, log
+            return run_in_process(
+                run_worker, FederationConfig.model_validate(settings), run, state, run_log, pool
             )
         except ProtocolError as error:
             raise ValueError(f"{run}: {error}") from error
+
+    runs = backbones or [None]
+    if parallel_folds > 1:  # every backbone's run at once, their folds in one pool
+        budget = device_budget_bytes(worker.device, configs[0].compute.gpu_memory_gib)
+        copies = [worker] + [SiteWorker(configs, state, state) for _ in runs[1:]]
+        with FoldPool(parallel_folds, budget, say) as pool, ThreadPoolExecutor(len(runs)) as side:
+            say(f"fold processes: {pool.describe()}")
+            finished = list(side.map(protocol_run, runs, copies, [pool] * len(runs)))
+    else:
+        finished = [protocol_run(backbone, worker, None) for backbone in runs]
+    for i, (backbone, result) in enumerate(zip(runs, finished, strict=True)):
+        run = result["run"]
         keys = [k for k in result["models"] if i == 0 or not k.startswith(NO_IMAGE)]
         fold, scores = worker.out_of_fold(run, keys, fed.cv.folds)
         for key in keys:

@@ -8,6 +8,7 @@ and shown to miss."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,14 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmets.client.policy import PolicyRefused, ScoreGroups
+from fedmets.client.policy import DifferencingGuard, PolicyRefused, ScoreGroups
 from fedmets.client.release import answer, site_audit_path
 from fedmets.client.site_worker import SiteWorker
 from fedmets.client.training import get_state
 from fedmets.shared import wire
 from fedmets.shared.clinical import encoded_columns
 from fedmets.shared.config import load_site_config
+from fedmets.shared.files import exclusive
 from fedmets.shared.metrics import logit
 from fedmets.shared.models import FusionNet
 from fedmets.simulation.feature_sites import feature_table
@@ -439,3 +441,58 @@ def test_a_pooled_baseline_keeps_each_secure_sites_folds(tmp_path) -> None:
     )
     ask(pooled, "query.folds", folds=5)
     assert np.array_equal(np.load(tmp_path / "pooled" / "attack" / "folds.npz")["fold"], own)
+
+
+# ---- requests at once --------------------------------------------------------------------------
+
+
+def _admit_many(folder: str, start: int, families: int, ready) -> None:
+    """In a child process: admit one set of patients for each of ``families`` statistics."""
+    guard = DifferencingGuard(Path(folder), FLOOR)
+    ready.wait()
+    for family in range(start, start + families):
+        assert guard.admit(np.arange(20), {f"stat{family}"}) is None
+
+
+def test_requests_at_once_leave_no_release_unrecorded(tmp_path) -> None:
+    """Folds run in parallel (or a centre sending requests at once) make processes of one site
+    admit releases together. Each read-check-write of the released sets holds the file's lock,
+    so none overwrites another's record: a release left out of it could later be differenced
+    against unchecked."""
+    fork = multiprocessing.get_context("fork")  # no re-import: quick
+    ready = fork.Barrier(2)  # both children at the start line before either records
+    children = [
+        fork.Process(target=_admit_many, args=(str(tmp_path), start, 40, ready))
+        for start in (0, 40)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    known = json.loads((tmp_path / "released-sets.json").read_text())
+    assert set(known) == {f"stat{family}" for family in range(80)}
+
+
+def _admit_twenty(folder: str, started) -> None:
+    """In a child process: exit 0 when patients 0-19 may be released on, 3 when refused."""
+    guard = DifferencingGuard(Path(folder), FLOOR)
+    started.set()
+    raise SystemExit(3 if guard.admit(np.arange(20), {"stat0"}) else 0)
+
+
+def test_a_release_waits_for_the_one_under_way(tmp_path) -> None:
+    """While one release holds the record, another one's check waits for it (and then sees it),
+    so two sets one patient apart cannot both pass the check at the same moment."""
+    guard = DifferencingGuard(tmp_path, FLOOR)
+    fork = multiprocessing.get_context("fork")  # no re-import: quick
+    started = fork.Event()
+    with exclusive(guard.path):  # a release under way: its check and record inside the lock
+        child = fork.Process(target=_admit_twenty, args=(str(tmp_path), started))
+        child.start()
+        assert started.wait(60)
+        child.join(1.0)
+        assert child.is_alive()  # its check waits for the lock
+        assert guard._admit_together([np.arange(19)], {"stat0"}) is None
+    child.join(60)
+    assert child.exitcode == 3  # then it saw that release: one patient apart, refused

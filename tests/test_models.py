@@ -80,7 +80,7 @@ def test_preset_parameter_budgets() -> None:
 
 
 def test_at_crop_size_keeps_the_networks_and_validates_the_side() -> None:
-    """The ``paper`` study preset's way to a 64^3 model: same widths and parameter count."""
+    """The ``paper`` image preset's way to a 64^3 model: same widths and parameter count."""
     small = IMAGE_PRESETS["cpu-small"]
     larger = at_crop_size(small, 64)
     for backbone, cfg in larger.items():
@@ -93,6 +93,7 @@ def test_at_crop_size_keeps_the_networks_and_validates_the_side() -> None:
     assert model(torch.zeros(1, 2, 64, 64, 64)).shape == (1,)
     with pytest.raises(ValidationError, match="multiple of 32"):
         at_crop_size(small, 48)
+    assert IMAGE_PRESETS["paper"] == larger  # the paper preset: these networks at 64^3
 
 
 def _all_models() -> list[nn.Module]:

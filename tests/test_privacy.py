@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -433,3 +434,28 @@ def test_uncovered_releases_and_the_report(tmp_path, monkeypatch):
     assert report["worst_site_epsilon"] == pytest.approx(reply["epsilon"])
     assert report["sites"]["hospital_b"]["not_covered"]
     assert "not_covered" in report["note"]
+
+
+def _record_many(folder: str, run: str, ready) -> None:
+    """In a child process: 40 uncovered releases of run ``run``, each of its own fold."""
+    ledger = PrivacyLedger(folder, "site_a", 1e-5)
+    ready.wait()
+    for fold in range(40):
+        ledger.record_uncovered(stage="moments", release="query.moments[n]", fold=fold, run=run)
+
+
+def test_releases_recorded_at_once_are_all_kept(tmp_path):
+    """Two processes of one site (folds run in parallel) record releases at the same time:
+    each record re-reads the ledger under its lock, so no entry is overwritten."""
+    fork = multiprocessing.get_context("fork")  # no re-import: quick
+    ready = fork.Barrier(2)  # both children at the start line before either records
+    children = [fork.Process(target=_record_many, args=(str(tmp_path), run, ready)) for run in "ab"]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    entries = PrivacyLedger(tmp_path, "site_a", 1e-5).entries
+    assert sorted((e["run"], e["fold"]) for e in entries) == [
+        (run, fold) for run in "ab" for fold in range(40)
+    ]

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from fedmets.cli import app
 from fedmets.shared.bundle import load_bundle
-from fedmets.shared.config import load_site_config
+from fedmets.shared.config import PreprocessSection, load_site_config
+from fedmets.shared.image_models import IMAGE_PRESETS
 from fedmets.shared.wire import REPLY_KINDS
 from fedmets.simulation.simulate import federation_config, simulation_resources
 from fedmets.simulation.synth import generate_cohort
@@ -181,6 +182,18 @@ def test_sites_get_the_gpu_share_asked_for() -> None:
     fed = federation_config("gpu", "gpu-run", 1)
     assert fed.simulation.gpus_per_site == 0.5
     assert federation_config("demo", "demo-run", 1).simulation.gpus_per_site == 0
+
+
+def test_the_paper_preset_reads_the_demo_crops_natively(tmp_path) -> None:
+    """``paper``: the demo's training with its networks on 64^3 inputs, the crop side sites
+    extract by default (the demo cohort's: nothing upsampled), for 24 image epochs."""
+    paper, demo = (federation_config(p, "run", 1) for p in ("paper", "demo"))
+    image = IMAGE_PRESETS[paper.model.image_preset][paper.model.backbone]
+    assert [image.crop_voxels] * 3 == PreprocessSection().crop_voxels == [64, 64, 64]
+    assert paper.stages.image_rounds * paper.stages.local_epochs == 24
+    assert paper.model_dump(exclude={"stages", "model"}) == demo.model_dump(
+        exclude={"stages", "model"}
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU machine")

@@ -218,6 +218,57 @@ def test_same_seed_same_metrics(tmp_path):
     assert other.metrics["models"] != runs[0]
 
 
+def test_folds_in_parallel_give_the_sequential_results(tmp_path):
+    """``parallel_folds``: every fold in its own process, handed over through checkpoints,
+    gives the metrics, thresholds and chosen rounds of the folds in sequence, and the fold
+    processes' own seconds."""
+    table = noise_table(tmp_path / "t.csv", n=120, p=40, signal=True)
+    runs = {}
+    for parallel in (1, 2):
+        out = tmp_path / f"p{parallel}"
+        sites = table_site(table, "label", "pid", out)
+        runs[parallel] = run_study(sites, tiny(5), out, [], parallel_folds=parallel).metrics
+    assert json.dumps(runs[2]["models"]) == json.dumps(runs[1]["models"])
+    folds = [runs[p]["protocol"]["tabular"]["folds"] for p in (1, 2)]
+    for sequential, parallel in zip(*folds, strict=True):
+        assert parallel["thresholds"] == sequential["thresholds"]
+        assert parallel["fusion"] == sequential["fusion"]
+        assert parallel["seconds"] > 0
+    assert set(runs[2]["protocol"]["tabular"]["timing_s"]) >= {"selection", "fusion", "total"}
+
+
+def test_folds_in_parallel_need_dp_off(tmp_path):
+    table = noise_table(tmp_path / "t.csv", n=120, p=40, signal=True)
+    sites = table_site(table, "label", "pid", tmp_path / "dp")
+    data = tiny(5).model_dump(mode="json")
+    data["dp"] |= {"mode": "sample", "epsilon": 8.0}
+    with pytest.raises(ValueError, match="dp.mode 'sample': folds run at once"):
+        run_study(
+            sites, FederationConfig.model_validate(data), tmp_path / "dp", [], parallel_folds=2
+        )
+
+
+@pytest.mark.slow
+def test_image_folds_in_parallel_give_the_sequential_image_models(cohort_run, tmp_path):
+    """Two backbones' runs side by side, their four folds in three fold processes: the same
+    kept image rounds and, up to the rounding of other thread counts, the same validation
+    losses and thresholds as in sequence."""
+    cohort, _, _ = cohort_run
+    fed = tiny(folds=2, stages=SHORT)
+    backbones = ["swin3d", "resnet3d"]
+    runs = [
+        run_study(cohort_sites(cohort), fed, tmp_path / f"p{p}", backbones, parallel_folds=p)
+        for p in (1, 3)
+    ]
+    assert runs[1].metrics["models"].keys() == runs[0].metrics["models"].keys()
+    for backbone in backbones:
+        sequential, parallel = (r.metrics["protocol"][backbone] for r in runs)
+        for one, other in zip(sequential["folds"], parallel["folds"], strict=True):
+            assert other["image"]["best_round"] == one["image"]["best_round"]
+            assert other["image"]["val_loss"] == pytest.approx(one["image"]["val_loss"], rel=1e-5)
+            assert other["thresholds"] == pytest.approx(one["thresholds"], abs=1e-5)
+
+
 def test_repeated_study_is_the_study_once_per_repeat(tmp_path):
     """``repeats = 3``: repeat k is exactly the study with ``repeat=k`` (folds from each site's
     seed + k, training seed + k), and the summary's AUCs, spreads, paired differences and counts
