@@ -1,6 +1,7 @@
 """Pack what ``benchmarks/gpu_check.sh`` needs on a GPU machine: the extracted demo cohort
 (``fedmets.simulation.packed_cohort``) and the wheels of the packages that machine lacks
-(MONAI, pydantic and its core, Flower and the cryptography it imports; built for its Python).
+(MONAI, pydantic and its core, Flower and the cryptography it imports, typer; built for its
+Python).
 
     .venv/bin/python benchmarks/gpu_pack.py --cohort data/demo --out .gpu [--hu-step 10]
 
@@ -29,6 +30,7 @@ WHEELS = (
     "cryptography",
     "pycryptodome",
     "iterators",
+    "typer",  # the fedmets CLI's, at the version it is tested with
 )
 LIMIT_MIB = 64
 
