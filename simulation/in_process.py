@@ -150,7 +150,7 @@ class FoldPool:
 
 
 def drain_progress(progress: Any, log: Callable[[str], None]) -> None:
-    """Pass the log lines waiting in a worker processes' ``progress`` queue to ``log``."""
+    """Pass the log lines waiting in the worker processes' ``progress`` queue to ``log``."""
     while not progress.empty():
         log(progress.get())
 

@@ -256,14 +256,12 @@ def test_folds_in_parallel_need_dp_off(tmp_path):
 def test_image_folds_in_parallel_give_the_sequential_image_models(cohort_run, tmp_path):
     """Two backbones' runs side by side, their four folds in three fold processes: the same
     kept image rounds and, up to the rounding of other thread counts, the same validation
-    losses and thresholds as in sequence."""
-    cohort, _, _ = cohort_run
+    losses and thresholds as the fixture's run of the same settings in sequence."""
+    cohort, _, in_sequence = cohort_run
     fed = tiny(folds=2, stages=SHORT)
     backbones = ["swin3d", "resnet3d"]
-    runs = [
-        run_study(cohort_sites(cohort), fed, tmp_path / f"p{p}", backbones, parallel_folds=p)
-        for p in (1, 3)
-    ]
+    at_once = run_study(cohort_sites(cohort), fed, tmp_path, backbones, parallel_folds=3)
+    runs = [in_sequence, at_once]
     assert runs[1].metrics["models"].keys() == runs[0].metrics["models"].keys()
     for backbone in backbones:
         sequential, parallel = (r.metrics["protocol"][backbone] for r in runs)
@@ -407,7 +405,7 @@ def test_crops_come_back_within_half_a_step_in_the_window(tiny_extracted, unpack
     low, high = HU_WINDOW
     for original, copy in zip(_configs(tiny_extracted), _configs(cohort), strict=True):
         data = load_site_data([original])
-        for patient in data.ids:
+        for patient in data.ids[:6]:
             before = np.load(crop_path(original, patient))
             after = np.load(crop_path(copy, patient))
             for key in ("tumour", "ring", "spacing_mm", "origin_mm"):
@@ -415,7 +413,7 @@ def test_crops_come_back_within_half_a_step_in_the_window(tiny_extracted, unpack
             clipped = np.clip(before["ct"], low, high)
             assert np.abs(after["ct"] - clipped).max() <= 5
         side = np.load(data.crops[0])["ct"].shape[0]
-        inputs = [load_crops(load_site_data([c]).crops, side, "ring") for c in (original, copy)]
+        inputs = [load_crops(load_site_data([c]).crops[:6], side, "ring") for c in (original, copy)]
         assert np.abs(inputs[0] - inputs[1]).max() <= 5 / (high - low) + 1e-6
 
 
