@@ -41,7 +41,9 @@ smi=$!
 
 cohort=$(mktemp -d)/cohort study=$(mktemp -d)/study
 python3 -c "from fedmets.simulation.packed_cohort import unpack_cohort as u; u('$PACKED', '$cohort')"
-timeout "$STUDY_S" python3 -m fedmets study --cohort "$cohort" --preset "$PRESET" --device "$DEVICE" \
+# One OpenMP/BLAS thread per process: the fold processes share the cores (torch's own threads
+# are shared out by --parallel-folds).
+OMP_NUM_THREADS=1 timeout "$STUDY_S" python3 -m fedmets study --cohort "$cohort" --preset "$PRESET" --device "$DEVICE" \
     --backbones swin3d,resnet3d,densenet3d --parallel-folds "$PARALLEL" --out "$study" \
     > "$OUT/study_log.txt" 2>&1
 echo "study exit $?" >> "$OUT/study_log.txt"
