@@ -242,10 +242,10 @@ def run_study(
     runs = backbones or [None]
     if parallel_folds > 1:  # every backbone's run at once, their folds in one pool
         budget = device_budget_bytes(worker.device, configs[0].compute.gpu_memory_gib)
-        copies = [worker] + [SiteWorker(configs, state, state) for _ in runs[1:]]
+        run_workers = [worker] + [SiteWorker(configs, state, state) for _ in runs[1:]]
         with FoldPool(parallel_folds, budget, say) as pool, ThreadPoolExecutor(len(runs)) as side:
             say(f"fold processes: {pool.describe()}")
-            finished = list(side.map(protocol_run, runs, copies, [pool] * len(runs)))
+            finished = list(side.map(protocol_run, runs, run_workers, [pool] * len(runs)))
     else:
         finished = [protocol_run(backbone, worker, None) for backbone in runs]
     for i, (backbone, result) in enumerate(zip(runs, finished, strict=True)):
