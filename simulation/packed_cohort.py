@@ -24,7 +24,7 @@ import pandas as pd
 
 from fedmets.client.crops import HU_WINDOW
 from fedmets.client.site_files import FEATURES_FILE, REPORT_FILE, crop_path
-from fedmets.shared.config import load_site_config
+from fedmets.shared.config import SiteConfig, load_site_config
 from fedmets.shared.files import write_arrays, write_atomically
 
 FORMAT = "fedmets-packed-cohort-2"
@@ -32,13 +32,11 @@ CROPS = "crops.npz"
 MANIFEST = "packed.json"
 
 
-def _site_files(cohort: Path) -> list[Path]:
-    """The files of ``cohort`` that travel as they are (relative paths)."""
-    files = [p.relative_to(cohort) for p in sorted(cohort.glob("*/site.toml"))]
-    if not files:
-        raise ValueError(f"no site configs (*/site.toml) under {cohort}")
-    for toml in list(files):
-        cfg = load_site_config(cohort / toml)
+def _site_files(cohort: Path, configs: list[SiteConfig]) -> list[Path]:
+    """The files of ``cohort`` (its sites ``configs``) that travel as they are (relative
+    paths)."""
+    files = [Path(cfg.source).resolve().relative_to(cohort.resolve()) for cfg in configs]
+    for cfg in configs:
         for name in (FEATURES_FILE, REPORT_FILE):
             path = cfg.paths.output / name
             if name == FEATURES_FILE and not path.is_file():
@@ -57,11 +55,13 @@ def pack_cohort(cohort: Path, path: Path, hu_step: float = 10.0) -> dict:
     low, high = HU_WINDOW
     if round((high - low) / hu_step) > 255:
         raise ValueError(f"{(high - low) / hu_step:.0f} CT levels do not fit uint8: widen hu_step")
-    files = _site_files(cohort)
+    configs = [load_site_config(toml) for toml in sorted(cohort.glob("*/site.toml"))]
+    if not configs:
+        raise ValueError(f"no site configs (*/site.toml) under {cohort}")
+    files = _site_files(cohort, configs)
     arrays: dict[str, list] = {k: [] for k in ("ct", "tumour", "ring", "spacing_mm", "origin_mm")}
     patients, sites = [], []
-    for toml in sorted(cohort.glob("*/site.toml")):
-        cfg = load_site_config(toml)
+    for cfg in configs:
         table = pd.read_parquet(cfg.paths.output / FEATURES_FILE, columns=["patient_id"])
         for patient in table["patient_id"].astype(str):
             with np.load(crop_path(cfg, patient)) as crop:
@@ -71,11 +71,12 @@ def pack_cohort(cohort: Path, path: Path, hu_step: float = 10.0) -> dict:
                     arrays[mask].append(np.packbits(crop[mask].astype(bool)))
                 arrays["spacing_mm"].append(crop["spacing_mm"])
                 arrays["origin_mm"].append(crop["origin_mm"])
-                shape = crop["ct"].shape
             patients.append(patient)
             sites.append(cfg.site_id)
-    if len({a.shape for a in arrays["ct"]}) > 1:
-        raise ValueError("the cohort's crops differ in shape; pack_cohort needs one crop size")
+    shapes = {a.shape for a in arrays["ct"]}
+    if len(shapes) != 1:
+        raise ValueError(f"the cohort's crops have shapes {shapes}; pack_cohort needs one size")
+    (shape,) = shapes
     buffer = io.BytesIO()
     np.savez(
         buffer,
