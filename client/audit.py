@@ -1,7 +1,8 @@
 """The site's audit log as a hash chain: ``<paths.output>/audit/wire-audit.jsonl``, one JSON
 object per line (what ``fedmets.client.release`` logs: every request, what left and what was
 refused), each carrying ``prev_sha256``, the SHA-256 of the previous line's bytes (the first
-line: 64 zeros). Editing, deleting, inserting or reordering a line breaks the chain at the line
+line: 64 zeros), appended under a file lock (processes of one site may log at once: folds run
+in parallel). Editing, deleting, inserting or reordering a line breaks the chain at the line
 after it; :func:`verify` names the first broken line (``fedmets site audit verify``), and
 :func:`summarise` counts what left per run and route (``fedmets site audit show``). The last
 line has no successor: keep the head hash that ``verify`` prints somewhere else to pin it.
@@ -16,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedmets.shared.files import exclusive
 
 GENESIS = "0" * 64
 """``prev_sha256`` of a log's first line."""
@@ -40,9 +43,9 @@ def _last_line(handle: Any, size: int) -> bytes:
 
 
 def append_entry(path: Path, entry: Mapping[str, Any]) -> None:
-    """Append ``entry`` to the log at ``path`` with the previous line's hash (one write)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+b") as log:
+    """Append ``entry`` to the log at ``path`` with the previous line's hash (one write, under
+    the log's lock: processes of one site that log at once keep the chain)."""
+    with exclusive(path), path.open("a+b") as log:
         size = log.seek(0, os.SEEK_END)
         previous = hashlib.sha256(_last_line(log, size)).hexdigest() if size else GENESIS
         log.write(json.dumps({**entry, "prev_sha256": previous}).encode() + b"\n")

@@ -5,6 +5,7 @@ left per run and route."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,32 @@ def test_a_line_longer_than_the_read_back_chunk_is_chained(tmp_path) -> None:
     append_entry(path, {"route": "a" * 5000})  # longer than one read-back chunk
     append_entry(path, {"route": "b"})
     assert verify(path).broken is None
+
+
+def _append_many(path: str, writer: str, ready) -> None:
+    """In a child process: 200 entries of ``writer`` appended to the log at ``path``."""
+    ready.wait()
+    for k in range(200):
+        append_entry(Path(path), {"route": "query.moments", "writer": writer, "k": k})
+
+
+def test_lines_written_at_once_stay_chained(tmp_path) -> None:
+    """Two processes of one site (folds run in parallel) log their requests at the same time:
+    each reads the last line and appends under the log's lock, so the chain holds and no line
+    is lost."""
+    path = tmp_path / "audit.jsonl"
+    fork = multiprocessing.get_context("fork")  # no re-import: quick
+    ready = fork.Barrier(2)
+    children = [
+        fork.Process(target=_append_many, args=(str(path), writer, ready)) for writer in "ab"
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    check = verify(path)
+    assert (check.lines, check.broken) == (400, None)
 
 
 def test_show_counts_what_left_per_run_and_route(site) -> None:
