@@ -3,10 +3,13 @@
 and a SuperNode whose ClientApp relays each message to it).
 
     .venv/bin/python benchmarks/bench_deployment.py [--sites 3] [--patients 60] [--out DIR]
-                                                     [--secure-aggregation]
+                                                     [--secure-aggregation] [--folds 2]
+                                                     [--parallel-folds N]
 
 The same tiny tabular federation (``fedmets.simulation.feature_sites``; 2 folds, 2 fusion rounds)
-runs both ways (``--secure-aggregation``: its training rounds through SecAgg+, both ways). Printed
+runs both ways (``--secure-aggregation``: its training rounds through SecAgg+, both ways;
+``--parallel-folds N``: the deployment runs a second time with N folds at once, their requests
+in batch messages, ``[federation] parallel_folds``, which each site answers N at once). Printed
 per way: wall time of the run, message rounds (one ``ask`` of the protocol, from the ServerApp's
 ``received.jsonl``), wall time per message round, bytes each site sends per message round (mean
 of the replies' field sizes), and the deployment's extra cost per message round over the
@@ -35,14 +38,20 @@ from fedmets.simulation.loopback import LoopbackFederation
 from fedmets.simulation.simulate import run_flower_simulation
 
 
-def federation_toml(path: Path, secure_aggregation: bool = False) -> Path:
+def federation_toml(
+    path: Path, secure_aggregation: bool = False, folds: int = 2, parallel_folds: int = 1
+) -> Path:
     cfg = FederationConfig.model_validate(
         {
             "run": {"name": "bench-deploy", "seed": 1},
-            "cv": {"folds": 2},
+            "cv": {"folds": folds},
             "stages": {"fusion_rounds": 2, "fusion_local_epochs": 2},
             "selection": {"top_k": 10, "rf_trees": 20},
-            "federation": {"min_sites": 2, "round_timeout_s": 120},
+            "federation": {
+                "min_sites": 2,
+                "round_timeout_s": 120,
+                "parallel_folds": parallel_folds,
+            },
             "strategy": {"secure_aggregation": secure_aggregation},
         }
     )
@@ -90,10 +99,24 @@ def main() -> None:
         action="store_true",
         help="training rounds through SecAgg+ (4 Flower message rounds each)",
     )
+    args.add_argument("--folds", type=int, default=2)
+    args.add_argument(
+        "--parallel-folds",
+        type=int,
+        default=1,
+        help="also deploy with this many folds at once (their requests in batch messages)",
+    )
     opts = args.parse_args()
     root = opts.out or Path(tempfile.mkdtemp(prefix="fedmets-deploy-"))
-    tomls = write_feature_sites(root / "sites", [opts.patients] * opts.sites, seed=3, folds=2)
-    fed = federation_toml(root / "federation.toml", opts.secure_aggregation)
+    tomls = write_feature_sites(
+        root / "sites", [opts.patients] * opts.sites, seed=3, folds=opts.folds
+    )
+    for toml in tomls:  # each site answers a batch's items that many at once (lanes)
+        text = toml.read_text().replace(
+            "[compute]\n", f"[compute]\nparallel_folds = {opts.parallel_folds}\n"
+        )
+        toml.write_text(text)
+    fed = federation_toml(root / "federation.toml", opts.secure_aggregation, opts.folds)
     results = {}
 
     tic = time.perf_counter()
@@ -107,11 +130,18 @@ def main() -> None:
         for site in sites:
             federation.register(site)
             federation.start_supernode(site)
-        tic = time.perf_counter()
-        run = federation.run(fed, root / "deployment" / "out")
-        if run.wait(timeout=3600) != 0:
-            raise SystemExit(f"deployment run failed: see {root / 'deployment' / 'logs'}")
-        results["deployment"] = figures(root / "deployment" / "out", time.perf_counter() - tic)
+        ways = {"deployment": fed}
+        if opts.parallel_folds > 1:
+            ways[f"{opts.parallel_folds} at once"] = federation_toml(
+                root / "federation-at-once.toml", False, opts.folds, opts.parallel_folds
+            )
+        for way, toml in ways.items():
+            out = root / "deployment" / way.replace(" ", "-")
+            tic = time.perf_counter()
+            run = federation.run(toml, out)
+            if run.wait(timeout=3600) != 0:
+                raise SystemExit(f"deployment run failed: see {root / 'deployment' / 'logs'}")
+            results[way] = figures(out, time.perf_counter() - tic)
 
     print(f"{os.cpu_count()} CPUs; {opts.sites} sites x {opts.patients} patients; in {root}")
     print(f"{'':12s} {'wall s':>8s} {'rounds':>7s} {'s/round':>8s} {'kB/site/round':>14s}")

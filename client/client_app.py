@@ -66,6 +66,12 @@ def _serve(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
+@app.query(wire.BATCH_MESSAGE_TYPE.split(".", 1)[1])
+def _serve_batch(msg: Message, context: Context) -> Message:
+    """The requests of folds run at once, in one message (``fedmets.shared.wire.to_batch``)."""
+    return Message(site_service(context).answer_batch(msg.content), reply_to=msg)
+
+
 for _name in wire.ROUTES:
     _kind, _action = _name.split(".", 1)
     register = app.train if _kind == "train" else app.query

@@ -8,6 +8,8 @@ as ``np.save`` bytes, never pickles), and gets one back:
 
 - ``Answer`` (the route name in the call's metadata): a request of ``fedmets.shared.wire`` ->
   the site gate's reply;
+- ``Batch`` (metadata: its items' routes and counts): the requests of folds run at once
+  (``fedmets.shared.wire.to_batch``) -> each item's gated reply or refusal;
 - ``Secure``: SecAgg+'s masking stage (a legacy ``FitIns`` record) -> the gated ``FitRes``
   record whose vector the relay's SecAgg+ mod masks;
 - ``KeyExchange`` (the SecAgg+ stage in the metadata): a key-exchange reply's config record,
@@ -21,6 +23,7 @@ a deployed SuperNode runs the relay in a fresh process for every message.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -29,9 +32,10 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 
 SERVICE = "fedmets.SiteService"
-METHODS = ("Answer", "Secure", "KeyExchange", "Hello")
+METHODS = ("Answer", "Batch", "Secure", "KeyExchange", "Hello")
 ROUTE_KEY = "fedmets-route"
-"""Call metadata: the wire route (``Answer``) or the SecAgg+ stage (``KeyExchange``)."""
+"""Call metadata: the wire route (``Answer``), the batch's routes (``Batch``) or the SecAgg+
+stage (``KeyExchange``)."""
 APP_KEY = "fedmets-app"
 """Call metadata: the digest of the app bundle the relay runs from
 (``fedmets.client.app_digest``; "" from a source checkout)."""
@@ -90,6 +94,12 @@ class ServiceClient:
     def answer(self, route_name: str, request: RecordDict) -> RecordDict:
         """The site's gated reply to ``request`` on ``route_name``."""
         return self._call("Answer", request, route_name)
+
+    def answer_batch(self, batch: RecordDict) -> RecordDict:
+        """The site's gated replies to the items of ``batch`` (``wire.to_batch``)."""
+        routes = Counter(batch.config_records["batch"]["routes"])
+        described = ", ".join(f"{route} x{count}" for route, count in sorted(routes.items()))
+        return self._call("Batch", batch, f"of {sum(routes.values())}: {described}")
 
     def secure(self, fitins: RecordDict) -> RecordDict:
         """The site's gated reply to SecAgg+'s masking stage, as a FitRes record."""

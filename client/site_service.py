@@ -28,6 +28,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.compat.common import recorddict_compat
 
 from fedmets.client.approval import approval_required
+from fedmets.client.memory import device_budget_bytes
 from fedmets.client.policy import PolicyRefused
 from fedmets.client.release import ReleaseRefused, answer, log_key_exchange
 from fedmets.client.service_channel import (
@@ -42,6 +43,7 @@ from fedmets.client.service_channel import (
     target,
 )
 from fedmets.client.site_files import FEATURES_FILE
+from fedmets.client.site_lanes import SiteLanes
 from fedmets.client.site_worker import SiteWorker
 from fedmets.shared import wire
 from fedmets.shared.config import load_site_config
@@ -54,7 +56,8 @@ MAX_SOCKET_PATH = 107
 
 class SiteService:
     """A site's worker and gate, loaded once and reloaded when the site config or its feature
-    table change on disk (a re-extraction). One request at a time."""
+    table change on disk (a re-extraction). One message at a time; a batch's items up to
+    ``[compute] parallel_folds`` at once (:meth:`answer_batch`)."""
 
     def __init__(self, config_path: Path, served: bool = False) -> None:
         """``served``: a deployed service (``fedmets site serve``), where runs need the
@@ -65,6 +68,8 @@ class SiteService:
         self._worker: SiteWorker | None = None
         self._stamp: tuple[float, float] | None = None
         self.lock = threading.Lock()
+        self.gpu_memory_bytes: int | None = None  # a lane's share (fedmets.client.site_lanes)
+        self._lanes: SiteLanes | None = None
 
     @property
     def worker(self) -> SiteWorker:
@@ -78,6 +83,7 @@ class SiteService:
             self.cfg = load_site_config(self.config_path)
             self._worker, self._stamp = SiteWorker([self.cfg]), stamp
             self._worker.require_approval = approval_required(self.cfg, self.served)
+            self._worker.gpu_memory_bytes = self.gpu_memory_bytes
         return self._worker
 
     def answer(self, route_name: str, request: RecordDict, app: str | None = None) -> RecordDict:
@@ -86,6 +92,52 @@ class SiteService:
         with self.lock:
             reply = answer(self.worker, route_name, wire.from_records(request), app=app)
         return wire.to_records(route_name, reply, reply=True)
+
+    def answer_item(
+        self, route_name: str, request: dict[str, Any], app: str | None = None
+    ) -> dict[str, Any] | str:
+        """The gated reply to one item of a batch, or the text of its refusal or failure (what
+        a single request's error would carry)."""
+        try:
+            return answer(self.worker, route_name, request, app=app)
+        except REFUSALS as refusal:
+            return f"refused: {refusal}"
+        except Exception as error:  # noqa: BLE001 - the centre hears it, as for one request
+            return f"failed: {type(error).__name__}: {error}"
+
+    def answer_batch(self, batch: RecordDict, app: str | None = None) -> RecordDict:
+        """The replies to a batch's items (``fedmets.shared.wire.to_batch``), each gated as
+        if it had come alone, up to the site's ``[compute] parallel_folds`` at once (each in
+        a lane process, ``fedmets.client.site_lanes``)."""
+        items = wire.from_batch(batch)
+        requests = [(route, request) for route, request in items if isinstance(request, dict)]
+        if len(requests) < len(items):
+            raise wire.WireError("a batch request holds a refusal")
+        with self.lock:
+            if min(self.worker.configs[0].compute.parallel_folds, len(requests)) > 1:
+                answers = self._site_lanes().answer(requests, app)
+            else:
+                answers = [self.answer_item(route, request, app) for route, request in requests]
+        return wire.to_batch(
+            [(route, reply) for (route, _), reply in zip(requests, answers, strict=True)],
+            reply=True,
+        )
+
+    def _site_lanes(self) -> SiteLanes:
+        """The lane processes, started on the first batch (again when the cap changed or a
+        lane died)."""
+        lanes = self.cfg.compute.parallel_folds
+        if self._lanes is None or self._lanes.lanes != lanes or self._lanes.broken:
+            self.close()
+            budget = device_budget_bytes(self.worker.device, self.cfg.compute.gpu_memory_gib)
+            self._lanes = SiteLanes(self.config_path, self.served, lanes, budget)
+        return self._lanes
+
+    def close(self) -> None:
+        """Stop the lane processes, if any."""
+        if self._lanes is not None:
+            self._lanes.close()
+            self._lanes = None
 
     def secure(self, fitins: RecordDict, app: str | None = None) -> RecordDict:
         """SecAgg+'s masking stage: the training route named in the request (a legacy FitIns
@@ -121,6 +173,8 @@ def _handlers(service: SiteService, say: Callable[[str], None]) -> grpc.GenericR
                 records = decode(data)
                 if name == "Answer":
                     reply = service.answer(route, records, app)
+                elif name == "Batch":
+                    reply = service.answer_batch(records, app)
                 elif name == "Secure":
                     reply = service.secure(records, app)
                 elif name == "KeyExchange":
@@ -199,5 +253,6 @@ def serve(config_path: Path, say: Callable[[str], None] = print) -> None:
         signal.signal(sig, lambda *_: stopped.set())
     stopped.wait()
     server.stop(grace=10).wait()
+    service.close()
     socket.unlink(missing_ok=True)
     say(f"{service.cfg.site_id}: stopped")

@@ -77,7 +77,7 @@ from fedmets.shared import wire
 from fedmets.shared.bundle import BUNDLE_FORMAT, bundle_digest, save_bundle
 from fedmets.shared.clinical import decode_subsite, encoded_columns
 from fedmets.shared.config import SiteConfig
-from fedmets.shared.files import write_array, write_arrays
+from fedmets.shared.files import exclusive, write_array, write_arrays
 from fedmets.shared.harmonisation import (
     BatchAdjustment,
     covariate_design,
@@ -659,7 +659,8 @@ class SiteWorker:
     # ---- image model ---------------------------------------------------------------------------
 
     def _images(self, request: Mapping[str, Any]) -> np.ndarray:
-        """Model inputs (n, C, S, S, S) float32, cached on disk per input setting."""
+        """Model inputs (n, C, S, S, S) float32, cached on disk per input setting (made by the
+        first of a site's processes to need them; the others wait for it)."""
         if self.data.crops is None:
             raise SiteNotReady(f"{self.site_id}: a tabular site has no images")
         cfg = image_config(request)
@@ -667,11 +668,12 @@ class SiteWorker:
             [cfg.crop_voxels, str(request["mask_channel"]), [str(p) for p in self.data.crops]]
         )
         path = self.state_root / f"inputs-{key[:16]}.npy"
-        if not path.is_file():
-            from fedmets.client.crops import load_crops
+        with exclusive(path):
+            if not path.is_file():
+                from fedmets.client.crops import load_crops
 
-            images = load_crops(self.data.crops, cfg.crop_voxels, request["mask_channel"])
-            write_array(path, images)
+                images = load_crops(self.data.crops, cfg.crop_voxels, request["mask_channel"])
+                write_array(path, images)
         return np.load(path)
 
     def _image_model(self, request: Mapping[str, Any]) -> ImageClassifier:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,9 @@ from fedmets.shared.selection import correlation_filter
 IMAGE = "image"
 IMPORTANCE_REPEATS = 3
 Payload = dict[str, Any]
+GLOBAL_RNG = threading.Lock()
+"""Held while the global generators are seeded and drawn from (initial weights): the protocols
+of folds run at once (``fedmets.server.fold_lanes``) share one process."""
 
 
 class ProtocolError(RuntimeError):
@@ -1151,8 +1155,9 @@ class FederatedProtocol:
     ) -> tuple[dict[str, np.ndarray], dict]:
         """Federated rounds of the image model (``rounds[IMAGE]`` of them, unvalidated, when
         given); the kept weights and the curves."""
-        set_seed(self._seed(fold, 1))
-        model = build_image_model(self._image_config())
+        with GLOBAL_RNG:
+            set_seed(self._seed(fold, 1))
+            model = build_image_model(self._image_config())
         initial = {IMAGE: {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}}
         settings = self._image_settings()
         keep = None if rounds is None else {IMAGE: rounds[IMAGE]}
@@ -1261,8 +1266,9 @@ class FederatedProtocol:
         for i, name in enumerate(networks):
             settings = self._fusion_settings()
             settings["hidden"] = network_hidden(name, settings["hidden"])
-            set_seed(self._seed(fold, 2, i))
-            net = FusionNet(network_dims(name, dims), **settings)
+            with GLOBAL_RNG:
+                set_seed(self._seed(fold, 2, i))
+                net = FusionNet(network_dims(name, dims), **settings)
             initial[name] = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
         self.say(f"  fusion: {len(networks)} networks ({', '.join(networks)})")
         keep = None if rounds is None else {n: rounds[n] for n in networks}

@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmets.server.bundle import deliver_bundle, evaluate_held_out, write_bundle
 from fedmets.server.checkpoints import CheckpointError
+from fedmets.server.fold_lanes import fold_lanes
 from fedmets.server.protocol import FederatedProtocol, ProtocolError, census_request
 from fedmets.server.report import write_report
 from fedmets.server.results import to_jsonable
@@ -54,7 +55,8 @@ class FlowerLink:
     never values) in ``received.jsonl`` beside the results, for the wire audit.
 
     ``secure_aggregation``: this link can run a training round through SecAgg+
-    (:meth:`ask_secure`, ``fedmets.server.secure_aggregation``)."""
+    (:meth:`ask_secure`, ``fedmets.server.secure_aggregation``). :meth:`ask_batch` sends the
+    requests of folds run at once (``fedmets.server.fold_lanes``)."""
 
     secure_aggregation = True
 
@@ -161,11 +163,12 @@ class FlowerLink:
             elif site is not None:
                 self.say(f"  node {node} says it is site {site}, not in this run: ignored", WARNING)
 
-    def _exchange(self, messages: list[Message]) -> list[Message]:
+    def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
         """``grid.send_and_receive``, but looking for replies every :data:`PULL_INTERVAL_S`
-        (Flower 1.42's deployed grid looks every 3 s; its simulation every 0.1 s)."""
+        (Flower 1.42's deployed grid looks every 3 s; its simulation every 0.1 s), for
+        ``timeout`` seconds (default ``round_timeout_s``)."""
         waiting = set(self.grid.push_messages(messages))
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (timeout or self.timeout)
         replies: list[Message] = []
         while waiting and time.monotonic() < deadline:
             pulled = list(self.grid.pull_messages(waiting))
@@ -195,6 +198,49 @@ class FlowerLink:
                 continue
             replies[site] = wire.from_records(reply.content)
             self._log_receipt(route, site, requests[site], replies[site])
+        return replies
+
+    def ask_batch(
+        self, items: Mapping[str, Sequence[tuple[str, dict]]]
+    ) -> dict[str, list[dict | None]]:
+        """Each connected site's items in one batch message (``wire.to_batch``), waiting
+        ``round_timeout_s`` per item of the longest batch; per site that answered, each item's
+        reply (described in ``received.jsonl``) or None where the site refused it (said)."""
+        online = self._online({site: batch[0][1] for site, batch in items.items()})
+        by_node = {self.nodes[site]: site for site in online}
+        messages = [
+            Message(
+                content=wire.to_batch(items[site], reply=False),
+                dst_node_id=self.nodes[site],
+                message_type=wire.BATCH_MESSAGE_TYPE,
+            )
+            for site in online
+        ]
+        longest = max((len(items[site]) for site in online), default=1)
+        replies: dict[str, list[dict | None]] = {}
+        for reply in self._exchange(messages, self.timeout * longest):
+            site = by_node.get(reply.metadata.src_node_id)
+            if site is None:
+                continue
+            if reply.has_error():
+                reason = reply.error.reason
+                self.say(f"  {site}: batch of {len(items[site])} failed: {reason}", WARNING)
+                continue
+            try:
+                back = wire.from_batch(reply.content)
+            except wire.WireError:
+                back = []
+            if len(back) != len(items[site]):
+                self.say(f"  {site}: no reply to each item of its batch: dropped", WARNING)
+                continue
+            answers = replies[site] = []
+            for (route, request), (_, answer) in zip(items[site], back, strict=True):
+                if isinstance(answer, str):
+                    self.say(f"  {site}: {route} {answer}", WARNING)
+                    answers.append(None)
+                else:
+                    self._log_receipt(route, site, request, answer)
+                    answers.append(answer)
         return replies
 
     def _log_receipt(
@@ -243,8 +289,11 @@ def main(grid: Grid, context: Context) -> None:
         checkpoints = out / "checkpoints"
         if not resume and checkpoints.exists():
             shutil.rmtree(checkpoints)
+        runner = None
+        if cfg.federation.parallel_folds > 1:
+            runner = fold_lanes(link, cfg, cfg.run.name, checkpoints, out / "privacy", say)
         results = FederatedProtocol(
-            link, cfg, cfg.run.name, say, checkpoints, privacy_dir=out / "privacy"
+            link, cfg, cfg.run.name, say, checkpoints, out / "privacy", fold_runner=runner
         ).run_all()
         results["config"] = cfg.model_dump(mode="json")
         final = results.pop("final")

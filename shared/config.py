@@ -161,6 +161,10 @@ class ComputeSection(_Section):
     # GPU memory an image training may use (GiB; default: what the device has free). Micro-
     # batches, gradient accumulation and activation checkpointing fit it (fedmets.client.memory).
     gpu_memory_gib: float | None = Field(None, ge=0.5)
+    # How many requests of one batch (the folds a centre runs at once) the site answers at
+    # once, each in a process of its own with 1/N of the cores and of the GPU memory budget
+    # (fedmets.client.site_lanes); 1: one after another.
+    parallel_folds: int = Field(1, ge=1, le=64)
 
 
 class PathsSection(_Section):
@@ -339,6 +343,10 @@ class FederationSection(_Section):
     # Site ids that take no part in training: after the final model each receives the bundle
     # and releases its evaluation of it (``query.bundle_evaluation``: results["holdout"]).
     held_out: list[str] = []
+    # Cross-validation folds run at once (fedmets.server.fold_lanes): their requests reach each
+    # site together, in batch messages, which the site answers up to its own [compute]
+    # parallel_folds at once. Needs dp.mode "off" and no secure aggregation.
+    parallel_folds: int = Field(1, ge=1, le=64)
 
     @field_validator("identities")
     @classmethod
@@ -550,6 +558,19 @@ class FederationConfig(_Section):
                 f"at most selection.top_k ({self.selection.top_k}) radiomics columns, got "
                 f"{model.main_radiomics}",
                 "model.main_radiomics",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _parallel_folds_fit(self) -> FederationConfig:
+        if self.federation.parallel_folds > 1 and (
+            self.dp.mode != "off" or self.strategy.secure_aggregation
+        ):
+            raise _rule_error(
+                "folds at once need dp.mode 'off' (each fold would spend the budget on its own "
+                "ledger) and strategy.secure_aggregation false (a batch cannot go through "
+                "SecAgg+)",
+                "federation.parallel_folds",
             )
         return self
 

@@ -48,9 +48,10 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 """Bumped whenever a route's request or reply changes (8: statistics on score groups, variant
-networks; 9: the ``paper`` image preset); the census refuses other versions."""
+networks; 9: the ``paper`` image preset; 10: batches, :data:`BATCH_MESSAGE_TYPE`); the census
+refuses other versions."""
 
 
 class Kind(StrEnum):
@@ -724,6 +725,63 @@ def describe(route_name: str, payload: Mapping[str, Any]) -> dict[str, dict]:
                 "bytes": int(array.nbytes),
             }
     return fields
+
+
+# ---- batches: folds at once --------------------------------------------------------------------
+
+BATCH_MESSAGE_TYPE = "query.batch"
+"""The Flower message type of a batch: the requests of several folds that the centre runs at
+once (``[federation] parallel_folds``) in one message, since a Flower 1.42 SuperNode handles
+one message at a time. Each item is a request of its own route, checked, answered and logged
+by the site as if it had come alone; the reply holds each item's reply, or the site's refusal
+of it (the text a refused single request would carry)."""
+MAX_BATCH_ITEMS = 64
+_BATCH = "batch"
+
+
+def to_batch(items: Sequence[tuple[str, Mapping[str, Any] | str]], reply: bool) -> RecordDict:
+    """Encode a batch: per item its route and payload (:func:`to_records`, each record's name
+    led by ``<item>/``) or, in a reply only, the text of its refusal; WireError as
+    :func:`to_records` gives, or for more than :data:`MAX_BATCH_ITEMS` items."""
+    if not 0 < len(items) <= MAX_BATCH_ITEMS:
+        raise WireError(f"a batch holds 1 to {MAX_BATCH_ITEMS} items, not {len(items)}")
+    records = RecordDict()
+    refused = []
+    for index, (route_name, payload) in enumerate(items):
+        if isinstance(payload, str):
+            if not reply:
+                raise WireError(f"item {index} ({route_name}): a request is no refusal")
+            refused.append(payload or "refused")
+            continue
+        refused.append("")
+        for key, record in to_records(route_name, payload, reply).items():
+            records[f"{index}/{key}"] = record
+    records[_BATCH] = ConfigRecord({"routes": [r for r, _ in items], "refused": refused})
+    return records
+
+
+def from_batch(records: RecordDict) -> list[tuple[str, dict[str, Any] | str]]:
+    """The items of :func:`to_batch`'s records: ``(route, payload)``, or ``(route, refusal
+    text)``; WireError for records that are no batch or name an unknown route."""
+    header = records.config_records.get(_BATCH)
+    if header is None or "routes" not in header or "refused" not in header:
+        raise WireError("not a batch: no batch record with its routes")
+    routes, refused = list(header["routes"]), list(header["refused"])
+    if not 0 < len(routes) <= MAX_BATCH_ITEMS or len(refused) != len(routes):
+        raise WireError(f"a batch holds 1 to {MAX_BATCH_ITEMS} items, one refusal slot each")
+    parts = [RecordDict() for _ in routes]
+    for key, record in records.items():
+        index, _, name = key.partition("/")
+        if key != _BATCH:
+            if not index.isdigit() or int(index) >= len(routes):
+                raise WireError(f"batch record {key!r} names no item")
+            parts[int(index)][name] = record
+    for route_name in routes:
+        route(route_name)
+    return [
+        (route_name, refusal or from_records(part))
+        for route_name, refusal, part in zip(routes, refused, parts, strict=True)
+    ]
 
 
 # ---- secure aggregation (SecAgg+) --------------------------------------------------------------

@@ -168,7 +168,7 @@ INVALID = {
     ),
     "unknown nested key": (
         SITE + "[compute]\ngpus = 2\n",
-        "compute.gpus: unknown key (allowed here: device, workers, gpu_memory_gib)",
+        "compute.gpus: unknown key (allowed here: device, workers, gpu_memory_gib, parallel_folds)",
     ),
     "missing required key": (
         SITE.replace('manifest = "manifest.csv"\n', ""),

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from fedmets.client.policy import ScoreGroups
 from fedmets.client.site_worker import SiteWorker, assign_folds
+from fedmets.server.fold_lanes import fold_lanes
 from fedmets.server.protocol import FederatedProtocol, ProtocolError, _most_chosen
 from fedmets.shared import wire
 from fedmets.shared.clinical import encoded_columns
@@ -350,6 +351,47 @@ def test_same_seed_same_results(sites) -> None:
     second = FederatedProtocol(_link(sites), _cfg(), "run-two").run_all()
     for model in first["models"]:
         assert first["models"][model]["pooled"] == second["models"][model]["pooled"]
+
+
+class _BatchCountingLink(InProcessLink):
+    """Counts the items of every batch it sends to each site."""
+
+    def __init__(self, workers) -> None:
+        super().__init__(workers)
+        self.batches: list[int] = []
+
+    def ask_batch(self, items):
+        self.batches += [len(batch) for batch in items.values()]
+        return super().ask_batch(items)
+
+
+def test_folds_at_once_reach_the_sites_in_batches_and_give_the_sequential_results(
+    sites, tmp_path
+) -> None:
+    """``[federation] parallel_folds``: the three folds run at once, their requests reach each
+    site in batches (``fedmets.server.fold_lanes``), and the run gives the results of the
+    folds run one after another."""
+    sequential = FederatedProtocol(_link(sites), _cfg(), "one-by-one").run_all()
+    cfg = _cfg(federation={"parallel_folds": 3})
+    link = _BatchCountingLink({s: SiteWorker([load_site_config(p)]) for s, p in sites.items()})
+    heard: list[str] = []
+    runner = fold_lanes(link, cfg, "at-once", tmp_path / "checkpoints", None, heard.append)
+    at_once = FederatedProtocol(
+        link, cfg, "at-once", checkpoints=tmp_path / "checkpoints", fold_runner=runner
+    ).run_all()
+    assert max(link.batches) == 3 and len(link.batches) > 3 * 10  # every step of every fold
+    assert {f"fold {k}: done" for k in (1, 2, 3)} <= {line.split(" in ")[0] for line in heard}
+    for model in sequential["models"]:
+        assert at_once["models"][model]["pooled"] == sequential["models"][model]["pooled"]
+    for one, other in zip(sequential["folds"], at_once["folds"], strict=True):
+        assert one["thresholds"] == other["thresholds"]
+
+
+def test_folds_at_once_need_dp_off_and_no_secure_aggregation() -> None:
+    with pytest.raises(ValueError, match="folds at once need dp.mode 'off'"):
+        _cfg(federation={"parallel_folds": 2}, dp={"mode": "sample", "epsilon": 8.0})
+    with pytest.raises(ValueError, match="folds at once need"):
+        _cfg(federation={"parallel_folds": 2}, strategy={"secure_aggregation": True})
 
 
 def test_census_refuses_sites_with_another_schema(sites) -> None:

@@ -31,7 +31,8 @@ FEDMETS = str(Path(sys.executable).parent / "fedmets")
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> tuple[Path, Path, dict]:
     """A 3-site tiny cohort (fast radiomics, 32^3 crops) simulated with the tiny preset's
-    settings in fewer rounds, from a federation TOML: (cohort, run folder, metrics.json)."""
+    settings in fewer rounds, its 3 folds at once, from a federation TOML: (cohort, run
+    folder, metrics.json)."""
     root = tmp_path_factory.mktemp("simulate")
     cohort = root / "cohort"
     generate_cohort("tiny", 3, 3, cohort, workers=2)
@@ -41,6 +42,7 @@ def simulated(tmp_path_factory) -> tuple[Path, Path, dict]:
     run = root / "run"
     settings = federation_config("tiny", "run", 7).model_dump(mode="json", exclude_none=True)
     settings["stages"] |= {"image_rounds": 1, "fusion_rounds": 3}  # structure, not learning
+    settings["federation"]["parallel_folds"] = 3  # the folds' requests in batches
     fed = root / "federation.toml"
     fed.write_text(tomli_w.dumps(settings))
     env = {**os.environ, "COLUMNS": "200"}
@@ -78,7 +80,8 @@ def test_metrics_have_every_comparison(simulated) -> None:
     assert re.search(r"federated +[\d.]+ +\(selection \d+, image \d+, deep \d+", summary)
     assert re.search(r"baselines +[\d.]+ +side by side: centralised \d+ \(selection", summary)
     assert set(metrics["timing_s"]) == {"federated", "baselines", "total"}
-    assert (run / "federated" / "server.log").is_file()
+    server_log = (run / "federated" / "server.log").read_text()
+    assert "3 folds at once" in server_log and "fold 3: done" in server_log
     # the plain model beside the main one, through the same protocol, federated and pooled
     logistic = metrics["baselines"]["logistic"]
     assert logistic["model"] == "none/radiomics+clinical"

@@ -12,8 +12,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fedmets.client.audit import verify
 from fedmets.client.release import answer, site_audit_path
 from fedmets.client.service_channel import ServiceClient, ServiceRefused
 from fedmets.client.site_service import SiteService, start_service
@@ -99,3 +101,41 @@ def test_the_relay_loads_no_torch_and_no_site_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert loaded.strip() == "[]"
+
+
+def test_a_batch_is_answered_in_lanes_as_its_requests_one_by_one(tmp_path_factory) -> None:
+    """A batch (the folds a centre runs at once) at a site that answers two at a time: each
+    item is gated as if it had come alone (the same replies, a refusal for the one outside
+    the policy), and the audit log keeps one chained line per item."""
+    root = tmp_path_factory.mktemp("lanes")  # a socket path under 108 bytes
+    (toml,) = write_feature_sites(root / "sites", [40], folds=2)
+    text = toml.read_text().replace("[compute]\n", "[compute]\nparallel_folds = 2\n")
+    toml.write_text(text)
+    service = SiteService(toml)
+    server = start_service(service, load_site_config(toml).service_socket, say=lambda _: None)
+    client = ServiceClient(load_site_config(toml).service_socket)
+    try:
+        _ask(client, "query.folds", {"folds": 2, "run": "lanes"})
+        items = [
+            ("query.moments", {"fold": 0, "run": "lanes"}),
+            ("query.moments", {"fold": 1, "run": "lanes"}),
+            ("query.folds", {"folds": 5, "run": "lanes"}),
+            ("query.census", {"protocol": wire.PROTOCOL_VERSION, "run": "lanes"}),
+        ]
+        replies = wire.from_batch(client.answer_batch(wire.to_batch(items, reply=False)))
+        assert service._lanes is not None and service._lanes.lanes == 2
+    finally:
+        server.stop(grace=None)
+        service.close()
+    worker = SiteWorker([load_site_config(toml)])
+    for (route, request), (replied_route, reply) in zip(items, replies, strict=True):
+        assert replied_route == route
+        if request.get("folds") == 5:
+            assert reply.startswith("refused: ") and "policy.folds" in reply
+            continue
+        alone = answer(worker, route, request)
+        assert reply.keys() == alone.keys()
+        for key, value in alone.items():
+            assert np.array_equal(reply[key], value), key
+    check = verify(site_audit_path(load_site_config(toml)))
+    assert (check.lines, check.broken) == (1 + 4 + 3, None)  # folds, the batch, alone

@@ -16,9 +16,11 @@ import pytest
 from conftest import run_fedmets
 
 from fedmets.client.crops import HU_WINDOW, load_crops
+from fedmets.client.policy import ScoreGroups
 from fedmets.client.site_files import FEATURES_FILE, crop_path
 from fedmets.client.site_worker import load_site_data
 from fedmets.shared.config import FederationConfig, load_site_config
+from fedmets.shared.metrics import metrics_from_histograms
 from fedmets.shared.models import group_subsets, model_key, single_group_models
 from fedmets.simulation import simulate
 from fedmets.simulation.packed_cohort import pack_cohort, unpack_cohort
@@ -122,12 +124,23 @@ def test_cohort_metrics_structure(cohort_run):
         assert sum(f["acc"] * f["n"] for f in per_fold) == pytest.approx(pooled["acc"] * n)
         subsites = model["per_subsite"]
         assert sum(s["n"] for s in subsites.values()) == n
+    oof, bins = result.oof, tiny(folds=2, stages=SHORT).evaluation.histogram_bins
+    y, cut_at = oof["label"].to_numpy(), oof["fold"].to_numpy()
     for key, model in metrics["models"].items():
         protocol = metrics["protocol"]["resnet3d" if key.startswith("resnet3d") else "swin3d"]
-        # the exact confusion counts at each fold's threshold, against the protocol's on the
-        # sites' score groups (a group straddling its threshold is called as a whole)
+        # the study's exact metrics come from the out-of-fold scores; the protocol's are what
+        # the pooled site released: the same scores on its score groups of 5 (a group that
+        # straddles its fold's threshold is called as a whole)
         exact, released = model["pooled"], protocol["models"][key]["pooled"]
-        assert exact["acc"] == pytest.approx(released["acc"], abs=0.1)
+        scores, cut = oof[key].to_numpy(), np.asarray(metrics["thresholds"][key])[cut_at]
+        assert exact["acc"] == pytest.approx(np.mean((scores >= cut) == y), abs=1e-12)
+        groups = ScoreGroups(y, scores, 5)
+        tp, fn, tn, fp = groups.confusion(cut)
+        assert released["acc"] == pytest.approx((tp + tn) / n, abs=1e-12)
+        pos, neg = groups.histograms(bins)
+        edges = np.linspace(0, 1, bins + 1)
+        grouped_auc = metrics_from_histograms(pos, neg, edges, 0.5)["auc"]
+        assert released["auc"] == pytest.approx(grouped_auc, abs=1e-12)
         assert exact["auc"] == pytest.approx(released["auc"], abs=0.05)  # grouped histograms
         versus = model.get("versus_single_groups", {})
         singles = single_group_models(key)

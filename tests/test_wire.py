@@ -33,6 +33,42 @@ def test_undeclared_fields_are_refused_before_sending() -> None:
         wire.route("query.everything")
 
 
+def test_a_batch_carries_each_request_and_each_reply_or_refusal() -> None:
+    """Folds at once: several routes' requests in one message, and back each reply or the
+    site's refusal of it, in order; every item checked as if sent alone."""
+    weights = {"net.0.weight": np.ones((3, 2), np.float32)}
+    items = [
+        ("query.validate", {"run": "r1", "fold": 0, "weights:none/clinical": weights}),
+        (
+            "query.validate",
+            {
+                "run": "r1",
+                "fold": 1,
+                "weights:none/clinical": {"net.0.weight": np.full((3, 2), 2, np.float32)},
+            },
+        ),
+        ("query.folds", {"run": "r1", "folds": 3}),
+    ]
+    back = wire.from_batch(wire.to_batch(items, reply=False))
+    assert [route for route, _ in back] == [route for route, _ in items]
+    assert [request["fold"] for _, request in back[:2]] == [0, 1]
+    np.testing.assert_array_equal(back[1][1]["weights:none/clinical"]["net.0.weight"], 2)
+    replies = [("query.moments", _moments(10)), ("query.folds", "refused: policy.folds")]
+    (_, moments), (_, refusal) = wire.from_batch(wire.to_batch(replies, reply=True))
+    np.testing.assert_array_equal(moments["radiomics_sum"], np.ones(4))
+    assert refusal == "refused: policy.folds"
+    with pytest.raises(wire.WireError, match="'patient_ids' is not declared"):
+        wire.to_batch([("query.moments", {"n": 10, "patient_ids": np.arange(3)})], reply=True)
+    with pytest.raises(wire.WireError, match="a request is no refusal"):
+        wire.to_batch([("query.folds", "refused")], reply=False)
+    with pytest.raises(wire.WireError, match="not a batch"):
+        wire.from_batch(wire.to_records("query.folds", {"run": "r1", "folds": 3}, reply=False))
+    renamed = wire.to_batch(items[2:], reply=False)
+    renamed.config_records["batch"]["routes"] = ["query.everything"]
+    with pytest.raises(wire.WireError, match="unknown route"):
+        wire.from_batch(renamed)
+
+
 def _moments(n: int) -> dict:
     return {"n": n, "positives": 3, "radiomics_sum": np.ones(4), "radiomics_count": np.ones(4)}
 
