@@ -4,12 +4,13 @@ and a SuperNode whose ClientApp relays each message to it).
 
     .venv/bin/python benchmarks/bench_deployment.py [--sites 3] [--patients 60] [--out DIR]
                                                      [--secure-aggregation] [--folds 2]
-                                                     [--parallel-folds N]
+                                                     [--parallel-folds N] [--site-lanes K]
 
 The same tiny tabular federation (``fedmets.simulation.feature_sites``; 2 folds, 2 fusion rounds)
 runs both ways (``--secure-aggregation``: its training rounds through SecAgg+, both ways;
 ``--parallel-folds N``: the deployment runs a second time with N folds at once, their requests
-in batch messages, ``[federation] parallel_folds``, which each site answers N at once). Printed
+in batch messages, ``[federation] parallel_folds``, which each site answers ``--site-lanes``
+at once, default N). Printed
 per way: wall time of the run, message rounds (one ``ask`` of the protocol, from the ServerApp's
 ``received.jsonl``), wall time per message round, bytes each site sends per message round (mean
 of the replies' field sizes), and the deployment's extra cost per message round over the
@@ -106,15 +107,20 @@ def main() -> None:
         default=1,
         help="also deploy with this many folds at once (their requests in batch messages)",
     )
+    args.add_argument(
+        "--site-lanes",
+        type=int,
+        default=None,
+        help="each site's [compute] parallel_folds (default: --parallel-folds)",
+    )
     opts = args.parse_args()
     root = opts.out or Path(tempfile.mkdtemp(prefix="fedmets-deploy-"))
     tomls = write_feature_sites(
         root / "sites", [opts.patients] * opts.sites, seed=3, folds=opts.folds
     )
+    lanes = opts.site_lanes or opts.parallel_folds
     for toml in tomls:  # each site answers a batch's items that many at once (lanes)
-        text = toml.read_text().replace(
-            "[compute]\n", f"[compute]\nparallel_folds = {opts.parallel_folds}\n"
-        )
+        text = toml.read_text().replace("[compute]\n", f"[compute]\nparallel_folds = {lanes}\n")
         toml.write_text(text)
     fed = federation_toml(root / "federation.toml", opts.secure_aggregation, opts.folds)
     results = {}

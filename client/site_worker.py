@@ -25,6 +25,7 @@ which loads this module once; the image routes import MONAI (``fedmets.client.cr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -294,7 +295,8 @@ class SiteWorker:
         """The reply payload to ``request`` on ``route_name``."""
         wire.route(route_name)
         self.route = route_name  # the statistic the handler's replies release (the guard's)
-        reply = self.handlers[route_name](dict(request))
+        with self._spending(request):
+            reply = self.handlers[route_name](dict(request))
         if route_name not in NOT_ABOUT_PATIENTS:
             record_release(self.ledger(), route_name, request, reply)
         return reply
@@ -332,6 +334,14 @@ class SiteWorker:
         """The site's privacy ledger (``<ledger_root>/privacy/privacy-ledger.json``)."""
         policy = self.policy
         return site_ledger(self.ledger_root, self.site_id, policy.delta, policy.epsilon_budget)
+
+    def _spending(self, request: Mapping[str, Any]) -> contextlib.AbstractContextManager:
+        """Under sample-level DP, the site's budget held from a training's check to its record
+        (a lock beside the ledger): a site's processes that train at once (a batch's lanes) take
+        turns, so none trains on budget that another has already planned."""
+        if str(request.get("dp_mode", "off")) != "sample":
+            return contextlib.nullcontext()
+        return exclusive(self.ledger().path.with_name("dp-training"))
 
     def ledger_summary(self, request: dict) -> dict:
         """The ledger's epsilon: about the site's DP spending, not a statistic of patients."""

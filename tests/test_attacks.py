@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from fedmets.shared.config import load_site_config
 from fedmets.shared.files import exclusive
 from fedmets.shared.metrics import logit
 from fedmets.shared.models import FusionNet
+from fedmets.shared.privacy import PrivacyBudgetExceeded
 from fedmets.simulation.feature_sites import feature_table
 from fedmets.simulation.site_files import write_site_config
 
@@ -368,12 +370,12 @@ def test_a_site_that_requires_dp_answers_model_routes_only_under_dp(tmp_path) ->
 # ---- DP noise ----------------------------------------------------------------------------------
 
 
-def _private_training(worker: SiteWorker, weights: dict) -> dict[str, np.ndarray]:
+def _private_training(worker: SiteWorker, weights: dict, epochs: int = 1) -> dict[str, np.ndarray]:
     request = {
         **weights,
         "fold": 0,
         "round": 1,
-        "epochs": 1,
+        "epochs": epochs,
         "lr": 0.05,
         "batch": 16,
         "weight_decay": 0.0,
@@ -405,6 +407,41 @@ def test_the_centre_cannot_replay_a_secure_sites_dp_noise(tmp_path) -> None:
     ask(seeded, "query.folds", folds=5)
     again = _differ(_private_training(seeded, request), _private_training(seeded, request))
     assert again == 0.0
+
+
+def test_trainings_at_once_cannot_spend_the_budget_twice(tmp_path) -> None:
+    """The attack: a batch of two DP trainings (folds at once, answered by two of the site's
+    lanes), each of which fits the site's remaining budget alone but not both: checked at the
+    same moment, both would pass and train. The site holds its budget from a training's check
+    to its record, so the second waits, then finds the first recorded and is refused."""
+    scratch = make_site(tmp_path / "scratch")
+    ask(scratch, "query.folds", folds=5)
+    request = fusion_request(scratch)
+    _private_training(scratch, request, epochs=20)  # long enough for both checks to overlap
+    ledger = scratch.ledger()
+    once, twice = ledger.epsilon(), ledger.epsilon(planned=ledger.history())
+    budget = (once + twice) / 2  # one training fits, two do not
+    worker = make_site(tmp_path / "site", policy={"epsilon_budget": budget})
+    ask(worker, "query.folds", folds=5)
+    lanes = [SiteWorker(worker.configs) for _ in range(2)]  # two processes' workers, one site
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def train(lane: SiteWorker) -> None:
+        start.wait()
+        try:
+            _private_training(lane, request, epochs=20)
+            outcomes.append("trained")
+        except PrivacyBudgetExceeded:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=train, args=(lane,)) for lane in lanes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(outcomes) == ["refused", "trained"]
+    assert worker.ledger().epsilon() <= budget
 
 
 def test_a_secure_sites_folds_do_not_follow_its_config_seed(tmp_path) -> None:
