@@ -1,6 +1,7 @@
 """Deployment with real processes on loopback (see test_deployment.py): the coordinating
-centre stops mid-run, renews its server certificate, and resumes from its checkpoints to the
-result of an uninterrupted run (the SuperNodes reconnect through the same CA)."""
+centre, running both folds at once, stops mid-run, renews its server certificate, and resumes
+from its checkpoints to the result of an uninterrupted run of the folds one after another (the
+SuperNodes reconnect through the same CA)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,14 @@ def test_a_stopped_server_resumes_to_the_uninterrupted_result(federation) -> Non
     # After the restart a SuperNode may first run a message the stopped run left queued (Flower
     # 1.42 runs it and refuses the reply) before it takes the census: on 2 busy cores that has
     # outlasted a 45 s round once. No site is lost here, so the round timeout is generous.
-    fed_toml = federation_toml(root, "resume", min_sites=3, round_timeout_s=240)
+    # Both folds at once: their requests reach each site in batches (fedmets.server.fold_lanes),
+    # and each fold resumes from its own checkpoints.
+    fed_toml = federation_toml(root, "resume", min_sites=3, round_timeout_s=240, parallel_folds=2)
     out = root / "run-resume"
     run = federation.run(fed_toml, out)
     deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "fold0-thresholds.npz").is_file():
+    selected = [out / "checkpoints" / f"fold{fold}-selection.npz" for fold in (0, 1)]
+    while not all(path.is_file() for path in selected):  # both folds past their selection
         assert time.monotonic() < deadline and run.poll() is None
         time.sleep(0.5)
     stop_process(run)
@@ -52,7 +56,9 @@ def test_a_stopped_server_resumes_to_the_uninterrupted_result(federation) -> Non
         assert rerun.wait(timeout=RUN_TIMEOUT_S) == 0
     finally:
         stop_process(rerun)
-    assert "resumed fold0-thresholds from its checkpoint" in (out / "server.log").read_text()
+    log = (out / "server.log").read_text()
+    for fold in (0, 1):  # each fold resumed from its own checkpoints
+        assert f"resumed fold{fold}-selection from its checkpoint" in log
     resumed = json.loads((out / "federated.json").read_text())
     workers = {s: SiteWorker([load_site_config(p)]) for s, p in federation.sites.items()}
     reference = FederatedProtocol(
