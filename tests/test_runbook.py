@@ -30,7 +30,8 @@ def test_the_pilot_script_runs_the_runbook_to_results(tmp_path) -> None:
     write_sites(cohort, folds=2)
     shutil.rmtree(cohort / "site_c")  # two hospitals: the steps are the same for any number
     hospitals = sorted(set(SITES) - {"site_c"})
-    fed = federation_toml(tmp_path, "runbook", min_sites=2, round_timeout_s=120)
+    # both folds at once: their requests reach each hospital's service in batch messages
+    fed = federation_toml(tmp_path, "runbook", min_sites=2, round_timeout_s=120, parallel_folds=2)
     work = tmp_path / "work"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     started = time.monotonic()
