@@ -109,9 +109,8 @@ class SiteService:
         """The replies to a batch's items (``fedmets.shared.wire.to_batch``), each gated as
         if it had come alone, up to the site's ``[compute] parallel_folds`` at once (each in
         a lane process, ``fedmets.client.site_lanes``)."""
-        items = wire.from_batch(batch)
-        requests = [(route, request) for route, request in items if isinstance(request, dict)]
-        if len(requests) < len(items):
+        requests = wire.from_batch(batch)
+        if any(isinstance(request, str) for _, request in requests):
             raise wire.WireError("a batch request holds a refusal")
         with self.lock:
             if min(self.worker.configs[0].compute.parallel_folds, len(requests)) > 1:

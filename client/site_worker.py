@@ -51,6 +51,7 @@ from fedmets.client.policy import (
     suppressed_groups,
 )
 from fedmets.client.privacy import (
+    LEDGER_DIR,
     ledger_reply,
     plan_site_noise,
     record_release,
@@ -341,7 +342,7 @@ class SiteWorker:
         turns, so none trains on budget that another has already planned."""
         if str(request.get("dp_mode", "off")) != "sample":
             return contextlib.nullcontext()
-        return exclusive(self.ledger().path.with_name("dp-training"))
+        return exclusive(self.ledger_root / LEDGER_DIR / "dp-training")
 
     def ledger_summary(self, request: dict) -> dict:
         """The ledger's epsilon: about the site's DP spending, not a statistic of patients."""

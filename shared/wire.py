@@ -771,11 +771,12 @@ def from_batch(records: RecordDict) -> list[tuple[str, dict[str, Any] | str]]:
         raise WireError(f"a batch holds 1 to {MAX_BATCH_ITEMS} items, one refusal slot each")
     parts = [RecordDict() for _ in routes]
     for key, record in records.items():
+        if key == _BATCH:
+            continue
         index, _, name = key.partition("/")
-        if key != _BATCH:
-            if not index.isdigit() or int(index) >= len(routes):
-                raise WireError(f"batch record {key!r} names no item")
-            parts[int(index)][name] = record
+        if not index.isdigit() or int(index) >= len(routes):
+            raise WireError(f"batch record {key!r} names no item")
+        parts[int(index)][name] = record
     for route_name in routes:
         route(route_name)
     return [
