@@ -43,9 +43,11 @@ link of the centralised and local-only baselines) aggregates in clear, and says 
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +135,28 @@ run name and checkpoints folder calling :meth:`FederatedProtocol.run_folds`); re
 ``run_folds`` returns for each."""
 
 
+def merged_dropouts(record: list[dict], saved: Sequence[dict]) -> list[dict]:
+    """``record``, then the dropouts of a checkpoint's ``saved`` list that it lacks (each as
+    often as ``saved`` holds it beyond ``record``). A checkpoint saves the whole list of the
+    protocol that made it: for folds one after another ``record`` is its start (the result is
+    ``saved``); folds run at once (``fedmets.server.fold_lanes``) each saved their own, which
+    add up."""
+    have = Counter(map(_dropout_key, record))
+    merged = list(record)
+    for dropout in saved:
+        key = _dropout_key(dropout)
+        if have[key]:
+            have[key] -= 1
+        else:
+            merged.append(dropout)
+    return merged
+
+
+def _dropout_key(dropout: Mapping[str, Any]) -> str:
+    """A dropout as its checkpoint holds it (numpy numbers as plain ones)."""
+    return json.dumps(dropout, sort_keys=True, default=lambda v: v.item())
+
+
 @dataclass
 class RunRecord:
     """What the run did, for the report: census, folds, selection, training curves, thresholds,
@@ -212,7 +236,7 @@ class FederatedProtocol:
         if path is None or not path.is_file():
             return None
         saved = load_checkpoint(path)
-        self.record.dropouts = saved["dropouts"]
+        self.record.dropouts = merged_dropouts(self.record.dropouts, saved["dropouts"])
         return saved["value"]
 
     def _save(self, key: str, value: Any) -> None:

@@ -405,7 +405,7 @@ def test_census_refuses_sites_with_another_schema(sites) -> None:
 
 
 class _DroppingLink(InProcessLink):
-    """Loses one site's replies from a given route on (a site gone mid-run)."""
+    """Loses one site's replies from a given route on (a site gone mid-run), batches too."""
 
     def __init__(self, workers, lost: str, from_route: str) -> None:
         super().__init__(workers)
@@ -418,6 +418,12 @@ class _DroppingLink(InProcessLink):
             for s, r in super().ask(route, requests).items()
             if not (self.gone and s == self.lost)
         }
+
+    def ask_batch(self, items):
+        routes = {route for batch in items.values() for route, _ in batch}
+        self.gone = self.gone or self.from_route in routes
+        replies = super().ask_batch(items)
+        return {s: r for s, r in replies.items() if not (self.gone and s == self.lost)}
 
 
 def test_a_dropped_site_is_recorded_and_too_few_sites_stop_the_run(sites) -> None:
@@ -435,6 +441,22 @@ def test_a_dropped_site_is_recorded_and_too_few_sites_stop_the_run(sites) -> Non
             _cfg(federation={"min_sites": 3}),
             "test-run",
         ).run_all()
+
+
+def test_a_site_lost_while_folds_run_at_once_is_a_dropout_of_every_fold(sites, tmp_path) -> None:
+    """Each fold at once saves its own dropouts in its checkpoints; the run's record holds
+    them all, as it holds every dropout the run said."""
+    workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
+    cfg = _cfg(federation={"parallel_folds": 3})
+    link = _DroppingLink(workers, "site_c", "train.fusion")
+    said: list[str] = []
+    runner = fold_lanes(link, cfg, "lost", tmp_path / "checkpoints", None, said.append)
+    result = FederatedProtocol(
+        link, cfg, "lost", said.append, tmp_path / "checkpoints", fold_runner=runner
+    ).run_all()
+    lost_in_training = {d["fold"] for d in result["dropouts"] if d["route"] == "train.fusion"}
+    assert lost_in_training == {0, 1, 2}  # one batch carried every fold's training
+    assert len(result["dropouts"]) == sum("site_c did not answer" in line for line in said)
 
 
 class _FaultyUpdateLink(InProcessLink):
