@@ -9,15 +9,19 @@ absolute), ``out`` (results folder; default ``[run] output_dir / [run] name``) a
 ``OUT/received.jsonl`` (what each site sent: fields and sizes, never values) and
 ``OUT/checkpoints/`` (every finished step and training round) and, with ``[stages] final_model``,
 ``OUT/model/`` (the model bundle, ``fedmets.server.bundle``; then sent to every site to keep).
+One run at a time works in ``OUT`` (:data:`RUN_LOCK`): ending ``flwr run`` ends only its log
+stream, the run goes on at the SuperLink, so a resume started then is refused until that run is
+stopped (``flwr stop``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -35,13 +39,16 @@ from fedmets.server.results import to_jsonable
 from fedmets.server.secure_aggregation import SecureRound, secure_round
 from fedmets.shared import wire
 from fedmets.shared.config import FederationConfig, load_federation_config
-from fedmets.shared.files import write_json
+from fedmets.shared.files import InUse, sole_user, write_json
 from fedmets.shared.identity import identity_problem
 
 app = ServerApp()
 APP_DIR = Path(__file__).resolve().parent.parent
 NODE_POLL_S = 1.0
 PULL_INTERVAL_S = 0.1
+RUN_LOCK = "run"
+"""``OUT/.run.lock``: held by the run working in ``OUT`` (named in it) while it lives; a second
+run in the same folder is refused (``fedmets.shared.files.sole_user``)."""
 
 
 class FlowerLink:
@@ -284,35 +291,18 @@ def main(grid: Grid, context: Context) -> None:
         log(level, "[fedmets] %s", message)
         logger.log(level, message)
 
+    holder = f"run {context.run_id} (process {os.getpid()}, since {time.strftime('%F %T')})"
     try:
-        link = FlowerLink(grid, cfg, say, out / "received.jsonl")
-        checkpoints = out / "checkpoints"
-        if not resume and checkpoints.exists():
-            shutil.rmtree(checkpoints)
-        runner = None
-        if cfg.federation.parallel_folds > 1:
-            runner = fold_lanes(link, cfg, cfg.run.name, checkpoints, out / "privacy", say)
-        results = FederatedProtocol(
-            link, cfg, cfg.run.name, say, checkpoints, out / "privacy", fold_runner=runner
-        ).run_all()
-        results["config"] = cfg.model_dump(mode="json")
-        final = results.pop("final")
-        if final is not None:
-            bundle = write_bundle(out / "model", {**results, "final": final}, cfg)
-            say(f"final model: {bundle}")
-            results["model"] = {
-                "bundle": str(bundle),
-                "rounds": final["rounds"],
-                "sites": deliver_bundle(link, bundle, cfg.run.name, say),
-            }
-            if cfg.federation.held_out:
-                results["holdout"] = evaluate_held_out(link, bundle, results, cfg, say)
-        write_json(out / "federated.json", to_jsonable(results), indent=1)
-        say(f"results written to {out / 'federated.json'}")
-        try:
-            say(f"report: {write_report(out)}")
-        except Exception as error:  # noqa: BLE001 - a report never fails a finished run
-            say(f"report not written: {error}", WARNING)
+        with sole_user(out / RUN_LOCK, holder):
+            _run(grid, cfg, out, resume, say)
+    except InUse as running:
+        say(
+            f"run {context.run_id} refused: {out} is in use by {running}. Only one run at a "
+            f"time works in a results folder: stop that one first (`flwr stop RUN_ID`; ending "
+            f"`flwr run` only ends its log stream), then resume this one.",
+            WARNING,
+        )
+        raise
     except (ProtocolError, CheckpointError) as error:
         say(f"run stopped: {error}", WARNING)
         (out / "error.txt").write_text(f"{error}\n", encoding="utf-8")
@@ -320,3 +310,35 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+def _run(grid: Grid, cfg: FederationConfig, out: Path, resume: bool, say: Callable) -> None:
+    """The run of ``cfg`` over ``grid`` into ``out`` (from its checkpoints with ``resume``)."""
+    link = FlowerLink(grid, cfg, say, out / "received.jsonl")
+    checkpoints = out / "checkpoints"
+    if not resume and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    runner = None
+    if cfg.federation.parallel_folds > 1:
+        runner = fold_lanes(link, cfg, cfg.run.name, checkpoints, out / "privacy", say)
+    results = FederatedProtocol(
+        link, cfg, cfg.run.name, say, checkpoints, out / "privacy", fold_runner=runner
+    ).run_all()
+    results["config"] = cfg.model_dump(mode="json")
+    final = results.pop("final")
+    if final is not None:
+        bundle = write_bundle(out / "model", {**results, "final": final}, cfg)
+        say(f"final model: {bundle}")
+        results["model"] = {
+            "bundle": str(bundle),
+            "rounds": final["rounds"],
+            "sites": deliver_bundle(link, bundle, cfg.run.name, say),
+        }
+        if cfg.federation.held_out:
+            results["holdout"] = evaluate_held_out(link, bundle, results, cfg, say)
+    write_json(out / "federated.json", to_jsonable(results), indent=1)
+    say(f"results written to {out / 'federated.json'}")
+    try:
+        say(f"report: {write_report(out)}")
+    except Exception as error:  # noqa: BLE001 - a report never fails a finished run
+        say(f"report not written: {error}", WARNING)

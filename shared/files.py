@@ -1,6 +1,7 @@
 """Atomic writes: a file is written beside its destination under a temporary name, then renamed
 over it, so a reader (or a resumed run after a crash) sees the old file or the new one, never
-a part of one. :func:`exclusive` serialises a read-modify-write of one file across processes."""
+a part of one. :func:`exclusive` serialises a read-modify-write of one file across processes;
+:func:`sole_user` lets one process at a time work in a folder, refusing the others."""
 
 from __future__ import annotations
 
@@ -38,6 +39,32 @@ def exclusive(path: Path) -> Iterator[None]:
     with (path.parent / f".{path.name}.lock").open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class InUse(RuntimeError):
+    """Another process holds what :func:`sole_user` asked for."""
+
+
+@contextlib.contextmanager
+def sole_user(path: Path, who: str) -> Iterator[None]:
+    """Hold ``path``'s lock (``.<name>.lock`` beside it) for the block, without waiting: InUse,
+    with the holder's ``who``, while another process holds it. The kernel frees the lock when
+    its holder ends, however it ends (flock), so a killed holder never leaves it held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (path.parent / f".{path.name}.lock").open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise InUse(handle.read().strip() or "another process") from None
+        try:
+            handle.truncate(0)
+            handle.write(who)
+            handle.flush()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -6,7 +6,7 @@ by the deployment tests and benchmarks, and by anyone rehearsing a deployment
 
 Every process gets ``FLWR_HOME=ROOT/flwr-home``, runtime dependency installation off, and a log
 file under ``ROOT/logs/``. :meth:`LoopbackFederation.stop` ends them all (each in its own process
-session, with its children).
+session, with its children and the processes they started in sessions of their own).
 """
 
 from __future__ import annotations
@@ -79,16 +79,54 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = START_T
 
 
 def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop ``process`` and its process session (it was started with start_new_session)."""
-    if process.poll() is None:
+    """Stop ``process``, its process session (it was started with start_new_session) and every
+    process it started in a session of its own: the SuperLink's SuperExec and, through it, the
+    ServerApps of its runs. Those watch their parent's pid to end with it, which fails where
+    nothing reaps orphans (a container's init: the orphan stays a zombie, its pid alive)."""
+    if process.poll() is not None:
+        return
+    family = _descendants(process.pid)
+    for pid in family:
         with _ignore_missing():
-            os.killpg(process.pid, sig)
+            os.kill(pid, sig)
+    with _ignore_missing():
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with _ignore_missing():
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + 15
+    while (alive := [pid for pid in family if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        with _ignore_missing():
+            os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The pids of every living descendant of ``pid`` (Linux ``/proc``), nearest first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with _ignore_missing():
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while listed
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children.get(parent, [])]
+        found += frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not ended (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def sign_with(toml: Path, key: Path) -> None:

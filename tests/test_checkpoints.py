@@ -1,18 +1,27 @@
 """The protocol's checkpoints hold no pickle: values round-trip through JSON + npz (FedAdam's
 moments and ComBat's corrections included), an unknown type is refused when saving, a damaged
-file or a resume under a changed config is refused with a message naming it."""
+file or a resume under a changed config is refused with a message naming it; a second run in
+a results folder is refused while the first lives."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
+import tomli_w
+from flwr.app import Context, RecordDict
+from test_protocol import _cfg
 
 from fedmets.server.aggregation import Aggregator
 from fedmets.server.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from fedmets.server.protocol import FederatedProtocol
+from fedmets.server.server_app import RUN_LOCK, main
 from fedmets.shared.config import FederationConfig
+from fedmets.shared.files import InUse, sole_user
 from fedmets.shared.harmonisation import BatchAdjustment
 
 
@@ -110,3 +119,39 @@ def test_resuming_under_a_changed_config_names_the_change(tmp_path) -> None:
     FederatedProtocol(None, config(3, 1), "r", checkpoints=tmp_path)  # the same: resumes
     with pytest.raises(CheckpointError, match=r"changed since.*\(cv\.folds, run\.seed\)"):
         FederatedProtocol(None, config(5, 2), "r", checkpoints=tmp_path)
+
+
+HOLD = """import sys, time
+from pathlib import Path
+from fedmets.shared.files import sole_user
+with sole_user(Path(sys.argv[1]), "run 7 (process in the test)"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_run_in_a_results_folder_is_refused_while_the_first_lives(tmp_path) -> None:
+    """Ending ``flwr run`` leaves its run going at the SuperLink: a resume started then must not
+    write the same checkpoints beside it."""
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out / RUN_LOCK)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout.readline() == "held\n"
+        fed = tmp_path / "federation.toml"
+        fed.write_text(tomli_w.dumps(_cfg().model_dump(mode="json", exclude_none=True)))
+        run_config = {"federation-config": str(fed), "out": str(out), "resume": "true"}
+        context = Context(
+            run_id=8, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+        )
+        with pytest.raises(InUse, match="run 7"):
+            main(None, context)  # refused before it reaches the grid
+        said = (out / "server.log").read_text()
+        assert f"run 8 refused: {out} is in use by run 7 (process in the test)" in said
+        assert "flwr stop" in said and not (out / "checkpoints").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)  # however the first run ends, the folder is free
+        first.wait()
+    with sole_user(out / RUN_LOCK, "run 9"):
+        assert (out / f".{RUN_LOCK}.lock").read_text() == "run 9"

@@ -1,7 +1,8 @@
 """Deployment with real processes on loopback (see test_deployment.py): the coordinating
-centre, running both folds at once, stops mid-run, renews its server certificate, and resumes
-from its checkpoints to the result of an uninterrupted run of the folds one after another (the
-SuperNodes reconnect through the same CA)."""
+centre, running both folds at once, stops mid-run (its ServerApp ends with its SuperLink),
+renews its server certificate, and resumes from its checkpoints to the result of an
+uninterrupted run of the folds one after another (the SuperNodes reconnect through the same
+CA)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def test_a_stopped_server_resumes_to_the_uninterrupted_result(federation) -> Non
     log = (out / "server.log").read_text()
     for fold in (0, 1):  # each fold resumed from its own checkpoints
         assert f"resumed fold{fold}-selection from its checkpoint" in log
+        # and went on from there itself: the stopped run ended with its SuperLink (a ServerApp
+        # left running would hold OUT, and the resume would be refused)
+        assert f"resumed fold{fold}-thresholds" not in log
     resumed = json.loads((out / "federated.json").read_text())
     workers = {s: SiteWorker([load_site_config(p)]) for s, p in federation.sites.items()}
     reference = FederatedProtocol(
