@@ -59,6 +59,7 @@ from fedmets.client.peritumoral import peritumoral_ring
 from fedmets.client.preprocess import ImageContentError, prepare_patient, save_crop
 from fedmets.client.radiomics_features import (
     REGIONS,
+    SHAPE_REGIONS,
     extractor_for,
     params_file,
     regions_features,
@@ -315,6 +316,7 @@ def settings_fingerprint(cfg: SiteConfig, params: Path) -> dict:
         "pyradiomics": radiomics.__version__,
         "simpleitk": sitk.Version.VersionString(),
         "params_sha256": hashlib.sha256(params.read_bytes()).hexdigest(),
+        "shape_regions": list(SHAPE_REGIONS),
         "rtstruct_roi_pattern": cfg.data.rtstruct_roi_pattern,
         "peritumoral_margin_mm": cfg.radiomics.peritumoral_margin_mm,
         "preprocess": cfg.preprocess.model_dump(),

@@ -1,8 +1,9 @@
 """PyRadiomics features of the tumour and of the peritumoral ring.
 
 Parameter files: ``[radiomics] params = "default"`` is ``client/resources/radiomics_full.yaml``
-(1502 features per region), ``"fast"`` is ``radiomics_fast.yaml`` (293 per region); any other
-value is the path of a PyRadiomics parameter file. Feature names are PyRadiomics' own
+(1502 tumour features, 1488 ring features), ``"fast"`` is ``radiomics_fast.yaml`` (293 and 279);
+any other value is the path of a PyRadiomics parameter file. Shape features are the tumour's
+only (:data:`SHAPE_REGIONS`). Feature names are PyRadiomics' own
 (``original_firstorder_Mean``, ``log-sigma-2-0-mm-3D_glcm_Idm``, ...) prefixed with ``tumour_`` or
 ``ring_``; PyRadiomics' ``diagnostics_*`` entries are dropped. See docs/radiomics.md.
 
@@ -27,6 +28,11 @@ from radiomics.featureextractor import RadiomicsFeatureExtractor
 
 PARAM_FILES = {"default": "radiomics_full.yaml", "fast": "radiomics_fast.yaml"}
 REGIONS = ("tumour", "ring")
+SHAPE_REGIONS = ("tumour",)
+"""The regions whose shape features are extracted. The ring's shape is the tumour's, dilated by
+the margin and cut where air and bone begin: our construction, not the patient's biology. Its
+mesh, an inner and an outer surface, took 5-7x the tumour's (PyRadiomics measures diameters
+over every pair of surface points): without it a site extracts ~1.4x faster (docs/radiomics.md)."""
 # PyRadiomics settings with which ``execute`` resamples or crops the image to the mask's bounding
 # box, or changes the mask, before filtering (or sets a module-wide tolerance), and the image type
 # whose filter reads the mask: with any of them each region runs through ``execute`` alone.
@@ -131,31 +137,40 @@ def regions_features(
     grid), named ``<region>_<name>``, regions in the given order, diagnostics dropped; values as
     Python floats (NaN where PyRadiomics returns NaN).
 
-    Equal, value for value, to ``extractor.execute(ct, mask, label=1)`` per region. When
+    Equal, value for value, to ``extractor.execute(ct, mask, label=1)`` per region, less the
+    shape features of regions outside :data:`SHAPE_REGIONS`. When
     :func:`shares_filtered_images`, PyRadiomics' own steps run with each filter applied once:
     load and check every mask, shape per mask, then every filtered image cropped to each mask.
     Raises what ``execute`` raises; a mask PyRadiomics rejects raises ValueError naming the
     region. ``wanted`` (region -> image type name -> feature class -> features, from
     :func:`wanted_features`): with shared filters, compute for each region and filtered image
     only those (at least; a class computes its matrix once whatever its features)."""
+    enabled = extractor.enabledFeatures
     if not shares_filtered_images(extractor):
         features: dict[str, float] = {}
-        for region, mask in masks.items():
-            with _naming(region):
-                features |= _named(extractor.execute(ct, mask, label=1), region)
+        try:
+            for region, mask in masks.items():
+                extractor.enabledFeatures = _region_classes(enabled, region, wanted)
+                with _naming(region):
+                    features |= _named(extractor.execute(ct, mask, label=1), region)
+        finally:
+            extractor.enabledFeatures = enabled
         return features
     settings = extractor.settings | {"label": 1}
     vectors, checked = {}, {}
-    enabled = extractor.enabledFeatures
     try:
         for region, mask in masks.items():
             with _naming(region):  # the loaded image is the same for every mask (shared filters)
                 image, mask = extractor.loadImage(ct, mask, None, **settings)
                 box, corrected = imageoperations.checkMask(image, mask, **settings)
             checked[region] = (mask if corrected is None else corrected, box)
-            if wanted is not None:
-                extractor.enabledFeatures = wanted.get(region, {}).get("original", {})
+            extractor.enabledFeatures = (
+                wanted.get(region, {}).get("original", {})
+                if wanted is not None
+                else _region_classes(enabled, region, None)
+            )
             vectors[region] = dict(extractor.computeShape(image, *checked[region], **settings))
+        extractor.enabledFeatures = enabled
         for image_type, custom in extractor.enabledImagetypes.items():
             make_images = getattr(imageoperations, f"get{image_type}Image")
             for filtered, type_name, kwargs in make_images(image, None, **(settings | custom)):
@@ -173,6 +188,23 @@ def regions_features(
     return {
         name: value for region in masks for name, value in _named(vectors[region], region).items()
     }
+
+
+def _region_classes(
+    enabled: Mapping[str, list[str] | None],
+    region: str,
+    wanted: Mapping[str, Mapping[str, dict[str, list[str]]]] | None,
+) -> dict[str, list[str] | None]:
+    """The feature classes ``enabled`` for ``region``: without shape where the region is not one
+    of :data:`SHAPE_REGIONS`, unless ``wanted`` names its shape features (a bundle that asks for
+    them gets them)."""
+    named = wanted is not None and any(
+        feature_class.startswith("shape")
+        for feature_class in wanted.get(region, {}).get("original", {})
+    )
+    if region in SHAPE_REGIONS or named:
+        return dict(enabled)
+    return {name: value for name, value in enabled.items() if not name.startswith("shape")}
 
 
 @contextmanager

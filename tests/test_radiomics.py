@@ -16,11 +16,14 @@ from fedmets.client.ingest import load_patient_images, read_manifest
 from fedmets.client.peritumoral import peritumoral_ring
 from fedmets.client.preprocess import prepare_patient
 from fedmets.client.radiomics_features import (
+    SHAPE_REGIONS,
     extractor_for,
     params_file,
     regions_features,
+    restricted_extractor,
     shares_filtered_images,
     use_one_thread,
+    wanted_features,
 )
 from fedmets.shared.config import PreprocessSection, load_site_config
 
@@ -59,12 +62,14 @@ def test_presets_ship_inside_the_client_package():
 
 
 def direct_features(extractor: RadiomicsFeatureExtractor, ct, masks: dict) -> dict[str, float]:
-    """One plain ``execute`` per region, named as fedmets names them."""
+    """One plain ``execute`` per region, named as fedmets names them, the ring's shape features
+    left out (``SHAPE_REGIONS``)."""
     return {
         f"{region}_{name}": float(value)
         for region, mask in masks.items()
         for name, value in extractor.execute(ct, mask).items()
         if not name.startswith("diagnostics_")
+        and not (region not in SHAPE_REGIONS and name.startswith("original_shape_"))
     }
 
 
@@ -112,20 +117,32 @@ def counts(features: dict[str, float], region: str) -> tuple[Counter, Counter]:
     return image_types, classes
 
 
-def test_fast_preset_gives_293_features_per_region(regions):
+def test_fast_preset_gives_293_tumour_and_279_ring_features(regions):
     ct, tumour, ring = next(iter(regions.values()))
     extractor = extractor_for(params_file("fast"))
-    for region, mask in (("tumour", tumour), ("ring", ring)):
+    for region, mask, shape in (("tumour", tumour, 14), ("ring", ring, 0)):
         features = regions_features(extractor, ct, {region: mask})
         image_types, classes = counts(features, region)
-        assert len(features) == 293
+        assert len(features) == 279 + shape
         assert image_types == {
-            "original": 107,
+            "original": 93 + shape,
             "log-sigma-2-0-mm-3D": 93,
             "log-sigma-4-0-mm-3D": 93,
         }
-        assert classes == TEXTURE_PER_IMAGE | {"shape": 14}
+        assert classes == TEXTURE_PER_IMAGE | ({"shape": shape} if shape else {})
         assert not any("diagnostics" in name for name in features)
+
+
+def test_a_bundle_asking_for_ring_shape_features_gets_them(regions):
+    """Names that a model trained before the ring lost its shape features still extract."""
+    ct, tumour, ring = next(iter(regions.values()))
+    names = ("ring_original_shape_VoxelVolume", "tumour_original_firstorder_Mean")
+    extractor = restricted_extractor(params_file("fast"), names)
+    features = regions_features(
+        extractor, ct, {"tumour": tumour, "ring": ring}, wanted_features(names)
+    )
+    direct = RadiomicsFeatureExtractor(str(params_file("fast"))).execute(ct, ring)
+    assert features["ring_original_shape_VoxelVolume"] == direct["original_shape_VoxelVolume"]
 
 
 def test_full_preset_gives_about_1500_features_per_region(regions):
@@ -135,12 +152,13 @@ def test_full_preset_gives_about_1500_features_per_region(regions):
     for region, mask in (("tumour", tumour), ("ring", ring)):
         features = regions_features(extractor, ct, {region: mask})
         image_types, _ = counts(features, region)
-        assert len(features) == 1502  # 16 image types x 93 + 14 shape
+        assert len(features) == 1488 + (14 if region == "tumour" else 0)  # 16 x 93 (+ shape)
         wavelets = [t for t in image_types if t.startswith("wavelet-")]
         logs = [t for t in image_types if t.startswith("log-sigma-")]
         assert len(wavelets) == 8 and len(logs) == 5
         assert image_types["square"] == image_types["squareroot"] == 93
         assert np.isfinite([v for k, v in features.items() if "_shape_" in k]).all()
+        assert any("_shape_" in k for k in features) == (region == "tumour")
 
 
 def test_a_custom_parameter_file_from_the_site_config(regions, tmp_path):
