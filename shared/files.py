@@ -34,9 +34,7 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 def exclusive(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (on ``.<name>.lock`` beside it, made if missing) for
     the block: processes that read, change and write the same file take turns."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with (path.parent / f".{path.name}.lock").open("a") as handle:
+    with _lock_file(path).open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -53,9 +51,7 @@ def sole_user(path: Path, who: str) -> Iterator[None]:
     """Hold ``path``'s lock (``.<name>.lock`` beside it) for the block, without waiting: InUse,
     with the holder's ``who``, while another process holds it. The kernel frees the lock when
     its holder ends, however it ends (flock), so a killed holder never leaves it held."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with (path.parent / f".{path.name}.lock").open("a+", encoding="utf-8") as handle:
+    with _lock_file(path).open("a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -68,6 +64,13 @@ def sole_user(path: Path, who: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_file(path: Path) -> Path:
+    """``.<name>.lock`` beside ``path`` (its folder made if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent / f".{path.name}.lock"
 
 
 def write_text(path: Path, text: str) -> None:

@@ -105,15 +105,21 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _stat(pid: int | str) -> tuple[str, int] | None:
+    """``(state, parent pid)`` of process ``pid`` from Linux ``/proc``; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
 def _descendants(pid: int) -> list[int]:
-    """The pids of every living descendant of ``pid`` (Linux ``/proc``), nearest first."""
+    """The pids of every living descendant of ``pid``, nearest first."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # ended while listed
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for folder in Path("/proc").glob("[0-9]*"):
+        if (stat := _stat(folder.name)) is not None:  # None: ended while listed
+            children.setdefault(stat[1], []).append(int(folder.name))
     found, frontier = [], [pid]
     while frontier:
         frontier = [child for parent in frontier for child in children.get(parent, [])]
@@ -123,10 +129,8 @@ def _descendants(pid: int) -> list[int]:
 
 def _running(pid: int) -> bool:
     """Whether ``pid`` is a process that has not ended (a zombie has)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def sign_with(toml: Path, key: Path) -> None:
