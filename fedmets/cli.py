@@ -8,13 +8,23 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import typer
-from rich.console import Console
+LOG_WIDTH = 200
+"""Console width when the output is not a terminal (a log file, CI): rich would otherwise lay
+tables out for 80 columns and cut their cells. A set ``COLUMNS`` still wins."""
+
+if not (sys.stdout.isatty() or "COLUMNS" in os.environ):
+    # Typer's --help reads it when it first lays help out: the options' tables at 80 columns
+    # would cut long defaults in a log ("swin3d,resnet3d,densene…")
+    os.environ.setdefault("TERMINAL_WIDTH", str(LOG_WIDTH))
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
 
 app = typer.Typer(
     help="fedmets: federated distant-metastasis prediction for head-and-neck cancer.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 config_app = typer.Typer(
     help="Validate site and federation configuration files.", no_args_is_help=True
@@ -26,10 +36,6 @@ audit_app = typer.Typer(
     help="This site's audit log of what left it (a hash chain).", no_args_is_help=True
 )
 site_app.add_typer(audit_app, name="audit")
-
-LOG_WIDTH = 200
-"""Console width when the output is not a terminal (a log file, CI): rich would otherwise lay
-tables out for 80 columns and cut their cells. A set ``COLUMNS`` still wins."""
 
 
 def _console(stderr: bool = False) -> Console:
@@ -442,7 +448,7 @@ def site_extract(
 def study(
     out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, OOF CSV, PNGs.")],
     cohort: Annotated[
-        Path | None, typer.Option(help="Cohort folder of site configs (<site>/site.toml).")
+        Path | None, typer.Option(help="Cohort folder of site configs (SITE/site.toml).")
     ] = None,
     table: Annotated[
         Path | None, typer.Option(help="Feature table CSV (tabular mode, no images).")
@@ -479,7 +485,7 @@ def study(
         typer.Option(
             min=1,
             help="Repeated CV: repeat k redraws every site's folds from its seed + k and trains"
-            " with seed + k (OUT/repeat-<k>/); the spread goes to OUT/repeats.json.",
+            " with seed + k (OUT/repeat-K/); the spread goes to OUT/repeats.json.",
         ),
     ] = 1,
     backbones: Annotated[
@@ -932,7 +938,7 @@ def site_explain(
 
 @app.command()
 def simulate(
-    cohort: Annotated[Path, typer.Option(help="Cohort folder with one <site>/site.toml per site.")],
+    cohort: Annotated[Path, typer.Option(help="Cohort folder with one SITE/site.toml per site.")],
     out: Annotated[Path, typer.Option(help="Run folder (created).")],
     preset: Annotated[str, typer.Option(help="tiny | quickstart | demo | paper | gpu")] = "demo",
     config: Annotated[

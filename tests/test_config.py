@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import typer
 from conftest import CliResult, run_fedmets
 
+from fedmets.cli import app
 from fedmets.shared.config import (
     ConfigError,
     FederationConfig,
@@ -424,3 +427,25 @@ def test_the_logistic_baseline_chooses_no_network() -> None:
     )
     plain = logistic_config(fed).model
     assert (plain.fusion_hidden, plain.main_radiomics, plain.main_hidden) == ([], [], [])
+
+
+def _commands(group, path=()):
+    """(words, click command) of every command under the click ``group``."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_help_shows_its_text_whole() -> None:
+    """``--help`` of every command, as a log gets it (no terminal): the config sections its
+    texts name ("[cv] folds") are not taken for markup, and long defaults are not cut."""
+    for words, command in _commands(typer.main.get_command(app)):
+        shown = run_fedmets(*words, "--help")
+        assert shown.returncode == 0, (words, shown.stderr)
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        for section in re.findall(r"\[[a-z_.]+\]", " ".join(texts)):
+            assert section in shown.stdout, (words, section)
+        assert "…" not in shown.stdout, words
+    assert "[default: swin3d,resnet3d,densenet3d]" in run_fedmets("study", "--help").stdout
