@@ -440,12 +440,13 @@ def _commands(group, path=()):
 
 def test_every_help_shows_its_text_whole() -> None:
     """``--help`` of every command, as a log gets it (no terminal): the config sections its
-    texts name ("[cv] folds") are not taken for markup, and long defaults are not cut."""
+    texts name ("[cv] folds") and their placeholders ("<paths.output>") are not taken for
+    markup, and long defaults are not cut."""
     for words, command in _commands(typer.main.get_command(app)):
         shown = run_fedmets(*words, "--help")
         assert shown.returncode == 0, (words, shown.stderr)
         texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
-        for section in re.findall(r"\[[a-z_.]+\]", " ".join(texts)):
-            assert section in shown.stdout, (words, section)
+        for kept in re.findall(r"\[[a-z_.]+\]|<[^<>\s]+>", " ".join(texts)):
+            assert kept in shown.stdout, (words, kept)
         assert "…" not in shown.stdout, words
     assert "[default: swin3d,resnet3d,densenet3d]" in run_fedmets("study", "--help").stdout
