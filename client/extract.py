@@ -405,9 +405,10 @@ def _extract_patient(task: _Task) -> dict:
         stage = begin("cache")
         task.entry.mkdir(parents=True, exist_ok=True)
         save_crop(task.entry / CROP_FILE, prepared, ring)
-        seconds = time.perf_counter() - started
-        _write_entry(task, {"seconds": seconds, "features": features})
+        _write_entry(task, {"seconds": time.perf_counter() - started, "features": features})
         begin("")
+        # the patient's seconds include its entry's write, as its stages do
+        seconds = time.perf_counter() - started
         result: dict = {"features": features, "seconds": seconds, "stages": stage_seconds}
     except Exception as error:  # noqa: BLE001 - any failure is this patient's, never the run's
         failure = _failure(record, cfg, stage, error, task.entry)
