@@ -407,8 +407,7 @@ def _extract_patient(task: _Task) -> dict:
         save_crop(task.entry / CROP_FILE, prepared, ring)
         _write_entry(task, {"seconds": time.perf_counter() - started, "features": features})
         begin("")
-        # the patient's seconds include its entry's write, as its stages do
-        seconds = time.perf_counter() - started
+        seconds = sum(stage_seconds.values())  # the entry's write included
         result: dict = {"features": features, "seconds": seconds, "stages": stage_seconds}
     except Exception as error:  # noqa: BLE001 - any failure is this patient's, never the run's
         failure = _failure(record, cfg, stage, error, task.entry)

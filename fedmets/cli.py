@@ -6,13 +6,19 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 LOG_WIDTH = 200
 """Console width when the output is not a terminal (a log file, CI): rich would otherwise lay
 tables out for 80 columns and cut their cells. A set ``COLUMNS`` still wins."""
 
-if not (sys.stdout.isatty() or "COLUMNS" in os.environ):
+
+def _to_log(stream: TextIO) -> bool:
+    """Whether ``stream`` goes to a log (no terminal) whose width no ``COLUMNS`` sets."""
+    return not (stream.isatty() or "COLUMNS" in os.environ)
+
+
+if _to_log(sys.stdout):
     # Typer's --help reads it when it first lays help out: the options' tables at 80 columns
     # would cut long defaults in a log ("swin3d,resnet3d,densene…")
     os.environ.setdefault("TERMINAL_WIDTH", str(LOG_WIDTH))
@@ -40,9 +46,9 @@ site_app.add_typer(audit_app, name="audit")
 
 def _console(stderr: bool = False) -> Console:
     """A rich console for stdout or stderr: a terminal's own width, else :data:`LOG_WIDTH`."""
-    stream = sys.stderr if stderr else sys.stdout
-    wide = stream.isatty() or "COLUMNS" in os.environ
-    return Console(stderr=stderr, width=None if wide else LOG_WIDTH)
+    return Console(
+        stderr=stderr, width=LOG_WIDTH if _to_log(sys.stderr if stderr else sys.stdout) else None
+    )
 
 
 console = _console()
