@@ -10,7 +10,8 @@ session, and how the suite spreads over pytest-xdist workers.
 - Workers (``scripts/test.sh`` runs ``-n 3 --dist loadfile --no-loadscope-reorder``): a
   module's tests stay on one worker, so a module-scoped fixture is built once, and the long
   real-process runs sit in modules of their own (``test_deployment*.py``) to run side by side.
-  Slow tests are collected first so the longest work starts first.
+  The longest modules (``LONGEST_MODULES``), then the other slow tests, are collected first
+  so the longest work starts first.
 """
 
 from __future__ import annotations
@@ -96,7 +97,25 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFed
         yield fed
 
 
+LONGEST_MODULES = (
+    "test_simulate.py",  # its simulate fixture 280 s, then 100 s of tests
+    "test_study.py",  # 300 s, most of it on CPU
+    "test_deployment_resume.py",  # 265 s, much of it waiting on Flower's processes
+    "test_deployment_dropout.py",  # 265 s, likewise
+    "test_runbook.py",  # 160 s
+)
+"""The modules that take longest on 2 cores (``--durations``, 2026-12-06), longest first: a
+worker takes a module whole, so the suite ends soonest when these start first."""
+
+
+def _start_rank(item: pytest.Item) -> tuple[int, bool]:
+    """(place in LONGEST_MODULES, or after them; not slow) of a test's module."""
+    name = item.path.name
+    place = LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+    return place, item.get_closest_marker("slow") is None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first (a stable sort: the order inside each kind is kept), so the longest
-    work starts first."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest modules first, then the other slow tests, then the rest (a stable sort:
+    the order inside each kind is kept), so the longest work starts first."""
+    items.sort(key=_start_rank)
