@@ -4,7 +4,7 @@
 #   bash scripts/test.sh --quick    everything not marked slow (real Flower processes, whole
 #                                   simulations, extraction fixtures): the development loop
 # Other arguments go to pytest (e.g. -k attacks, -x). Tests run on 3 pytest-xdist workers, a
-# module's tests on one, modules in collection order (slow ones first: tests/conftest.py);
+# module's tests on one, modules in collection order (the longest first: tests/conftest.py);
 # FEDMETS_TEST_WORKERS changes the count (0: one process, as plain pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
