@@ -73,11 +73,13 @@ def tiny(
 
 @pytest.fixture(scope="session")
 def cohort_run(tiny_extracted, tmp_path_factory):
-    """The tiny preset on a copy of the tiny cohort, two backbones, two folds (redrawn from
-    the sites' seeds): (cohort folder, out folder, StudyResult)."""
+    """The tiny preset on a copy of the tiny cohort, two backbones, two folds (the sites' own:
+    their configs say 2): (cohort folder, out folder, StudyResult)."""
     root = tmp_path_factory.mktemp("study")
     cohort = root / "cohort"
     shutil.copytree(tiny_extracted, cohort)
+    for toml in cohort.glob("*/site.toml"):
+        toml.write_text(toml.read_text().replace("\nfolds = 3\n", "\nfolds = 2\n"))
     out = root / "run"
     fed = tiny(folds=2, stages=SHORT)
     result = run_study(cohort_sites(cohort, workers=2), fed, out, ["swin3d", "resnet3d"])
@@ -171,13 +173,13 @@ def test_cohort_metrics_structure(cohort_run):
 
 @pytest.mark.slow
 def test_the_study_is_simulates_centralised_baseline(cohort_run, tmp_path, monkeypatch):
-    """Same seed and settings: the study's protocol run and ``fedmets simulate``'s centralised
-    baseline (``simulate._baseline``, here in this process) give identical metrics for every
-    model."""
-    cohort, _, _ = cohort_run
-    fed = tiny(stages=SHORT)
-    study = run_study(cohort_sites(cohort), fed, tmp_path / "study", ["swin3d"])
+    """Same seed and settings: the study's protocol run (its first backbone, swin3d) and
+    ``fedmets simulate``'s centralised baseline (``simulate._baseline``, here in this process)
+    give identical metrics for every model."""
+    cohort, _, study = cohort_run
+    fed = tiny(folds=2, stages=SHORT)  # the study's
     tomls = sorted(cohort.glob("*/site.toml"))
+    assert all(load_site_config(toml).policy.folds == 2 for toml in tomls)
     monkeypatch.setattr(simulate, "_PROGRESS", queue.SimpleQueue())  # its log, unread
     centralized = simulate._baseline(
         "centralized", tomls, fed.model_dump(mode="json"), tmp_path / "simulate"
