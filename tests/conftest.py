@@ -98,14 +98,16 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFed
 
 
 LONGEST_MODULES = (
-    "test_simulate.py",  # its simulate fixture 280 s, then 100 s of tests
-    "test_study.py",  # 300 s, most of it on CPU
-    "test_deployment_resume.py",  # 265 s, much of it waiting on Flower's processes
-    "test_deployment_dropout.py",  # 265 s, likewise
-    "test_runbook.py",  # 160 s
+    "test_simulate.py",  # its simulate fixture ~290 s, then ~100 s of tests
+    "test_study.py",  # its study fixture ~170 s, then ~150 s of tests
+    "test_deployment_resume.py",  # ~220 s, much of it waiting on Flower's processes
+    "test_deployment_dropout.py",  # ~225 s, likewise
+    "test_runbook.py",  # ~140 s
 )
-"""The modules that take longest on 2 cores (``--durations``, 2026-12-06), longest first: a
-worker takes a module whole, so the suite ends soonest when these start first."""
+"""The modules that take longest on 2 cores (fresh-clone CI ``--durations``, 2026-12-06),
+longest first: a worker takes a module whole, so the suite ends soonest when these start
+first. pytest-xdist keeps two modules queued on a worker whose module has two tests or fewer,
+so the two one-test deployment modules share the third worker."""
 
 
 def _start_rank(item: pytest.Item) -> tuple[int, bool]:
