@@ -7,7 +7,8 @@ session, and how the suite spreads over pytest-xdist workers.
   (per xdist worker); tests read it, and copy it before changing anything.
 - ``federation``: a loopback deployment (real SuperLink, three registered SuperNode keys) per
   test module.
-- Workers (``scripts/test.sh`` runs ``-n 3 --dist loadfile --no-loadscope-reorder``): a
+- Workers (``scripts/test.sh`` runs ``-n 3 --dist loadfile --no-loadscope-reorder``, with
+  ``OMP_NUM_THREADS=1``: one torch thread per process, as the cores are busy anyway): a
   module's tests stay on one worker, so a module-scoped fixture is built once, and the long
   real-process runs sit in modules of their own (``test_deployment*.py``) to run side by side.
   The longest modules (``LONGEST_MODULES``), then the other slow tests, are collected first

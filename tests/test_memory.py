@@ -68,7 +68,9 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(backbone: str) 
         assert loss == pytest.approx(whole_loss, rel=1e-5)
         worst = max(float((a - b).abs().max()) for a, b in zip(whole, chunked, strict=True))
         scale = max(float(a.abs().max()) for a in whole)
-        assert worst <= 1e-5 * scale, (micro, worst, scale)
+        # float32 sums in another order (1.2e-5 of the scale on one torch thread): a wrong
+        # weighting of the chunks is off by a share of the whole gradient
+        assert worst <= 1e-4 * scale, (micro, worst, scale)
 
 
 def test_training_with_accumulation_follows_the_whole_batch_run() -> None:
