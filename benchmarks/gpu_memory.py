@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.exit(2, "gpu_memory.py: needs a CUDA device (torch.cuda.is_available() is False)\n")
     device = torch.device("cuda")
     budget = int(args.budget_gib * GIB)
     print(

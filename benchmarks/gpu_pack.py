@@ -1,7 +1,7 @@
 """Pack what ``benchmarks/gpu_check.sh`` needs on a GPU machine: the extracted demo cohort
 (``fedmets.simulation.packed_cohort``) and the wheels of the packages that machine lacks
-(MONAI, pydantic and its core, Flower and the cryptography it imports, typer; built for its
-Python).
+(``WHEELS``: MONAI, pydantic and its core, Flower and the cryptography it imports, tomli-w,
+typer; built for its Python).
 
     .venv/bin/python benchmarks/gpu_pack.py --cohort data/demo --out .gpu [--hu-step 10]
 
@@ -28,10 +28,15 @@ WHEELS = (
     "typing-inspection",
     "flwr",
     "cryptography",
+    "cffi",  # cryptography's bindings
+    "pycparser",  # cffi's
     "pycryptodome",
     "iterators",
+    "tomli-w",  # fedmets.simulation.simulate writes the run's federation.toml
     "typer",  # the fedmets CLI's, at the version it is tested with
 )
+"""The distributions fedmets' study imports that the GPU machine lacks
+(``gpu_machine_packages.txt``: the rest are there)."""
 LIMIT_MIB = 64
 
 

@@ -35,7 +35,6 @@ import pyarrow.parquet as pq
 import tomli_w
 import torch
 
-from fedmets.client.extract import extract_site
 from fedmets.client.site_files import FEATURES_FILE
 from fedmets.client.site_worker import SiteWorker
 from fedmets.server.protocol import FederatedProtocol, ProtocolError, main_model
@@ -147,6 +146,10 @@ def simulate(
     configs = site_configs(cohort)
     for cfg in configs:
         if not (cfg.paths.output / FEATURES_FILE).is_file():
+            # PyRadiomics and SimpleITK only where a site extracts: the study (which imports
+            # this module) runs on machines without them (benchmarks/gpu_check.sh)
+            from fedmets.client.extract import extract_site
+
             log(f"extracting {cfg.site_id} (features missing)")
             extract_site(cfg, workers)
     fed_path = out / "federation.toml"

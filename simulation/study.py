@@ -96,14 +96,16 @@ class StudySites:
 def cohort_sites(cohort: Path, workers: int | None = None) -> StudySites:
     """The sites of ``cohort`` (``*/site.toml``, sorted), each extracted first when its
     ``features.parquet`` is missing, and the cohort's ground truth (``ground_truth/``)."""
-    from fedmets.client.extract import extract_site  # PyRadiomics: only when extracting
-
     paths = sorted(Path(cohort).glob("*/site.toml"))
     if not paths:
         raise ValueError(f"no site configs (*/site.toml) under {cohort}")
     sites = StudySites(str(cohort), "cohort", [load_site_config(path) for path in paths])
     for cfg in sites.configs:
         if not (cfg.paths.output / FEATURES_FILE).is_file():
+            # PyRadiomics and SimpleITK only when extracting (benchmarks/gpu_check.sh runs
+            # the study on a machine without them)
+            from fedmets.client.extract import extract_site
+
             extract_site(cfg, workers)
             sites.notes.append(f"{cfg.site_id}: features extracted")
         if cfg.data.mode == "tabular":

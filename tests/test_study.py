@@ -8,6 +8,8 @@ import json
 import queue
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -426,6 +428,56 @@ def test_the_study_reads_the_unpacked_cohort_as_the_original(tiny_extracted, unp
     np.testing.assert_array_equal(after.ids, before.ids)
     np.testing.assert_array_equal(after.labels, before.labels)
     assert after.radiomics.equals(before.radiomics)
+
+
+# The study on the GPU machine of benchmarks/gpu_check.sh: only the distributions of its image
+# (benchmarks/gpu_machine_packages.txt: no PyRadiomics, SimpleITK, Flower, ...) and the wheels
+# that travel with it (gpu_pack.WHEELS) are there; a module of any other is absent.
+ON_THE_GPU_MACHINE = """
+import importlib.abc, importlib.metadata, re, sys
+
+there = set(sys.argv[2].split(","))
+owners = importlib.metadata.packages_distributions()
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        dists = [] if top in sys.stdlib_module_names else owners.get(top, [])
+        if dists and not {re.sub(r"[-_.]+", "-", d.lower()) for d in dists} & there:
+            raise ModuleNotFoundError(f"No module named {top!r} on the GPU machine")
+
+sys.meta_path.insert(0, Absent())
+import fedmets.cli, fedmets.simulation.in_process, fedmets.simulation.simulate
+from fedmets.client.site_worker import load_site_data
+from fedmets.simulation.study import cohort_sites
+
+sites = cohort_sites(sys.argv[1])
+print(len(load_site_data(sites.configs).ids))
+"""
+
+
+@pytest.mark.slow
+def test_the_study_reads_a_packed_cohort_with_the_gpu_machines_packages(unpacked) -> None:
+    summary, cohort = unpacked
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    listed = (benchmarks / "gpu_machine_packages.txt").read_text().split("\n")
+    pack = (benchmarks / "gpu_pack.py").read_text()
+    wheels = re.findall(r'^    "([\w-]+)",', pack.split("WHEELS = (", 1)[1].split(")", 1)[0], re.M)
+    there = {re.sub(r"[-_.]+", "-", n.lower()) for n in listed + wheels if n and n[0] != "#"}
+    assert {"flwr", "monai", "numpy"} <= there and "simpleitk" not in there  # both lists read
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ON_THE_GPU_MACHINE,
+            str(cohort),
+            ",".join(sorted(there | {"fedmets"})),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) == summary["patients"]
 
 
 @pytest.mark.slow
