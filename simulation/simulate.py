@@ -115,6 +115,24 @@ def site_configs(cohort: Path) -> list[SiteConfig]:
     return [load_site_config(p) for p in paths]
 
 
+def extract_missing(
+    configs: Sequence[SiteConfig],
+    workers: int | None = None,
+    say: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Extract each site whose ``features.parquet`` is missing (``say`` told before each); the
+    ids of those extracted. PyRadiomics and SimpleITK are imported only then: the study, which
+    imports this module, runs on machines without them (benchmarks/gpu_check.sh)."""
+    missing = [cfg for cfg in configs if not (cfg.paths.output / FEATURES_FILE).is_file()]
+    if missing:
+        from fedmets.client.extract import extract_site
+    for cfg in missing:
+        if say is not None:
+            say(f"extracting {cfg.site_id} (features missing)")
+        extract_site(cfg, workers)
+    return [cfg.site_id for cfg in missing]
+
+
 def simulate(
     cohort: Path,
     out: Path,
@@ -144,14 +162,7 @@ def simulate(
         fed = FederationConfig.model_validate(data)
     _check_gpus(fed.simulation.gpus_per_site)
     configs = site_configs(cohort)
-    for cfg in configs:
-        if not (cfg.paths.output / FEATURES_FILE).is_file():
-            # PyRadiomics and SimpleITK only where a site extracts: the study (which imports
-            # this module) runs on machines without them (benchmarks/gpu_check.sh)
-            from fedmets.client.extract import extract_site
-
-            log(f"extracting {cfg.site_id} (features missing)")
-            extract_site(cfg, workers)
+    extract_missing(configs, workers, log)
     fed_path = out / "federation.toml"
     fed_path.write_text(
         tomli_w.dumps(fed.model_dump(mode="json", exclude_none=True)), encoding="utf-8"

@@ -47,7 +47,6 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedmets.client.memory import device_budget_bytes
-from fedmets.client.site_files import FEATURES_FILE
 from fedmets.client.site_worker import SiteNotReady, SiteWorker
 from fedmets.server.protocol import ProtocolError
 from fedmets.server.report.figures import (
@@ -61,7 +60,7 @@ from fedmets.server.report.figures import (
     roc_axes,
 )
 from fedmets.server.results import StudyResults, to_jsonable, typed
-from fedmets.shared.config import FederationConfig, SiteConfig, load_site_config
+from fedmets.shared.config import FederationConfig, SiteConfig
 from fedmets.shared.metrics import binary_metrics, calibration, delong_paired_test
 from fedmets.shared.models import (
     FUSION_GROUPS,
@@ -71,6 +70,7 @@ from fedmets.shared.models import (
     single_group_models,
 )
 from fedmets.simulation.in_process import FoldPool, run_in_process
+from fedmets.simulation.simulate import extract_missing, site_configs
 
 STATE_DIR = "state"
 """``OUT/state``: the pooled worker's run state (folds, deep features, held-out scores)."""
@@ -96,18 +96,10 @@ class StudySites:
 def cohort_sites(cohort: Path, workers: int | None = None) -> StudySites:
     """The sites of ``cohort`` (``*/site.toml``, sorted), each extracted first when its
     ``features.parquet`` is missing, and the cohort's ground truth (``ground_truth/``)."""
-    paths = sorted(Path(cohort).glob("*/site.toml"))
-    if not paths:
-        raise ValueError(f"no site configs (*/site.toml) under {cohort}")
-    sites = StudySites(str(cohort), "cohort", [load_site_config(path) for path in paths])
+    sites = StudySites(str(cohort), "cohort", site_configs(cohort))
+    for site_id in extract_missing(sites.configs, workers):
+        sites.notes.append(f"{site_id}: features extracted")
     for cfg in sites.configs:
-        if not (cfg.paths.output / FEATURES_FILE).is_file():
-            # PyRadiomics and SimpleITK only when extracting (benchmarks/gpu_check.sh runs
-            # the study on a machine without them)
-            from fedmets.client.extract import extract_site
-
-            extract_site(cfg, workers)
-            sites.notes.append(f"{cfg.site_id}: features extracted")
         if cfg.data.mode == "tabular":
             sites.notes.append(f"{cfg.site_id}: tabular site, no crops: no deep models")
     truth = Path(cohort) / "ground_truth"

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_fedmets
+from packaging.utils import canonicalize_name
 
 from fedmets.client.crops import HU_WINDOW, load_crops
 from fedmets.client.policy import ScoreGroups
@@ -435,7 +436,8 @@ def test_the_study_reads_the_unpacked_cohort_as_the_original(tiny_extracted, unp
 # (benchmarks/gpu_machine_packages.txt: no PyRadiomics, SimpleITK, Flower, ...) and the wheels
 # that travel with it (gpu_pack.WHEELS) are there; a module of any other is absent.
 ON_THE_GPU_MACHINE = """
-import importlib.abc, importlib.metadata, re, sys
+import importlib.abc, importlib.metadata, sys
+from packaging.utils import canonicalize_name
 
 there = set(sys.argv[2].split(","))
 owners = importlib.metadata.packages_distributions()
@@ -444,7 +446,7 @@ class Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         top = name.split(".")[0]
         dists = [] if top in sys.stdlib_module_names else owners.get(top, [])
-        if dists and not {re.sub(r"[-_.]+", "-", d.lower()) for d in dists} & there:
+        if dists and not {canonicalize_name(d) for d in dists} & there:
             raise ModuleNotFoundError(f"No module named {top!r} on the GPU machine")
 
 sys.meta_path.insert(0, Absent())
@@ -466,7 +468,7 @@ def test_the_study_reads_a_packed_cohort_with_the_gpu_machines_packages(unpacked
     gpu_pack = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_pack)
     names = [n for n in listed if n and n[0] != "#"] + list(gpu_pack.WHEELS)
-    there = {re.sub(r"[-_.]+", "-", n.lower()) for n in names}
+    there = {canonicalize_name(n) for n in names}
     assert {"flwr", "numpy"} <= there and "simpleitk" not in there  # both lists read
     done = subprocess.run(
         [
