@@ -77,6 +77,32 @@ def test_example_validates(path: Path) -> None:
     assert kind == ("federation" if path.name.startswith("federation") else "site")
 
 
+def _keys_shown(path: Path) -> set[str]:
+    """``section.key`` for every key a TOML file sets or shows commented out (``# key = ...``
+    under its ``[section]`` or ``# [section]`` header; a sub-table is its section's key)."""
+    shown, section = set(), ""
+    for line in path.read_text().splitlines():
+        if header := re.fullmatch(r"#?\s*\[([a-z_.]+)\]\s*", line):
+            name, _, sub = header.group(1).partition(".")
+            section = name
+            if sub:
+                shown.add(f"{name}.{sub}")
+        elif key := re.match(r"#?\s*([a-z_]+)\s*=", line):
+            shown.add(f"{section}.{key.group(1)}")
+    return shown
+
+
+def test_the_full_federation_example_shows_every_key() -> None:
+    """docs/deployment.md: site_configs/federation.toml holds the full settings, every key
+    commented; a key added to FederationConfig must be shown there too."""
+    keys = {
+        f"{section}.{key}"
+        for section, field in FederationConfig.model_fields.items()
+        for key in field.annotation.model_fields
+    }
+    assert keys - _keys_shown(REPO / "site_configs" / "federation.toml") == set()
+
+
 def test_examples_pass_cli_schema_only() -> None:
     result = run_cli("--schema-only", *(str(path.relative_to(REPO)) for path in EXAMPLES))
     assert result.returncode == 0, result.stderr
