@@ -23,14 +23,17 @@ Rules (each named in refusals and in the audit log by the string in brackets):
 - ``policy.difference``: the :class:`DifferencingGuard` remembers, per statistic, every
   patient set the site released it on, across runs, and withholds a release on a set that
   differs from an earlier one by fewer than the floor (the same statistic on two sets that
-  differ by one patient gives that patient's value);
+  differ by one patient gives that patient's value); a sum over a fold's training rows is a
+  release on the cohort and every held-out fold too (the site worker gives the guard those
+  sets), and every route's sums of feature values are one statistic (``FEATURE_FIELDS``);
 - ``policy.min_bin_count``: every statistic of scores and labels (histograms, confusion
   counts, Brier, loss sums, calibration) is computed on groups of that many patients by score,
   each patient at its group's mean (:class:`ScoreGroups`): no such release separates one
   patient's label from its group's;
-- ``policy.suppression``: subsite groups under the floor are suppressed, and then more groups
-  until the suppressed patients are none or at least the floor (:func:`suppressed_groups`), so
-  that the whole site minus the released groups is never a small group.
+- ``policy.suppression``: subsite groups under the floor (or withheld by the guard) are
+  suppressed, and then more groups until the suppressed patients are none or at least the
+  floor (:func:`suppressed_groups`), so that the whole site minus the released groups is never
+  a small group (nor one the guard withholds).
 
 A request that breaks a rule is refused (:class:`PolicyRefused`, nothing computed); a
 well-formed request whose answer would break ``policy.min_patients`` or ``policy.difference``
@@ -60,6 +63,7 @@ MODEL_OUTPUT_ROUTES = (
     "query.train_scores",
     "query.permutation",
     "query.evaluation",
+    "query.bundle_evaluation",
 )
 """Routes whose replies are computed from a model's outputs (scores, losses, features)."""
 
@@ -178,15 +182,34 @@ def private_seed(policy: PolicySection, seed: int, site_id: str, *keys: int) -> 
 
 LABEL_FIELDS = ("positives", "fold_positives", "label_products", "hist_pos", "val_hist_pos")
 """Reply fields (and families) that carry label counts: one statistic whatever the route."""
+FEATURE_FIELDS = (
+    "radiomics_sum",
+    "clinical_sum",
+    "clinical_sumsq",
+    "centred_sum",
+    "cross_products",
+    "label_products",
+    "batch_covariate_sum",
+    "batch_response_sum",
+    "covariate_response",
+    "residual_sumsq",
+)
+"""Reply fields that are sums of the patients' radiomics or clinical values (or their
+squares and products): whatever the route, one such sum on one set can be subtracted from
+another's (a covariance's centred sum plus n times the mean it was centred on is the moments'
+radiomics sum; a ComBat batch's response sum is too)."""
 
 
 def release_families(route_name: str, reply: Mapping[str, Any]) -> set[str]:
     """The statistics a reply releases, for the differencing guard: its route's own (a route
-    computes the same statistic on whatever rows it is asked about), and ``labels`` when it
-    carries label counts (which every such route releases alike)."""
+    computes the same statistic on whatever rows it is asked about), ``labels`` when it
+    carries label counts and ``features`` when it carries sums of feature values (which every
+    such route releases alike)."""
     families = {route_name}
     if any(key.split(":", 1)[0] in LABEL_FIELDS for key in reply):
         families.add("labels")
+    if any(key in FEATURE_FIELDS for key in reply):
+        families.add("features")
     return families
 
 
@@ -195,7 +218,9 @@ class DifferencingGuard:
     every run on the cohort, by :func:`release_families`), and the rule that a new release of
     a statistic is on the same set as each earlier release of it or on a set that differs from
     it by at least ``floor`` patients. Different statistics on overlapping sets cannot be
-    subtracted from each other, so they are not compared."""
+    subtracted from each other, so they are not compared. The guard compares sets two at a
+    time: the site also gives it the sets that several releases together make known (a
+    fold's training rows: the cohort and every held-out fold, ``SiteWorker._training_sets``)."""
 
     def __init__(self, folder: Path, floor: int) -> None:
         self.path = Path(folder) / "released-sets.json"
@@ -219,7 +244,15 @@ class DifferencingGuard:
         with exclusive(self.path):
             return self._admit_together(sets, families)
 
-    def _admit_together(self, sets: Sequence[np.ndarray], families: set[str]) -> str | None:
+    def problem(self, sets: Sequence[np.ndarray], families: set[str]) -> str | None:
+        """Why :meth:`admit_together` would refuse ``sets`` now (None: it would admit them),
+        recording nothing."""
+        with exclusive(self.path):
+            return self._admit_together(sets, families, record=False)
+
+    def _admit_together(
+        self, sets: Sequence[np.ndarray], families: set[str], record: bool = True
+    ) -> str | None:
         known = self._sets()
         pending: dict[str, list[str]] = {}
         for ids in sets:
@@ -237,7 +270,9 @@ class DifferencingGuard:
                             f"floor is {self.floor}"
                         )
             pending[key] = members
-        if all(key in known.get(family, {}) for key in pending for family in families):
+        if not record or all(
+            key in known.get(family, {}) for key in pending for family in families
+        ):
             return None
         for family in families:
             known.setdefault(family, {}).update(pending)
@@ -320,11 +355,14 @@ class ScoreGroups:
         )
 
 
-def suppressed_groups(sizes: Mapping[str, int], floor: int) -> set[str]:
-    """Groups (name -> patients) to leave out: those under ``floor``, then the smallest of the
-    rest, one at a time, while the suppressed patients number between 1 and ``floor`` - 1
-    (complementary suppression: the whole minus the released groups is then no small set)."""
-    out = {g for g, n in sizes.items() if n < floor}
+def suppressed_groups(
+    sizes: Mapping[str, int], floor: int, withheld: Sequence[str] = ()
+) -> set[str]:
+    """Groups (name -> patients) to leave out: those under ``floor`` and those ``withheld``
+    (by the differencing guard), then the smallest of the rest, one at a time, while the
+    suppressed patients number between 1 and ``floor`` - 1 (complementary suppression: the
+    whole minus the released groups is then no small set)."""
+    out = {g for g, n in sizes.items() if n < floor} | set(withheld)
     rest = sorted((n, g) for g, n in sizes.items() if g not in out)
     while 0 < sum(sizes[g] for g in out) < floor and rest:
         out.add(rest.pop(0)[1])

@@ -82,6 +82,7 @@ from fedmets.shared.config import SiteConfig
 from fedmets.shared.files import exclusive, write_array, write_arrays
 from fedmets.shared.harmonisation import (
     BatchAdjustment,
+    covariate_columns,
     covariate_design,
     design_statistics,
     impute,
@@ -402,6 +403,35 @@ class SiteWorker:
         self._admit(request, rows, release_families(self.route, reply))
         return reply
 
+    def _released_on_training(
+        self, request: Mapping[str, Any], reply: dict, within: Sequence[np.ndarray] = ()
+    ) -> dict:
+        """``reply``, sums over the training rows of the request's fold (each of the bool
+        masks ``within`` (n,) of them, else all), when the policy lets every set
+        :meth:`_training_sets` names leave, else :class:`Withheld` with the count alone."""
+        sets = self._training_sets(request, within)
+        self._admit_together(request, sets, release_families(self.route, reply), reply["n"])
+        return reply
+
+    def _training_sets(
+        self, request: Mapping[str, Any], within: Sequence[np.ndarray] = ()
+    ) -> list[np.ndarray]:
+        """The patient sets (bool masks (n,), empty ones left out) that a sum over the
+        training rows of the request's fold makes known, within each mask of ``within`` (a
+        batch, a covariate level, a class; default every patient): those training rows, and
+        with the other folds' releases of the same sum also the group's whole cohort (the k
+        folds' training sets add up to k - 1 times it; the final model's fold is it) and
+        each fold's held-out rows of it (the cohort minus that fold's training rows). The
+        guard compares sets two at a time, so it is given them all: a cohort that changed
+        by a patient since an earlier release, or a fold holding fewer than the floor of
+        the group, withholds the sum."""
+        fold, _ = self._partition(request)
+        train = self._rows(request)["train"]
+        sets = []
+        for rows in within or [np.ones(len(fold), dtype=bool)]:
+            sets += [train & rows, rows] + [rows & (fold == f) for f in np.unique(fold)]
+        return [rows for rows in sets if rows.any()]
+
     def _admit(self, request: Mapping[str, Any], rows: np.ndarray, families: set[str]) -> None:
         """Return when statistics ``families`` may be released on the patients of ``rows``: at
         least the floor of them, and a patient set the same as each one those statistics were
@@ -480,9 +510,11 @@ class SiteWorker:
         y = self.data.labels
         sizes = np.bincount(fold, minlength=k).astype(np.int64)
         reply = {"n": len(y), "fold_sizes": sizes}
-        try:  # positives per fold: label counts of each fold's patients
-            for f in range(k):
-                self._admit(request, fold == f, {self.route, "labels"})
+        try:  # positives per fold: label counts of each fold's patients, which add up to the
+            # cohort's (its positives, withheld by the census of a cohort one patient apart)
+            cohort = np.ones(len(y), dtype=bool)
+            folds = [fold == f for f in range(k)]
+            self._admit_together(request, [cohort, *folds], {self.route, "labels"}, len(y))
         except Withheld:
             return reply
         reply["fold_positives"] = np.bincount(fold, weights=y, minlength=k).astype(np.int64)
@@ -507,9 +539,13 @@ class SiteWorker:
         if self.data.clinical is not None:
             C = self.data.clinical.to_numpy()[train]
             reply |= {"clinical_sum": C.sum(axis=0), "clinical_sumsq": (C**2).sum(axis=0)}
-        return self._released(request, train, reply)
+        return self._released_on_training(request, reply)
 
     def covariance(self, request: dict) -> dict:
+        """Sums over the fold's training rows of the radiomics centred on the request's mean
+        and of their cross-products; asked for the correlation ranking, also the sums over
+        its DM+ patients (``label_products``), only when each class is a group the policy
+        admits in every fold (:meth:`_training_sets`), else left out."""
         train = self._rows(request)["train"]
         mean = np.asarray(request["radiomics_mean"], dtype=np.float64)
         X = self._fold_data(request).radiomics.to_numpy()[train]
@@ -519,10 +555,14 @@ class SiteWorker:
             "centred_sum": centred.sum(axis=0),
             "cross_products": centred.T @ centred,
         }
+        self._released_on_training(request, reply)
         if request.get("label_products"):  # for the correlation ranking
             y = self.data.labels[train].astype(np.float64)
-            reply |= {"positives": int(y.sum()), "label_products": centred.T @ y}
-        return self._released(request, train, reply)
+            products = {"positives": int(y.sum()), "label_products": centred.T @ y}
+            classes = [self.data.labels == 1, self.data.labels == 0]
+            with contextlib.suppress(Withheld):
+                reply |= self._released_on_training(request, {"n": reply["n"], **products}, classes)
+        return reply
 
     # ---- ComBat (fedmets.shared.harmonisation) -------------------------------------------------
 
@@ -546,22 +586,31 @@ class SiteWorker:
         return impute(X, mean), c, self._rows(request)["train"]
 
     def combat_statistics(self, request: dict) -> dict:
-        """Each batch's sums over its training rows (``design_statistics``). Every covariate
-        indicator splits the rows into two groups whose feature sums it releases: each
-        group must be a patient set the policy admits (or empty), like each batch."""
+        """Each batch's sums over its training rows (``design_statistics``), released when
+        every group they give the sums of is one the policy admits (:meth:`_combat_groups`)."""
         y, c, train = self._combat_inputs(request)
         batches = self._batches()
         reply = {
             "n": int(train.sum()),
             **design_statistics(y[train], c[train], self.data.site[train], batches),
         }
-        groups = [train] + [train & (self.data.site == b) for b in batches]
-        for j in range(c.shape[1]):
-            if np.isin(c[train, j], (0.0, 1.0)).all():
-                groups += [train & (c[:, j] == 1), train & (c[:, j] == 0)]
-        groups = [g for g in groups if g.any()]
-        self._admit_together(request, groups, release_families(self.route, reply), reply["n"])
-        return reply
+        return self._released_on_training(request, reply, self._combat_groups(request, c))
+
+    def _combat_groups(self, request: Mapping[str, Any], c: np.ndarray) -> list[np.ndarray]:
+        """The patient groups (bool masks (n,)) whose feature sums ComBat's statistics give:
+        every patient, each batch, and per category covariate each level (its indicator's
+        patients and the rest) and its reference level (the patients of none of its
+        indicators: the batch minus the levels). With the covariate effects the centre picks,
+        residual sums of squares give the same sums, so both routes admit these groups."""
+        groups = [np.ones(len(c), dtype=bool)] + [self.data.site == b for b in self._batches()]
+        columns = covariate_columns(list(request["covariates"]))
+        for name in request["covariates"]:
+            indicators = [j for j, column in enumerate(columns) if column.startswith(f"{name}_")]
+            for j in indicators:
+                groups += [c[:, j] == 1, c[:, j] == 0]
+            if indicators:
+                groups.append((c[:, indicators] == 0).all(axis=1))
+        return groups
 
     def combat_variance(self, request: dict) -> dict:
         """The residual sums of squares (p,) of the training rows at each batch's intercept
@@ -578,7 +627,8 @@ class SiteWorker:
         for intercept, b in zip(intercepts, self._batches(), strict=True):
             rows = train & (self.data.site == b)
             sumsq += residual_sumsq(y[rows], c[rows], intercept, effects)
-        return self._released(request, train, {"n": int(train.sum()), "residual_sumsq": sumsq})
+        reply = {"n": int(train.sum()), "residual_sumsq": sumsq}
+        return self._released_on_training(request, reply, self._combat_groups(request, c))
 
     def combat_apply(self, request: dict) -> dict:
         """Fit each batch's empirical-Bayes location and scale on its training rows and
@@ -807,7 +857,7 @@ class SiteWorker:
             request[wire.WEIGHTS_PREFIX + IMAGE_MODEL],
             settings,
         )
-        return self._released(request, train, reply)
+        return self._released_on_training(request, reply)
 
     # ---- fusion --------------------------------------------------------------------------------
 
@@ -970,31 +1020,59 @@ class SiteWorker:
         for name, values in thresholds.items():
             cut[name][fold >= 0] = values[fold[fold >= 0]]
         scored = fold >= 0
-        floor = self.min_patients(request)
-        subsites = {
-            f"@{s}": scored & (self.data.subsite == s) for s in sorted(set(self.data.subsite))
+        groups = self._evaluation_groups(request, scored)
+        reply: dict[str, Any] = {
+            "n": int(scored.sum()),
+            "suppressed": len(set(self.data.subsite)) - (len(groups) - 1),
         }
-        hidden = suppressed_groups({g: int(r.sum()) for g, r in subsites.items()}, floor)
-        reply: dict[str, Any] = {"n": int(scored.sum()), "suppressed": len(hidden)}
-        groups = {"": scored} | {g: r for g, r in subsites.items() if g not in hidden}
         for suffix, rows in groups.items():
-            try:  # histograms, confusion counts: labels among them
-                self._admit(request, rows, {self.route, "labels"})
-            except Withheld:
-                if not suffix:
-                    raise
-                reply["suppressed"] += 1
-                continue
             y = self.data.labels[rows]
             for name in thresholds:
-                groups = self._score_groups(y, scores[name][rows])
-                pos, neg = groups.histograms(int(request["bins"]))
+                grouped = self._score_groups(y, scores[name][rows])
+                pos, neg = grouped.histograms(int(request["bins"]))
                 reply[f"hist_pos:{name}{suffix}"], reply[f"hist_neg:{name}{suffix}"] = pos, neg
-                reply[f"confusion:{name}{suffix}"] = groups.confusion(cut[name][rows])
-                reply[f"brier_sum:{name}{suffix}"] = groups.brier_sum()
+                reply[f"confusion:{name}{suffix}"] = grouped.confusion(cut[name][rows])
+                reply[f"brier_sum:{name}{suffix}"] = grouped.brier_sum()
             if suffix:
                 reply[f"group_n:{suffix[1:]}"] = int(rows.sum())
         return reply
+
+    def _evaluation_groups(
+        self, request: Mapping[str, Any], scored: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """The patient sets (bool masks (n,)) the evaluation releases its statistics on (they
+        carry labels): every scored patient (key "") and each subsite group ("@<subsite>")
+        that is neither under the floor nor one the differencing guard withholds, with
+        complementary suppression over all of them. The whole minus the released groups is a
+        release too: it is no small set, and when the guard would withhold it the smallest
+        released group joins it. All admitted together; :class:`Withheld` when the whole is
+        not."""
+        floor = self.min_patients(request)
+        families = {self.route, "labels"}
+        subsites = {
+            f"@{s}": scored & (self.data.subsite == s) for s in sorted(set(self.data.subsite))
+        }
+        sizes = {g: int(rows.sum()) for g, rows in subsites.items()}
+        guard = DifferencingGuard(self.policy_folder(), floor)
+
+        def withheld_by_guard(rows: np.ndarray) -> bool:
+            return rows.any() and guard.problem([self.data.ids[rows]], families) is not None
+
+        withheld: set[str] = set()
+        while True:  # what the guard withholds is suppressed, and the suppression redone
+            hidden = suppressed_groups(sizes, floor, sorted(withheld))
+            groups = {"": scored} | {g: r for g, r in subsites.items() if g not in hidden}
+            released = [g for g in groups if g]
+            rest = scored & ~np.any([groups[g] for g in released] or [~scored], axis=0)
+            refused = {g for g in released if withheld_by_guard(groups[g])}
+            if not refused and released and withheld_by_guard(rest):
+                refused = {min(released, key=lambda g: sizes[g])}
+            if not refused:
+                break
+            withheld |= refused
+        sets = [*groups.values(), rest] if rest.any() else list(groups.values())
+        self._admit_together(request, sets, families, int(scored.sum()))
+        return groups
 
     def out_of_fold(
         self, run: str, models: Sequence[str], folds: int

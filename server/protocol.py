@@ -752,11 +752,18 @@ class FederatedProtocol:
         corr = cov[np.ix_(varying, varying)] / np.outer(sd[varying], sd[varying])
         kept = varying[correlation_filter(corr, self.cfg.selection.correlation_threshold)]
 
-        frequency = None
-        if by_correlation:
-            importance = self._label_correlation(cov_replies, sums, sd, kept)
-            ranked_by = cov_replies
+        frequency, ranking = None, self.cfg.selection.ranking
+        labelled = {s: r for s, r in cov_replies.items() if "label_products" in r}
+        if by_correlation and labelled:
+            importance = self._label_correlation(labelled, kept)
+            ranked_by = labelled
         else:
+            if by_correlation:  # each site's DM+ or DM- patients under its floor in a fold
+                ranking = "forest"
+                self.say(
+                    f"  fold {fold}: no site released its label products (each class must "
+                    "hold a site's min_patients in every fold): ranked by forest instead"
+                )
             importance, ranked_by, frequency = self._forest_importance(fold, kept, mean, sd, where)
         if frequency is None:
             order = np.argsort(-importance, kind="stable")
@@ -772,13 +779,13 @@ class FederatedProtocol:
         self.say(
             f"  {len(mean)} radiomics columns -> {len(varying)} varying -> {len(kept)} after "
             f"|r| <= {self.cfg.selection.correlation_threshold} -> top {len(selected)} "
-            f"(ranked by {self.cfg.selection.ranking}, {len(ranked_by)} sites)"
+            f"(ranked by {ranking}, {len(ranked_by)} sites)"
         )
         selection = {
             "columns": int(len(mean)),
             "varying": int(len(varying)),
             "after_correlation_filter": int(len(kept)),
-            "ranking": self.cfg.selection.ranking,
+            "ranking": ranking,
             "selected": selected.tolist(),
             "importance": importance[order].round(6).tolist(),
             "ranked_by": sorted(ranked_by),
@@ -921,19 +928,23 @@ class FederatedProtocol:
         return importance, ranked, frequency
 
     @staticmethod
-    def _label_correlation(
-        replies: dict[str, Payload], sums: np.ndarray, sd: np.ndarray, kept: np.ndarray
-    ) -> np.ndarray:
-        """|Pearson r| of each ``kept`` column with the DM label (k,), from the sites' sums of
-        centred values times the label: exactly the correlation on the pooled rows."""
+    def _label_correlation(replies: dict[str, Payload], kept: np.ndarray) -> np.ndarray:
+        """|Pearson r| of each ``kept`` column with the DM label (k,), from the covariance
+        replies that carry the sums of centred values times the label: exactly the
+        correlation on the pooled training rows of those sites."""
         n = sum(r["n"] for r in replies.values())
         positives = sum(r["positives"] for r in replies.values())
         products = sum(r["label_products"] for r in replies.values())
+        sums = sum(r["centred_sum"] for r in replies.values())
+        squares = sum(np.diag(r["cross_products"]) for r in replies.values())
         if not 0 < positives < n:
             raise ProtocolError("the covariance replies hold one class only: no label correlation")
+        sd = np.sqrt(np.maximum((squares - sums**2 / n) / (n - 1), 0.0))
         label_sd = np.sqrt(positives * (n - positives) / n / (n - 1))
         covariance = (products - sums * positives / n) / (n - 1)
-        return np.abs(covariance[kept]) / (sd[kept] * label_sd)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.abs(covariance[kept]) / (sd[kept] * label_sd)
+        return np.nan_to_num(r)
 
     def _usable(self, replies: dict[str, Payload], needed: str) -> dict[str, Payload]:
         """The replies that carry ``needed`` (the others held back: too few patients)."""

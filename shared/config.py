@@ -235,7 +235,8 @@ class PolicySection(_Section):
     # Fewest patients behind anything released, and fewest by which two released patient
     # sets may differ (the differencing guard); the centre may only ask for more.
     min_patients: int = Field(5, ge=2)
-    # Train, validate, score and explain only in differentially private runs.
+    # Train, validate, score and explain only in differentially private runs; needs an
+    # epsilon_budget (the centre picks each run's epsilon, and so its noise).
     require_dp: bool = False
     epsilon_budget: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -270,6 +271,12 @@ class PolicySection(_Section):
     def _ordered(self) -> PolicySection:
         if self.min_lr > self.max_lr:
             raise _rule_error(f"must be <= max_lr ({self.max_lr}), got {self.min_lr}", "min_lr")
+        if self.require_dp and self.epsilon_budget is None:
+            raise _rule_error(
+                "required when require_dp is true: each run's epsilon, and so its noise, is "
+                "the centre's choice, and only the site's budget bounds what it spends",
+                "epsilon_budget",
+            )
         return self
 
 

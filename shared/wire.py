@@ -48,10 +48,11 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 """Bumped whenever a route's request or reply changes (8: statistics on score groups, variant
-networks; 9: the ``paper`` image preset; 10: batches, :data:`BATCH_MESSAGE_TYPE`); the census
-refuses other versions."""
+networks; 9: the ``paper`` image preset; 10: batches, :data:`BATCH_MESSAGE_TYPE`; 11: a
+covariance reply may leave out the label products it was asked for); the census refuses other
+versions."""
 
 
 class Kind(StrEnum):
@@ -280,7 +281,8 @@ ROUTES: dict[str, Route] = {
                 "positives": C,
                 "centred_sum": A,  # (p,)
                 "cross_products": A,  # (p, p)
-                "label_products": A,  # (p,) centred values times the 0/1 label, if asked
+                "label_products": A,  # (p,) centred values times the 0/1 label, if asked and
+                # each class holds the floor in every fold (else left out)
             },
         ),
         Route(

@@ -23,8 +23,9 @@ from fedmets.client.site_worker import SiteWorker
 from fedmets.client.training import get_state
 from fedmets.shared import wire
 from fedmets.shared.clinical import encoded_columns
-from fedmets.shared.config import load_site_config
+from fedmets.shared.config import ConfigError, load_site_config
 from fedmets.shared.files import exclusive
+from fedmets.shared.harmonisation import covariate_columns
 from fedmets.shared.metrics import logit
 from fedmets.shared.models import FusionNet
 from fedmets.shared.privacy import PrivacyBudgetExceeded
@@ -175,6 +176,99 @@ def test_fold_differencing_across_runs_and_cohorts(site, tmp_path) -> None:
                 assert len(sets[a] ^ sets[b]) >= FLOOR
 
 
+def _relabel(worker: SiteWorker, **columns: np.ndarray) -> SiteWorker:
+    """The site with its features table's ``columns`` replaced (labels, clinical indicators)."""
+    features = worker.configs[0].paths.output / "features.parquet"
+    table = pd.read_parquet(features)
+    for name, values in columns.items():
+        table[name] = values
+    table.to_parquet(features)
+    return SiteWorker(worker.configs)
+
+
+def test_a_cohort_one_patient_apart_releases_no_sum_over_its_folds(site) -> None:
+    """The attack: on a cohort one patient smaller the census withholds its positives, but
+    its folds' positives add up to them; and the k folds' training sums add up to k - 1
+    times the cohort's sums, whatever new folds the new cohort gets (no two sets one
+    patient apart). Run 1 on the cohort, run 2 without one DM+ patient: the label and the
+    radiomics row of that patient are the differences. The site withholds every sum over
+    the new cohort's folds (they make the cohort known, one patient from the first), in
+    moments and in the covariance alike (the same sums)."""
+    gone = int(np.flatnonzero(site.data.labels == 1)[3])
+    ask(site, "query.census", protocol=wire.PROTOCOL_VERSION, run="run-1")
+    assert "fold_positives" in ask(site, "query.folds", folds=5, run="run-1")
+    before = [ask(site, "query.moments", fold=f, run="run-1") for f in range(5)]
+    assert all("radiomics_sum" in reply for reply in before)
+    features = site.configs[0].paths.output / "features.parquet"
+    pd.read_parquet(features).drop(index=gone).to_parquet(features)
+    smaller = SiteWorker(site.configs)
+    assert "positives" not in ask(smaller, "query.census", protocol=wire.PROTOCOL_VERSION)
+    assert "fold_positives" not in ask(smaller, "query.folds", folds=5)
+    for fold in range(5):
+        assert "radiomics_sum" not in ask(smaller, "query.moments", fold=fold)
+        assert audit(smaller)[-1]["rule"] == "policy.difference"
+    mean = np.zeros(smaller.data.radiomics.shape[1])
+    assert "centred_sum" not in ask(smaller, "query.covariance", fold=0, radiomics_mean=mean)
+
+
+def test_label_products_leave_only_when_each_class_holds_the_floor_in_every_fold(site) -> None:
+    """The attack: the correlation ranking's sums of centred values over each fold's DM+
+    training patients. The folds' sums add up to k - 1 times the cohort's, so the cohort's
+    minus one fold's is the sum over that fold's DM+ patients: with one DM+ in a fold, a row
+    known to be DM+. With 5 DM+ (one a fold) the site withholds them, and sends the rest of
+    the covariance; with 35 (7 a fold) it sends them."""
+    labels = site.data.labels.astype(float)
+    few = _relabel(site, label=np.where(np.cumsum(labels) <= 5, labels, 0.0))
+    mean = np.zeros(few.data.radiomics.shape[1])
+    assert ask(few, "query.folds", folds=5)["fold_positives"].tolist() == [1] * 5
+    for fold in (-1, *range(5)):
+        reply = ask(few, "query.covariance", fold=fold, radiomics_mean=mean, label_products=True)
+        assert "centred_sum" in reply and "label_products" not in reply
+    many = _relabel(few, label=(np.arange(72) % 2 == 0).astype(float))
+    assert min(ask(many, "query.folds", folds=5, run="many")["fold_positives"]) >= FLOOR
+    reply = ask(
+        many, "query.covariance", fold=-1, radiomics_mean=mean, label_products=True, run="many"
+    )
+    X, y = many.data.radiomics.to_numpy(), many.data.labels
+    np.testing.assert_allclose(reply["label_products"], np.nansum(X[y == 1], axis=0), rtol=1e-9)
+
+
+def test_combat_releases_no_covariate_group_under_the_floor(site, tmp_path) -> None:
+    """The attacks: (a) ``combat_variance`` with covariate effects the centre crafts (+1,
+    then -1, on one indicator: the two residual sums of squares differ by four times that
+    indicator's patients' sum) gives the 4 hypopharynx patients' sum, which
+    ``combat_statistics`` withholds; (b) ``combat_statistics``' batch sum minus its levels'
+    sums is the reference level's: one T1 patient among T2-T4 gives its row. Both routes
+    admit every level, the reference level and each fold's share of them: withheld."""
+    ask(site, "query.folds", folds=5)
+    p = site.data.radiomics.shape[1]
+    columns = covariate_columns(["subsite"])
+    effects = np.zeros((len(columns), p))
+    effects[columns.index("subsite_hypopharynx")] = 1.0
+    crafted = {
+        "radiomics_mean": np.zeros(p),
+        "covariates": ["subsite"],
+        "batch_intercepts": np.zeros((1, p)),
+        "covariate_effects": effects,
+    }
+    assert "residual_sumsq" not in ask(site, "query.combat_variance", fold=-1, **crafted)
+    assert audit(site)[-1]["rule"] == "policy.min_patients"
+    two = make_site(tmp_path / "two-folds", policy={"folds": 2})  # 36 patients a fold
+    ask(two, "query.folds", folds=2)
+    fold = np.load(two.state_root / "attack" / "folds.npz")["fold"]
+    stage = np.empty(72, dtype=object)  # T2, T3 and T4 in turn within each fold: 12 each
+    stage[np.argsort(fold, kind="stable")] = np.array(["t2", "t3", "t4"])[np.arange(72) % 3]
+    stage[10] = "t1"  # and one T1 patient
+    indicators = {f"t_stage_{s}": (stage == s).astype(float) for s in ("t1", "t2", "t3", "t4")}
+    staged = _relabel(two, **indicators)
+    ask(staged, "query.folds", folds=2, run="staged")
+    request = {"radiomics_mean": np.zeros(p), "covariates": ["t_stage", "age"], "run": "staged"}
+    assert "covariate_response" not in ask(staged, "query.combat_statistics", fold=-1, **request)
+    assert "covariate_response" in ask(
+        staged, "query.combat_statistics", fold=-1, **{**request, "covariates": ["age"]}
+    )
+
+
 # ---- histograms and subsites -------------------------------------------------------------------
 
 
@@ -230,6 +324,34 @@ def test_subsite_subtraction_leaves_no_small_group(site) -> None:
     hidden = reply["n"] - sum(released.values())
     assert hidden == 0 or hidden >= FLOOR  # the whole minus the groups: no small group
     assert reply["suppressed"] == 2
+
+
+def test_a_subsite_the_guard_withholds_is_not_the_whole_minus_the_rest(tmp_path) -> None:
+    """The attack: run 1 evaluates every fold; run 2 scores all folds but the one holding a
+    lone hypopharynx patient, so its hypopharynx group is run 1's but that patient. The guard
+    withholds it, but the whole minus the released subsites was that group again, and the
+    two runs' positive counts differed by that patient's label. The whole minus the released
+    groups is a release too: the guard's check of it suppresses one more group."""
+    site = make_site(tmp_path)
+    subsite = np.repeat(["oropharynx", "larynx", "hypopharynx"], [30, 34, 8])
+    site = _relabel(site, **{f"subsite_{s}": (subsite == s).astype(float) for s in SUBSITES})
+    for run in ("run-1", "run-2"):
+        ask(site, "query.folds", folds=5, run=run)
+    fold = np.load(site.state_root / "run-1" / "folds.npz")["fold"]
+    lone = next(f for f in range(5) if ((subsite == "hypopharynx") & (fold == f)).sum() == 1)
+    request, thresholds = fusion_request(site), {f"thresholds:{MAIN}": np.full(5, 0.5)}
+    for f in range(5):
+        for run in ("run-1", "run-2") if f != lone else ("run-1",):
+            ask(site, "query.train_scores", bins=10, fold=f, dp_mode="off", run=run, **request)
+    first = ask(site, "query.evaluation", bins=10, dp_mode="off", run="run-1", **thresholds)
+    second = ask(site, "query.evaluation", bins=10, dp_mode="off", run="run-2", **thresholds)
+    assert first["group_n:hypopharynx"] == 8 and "group_n:hypopharynx" not in second
+    released = [k.split(":", 1)[1] for k in second if k.startswith("group_n:")]
+    rest = second["n"] - sum(second[f"group_n:{s}"] for s in released)
+    assert rest != 7  # not the hypopharynx group of run 2 (without the suppression: 7)
+    known = json.loads((site.policy_folder() / "released-sets.json").read_text())
+    sets = [set(members) for members in known["query.evaluation"].values()]
+    assert all(len(a ^ b) in (0,) or len(a ^ b) >= FLOOR for a in sets for b in sets)
 
 
 # ---- crafted scores: one patient apart ----------------------------------------------------------
@@ -359,11 +481,17 @@ def test_undeclared_request_fields_are_refused(site) -> None:
 
 
 def test_a_site_that_requires_dp_answers_model_routes_only_under_dp(tmp_path) -> None:
-    worker = make_site(tmp_path, policy={"require_dp": True})
+    """Every route computed from model outputs, a held-out site's evaluation of the bundle
+    included, needs a run under sample-level DP; and the site must set its own budget, since
+    each run's epsilon (and so its noise) is the centre's to pick."""
+    with pytest.raises(ConfigError, match="epsilon_budget: required when require_dp"):
+        make_site(tmp_path / "no-budget", policy={"require_dp": True})
+    worker = make_site(tmp_path, policy={"require_dp": True, "epsilon_budget": 8.0})
     ask(worker, "query.folds", folds=5)
     request = {**fusion_request(worker), "fold": 0, "bins": 100}
     refused(worker, "query.train_scores", "policy.require_dp", dp_mode="off", **request)
     refused(worker, "query.train_scores", "policy.require_dp", dp_mode="client", **request)
+    refused(worker, "query.bundle_evaluation", "policy.require_dp", bins=100)
     assert ask(worker, "query.train_scores", dp_mode="sample", **request)["n"] > 0
 
 

@@ -31,7 +31,7 @@ from fedmets.simulation.feature_sites import write_feature_sites
 from fedmets.simulation.in_process import InProcessLink
 from fedmets.simulation.site_effect import site_effect
 
-SITES = {"site_a": 64, "site_b": 52, "site_c": 44}
+SITES = {"site_a": 96, "site_b": 84, "site_c": 72}  # each T stage >= 5 in every fold
 P = 12
 COVARIATES = ["age", "sex", "t_stage"]
 

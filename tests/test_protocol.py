@@ -4,6 +4,7 @@ refused, dropouts are recorded and bounded, results repeat under a seed."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -121,22 +122,27 @@ def test_assign_folds_is_stratified_and_inner_validation_is_inside_training() ->
 
 
 def _pooled_training_rows(
-    sites: dict[str, Path], fold: int
+    sites: dict[str, Path], fold: int, within: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The pooled reference of a fold's selection: every site's training rows' radiomics
     (mean-imputed) and labels, the varying columns and those the 0.9 filter keeps
-    (np.corrcoef)."""
-    rows = []
-    for path in sites.values():
+    (np.corrcoef); ``within``: the rows and labels of those sites only (imputed at every
+    site's mean, as the protocol does)."""
+    rows = {}
+    for site, path in sites.items():
         cfg_site = load_site_config(path)
         table = pd.read_parquet(cfg_site.paths.output / "features.parquet")
         stored = np.load(cfg_site.paths.cache / "federated" / "test-run" / "folds.npz")
-        rows.append(table[stored["fold"] != fold])
-    pooled = pd.concat(rows)
-    X = pooled[[c for c in pooled if c.startswith("tumour_")]].to_numpy()
-    X = np.where(np.isnan(X), np.nanmean(X, axis=0), X)
+        rows[site] = table[stored["fold"] != fold]
+    pooled = pd.concat(rows.values())
+    columns = [c for c in pooled if c.startswith("tumour_")]
+    mean = np.nanmean(pooled[columns].to_numpy(), axis=0)
+    X = np.where(np.isnan(pooled[columns].to_numpy()), mean, pooled[columns].to_numpy())
     varying = np.flatnonzero(X.std(axis=0) > 0)
     kept = varying[correlation_filter(np.corrcoef(X[:, varying].T), 0.9)]
+    if within is not None:
+        pooled = pd.concat([rows[site] for site in within])
+        X = np.where(np.isnan(pooled[columns].to_numpy()), mean, pooled[columns].to_numpy())
     return X, pooled["label"].to_numpy(), varying, kept
 
 
@@ -158,18 +164,39 @@ def test_federated_selection_equals_the_pooled_filter(sites) -> None:
 
 
 def test_federated_correlation_ranking_equals_the_pooled_ranking(sites) -> None:
+    """The correlation ranking is exactly |r| on the pooled training rows of the sites that
+    release their sums over DM+ patients: a site does only when each class holds its floor
+    of patients in every one of its folds (else one fold's few DM+ patients' sum is the
+    difference of two releases). Here site_a (21 DM+ in 3 folds); site_b and site_c (10 and
+    9) are left out."""
     cfg = _cfg(selection={"ranking": "correlation"})
     protocol = FederatedProtocol(_link(sites), cfg, "test-run")
     protocol.census()
     protocol.folds()
     standardise, _, selection, _ = protocol.select(2, {"fold": 2})
 
-    X, y, _, kept = _pooled_training_rows(sites, fold=2)
+    released = []
+    for site, path in sites.items():
+        cfg_site = load_site_config(path)
+        labels = pd.read_parquet(cfg_site.paths.output / "features.parquet")["label"]
+        fold = np.load(cfg_site.paths.cache / "federated" / "test-run" / "folds.npz")["fold"]
+        counts = [np.bincount(fold[labels == c], minlength=3) for c in (0, 1)]
+        if min(np.min(c) for c in counts) >= cfg_site.policy.min_patients:
+            released.append(site)
+    assert selection["ranked_by"] == released == ["site_a"]
+    X, y, _, kept = _pooled_training_rows(sites, fold=2, within=released)
     r = np.abs([np.corrcoef(X[:, j], y)[0, 1] for j in kept])
     order = np.argsort(-r, kind="stable")[: cfg.selection.top_k]
     assert selection["ranking"] == "correlation"
     assert standardise["radiomics_columns"].tolist() == kept[order].tolist()
     np.testing.assert_allclose(selection["importance"], r[order], atol=1e-6)
+    # Without a site that releases them, the fold is ranked by the forest, and says so.
+    small = {site: sites[site] for site in ("site_b", "site_c")}
+    protocol = FederatedProtocol(_link(small), cfg, "test-run")
+    protocol.census()
+    protocol.folds()
+    _, _, selection, _ = protocol.select(2, {"fold": 2})
+    assert selection["ranking"] == "forest" and selection["ranked_by"] == list(small)
 
 
 def test_stability_ranking_orders_by_how_often_a_column_is_in_a_resamples_top_k(
