@@ -209,8 +209,7 @@ def extract_site(
     order = [r for r in records if r.patient_id in features]
     table = _feature_table(order, features, clinical)
     output = cfg.paths.output
-    output.mkdir(parents=True, exist_ok=True)
-    write_atomically(output / FEATURES_FILE, lambda path: table.to_parquet(path, index=False))
+    written = _write_features(output, table)
     elapsed = time.perf_counter() - started
     columns = {region: sum(c.startswith(f"{region}_") for c in table.columns) for region in REGIONS}
     columns["clinical"] = table.shape[1] - 2 - sum(columns.values())
@@ -245,10 +244,22 @@ def extract_site(
         "peak_worker_rss_mb": round(peak_rss_mb, 1) if tasks else None,
         "worker_restarts": restarts,
         "features_file": str(output / FEATURES_FILE),
+        "features_file_written": written,
     }
     text = json.dumps(report, indent=2) + "\n"
     write_atomically(output / REPORT_FILE, lambda path: path.write_text(text, encoding="utf-8"))
     return report
+
+
+def _write_features(output: Path, table: pd.DataFrame) -> bool:
+    """Write the site's feature table atomically into ``output``; a table of no patient does not
+    replace an earlier one (a run whose every patient failed, say with the image folder moved,
+    loses nothing): False then."""
+    path = output / FEATURES_FILE
+    if table.empty and path.is_file():
+        return False
+    write_atomically(path, lambda partial: table.to_parquet(partial, index=False))
+    return True
 
 
 def _extract_table(
@@ -265,8 +276,7 @@ def _extract_table(
         if callback:
             callback(loaded.n_rows, loaded.n_rows)
     output = cfg.paths.output
-    output.mkdir(parents=True, exist_ok=True)
-    write_atomically(output / FEATURES_FILE, lambda path: table.to_parquet(path, index=False))
+    written = _write_features(output, table)
     columns = {region: sum(c.startswith(f"{region}_") for c in table.columns) for region in REGIONS}
     columns["radiomics"] = len(loaded.radiomics_columns)
     columns["clinical"] = table.shape[1] - 2 - columns["radiomics"]
@@ -300,6 +310,7 @@ def _extract_table(
         "peak_worker_rss_mb": None,
         "worker_restarts": 0,
         "features_file": str(output / FEATURES_FILE),
+        "features_file_written": written,
     }
     text = json.dumps(report, indent=2) + "\n"
     write_atomically(output / REPORT_FILE, lambda path: path.write_text(text, encoding="utf-8"))

@@ -20,7 +20,9 @@ non-square images.
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import re
 import zlib
 from collections import defaultdict
@@ -34,7 +36,7 @@ import pandas as pd
 import pydicom
 import SimpleITK as sitk
 
-from fedmets.shared.clinical import CLINICAL_COLUMNS
+from fedmets.shared.clinical import CLINICAL_COLUMNS, validate_clinical
 from fedmets.shared.config import SiteConfig
 from fedmets.shared.organs import ORGAN_LABELS, ORGAN_NAMES
 
@@ -129,20 +131,25 @@ def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDat
     manifest = cfg.data.manifest
     if cfg.data.mode != "images":
         raise ValueError(f"{manifest}: data.mode is {cfg.data.mode!r}; ingest needs 'images'")
-    table = _read_csv(manifest)
+    table, unreadable = _read_csv(manifest)
     missing = [column for column in required_columns(cfg) if column not in table.columns]
     if missing:
         raise ValueError(
             f"{manifest}: missing column(s) {', '.join(missing)}"
             f" (columns found: {', '.join(table.columns)})"
         )
-    if table.empty:
+    if table.empty and not unreadable:
         raise ValueError(f"{manifest}: no patient rows")
     name = shown_path(manifest, cfg)
     records: list[PatientRecord] = []
-    problems: list[PatientDataError] = []
+    problems = [
+        PatientDataError(
+            bad.cells.get(cfg.data.id_column) or f"(row {row})", name, bad.field, bad.reason, row
+        )
+        for row, bad in unreadable.items()
+    ]
     rows_of: dict[str, list[int]] = defaultdict(list)
-    for row, cells in enumerate(table.to_dict("records"), start=1):
+    for row, cells in zip(table.index, table.to_dict("records"), strict=True):
         cells = {key: (value.strip() or None) for key, value in cells.items()}
         record, row_problems = _parse_row(cells, row, name, cfg)
         problems += row_problems
@@ -162,22 +169,63 @@ def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDat
     return records, sorted(problems, key=lambda problem: problem.row)
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    """The manifest as text cells ('' for empty); ValueError naming the file if unreadable."""
+@dataclass(frozen=True)
+class _UnreadableRow:
+    """A manifest row left out: its cells by column as far as they could be read, the column
+    (or ``row``) at fault and why."""
+
+    cells: dict[str, str]
+    field: str
+    reason: str
+
+
+def _read_csv(path: Path) -> tuple[pd.DataFrame, dict[int, _UnreadableRow]]:
+    """The manifest as text cells ('' for empty; a short row's missing cells empty), indexed by
+    row number (1 = the first row after the header, blank lines not counted), and the rows
+    left out, by row number: those holding bytes that are not UTF-8 or more cells than the
+    header. ValueError naming the file when it cannot be read at all."""
     try:
-        return pd.read_csv(
-            path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
-        )
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ValueError(f"{path}: manifest file not found") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a folder, not a manifest file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: manifest is not UTF-8 text") from None
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: manifest is empty") from None
-    except pd.errors.ParserError as error:
-        raise ValueError(f"{path}: not a valid CSV file ({str(error).strip()})") from None
+    text = raw.decode("utf-8-sig", errors="surrogateescape")  # bad bytes kept, found below
+    try:
+        lines = [cells for cells in csv.reader(io.StringIO(text, newline="")) if cells]
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a valid CSV file ({error})") from None
+    if not lines:
+        raise ValueError(f"{path}: manifest is empty")
+    header = lines[0]
+    if any(_undecoded(cell) for cell in header):
+        raise ValueError(f"{path}: the header row is not UTF-8 text")
+    rows, unreadable = {}, {}
+    for row, cells in enumerate(lines[1:], start=1):
+        named = {
+            column: cell.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            for column, cell in zip(header, cells, strict=False)
+        }
+        bad = next((c for c, cell in zip(header, cells, strict=False) if _undecoded(cell)), None)
+        if bad is not None:
+            byte = _undecoded(cells[header.index(bad)])
+            reason = f"not UTF-8 text (byte 0x{byte:02X}): save the manifest as UTF-8"
+            unreadable[row] = _UnreadableRow(named, bad, reason)
+        elif len(cells) > len(header):
+            reason = f"{len(cells)} cells where the header has {len(header)}"
+            unreadable[row] = _UnreadableRow(named, "row", reason)
+        else:
+            rows[row] = cells + [""] * (len(header) - len(cells))
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=header, dtype=str)
+    return table, unreadable
+
+
+def _undecoded(cell: str) -> int | None:
+    """The first byte of ``cell`` that was not UTF-8 (decoded with surrogateescape), or None."""
+    for char in cell:
+        if "\udc80" <= char <= "\udcff":
+            return ord(char) - 0xDC00
+    return None
 
 
 def _parse_row(
@@ -206,13 +254,14 @@ def _parse_row(
             number = None
         if number not in (0.0, 1.0):
             problems.append(problem(data.label_column, f"label must be 0 or 1, got {label!r}"))
-    if problems:
-        return None, problems
     clinical = (
         {column: cells[column] for column in CLINICAL_COLUMNS}
         if "clinical" in data.modalities
         else {}
     )
+    if problems:  # no record: its clinical cells are named here too (else by the site check)
+        problems += [problem(field, message) for field, message in validate_clinical(clinical)]
+        return None, problems
     record = PatientRecord(
         patient_id=patient_id,
         ct_path=paths["ct"],
@@ -344,9 +393,13 @@ class _Loader:
             raise self.error(path, field, "is a folder; expected an image file")
         if field != "ct" and not path.name.lower().endswith(IMAGE_SUFFIXES):
             raise self.error(path, field, f"unsupported file type; use {_formats()}")
-        truncated = _nifti_truncation(path) if path.name.lower().endswith(NIFTI_SUFFIXES) else None
-        if truncated:
-            raise self.error(path, field, f"corrupt file: {truncated}")
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            truncated = _nifti_truncation(path)
+            if truncated:
+                raise self.error(path, field, f"corrupt file: {truncated}")
+            header = _nifti_header_problem(path)
+            if header:
+                raise self.error(path, field, header)
         try:
             return sitk.ReadImage(str(path))
         except RuntimeError as error:
@@ -445,6 +498,8 @@ class _Loader:
     # -- checks
 
     def check_3d_scalar(self, image: sitk.Image, path: Path, field: str) -> None:
+        """A 3D image of one value per voxel, on a grid of finite origin and direction and
+        positive spacing; for floating-point voxels, every one finite."""
         if image.GetDimension() != 3:
             raise self.error(
                 path,
@@ -458,6 +513,20 @@ class _Loader:
                 f"must have one value per voxel, got "
                 f"{image.GetNumberOfComponentsPerPixel()} (colour/vector image)",
             )
+        spacing = np.array(image.GetSpacing())
+        geometry = np.r_[image.GetOrigin(), image.GetDirection(), spacing]
+        if not np.isfinite(geometry).all() or (spacing <= 0).any():
+            raise self.error(
+                path,
+                field,
+                f"invalid grid: origin {_vector(image.GetOrigin())} mm, spacing "
+                f"{_vector(spacing)} mm, direction {_vector(image.GetDirection())} (every value "
+                "must be finite and the spacing > 0)",
+            )
+        if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+            bad = int((~np.isfinite(sitk.GetArrayViewFromImage(image))).sum())
+            if bad:
+                raise self.error(path, field, f"{bad} voxels are NaN or infinite")
 
     def values(self, mask: sitk.Image, path: Path, field: str) -> np.ndarray:
         try:
@@ -598,6 +667,34 @@ def _nifti_truncation(path: Path) -> str | None:
         size = path.stat().st_size
     if size < expected:
         return f"{size} bytes of data where the header announces {expected}: truncated"
+    return None
+
+
+def _nifti_header_problem(path: Path) -> str | None:
+    """What ITK would silently mend in a NIfTI file, or None: a zero voxel size (ITK takes 1
+    mm), a non-finite origin or affine, or NaN/infinite floating-point voxels (ITK reads them
+    as 0)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:  # the header as written (nibabel.load mends a zero pixdim, as ITK does)
+        with opener(path, "rb") as stream:
+            size = stream.read(4)
+            kinds = {k.sizeof_hdr: k for k in (nibabel.Nifti1Header, nibabel.Nifti2Header)}
+            kind = kinds.get(int.from_bytes(size, "little")) or kinds[int.from_bytes(size, "big")]
+            stream.seek(0)
+            header = kind.from_fileobj(stream, check=False)
+    except Exception:  # a damaged header: ITK reports it
+        return None
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=float)
+    if not np.isfinite(pixdim).all() or (pixdim <= 0).any():
+        return f"header pixdim (voxel size) {_vector(pixdim)} mm: every value must be > 0"
+    affine = np.r_[header["qoffset_x"], header["qoffset_y"], header["qoffset_z"]]
+    affine = np.r_[affine, np.ravel([header["srow_x"], header["srow_y"], header["srow_z"]])]
+    if not np.isfinite(affine.astype(float)).all():
+        return "header origin/affine (qoffset, srow) holds NaN or infinite values"
+    if header.get_data_dtype().kind == "f":
+        bad = int((~np.isfinite(np.asanyarray(nibabel.load(path).dataobj))).sum())
+        if bad:
+            return f"{bad} voxels are NaN or infinite"
     return None
 
 

@@ -23,7 +23,6 @@ the crop in LPS millimetres.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fedmets.shared.config import PreprocessSection
+from fedmets.shared.files import write_atomically
 
 OUTSIDE_FOV_HU = -1024.0
 _INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
@@ -173,17 +173,19 @@ def save_crop(path: Path, prepared: PreparedPatient, ring: sitk.Image) -> None:
     reversed; ``spacing_mm`` and ``origin_mm`` (x, y, z, LPS mm)."""
     box = prepared.deep_box
     origin = prepared.ct.TransformIndexToPhysicalPoint(box.start)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez_compressed(
-            handle,
-            ct=np.rint(box.array(prepared.ct)).astype(np.int16),
-            tumour=box.array(prepared.tumour),
-            ring=box.array(ring),
-            spacing_mm=np.array(prepared.ct.GetSpacing()),
-            origin_mm=np.array(origin),
-        )
-    os.replace(tmp, path)
+
+    def write(partial: Path) -> None:
+        with open(partial, "wb") as handle:
+            np.savez_compressed(
+                handle,
+                ct=np.rint(box.array(prepared.ct)).astype(np.int16),
+                tumour=box.array(prepared.tumour),
+                ring=box.array(ring),
+                spacing_mm=np.array(prepared.ct.GetSpacing()),
+                origin_mm=np.array(origin),
+            )
+
+    write_atomically(path, write)
 
 
 def _box(start: np.ndarray, size: np.ndarray) -> Box:

@@ -325,7 +325,6 @@ def site_check(
     """Check the site's manifest, images, masks and clinical data; quarantine bad patients.
 
     Exits 0 when at least one patient is usable, 1 when none is or the config is wrong."""
-    import json
     import time
 
     from rich.progress import BarColumn, Progress, TimeElapsedColumn
@@ -369,9 +368,10 @@ def site_check(
     for problem in result.site_problems:
         err_console.print(Text.assemble(("error: ", "red"), problem), soft_wrap=True)
 
+    from fedmets.shared.files import write_json
+
     path = report or cfg.paths.output / "site_check.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_json(path, result.to_json(), indent=2)
     _plain(
         f"{len(result.usable)} of {result.n_patients} patients usable,"
         f" {len(result.quarantined)} quarantined ({seconds:.1f} s). Report: {path}"
@@ -444,6 +444,15 @@ def site_extract(
         f" ({report['patients_per_minute']:.1f} patients/min)."
         f" Report: {cfg.paths.output / 'extraction_report.json'}"
     )
+    if not report["features_file_written"]:
+        err_console.print(
+            Text.assemble(
+                ("error: ", "red"),
+                f"no patient is usable: {report['features_file']} keeps the last extraction's"
+                " patients",
+            ),
+            soft_wrap=True,
+        )
     raise typer.Exit(0 if with_features else 1)
 
 

@@ -286,3 +286,21 @@ def test_cli_rejects_a_bad_config(tmp_path):
     assert (
         "site_id: must match" in result.stderr and "data: required key is missing" in result.stderr
     )
+
+
+def test_a_run_with_no_usable_patient_keeps_the_last_table(site):
+    """The image folder moved away: every patient is quarantined, the command exits 1 and says
+    so, and the feature table of the last extraction stays as it was (nothing is lost)."""
+    cfg = site[0]
+    before = pd.read_parquet(cfg.paths.output / FEATURES_FILE)
+    images = cfg.data.root / "images"
+    images.rename(images.with_name("images-moved"))
+    try:
+        result = run_cli("--config", str(cfg.source), "--workers", "2")
+    finally:
+        images.with_name("images-moved").rename(images)
+    assert result.returncode == 1
+    assert "keeps the last extraction's patients" in result.stderr
+    report = json.loads((cfg.paths.output / REPORT_FILE).read_text())
+    assert report["features_file_written"] is False and report["counts"]["usable"] == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(cfg.paths.output / FEATURES_FILE), before)

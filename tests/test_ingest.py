@@ -3,9 +3,11 @@ shared clinical schema (validation and encoding). Real files from the synthetic 
 
 from __future__ import annotations
 
+import gzip
 import shutil
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pandas as pd
 import pytest
@@ -107,6 +109,38 @@ def test_read_manifest_reports_bad_rows(site: Path) -> None:
     assert records[0].label is None  # an empty label cell is not a row problem
 
 
+def test_an_unreadable_manifest_row_is_that_patients_problem(site: Path) -> None:
+    """A cell that is not UTF-8 (a Latin-1 accent) or a row of more cells than the header
+    quarantines that row, naming its patient and the column; the other rows are read."""
+    lines = (site / "manifest.csv").read_bytes().splitlines(keepends=True)
+    header = lines[0].decode().strip().split(",")
+    cells = lines[1].decode().rstrip("\r\n").split(",")
+    cells[header.index("subsite")] = "oropharynx \xe9"
+    lines[1] = ",".join(cells).encode("latin-1") + b"\n"
+    lines[2] = lines[2].rstrip(b"\r\n") + b",extra,cells\n"
+    (site / "manifest.csv").write_bytes(b"".join(lines))
+    ids = [line.decode("latin-1").split(",")[0] for line in lines[1:]]
+
+    records, problems = read_manifest(config(site))
+
+    assert [str(problem) for problem in problems] == [
+        f"patient {ids[0]}: manifest.csv: subsite: not UTF-8 text (byte 0xE9): save the "
+        "manifest as UTF-8",
+        f"patient {ids[1]}: manifest.csv: row: {len(header) + 2} cells where the header has "
+        f"{len(header)}",
+    ]
+    assert [record.patient_id for record in records] == ids[2:]
+    assert [record.row for record in records] == list(range(3, len(ids) + 1))
+
+
+def test_a_rows_clinical_problems_are_named_with_its_label(site: Path) -> None:
+    table = manifest(site)
+    table.loc[0, ["dm", "age"]] = ["2", "seventy"]
+    table.to_csv(site / "manifest.csv", index=False)
+    _, problems = read_manifest(config(site))
+    assert [(problem.field, problem.row) for problem in problems] == [("dm", 1), ("age", 1)]
+
+
 @pytest.mark.parametrize("column", ["tumour_mask_path", "hpv", "dm"])
 def test_missing_manifest_column_is_a_site_error(site: Path, column: str) -> None:
     manifest(site).drop(columns=column).to_csv(site / "manifest.csv", index=False)
@@ -170,6 +204,46 @@ def test_error_names_patient_file_and_field(site: Path) -> None:
         str(caught.value) == f"patient {pid}: masks/{pid}_tumour.nii.gz: tumour_mask: mask is empty"
     )
     assert (caught.value.patient_id, caught.value.field) == (pid, "tumour_mask")
+
+
+def _nifti_header(path: Path, **fields: object) -> None:
+    """Rewrite ``path``'s NIfTI header fields as given (nibabel would mend them on save)."""
+    image = nibabel.load(path)
+    data = np.asanyarray(image.dataobj)
+    header = image.header.copy()
+    for name, value in {"vox_offset": 352, **fields}.items():
+        header[name] = value
+    raw = header.binaryblock + b"\0" * 4  # no extension, then the voxels
+    with gzip.open(path, "wb") as stream:
+        stream.write(raw + data.astype(header.get_data_dtype()).tobytes(order="F"))
+
+
+def test_a_grid_itk_would_mend_is_refused(site: Path) -> None:
+    """ITK reads a zero voxel size as 1 mm, NaN or infinite float voxels as 0, and takes a NaN
+    origin as it is (whose grid arithmetic then never ends): each is the file's problem."""
+    record = first_record(site)
+    ct = record.ct_path
+    pixdim = nibabel.load(ct).header["pixdim"].copy()
+    pixdim[3] = 0.0
+    _nifti_header(ct, pixdim=pixdim)
+    with pytest.raises(PatientDataError, match=r"ct: header pixdim \(voxel size\) .* mm: every"):
+        load_patient_images(record, config(site))
+    _nifti_header(ct, pixdim=nibabel.load(record.organ_mask_path).header["pixdim"])
+    load_patient_images(record, config(site))  # mended: loads
+    _nifti_header(ct, qoffset_x=np.nan, srow_x=[3.0, 0.0, 0.0, np.nan])
+    with pytest.raises(PatientDataError, match=r"ct: header origin/affine .* NaN"):
+        load_patient_images(record, config(site))
+    image = sitk.ReadImage(str(record.organ_mask_path))
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    hu[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    for suffix in (".nii.gz", ".mha"):
+        path = site / "images" / f"float{suffix}"
+        float_ct = sitk.GetImageFromArray(hu)
+        float_ct.CopyInformation(image)
+        sitk.WriteImage(float_ct, str(path))
+        bad = PatientRecord(**{**record.__dict__, "ct_path": path})
+        with pytest.raises(PatientDataError, match=rf"float{suffix}: ct: 3 voxels are NaN"):
+            load_patient_images(bad, config(site))
 
 
 # ---- DICOM + RTSTRUCT ---------------------------------------------------------------------------
