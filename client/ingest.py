@@ -131,7 +131,7 @@ def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDat
     manifest = cfg.data.manifest
     if cfg.data.mode != "images":
         raise ValueError(f"{manifest}: data.mode is {cfg.data.mode!r}; ingest needs 'images'")
-    table, unreadable = _read_csv(manifest)
+    table, unreadable = read_text_table(manifest)
     missing = [column for column in required_columns(cfg) if column not in table.columns]
     if missing:
         raise ValueError(
@@ -170,7 +170,7 @@ def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDat
 
 
 @dataclass(frozen=True)
-class _UnreadableRow:
+class UnreadableRow:
     """A manifest row left out: its cells by column as far as they could be read, the column
     (or ``row``) at fault and why."""
 
@@ -179,7 +179,7 @@ class _UnreadableRow:
     reason: str
 
 
-def _read_csv(path: Path) -> tuple[pd.DataFrame, dict[int, _UnreadableRow]]:
+def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]:
     """The manifest as text cells ('' for empty; a short row's missing cells empty), indexed by
     row number (1 = the first row after the header, blank lines not counted), and the rows
     left out, by row number: those holding bytes that are not UTF-8 or more cells than the
@@ -210,10 +210,10 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, dict[int, _UnreadableRow]]:
         if bad is not None:
             byte = _undecoded(cells[header.index(bad)])
             reason = f"not UTF-8 text (byte 0x{byte:02X}): save the manifest as UTF-8"
-            unreadable[row] = _UnreadableRow(named, bad, reason)
+            unreadable[row] = UnreadableRow(named, bad, reason)
         elif len(cells) > len(header):
             reason = f"{len(cells)} cells where the header has {len(header)}"
-            unreadable[row] = _UnreadableRow(named, "row", reason)
+            unreadable[row] = UnreadableRow(named, "row", reason)
         else:
             rows[row] = cells + [""] * (len(header) - len(cells))
     table = pd.DataFrame.from_dict(rows, orient="index", columns=header, dtype=str)

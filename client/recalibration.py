@@ -8,6 +8,11 @@ intercept of a logistic regression of the site's labels on the main model's log-
 site and kept in ``<paths.output>/recalibration.json`` with the bundle's content hash;
 ``fedmets site predict`` applies it to that bundle only. Nothing is sent.
 
+At a site whose patients trained the bundle (it is one of the bundle's sites), the bundle's
+risks of those patients are in-sample: the fit would learn how the model scores its own
+training rows. There the risks it is fitted on are the run's out-of-fold ones, which the site
+kept (each patient scored by the cross-validation model that did not train on it).
+
 What it reports, on the site's patients: the calibration slope, intercept and Brier score of the
 bundle as it is, and of the recalibrated risk **cross-validated** (each patient's recalibrated
 risk from a fit on the other folds: an honest estimate, not the in-sample fit that is 1 and 0 by
@@ -47,22 +52,21 @@ def _summary(y: np.ndarray, risk: np.ndarray) -> dict[str, float | None]:
 
 def recalibrate(cfg: SiteConfig, model_dir: Path, seed: int = 0) -> dict:
     """Fit the recalibration of the bundle in ``model_dir`` on the labelled patients of
-    ``cfg``; write and return it (``slope``, ``intercept``, ``bundle_sha256``, ``model``,
-    ``patients``, ``events``, ``before`` and ``after_cross_validated`` calibration). ValueError
-    with fewer than :data:`MIN_EVENTS` events or non-events."""
-    from fedmets.client.predict import predict_site
-
+    ``cfg`` (out-of-fold risks at a site that trained it); write and return it (``slope``,
+    ``intercept``, ``fitted_on``, ``bundle_sha256``, ``model``, ``patients``, ``events``,
+    ``before`` and ``after_cross_validated`` calibration). ValueError with fewer than
+    :data:`MIN_EVENTS` events or non-events."""
     bundle = load_bundle(model_dir)
-    data = load_site_data([cfg])
-    y = data.labels.astype(int)
+    if cfg.site_id in bundle.manifest.get("per_site", {}):
+        fitted_on, risk, y = _out_of_fold_risk(cfg, bundle.manifest)
+    else:
+        fitted_on, risk, y = "bundle", *_bundle_risk(cfg, model_dir)
     events = int(y.sum())
     if min(events, len(y) - events) < MIN_EVENTS:
         raise ValueError(
             f"{cfg.site_id}: {events} events among {len(y)} labelled patients: recalibration "
             f"needs at least {MIN_EVENTS} events and {MIN_EVENTS} non-events"
         )
-    table = predict_site(cfg, model_dir, recalibrated=False).set_index("patient_id")
-    risk = table.loc[data.ids, "risk"].to_numpy()
     slope, intercept = calibration_slope_intercept(y, risk)
     if slope <= 0:
         raise ValueError(
@@ -79,6 +83,7 @@ def recalibrate(cfg: SiteConfig, model_dir: Path, seed: int = 0) -> dict:
         "model": bundle.manifest["main_model"],
         "slope": slope,
         "intercept": intercept,
+        "fitted_on": fitted_on,
         "patients": int(len(y)),
         "events": events,
         "before": _summary(y, risk),
@@ -86,6 +91,34 @@ def recalibrate(cfg: SiteConfig, model_dir: Path, seed: int = 0) -> dict:
     }
     write_json(cfg.paths.output / RECALIBRATION_FILE, result, indent=1)
     return result
+
+
+def _bundle_risk(cfg: SiteConfig, model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's main-model risks (n,) of the site's labelled patients and their labels (n,)."""
+    from fedmets.client.predict import predict_site
+
+    data = load_site_data([cfg])
+    table = predict_site(cfg, model_dir, recalibrated=False).set_index("patient_id")
+    return table.loc[data.ids, "risk"].to_numpy(), data.labels.astype(int)
+
+
+def _out_of_fold_risk(cfg: SiteConfig, manifest: dict) -> tuple[str, np.ndarray, np.ndarray]:
+    """("out-of-fold <run>", the main model's out-of-fold risks (n,), labels (n,)) of the site's
+    labelled patients that the bundle's run scored out of fold; ValueError when the site kept
+    none of them (the run's state removed)."""
+    from fedmets.client.site_worker import SiteWorker
+
+    run, main = str(manifest["run"]), str(manifest["main_model"])
+    worker = SiteWorker([cfg])
+    fold, scores = worker.out_of_fold(run, [main], int(manifest["federation"]["cv"]["folds"]))
+    kept = (fold >= 0) & np.isfinite(scores[main])
+    if not kept.any():
+        raise ValueError(
+            f"{cfg.site_id}: this site trained the bundle of run {run!r} but keeps none of that "
+            "run's out-of-fold scores; fitted on its own training patients' risks, the "
+            "recalibration would be in-sample"
+        )
+    return f"out-of-fold {run}", scores[main][kept], worker.data.labels[kept].astype(int)
 
 
 def site_recalibration(site_output: Path, bundle_sha256: str) -> dict | None:

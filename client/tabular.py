@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fedmets.client.ingest import _read_csv, shown_path
+from fedmets.client.ingest import read_text_table, shown_path
 from fedmets.shared.clinical import CLINICAL_COLUMNS, encode_clinical, validate_clinical
 from fedmets.shared.config import SiteConfig
 
@@ -77,12 +77,13 @@ def load_feature_table(cfg: SiteConfig) -> FeatureTable:
     raises: site-level problems (file unreadable, id/label column missing, no radiomics column,
     a required clinical column missing, no usable row) come back in ``site_problems``."""
     try:
-        table = _read_csv(cfg.data.manifest)
+        table, unreadable = read_text_table(cfg.data.manifest)
     except ValueError as error:
         return _no_rows(0, [str(error)])
+    n_rows = len(table) + len(unreadable)
     numbers, sources, problems = _columns(table, cfg)
     if problems:
-        return _no_rows(len(table), problems)
+        return _no_rows(n_rows, problems)
     name = shown_path(cfg.data.manifest, cfg)
     ids = table[cfg.data.id_column].str.strip()
     raw = pd.DataFrame(
@@ -93,22 +94,28 @@ def load_feature_table(cfg: SiteConfig) -> FeatureTable:
         index=table.index,
         columns=list(CLINICAL_COLUMNS),
     )
-    found: list[tuple[int, str, str]] = []  # (row, patient id, message)
-    for index, patient_id in ids.items():
-        row = index + 1
+    found: list[tuple[int, str, str]] = [  # (row, patient id, message)
+        (
+            row,
+            bad.cells.get(cfg.data.id_column) or f"(row {row})",
+            f"{name} row {row}: {bad.field}: {bad.reason}",
+        )
+        for row, bad in unreadable.items()
+    ]
+    for row, patient_id in ids.items():  # the table's index is its row numbers
         where = f"{name} row {row}"
         messages = [] if patient_id else [f"{where}: {cfg.data.id_column}: empty id cell"]
-        messages += _label_problems(table.at[index, cfg.data.label_column], where, cfg)
-        messages += _radiomics_problems(table.loc[index], numbers.loc[index], where)
+        messages += _label_problems(table.at[row, cfg.data.label_column], where, cfg)
+        messages += _radiomics_problems(table.loc[row], numbers.loc[row], where)
         if "clinical" in cfg.data.modalities:
             messages += [
                 f"{where}: {_shown_field(field, sources)}: {message}"
-                for field, message in validate_clinical(raw.loc[index].to_dict())
+                for field, message in validate_clinical(raw.loc[row].to_dict())
             ]
         found += [(row, patient_id or f"(row {row})", message) for message in messages]
     repeated = ids[ids.ne("") & ids.duplicated(keep=False)]
     for patient_id, group in repeated.groupby(repeated, sort=False):
-        rows = [index + 1 for index in group.index]
+        rows = list(group.index)
         where = ", ".join(map(str, rows[:-1])) + f" and {rows[-1]}"
         message = f"{name}: {cfg.data.id_column}: id used by rows {where}; ids must be unique"
         found += [(row, patient_id, message) for row in rows]
@@ -121,8 +128,8 @@ def load_feature_table(cfg: SiteConfig) -> FeatureTable:
     labels = table.loc[usable, cfg.data.label_column].astype(float).astype(int).tolist()
     clinical = encode_clinical(raw[usable]) if "clinical" in cfg.data.modalities else None
     features = _layout(ids[usable].tolist(), labels, numbers[usable], clinical)
-    problems = [] if usable.any() else [f"no usable patient: all {len(table)} are quarantined"]
-    return FeatureTable(len(table), features, quarantined, problems, list(numbers.columns), sources)
+    problems = [] if usable.any() else [f"no usable patient: all {n_rows} are quarantined"]
+    return FeatureTable(n_rows, features, quarantined, problems, list(numbers.columns), sources)
 
 
 def _no_rows(n_rows: int, problems: list[str]) -> FeatureTable:

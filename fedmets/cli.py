@@ -494,7 +494,12 @@ def study(
             min=1, max=20, help="Fusion networks per model, averaged ([model] fusion_members)."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the training ([run] seed).")] = 7,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the training ([run] seed; default: the config's, 7 with a preset)."
+        ),
+    ] = None,
     repeats: Annotated[
         int,
         typer.Option(
@@ -529,7 +534,7 @@ def study(
     from fedmets.shared.config import ConfigError, FederationConfig, load_federation_config
     from fedmets.shared.image_models import BACKBONES
     from fedmets.simulation.repeated_study import run_repeated_study
-    from fedmets.simulation.simulate import PRESETS, federation_config
+    from fedmets.simulation.simulate import PRESETS, federation_config, with_seed
     from fedmets.simulation.study import cohort_sites, run_study, table_site
 
     if (cohort is None) == (table is None):
@@ -550,9 +555,11 @@ def study(
 
     try:
         name = "study"
-        fed = load_federation_config(config) if config else federation_config(preset, name, seed)
+        fed = with_seed(
+            load_federation_config(config) if config else federation_config(preset, name), seed
+        )
         settings = fed.model_dump(mode="json")
-        settings["run"] |= {"name": name, "seed": seed}
+        settings["run"]["name"] = name
         settings["cv"]["folds"] = folds or fed.cv.folds
         if fusion:
             settings["model"]["fusion"] = fusion
@@ -892,7 +899,8 @@ def site_recalibrate(
     model: Annotated[Path, typer.Option(help="The model bundle folder.")],
 ) -> None:
     """Fit the bundle's risk to this site's labelled patients (logistic recalibration: slope and
-    intercept on the main model's log-odds), locally; `site predict` then applies it. Prints the
+    intercept on the main model's log-odds), locally; `site predict` then applies it. At a site
+    that trained the bundle, fitted on the run's out-of-fold risks it kept. Prints the
     calibration before and after (cross-validated)."""
     from rich.table import Table
     from rich.text import Text
@@ -908,7 +916,7 @@ def site_recalibrate(
         raise typer.Exit(1) from error
     table = Table(
         title=f"{cfg.site_id}: {fitted['model']}, {fitted['patients']} patients"
-        f" ({fitted['events']} DM+)"
+        f" ({fitted['events']} DM+), {fitted['fitted_on']} risks"
     )
     for column in ("risk", "calibration slope", "intercept", "Brier"):
         table.add_column(column, justify="left" if column == "risk" else "right")
@@ -959,7 +967,12 @@ def simulate(
     config: Annotated[
         Path | None, typer.Option(help="A federation TOML instead of the preset.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of folds, models and sites.")] = 7,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the training ([run] seed; default: the config's, 7 with a preset)."
+        ),
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
     baselines: Annotated[
         bool, typer.Option(help="Also run the centralised and local-only baselines.")

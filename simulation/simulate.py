@@ -98,13 +98,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 SERVER_START_TIMEOUT_S = 30.0
 
 
-def federation_config(preset: str, name: str, seed: int) -> FederationConfig:
-    """The preset's federation config with run name ``name`` and both seeds ``seed``."""
+DEFAULT_SEED = 7
+"""The ``[run] seed`` of a preset's federation config."""
+
+
+def federation_config(preset: str, name: str, seed: int = DEFAULT_SEED) -> FederationConfig:
+    """The preset's federation config with run name ``name`` and ``[run] seed`` ``seed``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     data = json.loads(json.dumps(PRESETS[preset]))
     data["run"] = {"name": name, "seed": seed}
     return FederationConfig.model_validate(data)
+
+
+def with_seed(fed: FederationConfig, seed: int | None) -> FederationConfig:
+    """``fed`` with ``[run] seed`` ``seed`` (the command line's ``--seed``); as it is for None."""
+    if seed is None:
+        return fed
+    return fed.model_copy(update={"run": fed.run.model_copy(update={"seed": seed})})
 
 
 def site_configs(cohort: Path) -> list[SiteConfig]:
@@ -138,7 +149,7 @@ def simulate(
     out: Path,
     preset: str = "demo",
     config: Path | None = None,
-    seed: int = 7,
+    seed: int | None = None,
     workers: int | None = None,
     baselines: bool = True,
     log: Callable[[str], None] = print,
@@ -147,7 +158,8 @@ def simulate(
     loso: bool = False,
 ) -> dict:
     """Run the federated simulation and the baselines; write and return ``OUT/metrics.json``.
-    ``gpus_per_site`` replaces the federation config's ``[simulation] gpus_per_site``.
+    ``seed`` replaces the federation config's ``[run] seed`` (default: the config's, or
+    :data:`DEFAULT_SEED` with a preset); ``gpus_per_site`` its ``[simulation] gpus_per_site``.
     ``holdout``: also train without those sites and validate the final model at them
     (``metrics.json`` key ``holdout``); ``loso``: that for each site in turn (key ``loso``;
     ``fedmets.simulation.holdout``)."""
@@ -155,7 +167,9 @@ def simulate(
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     name = out.name.lower().replace(".", "-")[:32] if len(out.name) > 1 else "simulation"
-    fed = load_federation_config(config) if config else federation_config(preset, name, seed)
+    fed = with_seed(
+        load_federation_config(config) if config else federation_config(preset, name), seed
+    )
     if gpus_per_site is not None:
         data = fed.model_dump(mode="json")
         data["simulation"]["gpus_per_site"] = gpus_per_site

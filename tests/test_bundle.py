@@ -12,9 +12,9 @@ from sklearn.metrics import roc_auc_score
 
 from fedmets.client.policy import ScoreGroups
 from fedmets.client.predict import evaluate_bundle, predict_site
-from fedmets.client.recalibration import recalibrate
+from fedmets.client.recalibration import apply, recalibrate
 from fedmets.client.release import site_audit_path
-from fedmets.client.site_worker import SiteWorker, load_site_data
+from fedmets.client.site_worker import SiteWorker
 from fedmets.server.bundle import deliver_bundle, evaluate_held_out, held_out_metrics, write_bundle
 from fedmets.server.protocol import FederatedProtocol
 from fedmets.server.results import HeldOut, LeaveOneSiteOut, to_jsonable, typed
@@ -265,9 +265,11 @@ def test_a_deployed_held_out_site_trains_nothing_and_evaluates_the_bundle(tmp_pa
 
 def test_a_site_recalibrates_the_bundle_to_its_own_patients(tmp_path):
     """`fedmets site recalibrate`: the slope and intercept on the main model's log-odds, fitted
-    on the site's labelled patients, are applied by `site predict` to that bundle only: the
-    recalibrated risk is calibrated in sample (slope 1, intercept 0), ranks and classes the
-    patients as the bundle did, and a site with too few events is refused."""
+    on the site's labelled patients, are applied by `site predict` to that bundle only; the
+    recalibrated risk ranks and classes the patients as the bundle did, and a site with too
+    few events is refused. The site trained the bundle, so its patients' bundle risks are
+    in-sample: the fit is on the run's out-of-fold risks it kept (calibrated there: slope 1,
+    intercept 0), not on the bundle's."""
     tomls = write_feature_sites(tmp_path / "sites", [120, 40], seed=8, folds=2)
     configs = {load_site_config(t).site_id: load_site_config(t) for t in tomls}
     fed = FederationConfig.model_validate(
@@ -282,18 +284,24 @@ def test_a_site_recalibrates_the_bundle_to_its_own_patients(tmp_path):
     assert "recalibrated (cross-validated)" in done.stdout
     fitted = json.loads((large.paths.output / "recalibration.json").read_text())
     assert fitted["bundle_sha256"] == load_bundle(tmp_path / "model").digest()
+    assert fitted["fitted_on"] == "out-of-fold recal"
     predicted = predict_site(large, tmp_path / "model")
     assert predicted["recalibrated"].all()
-    labels = load_site_data([large]).labels
-    slope, intercept = calibration_slope_intercept(labels, predicted["risk"])
+    worker = SiteWorker([large])
+    fold, oof = worker.out_of_fold("recal", [fitted["model"]], 2)
+    assert (fold >= 0).all()
+    recalibrated = apply(oof[fitted["model"]], fitted["slope"], fitted["intercept"])
+    slope, intercept = calibration_slope_intercept(worker.data.labels, recalibrated)
     assert slope == pytest.approx(1.0, abs=5e-3) and intercept == pytest.approx(0.0, abs=5e-3)
+    in_sample = calibration_slope_intercept(worker.data.labels, predicted["risk_bundle"])
+    assert abs(in_sample[0] - fitted["slope"]) > 0.05  # what a fit on the bundle's risks gives
     assert (predicted["risk"].rank() == predicted["risk_bundle"].rank()).all()
     threshold = predicted["threshold"].iloc[0]
     assert (predicted["dm_predicted"] == (predicted["risk_bundle"] >= threshold)).all()
+    with pytest.raises(ValueError, match="needs at least 10 events"):
+        recalibrate(small, tmp_path / "model")
     # another bundle: the site's recalibration is not applied to it
     (tmp_path / "model" / "manifest.json").write_text(
         json.dumps({**load_bundle(tmp_path / "model").manifest, "run": "other"})
     )
     assert not predict_site(large, tmp_path / "model")["recalibrated"].any()
-    with pytest.raises(ValueError, match="needs at least 10 events"):
-        recalibrate(small, tmp_path / "model")

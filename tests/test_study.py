@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tomli_w
 from conftest import run_fedmets
 from packaging.utils import canonicalize_name
 
@@ -361,6 +362,15 @@ def test_cli_tabular(tmp_path):
         assert (out / figure).is_file()
     bad = run_fedmets("study", "--out", out)
     assert bad.returncode == 1 and "exactly one of --cohort and --table" in bad.stderr
+    # a federation TOML keeps its own [run] seed (no --seed), and --seed replaces it
+    settings = federation_config("tiny", "own", 11).model_dump(mode="json", exclude_none=True)
+    (tmp_path / "fed.toml").write_text(tomli_w.dumps(settings))
+    for seed, expected in (((), 11), (("--seed", "5"), 5)):
+        own = tmp_path / f"own-{expected}"
+        given = [*command[:7], "--config", tmp_path / "fed.toml", "--folds", "2", "--out", own]
+        done = run_fedmets(*given, *seed)
+        assert done.returncode == 0, done.stderr
+        assert json.loads((own / "metrics.json").read_text())["config"]["seed"] == expected
     repeated = run_fedmets(*command[:-2], "--repeats", "2", "--seed", "3")
     assert repeated.returncode == 0, repeated.stderr
     assert json.loads((out / "repeats.json").read_text())["seeds"] == [3, 4]
