@@ -231,16 +231,12 @@ class DifferencingGuard:
             return {}
         return json.loads(self.path.read_text(encoding="utf-8"))
 
-    def admit(self, ids: np.ndarray, families: set[str]) -> str | None:
-        """Record the patient set ``ids`` for each of ``families`` and return None when it may
-        be released on, else why not (nothing recorded)."""
-        return self.admit_together([ids], families)
-
     def admit_together(self, sets: Sequence[np.ndarray], families: set[str]) -> str | None:
-        """:meth:`admit` for the patient sets of one reply (sums over several groups): each
-        against the earlier releases and against the reply's other sets; all recorded, or
-        none (a refused reply releases nothing, so it must not narrow later ones). Processes
-        answering at once (folds run in parallel) take turns on the record."""
+        """Record the patient sets (arrays of ids) of one reply for each of ``families`` and
+        return None when they may be released on, else why not: each against the earlier
+        releases and against the reply's other sets; all recorded, or none (a refused reply
+        releases nothing, so it must not narrow later ones). Processes answering at once
+        (folds run in parallel) take turns on the record."""
         with exclusive(self.path):
             return self._admit_together(sets, families)
 

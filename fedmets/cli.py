@@ -283,6 +283,11 @@ def split(
 SITE_CHECK_FULL_TABLE = 40  # patients; above this the table lists only the quarantined ones
 
 
+def _site_name(cfg) -> str:
+    """A site as the hospital's own commands show it: its id, and its display name if set."""
+    return f"{cfg.site_id} ({cfg.display_name})" if cfg.display_name else cfg.site_id
+
+
 def _load_site_config_or_exit(config: Path):
     """The site config at ``config`` with its paths checked; prints the problems and exits 1."""
     from fedmets.shared.config import ConfigError, check_paths, load_site_config
@@ -344,7 +349,7 @@ def site_check(
         console=console,
         transient=True,
     ) as progress:
-        task = progress.add_task(f"checking {cfg.site_id}", total=None)
+        task = progress.add_task(f"checking {_site_name(cfg)}", total=None)
         result = check_site(
             cfg,
             workers,
@@ -352,7 +357,7 @@ def site_check(
         )
     seconds = time.perf_counter() - started
 
-    table = Table(title=f"site check: {cfg.site_id}")
+    table = Table(title=f"site check: {_site_name(cfg)}")
     table.add_column("patient")
     table.add_column("status")
     table.add_column("problems", overflow="fold")
@@ -400,8 +405,8 @@ def site_extract(
     cfg = _load_site_config_or_exit(config)
 
     with _patient_progress() as progress:
-        checking = progress.add_task(f"checking {cfg.site_id}", total=None)
-        extracting = progress.add_task(f"extracting {cfg.site_id}", total=None, visible=False)
+        checking = progress.add_task(f"checking {_site_name(cfg)}", total=None)
+        extracting = progress.add_task(f"extracting {_site_name(cfg)}", total=None, visible=False)
 
         def checked(done: int, total: int) -> None:
             progress.update(checking, completed=done, total=total)
@@ -915,7 +920,7 @@ def site_recalibrate(
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         raise typer.Exit(1) from error
     table = Table(
-        title=f"{cfg.site_id}: {fitted['model']}, {fitted['patients']} patients"
+        title=f"{_site_name(cfg)}: {fitted['model']}, {fitted['patients']} patients"
         f" ({fitted['events']} DM+), {fitted['fitted_on']} risks"
     )
     for column in ("risk", "calibration slope", "intercept", "Brier"):

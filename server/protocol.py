@@ -90,7 +90,7 @@ from fedmets.shared.models import (
     variant_name,
 )
 from fedmets.shared.reproducibility import set_seed
-from fedmets.shared.selection import correlation_filter
+from fedmets.shared.selection import correlation_filter, correlation_from_sums
 
 IMAGE = "image"
 IMPORTANCE_REPEATS = 3
@@ -749,7 +749,7 @@ class FederatedProtocol:
         cov = (cross - np.outer(sums, sums) / m) / (m - 1)
         sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
         varying = np.flatnonzero(sd > 1e-12 * np.maximum(np.abs(mean), 1.0))
-        corr = cov[np.ix_(varying, varying)] / np.outer(sd[varying], sd[varying])
+        corr = correlation_from_sums(m, sums[varying], cross[np.ix_(varying, varying)])
         kept = varying[correlation_filter(corr, self.cfg.selection.correlation_threshold)]
 
         frequency, ranking = None, self.cfg.selection.ranking

@@ -2,7 +2,7 @@
 
 Scores are predicted probabilities of DM in [0, 1]; labels are 0/1 (1 = DM). A patient is
 predicted positive when ``score >= threshold`` (scikit-learn's ``roc_curve`` convention). Pick
-the threshold on training scores (:func:`youden_threshold`) and apply it to test scores.
+the threshold on training scores (:func:`youden_from_histograms`) and apply it to test scores.
 
 Metrics that need both classes (AUC; sensitivity needs positives, specificity negatives) are
 ``None`` on a subset that lacks them, with ``auc_note`` saying why, so per-site or per-fold
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.stats import norm, rankdata
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
 
 ArrayLike = np.ndarray | list[float] | list[int]
 
@@ -132,20 +132,6 @@ def binary_metrics(
     return result
 
 
-def youden_threshold(y_true: ArrayLike, scores: ArrayLike) -> float:
-    """The score threshold maximising Youden's J = sen + spe - 1 on (training) ``scores``,
-    from scikit-learn's ``roc_curve`` (the highest such threshold on ties); needs both
-    classes."""
-    y, s = _binary_inputs(y_true, scores)
-    note = _single_class_note(y)
-    if note is not None:
-        raise ValueError(f"youden_threshold needs both classes: {note}")
-    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
-    finite = np.isfinite(thresholds)  # the first point (threshold inf) predicts no positive
-    best = np.argmax(tpr[finite] - fpr[finite])
-    return float(thresholds[finite][best])
-
-
 def calibration(y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10) -> dict[str, Any]:
     """Reliability curve over ``n_bins`` equal-width bins on [0, 1] (scikit-learn's
     ``calibration_curve``; bin i holds (e_i, e_i+1], the first also 0): per non-empty bin the
@@ -232,7 +218,7 @@ def metrics_from_histograms(
 
 def youden_from_histograms(pos_counts: ArrayLike, neg_counts: ArrayLike, edges: ArrayLike) -> float:
     """The bin edge maximising Youden's J when every bin from it upwards counts as positive
-    (the highest such edge on ties): the federated twin of :func:`youden_threshold`, exact on
+    (the highest such edge on ties): Youden's threshold on the scores' histograms, exact on
     the edges. Needs both classes."""
     pos = np.asarray(pos_counts, dtype=float)
     neg = np.asarray(neg_counts, dtype=float)

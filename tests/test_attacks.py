@@ -616,7 +616,7 @@ def _admit_many(folder: str, start: int, families: int, ready) -> None:
     guard = DifferencingGuard(Path(folder), FLOOR)
     ready.wait()
     for family in range(start, start + families):
-        assert guard.admit(np.arange(20), {f"stat{family}"}) is None
+        assert guard.admit_together([np.arange(20)], {f"stat{family}"}) is None
 
 
 def test_requests_at_once_leave_no_release_unrecorded(tmp_path) -> None:
@@ -643,7 +643,7 @@ def _admit_twenty(folder: str, started) -> None:
     """In a child process: exit 0 when patients 0-19 may be released on, 3 when refused."""
     guard = DifferencingGuard(Path(folder), FLOOR)
     started.set()
-    raise SystemExit(3 if guard.admit(np.arange(20), {"stat0"}) else 0)
+    raise SystemExit(3 if guard.admit_together([np.arange(20)], {"stat0"}) else 0)
 
 
 def test_a_release_waits_for_the_one_under_way(tmp_path) -> None:

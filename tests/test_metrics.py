@@ -11,7 +11,6 @@ from fedmets.shared.metrics import (
     metrics_from_histograms,
     roc_from_histograms,
     score_histograms,
-    youden_threshold,
 )
 
 
@@ -112,18 +111,6 @@ def test_threshold_metrics_match_sklearn() -> None:
     assert (got["n"], got["positives"]) == (300, int(y.sum()))
 
 
-def test_youden_threshold_maximises_j_on_training_scores() -> None:
-    y, s = _cohort(200, seed=5)
-    best = youden_threshold(y, s)
-
-    def youden_j(threshold: float) -> float:
-        pred = (s >= threshold).astype(int)
-        return recall_score(y, pred, pos_label=1) + recall_score(y, pred, pos_label=0) - 1
-
-    assert best in s
-    assert youden_j(best) == pytest.approx(max(youden_j(t) for t in np.unique(s)))
-
-
 def test_single_class_subset_is_handled() -> None:
     only_neg = binary_metrics([0, 0, 0], [0.1, 0.6, 0.3], 0.5)
     assert only_neg["auc"] is None and only_neg["auc_ci"] is None
@@ -135,8 +122,6 @@ def test_single_class_subset_is_handled() -> None:
     assert one_pos["auc"] == 1.0 and one_pos["auc_ci"] is None and one_pos["auc_note"]
     hist = metrics_from_histograms(*score_histograms([1, 1], [0.9, 0.2], 10), 0.5)
     assert hist["auc"] is None and hist["spe"] is None and hist["sen"] == 0.5
-    with pytest.raises(ValueError, match="both classes"):
-        youden_threshold([0, 0], [0.1, 0.2])
     calib = calibration([0, 0, 0], [0.1, 0.6, 0.3], n_bins=5)
     assert calib["prob_true"].tolist() == [0.0, 0.0, 0.0]
 

@@ -267,10 +267,13 @@ def test_cli_reports_quarantined_patient(cohort: Path, tmp_path: Path) -> None:
     site = copy_site(cohort, tmp_path)
     table = read_table(site)
     rewrite(site / table.loc[2, "tumour_mask_path"], np.zeros_like)
+    toml = site / "site.toml"
+    toml.write_text(toml.read_text().replace("seed = ", 'display_name = "Hôpital A"\nseed = ', 1))
 
-    result = run_cli("--config", str(site / "site.toml"), "--workers", "1")
+    result = run_cli("--config", str(toml), "--workers", "1")
 
     assert result.returncode == 0, result.stderr
+    assert "site check: hospital_a (Hôpital A)" in result.stdout
     assert "quarantined" in result.stdout and table.loc[2, "patient_id"] in result.stdout
     report = json.loads((site / "output" / "site_check.json").read_text())
     assert report["quarantined"] == {
