@@ -191,6 +191,7 @@ FEATURE_FIELDS = (
     "label_products",
     "batch_covariate_sum",
     "batch_response_sum",
+    "covariate_gram",
     "covariate_response",
     "residual_sumsq",
 )

@@ -600,8 +600,9 @@ class SiteWorker:
         """The patient groups (bool masks (n,)) whose feature sums ComBat's statistics give:
         every patient, each batch, and per category covariate each level (its indicator's
         patients and the rest) and its reference level (the patients of none of its
-        indicators: the batch minus the levels). With the covariate effects the centre picks,
-        residual sums of squares give the same sums, so both routes admit these groups."""
+        indicators: the batches' sums minus the levels'). With the covariate effects the
+        centre picks, residual sums of squares give the same sums, so both routes admit these
+        groups."""
         groups = [np.ones(len(c), dtype=bool)] + [self.data.site == b for b in self._batches()]
         columns = covariate_columns(list(request["covariates"]))
         for name in request["covariates"]:
