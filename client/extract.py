@@ -376,6 +376,11 @@ def _extract_patient(task: _Task) -> dict:
     (seconds of each stage: load, preprocess, ring, radiomics, cache: crops and entry)."""
     started = time.perf_counter()
     record, cfg = task.record, task.cfg
+    # SIGALRM's default action ends this worker when the patient outlasts its time, even inside
+    # a C loop that never returns to Python; the parent then treats it as a worker that died.
+    signal.setitimer(signal.ITIMER_REAL, cfg.compute.patient_timeout_s)
+    for partial in task.entry.glob(".*.partial"):  # a write cut off by a stopped worker
+        partial.unlink(missing_ok=True)
     margin = cfg.radiomics.peritumoral_margin_mm
     stage_seconds: dict[str, float] = {}
     stage, tic = "load", started
@@ -430,6 +435,7 @@ def _extract_patient(task: _Task) -> dict:
                 task.entry.mkdir(parents=True, exist_ok=True)
                 (task.entry / CROP_FILE).unlink(missing_ok=True)
                 _write_entry(task, {"failure": failure})
+    signal.setitimer(signal.ITIMER_REAL, 0)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -471,9 +477,11 @@ def _failure(
 
 def _init_worker() -> None:
     """Worker set-up: ITK on one thread; Ctrl-C left to the main process, which lets the
-    patients in flight finish (their cache entries are kept) before it stops."""
+    patients in flight finish (their cache entries are kept) before it stops; SIGALRM ends the
+    worker (a patient over ``[compute] patient_timeout_s``)."""
     use_one_thread()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def _worker_context() -> multiprocessing.context.ForkServerContext:
@@ -495,9 +503,9 @@ def _run_tasks(
 ) -> int:
     """Run ``tasks`` on up to ``workers`` processes of ``context`` (at most 2 per worker
     queued), calling ``collect(task, result)`` in this process for each. When a worker dies
-    (crash, out of memory) the pool is replaced; the patients in flight are retried one at a
-    time, and one that kills a worker on its own is recorded as failed. Returns how many times
-    the pool was replaced."""
+    (crash, out of memory, a patient over its time) the pool is replaced; the patients in
+    flight are retried one at a time, and one that kills a worker on its own is recorded as
+    failed. Returns how many times the pool was replaced."""
     queue, suspects, restarts = deque(tasks), deque(), 0
     while queue or suspects:
         crashed: list[_Task] = []
@@ -535,7 +543,11 @@ def _run_tasks(
                     crashed.append(task)
         restarts += bool(crashed or broken)
         if crashed and alone is not None:  # it killed a worker on its own
-            error = RuntimeError("worker process died (crash or out of memory) on its own")
+            limit = alone.cfg.compute.patient_timeout_s
+            error = RuntimeError(
+                "worker process died on this patient alone: a crash, out of memory, or over "
+                f"[compute] patient_timeout_s ({limit:g} s)"
+            )
             failure = _failure(alone.record, alone.cfg, "worker", error, alone.entry)
             collect(alone, {"failure": failure | {"cached": False}})
         else:

@@ -158,6 +158,10 @@ class ComputeSection(_Section):
 
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     workers: int = Field(2, ge=1, le=256)
+    # Longest one patient's extraction may take (seconds): the worker still on it is stopped,
+    # and the patient, tried again alone, fails (a file that sends a reader into an endless
+    # loop cannot hold up the site).
+    patient_timeout_s: float = Field(1800.0, gt=0)
     # GPU memory an image training may use (GiB; default: what the device has free). Micro-
     # batches, gradient accumulation and activation checkpointing fit it (fedmets.client.memory).
     gpu_memory_gib: float | None = Field(None, ge=0.5)

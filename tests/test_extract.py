@@ -258,6 +258,20 @@ def test_a_patient_that_kills_every_worker_it_runs_on_fails_alone(cohort, tmp_pa
     assert report["counts"]["extracted"] == 0
 
 
+def test_a_patient_over_its_time_limit_fails_alone(cohort, tmp_path):
+    """[compute] patient_timeout_s: a worker still on a patient when its time is up ends (as on
+    a file that sends a reader into an endless loop); the patient is tried again alone, then
+    recorded as failed, and the run ends normally. Here a limit no patient can meet."""
+    toml = make_site(cohort, tmp_path / "hospital_a")
+    manifest = pd.read_csv(toml.parent / "manifest.csv", dtype=str)
+    manifest[manifest["patient_id"] == GOOD[0]].to_csv(toml.parent / "manifest.csv", index=False)
+    toml.write_text(toml.read_text().replace("[compute]\n", "[compute]\npatient_timeout_s = 0.1\n"))
+    report = extract_site(load_site_config(toml), workers=2)
+    failure = report["failed"][GOOD[0]]
+    assert failure["stage"] == "worker" and "patient_timeout_s (0.1 s)" in failure["message"]
+    assert report["worker_restarts"] == 2 and report["counts"]["extracted"] == 0
+
+
 def run_cli(*args: str) -> CliResult:
     return run_fedmets("site", "extract", *args)
 
