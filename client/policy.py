@@ -180,8 +180,23 @@ def private_seed(policy: PolicySection, seed: int, site_id: str, *keys: int) -> 
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] % 2**31)
 
 
-LABEL_FIELDS = ("positives", "fold_positives", "label_products", "hist_pos", "val_hist_pos")
-"""Reply fields (and families) that carry label counts: one statistic whatever the route."""
+LABEL_FIELDS = (
+    "positives",
+    "fold_positives",
+    "label_products",
+    "hist_pos",
+    "val_hist_pos",
+    "confusion",
+    "brier_sum",
+    "calibration",
+    "train_loss_sum",
+    "val_loss_sum",
+    "base_loss_sum",
+    "loss_increase_sum",
+)
+"""Reply fields (and families) that carry label counts, directly or through a sum of losses
+or errors (a constant network's loss sum gives the positives): one statistic whatever the
+route."""
 FEATURE_FIELDS = (
     "radiomics_sum",
     "clinical_sum",

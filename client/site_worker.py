@@ -403,6 +403,18 @@ class SiteWorker:
         self._admit(request, rows, release_families(self.route, reply))
         return reply
 
+    def _trained_released(self, request: Mapping[str, Any], rows: np.ndarray, reply: dict) -> dict:
+        """A training reply over the fitting rows ``rows``: its weights when the policy lets
+        them leave (else :class:`Withheld`), and its loss sums (label statistics: with a
+        constant network a loss sum counts the positives) only when those may leave too, on
+        rows that differ from the training rows by the inner-validation ones."""
+        losses = {k: v for k, v in reply.items() if k.split(":", 1)[0] == "train_loss_sum"}
+        weights = self._released(request, rows, {k: v for k, v in reply.items() if k not in losses})
+        if losses:
+            with contextlib.suppress(Withheld):
+                weights |= self._released(request, rows, {"n": reply["n"], **losses})
+        return weights
+
     def _released_on_training(
         self, request: Mapping[str, Any], reply: dict, within: Sequence[np.ndarray] = ()
     ) -> dict:
@@ -412,6 +424,14 @@ class SiteWorker:
         sets = self._training_sets(request, within)
         self._admit_together(request, sets, release_families(self.route, reply), reply["n"])
         return reply
+
+    def _partition_sets(self, request: Mapping[str, Any]) -> list[np.ndarray]:
+        """The cohort and each of its folds (bool masks (n,)) in the request's run: the same
+        statistic released over each fold's rows (any route, any crafted network) adds up to
+        one over them, so the guard is given them with every such release; a cohort that
+        changed by a patient since an earlier release then releases nothing fold-wise."""
+        fold, _ = self._partition(request)
+        return [np.ones(len(fold), dtype=bool)] + [fold == f for f in np.unique(fold)]
 
     def _training_sets(
         self, request: Mapping[str, Any], within: Sequence[np.ndarray] = ()
@@ -443,7 +463,12 @@ class SiteWorker:
         self, request: Mapping[str, Any], groups: list[np.ndarray], families: set[str], n: int
     ) -> None:
         """:meth:`_admit` for a reply that releases ``families`` on each of the bool masks
-        ``groups`` at once (all admitted and recorded, or none); ``n`` the reply's count."""
+        ``groups`` at once (all admitted and recorded, or none); ``n`` the reply's count. A
+        release of one fold's (its training, inner-validation, fitting or held-out rows) is
+        admitted with the run's cohort and folds (:meth:`_partition_sets`) and, while the fold
+        is harmonised, its ComBat groups (:meth:`_harmonised_groups`)."""
+        if "fold" in request:
+            groups = [*groups, *self._partition_sets(request), *self._harmonised_groups(request)]
         floor = self.min_patients(request)
         small = [int(rows.sum()) for rows in groups if rows.sum() < floor]
         if small:
@@ -529,6 +554,7 @@ class SiteWorker:
             raise SiteNotReady(f"{self.site_id}: fold {request['fold']} is not harmonised yet")
         if not request.get("harmonised"):
             path.unlink(missing_ok=True)
+            self._harmonised_groups_path(request).unlink(missing_ok=True)
         X = self._fold_data(request).radiomics.to_numpy()[train]
         reply = {
             "n": int(train.sum()),
@@ -654,6 +680,11 @@ class SiteWorker:
             harmonised[rows] = adjustment.apply(raw[rows], c[rows], mean)
             adjustments[b] = adjustment
         write_array(self._harmonised_path(request), harmonised)
+        # The centre's covariate effects ride in every later sum over these values (a crafted
+        # effect on one level sets that level apart), so each such release is also one on the
+        # ComBat groups (:meth:`_admit_together`).
+        groups = self._training_sets(request, self._combat_groups(request, c))
+        write_array(self._harmonised_groups_path(request), np.array(groups, dtype=bool))
         if int(request["fold"]) == wire.FINAL_FOLD:
             save_adjustments(
                 self._state(request) / FINAL_ADJUSTMENTS,
@@ -675,6 +706,17 @@ class SiteWorker:
 
     def _harmonised_path(self, request: Mapping[str, Any]) -> Path:
         return self._state(request) / f"harmonised-fold{int(request['fold'])}.npy"
+
+    def _harmonised_groups_path(self, request: Mapping[str, Any]) -> Path:
+        """The patient sets (groups, n) bool of the fold's ComBat fit (:meth:`combat_apply`)."""
+        return self._state(request) / f"harmonised-fold{int(request['fold'])}-groups.npy"
+
+    def _harmonised_groups(self, request: Mapping[str, Any]) -> list[np.ndarray]:
+        """The ComBat groups of the fold's harmonised values while the fold keeps them."""
+        path = self._harmonised_groups_path(request)
+        if not (self._harmonised_path(request).is_file() and path.is_file()):
+            return []
+        return list(np.load(path))
 
     def _fold_data(self, request: Mapping[str, Any]) -> SiteData:
         """The site's data with the fold's radiomics: harmonised (:meth:`combat_apply`) when
@@ -835,7 +877,7 @@ class SiteWorker:
             wire.WEIGHTS_PREFIX + IMAGE_MODEL: get_state(model),
             "train_loss_sum": self._training_loss(history, request),
         }
-        return self._released(request, rows, reply)
+        return self._trained_released(request, rows, reply)
 
     def deep_features(self, request: dict) -> dict:
         from fedmets.client.crops import CropDataset
@@ -918,7 +960,7 @@ class SiteWorker:
             )
             reply[wire.WEIGHTS_PREFIX + name] = get_state(net)
             reply[f"train_loss_sum:{name}"] = self._training_loss(history, request)
-        return self._released(request, rows, reply)
+        return self._trained_released(request, rows, reply)
 
     def validate(self, request: dict) -> dict:
         rows = self._rows(request)["val"]
@@ -1072,6 +1114,8 @@ class SiteWorker:
                 break
             withheld |= refused
         sets = [*groups.values(), rest] if rest.any() else list(groups.values())
+        # the scored patients are folds the centre chose: with other runs, sums over the cohort
+        sets += self._partition_sets(request)
         self._admit_together(request, sets, families, int(scored.sum()))
         return groups
 
@@ -1084,6 +1128,7 @@ class SiteWorker:
         never leaves the site, read by the evaluation and by the centralised study, which
         holds its pooled worker in process."""
         state = self._state({"run": run})
+        self._partition({"run": run})  # SiteNotReady when the patients changed since the run
         n = len(self.data.ids)
         fold = np.full(n, -1)
         scores = {name: np.full(n, np.nan) for name in models}

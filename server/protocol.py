@@ -1041,9 +1041,11 @@ class FederatedProtocol:
                     current[m] = aggregators[m].step(current[m], [noisy], [1.0])
                 else:
                     current[m] = aggregators[m].step(current[m], states, n_fit)
-                losses = [rep[loss_keys[m]] for rep in trained.values() if loss_keys[m] in rep]
+                sent = [rep for rep in trained.values() if loss_keys[m] in rep]
                 curves[m]["train_loss"].append(  # NaN under DP-SGD: losses are not released
-                    float(sum(losses) / sum(n_fit)) if losses else float("nan")
+                    float(sum(rep[loss_keys[m]] for rep in sent) / sum(rep["n"] for rep in sent))
+                    if sent
+                    else float("nan")
                 )
                 curves[m]["sites"].append(sites)
             validation = None
@@ -1062,10 +1064,16 @@ class FederatedProtocol:
             if stage == IMAGE or r == rounds or r % 5 == 0:
                 shown = IMAGE if stage == IMAGE else main_model(list(initial))
                 latest = {k: curves[shown][k][-1] for k in ("train_loss", "val_loss", "val_auc")}
+                trained_shown = (
+                    f"train loss {latest['train_loss']:.4f}"
+                    if np.isfinite(latest["train_loss"])
+                    else "no train loss (each site's inner-validation rows under its floor: "
+                    "the training rows' loss would give theirs)"
+                )
                 if sample_dp:
                     losses_shown = "losses not released under DP-SGD"
                 elif np.isnan(latest["val_loss"]):  # say why, and what is kept instead
-                    losses_shown = f"train loss {latest['train_loss']:.4f}, " + (
+                    losses_shown = f"{trained_shown}, " + (
                         "not validated (the final model: the folds' median round)"
                         if keep is not None
                         else "not validated under DP (the last round is kept)"
@@ -1074,10 +1082,7 @@ class FederatedProtocol:
                         "floor (min_patients), so the last round is kept"
                     )
                 else:
-                    losses_shown = (
-                        f"train loss {latest['train_loss']:.4f}, validation loss"
-                        f" {latest['val_loss']:.4f}"
-                    )
+                    losses_shown = f"{trained_shown}, validation loss {latest['val_loss']:.4f}"
                     if latest["val_auc"] is not None:
                         losses_shown += f", AUC {latest['val_auc']:.3f}"
                 self.say(

@@ -856,9 +856,10 @@ def _masked_vector(
     route_name: str, request: Mapping[str, Any], reply: Mapping[str, Any]
 ) -> tuple[list[np.ndarray], int]:
     """The vector a site hands to SecAgg+ and its weight: per model the update (new minus
-    global weights), then each requested sum divided by ``n``, weighted by ``n``; zeros with
-    weight 0 when the site could not train (a reply of ``n`` only). WireError when the reply
-    does not fit the request's layout or holds a non-finite value."""
+    global weights), then each requested sum divided by ``n`` (0 for one the reply holds
+    back), weighted by ``n``; zeros with weight 0 when the site could not train (a reply of
+    ``n`` only). WireError when the reply does not fit the request's layout or holds a
+    non-finite value."""
     spec = route(route_name)
     layout = secure_layout(request)
     for key, name in layout:
@@ -875,10 +876,9 @@ def _masked_vector(
         raise WireError(f"the reply's models {sorted(sent)} are not the request's")
     vector = []
     for key, name in layout:
-        if name is None:
-            if key not in reply:
-                raise WireError(f"{key}: in secure_sums but not in the reply")
-            value = np.array([float(reply[key]) / n])
+        if name is None:  # a sum the site's policy held back (a training loss on too few
+            # inner-validation rows to differ from the training rows by its floor) adds 0
+            value = np.array([float(reply.get(key, 0.0)) / n])
         else:
             new, old = np.asarray(reply[key].get(name)), np.asarray(request[key][name])
             if new.shape != old.shape:

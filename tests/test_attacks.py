@@ -211,6 +211,68 @@ def test_a_cohort_one_patient_apart_releases_no_sum_over_its_folds(site) -> None
     assert "centred_sum" not in ask(smaller, "query.covariance", fold=0, radiomics_mean=mean)
 
 
+def test_a_cohort_one_patient_apart_releases_nothing_fold_wise(site) -> None:
+    """The attack: any route's release over each fold's rows adds up to one over the cohort:
+    the forest ranking's training positives, the training-score histograms, the permutation's
+    loss sum of a constant network (log 2 x (n + positives) at pos_weight 2). On a cohort one
+    patient smaller than an earlier census's, the folds' sum is its positives and the
+    difference the label of the patient who left. Every fold-wise release is admitted with
+    the run's cohort and folds: all withheld (all released without the rule)."""
+    ask(site, "query.census", protocol=wire.PROTOCOL_VERSION, run="run-1")
+    features = site.configs[0].paths.output / "features.parquet"
+    pd.read_parquet(features).drop(index=int(np.flatnonzero(site.data.labels)[0])).to_parquet(
+        features
+    )
+    smaller = SiteWorker(site.configs)
+    ask(smaller, "query.folds", folds=5)
+    p = smaller.data.radiomics.shape[1]
+    scoring = {**fusion_request(smaller), "dp_mode": "off"}
+    for fold in range(5):
+        forest = ask(
+            smaller,
+            "query.importance",
+            fold=fold,
+            radiomics_columns=np.arange(p),
+            radiomics_mean=np.zeros(p),
+            radiomics_scale=np.ones(p),
+            trees=10,
+            seed=1,
+        )
+        scores = ask(smaller, "query.train_scores", fold=fold, bins=10, **scoring)
+        losses = ask(
+            smaller, "query.permutation", fold=fold, pos_weight=2.0, repeats=1, seed=0, **scoring
+        )
+        assert "positives" not in forest and f"hist_pos:{MAIN}" not in scores
+        assert "base_loss_sum" not in losses
+        assert audit(smaller)[-1]["rule"] == "policy.difference"
+
+
+def test_a_crafted_combat_effect_sets_no_level_apart(site) -> None:
+    """The attack: harmonise with covariate effects the centre crafts (zero but on the 4
+    hypopharynx patients' level, in one feature), then ask the covariance of the harmonised
+    rows: against the raw covariance, that level's sum comes out (exactly, with two such
+    requests). Every release over harmonised values is admitted with the ComBat fit's
+    groups: withheld, as the ComBat statistics on that level are."""
+    ask(site, "query.folds", folds=5)
+    p = site.data.radiomics.shape[1]
+    columns = covariate_columns(["subsite"])
+    effects = np.zeros((len(columns), p))
+    effects[columns.index("subsite_hypopharynx"), 0] = 1e3
+    X = site.data.radiomics.to_numpy()
+    crafted = {
+        "fold": -1,
+        "radiomics_mean": np.zeros(p),
+        "covariates": ["subsite"],
+        "covariate_effects": effects,
+        "grand_mean": X.mean(axis=0),
+        "pooled_variance": X.var(axis=0),
+    }
+    ask(site, "query.combat_apply", **crafted)
+    assert (site.state_root / "attack" / "harmonised-fold-1.npy").is_file()  # harmonised
+    reply = ask(site, "query.covariance", fold=-1, radiomics_mean=np.zeros(p))
+    assert "centred_sum" not in reply and audit(site)[-1]["rule"] == "policy.min_patients"
+
+
 def test_label_products_leave_only_when_each_class_holds_the_floor_in_every_fold(site) -> None:
     """The attack: the correlation ranking's sums of centred values over each fold's DM+
     training patients. The folds' sums add up to k - 1 times the cohort's, so the cohort's

@@ -222,8 +222,11 @@ def test_stability_ranking_orders_by_how_often_a_column_is_in_a_resamples_top_k(
     again.census()
     again.folds()
     assert again.select(0, {"fold": 0})[2]["selected"] == selection["selected"]
-    # 36 patients, 24 training rows in a fold; a fresh released-set history
-    worker = SiteWorker([load_site_config(sites["site_c"])], ledger_root=tmp_path / "fresh")
+    # 36 patients in 2 folds: 18 training rows, halves of 9, under a floor of 13 that the
+    # folds and the training rows hold (with 3 or more folds a half is at least a fold)
+    two = write_sites(tmp_path / "two-folds", folds=2)
+    worker = SiteWorker([load_site_config(two["site_c"])])
+    worker.handle("query.folds", {**protocol.base, "folds": 2})
     request = {
         **protocol.base,
         "min_patients": 13,
