@@ -197,7 +197,8 @@ INVALID = {
     ),
     "unknown nested key": (
         SITE + "[compute]\ngpus = 2\n",
-        "compute.gpus: unknown key (allowed here: device, workers, patient_timeout_s, gpu_memory_gib, parallel_folds)",
+        "compute.gpus: unknown key (allowed here: device, workers, patient_timeout_s,"
+        " gpu_memory_gib, parallel_folds)",
     ),
     "missing required key": (
         SITE.replace('manifest = "manifest.csv"\n', ""),
