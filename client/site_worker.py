@@ -43,6 +43,7 @@ from sklearn.model_selection import StratifiedShuffleSplit
 
 from fedmets.client.harmonise import keep_with_bundle, save_adjustments
 from fedmets.client.policy import (
+    TRAINING_ROUTES,
     DifferencingGuard,
     ScoreGroups,
     fold_seed,
@@ -425,13 +426,14 @@ class SiteWorker:
         self._admit_together(request, sets, release_families(self.route, reply), reply["n"])
         return reply
 
-    def _partition_sets(self, request: Mapping[str, Any]) -> list[np.ndarray]:
-        """The cohort and each of its folds (bool masks (n,)) in the request's run: the same
-        statistic released over each fold's rows (any route, any crafted network) adds up to
-        one over them, so the guard is given them with every such release; a cohort that
-        changed by a patient since an earlier release then releases nothing fold-wise."""
+    def _partition_sets(self, request: Mapping[str, Any], folds: bool = True) -> list[np.ndarray]:
+        """The cohort and (``folds``) each of its folds (bool masks (n,)) in the request's run:
+        the same statistic released over each fold's rows (any route, any crafted network)
+        adds up to one over them, so the guard is given them with every such release; a cohort
+        that changed by a patient since an earlier release then releases nothing fold-wise."""
         fold, _ = self._partition(request)
-        return [np.ones(len(fold), dtype=bool)] + [fold == f for f in np.unique(fold)]
+        cohort = [np.ones(len(fold), dtype=bool)]
+        return cohort + ([fold == f for f in np.unique(fold)] if folds else [])
 
     def _training_sets(
         self, request: Mapping[str, Any], within: Sequence[np.ndarray] = ()
@@ -465,10 +467,12 @@ class SiteWorker:
         """:meth:`_admit` for a reply that releases ``families`` on each of the bool masks
         ``groups`` at once (all admitted and recorded, or none); ``n`` the reply's count. A
         release of one fold's (its training, inner-validation, fitting or held-out rows) is
-        admitted with the run's cohort and folds (:meth:`_partition_sets`) and, while the fold
-        is harmonised, its ComBat groups (:meth:`_harmonised_groups`)."""
+        admitted with the run's cohort and folds (:meth:`_partition_sets`; a training reply,
+        whose weights are no sum over its rows, with the cohort alone) and, while the fold is
+        harmonised, its ComBat groups (:meth:`_harmonised_groups`)."""
         if "fold" in request:
-            groups = [*groups, *self._partition_sets(request), *self._harmonised_groups(request)]
+            implied = self._partition_sets(request, folds=self.route not in TRAINING_ROUTES)
+            groups = [*groups, *implied, *self._harmonised_groups(request)]
         floor = self.min_patients(request)
         small = [int(rows.sum()) for rows in groups if rows.sum() < floor]
         if small:
