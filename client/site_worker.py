@@ -271,6 +271,7 @@ class SiteWorker:
         # (fedmets.simulation.in_process.FoldPool); None: [compute] gpu_memory_gib.
         self.gpu_memory_bytes: int | None = None
         self._harmonised: tuple[tuple, SiteData] | None = None  # (file and mtime, the view)
+        self._folds: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None  # likewise
         self.handlers: dict[str, Callable[[dict], dict]] = {
             "query.census": self.census,
             "query.folds": self.folds,
@@ -377,10 +378,18 @@ class SiteWorker:
         path = self._state(request) / "folds.npz"
         if not path.is_file():
             raise SiteNotReady(f"{self.site_id}: no fold assignment yet (query.folds first)")
-        with np.load(path) as stored:
-            if not np.array_equal(stored["ids"], self.data.ids):
-                raise SiteNotReady(f"{self.site_id}: the patients changed since folds were made")
-            return stored["fold"], stored["val"]
+        key = (str(path), path.stat().st_mtime_ns)  # read once per written assignment
+        if self._folds is None or self._folds[0] != key:
+            with np.load(path) as stored:
+                if not np.array_equal(stored["ids"], self.data.ids):
+                    raise SiteNotReady(
+                        f"{self.site_id}: the patients changed since folds were made"
+                    )
+                fold, val = stored["fold"], stored["val"]
+            fold.setflags(write=False)
+            val.setflags(write=False)
+            self._folds = (key, (fold, val))
+        return self._folds[1]
 
     def _rows(self, request: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Row masks of the request's fold: ``train`` (all training rows), ``fit`` (the rows a
