@@ -449,7 +449,8 @@ class SiteWorker:
     ) -> list[np.ndarray]:
         """The patient sets (bool masks (n,), empty ones left out) that a sum over the
         training rows of the request's fold makes known, within each mask of ``within`` (a
-        batch, a covariate level, a class; default every patient): those training rows, and
+        batch, a covariate level, a class; every patient's are :meth:`_admit_together`'s
+        cohort and folds, given with every fold-wise release): those training rows, and
         with the other folds' releases of the same sum also the group's whole cohort (the k
         folds' training sets add up to k - 1 times it; the final model's fold is it) and
         each fold's held-out rows of it (the cohort minus that fold's training rows). The
@@ -458,8 +459,8 @@ class SiteWorker:
         the group, withholds the sum."""
         fold, _ = self._partition(request)
         train = self._rows(request)["train"]
-        sets = []
-        for rows in within or [np.ones(len(fold), dtype=bool)]:
+        sets = [train]  # the cohort and its folds: every fold-wise release (_admit_together)
+        for rows in within:
             sets += [train & rows, rows] + [rows & (fold == f) for f in np.unique(fold)]
         return [rows for rows in sets if rows.any()]
 
