@@ -17,7 +17,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   ``policy.max_repeats``, ``policy.max_bins``;
 - ``policy.require_dp``: training and every route that releases anything computed from a
   model's outputs answer only in runs whose sites train under DP-SGD (``dp_mode = "sample"``:
-  the noise is the site's own; client-level DP is added by the centre);
+  the noise is the site's own; client-level DP is added by the centre), in which the deep
+  features route replies its count alone (the site worker);
 - ``policy.min_patients``: nothing is released on fewer patients than the floor (the larger of
   the site's and the request's);
 - ``policy.difference``: the :class:`DifferencingGuard` remembers, per statistic, every

@@ -894,19 +894,17 @@ class SiteWorker:
         return self._trained_released(request, rows, reply)
 
     def deep_features(self, request: dict) -> dict:
+        """Extract and keep the deep features (n, D) of every patient with the request's image
+        model (the fold's model, kept beside them); reply the count of the fold's training
+        rows with their sums, sums of squares and cross-products ((D,), (D,), (D, D)), or,
+        under sample-level DP, the count alone: those sums are exact whatever network
+        computed them, and a network the centre crafts can pass one patient's image through
+        them (docs/privacy.md), so under DP no statistic of the deep features leaves."""
         from fedmets.client.crops import CropDataset
 
         model = self._image_model(request)
         deep = extract_deep_features(model, CropDataset(self._images(request)), self.device)
         write_array(self._state(request) / f"deep-fold{int(request['fold'])}.npy", deep)
-        train = self._rows(request)["train"]
-        rows = deep[train].astype(np.float64)
-        reply = {
-            "n": int(train.sum()),
-            "deep_sum": rows.sum(axis=0),
-            "deep_sumsq": (rows**2).sum(axis=0),
-            "deep_cross": rows.T @ rows,
-        }
         settings = {k: str(request[k]) for k in ("backbone", "image_preset", "mask_channel")}
         save_fold_model(
             self._state(request),
@@ -914,6 +912,16 @@ class SiteWorker:
             request[wire.WEIGHTS_PREFIX + IMAGE_MODEL],
             settings,
         )
+        train = self._rows(request)["train"]
+        if str(request.get("dp_mode", "off")) == "sample":
+            return {"n": int(train.sum())}
+        rows = deep[train].astype(np.float64)
+        reply = {
+            "n": int(train.sum()),
+            "deep_sum": rows.sum(axis=0),
+            "deep_sumsq": (rows**2).sum(axis=0),
+            "deep_cross": rows.T @ rows,
+        }
         return self._released_on_training(request, reply)
 
     # ---- fusion --------------------------------------------------------------------------------

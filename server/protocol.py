@@ -22,7 +22,8 @@ Per fold ``f`` (the sites' own stratified folds; training rows = every other fol
    columns (how alike the folds' sets are: ``selection_stability``);
 4. image model (image mode): ``image_rounds`` rounds of ``train.image`` + aggregation +
    ``query.validate`` on the sites' inner validation rows; the round with the lowest pooled
-   validation loss is kept; ``query.deep_features`` -> pooled deep-feature means/SDs;
+   validation loss is kept; ``query.deep_features`` -> pooled deep-feature means/SDs and
+   PCA (under sample-level DP the sites release none: the features enter unscaled);
 5. fusion: one network per feature-group subset (the ablations), ``fusion_rounds`` rounds of
    ``train.fusion`` + aggregation + validation, best round kept per network (the highest pooled
    validation AUC from the sites' validation-score histograms with ``[model] fusion_monitor =
@@ -1221,19 +1222,25 @@ class FederatedProtocol:
         return best[IMAGE], curves[IMAGE]
 
     def deep_statistics(self, fold: int, weights: dict[str, np.ndarray]) -> Payload:
-        replies = self._usable(
-            self._ask(
-                "query.deep_features",
-                {
-                    **self._image_settings(),
-                    "fold": fold,
-                    "dp_mode": self.cfg.dp.mode,
-                    wire.WEIGHTS_PREFIX + IMAGE: weights,
-                },
-                fold=fold,
-            ),
-            "deep_sum",
+        """Each site extracts and keeps its deep features with ``weights`` (the fold's image
+        model); the pooled training rows' mean and SD of each (D,), and their whitened PCA
+        projection (D, c) when ``[model] deep_components`` asks for one. Under sample-level
+        DP the sites release no statistic of them: mean 0 and SD 1 (the features enter the
+        fusion networks as the image model gives them)."""
+        replies = self._ask(
+            "query.deep_features",
+            {
+                **self._image_settings(),
+                "fold": fold,
+                "dp_mode": self.cfg.dp.mode,
+                wire.WEIGHTS_PREFIX + IMAGE: weights,
+            },
+            fold=fold,
         )
+        if self.cfg.dp.mode == "sample":
+            dim = weights["head.weight"].shape[-1]
+            return {"deep_mean": np.zeros(dim), "deep_scale": np.ones(dim)}
+        replies = self._usable(replies, "deep_sum")
         n = sum(r["n"] for r in replies.values())
         sums = sum(r["deep_sum"] for r in replies.values())
         mean = sums / n

@@ -7,6 +7,7 @@ and shown to miss."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import threading
@@ -19,21 +20,25 @@ import torch
 
 from fedmets.client.policy import DifferencingGuard, PolicyRefused, ScoreGroups
 from fedmets.client.release import answer, site_audit_path
+from fedmets.client.scoring import image_config
 from fedmets.client.site_worker import SiteWorker
 from fedmets.client.training import get_state
+from fedmets.server.protocol import FederatedProtocol
 from fedmets.shared import wire
 from fedmets.shared.clinical import encoded_columns
-from fedmets.shared.config import ConfigError, load_site_config
+from fedmets.shared.config import ConfigError, FederationConfig, load_site_config
 from fedmets.shared.files import exclusive
 from fedmets.shared.harmonisation import covariate_columns
 from fedmets.shared.metrics import logit
 from fedmets.shared.models import FusionNet
 from fedmets.shared.privacy import PrivacyBudgetExceeded
 from fedmets.simulation.feature_sites import feature_table
+from fedmets.simulation.in_process import InProcessLink
 from fedmets.simulation.site_files import write_site_config
 
 FLOOR = 5  # the sites' [policy] min_patients (the default)
 SUBSITES = {"oropharynx": 40, "larynx": 24, "oral_cavity": 4, "hypopharynx": 4}
+IMAGE_SETTINGS = {"backbone": "resnet3d", "image_preset": "cpu-small", "mask_channel": "ring"}
 
 
 def make_site(root: Path, name: str = "chus", policy: dict | None = None) -> SiteWorker:
@@ -555,6 +560,60 @@ def test_a_site_that_requires_dp_answers_model_routes_only_under_dp(tmp_path) ->
     refused(worker, "query.train_scores", "policy.require_dp", dp_mode="client", **request)
     refused(worker, "query.bundle_evaluation", "policy.require_dp", bins=100)
     assert ask(worker, "query.train_scores", dp_mode="sample", **request)["n"] > 0
+
+
+def with_crops(worker: SiteWorker, root: Path, voxels: int = 32) -> SiteWorker:
+    """``worker`` given an image crop per patient (random CT and tumour, ``voxels``^3), as an
+    extracted image site has (``ct``, ``tumour``, ``ring`` in each crop.npz)."""
+    rng = np.random.default_rng(5)
+    paths = []
+    for patient in worker.data.ids:
+        path = root / "crops" / f"{patient}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shape = (voxels,) * 3
+        tumour = (rng.random(shape) < 0.1).astype(np.uint8)
+        ct = rng.integers(-200, 200, shape).astype(np.int16)
+        np.savez_compressed(path, ct=ct, tumour=tumour, ring=1 - tumour)
+        paths.append(path)
+    worker.data = dataclasses.replace(worker.data, crops=paths)
+    return worker
+
+
+def test_a_site_under_dp_releases_no_statistic_of_the_deep_features(tmp_path) -> None:
+    """The attack: the deep-feature sums are exact whatever network computed them, so an
+    image network the centre crafts can pass one patient's image through them (docs/privacy.md,
+    the residual risks). Under sample-level DP (what a site with ``require_dp`` answers in) a
+    site keeps its deep features and replies their count alone; without DP it releases the
+    sums over the fold's training rows."""
+    from fedmets.shared.image_models import build_image_model
+
+    torch.manual_seed(0)
+    image = build_image_model(image_config(IMAGE_SETTINGS))
+    request = {**IMAGE_SETTINGS, "fold": 0, wire.WEIGHTS_PREFIX + "image": get_state(image)}
+    private = make_site(tmp_path / "dp", policy={"require_dp": True, "epsilon_budget": 8.0})
+    with_crops(private, tmp_path / "dp")
+    ask(private, "query.folds", folds=5)
+    refused(private, "query.deep_features", "policy.require_dp", dp_mode="off", **request)
+    reply = ask(private, "query.deep_features", dp_mode="sample", **request)
+    assert set(reply) == {"n"} and reply["n"] > 50
+    kept = private._state({"run": "attack"}) / "deep-fold0.npy"
+    assert np.load(kept).shape == (72, image.feature_dim)  # every patient's, kept at the site
+    cfg = FederationConfig.model_validate(
+        {
+            "run": {"name": "attack", "seed": 1},
+            "federation": {"min_sites": 1},
+            "model": {"backbone": "resnet3d", "image_preset": "cpu-small"},
+            "dp": {"mode": "sample", "epsilon": 8.0},
+        }
+    )
+    centre = FederatedProtocol(InProcessLink({"chus": private}), cfg, "attack")
+    scaling = centre.deep_statistics(1, request[wire.WEIGHTS_PREFIX + "image"])
+    assert set(scaling) == {"deep_mean", "deep_scale"}  # no PCA: the features enter as they are
+    assert (scaling["deep_mean"] == 0).all() and (scaling["deep_scale"] == 1).all()
+    plain = with_crops(make_site(tmp_path / "plain"), tmp_path / "plain")
+    ask(plain, "query.folds", folds=5)
+    reply = ask(plain, "query.deep_features", dp_mode="off", **request)
+    assert reply["deep_sum"].shape == (image.feature_dim,)  # exact sums without DP
 
 
 # ---- DP noise ----------------------------------------------------------------------------------
