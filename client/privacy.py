@@ -301,8 +301,10 @@ ROUTE_STAGES = {
     "train.fusion": "fusion",
     "query.train_scores": "threshold",
     "query.evaluation": "evaluation",
+    "query.permutation": "importance",
+    "query.bundle_evaluation": "evaluation",
 }
-"""The ledger's stage of each route's release."""
+"""The ledger's stage of each route's release (every route about patients has one)."""
 
 WEIGHTS_PREFIX = "weights:"
 

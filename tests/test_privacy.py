@@ -15,6 +15,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedmets.client.privacy import (
+    ROUTE_STAGES,
     ledger_reply,
     plan_site_noise,
     record_release,
@@ -22,6 +23,7 @@ from fedmets.client.privacy import (
     strip_module_prefix,
     train_private,
 )
+from fedmets.client.site_worker import NOT_ABOUT_PATIENTS
 from fedmets.server.privacy import (
     ClientLevelDP,
     noise_std,
@@ -380,6 +382,12 @@ def test_client_level_aggregation_is_flowers_dp_wrapper(tmp_path):
 
 
 # ---- what is not covered, the wire reply, the report -------------------------------------------
+
+
+def test_every_route_about_patients_has_a_ledger_stage() -> None:
+    """The ledger lists each release under its stage: no route falls back to its own name."""
+    about_patients = set(wire.ROUTES) - NOT_ABOUT_PATIENTS
+    assert about_patients - set(ROUTE_STAGES) == set()
 
 
 def test_uncovered_releases_and_the_report(tmp_path, monkeypatch):
