@@ -226,6 +226,7 @@ class FederatedProtocol:
         self.secure = cfg.strategy.secure_aggregation and getattr(link, "secure_aggregation", False)
         self.secure_rounds = 0
         self.held_out: list[str] = []  # [federation] held_out sites present at the census
+        self.fold_sizes: dict[str, np.ndarray] = {}  # site -> patients per fold (query.folds)
         self.candidates: list[str] = []  # the main model's variant networks ([model] main_*)
         self.fold_runner = fold_runner
 
@@ -283,6 +284,24 @@ class FederatedProtocol:
         for site in sorted(set(sites) - set(replies)):
             self.record.dropouts.append({"route": route, "site": site, **where})
             self.say(f"  site {site} did not answer {route} {where or ''}: dropped")
+        for site in sorted(replies):
+            problems = wire.received_problems(
+                route, replies[site], requests[site], self.cfg.federation.min_patients
+            )
+            census = self.record.census.get(site, {}).get("n")
+            count = replies[site].get("n")
+            trained = route.startswith("train.")  # n bounded by its rows: _valid_updates
+            if not trained and census is not None and isinstance(count, int) and count > census:
+                problems.append(f"n: {count} patients, more than its census {census}")
+            if problems:
+                del replies[site]
+                self.record.dropouts.append(
+                    {"route": route, "site": site, **where, "rule": "reply"}
+                )
+                self.say(
+                    f"  site {site} left out of {route} {where or ''}: its reply is not usable: "
+                    + "; ".join(problems[:3])
+                )
         if len(replies) < self.cfg.federation.min_sites:
             raise ProtocolError(
                 f"{route}: {len(replies)} of {len(sites)} sites answered "
@@ -560,9 +579,19 @@ class FederatedProtocol:
         return replies
 
     def folds(self) -> None:
+        """Each site's fold sizes (kept: a training reply counts at most the patients outside
+        its fold); ProtocolError for a site whose folds do not add up to its census count."""
         replies = self._ask("query.folds", {"folds": self.cfg.cv.folds})
         for site, reply in sorted(replies.items()):
-            self.say(f"folds: {site} sizes {reply['fold_sizes'].tolist()}")
+            sizes = np.asarray(reply["fold_sizes"], dtype=int)
+            census = self.record.census[site]["n"]
+            if sizes.sum() != census or len(sizes) != self.cfg.cv.folds:
+                raise ProtocolError(
+                    f"site {site}: its {len(sizes)} folds hold {sizes.sum()} patients, its "
+                    f"census {census} in {self.cfg.cv.folds} folds; restart that site"
+                )
+            self.fold_sizes[site] = sizes
+            self.say(f"folds: {site} sizes {sizes.tolist()}")
 
     def run_fold(self, fold: int, models: list[str], networks: list[str], images: bool) -> dict:
         """One fold: :meth:`fit` on its training rows, then the main model's permutation
@@ -1095,6 +1124,13 @@ class FederatedProtocol:
             curves[m]["best_round"] = best[m][2]
         return {m: best[m][1] for m in initial}, curves
 
+    def _training_rows(self, site: str, fold: int) -> int:
+        """The patients of ``site`` outside ``fold`` (all of them for the final model's fold
+        -1, or before its folds are known): what one of its training replies may count."""
+        census = int(self.record.census.get(site, {}).get("n", 0))
+        sizes = self.fold_sizes.get(site)
+        return census if fold < 0 or sizes is None else census - int(sizes[fold])
+
     def _valid_updates(
         self,
         route: str,
@@ -1104,19 +1140,20 @@ class FederatedProtocol:
         answered: int,
     ) -> dict[str, Payload]:
         """The training replies whose updates the server takes: each model's state has the
-        global model's tensors and shapes, only finite values, and lies within ``[federation]
-        max_update_norm`` (L2 over all tensors) of the global state; ``n`` is a whole number from
-        1 to the site's census count. A site breaking a rule is left out of this round (logged,
-        recorded as a dropout with the rule); ProtocolError when fewer than ``min_sites`` of
-        the ``answered`` sites remain."""
+        global model's tensors, shapes and types, only finite values, and lies within
+        ``[federation] max_update_norm`` (L2 over all tensors) of the global state; ``n`` is a
+        whole number from 1 to the site's patients outside the fold (:meth:`_training_rows`).
+        A site breaking a rule is left out of this round (logged, recorded as a dropout with
+        the rule); ProtocolError when fewer than ``min_sites`` of the ``answered`` sites
+        remain."""
         bound = self.cfg.federation.max_update_norm
         valid = {}
         for site, reply in sorted(trained.items()):
-            census = self.record.census.get(site, {}).get("n", 0)
+            rows = self._training_rows(site, int(where["fold"]))
             n = reply.get("n")
             problem = None
-            if not (np.ndim(n) == 0 and float(n).is_integer() and 1 <= n <= census):
-                problem = ("update.n", f"n {n!r} is not a count from 1 to its census {census}")
+            if not (np.ndim(n) == 0 and float(n).is_integer() and 1 <= n <= rows):
+                problem = ("update.n", f"n {n!r} is not a count from 1 to its {rows} training rows")
             for model, state in current.items():
                 if problem:
                     break
@@ -1125,6 +1162,8 @@ class FederatedProtocol:
                     np.shape(update[k]) != np.shape(state[k]) for k in state
                 ):
                     problem = ("update.shape", f"{model}: tensors or shapes differ from the model")
+                elif any(np.asarray(update[k]).dtype != np.asarray(state[k]).dtype for k in state):
+                    problem = ("update.dtype", f"{model}: tensor types differ from the model's")
                 elif not all(np.isfinite(update[k]).all() for k in state):
                     problem = ("update.finite", f"{model}: values that are not finite")
                 elif bound is not None:

@@ -633,6 +633,35 @@ def check_reply(route_name: str, payload: Mapping[str, Any], min_patients: int) 
     return problems
 
 
+def received_problems(
+    route_name: str, payload: Mapping[str, Any], request: Mapping[str, Any], min_patients: int
+) -> list[str]:
+    """Every way a reply the centre received breaks the wire's rules (:func:`check_reply`,
+    what an honest site's gate checks before sending) or cannot be a site's honest answer to
+    ``request``: a missing or negative patient count, negative counts, a histogram of other
+    than the request's ``bins``, values that are not finite. Model weights are checked where
+    they are averaged (``FederatedProtocol._valid_updates``). Empty when the reply is usable."""
+    problems = check_reply(route_name, payload, min_patients)
+    spec = route(route_name)
+    count = payload.get(spec.count_field) if spec.count_field else 0
+    if not isinstance(count, (int, np.integer)) or count < 0:
+        problems.append(f"{spec.count_field}: not a count of patients: {count!r}")
+    for key, value in payload.items():
+        kind = spec.reply_kind(key)
+        if kind not in (Kind.COUNT, Kind.HISTOGRAM, Kind.AGGREGATE, Kind.METRIC):
+            continue
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            continue  # check_reply names it
+        if not np.isfinite(array).all():
+            problems.append(f"{key}: values that are not finite")
+        elif kind in (Kind.COUNT, Kind.HISTOGRAM) and (array < 0).any():
+            problems.append(f"{key}: negative counts")
+        if kind == Kind.HISTOGRAM and "bins" in request and array.shape != (request["bins"],):
+            problems.append(f"{key}: {array.size} bins, the request's {request['bins']}")
+    return problems
+
+
 MAX_COUNT_VALUES = 64
 """Longest integer array of kind COUNT (per-fold counts, a confusion matrix)."""
 

@@ -508,6 +508,8 @@ class _FaultyUpdateLink(InProcessLink):
                 states[0][name] = states[0][name][..., :1]
             elif self.fault == "norm":
                 states[0][name] = states[0][name] + 100.0
+            elif self.fault == "dtype":  # FedAvg would copy an integer tensor, not average it
+                states[0][name] = states[0][name].astype(np.int64)
             else:  # a weight larger than the site's census count
                 reply["n"] = 10_000
         return replies
@@ -519,6 +521,7 @@ class _FaultyUpdateLink(InProcessLink):
         ("nan", "update.finite"),
         ("shape", "update.shape"),
         ("norm", "update.norm"),
+        ("dtype", "update.dtype"),
         ("n", "update.n"),
     ],
 )
@@ -538,6 +541,58 @@ def test_a_site_sending_an_invalid_update_is_left_out_of_the_round(sites, fault,
     protocol.folds()
     with pytest.raises(ProtocolError, match=r"1 of 3 sites sent an invalid update"):
         protocol.fit(0, ["none/clinical"], ["none/clinical"], images=False)
+
+
+class _FaultyReplyLink(InProcessLink):
+    """``site``'s replies on ``route`` come back with ``field`` set to ``value``."""
+
+    def __init__(self, workers, site: str, route: str, field: str, value) -> None:
+        super().__init__(workers)
+        self.site, self.route, self.field, self.value = site, route, field, value
+
+    def ask(self, route, requests):
+        replies = super().ask(route, requests)
+        if route == self.route and self.site in replies:
+            reply = replies[self.site]
+            key = next(k for k in sorted(reply) if k.split(":")[0] == self.field)
+            reply[key] = self.value(reply[key]) if callable(self.value) else self.value
+        return replies
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "value", "problem"),
+    [
+        ("query.validate", "val_loss_sum", float("nan"), "not finite"),
+        ("query.evaluation", "hist_neg", lambda h: h - h.max() - 1, "negative counts"),
+        ("query.evaluation", "hist_pos", lambda h: h[:-7], "93 bins, the request's 100"),
+        ("query.moments", "n", 100_000, "more than its census"),
+    ],
+)
+def test_a_site_whose_reply_is_not_usable_is_left_out_of_that_request(
+    sites, route, field, value, problem
+) -> None:
+    """A faulty or hostile site's reply that no honest site sends (a NaN loss, negative
+    counts, a histogram of other bins, more patients than its census) would otherwise pick
+    the kept round, move the pooled AUC or weigh the pooled statistics; it is left out, its
+    site, route and field named."""
+    workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
+    said: list[str] = []
+    cfg = _cfg(stages={"fusion_rounds": 1})
+    link = _FaultyReplyLink(workers, "site_c", route, field, value)
+    result = FederatedProtocol(link, cfg, "faulty-reply", said.append).run_all()
+    left_out = [d for d in result["dropouts"] if d.get("rule") == "reply"]
+    assert left_out and {(d["route"], d["site"]) for d in left_out} == {(route, "site_c")}
+    assert any(f"site site_c left out of {route}" in s and problem in s for s in said), said
+    assert all(np.isfinite(m["pooled"]["auc"]) for m in result["models"].values())
+
+
+def test_folds_that_do_not_add_up_to_the_census_stop_the_run(sites) -> None:
+    workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
+    link = _FaultyReplyLink(workers, "site_c", "query.census", "n", 1_000_000)
+    protocol = FederatedProtocol(link, _cfg(), "inflated")
+    protocol.census()
+    with pytest.raises(ProtocolError, match="site site_c: its 3 folds hold 36 patients, its "):
+        protocol.folds()
 
 
 class _FailingLink(InProcessLink):
