@@ -130,7 +130,7 @@ def extract_site(
     FileNotFoundError when the parameter file is missing; patient-level problems never raise."""
     started = time.perf_counter()
     if cfg.data.mode == "tabular":
-        return _extract_table(cfg, started, on_patient_done, on_patient_checked)
+        return _extract_table(cfg, started, on_patient_done, on_patient_checked, labelled)
     workers = workers or cfg.compute.workers
     params = params_file(cfg.radiomics.params)
     if not params.is_file():
@@ -267,10 +267,11 @@ def _extract_table(
     started: float,
     on_patient_done: Callable[[int, int], None] | None,
     on_patient_checked: Callable[[int, int], None] | None,
+    labelled: bool,
 ) -> dict:
     """extract_site for a tabular site: the usable rows of its feature table, same report keys
     (``features_per_region`` adds ``radiomics``, the table's radiomics columns)."""
-    loaded = load_feature_table(cfg)
+    loaded = load_feature_table(cfg, labelled)
     table, n_usable = loaded.features, len(loaded.features)
     for callback in (on_patient_checked, on_patient_done):
         if callback:

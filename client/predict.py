@@ -60,11 +60,16 @@ def extract_new_patients(cfg: SiteConfig, model_dir: Path, manifest: Path) -> Si
     """Check the patients of ``manifest`` and extract, of the radiomics, only the features the
     bundle in ``model_dir`` reads (and every crop); returns their site config
     (:func:`new_patients_site`), whose ``extraction_report.json`` lists the quarantined and
-    failed patients."""
+    failed patients. The feature table and report of an earlier list of the same file name
+    are removed first: a list whose every patient fails leaves no table to score, not the
+    earlier list's."""
     from fedmets.client.extract import extract_site
+    from fedmets.client.site_files import FEATURES_FILE, REPORT_FILE
 
     new = new_patients_site(cfg, manifest)
     features = load_bundle(model_dir).manifest["radiomics_features"]
+    for earlier in (FEATURES_FILE, REPORT_FILE):
+        (new.paths.output / earlier).unlink(missing_ok=True)
     extract_site(new, features=features, labelled=False)
     return new
 

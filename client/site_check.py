@@ -85,7 +85,7 @@ def check_site(
     for all rows, in tabular mode). ``labelled=False`` (new patients to score): an empty label
     cell is no problem."""
     if cfg.data.mode == "tabular":
-        table = load_feature_table(cfg)
+        table = load_feature_table(cfg, labelled)
         if on_patient_done:
             on_patient_done(table.n_rows, table.n_rows)
         usable = table.features["patient_id"].tolist()

@@ -186,7 +186,8 @@ def _one_site(cfg: SiteConfig, keep_unlabelled: bool = False) -> dict:
     if not keep_unlabelled:
         table = table[~unlabelled].reset_index(drop=True)
     if table.empty:
-        raise SiteNotReady(f"{cfg.site_id}: no labelled patient in {features}")
+        which = "patient" if keep_unlabelled else "labelled patient"
+        raise SiteNotReady(f"{cfg.site_id}: no {which} in {features}")
     crops = None
     if cfg.data.mode == "images":
         crops = [crop_path(cfg, str(pid)) for pid in table["patient_id"]]

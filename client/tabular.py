@@ -72,10 +72,11 @@ class FeatureTable:
     clinical_sources: dict[str, str | None]  # schema column -> table column (None: not found)
 
 
-def load_feature_table(cfg: SiteConfig) -> FeatureTable:
+def load_feature_table(cfg: SiteConfig, labelled: bool = True) -> FeatureTable:
     """Read and check the site's feature table (see the module docstring). Bad data never
     raises: site-level problems (file unreadable, id/label column missing, no radiomics column,
-    a required clinical column missing, no usable row) come back in ``site_problems``."""
+    a required clinical column missing, no usable row) come back in ``site_problems``.
+    ``labelled=False`` (new patients to score): an empty label cell is no problem (label NA)."""
     try:
         table, unreadable = read_text_table(cfg.data.manifest)
     except ValueError as error:
@@ -105,7 +106,9 @@ def load_feature_table(cfg: SiteConfig) -> FeatureTable:
     for row, patient_id in ids.items():  # the table's index is its row numbers
         where = f"{name} row {row}"
         messages = [] if patient_id else [f"{where}: {cfg.data.id_column}: empty id cell"]
-        messages += _label_problems(table.at[row, cfg.data.label_column], where, cfg)
+        label = table.at[row, cfg.data.label_column]
+        if labelled or label.strip():
+            messages += _label_problems(label, where, cfg)
         messages += _radiomics_problems(table.loc[row], numbers.loc[row], where)
         if "clinical" in cfg.data.modalities:
             messages += [
@@ -125,7 +128,10 @@ def load_feature_table(cfg: SiteConfig) -> FeatureTable:
         if message not in messages:  # repeated ids: one message for the rows sharing the id
             messages.append(message)
     usable = (ids.ne("") & ~ids.isin(list(quarantined))).to_numpy()
-    labels = table.loc[usable, cfg.data.label_column].astype(float).astype(int).tolist()
+    labels = [
+        int(float(cell)) if cell.strip() else None
+        for cell in table.loc[usable, cfg.data.label_column]
+    ]
     clinical = encode_clinical(raw[usable]) if "clinical" in cfg.data.modalities else None
     features = _layout(ids[usable].tolist(), labels, numbers[usable], clinical)
     problems = [] if usable.any() else [f"no usable patient: all {n_rows} are quarantined"]
@@ -227,7 +233,7 @@ def _radiomics_problems(cells: pd.Series, numbers: pd.Series, where: str) -> lis
 
 
 def _layout(
-    ids: list[str], labels: list[int], radiomics: pd.DataFrame, clinical: pd.DataFrame | None
+    ids: list[str], labels: list[int | None], radiomics: pd.DataFrame, clinical: pd.DataFrame | None
 ) -> pd.DataFrame:
     """patient_id (string), label (Int64), radiomics (float64), encoded clinical (float64)."""
     head = pd.DataFrame(

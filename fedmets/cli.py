@@ -750,7 +750,7 @@ def site_predict(
 
     from rich.text import Text
 
-    from fedmets.client.predict import extract_new_patients, predict_site
+    from fedmets.client.predict import extract_new_patients, new_patients_site, predict_site
     from fedmets.client.site_files import REPORT_FILE
     from fedmets.client.site_worker import SiteNotReady
 
@@ -758,12 +758,23 @@ def site_predict(
     site_output = cfg.paths.output
     try:
         if manifest is not None:
-            cfg = extract_new_patients(cfg, model, manifest)
-            report = json.loads((cfg.paths.output / REPORT_FILE).read_text(encoding="utf-8"))
-            for patient, problems in report["quarantined"].items():
-                err_console.print(f"quarantined: {patient}: {'; '.join(problems)}", markup=False)
-            for patient, failure in report["failed"].items():
-                err_console.print(f"failed: {patient}: {failure['message']}", markup=False)
+            new = new_patients_site(cfg, manifest)
+            try:
+                extract_new_patients(cfg, model, manifest)
+            finally:  # the patients it could not use, also when none was usable
+                report_file = new.paths.output / REPORT_FILE
+                report = (
+                    json.loads(report_file.read_text(encoding="utf-8"))
+                    if report_file.is_file()
+                    else {"quarantined": {}, "failed": {}}
+                )
+                for patient, problems in report["quarantined"].items():
+                    err_console.print(
+                        f"quarantined: {patient}: {'; '.join(problems)}", markup=False
+                    )
+                for patient, failure in report["failed"].items():
+                    err_console.print(f"failed: {patient}: {failure['message']}", markup=False)
+            cfg = new
         table = predict_site(cfg, model, out, site_output=site_output)
     except (ValueError, SiteNotReady, OSError) as error:
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 from conftest import run_fedmets
 from sklearn.metrics import roc_auc_score
+from test_study import noise_table
 
+from fedmets.client.extract import extract_site
 from fedmets.client.policy import ScoreGroups
 from fedmets.client.predict import evaluate_bundle, predict_site
 from fedmets.client.recalibration import apply, recalibrate
@@ -24,6 +26,7 @@ from fedmets.shared.metrics import calibration_slope_intercept
 from fedmets.simulation.feature_sites import write_feature_sites
 from fedmets.simulation.holdout import held_out_validation, leave_one_site_out
 from fedmets.simulation.in_process import InProcessLink
+from fedmets.simulation.site_files import write_site_config
 
 
 def _final_scores(worker: SiteWorker, run: str, model: str) -> np.ndarray:
@@ -174,6 +177,46 @@ def test_a_bundle_that_does_not_fit_the_site_is_refused(tmp_path):
     shutil.rmtree(tmp_path / "model")
     with pytest.raises(ValueError, match="manifest.json: missing"):
         predict_site(next(iter(configs.values())), tmp_path / "model")
+
+
+def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
+    """`fedmets site predict --manifest`: next month's list under the same file name, its
+    every patient quarantined, is an error naming them; it neither scores last month's
+    patients again nor writes a predictions file."""
+    configs = {}
+    for i, n in enumerate([60, 60]):
+        folder = tmp_path / "sites" / f"site_{i}"
+        folder.mkdir(parents=True)
+        noise_table(folder / "features.csv", n=n, p=12, seed=i, signal=True)
+        toml = write_site_config(
+            folder,
+            f"site_{i}",
+            mode="tabular",
+            modalities=["radiomics_table", "clinical"],
+            seed=i,
+            manifest="features.csv",
+            id_column="pid",
+            label_column="label",
+            policy={"folds": 2},
+        )
+        configs[f"site_{i}"] = load_site_config(toml)
+        extract_site(configs[f"site_{i}"])
+    fed = FederationConfig.model_validate(
+        {"run": {"name": "lists", "seed": 1}, "cv": {"folds": 2}, "stages": {"fusion_rounds": 2}}
+    )
+    _run(configs, fed, "lists", tmp_path)
+    site = tmp_path / "sites" / "site_0"
+    new = site / "new_patients.csv"
+    table = pd.read_csv(site / "features.csv").head(6).assign(label="")
+    table.assign(pid=[f"march-{i}" for i in range(6)]).to_csv(new, index=False)
+    predict = ["site", "predict", "--config", site / "site.toml", "--model", tmp_path / "model"]
+    done = run_fedmets(*predict, "--manifest", new, "--out", tmp_path / "march.csv")
+    assert done.returncode == 0 and "6 patients scored" in done.stdout, done.stderr
+    table.assign(pid=[f"april-{i}" for i in range(6)], age="").to_csv(new, index=False)
+    done = run_fedmets(*predict, "--manifest", new, "--out", tmp_path / "april.csv")
+    assert done.returncode == 1 and "no patient in" in done.stderr, done.stdout
+    assert "quarantined: april-0: new_patients.csv row 1: age:" in done.stderr
+    assert not (tmp_path / "april.csv").exists()
 
 
 def _held_out_config(name: str, **sections) -> FederationConfig:
