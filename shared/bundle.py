@@ -16,6 +16,11 @@
   model's threshold and how it was chosen; the rounds each network trained; each model's
   cross-validated pooled metrics with their CIs; the training cohort in counts.
 
+- ``bundle.sha256``: :func:`bundle_digest` of the two, written with them; :func:`load_bundle`
+  refuses a bundle whose content no longer matches it (damaged, or edited by hand: a changed
+  threshold would otherwise score every patient by it). It names the content; it is no
+  signature (whoever edits the files can write a new digest too).
+
 Nothing in it is per patient. The centre writes it (:func:`save_bundle`) and sends it to every
 site in a final message (wire route ``query.model_bundle``), which keeps it under
 ``<paths.output>/model/``; both sides name its content by :func:`bundle_digest`.
@@ -27,6 +32,8 @@ import hashlib
 import json
 import shutil
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +47,7 @@ BUNDLE_FORMAT = "fedmets-model-1"
 MANIFEST_FILE = "manifest.json"
 ARRAYS_FILE = "arrays.npz"
 MODEL_CARD_FILE = "MODEL_CARD.md"
+DIGEST_FILE = "bundle.sha256"
 THRESHOLD_RULE = "Youden J on the final model's pooled training scores (every patient)"
 STANDARDISE_ARRAYS = (
     "radiomics_mean",
@@ -100,6 +108,7 @@ def save_bundle(out: Path, manifest: Mapping[str, Any], arrays: Mapping[str, np.
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=out.parent))
     np.savez(staging / ARRAYS_FILE, **{k: np.asarray(v) for k, v in arrays.items()})
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    (staging / DIGEST_FILE).write_text(bundle_digest(manifest, arrays) + "\n", encoding="utf-8")
     (staging / MODEL_CARD_FILE).write_text(model_card(manifest), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
@@ -108,19 +117,32 @@ def save_bundle(out: Path, manifest: Mapping[str, Any], arrays: Mapping[str, np.
 
 
 def load_bundle(path: Path) -> Bundle:
-    """The bundle in ``path``; ValueError naming the file when it is missing or of another
-    format."""
+    """The bundle in ``path``; ValueError naming the file when it is missing, unreadable, of
+    another format, or no longer the content its ``bundle.sha256`` names."""
     path = Path(path)
     manifest_file, arrays_file = path / MANIFEST_FILE, path / ARRAYS_FILE
-    for needed in (manifest_file, arrays_file):
+    digest_file = path / DIGEST_FILE
+    for needed in (manifest_file, arrays_file, digest_file):
         if not needed.is_file():
             raise ValueError(f"{needed}: missing; is {path} a fedmets model bundle?")
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    if manifest.get("format") != BUNDLE_FORMAT:
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{manifest_file}: not readable JSON ({error})") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{manifest_file}: format {found!r}, this fedmets reads {BUNDLE_FORMAT!r}")
+    try:
+        with np.load(arrays_file) as stored:
+            arrays = {k: stored[k] for k in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{arrays_file}: unreadable or truncated ({error!r})") from error
+    bundle = Bundle(manifest, arrays)
+    expected = digest_file.read_text(encoding="utf-8").strip()
+    if bundle.digest() != expected:
         raise ValueError(
-            f"{manifest_file}: format {manifest.get('format')!r}, this fedmets reads "
-            f"{BUNDLE_FORMAT!r}"
+            f"{path}: its manifest.json and arrays.npz are not the bundle {DIGEST_FILE} names "
+            f"({expected[:16]}..., now {bundle.digest()[:16]}...): damaged or edited since it "
+            "was written; use the bundle as the run wrote it"
         )
-    with np.load(arrays_file) as stored:
-        arrays = {k: stored[k] for k in stored.files}
-    return Bundle(manifest, arrays)
+    return bundle

@@ -20,7 +20,7 @@ from fedmets.client.site_worker import SiteWorker
 from fedmets.server.bundle import deliver_bundle, evaluate_held_out, held_out_metrics, write_bundle
 from fedmets.server.protocol import FederatedProtocol
 from fedmets.server.results import HeldOut, LeaveOneSiteOut, to_jsonable, typed
-from fedmets.shared.bundle import load_bundle
+from fedmets.shared.bundle import load_bundle, save_bundle
 from fedmets.shared.config import FederationConfig, load_site_config
 from fedmets.shared.metrics import calibration_slope_intercept
 from fedmets.simulation.feature_sites import write_feature_sites
@@ -165,13 +165,23 @@ def test_a_bundle_that_does_not_fit_the_site_is_refused(tmp_path):
         {"run": {"name": "fit", "seed": 1}, "cv": {"folds": 2}, "stages": {"fusion_rounds": 2}}
     )
     _run(configs, fed, "fit", tmp_path)
-    manifest_file = tmp_path / "model" / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    manifest["params_hash"] = "0" * 64
+    site = next(iter(configs.values()))
+    model = tmp_path / "model"
+    bundle = load_bundle(model)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest["thresholds"] = {k: 0.05 for k in manifest["thresholds"]}  # edited by hand
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not the bundle bundle.sha256 names"):
+        predict_site(site, model)
+    arrays = (model / "arrays.npz").read_bytes()
+    (model / "arrays.npz").write_bytes(arrays[: len(arrays) // 2])
+    with pytest.raises(ValueError, match="arrays.npz: unreadable or truncated"):
+        predict_site(site, model)
+    manifest["params_hash"] = "0" * 64  # a bundle of other settings, as written
     manifest["radiomics_features"][0] = "original_firstorder_NotAFeature"
-    manifest_file.write_text(json.dumps(manifest))
+    save_bundle(model, manifest, bundle.arrays)
     with pytest.raises(ValueError) as refused:
-        predict_site(next(iter(configs.values())), tmp_path / "model")
+        predict_site(site, model)
     message = str(refused.value)
     assert "extraction settings differ" in message and "original_firstorder_NotAFeature" in message
     shutil.rmtree(tmp_path / "model")
@@ -344,7 +354,6 @@ def test_a_site_recalibrates_the_bundle_to_its_own_patients(tmp_path):
     with pytest.raises(ValueError, match="needs at least 10 events"):
         recalibrate(small, tmp_path / "model")
     # another bundle: the site's recalibration is not applied to it
-    (tmp_path / "model" / "manifest.json").write_text(
-        json.dumps({**load_bundle(tmp_path / "model").manifest, "run": "other"})
-    )
+    other = load_bundle(tmp_path / "model")
+    save_bundle(tmp_path / "model", {**other.manifest, "run": "other"}, other.arrays)
     assert not predict_site(large, tmp_path / "model")["recalibrated"].any()
