@@ -158,7 +158,7 @@ def _columns(
                 f"{path}: data.{key}: column {column!r} not found (columns found: {found})"
             )
     if table.empty:
-        problems.append(f"{path}: no patient rows")
+        return pd.DataFrame(index=table.index), {}, [*problems, f"{path}: no patient rows"]
     pattern = re.compile(data.radiomics_pattern, re.IGNORECASE)
     matching = [
         column

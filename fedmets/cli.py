@@ -766,8 +766,10 @@ def site_predict(
                 report = (
                     json.loads(report_file.read_text(encoding="utf-8"))
                     if report_file.is_file()
-                    else {"quarantined": {}, "failed": {}}
+                    else {"quarantined": {}, "failed": {}, "site_problems": []}
                 )
+                for problem in report["site_problems"]:
+                    err_console.print(f"problem: {problem}", markup=False)
                 for patient, problems in report["quarantined"].items():
                     err_console.print(
                         f"quarantined: {patient}: {'; '.join(problems)}", markup=False
