@@ -286,11 +286,11 @@ def _extract_table(
         "site_id": cfg.site_id,
         "config": str(cfg.source) if cfg.source else None,
         "params_file": None,
-        "settings": {
+        "settings": {  # what the features depend on (params_hash): not the table's names
             "code_version": fedmets.shared.__version__,
             "radiomics_pattern": cfg.data.radiomics_pattern,
-            "clinical_columns": loaded.clinical_sources,
         },
+        "clinical_sources": loaded.clinical_sources,  # schema column -> the table's column
         "workers": None,
         "counts": {
             "total": loaded.n_rows,

@@ -190,9 +190,10 @@ def test_a_bundle_that_does_not_fit_the_site_is_refused(tmp_path):
 
 
 def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
-    """`fedmets site predict --manifest`: next month's list under the same file name, its
-    every patient quarantined, is an error naming them; it neither scores last month's
-    patients again nor writes a predictions file."""
+    """`fedmets site predict --manifest`: a list without labels, its sex column under another
+    name fedmets knows, is scored; next month's list under the same file name, its every
+    patient quarantined, is an error naming them; it neither scores last month's patients
+    again nor writes a predictions file. A list of no row is an error too."""
     configs = {}
     for i, n in enumerate([60, 60]):
         folder = tmp_path / "sites" / f"site_{i}"
@@ -218,6 +219,7 @@ def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
     site = tmp_path / "sites" / "site_0"
     new = site / "new_patients.csv"
     table = pd.read_csv(site / "features.csv").head(6).assign(label="")
+    table = table.rename(columns={"sex": "gender"})  # another name fedmets knows for it
     table.assign(pid=[f"march-{i}" for i in range(6)]).to_csv(new, index=False)
     predict = ["site", "predict", "--config", site / "site.toml", "--model", tmp_path / "model"]
     done = run_fedmets(*predict, "--manifest", new, "--out", tmp_path / "march.csv")

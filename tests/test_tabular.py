@@ -82,7 +82,7 @@ def test_real_table_sites_check_and_extract_every_patient(real_sites: Path) -> N
             "radiomics": 203,
             "clinical": len(encoded_columns()),
         }
-        assert report["settings"]["clinical_columns"] == {
+        assert report["clinical_sources"] == {
             "age": "age",
             "sex": "sex",
             "smoking": None,
