@@ -95,6 +95,23 @@ from fedmets.shared.selection import correlation_filter, correlation_from_sums
 
 IMAGE = "image"
 IMPORTANCE_REPEATS = 3
+CENSUS_FIELDS = frozenset(
+    {
+        "site_id",
+        "protocol",
+        "mode",
+        "n",
+        "radiomics_columns",
+        "radiomics_names",
+        "clinical_columns",
+        "has_images",
+        "schema_hash",
+        "params_hash",
+        "folds",
+        "randomness",
+    }
+)
+"""What every site's census reply holds (its positives may be withheld)."""
 Payload = dict[str, Any]
 GLOBAL_RNG = threading.Lock()
 """Held while the global generators are seeded and drawn from (initial weights): the protocols
@@ -504,6 +521,17 @@ class FederatedProtocol:
         request = census_request(self.cfg)
         challenge = request["challenge"]
         replies = self._ask("query.census", request)
+        for key in sorted(replies):
+            missing = sorted(CENSUS_FIELDS - set(replies[key]))
+            if missing:
+                self.say(f"  site {key} left out of query.census: it lacks {', '.join(missing)}")
+                self.record.dropouts.append(
+                    {"route": "query.census", "site": key, "rule": "reply", "missing": missing}
+                )
+                del replies[key]
+        unusable = {d["site"] for d in self.record.dropouts if d.get("rule") == "reply"}
+        for key in sorted(unusable & set(self.link.sites())):  # not asked again in this run
+            self.link.refuse(key)
         identities = self.cfg.federation.identities
         for key in sorted(replies) if identities else []:
             problem = identity_problem(identities, self.run, challenge, replies[key])

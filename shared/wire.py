@@ -638,8 +638,9 @@ def received_problems(
 ) -> list[str]:
     """Every way a reply the centre received breaks the wire's rules (:func:`check_reply`,
     what an honest site's gate checks before sending) or cannot be a site's honest answer to
-    ``request``: a missing or negative patient count, negative counts, a histogram of other
-    than the request's ``bins``, values that are not finite. Model weights are checked where
+    ``request``: a missing or negative patient count, negative counts or metrics (every metric
+    is a sum of losses, a Brier sum or an epsilon), a histogram of other than the request's
+    ``bins``, values that are not finite. Model weights are checked where
     they are averaged (``FederatedProtocol._valid_updates``). Empty when the reply is usable."""
     problems = check_reply(route_name, payload, min_patients)
     spec = route(route_name)
@@ -657,6 +658,8 @@ def received_problems(
             problems.append(f"{key}: values that are not finite")
         elif kind in (Kind.COUNT, Kind.HISTOGRAM) and (array < 0).any():
             problems.append(f"{key}: negative counts")
+        elif kind == Kind.METRIC and (array < 0).any():  # loss and Brier sums, epsilons
+            problems.append(f"{key}: a negative sum of losses")
         if kind == Kind.HISTOGRAM and "bins" in request and array.shape != (request["bins"],):
             problems.append(f"{key}: {array.size} bins, the request's {request['bins']}")
     return problems

@@ -543,8 +543,13 @@ def test_a_site_sending_an_invalid_update_is_left_out_of_the_round(sites, fault,
         protocol.fit(0, ["none/clinical"], ["none/clinical"], images=False)
 
 
+DROP = object()
+"""A _FaultyReplyLink value: the field left out."""
+
+
 class _FaultyReplyLink(InProcessLink):
-    """``site``'s replies on ``route`` come back with ``field`` set to ``value``."""
+    """``site``'s replies on ``route`` come back with ``field`` set to ``value`` (or left out:
+    ``DROP``)."""
 
     def __init__(self, workers, site: str, route: str, field: str, value) -> None:
         super().__init__(workers)
@@ -555,7 +560,10 @@ class _FaultyReplyLink(InProcessLink):
         if route == self.route and self.site in replies:
             reply = replies[self.site]
             key = next(k for k in sorted(reply) if k.split(":")[0] == self.field)
-            reply[key] = self.value(reply[key]) if callable(self.value) else self.value
+            if self.value is DROP:
+                del reply[key]
+            else:
+                reply[key] = self.value(reply[key]) if callable(self.value) else self.value
         return replies
 
 
@@ -566,6 +574,9 @@ class _FaultyReplyLink(InProcessLink):
         ("query.evaluation", "hist_neg", lambda h: h - h.max() - 1, "negative counts"),
         ("query.evaluation", "hist_pos", lambda h: h[:-7], "93 bins, the request's 100"),
         ("query.moments", "n", 100_000, "more than its census"),
+        ("query.validate", "val_loss_sum", -1e9, "a negative sum of losses"),
+        ("query.census", "folds", DROP, "it lacks folds"),
+        ("query.census", "n", -3, "n: not a count of patients"),
     ],
 )
 def test_a_site_whose_reply_is_not_usable_is_left_out_of_that_request(
