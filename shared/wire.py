@@ -640,8 +640,9 @@ def received_problems(
     what an honest site's gate checks before sending) or cannot be a site's honest answer to
     ``request``: a missing or negative patient count, negative counts or metrics (every metric
     is a sum of losses, a Brier sum or an epsilon), a histogram of other than the request's
-    ``bins``, values that are not finite. Model weights are checked where
-    they are averaged (``FederatedProtocol._valid_updates``). Empty when the reply is usable."""
+    ``bins``, confusion counts that are not four or not the histograms' patients, values that
+    are not finite. Model weights are checked where they are averaged
+    (``FederatedProtocol._valid_updates``). Empty when the reply is usable."""
     problems = check_reply(route_name, payload, min_patients)
     spec = route(route_name)
     count = payload.get(spec.count_field) if spec.count_field else 0
@@ -662,6 +663,14 @@ def received_problems(
             problems.append(f"{key}: a negative sum of losses")
         if kind == Kind.HISTOGRAM and "bins" in request and array.shape != (request["bins"],):
             problems.append(f"{key}: {array.size} bins, the request's {request['bins']}")
+        name = key.partition(":")[2]
+        if key.startswith("confusion:") and array.shape != (4,):
+            problems.append(f"{key}: {array.size} counts, not (TP, FN, TN, FP)")
+        elif key.startswith("confusion:") and f"hist_pos:{name}" in payload:
+            histograms = (payload[f"hist_pos:{name}"], payload.get(f"hist_neg:{name}", 0))
+            scored = sum(np.sum(h) for h in histograms)
+            if array.sum() != scored:
+                problems.append(f"{key}: {array.sum()} patients, its histograms {scored}")
     return problems
 
 
