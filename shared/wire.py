@@ -671,6 +671,13 @@ def received_problems(
             scored = sum(np.sum(h) for h in histograms)
             if array.sum() != scored:
                 problems.append(f"{key}: {array.sum()} patients, its histograms {scored}")
+    if route_name == "query.evaluation":  # each model's four fields, or none of them
+        names = {k.partition(":")[2] for k in payload if ":" in k} - {""}
+        for name in sorted(names):
+            fields = [f"{f}:{name}" for f in ("hist_pos", "hist_neg", "confusion", "brier_sum")]
+            missing = [f for f in fields if f not in payload]
+            if missing and len(missing) < len(fields):
+                problems.append(f"{missing[0]}: missing beside the model's other fields")
     return problems
 
 

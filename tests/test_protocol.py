@@ -575,6 +575,7 @@ class _FaultyReplyLink(InProcessLink):
         ("query.evaluation", "hist_pos", lambda h: h[:-7], "93 bins, the request's 100"),
         ("query.evaluation", "confusion", lambda c: c[:3], "3 counts, not (TP, FN, TN, FP)"),
         ("query.evaluation", "confusion", lambda c: c + 1000, "patients, its histograms"),
+        ("query.evaluation", "brier_sum", DROP, "missing beside the model's other fields"),
         ("query.moments", "n", 100_000, "more than its census"),
         ("query.validate", "val_loss_sum", -1e9, "a negative sum of losses"),
         ("query.census", "folds", DROP, "it lacks folds"),
