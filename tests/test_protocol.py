@@ -571,13 +571,8 @@ class _FaultyReplyLink(InProcessLink):
     ("route", "field", "value", "problem"),
     [
         ("query.validate", "val_loss_sum", float("nan"), "not finite"),
-        ("query.evaluation", "hist_neg", lambda h: h - h.max() - 1, "negative counts"),
-        ("query.evaluation", "hist_pos", lambda h: h[:-7], "93 bins, the request's 100"),
         ("query.evaluation", "confusion", lambda c: c[:3], "3 counts, not (TP, FN, TN, FP)"),
-        ("query.evaluation", "confusion", lambda c: c + 1000, "patients, its histograms"),
-        ("query.evaluation", "brier_sum", DROP, "missing beside the model's other fields"),
         ("query.moments", "n", 100_000, "more than its census"),
-        ("query.validate", "val_loss_sum", -1e9, "a negative sum of losses"),
         ("query.census", "folds", DROP, "it lacks folds"),
         ("query.census", "n", -3, "n: not a count of patients"),
     ],
@@ -585,10 +580,10 @@ class _FaultyReplyLink(InProcessLink):
 def test_a_site_whose_reply_is_not_usable_is_left_out_of_that_request(
     sites, route, field, value, problem
 ) -> None:
-    """A faulty or hostile site's reply that no honest site sends (a NaN loss, negative
-    counts, a histogram of other bins, more patients than its census) would otherwise pick
-    the kept round, move the pooled AUC or weigh the pooled statistics; it is left out, its
-    site, route and field named."""
+    """A faulty or hostile site's reply that no honest site sends (a NaN loss, a confusion
+    matrix of three counts, more patients than its census, a census without a field) would
+    otherwise pick the kept round, stop the run or weigh the pooled statistics; it is left
+    out, its site, route and field named (each rule: ``tests/test_wire.py``)."""
     workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
     said: list[str] = []
     cfg = _cfg(stages={"fusion_rounds": 1})

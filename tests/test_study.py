@@ -255,7 +255,7 @@ def test_folds_in_parallel_need_dp_off(tmp_path):
 
 @pytest.mark.slow
 def test_folds_in_parallel_give_the_sequential_results(cohort_run, tmp_path):
-    """``parallel_folds``: two backbones' runs side by side, their four folds in three fold
+    """``parallel_folds``: two backbones' runs side by side, their four folds in two fold
     processes, handed over through checkpoints, give the fixture's results of the same
     settings in sequence: the models without images exactly, the image models' kept rounds,
     and up to the rounding of other thread counts their validation losses and thresholds; each
@@ -263,7 +263,7 @@ def test_folds_in_parallel_give_the_sequential_results(cohort_run, tmp_path):
     cohort, _, in_sequence = cohort_run
     fed = tiny(folds=2, stages=SHORT)
     backbones = ["swin3d", "resnet3d"]
-    at_once = run_study(cohort_sites(cohort), fed, tmp_path, backbones, parallel_folds=3)
+    at_once = run_study(cohort_sites(cohort), fed, tmp_path, backbones, parallel_folds=2)
     runs = [in_sequence.metrics, at_once.metrics]
     assert runs[1]["models"].keys() == runs[0]["models"].keys()
     tabular = [k for k in runs[0]["models"] if k.startswith("none/")]

@@ -184,3 +184,38 @@ def test_request_types_of_every_kind() -> None:
     for models in (["swin3d/deep+genomics"], ["none/clinical;rm"], "none/clinical"):
         problems = wire.check_request("query.train_scores", {**scores, "models": models})
         assert [p.split(":")[0] for p in problems] == ["models"], problems
+
+
+def _evaluation_reply() -> dict:
+    """An honest site's evaluation reply for one model: 10 bins, 12 patients."""
+    pos, neg = np.zeros(10, dtype=np.int64), np.zeros(10, dtype=np.int64)
+    pos[7], neg[2] = 5, 7
+    return {
+        "n": 12,
+        "hist_pos:m": pos,
+        "hist_neg:m": neg,
+        "confusion:m": np.array([5, 0, 7, 0]),
+        "brier_sum:m": 1.25,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"hist_neg:m": np.array([-1] + [0] * 9)}, "hist_neg:m: negative counts"),
+        ({"hist_pos:m": np.zeros(9, dtype=np.int64)}, "hist_pos:m: 9 bins, the request's 10"),
+        ({"confusion:m": np.array([5, 0, 7])}, "confusion:m: 3 counts, not (TP, FN, TN, FP)"),
+        ({"confusion:m": np.array([5, 0, 70, 0])}, "confusion:m: 75 patients, its histograms 12"),
+        ({"brier_sum:m": -1.0}, "brier_sum:m: a negative sum of losses"),
+        ({"brier_sum:m": float("nan")}, "brier_sum:m: values that are not finite"),
+        ({"brier_sum:m": None}, "brier_sum:m: missing beside the model's other fields"),
+        ({"n": "12"}, "n: not a count of patients: '12'"),
+        ({"note": 3}, "note: not a declared reply field of query.evaluation"),
+    ],
+)
+def test_the_centre_refuses_a_reply_no_honest_site_sends(change, problem) -> None:
+    """``received_problems``: what the centre checks of every reply before it reads it."""
+    request = {"bins": 10}
+    assert wire.received_problems("query.evaluation", _evaluation_reply(), request, 5) == []
+    reply = {k: v for k, v in (_evaluation_reply() | change).items() if v is not None}
+    assert problem in wire.received_problems("query.evaluation", reply, request, 5)
