@@ -914,11 +914,12 @@ class SiteWorker:
             settings,
         )
         train = self._rows(request)["train"]
+        n = int(train.sum())
         if str(request.get("dp_mode", "off")) == "sample":
-            return {"n": int(train.sum())}
+            return {"n": n}
         rows = deep[train].astype(np.float64)
         reply = {
-            "n": int(train.sum()),
+            "n": n,
             "deep_sum": rows.sum(axis=0),
             "deep_sumsq": (rows**2).sum(axis=0),
             "deep_cross": rows.T @ rows,

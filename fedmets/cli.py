@@ -746,7 +746,6 @@ def site_predict(
     """Score this site's extracted patients (or the new patients of --manifest) with a federated
     model bundle, locally: each patient's DM risk, its class at the bundle's threshold, the input
     blocks that raised it and every model's risk."""
-    import json
 
     from rich.text import Text
 
@@ -762,20 +761,7 @@ def site_predict(
             try:
                 extract_new_patients(cfg, model, manifest)
             finally:  # the patients it could not use, also when none was usable
-                report_file = new.paths.output / REPORT_FILE
-                report = (
-                    json.loads(report_file.read_text(encoding="utf-8"))
-                    if report_file.is_file()
-                    else {"quarantined": {}, "failed": {}, "site_problems": []}
-                )
-                for problem in report["site_problems"]:
-                    err_console.print(f"problem: {problem}", markup=False)
-                for patient, problems in report["quarantined"].items():
-                    err_console.print(
-                        f"quarantined: {patient}: {'; '.join(problems)}", markup=False
-                    )
-                for patient, failure in report["failed"].items():
-                    err_console.print(f"failed: {patient}: {failure['message']}", markup=False)
+                _say_extraction_problems(new.paths.output / REPORT_FILE)
             cfg = new
         table = predict_site(cfg, model, out, site_output=site_output)
     except (ValueError, SiteNotReady, OSError) as error:
@@ -786,6 +772,22 @@ def site_predict(
         f"{len(table)} patients scored by {main} (threshold {table['threshold'].iloc[0]:.3f}):"
         f" {int(table['dm_predicted'].sum())} predicted DM; {out}"
     )
+
+
+def _say_extraction_problems(report_file: Path) -> None:
+    """Print an extraction report's site problems, quarantined and failed patients (nothing
+    when it was not written)."""
+    import json
+
+    if not report_file.is_file():
+        return
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    for problem in report["site_problems"]:
+        err_console.print(f"problem: {problem}", markup=False)
+    for patient, problems in report["quarantined"].items():
+        err_console.print(f"quarantined: {patient}: {'; '.join(problems)}", markup=False)
+    for patient, failure in report["failed"].items():
+        err_console.print(f"failed: {patient}: {failure['message']}", markup=False)
 
 
 @site_app.command("serve")
