@@ -22,9 +22,9 @@ leave a site as they are. Flower's SecAgg+ (``secaggplus_mod`` at the site,
 and speaks Flower's legacy ``FitIns``/``FitRes``: :func:`to_fitins` / :func:`from_fitins` carry a
 training request, and :func:`to_fitres` turns the site's checked reply into the one vector
 SecAgg+ masks (:func:`secure_layout`: each model's update, new minus global weights, then the
-sums the request names in ``secure_sums``, each divided by ``n``), with ``n`` as its weight in
-clear. The server only ever decodes the weighted average of those vectors
-(:func:`from_secure_average`).
+sums the request names in ``secure_sums``, each divided by ``n`` and followed by whether it
+was sent), with ``n`` as its weight in clear. The server only ever decodes the weighted average
+of those vectors (:func:`from_secure_average`).
 """
 
 from __future__ import annotations
@@ -843,22 +843,26 @@ so a secure training request names its route (``train.image``, ``train.fusion``)
 header."""
 SECURE_ROUTES = ("train.image", "train.fusion")
 SECURE_SUMS = "secure_sums"
+SENT = "#sent"
+"""The layout entry ``(sum, SENT)`` beside each requested sum: 1 from a site that sent the sum, 0
+from one whose policy held it back, so the average says whose patients the sum is over."""
 _HEADER = "fedmets.wire"
 
 
 def secure_layout(request: Mapping[str, Any]) -> list[tuple[str, str | None]]:
     """The entries of the vector SecAgg+ masks, in order: ``(weights:<model>, parameter)`` for
     every float parameter of every model of ``request`` (models, then parameters, sorted by
-    name; integer buffers keep the global value and are not sent), then ``(field, None)`` for
-    each reply sum named in ``request["secure_sums"]``. Server and site derive it from the same
-    request."""
+    name; integer buffers keep the global value and are not sent), then ``(field, None)`` and
+    ``(field, SENT)`` for each reply sum named in ``request["secure_sums"]``. Server and site
+    derive it from the same request."""
     layout: list[tuple[str, str | None]] = [
         (key, name)
         for key in sorted(k for k in request if k.startswith(WEIGHTS_PREFIX))
         for name in sorted(request[key])
         if np.asarray(request[key][name]).dtype.kind == "f"
     ]
-    return layout + [(str(key), None) for key in request.get(SECURE_SUMS, ())]
+    sums = [str(key) for key in request.get(SECURE_SUMS, ())]
+    return layout + [entry for key in sums for entry in ((key, None), (key, SENT))]
 
 
 def to_fitins(route_name: str, request: Mapping[str, Any]) -> FitIns:
@@ -904,17 +908,20 @@ def _masked_vector(
     route_name: str, request: Mapping[str, Any], reply: Mapping[str, Any]
 ) -> tuple[list[np.ndarray], int]:
     """The vector a site hands to SecAgg+ and its weight: per model the update (new minus
-    global weights), then each requested sum divided by ``n`` (0 for one the reply holds
-    back), weighted by ``n``; zeros with weight 0 when the site could not train (a reply of
-    ``n`` only). WireError when the reply does not fit the request's layout or holds a
-    non-finite value."""
+    global weights), then each requested sum divided by ``n`` and whether it was sent (0 and 0
+    for one the reply holds back), weighted by ``n``; zeros with weight 0 when the site could
+    not train (a reply of ``n`` only). WireError when the reply does not fit the request's
+    layout or holds a non-finite value."""
     spec = route(route_name)
     layout = secure_layout(request)
     for key, name in layout:
-        if name is None and spec.reply_kind(key) != Kind.METRIC:
+        if name in (None, SENT) and spec.reply_kind(key) != Kind.METRIC:
             raise WireError(f"{key}: not a sum of {route_name}'s reply")
     if not any(k.startswith(WEIGHTS_PREFIX) for k in reply):
-        return [np.zeros(np.shape(request[key][name]) if name else 1) for key, name in layout], 0
+        return [
+            np.zeros(1 if name in (None, SENT) else np.shape(request[key][name]))
+            for key, name in layout
+        ], 0
     n = reply.get("n")
     if not isinstance(n, int) or n <= 0:
         raise WireError(f"n: a weight must be a positive count, got {n!r}")
@@ -927,6 +934,8 @@ def _masked_vector(
         if name is None:  # a sum the site's policy held back (a training loss on too few
             # inner-validation rows to differ from the training rows by its floor) adds 0
             value = np.array([float(reply.get(key, 0.0)) / n])
+        elif name == SENT:
+            value = np.array([1.0 if key in reply else 0.0])
         else:
             new, old = np.asarray(reply[key].get(name)), np.asarray(request[key][name])
             if new.shape != old.shape:
@@ -962,14 +971,21 @@ def from_secure_average(
 ) -> dict[str, Any]:
     """The aggregate of a secure round as one reply payload: ``n`` (the weights' sum), each
     model's global weights plus the average update (its integer buffers as sent), each
-    requested sum as the average per patient times ``n``."""
+    requested sum per patient of the sites that sent it, times ``n`` (absent when none did),
+    so that ``sum / n`` is their mean whatever others held back."""
     layout = secure_layout(request)
     if len(average) != len(layout):
         raise WireError(f"a secure average of {len(average)} arrays for {len(layout)} entries")
     payload: dict[str, Any] = {"n": int(n)}
+    sums: dict[str, float] = {}
     for (key, name), value in zip(layout, average, strict=True):
         if name is None:
-            payload[key] = float(np.asarray(value).reshape(-1)[0]) * n
+            sums[key] = float(np.asarray(value).reshape(-1)[0])
+            continue
+        if name == SENT:  # the share of the patients whose site sent the sum
+            share = float(np.asarray(value).reshape(-1)[0])
+            if share > 0.5 / max(n, 1):  # at least one patient's worth, past the quantisation
+                payload[key] = sums[key] / share * n
             continue
         if key not in payload:
             payload[key] = {k: np.array(v, copy=True) for k, v in request[key].items()}
@@ -988,7 +1004,12 @@ def describe_masked(request: Mapping[str, Any], weight: int) -> dict[str, dict]:
         "n": describe("train.fusion", {"n": int(weight)})["n"],
         "masked": {
             "kind": str(Kind.MASKED),
-            "values": int(sum(np.size(request[key][name]) if name else 1 for key, name in layout)),
+            "values": int(
+                sum(
+                    1 if name in (None, SENT) else np.size(request[key][name])
+                    for key, name in layout
+                )
+            ),
             "holds": sorted({key for key, _ in layout}),
             "zeros": weight == 0,
         },

@@ -129,7 +129,9 @@ def test_a_secure_request_and_reply_cross_the_wire_as_declared() -> None:
         ("weights:none/a", "w"),
         ("weights:none/b", "w"),  # the integer buffer keeps the global value: not sent
         ("train_loss_sum:none/a", None),
+        ("train_loss_sum:none/a", wire.SENT),
         ("train_loss_sum:none/b", None),
+        ("train_loss_sum:none/b", wire.SENT),
     ]
     with pytest.raises(wire.WireError, match="not a route of secure aggregation"):
         wire.to_fitins("query.validate", request)
@@ -140,7 +142,7 @@ def test_a_secure_request_and_reply_cross_the_wire_as_declared() -> None:
     assert fitres.num_examples == 20 and fitres.metrics == {}  # nothing else in clear
     vector = parameters_to_ndarrays(fitres.parameters)  # two updates, two sums per patient
     np.testing.assert_allclose(np.concatenate([v.ravel() for v in vector[:2]]), 0.5, rtol=1e-6)
-    assert [float(v[0]) for v in vector[2:]] == [10.0 / 20, 4.0 / 20]
+    assert [float(v[0]) for v in vector[2:]] == [10.0 / 20, 1.0, 4.0 / 20, 1.0]
     one = wire.from_secure_average(request, vector, 20)  # the average of this site alone
     np.testing.assert_allclose(one["weights:none/b"]["w"], new["weights:none/b"]["w"], rtol=1e-6)
     np.testing.assert_array_equal(one["weights:none/b"]["i"], np.arange(3))
@@ -149,9 +151,17 @@ def test_a_secure_request_and_reply_cross_the_wire_as_declared() -> None:
     zeros = wire.to_fitres("train.fusion", request, {"n": 3})  # could not train: weight 0
     assert zeros.num_examples == 0
     assert wire.check_masked("train.fusion", request, {**reply, "train_loss_sum:none/b": np.nan})
-    del reply["train_loss_sum:none/a"]  # held back by the site's policy: it adds 0
+    other = {**reply, "n": 30, "train_loss_sum:none/a": 6.0, "train_loss_sum:none/b": 9.0}
+    del reply["train_loss_sum:none/a"]  # held back by the site's policy: it adds 0, not sent
     held = parameters_to_ndarrays(wire.to_fitres("train.fusion", request, reply).parameters)
-    assert [float(v[0]) for v in held[2:]] == [0.0, 4.0 / 20]
+    assert [float(v[0]) for v in held[2:]] == [0.0, 0.0, 4.0 / 20, 1.0]
+    sent = parameters_to_ndarrays(wire.to_fitres("train.fusion", request, other).parameters)
+    average = [(20 * a + 30 * b) / 50 for a, b in zip(held, sent, strict=True)]
+    both = wire.from_secure_average(request, average, 50)  # per patient of the sites that sent
+    assert both["train_loss_sum:none/a"] / both["n"] == pytest.approx(6.0 / 30)  # not 6.0 / 50
+    assert both["train_loss_sum:none/b"] / both["n"] == pytest.approx((4.0 + 9.0) / 50)
+    none = wire.from_secure_average(request, held, 20)  # nobody sent it: no loss, not 0
+    assert "train_loss_sum:none/a" not in none and "train_loss_sum:none/b" in none
 
 
 # ---- SecAgg+ in process --------------------------------------------------------------------------
@@ -422,9 +432,13 @@ def test_a_secure_run_without_a_site_that_fails_in_training_gives_the_plain_resu
     tmp_path,
 ) -> None:
     """Through Flower's simulation engine: site_002 fails every training round after the key
-    exchange; the run goes on with the other two, as the same run aggregated in clear does."""
+    exchange; the run goes on with the other two, as the same run aggregated in clear does.
+    site_000's floor of 12 holds its training losses back (its 30 training rows are 6 from its
+    24 fitting rows): the curve is site_001's in both runs, not read low by a 0 in the sum."""
     tomls = write_feature_sites(tmp_path / "sites", [60, 60, 60], seed=3, folds=2)
     _refuses_to_train(tomls[2])
+    with tomls[0].open("a") as handle:
+        handle.write("min_patients = 12\n")  # into [policy], the file's last table
     secure, plain = _simulate(tmp_path, tomls, _cfg())
     _same_results(secure, plain, tmp_path)
     assert {(d["site"], d["route"], d["secagg"]) for d in secure["dropouts"]} == {
