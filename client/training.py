@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from scipy.special import expit
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    TensorDataset,
+)
 
 from fedmets.shared.reproducibility import set_seed
 
@@ -94,11 +101,11 @@ def _fit(
 ) -> dict:
     """Shared loop: AdamW + weighted BCE (plus FedProx's ``proximal_mu / 2 * ||w - w_start||^2``
     when ``proximal_mu`` > 0) for ``epochs``. Returns the history: ``train_loss`` per epoch
-    (mean weighted BCE per sample), ``last_scores`` and ``last_labels`` (m,) the DM
-    probabilities the model gave its samples during the last epoch and their labels (a
-    sample is seen once per epoch; m < n where a lone last sample is dropped),
-    ``epochs_run`` and ``seconds``. Which round's weights are
-    kept is the protocol's choice, on the pooled inner-validation rows.
+    (mean weighted BCE per sample), ``last_scores`` and ``last_labels`` (n,) the DM
+    probabilities the model gave its samples during the last epoch and their labels (every
+    sample is seen once per epoch, in :class:`WholeBatches`), ``epochs_run`` and ``seconds``.
+    Which round's weights are kept is the protocol's choice, on the pooled inner-validation
+    rows.
 
     ``micro_batch`` < ``batch_size``: gradient accumulation. Each batch of ``batch_size``
     samples (the same batches as without) goes through the model in chunks of at most
@@ -108,12 +115,9 @@ def _fit(
     started = time.perf_counter()
     set_seed(seed)
     model.to(device)
+    generator = torch.Generator().manual_seed(seed)  # the loader's worker seed, then the order
     loader = DataLoader(
-        train,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=len(train) % batch_size == 1,  # no lone-sample batch: a noisy step
+        train, batch_sampler=WholeBatches(len(train), batch_size, generator), generator=generator
     )
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(pos_weight), device=device))
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -140,6 +144,30 @@ def _fit(
     history["epochs_run"] = len(history["train_loss"])
     history["seconds"] = time.perf_counter() - started
     return history
+
+
+class WholeBatches(Sampler[list[int]]):
+    """Each epoch, the indices ``0..n-1`` shuffled by ``generator`` (as ``DataLoader(shuffle=True,
+    generator=...)`` draws them) in batches of ``batch_size``, with a lone last index put into
+    the batch before it (a one-sample step is noise). Every sample is trained on: a reply is
+    computed on exactly the rows the site's policy admitted it on (dropping one would let a
+    centre difference two replies, one batch size apart, down to that patient)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.batches = BatchSampler(
+            RandomSampler(range(n), generator=generator), batch_size, drop_last=False
+        )
+
+    def __iter__(self) -> Iterator[list[int]]:  # a generator: drawn on the first batch asked
+        batches = list(self.batches)
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            lone = batches.pop()
+            batches[-1] = batches[-1] + lone
+        yield from batches
+
+    def __len__(self) -> int:
+        n, size = len(self.batches.sampler), self.batches.batch_size
+        return max(1, n // size) if n % size == 1 else -(-n // size)
 
 
 def _backward(

@@ -540,6 +540,29 @@ def test_crafted_training_requests_are_refused(site) -> None:
     assert reply["n"] >= FLOOR and wire.WEIGHTS_PREFIX + "none/radiomics+clinical" in reply
 
 
+def test_a_training_reply_is_computed_on_every_row_it_is_released_on(site) -> None:
+    """The attack: with ``n % batch == 1`` the site's loader dropped its lone last patient, yet
+    the reply was admitted on all n fit rows. A constant network (every score 0.5, so the
+    score groups change nothing) at ``pos_weight`` 1000 has the loss sum log 2 x (1000 P + N):
+    batch n minus batch n - 1 gave that one patient's label (and, from the weights, its row;
+    the centre names the patient by replaying the public shuffle seed)."""
+    ask(site, "query.folds", folds=5)
+    request = fusion_request(site)
+    zero = {k: np.zeros_like(v) for k, v in request[wire.WEIGHTS_PREFIX + MAIN].items()}
+    request |= {
+        wire.WEIGHTS_PREFIX + MAIN: zero,
+        **{"fold": wire.FINAL_FOLD, "round": 1, "epochs": 1, "lr": 0.1, "weight_decay": 0.0},
+        **{"proximal_mu": 0.0, "pos_weight": 1000.0, "dp_mode": "off"},
+    }
+    n = len(site.data.labels)
+    positives, negatives = int(site.data.labels.sum()), n - int(site.data.labels.sum())
+    expected = np.log(2) * (1000 * positives + negatives)
+    for batch, seed in [(n, 0), (n - 1, 1), (n - 1, 2)]:  # one step each; n % batch: 0, 1, 1
+        reply = ask(site, "train.fusion", **request, batch=batch, seed=seed)
+        assert reply["n"] == n
+        assert reply[f"train_loss_sum:{MAIN}"] == pytest.approx(expected, rel=1e-6), batch
+
+
 def test_undeclared_request_fields_are_refused(site) -> None:
     ask(site, "query.folds", folds=5)
     message = refused(site, "query.moments", "wire.declaration", fold=0, rows=np.array([3]))

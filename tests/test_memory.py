@@ -5,6 +5,7 @@ that fits, and on a GPU the measured plan stays inside its budget."""
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from fedmets.client.crops import CropDataset
 from fedmets.client.memory import (
@@ -16,7 +17,7 @@ from fedmets.client.memory import (
     micro_batches,
     plan_image_training,
 )
-from fedmets.client.training import _autocast, _backward, train_image_model
+from fedmets.client.training import WholeBatches, _autocast, _backward, train_image_model
 from fedmets.shared.image_models import BACKBONES, IMAGE_PRESETS, build_image_model
 from fedmets.shared.reproducibility import set_seed
 
@@ -157,3 +158,16 @@ def test_a_measured_plan_fits_its_budget_on_the_gpu() -> None:
     plan = plan_image_training(model, (2, 64, 64, 64), 8, device, budget)
     assert plan.micro_batch < 8 or plan.checkpointing
     assert plan.peak_bytes <= budget
+
+
+@pytest.mark.parametrize(("n", "batch"), [(13, 4), (12, 4), (9, 8), (1, 4), (72, 71)])
+def test_every_sample_is_trained_in_the_loaders_order(n: int, batch: int) -> None:
+    """The training batches: the order a shuffled, seeded DataLoader gives, each sample once
+    (a lone last one in the batch before it, never dropped)."""
+    generator = torch.Generator().manual_seed(5)
+    sampler = WholeBatches(n, batch, generator)
+    ours = [b.tolist() for b in DataLoader(range(n), batch_sampler=sampler, generator=generator)]
+    loader = DataLoader(range(n), batch, shuffle=True, generator=torch.Generator().manual_seed(5))
+    assert [i for b in ours for i in b] == [i for b in loader for i in b.tolist()]
+    assert len(ours) == len(sampler) and min(map(len, ours)) > (1 if n > 1 else 0)
+    assert max(map(len, ours)) <= batch + 1
