@@ -31,6 +31,11 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   counts, Brier, loss sums, calibration) is computed on groups of that many patients by score,
   each patient at its group's mean (:class:`ScoreGroups`): no such release separates one
   patient's label from its group's;
+- ``policy.max_failures``: a run whose requests the site failed to answer that many times
+  (an error in the worker, or a reply the wire rules refuse: either can depend on the
+  patients' values, e.g. an overflow for the patients above a threshold the centre set) is
+  refused from then on (:class:`FailureCount`); a failure reaches the centre as its error
+  type alone, the message stays in the site's audit log;
 - ``policy.suppression``: subsite groups under the floor (or withheld by the guard) are
   suppressed, and then more groups until the suppressed patients are none or at least the
   floor (:func:`suppressed_groups`), so that the whole site minus the released groups is never
@@ -79,6 +84,36 @@ class PolicyRefused(RuntimeError):
 
     def __reduce__(self):  # picklable across processes (the simulation's baseline workers)
         return type(self), (self.rule, self.message)
+
+
+class FailureCount:
+    """The requests of each run the site failed to answer (``folder/failed-requests.json``:
+    run -> count), kept across restarts under a file lock (the site's processes share it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / "failed-requests.json"
+
+    def _read(self) -> dict[str, int]:
+        return json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
+
+    def check(self, run: str, policy: PolicySection) -> None:
+        """PolicyRefused (``policy.max_failures``) when ``run`` has used up its failures."""
+        failed = self._read().get(run, 0)
+        if failed >= policy.max_failures:
+            raise PolicyRefused(
+                "policy.max_failures",
+                f"run {run!r}: the site failed {failed} of its requests (max_failures "
+                f"{policy.max_failures}); it answers no more of this run",
+            )
+
+    def record(self, run: str) -> int:
+        """Count one more failure of ``run``; the run's count so far."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.path):
+            counts = self._read()
+            counts[run] = counts.get(run, 0) + 1
+            write_json(self.path, counts)
+        return counts[run]
 
 
 def check_request(route_name: str, request: Mapping[str, Any], policy: PolicySection) -> None:

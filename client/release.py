@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from fedmets.client.approval import check_approved
 from fedmets.client.audit import append_entry
-from fedmets.client.policy import PolicyRefused, check_request
+from fedmets.client.policy import FailureCount, PolicyRefused, check_request
 from fedmets.shared import wire
 from fedmets.shared.config import SiteConfig
+from fedmets.shared.privacy import PrivacyBudgetExceeded
 
 if TYPE_CHECKING:
     from fedmets.client.site_worker import SiteWorker
@@ -40,6 +41,11 @@ AUDIT_FILE = "wire-audit.jsonl"
 
 class ReleaseRefused(RuntimeError):
     """A reply broke the wire rules; nothing was sent."""
+
+
+class RequestFailed(RuntimeError):
+    """The site could not answer a request; the message names the route and the error's type
+    only (the error's own message may hold patient values: it stays in the audit log)."""
 
 
 def answer(
@@ -57,12 +63,15 @@ def answer(
     ``app``: the digest of the app bundle that relayed the request, as its relay reports it
     (``fedmets.client.app_digest``; "" from a source checkout), logged and checked against
     the run's approval; None in process (no relay)."""
-    from fedmets.client.site_worker import Withheld
+    from fedmets.client.site_worker import SiteNotReady, Withheld
 
+    failures = FailureCount(worker.policy_folder())
+    run = str(request.get("run", ""))
     try:
         check_request(route_name, request, worker.policy)
         if worker.require_approval:
             check_approved(worker.configs[0], route_name, request, app)
+        failures.check(run, worker.policy)
     except PolicyRefused as refusal:
         _log(worker, route_name, request, {}, [str(refusal)], masked, refusal.rule, app=app)
         raise
@@ -71,11 +80,23 @@ def answer(
         reply = worker.handle(route_name, request)
     except Withheld as held:
         reply, withheld = held.reply, held
+    except (PolicyRefused, PrivacyBudgetExceeded, SiteNotReady):  # the counts' or the order's
+        raise
+    except Exception as error:
+        count = failures.record(run)
+        message = f"{type(error).__name__}: {error}"
+        _log(worker, route_name, request, {}, [message], masked, "failed", app=app)
+        raise RequestFailed(
+            f"{worker.site_id}: {route_name} failed ({type(error).__name__}; the site's audit "
+            f"log has the message; failure {count} of run {run!r}, max_failures "
+            f"{worker.policy.max_failures})"
+        ) from error
     problems = wire.check_reply(route_name, reply, worker.min_patients(request))
     if masked and not problems:
         problems = wire.check_masked(route_name, request, reply)
     _log(worker, route_name, request, reply, problems, masked, withheld=withheld, app=app)
     if problems:
+        failures.record(run)
         raise ReleaseRefused(f"{worker.site_id}: {route_name} reply refused: {'; '.join(problems)}")
     return reply
 

@@ -46,19 +46,31 @@ def standardised_groups(
     )
     X = data.radiomics.to_numpy()[:, columns]
     z = (X - standardise["radiomics_mean"]) / standardise["radiomics_scale"]
-    groups = {"radiomics": np.where(np.isfinite(z), z, 0.0).astype(np.float32)}
+    groups = {"radiomics": _bounded(np.where(np.isnan(z), 0.0, z))}
     if data.clinical is not None and "clinical_mean" in standardise:
         C = data.clinical.to_numpy()
-        groups["clinical"] = (
+        groups["clinical"] = _bounded(
             (C - standardise["clinical_mean"]) / standardise["clinical_scale"]
-        ).astype(np.float32)
+        )
     if deep is not None and "deep_mean" in standardise:
         centred = deep - standardise["deep_mean"]
         if "deep_projection" in standardise:
-            groups["deep"] = (centred @ standardise["deep_projection"]).astype(np.float32)
+            groups["deep"] = _bounded(centred @ standardise["deep_projection"])
         else:
-            groups["deep"] = (centred / standardise["deep_scale"]).astype(np.float32)
+            groups["deep"] = _bounded(centred / standardise["deep_scale"])
     return groups
+
+
+INPUT_BOUND = 1e6
+"""Largest standardised input a network gets (in SDs): the centre's mean and scale are any
+finite numbers, and one that overflowed float32 for the patients past a threshold would make
+the request fail for them alone (a yes/no answer about their values)."""
+
+
+def _bounded(values: np.ndarray) -> np.ndarray:
+    """``values`` (float64, any shape) clipped to +/- INPUT_BOUND, as float32 (NaN stays)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.clip(values, -INPUT_BOUND, INPUT_BOUND).astype(np.float32)
 
 
 def load_networks(

@@ -478,8 +478,9 @@ class SiteWorker:
         """:meth:`_admit` for a reply that releases ``families`` on each of the bool masks
         ``groups`` at once (all admitted and recorded, or none); ``n`` the reply's count. A
         release of one fold's (its training, inner-validation, fitting or held-out rows) is
-        admitted with the run's cohort and folds (:meth:`_partition_sets`; a training reply,
-        whose weights are no sum over its rows, with the cohort alone) and, while the fold is
+        admitted with the run's cohort and folds (:meth:`_partition_sets`; a training reply
+        with the cohort alone: its weights are not admitted per class, docs/privacy.md
+        "Training weights of a crafted network") and, while the fold is
         harmonised, its ComBat groups (:meth:`_harmonised_groups`)."""
         if "fold" in request:
             implied = self._partition_sets(request, folds=self.route not in TRAINING_ROUTES)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fedmets.client.policy import DifferencingGuard, PolicyRefused, ScoreGroups
-from fedmets.client.release import answer, site_audit_path
+from fedmets.client.release import RequestFailed, answer, site_audit_path
 from fedmets.client.scoring import image_config
 from fedmets.client.site_worker import SiteWorker
 from fedmets.client.training import get_state
@@ -561,6 +561,61 @@ def test_a_training_reply_is_computed_on_every_row_it_is_released_on(site) -> No
         reply = ask(site, "train.fusion", **request, batch=batch, seed=seed)
         assert reply["n"] == n
         assert reply[f"train_loss_sum:{MAIN}"] == pytest.approx(expected, rel=1e-6), batch
+
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def _above(site: SiteWorker, column: int, t: float) -> dict:
+    """A scoring request whose network scores NaN exactly for the patients whose radiomics
+    ``column`` is above ``t``: the column standardised with a tiny scale (+/- the largest
+    input) and a constant input, weighted +/- 3e38 (inf - inf above t, -inf below)."""
+    p = site.data.radiomics.shape[1]
+    request = fusion_request(site)
+    request["radiomics_columns"] = np.r_[column, column, np.arange(2, p)]
+    request["radiomics_mean"] = np.r_[t, -1e30, np.zeros(p - 2)]
+    request["radiomics_scale"] = np.r_[1e-30, 1e-30, np.ones(p - 2)]
+    weights = {k: np.zeros_like(v) for k, v in request[wire.WEIGHTS_PREFIX + MAIN].items()}
+    weights["net.0.weight"][0, :2] = [3e38, -3e38]
+    return request | {wire.WEIGHTS_PREFIX + MAIN: weights}
+
+
+def test_a_failure_answers_few_questions_about_the_patients(site) -> None:
+    """The attack: a request that fails for some patients' values answers "is any patient's
+    value past t?", and bisecting t gives one patient's value. (1) A scale of D / FLT_MAX made
+    the standardised inputs overflow float32 for the patients past t and the forest raise: the
+    inputs are now bounded, and the request is answered. (2) A network crafted to score NaN
+    past t still fails, but a failure reaches the centre as its error type alone and a run
+    gets ``max_failures`` (3) of them, then is refused: 3 bits a run, where the bisection of
+    one value takes about 40."""
+    ask(site, "query.folds", folds=5)
+    X = site.data.radiomics.to_numpy()[:, 0]
+    top = float(X.max())
+    for t in (top - 1e-3, top + 1e-3):  # (1): answered on either side of the largest value
+        reply = ask(
+            site,
+            "query.importance",
+            fold=wire.FINAL_FOLD,
+            radiomics_columns=np.array([0]),
+            radiomics_mean=np.array([t - 1.0]),
+            radiomics_scale=np.array([1.0 / FLT_MAX]),
+            trees=1,
+            seed=0,
+        )
+        assert reply["n"] == len(X)
+    scores = {"fold": 0, "bins": 10}
+    ask(site, "query.train_scores", **_above(site, 0, top + 1.0), **scores)  # nobody past t
+    for failure in (1, 2, 3):
+        with pytest.raises(RequestFailed) as failed:
+            ask(site, "query.train_scores", **_above(site, 0, top - 1e-3), **scores)
+        assert f"failure {failure} of run 'attack'" in str(failed.value)
+        assert "ValueError" in str(failed.value) and "NaN" not in str(failed.value)
+        entry = audit(site)[-1]
+        assert (entry["rule"], entry["sent"]) == ("failed", False) and entry["problems"]
+    refused(site, "query.train_scores", "policy.max_failures", **_above(site, 0, top), **scores)
+    refused(site, "query.moments", "policy.max_failures", fold=0)  # the whole run
+    ask(site, "query.folds", folds=5, run="another")
+    assert ask(site, "query.moments", fold=0, run="another")["n"] > 0  # approval bounds runs
 
 
 def test_undeclared_request_fields_are_refused(site) -> None:
