@@ -175,7 +175,7 @@ def _print_cohort_summary(summary: dict, out: Path, seconds: float) -> None:
         "MB/patient",
         "oracle AUC",
     ):
-        table.add_column(column, justify="left" if column == "site" else "right")
+        table.add_column(column, justify="left" if column == "site" else "right", overflow="fold")
     for site in summary["sites"]:
         spacing = site["spacing_mm"]
         table.add_row(
@@ -358,7 +358,7 @@ def site_check(
     seconds = time.perf_counter() - started
 
     table = Table(title=f"site check: {_site_name(cfg)}")
-    table.add_column("patient")
+    table.add_column("patient", overflow="fold")  # pseudonymised ids run long: never cut
     table.add_column("status")
     table.add_column("problems", overflow="fold")
     for patient_id, messages in result.quarantined.items():
@@ -376,7 +376,17 @@ def site_check(
     from fedmets.shared.files import write_json
 
     path = report or cfg.paths.output / "site_check.json"
-    write_json(path, result.to_json(), indent=2)
+    try:
+        write_json(path, result.to_json(), indent=2)
+    except OSError as error:
+        where = "--report" if report else "paths.output"
+        err_console.print(
+            f"{where}: cannot write {path}: {error.strerror or error}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from error
     _plain(
         f"{len(result.usable)} of {result.n_patients} patients usable,"
         f" {len(result.quarantined)} quarantined ({seconds:.1f} s). Report: {path}"
@@ -853,7 +863,12 @@ def site_approve(
     except (OSError, ValueError) as error:
         err_console.print(f"--app: {error}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from error
-    record = approve_run(cfg, run, digest)
+    try:
+        record = approve_run(cfg, run, digest)
+    except (OSError, ValueError) as error:
+        message = f"{approvals_path(cfg)}: {getattr(error, 'strerror', None) or error}"
+        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
     _plain(f"approved run {run.run.name} (config sha256 {record['config_sha256']})")
     if digest:
         _plain(f"pinned app {app.name} (app sha256 {digest})")
@@ -907,7 +922,8 @@ def audit_show(config: Annotated[Path, typer.Option(help="This site's TOML file.
     table = Table(title=str(_audit_log(config)))
     columns = ("run", "route", "requests", "answered", "withheld", "refused", "bytes")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "route") else "right")
+        justify = "left" if column in ("run", "route") else "right"
+        table.add_column(column, justify=justify, overflow="fold")
     for row in summarise(_audit_log(config)):
         table.add_row(*(str(row[c]) for c in columns))
     console.print(table)
@@ -1021,6 +1037,7 @@ def simulate(
     centralised and local-only baselines; write RUN/metrics.json and RUN/summary.txt."""
     from rich.text import Text
 
+    from fedmets.shared.config import ConfigError
     from fedmets.simulation.simulate import simulate as run_simulation
 
     try:
@@ -1037,7 +1054,7 @@ def simulate(
             holdout=[s.strip() for s in (holdout or "").split(",") if s.strip()],
             loso=loso,
         )
-    except ValueError as error:
+    except (ValueError, RuntimeError, ConfigError, OSError) as error:  # the run's own words
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         raise typer.Exit(1) from error
     from fedmets.simulation.simulate import summary_text

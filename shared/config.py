@@ -466,7 +466,7 @@ class ModelSection(_Section):
     mask_channel: Literal["ring", "tumour", "none"] = "ring"
     image_lr: float = Field(1e-3, gt=0)
     image_batch: int = Field(8, ge=1)
-    fusion_hidden: list[int] = Field([32])  # [] = logistic regression
+    fusion_hidden: list[Annotated[int, Field(ge=1)]] = Field([32])  # [] = logistic regression
     fusion_dropout: float = Field(0.3, ge=0, lt=1)
     fusion_lr: float = Field(1e-3, gt=0)
     fusion_batch: int = Field(32, ge=1)

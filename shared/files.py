@@ -27,7 +27,8 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         write(partial)
         os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # an unwritable folder: the write's error stands
+            partial.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
