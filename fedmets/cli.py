@@ -1032,6 +1032,9 @@ def simulate(
     loso: Annotated[
         bool, typer.Option(help="Leave each site out in turn (metrics.json loso).")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the run already in --out (its model and results).")
+    ] = False,
 ) -> None:
     """Run the federated protocol on every site of COHORT in Flower's simulation engine, then the
     centralised and local-only baselines; write RUN/metrics.json and RUN/summary.txt."""
@@ -1053,6 +1056,7 @@ def simulate(
             gpus_per_site=gpus_per_site,
             holdout=[s.strip() for s in (holdout or "").split(",") if s.strip()],
             loso=loso,
+            overwrite=overwrite,
         )
     except (ValueError, RuntimeError, ConfigError, OSError) as error:  # the run's own words
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)

@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/fedmets synth --preset quickstart --seed 7 --out data/quickstart --overwrite
-.venv/bin/fedmets simulate --cohort data/quickstart --preset quickstart --out runs/quickstart
+.venv/bin/fedmets simulate --cohort data/quickstart --preset quickstart --out runs/quickstart --overwrite

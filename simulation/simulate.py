@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -144,6 +145,14 @@ def extract_missing(
     return [cfg.site_id for cfg in missing]
 
 
+def run_name(out: Path) -> str:
+    """The run name a preset's run takes from its folder ``out``: lower case, every character
+    a run name may not hold (``[run] name``: a-z, 0-9, _ and -) a ``-``, at most 32; a name
+    too short for the rule is ``simulation``."""
+    name = re.sub(r"[^a-z0-9_-]", "-", out.name.lower()).strip("-_")[:32]
+    return name if len(name) > 1 else "simulation"
+
+
 def simulate(
     cohort: Path,
     out: Path,
@@ -156,19 +165,27 @@ def simulate(
     gpus_per_site: float | None = None,
     holdout: Sequence[str] = (),
     loso: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Run the federated simulation and the baselines; write and return ``OUT/metrics.json``.
     ``seed`` replaces the federation config's ``[run] seed`` (default: the config's, or
     :data:`DEFAULT_SEED` with a preset); ``gpus_per_site`` its ``[simulation] gpus_per_site``.
     ``holdout``: also train without those sites and validate the final model at them
     (``metrics.json`` key ``holdout``); ``loso``: that for each site in turn (key ``loso``;
-    ``fedmets.simulation.holdout``)."""
+    ``fedmets.simulation.holdout``). ValueError, before anything is written, when ``out``
+    holds a run already (``metrics.json`` or ``federated/``) and not ``overwrite``, or a
+    held-out site is not in the cohort."""
     started = time.perf_counter()
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    name = out.name.lower().replace(".", "-")[:32] if len(out.name) > 1 else "simulation"
+    earlier = [p.name for p in (out / "metrics.json", out / "federated") if p.exists()]
+    if earlier and not overwrite:
+        raise ValueError(
+            f"{out} holds a run already ({', '.join(earlier)}): another --out, or --overwrite "
+            "to replace it"
+        )
     fed = with_seed(
-        load_federation_config(config) if config else federation_config(preset, name), seed
+        load_federation_config(config) if config else federation_config(preset, run_name(out)),
+        seed,
     )
     if gpus_per_site is not None:
         data = fed.model_dump(mode="json")
@@ -176,6 +193,13 @@ def simulate(
         fed = FederationConfig.model_validate(data)
     _check_gpus(fed.simulation.gpus_per_site)
     configs = site_configs(cohort)
+    unknown = sorted(set(holdout) - {c.site_id for c in configs})
+    if unknown:
+        raise ValueError(f"--holdout: sites not in the cohort {cohort}: {', '.join(unknown)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.json", "summary.txt"):  # of the run being replaced
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / "report", ignore_errors=True)
     extract_missing(configs, workers, log)
     fed_path = out / "federation.toml"
     fed_path.write_text(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,8 @@ class PooledInput:
     table: pd.DataFrame
     source_site: pd.Series | None  # cohort: original site folder name per row
     truth: pd.DataFrame | None  # cohort: ground_truth/truth.csv, if present
+    settings: dict[str, Any] | None = None  # cohort: write_site_config keys its sites share
+    differing: list[str] | None = None  # cohort: settings its sites disagree on (defaults)
 
 
 def is_cohort_folder(path: Path) -> bool:
@@ -177,6 +180,8 @@ def split_input(
         "sites": [],
         "ground_truth": None,
     }
+    if pooled.kind == "cohort":  # what the new sites' site.toml keep of the old ones'
+        record["site_settings"] = {"kept": pooled.settings, "differing": pooled.differing}
     for number, row in enumerate(summary.itertuples(index=False), start=1):
         mask = (sites == row.site_id).to_numpy()
         site_dir = out / row.site_id
@@ -222,7 +227,39 @@ def _read_cohort(cohort: Path) -> PooledInput:
         source += [manifest.parent.name] * len(frame)
     table = pd.concat(frames, ignore_index=True).fillna("")
     truth = _read_csv(cohort / TRUTH) if (cohort / TRUTH).is_file() else None
-    return PooledInput(cohort, "cohort", table, pd.Series(source, name="source_site"), truth)
+    settings, differing = _shared_settings([m.parent / "site.toml" for m in manifests])
+    source_site = pd.Series(source, name="source_site")
+    return PooledInput(cohort, "cohort", table, source_site, truth, settings, differing)
+
+
+def _shared_settings(tomls: list[Path]) -> tuple[dict[str, Any], list[str]]:
+    """The :func:`write_site_config` keys the cohort's sites (``tomls``, those that exist) set
+    alike -- radiomics parameters and margin, crop size, ``[policy]`` keys -- so that the new
+    sites extract and cross-validate as the old ones did; and the keys they set differently
+    (left at the default). A parameter file's path is made absolute."""
+    found: list[dict[str, Any]] = []
+    for toml in tomls:
+        if not toml.is_file():
+            continue
+        data = tomllib.loads(toml.read_text(encoding="utf-8-sig"))
+        radiomics, preprocess = data.get("radiomics", {}), data.get("preprocess", {})
+        params = radiomics.get("params", "default")
+        if params not in ("default", "fast"):
+            params = os.path.abspath(os.path.join(toml.parent, params))
+        keys = {"radiomics_params": params}
+        if "peritumoral_margin_mm" in radiomics:
+            keys["peritumoral_margin_mm"] = float(radiomics["peritumoral_margin_mm"])
+        if "crop_voxels" in preprocess:
+            keys["crop_voxels"] = int(preprocess["crop_voxels"][0])
+        keys |= {f"policy.{k}": v for k, v in data.get("policy", {}).items()}
+        found.append(keys)
+    names = sorted({k for keys in found for k in keys})
+    shared = {
+        k: found[0][k] for k in names if all(keys.get(k) == found[0].get(k) for keys in found)
+    }
+    policy = {k.removeprefix("policy."): v for k, v in shared.items() if k.startswith("policy.")}
+    settings = {k: v for k, v in shared.items() if not k.startswith("policy.")}
+    return settings | ({"policy": policy} if policy else {}), sorted(set(names) - set(shared))
 
 
 def _check_ids(table: pd.DataFrame, id_column: str, path: Path) -> None:
@@ -269,6 +306,7 @@ def _write_site(
         manifest=manifest,
         id_column=parameters["id_column"],
         label_column=parameters["label_column"],
+        **(pooled.settings or {}),
     )
 
 

@@ -22,7 +22,8 @@ from fedmets.shared.bundle import load_bundle
 from fedmets.shared.config import PreprocessSection, load_site_config
 from fedmets.shared.image_models import IMAGE_PRESETS
 from fedmets.shared.wire import REPLY_KINDS
-from fedmets.simulation.simulate import federation_config, simulation_resources
+from fedmets.simulation.feature_sites import write_feature_sites
+from fedmets.simulation.simulate import federation_config, run_name, simulation_resources
 from fedmets.simulation.synth import generate_cohort
 
 FEDMETS = str(Path(sys.executable).parent / "fedmets")
@@ -205,6 +206,29 @@ def test_a_gpu_share_without_a_gpu_is_refused(tmp_path) -> None:
     done = CliRunner().invoke(app, [*command, "--gpus-per-site", "1"])
     assert done.exit_code == 1
     assert "gpus_per_site 1: no CUDA GPU on this machine" in done.output
+
+
+def test_a_run_folder_is_not_replaced_unasked_and_a_holdout_typo_stops_at_once(tmp_path) -> None:
+    """A second run into a finished run's folder is refused before anything is removed, and a
+    misspelt --holdout site before anything is extracted or run (no --out folder made)."""
+    cohort = tmp_path / "sites"
+    write_feature_sites(cohort, [20, 20], seed=1, folds=2)
+    run = tmp_path / "My Run.v2"
+    (run / "federated" / "model").mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    command = ["simulate", "--cohort", str(cohort), "--preset", "tiny", "--no-baselines"]
+    done = CliRunner().invoke(app, [*command, "--out", str(run)])
+    assert (
+        done.exit_code == 1
+        and "holds a run already" in done.output
+        and "--overwrite" in done.output
+    )
+    assert (run / "federated" / "model").is_dir() and (run / "metrics.json").read_text() == "{}"
+    typo = tmp_path / "typo"
+    done = CliRunner().invoke(app, [*command, "--out", str(typo), "--holdout", "site_009"])
+    assert done.exit_code == 1 and "--holdout: sites not in the cohort" in done.output
+    assert "site_009" in done.output and not typo.exists()
+    assert run_name(run) == "my-run-v2" and run_name(tmp_path / "_") == "simulation"
 
 
 @pytest.mark.slow

@@ -261,6 +261,35 @@ def test_cohort_site_configs_load(cohort: Path, tmp_path: Path) -> None:
         assert config.check_paths(cfg, path) == []
 
 
+def test_a_cohorts_sites_keep_their_extraction_and_policy_settings(cohort: Path, tmp_path) -> None:
+    """The new sites of a cohort split extract and cross-validate as the old ones did (the
+    `tiny` preset's fast parameters, 32^3 crops and 3 folds), not at the defaults; a setting
+    the old sites disagree on is left at the default and named in split.json."""
+    from fedmets.shared.config import load_site_config
+
+    for number, site in enumerate(("hospital_a", "hospital_b")):
+        write_site_config(
+            cohort / site,
+            site,
+            mode="images",
+            modalities=["ct", "tumour_mask"],
+            seed=number,
+            radiomics_params="fast",
+            crop_voxels=32,
+            policy={"folds": 3, "min_patients": 4 + number},
+        )
+    record = split_input(cohort, tmp_path / "out", "iid", n_sites=2)
+    for path in (tmp_path / "out").glob("*/site.toml"):
+        cfg = load_site_config(path)
+        assert cfg.radiomics.params == "fast" and cfg.preprocess.crop_voxels == [32, 32, 32]
+        assert (cfg.policy.folds, cfg.policy.min_patients, cfg.policy.randomness) == (
+            3,
+            5,
+            "seeded",
+        )
+    assert record["site_settings"]["differing"] == ["policy.min_patients"]
+
+
 def test_split_refuses_non_empty_output(cohort: Path) -> None:
     with pytest.raises(ValueError, match="not empty"):
         split_input(cohort, cohort, "iid", n_sites=2)
