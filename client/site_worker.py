@@ -418,8 +418,16 @@ class SiteWorker:
         """A training reply over the fitting rows ``rows``: its weights when the policy lets
         them leave (else :class:`Withheld`), and its loss sums (label statistics: with a
         constant network a loss sum counts the positives) only when those may leave too, on
-        rows that differ from the training rows by the inner-validation ones."""
+        rows that differ from the training rows by the inner-validation ones. With
+        ``[policy] training_classes`` and no sample-level DP, the weights are admitted as the
+        class sums a crafted network's weights can be (docs/privacy.md): on each class of the
+        fitting rows and every set :meth:`_training_sets` names within each class."""
         losses = {k: v for k, v in reply.items() if k.split(":", 1)[0] == "train_loss_sum"}
+        if self.policy.training_classes and str(request.get("dp_mode", "off")) != "sample":
+            classes = [self.data.labels == 1, self.data.labels == 0]
+            sets = [rows & c for c in classes] + self._training_sets(request, classes)
+            families = {self.route, "labels", "features"}
+            self._admit_together(request, [rows, *sets], families, int(reply["n"]))
         weights = self._released(request, rows, {k: v for k, v in reply.items() if k not in losses})
         if losses:
             with contextlib.suppress(Withheld):

@@ -266,6 +266,10 @@ class PolicySection(_Section):
     max_layers: int = Field(4, ge=0)
     max_trees: int = Field(1000, ge=1)
     max_repeats: int = Field(10, ge=1)
+    # Admit a training reply outside sample-level DP as the class sums a crafted network's
+    # weights can carry: every class must hold min_patients in the fitting rows, the cohort and
+    # each fold (as the correlation ranking's label products), else the weights are withheld.
+    training_classes: bool = False
     # Requests of one run the site may fail to answer (an error, or a reply the wire rules
     # refuse) before it refuses the rest of that run: a failure that depends on the patients'
     # values answers a yes/no question about them.

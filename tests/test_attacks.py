@@ -563,6 +563,58 @@ def test_a_training_reply_is_computed_on_every_row_it_is_released_on(site) -> No
         assert reply[f"train_loss_sum:{MAIN}"] == pytest.approx(expected, rel=1e-6), batch
 
 
+def _class_sum_request(site: SiteWorker) -> dict:
+    """A crafted training round: a linear network scoring ~0 for everyone (bias -40), one full
+    batch, inputs scaled by 1e9 so that AdamW's first step is linear in the gradient: each
+    input weight's step is the DM+ fit rows' sum of that input (known scale)."""
+    p, q = site.data.radiomics.shape[1], site.data.clinical.shape[1]
+    request = fusion_request(site)
+    state = {k: np.zeros_like(v) for k, v in request[wire.WEIGHTS_PREFIX + MAIN].items()}
+    state["net.0.bias"][:] = -40.0
+    return request | {
+        wire.WEIGHTS_PREFIX + MAIN: state,
+        **{"radiomics_scale": np.full(p, 1e9), "clinical_scale": np.full(q, 1e9)},
+        **{"round": 1, "epochs": 1, "lr": 0.1, "batch": 1000, "weight_decay": 0.0},
+        **{"proximal_mu": 0.0, "pos_weight": 1.0, "seed": 0, "dp_mode": "off"},
+    }
+
+
+def _dm_sum(reply: dict) -> np.ndarray:
+    """The DM+ fit rows' sum of every input, from the weights of :func:`_class_sum_request`
+    (AdamW's first step u = -lr g / (|g| + eps), g = -(1/n) sum over the DM+ rows of z)."""
+    u = reply[wire.WEIGHTS_PREFIX + MAIN]["net.0.weight"].astype(np.float64).ravel()
+    return u * 1e-8 / (0.1 - np.abs(u)) * reply["n"] * 1e9
+
+
+def test_training_weights_can_be_admitted_as_class_sums(tmp_path) -> None:
+    """The attack (docs/privacy.md, "Training weights of a crafted network are class sums"):
+    the crafted round's weights give the DM+ fit rows' sum exactly, so the final model's reply
+    minus fold f's (at ``dp_mode = "client"``: every training row) is the sum over fold f's DM+
+    patients, here one a fold. With ``[policy] training_classes`` a training reply leaves only
+    when each class holds the floor in its fit rows, the cohort and every fold."""
+    site = make_site(tmp_path / "open")
+    labels = site.data.labels
+    few = _relabel(site, label=np.where(np.cumsum(labels) <= 5, labels, 0.0))  # one DM+ a fold
+    ask(few, "query.folds", folds=5)
+    request = _class_sum_request(few)
+    everyone = _dm_sum(ask(few, "train.fusion", **request, fold=wire.FINAL_FOLD))
+    fold_0 = _dm_sum(ask(few, "train.fusion", **(request | {"dp_mode": "client"}), fold=0))
+    folds = np.load(few.state_root / "attack" / "folds.npz")["fold"]
+    X = np.c_[few.data.radiomics.to_numpy(), few.data.clinical.to_numpy()]
+    (patient,) = X[(folds == 0) & (few.data.labels == 1)]  # the default policy lets it out
+    np.testing.assert_allclose(everyone - fold_0, patient, rtol=1e-4, atol=1e-3)
+
+    guarded = make_site(tmp_path / "guarded", policy={"training_classes": True})
+    few = _relabel(guarded, label=np.where(np.cumsum(labels) <= 5, labels, 0.0))
+    ask(few, "query.folds", folds=5)
+    for fold, mode in [(wire.FINAL_FOLD, "off"), (0, "client"), (0, "off")]:
+        reply = ask(few, "train.fusion", **(request | {"dp_mode": mode}), fold=fold)
+        assert set(reply) == {"n"}, (fold, mode)  # withheld: its count alone
+    many = _relabel(guarded, label=(np.arange(72) % 2).astype(float))  # 7 DM+ a fold
+    ask(many, "query.folds", folds=5)
+    assert wire.WEIGHTS_PREFIX + MAIN in ask(many, "train.fusion", **request, fold=wire.FINAL_FOLD)
+
+
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
