@@ -39,7 +39,15 @@ def approved_runs(cfg: SiteConfig) -> dict[str, dict]:
     """Run name -> {``config_sha256``, ``app_sha256`` ("": any app), ``approved`` (UTC
     time), ``by`` (user)}."""
     path = approvals_path(cfg)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not readable JSON ({error}); restore it or remove it") from error
+    if not isinstance(runs, dict) or not all(isinstance(r, dict) for r in runs.values()):
+        raise ValueError(f"{path}: not a record of approved runs (run name -> approval)")
+    return runs
 
 
 def approve_run(cfg: SiteConfig, run_config: FederationConfig, app_sha256: str = "") -> dict:

@@ -829,7 +829,7 @@ def site_keys(
 
     try:
         private, public = make_site_keys(out, site)
-    except FileExistsError as error:
+    except (FileExistsError, ValueError) as error:
         err_console.print(f"error: {error}", markup=False, soft_wrap=True)
         raise typer.Exit(1) from error
     _plain(f"private key (stays here)     {private}")

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from fedmets.cli import app
 from fedmets.client.app_digest import fab_digest, folder_digest, running_app_digest
-from fedmets.client.approval import approve_run
+from fedmets.client.approval import approvals_path, approve_run
 from fedmets.client.policy import PolicyRefused
 from fedmets.client.release import answer, site_audit_path
 from fedmets.client.service_channel import ServiceClient, ServiceRefused
@@ -106,6 +106,10 @@ def test_keys_are_made_once_and_a_bad_identity_is_a_config_error(tmp_path) -> No
     assert (tmp_path / "site_a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     again = runner.invoke(app, ["site", "keys", "--site", "site_a", "--out", str(tmp_path)])
     assert again.exit_code == 1 and "is made once" in again.output
+    for wrong in ("Hospital A", "sub/hosp"):  # no key a site_id could name; nothing written
+        done = runner.invoke(app, ["site", "keys", "--site", wrong, "--out", str(tmp_path / "k")])
+        assert done.exit_code == 1 and "not a site id" in done.output, done.output
+        assert not (tmp_path / "k").exists()
     bad = tmp_path / "fed.toml"
     data = _cfg().model_dump(mode="json", exclude_none=True)
     data["federation"]["identities"] = {"site_a": "ssh-rsa AAAA not a key"}
@@ -146,6 +150,14 @@ def test_a_deployed_site_answers_only_approved_runs(tmp_path) -> None:
         answer(worker, "query.census", {**census, "config_sha256": changed.fingerprint()})
     approve_run(load_site_config(toml), changed)  # the hospital approves the new config
     answer(worker, "query.census", {**census, "config_sha256": changed.fingerprint()})
+
+    approvals_path(load_site_config(toml)).write_text("[]")  # edited by hand: named, no traceback
+    done = CliRunner().invoke(
+        app, ["site", "approve", "--config", str(toml), "--run-config", str(fed)]
+    )
+    assert done.exit_code == 1 and "approved-runs.json: not a record of approved runs" in (
+        done.output
+    )
 
 
 def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:

@@ -274,6 +274,11 @@ def test_cli_report(tmp_path):
     drifted = make_sim_run(tmp_path / "drifted", metrics)
     refused = CliRunner().invoke(app, ["report", str(drifted)])
     assert refused.exit_code == 1 and "federated.pooled.auroc" in refused.output
+    assert "metrics.json: not the results of a run" in refused.output.replace("\n", "")
+    (drifted / "metrics.json").write_text('{"federated": {"pooled"')  # cut short by a copy
+    damaged = CliRunner().invoke(app, ["report", str(drifted)])
+    assert damaged.exit_code == 1
+    assert "metrics.json: not readable JSON" in damaged.output.replace("\n", "")
 
 
 def test_run_without_roc_points_falls_back_to_the_binned_pooled_roc(tmp_path):

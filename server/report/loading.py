@@ -24,23 +24,26 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
     server_files = [run_dir / "federated.json", run_dir / "federated" / "federated.json"]
     server_file = next((f for f in server_files if f.is_file()), None)
     if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        metrics = _read(metrics_file)
         sources = [metrics_file]
         if server_file is not None:
-            server = json.loads(server_file.read_text(encoding="utf-8"))
+            server = _read(server_file)
             if "privacy" in server and "privacy_ledger" not in metrics:
                 metrics["privacy_ledger"] = server["privacy"]
             for key in ("dp", "run", "backbone"):
                 if key in server and key not in metrics:
                     metrics[key] = server[key]
             sources.append(server_file)
-        return typed(SimulationResults, metrics), sources
+        try:
+            return typed(SimulationResults, metrics), sources
+        except ValueError as error:
+            raise ValueError(f"{metrics_file}: not the results of a run ({error})") from error
     if server_file is None:
         raise FileNotFoundError(
             f"{run_dir}: neither metrics.json (a simulation run) nor federated.json "
             "(a server output folder) found"
         )
-    server = json.loads(server_file.read_text(encoding="utf-8"))
+    server = _read(server_file)
     main_model = server.get("main_model")
     models = server.get("models") or {}
     main = models.get(main_model, {})
@@ -75,3 +78,14 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
         timing_s=server.get("timing_s") or {},
     )
     return typed(SimulationResults, metrics), [server_file]
+
+
+def _read(path: Path) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not readable JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
