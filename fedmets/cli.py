@@ -284,8 +284,11 @@ SITE_CHECK_FULL_TABLE = 40  # patients; above this the table lists only the quar
 
 
 def _site_name(cfg) -> str:
-    """A site as the hospital's own commands show it: its id, and its display name if set."""
-    return f"{cfg.site_id} ({cfg.display_name})" if cfg.display_name else cfg.site_id
+    """A site as the hospital's own commands show it in rich markup (progress, table titles):
+    its id, and its display name if set, escaped (a name may hold brackets)."""
+    from rich.markup import escape
+
+    return escape(f"{cfg.site_id} ({cfg.display_name})" if cfg.display_name else cfg.site_id)
 
 
 def _load_site_config_or_exit(config: Path):

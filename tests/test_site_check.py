@@ -268,12 +268,13 @@ def test_cli_reports_quarantined_patient(cohort: Path, tmp_path: Path) -> None:
     table = read_table(site)
     rewrite(site / table.loc[2, "tumour_mask_path"], np.zeros_like)
     toml = site / "site.toml"
-    toml.write_text(toml.read_text().replace("seed = ", 'display_name = "Hôpital A"\nseed = ', 1))
+    name = "Hôpital A [/] [bold]nord"  # brackets are text in a name, not markup
+    toml.write_text(toml.read_text().replace("seed = ", f'display_name = "{name}"\nseed = ', 1))
 
     result = run_cli("--config", str(toml), "--workers", "1")
 
     assert result.returncode == 0, result.stderr
-    assert "site check: hospital_a (Hôpital A)" in result.stdout
+    assert f"site check: hospital_a ({name})" in result.stdout
     assert "quarantined" in result.stdout and table.loc[2, "patient_id"] in result.stdout
     report = json.loads((site / "output" / "site_check.json").read_text())
     assert report["quarantined"] == {
