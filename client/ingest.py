@@ -25,7 +25,7 @@ import gzip
 import io
 import re
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +135,8 @@ def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDat
     missing = [column for column in required_columns(cfg) if column not in table.columns]
     if missing:
         raise ValueError(
-            f"{manifest}: missing column(s) {', '.join(missing)}"
-            f" (columns found: {', '.join(table.columns)})"
+            f"{manifest}: missing column(s) {quoted(missing)}"
+            f" (columns found: {quoted(table.columns)})"
         )
     if table.empty and not unreadable:
         raise ValueError(f"{manifest}: no patient rows")
@@ -180,10 +180,12 @@ class UnreadableRow:
 
 
 def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]:
-    """The manifest as text cells ('' for empty; a short row's missing cells empty), indexed by
-    row number (1 = the first row after the header, blank lines not counted), and the rows
-    left out, by row number: those holding bytes that are not UTF-8 or more cells than the
-    header. ValueError naming the file when it cannot be read at all."""
+    """The manifest as text cells ('' for empty; a short row's missing cells empty), columns
+    named by the stripped header cells (a column with an empty header cell dropped), indexed by
+    row number (1 = the first row after the header; blank lines and rows of empty cells are
+    skipped, not counted), and the rows left out, by row number: those holding bytes that are
+    not UTF-8 or more cells than the header. ValueError naming the file when it cannot be read
+    at all, is not comma-separated or repeats a column name."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -192,14 +194,29 @@ def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]
         raise ValueError(f"{path}: is a folder, not a manifest file") from None
     text = raw.decode("utf-8-sig", errors="surrogateescape")  # bad bytes kept, found below
     try:
-        lines = [cells for cells in csv.reader(io.StringIO(text, newline="")) if cells]
+        lines = [
+            cells
+            for cells in csv.reader(io.StringIO(text, newline=""))
+            if any(cell.strip() for cell in cells)
+        ]
     except csv.Error as error:
         raise ValueError(f"{path}: not a valid CSV file ({error})") from None
     if not lines:
         raise ValueError(f"{path}: manifest is empty")
-    header = lines[0]
+    header = [cell.strip() for cell in lines[0]]
     if any(_undecoded(cell) for cell in header):
         raise ValueError(f"{path}: the header row is not UTF-8 text")
+    if sum(cell.count(";") for cell in header) > len(header) - 1:  # more ';' than separators
+        raise ValueError(
+            f"{path}: the header row is separated by semicolons (;), not commas: save the table"
+            " as comma-separated CSV, with decimal points (1.5, not 1,5)"
+        )
+    repeated = [name for name, n in Counter(filter(None, header)).items() if n > 1]
+    if repeated:
+        raise ValueError(
+            f"{path}: repeated column name(s) in the header: {quoted(repeated)};"
+            " each column needs its own name"
+        )
     rows, unreadable = {}, {}
     for row, cells in enumerate(lines[1:], start=1):
         named = {
@@ -217,7 +234,12 @@ def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]
         else:
             rows[row] = cells + [""] * (len(header) - len(cells))
     table = pd.DataFrame.from_dict(rows, orient="index", columns=header, dtype=str)
-    return table, unreadable
+    return table.drop(columns="", errors="ignore"), unreadable
+
+
+def quoted(names) -> str:
+    """Column names for a message, quoted so that spaces show: 'age', 'dm '."""
+    return ", ".join(repr(name) for name in names)
 
 
 def _undecoded(cell: str) -> int | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fedmets.client.ingest import read_text_table, shown_path
+from fedmets.client.ingest import quoted, read_text_table, shown_path
 from fedmets.shared.clinical import CLINICAL_COLUMNS, encode_clinical, validate_clinical
 from fedmets.shared.config import SiteConfig
 
@@ -153,9 +153,9 @@ def _columns(
     for key in ("id_column", "label_column"):
         column = getattr(data, key)
         if column not in table.columns:
-            found = ", ".join(table.columns)
             problems.append(
-                f"{path}: data.{key}: column {column!r} not found (columns found: {found})"
+                f"{path}: data.{key}: column {column!r} not found"
+                f" (columns found: {quoted(table.columns)})"
             )
     if table.empty:
         return pd.DataFrame(index=table.index), {}, [*problems, f"{path}: no patient rows"]

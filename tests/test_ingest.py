@@ -144,7 +144,44 @@ def test_a_rows_clinical_problems_are_named_with_its_label(site: Path) -> None:
 @pytest.mark.parametrize("column", ["tumour_mask_path", "hpv", "dm"])
 def test_missing_manifest_column_is_a_site_error(site: Path, column: str) -> None:
     manifest(site).drop(columns=column).to_csv(site / "manifest.csv", index=False)
-    with pytest.raises(ValueError, match=rf"manifest\.csv: missing column\(s\) {column} "):
+    with pytest.raises(ValueError, match=rf"manifest\.csv: missing column\(s\) '{column}' "):
+        read_manifest(config(site))
+
+
+def test_header_cells_are_stripped_and_rows_of_empty_cells_skipped(site: Path) -> None:
+    """A header cell 'dm ' names column dm; a row of empty cells (an Excel leftover, here
+    wider than the header) is skipped like a blank line, not counted as a patient."""
+    lines = (site / "manifest.csv").read_text().splitlines()
+    width = lines[0].count(",")
+    lines[0] = lines[0].replace(",dm", ", dm ")
+    lines.insert(3, "," * width)
+    lines.append(" ," * (width + 3))
+    (site / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+    records, problems = read_manifest(config(site))
+
+    assert problems == []
+    assert [record.row for record in records] == list(range(1, len(lines) - 2))
+    assert all(record.label in (0, 1) for record in records)
+
+
+def test_a_repeated_column_name_is_a_site_error(site: Path) -> None:
+    lines = (site / "manifest.csv").read_text().splitlines()
+    lines = [lines[0] + ",age , hpv", *(line + ",17," for line in lines[1:])]
+    (site / "manifest.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as caught:
+        read_manifest(config(site))
+    assert str(caught.value) == (
+        f"{site / 'manifest.csv'}: repeated column name(s) in the header: 'age', 'hpv';"
+        " each column needs its own name"
+    )
+
+
+def test_a_semicolon_separated_manifest_is_refused(site: Path) -> None:
+    """A European Excel export (';' between cells, decimal commas) is named as such."""
+    text = (site / "manifest.csv").read_text()
+    (site / "manifest.csv").write_text(text.replace(",", ";").replace(".", ","))
+    with pytest.raises(ValueError, match=r"manifest\.csv: the header row is separated by semi"):
         read_manifest(config(site))
 
 

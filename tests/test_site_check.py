@@ -252,7 +252,7 @@ def test_missing_clinical_column_is_a_site_problem(cohort: Path, tmp_path: Path)
     assert report.usable == [] and report.quarantined == {}
     assert len(report.site_problems) == 1
     assert report.site_problems[0].startswith(
-        f"{site / 'manifest.csv'}: missing column(s) smoking "
+        f"{site / 'manifest.csv'}: missing column(s) 'smoking' "
     )
 
 

@@ -215,6 +215,18 @@ def test_non_finite_radiomics_empty_id_and_missing_label(tmp_path: Path) -> None
     assert list(loaded.features["patient_id"]) == ["A1", "A2", "A3"]
 
 
+def test_padded_header_cells_and_rows_of_empty_cells(tmp_path: Path) -> None:
+    """Header cells are stripped like data cells; rows of empty cells (Excel leftovers) are
+    skipped like blank lines, not counted as patients."""
+    header = HEADER.replace("pid,DM,", " pid , DM,")
+    rows = [GOOD_ROWS[0], ",,,,,,,,", *GOOD_ROWS[1:], " , ,,,,,,,,,,,"]
+    loaded = load_feature_table(
+        load_site_config(tabular_site(tmp_path / "site", rows, header=header))
+    )
+    assert (loaded.n_rows, loaded.quarantined, loaded.site_problems) == (3, {}, [])
+    assert list(loaded.features["patient_id"]) == ["A1", "A2", "A3"]
+
+
 def test_clinical_columns_mapping_and_out_of_range_age(tmp_path: Path) -> None:
     header = HEADER.replace("age,", "age_years,").replace(",T,", ",stage_t,")
     rows = [*GOOD_ROWS, "O1,0,12,M,T1,+,1.0,0.1,"]
@@ -245,6 +257,16 @@ SITE_PROBLEMS = {
         HEADER,
         'clinical_columns = {hpv = "p16_status"}\n',
         "data.clinical_columns.hpv: column 'p16_status' not found",
+    ),
+    "repeated column name": (
+        HEADER.replace(",notes", ",age"),
+        "",
+        "repeated column name(s) in the header: 'age'; each column needs its own name",
+    ),
+    "semicolon-separated": (
+        HEADER.replace(",", ";"),
+        "",
+        "the header row is separated by semicolons (;), not commas",
     ),
 }
 
