@@ -688,7 +688,7 @@ def check_config_file(path: str | Path, check_paths: bool = True) -> tuple[str, 
 def _read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file, turning every way it can fail into a ConfigError."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = Path(path).read_bytes().decode("utf-8-sig")  # a BOM (Windows Notepad) is fine
     except FileNotFoundError:
         raise ConfigError(path, [f"{path}: file not found"]) from None
     except IsADirectoryError:

@@ -126,6 +126,14 @@ def test_site_paths_resolved_against_toml_folder(tmp_path: Path) -> None:
     assert cfg.data.radiomics_pattern.startswith("^(original|wavelet|log|")
 
 
+def test_a_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    """Windows Notepad saves UTF-8 with a byte-order mark."""
+    path = tmp_path / "site.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + SITE.encode())
+    assert check_config_file(path, check_paths=False) == ("site", [])
+    assert load_site_config(path).site_id == "hospital_b"
+
+
 def test_tabular_keys(tmp_path: Path) -> None:
     text = SITE.replace('mode = "images"', 'mode = "tabular"').replace(
         '["ct", "tumour_mask", "clinical"]',
