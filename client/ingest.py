@@ -301,8 +301,8 @@ def _parse_row(
 
 def load_patient_images(record: PatientRecord, cfg: SiteConfig) -> PatientImages:
     """Read the CT and masks of one patient; raise PatientDataError for the first problem
-    (missing, unreadable or corrupt file, mask off the CT grid, empty or non-binary tumour mask,
-    unknown organ label, RTSTRUCT without a matching ROI)."""
+    (missing, empty, unreadable or corrupt file, mask off the CT grid, empty or non-binary tumour
+    mask, unknown organ label, RTSTRUCT without a matching ROI)."""
     images, problems = try_load_patient_images(record, cfg)
     if problems:
         raise problems[0]
@@ -368,6 +368,8 @@ class _Loader:
             raise self.error(path, "tumour_mask", "file not found")
         if path.is_dir():
             raise self.error(path, "tumour_mask", "is a folder; expected a mask file or RTSTRUCT")
+        if path.stat().st_size == 0:
+            raise self.error(path, "tumour_mask", "file is empty (0 bytes)")
         if not path.name.lower().endswith(IMAGE_SUFFIXES):
             return None if ct is None else self.rtstruct(path, ct, frame)
         mask = self.image_file(path, "tumour_mask")
@@ -413,6 +415,8 @@ class _Loader:
             raise self.error(path, field, "file not found")
         if path.is_dir():
             raise self.error(path, field, "is a folder; expected an image file")
+        if path.stat().st_size == 0:
+            raise self.error(path, field, "file is empty (0 bytes)")
         if field != "ct" and not path.name.lower().endswith(IMAGE_SUFFIXES):
             raise self.error(path, field, f"unsupported file type; use {_formats()}")
         if path.name.lower().endswith(NIFTI_SUFFIXES):

@@ -3,6 +3,7 @@ shared clinical schema (validation and encoding). Real files from the synthetic 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import shutil
 from pathlib import Path
@@ -241,6 +242,24 @@ def test_error_names_patient_file_and_field(site: Path) -> None:
         str(caught.value) == f"patient {pid}: masks/{pid}_tumour.nii.gz: tumour_mask: mask is empty"
     )
     assert (caught.value.patient_id, caught.value.field) == (pid, "tumour_mask")
+
+
+@pytest.mark.parametrize("field", ["ct", "tumour_mask", "organ_mask"])
+def test_an_empty_image_file_is_named_as_such(site: Path, field: str) -> None:
+    record = first_record(site)
+    path = getattr(record, f"{field}_path")
+    path.write_bytes(b"")
+    with pytest.raises(PatientDataError) as caught:
+        load_patient_images(record, config(site))
+    assert (caught.value.field, caught.value.message) == (field, "file is empty (0 bytes)")
+
+
+def test_an_empty_rtstruct_file_is_named_as_such(site: Path) -> None:
+    record = first_record(site)
+    empty = site / "masks" / "rtstruct.dcm"
+    empty.write_bytes(b"")
+    with pytest.raises(PatientDataError, match="tumour_mask: file is empty"):
+        load_patient_images(dataclasses.replace(record, tumour_mask_path=empty), config(site))
 
 
 def _nifti_header(path: Path, **fields: object) -> None:
