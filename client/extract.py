@@ -79,7 +79,7 @@ from fedmets.client.site_files import (
 from fedmets.client.tabular import load_feature_table
 from fedmets.shared.clinical import encode_clinical
 from fedmets.shared.config import SiteConfig
-from fedmets.shared.files import write_atomically
+from fedmets.shared.files import check_writable, write_atomically
 
 # The input a failure at each stage points at when the error itself names none.
 _STAGE_FIELD = {
@@ -127,10 +127,14 @@ def extract_site(
     ``workers`` defaults to ``compute.workers``. ``on_patient_checked(done, total)`` is called
     after each patient of the site check, ``on_patient_done(done, total)`` after each usable
     patient's extraction (cached, extracted or failed), both in this process. Raises
-    FileNotFoundError when the parameter file is missing; patient-level problems never raise."""
+    FileNotFoundError when the parameter file is missing, OSError naming the config key when
+    ``paths.output`` or ``paths.cache`` cannot be written (tried first, before any work);
+    patient-level problems never raise."""
     started = time.perf_counter()
+    check_writable(cfg.paths.output, "paths.output")
     if cfg.data.mode == "tabular":
         return _extract_table(cfg, started, on_patient_done, on_patient_checked, labelled)
+    check_writable(cfg.paths.cache / CACHE_FOLDER, "paths.cache")
     workers = workers or cfg.compute.workers
     params = params_file(cfg.radiomics.params)
     if not params.is_file():

@@ -1,7 +1,8 @@
 """Atomic writes: a file is written beside its destination under a temporary name, then renamed
 over it, so a reader (or a resumed run after a crash) sees the old file or the new one, never
-a part of one. :func:`exclusive` serialises a read-modify-write of one file across processes;
-:func:`sole_user` lets one process at a time work in a folder, refusing the others."""
+a part of one. :func:`check_writable` tries a folder before long work whose results go there.
+:func:`exclusive` serialises a read-modify-write of one file across processes; :func:`sole_user`
+lets one process at a time work in a folder, refusing the others."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -29,6 +31,21 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     finally:
         with contextlib.suppress(OSError):  # an unwritable folder: the write's error stands
             partial.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Make ``folder`` if missing, then create and remove a small file in it: before long work
+    whose results go there. OSError ``<key>: cannot write <folder>: <reason>`` when it cannot be
+    written (``key``: the config key that sets it)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except FileExistsError as error:
+        raise OSError(f"{key}: cannot write {folder}: a file, not a folder") from error
+    except OSError as error:
+        raise OSError(f"{key}: cannot write {folder}: {error.strerror or error}") from error
 
 
 @contextlib.contextmanager

@@ -318,3 +318,24 @@ def test_a_run_with_no_usable_patient_keeps_the_last_table(site):
     report = json.loads((cfg.paths.output / REPORT_FILE).read_text())
     assert report["features_file_written"] is False and report["counts"]["usable"] == 0
     pd.testing.assert_frame_equal(pd.read_parquet(cfg.paths.output / FEATURES_FILE), before)
+
+
+@pytest.mark.parametrize(
+    ("key", "setting", "folder", "reason"),
+    [
+        ("cache", "blocker/cache", "blocker/cache/extract", "Not a directory"),
+        ("output", "blocker", "blocker", "a file, not a folder"),
+    ],
+)
+def test_an_unwritable_cache_or_output_stops_the_run_before_any_work(
+    cohort, tmp_path, key, setting, folder, reason
+):
+    """A cache or output folder that cannot be written ends the run at once, with one line that
+    names the config key and the folder: not after every patient was extracted for nothing."""
+    toml = make_site(cohort, tmp_path / "hospital_a")
+    (toml.parent / "blocker").write_text("a file where a folder should be")
+    toml.write_text(toml.read_text().replace(f'{key} = "{key}"', f'{key} = "{setting}"'))
+    result = run_cli("--config", str(toml), "--workers", "1")
+    assert result.returncode == 1
+    assert result.stderr == f"error: paths.{key}: cannot write {toml.parent / folder}: {reason}\n"
+    assert not list(toml.parent.rglob("features.json"))  # no patient was extracted
