@@ -1,6 +1,7 @@
 """`fedmets site extract` end to end on a real synthetic site: parallel PyRadiomics extraction,
 the per-patient cache, per-patient failures, a worker crash, and the command line."""
 
+import io
 import json
 import multiprocessing
 import os
@@ -287,6 +288,7 @@ def test_cli_writes_the_feature_table_and_exits_0_despite_a_bad_patient(site):
     assert {"tumour_original_firstorder_Mean", "ring_original_glcm_Idm"} <= columns
     assert set(encoded_columns()) <= columns
     assert "5 patients in" in result.stdout and "1 failed, 2 quarantined" in result.stdout
+    assert "extracting hospital_a: 6/6 patients" in result.stdout  # progress, in a log too
     assert f"failed: patient {TUMOUR_IN_AIR}: masks/" in result.stderr
     assert f"quarantined: patient {EMPTY_MASK}: masks/" in result.stderr
     assert (cfg.paths.output / REPORT_FILE).is_file()
@@ -339,3 +341,28 @@ def test_an_unwritable_cache_or_output_stops_the_run_before_any_work(
     assert result.returncode == 1
     assert result.stderr == f"error: paths.{key}: cannot write {toml.parent / folder}: {reason}\n"
     assert not list(toml.parent.rglob("features.json"))  # no patient was extracted
+
+
+def test_progress_in_a_log_is_plain_lines_every_so_often(monkeypatch):
+    """With stdout in a file (nohup, cron, systemd) the progress bar is only drawn at the end:
+    plain lines come instead, at a task's first and last patient and every 30 s between."""
+    from rich.console import Console
+
+    import fedmets.cli
+
+    clock = [0.0]
+    log = io.StringIO()
+    monkeypatch.setattr(fedmets.cli, "console", Console(file=log, get_time=lambda: clock[0]))
+    with fedmets.cli._patient_progress() as progress:
+        task = progress.add_task("extracting hospital_a", total=None)
+        for done in range(1, 401):
+            clock[0] += 7.0  # a patient every 7 s
+            progress.update(task, completed=done, total=400)
+    lines = log.getvalue().splitlines()
+    assert lines[:3] == [
+        "extracting hospital_a: 1/400 patients, 7s",
+        "extracting hospital_a: 6/400 patients, 42s",
+        "extracting hospital_a: 11/400 patients, 1m17s",
+    ]
+    assert lines[-1] == "extracting hospital_a: 400/400 patients, 46m40s"
+    assert len(lines) == 2 + 399 // 5
