@@ -3,8 +3,11 @@ fast (no torch import for `config check`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, TextIO
@@ -123,6 +126,21 @@ class _LogProgress:
             elapsed = _duration(now - task.started)
             line = f"{task.description}: {completed}{of} patients, {elapsed}"
             self.output.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """In the block, SIGTERM (``kill``, ``systemctl stop``) stops the command as Ctrl-C does,
+    with KeyboardInterrupt: its worker processes are shut down, not left running on their own."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _duration(seconds: float) -> str:
@@ -408,14 +426,17 @@ def site_check(
     cfg = _load_site_config_or_exit(config)
 
     started = time.perf_counter()
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        "{task.completed}/{task.total} patients",
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with (
+        _sigterm_as_ctrl_c(),
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            "{task.completed}/{task.total} patients",
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress,
+    ):
         task = progress.add_task(f"checking {_site_name(cfg)}", total=None)
         result = check_site(
             cfg,
@@ -481,7 +502,7 @@ def site_extract(
 
     cfg = _load_site_config_or_exit(config)
 
-    with _patient_progress() as progress:
+    with _sigterm_as_ctrl_c(), _patient_progress() as progress:
         checking = progress.add_task(f"checking {_site_name(cfg)}", total=None)
         extracting = progress.add_task(f"extracting {_site_name(cfg)}", total=None, visible=False)
 
@@ -836,7 +857,8 @@ def site_predict(
         if manifest is not None:
             new = new_patients_site(cfg, manifest)
             try:
-                extract_new_patients(cfg, model, manifest)
+                with _sigterm_as_ctrl_c():
+                    extract_new_patients(cfg, model, manifest)
             finally:  # the patients it could not use, also when none was usable
                 _say_extraction_problems(new.paths.output / REPORT_FILE)
             cfg = new

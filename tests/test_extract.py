@@ -366,3 +366,37 @@ def test_progress_in_a_log_is_plain_lines_every_so_often(monkeypatch):
     ]
     assert lines[-1] == "extracting hospital_a: 400/400 patients, 46m40s"
     assert len(lines) == 2 + 399 // 5
+
+
+def test_sigterm_stops_the_run_as_ctrl_c_does(cohort, tmp_path):
+    """SIGTERM (kill, systemctl stop) mid-extraction: the command stops as on Ctrl-C, its worker
+    processes end with it (not left running on their own) and the cache keeps what finished."""
+    cfg = load_site_config(make_site(cohort, tmp_path / "hospital_a"))
+    entries = cfg.paths.cache / "extract"
+    workers: list[int] = []
+    stop = threading.Event()
+
+    def terminate_after_the_first_patient() -> None:
+        while not stop.is_set() and not any(entries.glob("*/features.json")):
+            time.sleep(0.02)
+        if not stop.is_set():
+            workers.extend(child.pid for child in multiprocessing.active_children())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # without the fix: no effect
+    sender = threading.Thread(target=terminate_after_the_first_patient)
+    sender.start()
+    try:
+        result = run_cli("--config", str(cfg.source), "--workers", "1")
+    finally:
+        stop.set()
+        sender.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert result.returncode == 130, result.stdout  # as Ctrl-C
+    assert not (cfg.paths.output / REPORT_FILE).exists()  # stopped before the end
+    assert workers and not multiprocessing.active_children()
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert len(list(entries.glob("*/features.json"))) >= 1
+    assert not list(entries.rglob("*.partial"))
