@@ -8,8 +8,10 @@ time, run, route, the request's settings (scalars as sent, arrays by shape, mode
 size and SHA-256), the number of patients behind the reply, and per reply field its kind,
 shape, dtype and size in bytes (never the values). A refused request (nothing computed) has
 ``"sent": false`` and ``rule``; a withheld reply (its count alone sent) has ``withheld`` and
-``rule``. Each line carries the hash of the one before it (``fedmets.client.audit``: ``fedmets
-site audit verify``). Hospital IT reads it to see what left the site (``docs/hospital_guide.md``).
+``rule``; a request the worker failed to answer has ``"rule": "failed"`` and the error in
+``problems`` (the centre hears its type alone: :class:`RequestFailed`). Each line carries the
+hash of the one before it (``fedmets.client.audit``: ``fedmets site audit verify``). Hospital
+IT reads it to see what left the site (``docs/hospital_guide.md``).
 
 Under secure aggregation (``masked=True``) the weights and the
 requested sums leave only inside SecAgg+'s masked vector: the entry then says
