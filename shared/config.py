@@ -273,7 +273,7 @@ class PolicySection(_Section):
     # Requests of one run the site may fail to answer (an error, or a reply the wire rules
     # refuse) before it refuses the rest of that run: a failure that depends on the patients'
     # values answers a yes/no question about them.
-    max_failures: int = Field(3, ge=0)
+    max_failures: int = Field(3, ge=1)
     # Answer a run only once the hospital approved it (``fedmets site approve``: its name and
     # its federation config's fingerprint). Unset: required under ``fedmets site serve`` (a
     # deployed site), not in ``fedmets simulate``.
