@@ -166,7 +166,31 @@ def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDat
             ]
     duplicated = {patient_id for patient_id, rows in rows_of.items() if len(rows) > 1}
     records = [record for record in records if record.patient_id not in duplicated]
-    return records, sorted(problems, key=lambda problem: problem.row)
+    records, shared = _own_files(records, name)
+    return records, sorted(problems + shared, key=lambda problem: problem.row)
+
+
+def _own_files(
+    records: list[PatientRecord], name: str
+) -> tuple[list[PatientRecord], list[PatientDataError]]:
+    """The records whose image files (CT, tumour mask, organ mask) no other row names, and a
+    problem for each row that shares one with another: one patient's images listed under two
+    ids (a copy-paste slip) would enter the cohort twice, once with a wrong label perhaps."""
+    owners: dict[tuple[str, Path], list[PatientRecord]] = defaultdict(list)
+    for record in records:
+        for column in PATH_COLUMNS.values():
+            if (path := getattr(record, column)) is not None:
+                owners[(column, path)].append(record)
+    problems, sharing = [], set()
+    for (column, path), rows in owners.items():
+        if len(rows) < 2 or not path.exists():  # a file not found is each row's own problem
+            continue
+        for record in rows:
+            others = ", ".join(other.patient_id for other in rows if other is not record)
+            message = f"{path.name} is also listed for patient(s) {others}; one patient's files"
+            problems.append(PatientDataError(record.patient_id, name, column, message, record.row))
+        sharing |= {record.patient_id for record in rows}
+    return [r for r in records if r.patient_id not in sharing], problems
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,26 @@ def test_read_manifest_reports_bad_rows(site: Path) -> None:
     assert records[0].label is None  # an empty label cell is not a row problem
 
 
+def test_two_patients_listed_with_the_same_image_file_are_both_quarantined(site: Path) -> None:
+    """A copy-paste slip: row 3 names row 2's CT. Both rows are that patient's problem (the
+    files are one patient's, under two ids); the other rows are read."""
+    table = manifest(site)
+    ids = list(table["patient_id"])
+    table.loc[2, "ct_path"] = table.loc[1, "ct_path"]
+    table.to_csv(site / "manifest.csv", index=False)
+
+    records, problems = read_manifest(config(site))
+
+    ct = Path(table.loc[1, "ct_path"]).name
+    assert [str(problem) for problem in problems] == [
+        f"patient {ids[1]}: manifest.csv: ct_path: {ct} is also listed for patient(s) {ids[2]};"
+        " one patient's files",
+        f"patient {ids[2]}: manifest.csv: ct_path: {ct} is also listed for patient(s) {ids[1]};"
+        " one patient's files",
+    ]
+    assert [record.patient_id for record in records] == [ids[0], *ids[3:]]
+
+
 def test_an_unreadable_manifest_row_is_that_patients_problem(site: Path) -> None:
     """A cell that is not UTF-8 (a Latin-1 accent) or a row of more cells than the header
     quarantines that row, naming its patient and the column; the other rows are read."""
