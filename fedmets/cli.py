@@ -475,8 +475,10 @@ def site_check(
             soft_wrap=True,
         )
         raise typer.Exit(1) from error
+    patients = len(result.usable) + len(result.quarantined)  # rows sharing an id: one patient
+    rows = f" ({result.n_patients} rows)" if result.n_patients != patients else ""
     _plain(
-        f"{len(result.usable)} of {result.n_patients} patients usable,"
+        f"{len(result.usable)} of {patients} patients{rows} usable,"
         f" {len(result.quarantined)} quarantined ({seconds:.1f} s). Report: {path}"
     )
     raise typer.Exit(0 if result.usable else 1)

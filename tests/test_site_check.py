@@ -285,6 +285,18 @@ def test_cli_reports_quarantined_patient(cohort: Path, tmp_path: Path) -> None:
     assert report["n_usable"] == len(table) - 1
 
 
+def test_the_cli_counts_rows_sharing_an_id_as_one_patient(cohort: Path, tmp_path: Path) -> None:
+    site = copy_site(cohort, tmp_path)
+    table = read_table(site)
+    table.loc[1, "patient_id"] = table.loc[0, "patient_id"]
+    table.to_csv(site / "manifest.csv", index=False)
+
+    result = run_cli("--config", str(site / "site.toml"), "--workers", "1")
+
+    n = len(table)
+    assert f"{n - 2} of {n - 1} patients ({n} rows) usable, 1 quarantined" in result.stdout
+
+
 def test_cli_exits_1_when_nothing_is_usable(cohort: Path, tmp_path: Path) -> None:
     site = copy_site(cohort, tmp_path)
     table = read_table(site)
