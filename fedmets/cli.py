@@ -128,10 +128,14 @@ class _LogProgress:
             self.output.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+EXTRACTION_STOPPED = "the patients extracted so far are cached: the same command goes on from them"
+
+
 @contextlib.contextmanager
-def _sigterm_as_ctrl_c() -> Iterator[None]:
+def _sigterm_as_ctrl_c(stopped: str) -> Iterator[None]:
     """In the block, SIGTERM (``kill``, ``systemctl stop``) stops the command as Ctrl-C does,
-    with KeyboardInterrupt: its worker processes are shut down, not left running on their own."""
+    with KeyboardInterrupt: its worker processes are shut down, not left running on their own.
+    Either prints ``stopped: <stopped>`` (what is kept) before the exit (130)."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -139,6 +143,9 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
+    except KeyboardInterrupt:
+        err_console.print(f"stopped: {stopped}", markup=False, highlight=False, soft_wrap=True)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -427,7 +434,7 @@ def site_check(
 
     started = time.perf_counter()
     with (
-        _sigterm_as_ctrl_c(),
+        _sigterm_as_ctrl_c("nothing was written; run the check again"),
         Progress(
             "[progress.description]{task.description}",
             BarColumn(),
@@ -504,7 +511,7 @@ def site_extract(
 
     cfg = _load_site_config_or_exit(config)
 
-    with _sigterm_as_ctrl_c(), _patient_progress() as progress:
+    with _sigterm_as_ctrl_c(EXTRACTION_STOPPED), _patient_progress() as progress:
         checking = progress.add_task(f"checking {_site_name(cfg)}", total=None)
         extracting = progress.add_task(f"extracting {_site_name(cfg)}", total=None, visible=False)
 
@@ -859,7 +866,7 @@ def site_predict(
         if manifest is not None:
             new = new_patients_site(cfg, manifest)
             try:
-                with _sigterm_as_ctrl_c():
+                with _sigterm_as_ctrl_c(EXTRACTION_STOPPED):
                     extract_new_patients(cfg, model, manifest)
             finally:  # the patients it could not use, also when none was usable
                 _say_extraction_problems(new.paths.output / REPORT_FILE)

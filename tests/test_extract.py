@@ -393,6 +393,7 @@ def test_sigterm_stops_the_run_as_ctrl_c_does(cohort, tmp_path):
         sender.join()
         signal.signal(signal.SIGTERM, previous)
     assert result.returncode == 130, result.stdout  # as Ctrl-C
+    assert "stopped: the patients extracted so far are cached" in result.stderr
     assert not (cfg.paths.output / REPORT_FILE).exists()  # stopped before the end
     assert workers and not multiprocessing.active_children()
     for pid in workers:
