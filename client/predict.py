@@ -80,6 +80,7 @@ def predict_site(
     out: Path | None = None,
     recalibrated: bool = True,
     site_output: Path | None = None,
+    labelled_only: bool = False,
 ) -> pd.DataFrame:
     """Scores of every extracted patient of the site ``cfg`` (labelled or not) by the bundle in
     ``model_dir``: ``patient_id``, ``risk`` and ``dm_predicted`` (the main model's probability
@@ -93,12 +94,13 @@ def predict_site(
     harmonised as the run did (``fedmets.client.harmonise``; column ``harmonised``: ``site``,
     ``own-batch`` or ``none``). ``site_output``: where the site keeps its recalibration and
     ComBat corrections (default ``cfg.paths.output``; new patients' configs keep their output
-    apart). Written atomically to ``out`` (CSV) when given. ValueError names what does not
-    fit."""
+    apart). ``labelled_only``: the labelled patients alone, also in the own-batch ComBat fit
+    (what a release on them is computed from). Written atomically to ``out`` (CSV) when given.
+    ValueError names what does not fit."""
     bundle = load_bundle(model_dir)
     manifest = bundle.manifest
     site_output = Path(site_output or cfg.paths.output)
-    data = load_site_data([cfg], unlabelled=True)
+    data = load_site_data([cfg], unlabelled=not labelled_only)
     columns = _check_fit(bundle, data, cfg)
     data, harmonised = harmonised_for_bundle(data, bundle, cfg.site_id, site_output)
     deep = None
@@ -226,8 +228,10 @@ def evaluate_bundle(cfg: SiteConfig, model_dir: Path, bins: int) -> dict:
             f"{cfg.site_id}: {len(labelled.ids)} labelled patients, under its min_patients "
             f"{policy.min_patients}: nothing to release"
         )
-    table = predict_site(cfg, model_dir, recalibrated=False).set_index("patient_id")
-    table = table.loc[labelled.ids]
+    # the labelled patients alone: an unlabelled one in the own-batch ComBat fit would move
+    # every released statistic by its values, outside every set the policy admits
+    table = predict_site(cfg, model_dir, recalibrated=False, labelled_only=True)
+    table = table.set_index("patient_id").loc[labelled.ids]
     y = labelled.labels
     reply: dict = {"n": int(len(y))}
     for name in manifest["models"]:

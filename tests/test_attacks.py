@@ -25,6 +25,7 @@ from fedmets.client.site_worker import SiteWorker
 from fedmets.client.training import get_state
 from fedmets.server.protocol import FederatedProtocol
 from fedmets.shared import wire
+from fedmets.shared.bundle import BUNDLE_FORMAT
 from fedmets.shared.clinical import encoded_columns
 from fedmets.shared.config import ConfigError, FederationConfig, load_site_config
 from fedmets.shared.files import exclusive
@@ -613,6 +614,72 @@ def test_training_weights_can_be_admitted_as_class_sums(tmp_path) -> None:
     many = _relabel(guarded, label=(np.arange(72) % 2).astype(float))  # 7 DM+ a fold
     ask(many, "query.folds", folds=5)
     assert wire.WEIGHTS_PREFIX + MAIN in ask(many, "train.fusion", **request, fold=wire.FINAL_FOLD)
+
+
+def _combat_bundle(site: SiteWorker, census: dict, column: str, helper: str) -> dict:
+    """A bundle the centre crafts: one linear network on radiomics ``column``, harmonised by
+    ComBat without covariates (a held-out site fits its own batch: mean and scale), with a
+    ``helper`` column of far mean and huge variance beside it, so that the empirical Bayes
+    priors shrink nothing."""
+    q = census["clinical_columns"]
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "run": "attack",
+        "radiomics_features": [column, helper],
+        "image": None,
+        "params_hash": census["params_hash"],
+        "clinical_columns": [f"c{i}" for i in range(q)],
+        "main_model": "none/radiomics",
+        "models": ["none/radiomics"],
+        "thresholds": {"none/radiomics": 0.5},
+        "fusion": {
+            **{"hidden": [], "dropout": 0.0, "group_dropout": 0.0, "mode": "joint"},
+            "networks": ["none/radiomics"],
+        },
+        "harmonisation": {"method": "combat", "covariates": []},
+        "cohort": {"patients": 0, "sites": 0, "events": 0},
+        "versions": {},
+        "config_fingerprint": "0" * 64,
+        "threshold_rule": "crafted",
+        "rounds": {},
+    }
+    sd, sd_helper = (float(site.data.radiomics[c].std()) for c in (column, helper))
+    arrays = {
+        "radiomics_mean": np.zeros(2),
+        "radiomics_scale": np.array([sd, 1e12]),
+        "clinical_mean": np.zeros(q),
+        "clinical_scale": np.ones(q),
+        "fusion/none/radiomics/net.0.weight": np.array([[1.0, 0.0]], dtype=np.float32),
+        "fusion/none/radiomics/net.0.bias": np.zeros(1, dtype=np.float32),
+        "combat_grand_mean": np.array([0.0, -1e8 * sd_helper]),
+        "combat_effects": np.zeros((0, 2)),
+        "combat_variance": np.array([sd**2, (1e4 * sd_helper) ** 2]),
+        "combat_mean": np.zeros(2),
+    }
+    return {"manifest": json.dumps(manifest), "weights:bundle": arrays}
+
+
+def test_a_held_out_evaluation_is_computed_on_the_labelled_patients_alone(site) -> None:
+    """The attack: a crafted ComBat bundle makes a held-out site fit its own batch's location
+    on every extracted patient, labelled or not, so the Brier sums of two crafted networks
+    solve for that mean: minus the labelled patients' sum (query.moments), an unlabelled
+    patient's value (a review script read all 12 columns to 1e-4 SD). The evaluation is now
+    computed on the labelled patients alone: the replies are the same whatever the unlabelled
+    patient's values."""
+    features = site.configs[0].paths.output / "features.parquet"
+    table = pd.read_parquet(features)
+    column, helper = [c for c in table.columns if c.startswith("tumour_")][:2]
+    replies = []
+    for value in (0.0, 1e4):  # the new patient, extracted, label not known yet
+        new = table.iloc[[0]].assign(patient_id="chus-new", label=np.nan, **{column: value})
+        pd.concat([table, new], ignore_index=True).to_parquet(features)
+        worker = SiteWorker(site.configs)
+        census = ask(worker, "query.census")
+        assert census["unlabelled"] == 1
+        ask(worker, "query.model_bundle", **_combat_bundle(worker, census, column, helper))
+        replies.append(ask(worker, "query.bundle_evaluation", bins=100))
+    assert replies[0]["n"] == len(table)
+    assert replies[0]["brier_sum:none/radiomics"] == replies[1]["brier_sum:none/radiomics"]
 
 
 FLT_MAX = float(np.finfo(np.float32).max)
