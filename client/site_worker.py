@@ -423,12 +423,14 @@ class SiteWorker:
         class sums a crafted network's weights can be (docs/privacy.md): on each class of the
         fitting rows and every set :meth:`_training_sets` names within each class."""
         losses = {k: v for k, v in reply.items() if k.split(":", 1)[0] == "train_loss_sum"}
+        weights = {k: v for k, v in reply.items() if k not in losses}
         if self.policy.training_classes and str(request.get("dp_mode", "off")) != "sample":
             classes = [self.data.labels == 1, self.data.labels == 0]
             sets = [rows & c for c in classes] + self._training_sets(request, classes)
             families = {self.route, "labels", "features"}
             self._admit_together(request, [rows, *sets], families, int(reply["n"]))
-        weights = self._released(request, rows, {k: v for k, v in reply.items() if k not in losses})
+        else:
+            self._admit(request, rows, release_families(self.route, weights))
         if losses:
             with contextlib.suppress(Withheld):
                 weights |= self._released(request, rows, {"n": reply["n"], **losses})
