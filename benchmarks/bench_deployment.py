@@ -11,7 +11,8 @@ runs both ways (``--secure-aggregation``: its training rounds through SecAgg+, b
 ``--parallel-folds N``: the deployment runs a second time with N folds at once, their requests
 in batch messages, ``[federation] parallel_folds``, which each site answers ``--site-lanes``
 at once, default N). Printed
-per way: wall time of the run, message rounds (one ``ask`` of the protocol, from the ServerApp's
+per way: wall time of the run, the machine's busy CPU seconds meanwhile (every process, Flower's
+included; ``/proc/stat``), message rounds (one ``ask`` of the protocol, from the ServerApp's
 ``received.jsonl``), wall time per message round, bytes each site sends per message round (mean
 of the replies' field sizes), and the deployment's extra cost per message round over the
 simulation (a ClientApp process start per message), and the part of that start that is fedmets'
@@ -66,13 +67,23 @@ def field_bytes(field: dict) -> int:
     return field["bytes"] if "bytes" in field else 8 * field["values"]
 
 
-def figures(out: Path, wall: float) -> dict[str, float]:
-    """Message rounds, seconds per round and bytes per site per round from received.jsonl."""
+def machine_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``: user, nice,
+    system, irq, softirq; every process, Flower's included)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def figures(out: Path, wall: float, cpu: float) -> dict[str, float]:
+    """Message rounds, seconds per round and bytes per site per round from received.jsonl,
+    beside the run's wall and machine CPU seconds."""
     entries = [json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()]
     asks = {(e["route"], e["fold"], e["round"]) for e in entries}
     sizes = [sum(field_bytes(f) for f in e["fields"].values()) for e in entries]
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
         "message_rounds": len(asks),
         "s_per_round": wall / max(len(asks), 1),
         "bytes_per_site_round": sum(sizes) / max(len(sizes), 1),
@@ -125,10 +136,12 @@ def main() -> None:
     fed = federation_toml(root / "federation.toml", opts.secure_aggregation, opts.folds)
     results = {}
 
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), machine_cpu_s()
     configs = [load_site_config(p) for p in tomls]
     run_flower_simulation(configs, fed, root / "simulation", lambda m: None)
-    results["simulation"] = figures(root / "simulation" / "federated", time.perf_counter() - tic)
+    results["simulation"] = figures(
+        root / "simulation" / "federated", time.perf_counter() - tic, machine_cpu_s() - cpu
+    )
 
     sites = {cfg.site_id: path for cfg, path in zip(configs, tomls, strict=True)}
     with LoopbackFederation(root / "deployment", sites) as federation:
@@ -143,18 +156,21 @@ def main() -> None:
             )
         for way, toml in ways.items():
             out = root / "deployment" / way.replace(" ", "-")
-            tic = time.perf_counter()
+            tic, cpu = time.perf_counter(), machine_cpu_s()
             run = federation.run(toml, out)
             if run.wait(timeout=3600) != 0:
                 raise SystemExit(f"deployment run failed: see {root / 'deployment' / 'logs'}")
-            results[way] = figures(out, time.perf_counter() - tic)
+            results[way] = figures(out, time.perf_counter() - tic, machine_cpu_s() - cpu)
 
     print(f"{os.cpu_count()} CPUs; {opts.sites} sites x {opts.patients} patients; in {root}")
-    print(f"{'':12s} {'wall s':>8s} {'rounds':>7s} {'s/round':>8s} {'kB/site/round':>14s}")
+    print(
+        f"{'':12s} {'wall s':>8s} {'CPU s':>8s} {'rounds':>7s} {'s/round':>8s}"
+        f" {'kB/site/round':>14s}"
+    )
     for way, r in results.items():
         print(
-            f"{way:12s} {r['wall_s']:>8.1f} {r['message_rounds']:>7d} {r['s_per_round']:>8.2f}"
-            f" {r['bytes_per_site_round'] / 1e3:>14.1f}"
+            f"{way:12s} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['message_rounds']:>7d}"
+            f" {r['s_per_round']:>8.2f} {r['bytes_per_site_round'] / 1e3:>14.1f}"
         )
     extra = results["deployment"]["s_per_round"] - results["simulation"]["s_per_round"]
     print(f"deployment overhead per message round: {extra:.2f} s (a ClientApp process per message)")
