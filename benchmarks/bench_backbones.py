@@ -23,13 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from fedmets.shared.image_models import (
-    BACKBONES,
-    IMAGE_PRESETS,
-    ImageModelConfig,
-    at_crop_size,
-    build_image_model,
-)
+from fedmets.shared.image_models import build_image_model
+from fedmets.shared.image_presets import BACKBONES, IMAGE_PRESETS, ImageModelConfig, at_crop_size
 from fedmets.shared.models import count_parameters
 from fedmets.shared.reproducibility import set_seed
 

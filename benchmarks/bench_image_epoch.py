@@ -24,7 +24,8 @@ import torch
 
 from fedmets.client.crops import CropDataset
 from fedmets.client.training import resolve_device, train_image_model
-from fedmets.shared.image_models import BACKBONES, IMAGE_PRESETS, at_crop_size, build_image_model
+from fedmets.shared.image_models import build_image_model
+from fedmets.shared.image_presets import BACKBONES, IMAGE_PRESETS, at_crop_size
 from fedmets.shared.reproducibility import set_seed
 
 

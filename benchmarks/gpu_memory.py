@@ -21,7 +21,8 @@ import torch
 from fedmets.client.crops import CropDataset
 from fedmets.client.memory import GIB, choose_plan, measure_step_peak
 from fedmets.client.training import train_image_model
-from fedmets.shared.image_models import IMAGE_PRESETS, ImageModelConfig, build_image_model
+from fedmets.shared.image_models import build_image_model
+from fedmets.shared.image_presets import IMAGE_PRESETS, ImageModelConfig
 from fedmets.shared.reproducibility import set_seed
 
 

@@ -23,12 +23,8 @@ from fedmets.client.crops import load_crops
 from fedmets.client.site_files import MODEL_FILE, SETTINGS_FILE, STATE_DIR, crop_path
 from fedmets.client.training import set_state
 from fedmets.shared.config import SiteConfig
-from fedmets.shared.image_models import (
-    IMAGE_PRESETS,
-    ImageClassifier,
-    ImageModelConfig,
-    build_image_model,
-)
+from fedmets.shared.image_models import ImageClassifier, build_image_model
+from fedmets.shared.image_presets import IMAGE_PRESETS, ImageModelConfig
 
 
 class _ProbabilityColumn(nn.Module):

@@ -15,13 +15,13 @@ from fedmets.shared.models import FUSION_GROUPS, FusionNet, network_dims, networ
 
 if TYPE_CHECKING:
     from fedmets.client.site_worker import SiteData
-    from fedmets.shared.image_models import ImageModelConfig
+    from fedmets.shared.image_presets import ImageModelConfig
 
 
 def image_config(settings: Mapping[str, Any]) -> ImageModelConfig:
     """The image model of ``settings`` (``backbone``, ``image_preset``, ``mask_channel``):
     the preset's network with one input channel per image (CT, and the mask unless "none")."""
-    from fedmets.shared.image_models import IMAGE_PRESETS, ImageModelConfig
+    from fedmets.shared.image_presets import IMAGE_PRESETS, ImageModelConfig
 
     cfg = IMAGE_PRESETS[str(settings["image_preset"])][str(settings["backbone"])]
     channels = 1 if settings["mask_channel"] == "none" else 2

@@ -644,7 +644,7 @@ def study(
     from rich.text import Text
 
     from fedmets.shared.config import ConfigError, FederationConfig, load_federation_config
-    from fedmets.shared.image_models import BACKBONES
+    from fedmets.shared.image_presets import BACKBONES
     from fedmets.simulation.repeated_study import run_repeated_study
     from fedmets.simulation.simulate import PRESETS, federation_config, with_seed
     from fedmets.simulation.study import cohort_sites, run_study, table_site

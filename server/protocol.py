@@ -65,12 +65,7 @@ from fedmets.shared.clinical import CLINICAL_COLUMNS, encoded_columns
 from fedmets.shared.config import FederationConfig
 from fedmets.shared.harmonisation import fit_location, pooled_variance
 from fedmets.shared.identity import identity_problem, new_challenge
-from fedmets.shared.image_models import (
-    DP_SGD_BACKBONES,
-    IMAGE_PRESETS,
-    ImageModelConfig,
-    build_image_model,
-)
+from fedmets.shared.image_presets import DP_SGD_BACKBONES, IMAGE_PRESETS, ImageModelConfig
 from fedmets.shared.metrics import (
     auc_ci_from_histograms,
     calibration_from_histograms,
@@ -1263,6 +1258,8 @@ class FederatedProtocol:
     ) -> tuple[dict[str, np.ndarray], dict]:
         """Federated rounds of the image model (``rounds[IMAGE]`` of them, unvalidated, when
         given); the kept weights and the curves."""
+        from fedmets.shared.image_models import build_image_model  # MONAI: image runs only
+
         with GLOBAL_RNG:
             set_seed(self._seed(fold, 1))
             model = build_image_model(self._image_config())

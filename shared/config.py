@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from fedmets.shared.clinical import CLINICAL_COLUMNS
+from fedmets.shared.image_presets import Backbone
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{1,31}$"
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+)$"
@@ -38,8 +39,7 @@ PATTERN_MEANINGS = {
 }
 
 Modality = Literal["ct", "tumour_mask", "organ_mask", "clinical", "radiomics_table"]
-Backbone = Literal["swin3d", "resnet3d", "densenet3d"]  # fedmets.shared.models.BACKBONES
-ImagePreset = Literal["cpu-small", "paper", "gpu"]  # fedmets.shared.models.IMAGE_PRESETS
+ImagePreset = Literal["cpu-small", "paper", "gpu"]  # fedmets.shared.image_presets.IMAGE_PRESETS
 IMAGE_MODALITIES = ("ct", "tumour_mask", "organ_mask")
 # RTSTRUCT ROI names taken as the primary tumour (matched ignoring case).
 DEFAULT_ROI_PATTERN = r"^(gtvp|gtv-?1|gtv_?primary|gtv)$"

@@ -170,8 +170,8 @@ def _lookup(fields: Mapping[str, Any], key: str) -> Any:
 
 
 C, A = Kind.COUNT, Kind.AGGREGATE
-BACKBONE_NAMES = frozenset({"swin3d", "resnet3d", "densenet3d"})  # shared.image_models.BACKBONES
-IMAGE_PRESET_NAMES = frozenset({"cpu-small", "paper", "gpu"})  # shared.image_models.IMAGE_PRESETS
+BACKBONE_NAMES = frozenset({"swin3d", "resnet3d", "densenet3d"})  # image_presets.BACKBONES
+IMAGE_PRESET_NAMES = frozenset({"cpu-small", "paper", "gpu"})  # image_presets.IMAGE_PRESETS
 _VECTOR, _MATRIX = Param("vector"), Param("matrix")
 _RATE = Param("float", 0.0, 0.999)  # dropout rates
 _SEED = Param("int", 0, 2**63 - 1)

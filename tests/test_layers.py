@@ -1,6 +1,7 @@
 """The layers' import rules, checked on the source: client and server never import each other,
 shared imports neither, none of the three imports the simulation or the command line; every
-import of the project goes through the one ``fedmets.*`` namespace."""
+import of the project goes through the one ``fedmets.*`` namespace; the long-lived processes
+start without the image libraries."""
 
 import ast
 import subprocess
@@ -76,3 +77,19 @@ def test_only_the_fedmets_namespace_is_importable_outside_the_checkout(tmp_path:
         assert outcome(layer) == f"ModuleNotFoundError: No module named '{layer}'"
         assert outcome(f"fedmets.{layer}") == f"ok fedmets.{layer}"
     assert outcome("fedmets.cli") == "ok fedmets.cli"
+
+
+def test_the_server_app_and_the_site_service_start_without_the_image_libraries() -> None:
+    """A deployed run starts a ServerApp process, and a site its service, for every run or
+    restart: neither loads MONAI, PyRadiomics, SimpleITK, matplotlib or Opacus until an image,
+    extraction, figure or DP route needs them (the presets live in
+    ``fedmets.shared.image_presets``, apart from the networks)."""
+    code = (
+        "import sys, fedmets.server.server_app, fedmets.client.site_service\n"
+        "heavy = {'monai', 'radiomics', 'SimpleITK', 'matplotlib', 'opacus'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"

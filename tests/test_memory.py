@@ -18,7 +18,8 @@ from fedmets.client.memory import (
     plan_image_training,
 )
 from fedmets.client.training import WholeBatches, _autocast, _backward, train_image_model
-from fedmets.shared.image_models import BACKBONES, IMAGE_PRESETS, build_image_model
+from fedmets.shared.image_models import build_image_model
+from fedmets.shared.image_presets import BACKBONES, IMAGE_PRESETS
 from fedmets.shared.reproducibility import set_seed
 
 

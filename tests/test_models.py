@@ -1,4 +1,5 @@
 import random
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -7,14 +8,10 @@ from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from fedmets.shared.config import FederationConfig
-from fedmets.shared.image_models import (
-    BACKBONES,
-    IMAGE_PRESETS,
-    ImageModelConfig,
-    at_crop_size,
-    build_image_model,
-)
+from fedmets.shared import wire
+from fedmets.shared.config import FederationConfig, ModelSection
+from fedmets.shared.image_models import build_image_model
+from fedmets.shared.image_presets import BACKBONES, IMAGE_PRESETS, ImageModelConfig, at_crop_size
 from fedmets.shared.models import (
     FUSION_GROUPS,
     FusionNet,
@@ -62,6 +59,14 @@ def test_shapes(backbone: str) -> None:
         ImageModelConfig.model_validate({**cfg.model_dump(), "in_channels": 1})
     )
     assert ct_only(x[:, :1]).shape == (2,)
+
+
+def test_the_wire_and_the_configs_know_the_presets_by_their_names() -> None:
+    """The wire's rules (pydantic-free, for the relay) and ``[model]`` name the backbones and
+    presets that ``fedmets.shared.image_presets`` defines, no more and no fewer."""
+    assert wire.BACKBONE_NAMES == set(BACKBONES)
+    assert wire.IMAGE_PRESET_NAMES == set(IMAGE_PRESETS)
+    assert set(get_args(ModelSection.model_fields["image_preset"].annotation)) == set(IMAGE_PRESETS)
 
 
 def test_preset_parameter_budgets() -> None:

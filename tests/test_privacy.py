@@ -33,7 +33,8 @@ from fedmets.server.privacy import (
 from fedmets.server.protocol import FederatedProtocol
 from fedmets.shared import wire
 from fedmets.shared.config import FederationConfig
-from fedmets.shared.image_models import DP_SGD_BACKBONES, ImageModelConfig, build_image_model
+from fedmets.shared.image_models import build_image_model
+from fedmets.shared.image_presets import DP_SGD_BACKBONES, ImageModelConfig
 from fedmets.shared.models import FusionNet
 from fedmets.shared.privacy import (
     PrivacyBudgetExceeded,

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from fedmets.cli import app
 from fedmets.shared.bundle import load_bundle
 from fedmets.shared.config import PreprocessSection, load_site_config
-from fedmets.shared.image_models import IMAGE_PRESETS
+from fedmets.shared.image_presets import IMAGE_PRESETS
 from fedmets.shared.wire import REPLY_KINDS
 from fedmets.simulation.feature_sites import write_feature_sites
 from fedmets.simulation.simulate import federation_config, run_name, simulation_resources
