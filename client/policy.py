@@ -265,6 +265,12 @@ def release_families(route_name: str, reply: Mapping[str, Any]) -> set[str]:
     return families
 
 
+SHARED_FAMILIES = frozenset({"features", "labels"})
+"""The statistics every release on the cohort or its folds is recorded as too
+(:meth:`DifferencingGuard.admit_together`'s ``shared``): with crafted weights, a training
+reply's weights, a loss sum or a Brier sum is a sum of feature values and a count of labels."""
+
+
 class DifferencingGuard:
     """The patient sets a site has released each statistic on (``folder/released-sets.json``,
     every run on the cohort, by :func:`release_families`), and the rule that a new release of
@@ -283,14 +289,23 @@ class DifferencingGuard:
             return {}
         return json.loads(self.path.read_text(encoding="utf-8"))
 
-    def admit_together(self, sets: Sequence[np.ndarray], families: set[str]) -> str | None:
+    def admit_together(
+        self,
+        sets: Sequence[np.ndarray],
+        families: set[str],
+        shared: Sequence[np.ndarray] = (),
+    ) -> str | None:
         """Record the patient sets (arrays of ids) of one reply for each of ``families`` and
         return None when they may be released on, else why not: each against the earlier
         releases and against the reply's other sets; all recorded, or none (a refused reply
-        releases nothing, so it must not narrow later ones). Processes answering at once
-        (folds run in parallel) take turns on the record."""
+        releases nothing, so it must not narrow later ones). ``shared``: sets (the cohort, its
+        folds) that the reply makes known whatever statistic it is, recorded for
+        :data:`SHARED_FAMILIES` too (a crafted network's weights or loss sums are feature sums
+        and label counts, so a cohort one patient apart from one a moments or census reply was
+        on must not get them). Processes answering at once (folds run in parallel) take
+        turns on the record."""
         with exclusive(self.path):
-            return self._admit_together(sets, families)
+            return self._admit_together(sets, families, shared=shared)
 
     def problem(self, sets: Sequence[np.ndarray], families: set[str]) -> str | None:
         """Why :meth:`admit_together` would refuse ``sets`` now (None: it would admit them),
@@ -299,15 +314,22 @@ class DifferencingGuard:
             return self._admit_together(sets, families, record=False)
 
     def _admit_together(
-        self, sets: Sequence[np.ndarray], families: set[str], record: bool = True
+        self,
+        sets: Sequence[np.ndarray],
+        families: set[str],
+        record: bool = True,
+        shared: Sequence[np.ndarray] = (),
     ) -> str | None:
         known = self._sets()
         pending: dict[str, list[str]] = {}
-        for ids in sets:
+        where: dict[str, set[str]] = {}  # each pending set's families
+        items = [(ids, set(families)) for ids in sets]
+        items += [(ids, set(families) | SHARED_FAMILIES) for ids in shared]
+        for ids, set_families in items:
             members = sorted(map(str, ids))
             key = hashlib.sha256("\n".join(members).encode()).hexdigest()
             new = set(members)
-            for family in sorted(families):
+            for family in sorted(set_families):
                 earlier = {**known.get(family, {}), **pending}
                 for digest, other in earlier.items():
                     differ = len(new.symmetric_difference(other))
@@ -318,12 +340,14 @@ class DifferencingGuard:
                             f"floor is {self.floor}"
                         )
             pending[key] = members
+            where.setdefault(key, set()).update(set_families)
         if not record or all(
-            key in known.get(family, {}) for key in pending for family in families
+            key in known.get(family, {}) for key in pending for family in where[key]
         ):
             return None
-        for family in families:
-            known.setdefault(family, {}).update(pending)
+        for key, members in pending.items():
+            for family in where[key]:
+                known.setdefault(family, {})[key] = members
         write_json(self.path, known)
         return None
 

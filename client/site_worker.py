@@ -331,7 +331,8 @@ class SiteWorker:
 
         if len(self.configs) != 1:
             raise ValueError("a held-out evaluation is one site's")
-        self._admit(request, np.ones(len(self.data.ids), dtype=bool), {self.route, "labels"})
+        everyone = np.ones(len(self.data.ids), dtype=bool)
+        self._admit_together(request, [], {self.route, "labels"}, len(everyone), [everyone])
         cfg = self.configs[0]
         return evaluate_bundle(cfg, cfg.paths.output / "model", int(request["bins"]))
 
@@ -483,7 +484,12 @@ class SiteWorker:
         self._admit_together(request, [rows], families, int(rows.sum()))
 
     def _admit_together(
-        self, request: Mapping[str, Any], groups: list[np.ndarray], families: set[str], n: int
+        self,
+        request: Mapping[str, Any],
+        groups: list[np.ndarray],
+        families: set[str],
+        n: int,
+        shared: Sequence[np.ndarray] = (),
     ) -> None:
         """:meth:`_admit` for a reply that releases ``families`` on each of the bool masks
         ``groups`` at once (all admitted and recorded, or none); ``n`` the reply's count. A
@@ -491,16 +497,23 @@ class SiteWorker:
         admitted with the run's cohort and folds (:meth:`_partition_sets`; a training reply
         with the cohort alone: its weights are not admitted per class, docs/privacy.md
         "Training weights of a crafted network") and, while the fold is
-        harmonised, its ComBat groups (:meth:`_harmonised_groups`)."""
+        harmonised, its ComBat groups (:meth:`_harmonised_groups`). The cohort and folds
+        (and ``shared``) are admitted as feature sums and label counts too, whatever the
+        route (``fedmets.client.policy.SHARED_FAMILIES``)."""
         if "fold" in request:
             implied = self._partition_sets(request, folds=self.route not in TRAINING_ROUTES)
-            groups = [*groups, *implied, *self._harmonised_groups(request)]
+            groups = [*groups, *self._harmonised_groups(request)]
+            shared = [*shared, *implied]
         floor = self.min_patients(request)
-        small = [int(rows.sum()) for rows in groups if rows.sum() < floor]
+        small = [int(rows.sum()) for rows in [*groups, *shared] if rows.sum() < floor]
         if small:
             raise Withheld("policy.min_patients", f"{small[0]} patients, floor {floor}", {"n": n})
         guard = DifferencingGuard(self.policy_folder(), floor)
-        problem = guard.admit_together([self.data.ids[rows] for rows in groups], families)
+        problem = guard.admit_together(
+            [self.data.ids[rows] for rows in groups],
+            families,
+            shared=[self.data.ids[rows] for rows in shared],
+        )
         if problem:
             raise Withheld("policy.difference", problem, {"n": n})
 
@@ -1150,8 +1163,9 @@ class SiteWorker:
             withheld |= refused
         sets = [*groups.values(), rest] if rest.any() else list(groups.values())
         # the scored patients are folds the centre chose: with other runs, sums over the cohort
-        sets += self._partition_sets(request)
-        self._admit_together(request, sets, families, int(scored.sum()))
+        self._admit_together(
+            request, sets, families, int(scored.sum()), shared=self._partition_sets(request)
+        )
         return groups
 
     def out_of_fold(

@@ -616,6 +616,34 @@ def test_training_weights_can_be_admitted_as_class_sums(tmp_path) -> None:
     assert wire.WEIGHTS_PREFIX + MAIN in ask(many, "train.fusion", **request, fold=wire.FINAL_FOLD)
 
 
+def test_a_cohort_one_patient_apart_gets_no_training_weights(site) -> None:
+    """The attack: census and moments of the cohort (run 1); a DM+ patient leaves; run 2 asks
+    only crafted training rounds of the final model (:func:`_class_sum_request`, the bias at
+    -40 and at +40, and at ``pos_weight`` 1e-6 for the bias's step): the weights give the new
+    cohort's DM+ and DM- sums and its positives, so the moments' sum minus them is the row of
+    the patient who left and the census's positives minus them its label (both exact to
+    3e-4 before this rule: the guard compared a training reply's cohort with the earlier
+    training replies' alone). Every release's cohort is now a set of feature sums and label
+    counts to the guard, whatever its route: withheld."""
+    ask(site, "query.folds", folds=5, run="run-1")
+    assert "positives" in ask(site, "query.census", protocol=wire.PROTOCOL_VERSION, run="run-1")
+    assert "radiomics_sum" in ask(site, "query.moments", fold=wire.FINAL_FOLD, run="run-1")
+    gone = int(np.flatnonzero(site.data.labels == 1)[3])
+    features = site.configs[0].paths.output / "features.parquet"
+    pd.read_parquet(features).drop(index=gone).to_parquet(features)
+    smaller = SiteWorker(site.configs)
+    ask(smaller, "query.folds", folds=5, run="run-2")
+    request = _class_sum_request(smaller) | {"fold": wire.FINAL_FOLD, "run": "run-2"}
+    for bias, pos_weight in [(-40.0, 1.0), (40.0, 1.0), (-40.0, 1e-6)]:
+        weights = {k: v.copy() for k, v in request[wire.WEIGHTS_PREFIX + MAIN].items()}
+        weights["net.0.bias"][:] = bias
+        crafted = request | {wire.WEIGHTS_PREFIX + MAIN: weights, "pos_weight": pos_weight}
+        reply = answer(smaller, "train.fusion", {"min_patients": 1, **crafted})
+        assert set(reply) == {"n"}, bias  # withheld: its count alone
+        entry = audit(smaller)[-1]
+        assert entry["rule"] == "policy.difference" and "features" in entry["withheld"]
+
+
 def _combat_bundle(site: SiteWorker, census: dict, column: str, helper: str) -> dict:
     """A bundle the centre crafts: one linear network on radiomics ``column``, harmonised by
     ComBat without covariates (a held-out site fits its own batch: mean and scale), with a
