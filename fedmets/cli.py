@@ -1150,7 +1150,7 @@ def simulate(
             seed,
             workers,
             baselines,
-            log=lambda m: console.print(m),
+            log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
             gpus_per_site=gpus_per_site,
             holdout=[s.strip() for s in (holdout or "").split(",") if s.strip()],
             loso=loso,

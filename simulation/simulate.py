@@ -173,8 +173,8 @@ def simulate(
     ``holdout``: also train without those sites and validate the final model at them
     (``metrics.json`` key ``holdout``); ``loso``: that for each site in turn (key ``loso``;
     ``fedmets.simulation.holdout``). ValueError, before anything is written, when ``out``
-    holds a run already (``metrics.json`` or ``federated/``) and not ``overwrite``, or a
-    held-out site is not in the cohort."""
+    holds a run already (``metrics.json`` or ``federated/``) and not ``overwrite``, a
+    held-out site is not in the cohort, or a site's ``[policy] folds`` is not ``[cv] folds``."""
     started = time.perf_counter()
     out = Path(out).resolve()
     earlier = [p.name for p in (out / "metrics.json", out / "federated") if p.exists()]
@@ -196,6 +196,14 @@ def simulate(
     unknown = sorted(set(holdout) - {c.site_id for c in configs})
     if unknown:
         raise ValueError(f"--holdout: sites not in the cohort {cohort}: {', '.join(unknown)}")
+    other_folds = [c for c in configs if c.policy.folds != fed.cv.folds]
+    if other_folds:  # the run's census would refuse them, after extraction and Flower's start
+        raise ValueError(
+            f"sites {', '.join(c.site_id for c in other_folds)} cross-validate with "
+            f"{other_folds[0].policy.folds} folds ([policy] folds in "
+            f"{other_folds[0].source}), the run with {fed.cv.folds} ([cv] folds of "
+            f"{config or f'the {preset} preset'}): set the same number in both"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.json", "summary.txt"):  # of the run being replaced
         (out / stale).unlink(missing_ok=True)

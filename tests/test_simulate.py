@@ -286,3 +286,32 @@ def test_a_hospital_that_never_joined_scores_new_raw_patients(simulated, tmp_pat
     radiomics = [c for c in extracted.columns if c.startswith(("tumour_", "ring_"))]
     selected = json.loads((bundle / "manifest.json").read_text())["radiomics_features"]
     assert sorted(radiomics) == sorted(selected)
+
+
+def test_sites_with_other_folds_than_the_run_stop_at_once(tmp_path) -> None:
+    """Sites whose [policy] folds differ from the run's [cv] folds (a split table's 5-fold
+    sites with the tiny preset's 3) are refused before anything is written or run, naming
+    both keys, instead of after extraction and the Flower run's start."""
+    cohort = tmp_path / "sites"
+    write_feature_sites(cohort, [20, 20], seed=1, folds=5)
+    run = tmp_path / "run"
+    command = ["simulate", "--cohort", str(cohort), "--preset", "tiny", "--out", str(run)]
+    done = CliRunner().invoke(app, command)
+    assert done.exit_code == 1 and not run.exists()
+    assert "site_000, site_001 cross-validate with 5 folds ([policy] folds" in done.output
+    assert "the run with 3 ([cv] folds of the tiny preset)" in done.output
+
+
+def test_simulate_prints_its_progress_as_written(tmp_path, monkeypatch) -> None:
+    """A progress line naming a config key ([policy] folds) is printed as written, not read
+    as rich markup (which dropped the brackets and the key names)."""
+
+    def fake(*args, log, **kwargs):
+        log("run stopped: 5 folds ([policy] folds), the run with 3 ([cv] folds)")
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr("fedmets.simulation.simulate.simulate", fake)
+    command = ["simulate", "--cohort", str(tmp_path), "--out", str(tmp_path / "run")]
+    done = CliRunner().invoke(app, command)
+    assert done.exit_code == 1
+    assert "5 folds ([policy] folds), the run with 3 ([cv] folds)" in done.output
