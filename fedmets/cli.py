@@ -204,10 +204,12 @@ def synth(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the cohort to.")],
     preset: Annotated[str, typer.Option(help="tiny | quickstart | demo | paper")] = "demo",
     sites: Annotated[
-        int | None, typer.Option(help="Number of sites (default: the preset's).")
+        int | None, typer.Option(min=1, help="Number of sites (default: the preset's).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Cohort seed: same seed, identical files.")] = 7,
-    workers: Annotated[int, typer.Option(help="Parallel processes (default: all cores).")] = 0,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Parallel processes (default: all cores).")
+    ] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
     crop_voxels: Annotated[
         int | None,
@@ -222,6 +224,8 @@ def synth(
     """Generate a synthetic multi-site HNSCC cohort (CT, masks, manifests, site configs)."""
     import os
     import time
+
+    from rich.text import Text
 
     from fedmets.simulation.synth import generate_cohort
 
@@ -242,7 +246,7 @@ def synth(
                 crop_voxels=crop_voxels,
             )
         except (ValueError, FileExistsError) as error:
-            err_console.print(f"[red]error:[/red] {error}")
+            err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
             raise typer.Exit(1) from error
     _print_cohort_summary(summary, out, time.perf_counter() - started)
 

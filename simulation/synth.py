@@ -164,7 +164,7 @@ def generate_cohort(
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
-    n_sites = n_sites or preset.default_sites
+    n_sites = preset.default_sites if n_sites is None else n_sites
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:

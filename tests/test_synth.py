@@ -14,6 +14,7 @@ from conftest import CliResult, run_fedmets
 from fedmets.shared.config import check_config_file
 from fedmets.shared.organs import ORGAN_LABELS
 from fedmets.simulation.cohort import MANIFEST_CLINICAL_COLUMNS
+from fedmets.simulation.synth import generate_cohort
 
 
 def _synth(out: Path, *extra: str) -> CliResult:
@@ -131,3 +132,18 @@ def test_ground_truth_is_separate_from_the_sites(cohort):
     # The rendered tumour follows the latent volume it was drawn from.
     ratio = truth["rendered_volume_cc"] / truth["tumour_volume_cc"]
     assert ratio.median() == pytest.approx(1.0, abs=0.25)
+
+
+def test_a_bad_site_count_or_folder_name_is_named_as_written(tmp_path):
+    """--sites 0 is refused (it made the preset's 3 sites), and an error naming an --out folder
+    with brackets shows the name as written (rich read '[old]' as markup and dropped it)."""
+    result = _synth(tmp_path / "zero", "--sites", "0")
+    assert result.returncode == 2 and not (tmp_path / "zero").exists()
+    assert "--sites" in result.stderr
+    with pytest.raises(ValueError, match="need at least 1 site, got 0"):
+        generate_cohort("tiny", 0, 5, tmp_path / "api")
+    folder = tmp_path / "b[old]x"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("kept\n")
+    result = _synth(folder, "--sites", "1")
+    assert result.returncode == 1 and f"{folder} is not empty" in result.stderr.replace("\n", "")
