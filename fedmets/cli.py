@@ -400,6 +400,24 @@ def _load_site_config_or_exit(config: Path):
     return cfg
 
 
+def _writable_file_or_exit(path: Path, where: str) -> None:
+    """Exit 1 with one line naming ``where`` (the option or config key) when the file ``path``
+    cannot be written: a folder there, or a folder for it that cannot be made or written.
+    Tried before the work whose result the file holds."""
+    from fedmets.shared.files import check_writable
+
+    if path.is_dir():
+        message = f"{where}: cannot write {path}: a folder, not a file"
+    else:
+        try:
+            check_writable(path.parent, where)
+            return
+        except OSError as error:
+            message = str(error)
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
 def _load_federation_config_or_exit(config: Path):
     """The federation config at ``config``; prints its problems and exits 1."""
     from fedmets.shared.config import ConfigError, load_federation_config
@@ -435,6 +453,8 @@ def site_check(
     from fedmets.client.site_check import check_site
 
     cfg = _load_site_config_or_exit(config)
+    path = report or cfg.paths.output / "site_check.json"
+    _writable_file_or_exit(path, "--report" if report else "paths.output")
 
     started = time.perf_counter()
     with (
@@ -474,7 +494,6 @@ def site_check(
 
     from fedmets.shared.files import write_json
 
-    path = report or cfg.paths.output / "site_check.json"
     try:
         write_json(path, result.to_json(), indent=2)
     except OSError as error:
@@ -865,6 +884,7 @@ def site_predict(
     from fedmets.client.site_worker import SiteNotReady
 
     cfg = _load_site_config_or_exit(config)
+    _writable_file_or_exit(out, "--out")
     site_output = cfg.paths.output
     try:
         if manifest is not None:

@@ -232,6 +232,9 @@ def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
     table.head(0).to_csv(new, index=False)  # the header alone
     done = run_fedmets(*predict, "--manifest", new, "--out", tmp_path / "may.csv")
     assert done.returncode == 1 and "new_patients.csv: no patient rows" in done.stderr
+    done = run_fedmets(*predict, "--out", tmp_path)  # a folder: said first, in one line
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"--out: cannot write {tmp_path}: a folder, not a file\n"
 
 
 def _held_out_config(name: str, **sections) -> FederationConfig:

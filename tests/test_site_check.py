@@ -325,3 +325,19 @@ def test_cli_prints_config_problems(cohort: Path, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"{toml}: compute.workers: must be an integer, got 'two'" in result.stderr
     assert not (site / "output").exists()
+
+
+def test_cli_names_a_report_it_cannot_write_before_checking(cohort: Path, tmp_path: Path) -> None:
+    """--report on a folder, or under a file, is one line naming the option and what is there
+    (it was '[Errno 21] ... .partial' or 'File exists'), said before any patient is checked."""
+    site = copy_site(cohort, tmp_path)
+    toml = str(site / "site.toml")
+    result = run_cli("--config", toml, "--report", str(tmp_path))
+    assert result.returncode == 1 and "checking" not in result.stdout
+    assert result.stderr == f"--report: cannot write {tmp_path}: a folder, not a file\n"
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file\n")
+    result = run_cli("--config", toml, "--report", str(blocker / "check.json"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"--report: cannot write {blocker}: a file, not a folder\n"
+    assert not (site / "output").exists()
