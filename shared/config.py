@@ -374,11 +374,15 @@ class FederationSection(_Section):
 
         for site, key in identities.items():
             if not re.match(NAME_PATTERN, site):
-                raise ValueError(f"{site!r} is not a site id")
+                raise _rule_error(f"{site!r} is not a site id ({PATTERN_MEANINGS[NAME_PATTERN]})")
             try:
                 load_public_key(key)
             except ValueError as error:
-                raise ValueError(f"{site}: not an OpenSSH ECDSA public key ({error})") from None
+                raise _rule_error(
+                    f"not an OpenSSH ECDSA public key ({error}): give the line of the site's "
+                    ".pub file (fedmets site keys), not its path",
+                    key=site,
+                ) from None
         return identities
 
 
@@ -456,8 +460,8 @@ class HarmonisationSection(_Section):
     def _schema_columns(cls, value: list[str]) -> list[str]:
         unknown = sorted(set(value) - set(CLINICAL_COLUMNS))
         if unknown:
-            raise ValueError(
-                f"{unknown} are not clinical schema columns ({', '.join(CLINICAL_COLUMNS)})"
+            raise _rule_error(
+                f"{_quoted(unknown)}: not in the clinical schema ({', '.join(CLINICAL_COLUMNS)})"
             )
         return value
 

@@ -351,6 +351,20 @@ INVALID = {
         "cannot tell whether this is a site config (needs site_id) or a federation config"
         " (needs [run])",
     ),
+    "identity given as a file path": (
+        FEDERATION + '[federation.identities]\nhospital_a = "keys/hospital_a.pub"\n',
+        "federation.identities.hospital_a: not an OpenSSH ECDSA public key (Invalid line"
+        " format): give the line of the site's .pub file (fedmets site keys), not its path",
+    ),
+    "identity of no site id": (
+        FEDERATION + '[federation.identities]\n"Hospital A" = "k"\n',
+        "federation.identities: 'Hospital A' is not a site id (lowercase letters, digits, - and _)",
+    ),
+    "unknown covariate": (
+        FEDERATION + '[harmonisation]\ncovariates = ["age", "stage"]\n',
+        "harmonisation.covariates: 'stage': not in the clinical schema (age, sex, smoking,"
+        " alcohol, t_stage, n_stage, hpv, subsite)",
+    ),
     "TOML syntax error": (
         SITE.replace("seed = 3", "seed = = 3"),
         "line 2, column 8: invalid TOML (Invalid value)",
