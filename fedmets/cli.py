@@ -747,7 +747,8 @@ def _print_study(metrics: dict, preset: str, out: Path) -> None:
         f" preset {preset}, seed {cfg['seed']}"
     )
     for column in ("model", "AUC [95% CI]", "ACC", "SEN", "SPE", "Brier", "oracle AUC"):
-        grid.add_column(column, justify="left" if column == "model" else "right")
+        # overflow fold: a model's name ("swin3d/radiomics+clinical+deep") is never cut short
+        grid.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     for key, model in metrics["models"].items():
         pooled = model["pooled"]
         ci = pooled["auc_ci"]
@@ -805,7 +806,7 @@ def _paired_table(metrics: dict, field: str, title: str, names: tuple[str, str])
 
     table = Table(title=title)
     for column in (*names, "AUC difference [95% CI]", "p"):
-        table.add_column(column, justify="right" if column == "p" else "left")
+        table.add_column(column, justify="right" if column == "p" else "left", overflow="fold")
     for key, model in metrics["models"].items():
         for other, test in model.get(field, {}).items():
             low, high = test["ci"]
@@ -826,7 +827,7 @@ def _print_repeats(summary: dict, preset: str, out: Path) -> None:
         f" {summary['n_patients']} patients ({summary['positives']} DM+), preset {preset}"
     )
     for column in ("model", "AUC mean (SD)", "min - max", "per repeat"):
-        grid.add_column(column, justify="left" if column == "model" else "right")
+        grid.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     for key, model in summary["models"].items():
         grid.add_row(
             key,
@@ -837,9 +838,9 @@ def _print_repeats(summary: dict, preset: str, out: Path) -> None:
     console.print(grid)
     versus = Table(title="Fused models against their single groups (DeLong, paired, per repeat)")
     for column in ("fused model", "single group"):
-        versus.add_column(column)
+        versus.add_column(column, overflow="fold")
     for column in ("mean difference", "fused higher", "p per repeat"):
-        versus.add_column(column, justify="right")
+        versus.add_column(column, justify="right", overflow="fold")
     for key, model in summary["models"].items():
         for single, test in model.get("versus_single_groups", {}).items():
             versus.add_row(

@@ -499,3 +499,42 @@ def test_the_study_reads_a_packed_cohort_with_the_gpu_machines_packages(unpacked
 def test_a_cohort_without_features_is_named(tiny_cohort, tmp_path):
     with pytest.raises(ValueError, match="no .*features.parquet; extract the site first"):
         pack_cohort(tiny_cohort, tmp_path / "x.zip")
+
+
+def test_the_study_tables_fold_long_model_names_at_80_columns(monkeypatch):
+    """On an 80-column terminal the results and paired tables fold a model's name instead of
+    cutting it ('swin3d/radiomics+clinic…' was all the main model's row showed)."""
+    import io
+
+    from rich.console import Console
+
+    from fedmets import cli
+
+    pooled = {"auc": 0.7, "auc_ci": [0.6, 0.8], "acc": 0.7, "sen": 0.6, "spe": 0.7}
+    pooled |= {"brier": 0.2, "oracle_auc": 0.8}
+    paired = {"auc_difference": 0.01, "ci": [-0.1, 0.12], "p": 0.5}
+    main, single = "swin3d/radiomics+clinical+deep", "swin3d/deep"
+    metrics = {
+        "config": {"folds": 5, "n_patients": 200, "positives": 40, "seed": 7},
+        "models": {
+            single: {"pooled": pooled},
+            main: {
+                "pooled": pooled,
+                "versus_single_groups": {single: paired},
+                "versus_without_radiomics": {"swin3d/clinical+deep": paired},
+                "versus_other_backbones": {"resnet3d/radiomics+clinical+deep": paired},
+            },
+        },
+        "oracle_auc": None,
+        "timing_s": {"total": 1.0},
+    }
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, width=80))
+    monkeypatch.setattr(cli, "_plain", lambda text: None)
+    cli._print_study(metrics, "demo", Path("out"))
+    printed = screen.getvalue()
+    assert "…" not in printed and max(map(len, printed.splitlines())) <= 80
+    rows = [line.split("│") for line in printed.splitlines() if line.startswith("│")]
+    first, second = ("".join(row[i].strip() for row in rows) for i in (1, 2))  # folds joined
+    assert main in first and "swin3d/clinical+deep" in second
+    assert "resnet3d/radiomics+clinical+deep" in second
