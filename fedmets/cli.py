@@ -1230,7 +1230,11 @@ def certs(
             err_console.print(f"error: {error}", markup=False, soft_wrap=True)
             raise typer.Exit(1) from error
     else:
-        paths = make_certificates(out, hosts, site or [], days, ca_days)
+        try:
+            paths = make_certificates(out, hosts, site or [], days, ca_days)
+        except (OSError, ValueError) as error:
+            err_console.print(f"error: {error}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from error
     for role, path in paths.items():
         _plain(f"{role:24s} {path}")
     _next_steps(

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmets.shared.files import write_atomically
-from fedmets.shared.identity import make_site_keys
+from fedmets.shared.identity import check_site_id, make_site_keys
 
 VALID_DAYS = 365
 CA_VALID_DAYS = 3650
@@ -82,8 +82,22 @@ def make_certificates(
 ) -> dict[str, Path]:
     """Write the CA (valid ``ca_days``), the server certificate for ``hosts`` (valid ``days``)
     and a key pair per site into ``out``; return the paths by role (``ca``, ``ca_key``,
-    ``server_cert``, ``server_key``, ``site:<id>``, ``site:<id>.pub``)."""
+    ``server_cert``, ``server_key``, ``site:<id>``, ``site:<id>.pub``). Before anything is
+    written: ValueError for a site that is no site id, FileExistsError when ``out`` holds a
+    CA, server certificate or one of the site keys already (every hospital trusts the CA: a
+    new one would cut them all off)."""
     out = Path(out)
+    for site in sites:
+        check_site_id(site)
+    names = ("ca.crt", "ca.key", "server.pem", "server.key")
+    made = [out / n for n in names] + [out / "sites" / s for s in sites]
+    existing = [str(path) for path in made if path.exists()]
+    if existing:
+        raise FileExistsError(
+            f"{', '.join(existing)}: already made; a pilot's CA is made once, since every "
+            "hospital trusts it: renew the server certificate with --renew-server CA_KEY, add "
+            "a site's key pair with `fedmets site keys`, or give a new --out"
+        )
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
@@ -127,6 +141,11 @@ def renew_server_certificate(
     and its key ``ca_key`` (restart the SuperLink with them; the SuperNodes, which trust the
     CA, and their registrations stay as they are). ValueError when the key is not the CA's."""
     out = Path(out)
+    if not (out / "ca.crt").is_file():
+        raise FileNotFoundError(
+            f"{out / 'ca.crt'}: not found; --renew-server renews the server certificate in the"
+            " folder `fedmets certs` wrote (--out)"
+        )
     ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     key = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
     if key.public_key() != ca_cert.public_key():

@@ -40,12 +40,8 @@ def statement(run: str, site_id: str, challenge: str) -> bytes:
     )
 
 
-def make_site_keys(folder: Path, site: str) -> tuple[Path, Path]:
-    """A new key pair for ``site``: ``folder/<site>`` (private, OpenSSH, mode 600) and
-    ``folder/<site>.pub`` (``ecdsa-sha2-nistp384 AAAA... <site>``, what the centre registers
-    and lists). An existing private key is never overwritten (FileExistsError); ValueError
-    when ``site`` is not a site id (``site_id`` in site.toml: lowercase letters, digits, - and
-    _), before anything is written."""
+def check_site_id(site: str) -> None:
+    """ValueError naming ``--site`` when ``site`` is not a site id."""
     from fedmets.shared.config import NAME_PATTERN, PATTERN_MEANINGS
 
     if not re.match(NAME_PATTERN, site):
@@ -53,6 +49,15 @@ def make_site_keys(folder: Path, site: str) -> tuple[Path, Path]:
             f"--site {site!r}: not a site id ({PATTERN_MEANINGS[NAME_PATTERN]}, 2-32 "
             "characters): use the site_id of this site's site.toml"
         )
+
+
+def make_site_keys(folder: Path, site: str) -> tuple[Path, Path]:
+    """A new key pair for ``site``: ``folder/<site>`` (private, OpenSSH, mode 600) and
+    ``folder/<site>.pub`` (``ecdsa-sha2-nistp384 AAAA... <site>``, what the centre registers
+    and lists). An existing private key is never overwritten (FileExistsError); ValueError
+    when ``site`` is not a site id (``site_id`` in site.toml: lowercase letters, digits, - and
+    _), before anything is written."""
+    check_site_id(site)
     path = Path(folder) / site
     if path.exists():
         raise FileExistsError(f"{path} exists: a site key is made once (delete it to replace it)")

@@ -253,3 +253,30 @@ def test_the_server_certificate_is_renewed_from_the_same_ca(tmp_path) -> None:
     runner.invoke(app, ["certs", "--out", str(other)])
     wrong = runner.invoke(app, [*renew, "--renew-server", str(other / "ca.key")])
     assert wrong.exit_code == 1 and "is not the key of" in wrong.output
+
+
+def test_a_pilots_ca_is_never_replaced_unasked(tmp_path) -> None:
+    """`fedmets certs` into a folder that holds a CA is refused before anything is written (it
+    made a new CA, cutting off every hospital that trusts the old one); a site key there or a
+    --site that is no site id is one line, not a traceback after the CA was replaced; a
+    renewal without the folder's ca.crt names it."""
+    runner = CliRunner()
+    pki = tmp_path / "pki"
+    made = runner.invoke(app, ["certs", "--out", str(pki), "--site", "hospital_a"])
+    assert made.exit_code == 0, made.output
+    before = {p.name: p.read_bytes() for p in pki.iterdir() if p.is_file()}
+    again = runner.invoke(app, ["certs", "--out", str(pki), "--host", "fl.example.org"])
+    assert again.exit_code == 1 and isinstance(again.exception, SystemExit)
+    assert f"{pki / 'ca.crt'}, {pki / 'ca.key'}" in again.output
+    assert "a pilot's CA is made once" in again.output and "--renew-server" in again.output
+    assert {p.name: p.read_bytes() for p in pki.iterdir() if p.is_file()} == before
+    fresh = tmp_path / "fresh"
+    for site, expected in (("Bad Id", "not a site id"), ("hospital_a", "already made")):
+        (fresh / "sites").mkdir(parents=True, exist_ok=True)
+        (fresh / "sites" / "hospital_a").write_text("an earlier key\n")
+        done = runner.invoke(app, ["certs", "--out", str(fresh), "--site", site])
+        assert done.exit_code == 1 and isinstance(done.exception, SystemExit), done.output
+        assert expected in done.output and not (fresh / "ca.crt").exists()
+    renew = ["certs", "--out", str(tmp_path / "none"), "--renew-server", str(pki / "ca.key")]
+    done = runner.invoke(app, renew)
+    assert done.exit_code == 1 and f"{tmp_path / 'none' / 'ca.crt'}: not found" in done.output
