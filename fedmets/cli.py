@@ -1266,6 +1266,14 @@ def proxy_config(
     from fedmets.server.proxy import nginx_config
 
     certs = certs.resolve()
+    missing = [n for n in ("server.pem", "server.key", "ca.crt") if not (certs / n).is_file()]
+    if missing:  # nginx would start on none of them
+        err_console.print(
+            f"error: --certs {certs}: no {', '.join(missing)} (the folder `fedmets certs` wrote)",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
     text = nginx_config(
         listen, superlink_port, certs / "server.pem", certs / "server.key", certs / "ca.crt", folder
     )

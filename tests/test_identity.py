@@ -280,3 +280,18 @@ def test_a_pilots_ca_is_never_replaced_unasked(tmp_path) -> None:
     renew = ["certs", "--out", str(tmp_path / "none"), "--renew-server", str(pki / "ca.key")]
     done = runner.invoke(app, renew)
     assert done.exit_code == 1 and f"{tmp_path / 'none' / 'ca.crt'}: not found" in done.output
+
+
+def test_the_proxy_config_needs_the_certificates(tmp_path) -> None:
+    """proxy-config with a --certs folder that lacks the certificates says so, instead of
+    printing a configuration nginx cannot start on."""
+    runner = CliRunner()
+    command = ["proxy-config", "--folder", str(tmp_path / "proxy"), "--certs"]
+    done = runner.invoke(app, [*command, str(tmp_path / "pki")])
+    assert done.exit_code == 1 and "daemon off" not in done.output
+    assert f"--certs {tmp_path / 'pki'}: no server.pem, server.key, ca.crt" in done.output
+    assert runner.invoke(app, ["certs", "--out", str(tmp_path / "pki")]).exit_code == 0
+    done = runner.invoke(app, [*command, str(tmp_path / "pki")])
+    assert (
+        done.exit_code == 0 and f"ssl_certificate {tmp_path / 'pki' / 'server.pem'}" in done.output
+    )
