@@ -886,6 +886,10 @@ def site_predict(
 
     cfg = _load_site_config_or_exit(config)
     _writable_file_or_exit(out, "--out")
+    if manifest is not None and not manifest.is_file():
+        problem = "a folder, not a file" if manifest.is_dir() else "not found"
+        err_console.print(f"--manifest: {manifest}: {problem}", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
     site_output = cfg.paths.output
     try:
         if manifest is not None:

@@ -342,7 +342,7 @@ class RunSection(_Section):
 
     name: str = Field(pattern=NAME_PATTERN)
     output_dir: ConfigPath = Path("runs")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # sent in requests (int64 on the wire)
 
 
 class FederationSection(_Section):

@@ -235,6 +235,9 @@ def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
     done = run_fedmets(*predict, "--out", tmp_path)  # a folder: said first, in one line
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == f"--out: cannot write {tmp_path}: a folder, not a file\n"
+    gone = site / "june.csv"  # a list that is not there: said first, in one line
+    done = run_fedmets(*predict, "--manifest", gone, "--out", tmp_path / "june.csv")
+    assert done.returncode == 1 and done.stderr == f"--manifest: {gone}: not found\n"
 
 
 def _held_out_config(name: str, **sections) -> FederationConfig:

@@ -342,6 +342,10 @@ INVALID = {
         "model.main_radiomics: at most selection.top_k (36) radiomics columns, got [0, 40]",
     ),
     "float for int": (FEDERATION + "[cv]\nfolds = 1.5\n", "cv.folds: must be an integer, got 1.5"),
+    "run seed past what the sites take": (  # sent in requests: shared.wire's seeds are int64
+        FEDERATION.replace("[run]\n", f"[run]\nseed = {2**63}\n", 1),
+        f"run.seed: must be <= {2**63 - 1}, got {2**63}",
+    ),
     "table expected": (
         "selection = 3\n" + FEDERATION,
         "selection: must be a table, got 3",

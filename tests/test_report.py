@@ -275,6 +275,10 @@ def test_cli_report(tmp_path):
     refused = CliRunner().invoke(app, ["report", str(drifted)])
     assert refused.exit_code == 1 and "federated.pooled.auroc" in refused.output
     assert "metrics.json: not the results of a run" in refused.output.replace("\n", "")
+    (drifted / "metrics.json").write_text("{}")  # one line naming the keys, not pydantic's
+    empty = CliRunner().invoke(app, ["report", str(drifted)])
+    assert empty.exit_code == 1 and "errors.pydantic.dev" not in empty.output
+    assert "config (field required); federated (field required)" in empty.output
     (drifted / "metrics.json").write_text('{"federated": {"pooled"')  # cut short by a copy
     damaged = CliRunner().invoke(app, ["report", str(drifted)])
     assert damaged.exit_code == 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from fedmets.server.results import SimulationResults, typed
 
 # the settings whose pooled results every simulation run holds, in the page's order
@@ -36,8 +38,12 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
             sources.append(server_file)
         try:
             return typed(SimulationResults, metrics), sources
-        except ValueError as error:
-            raise ValueError(f"{metrics_file}: not the results of a run ({error})") from error
+        except ValidationError as error:  # one line, naming the keys (pydantic's has many)
+            keys = [".".join(map(str, e["loc"])) + f" ({e['msg'].lower()})" for e in error.errors()]
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise ValueError(
+                f"{metrics_file}: not the results of a run: {'; '.join(keys[:3])}{more}"
+            ) from error
     if server_file is None:
         raise FileNotFoundError(
             f"{run_dir}: neither metrics.json (a simulation run) nor federated.json "
