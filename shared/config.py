@@ -721,8 +721,15 @@ def _toml_error(message: str, text: str) -> str:
 
 
 def _load(model: type[ConfigModel], path: str | Path, data: dict[str, Any]) -> ConfigModel:
-    """Validate parsed TOML against ``model``, resolving paths against the file's folder."""
+    """Validate parsed TOML against ``model``, resolving paths against the file's folder. The
+    other kind of config (a site's given for a run's, or the reverse) is one problem, not a
+    list of unknown keys."""
     source = Path(path).resolve()
+    wanted, other = ("site", "federation") if model is SiteConfig else ("federation", "site")
+    marker = {"site": "site_id", "federation": "run"}  # the key each kind must have
+    if marker[other] in data and marker[wanted] not in data:
+        found = "site_id" if other == "site" else "[run]"
+        raise ConfigError(path, [f"{path}: a {other} config (it has {found}), not a {wanted} one"])
     try:
         cfg = model.model_validate(data, context={"base_dir": source.parent})
     except ValidationError as error:

@@ -446,8 +446,17 @@ def test_several_problems_all_reported(tmp_path: Path) -> None:
 
 
 def test_wrong_loader_for_kind(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="run: required key is missing"):
-        load_federation_config(write(tmp_path, SITE))
+    """A site's config where a run's is asked for (``site approve --run-config site.toml``),
+    or the reverse, is one problem naming both kinds, not a list of unknown keys."""
+    site, run = write(tmp_path, SITE, "site.toml"), write(tmp_path, FEDERATION, "run.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_federation_config(site)
+    assert caught.value.problems == [
+        f"{site}: a site config (it has site_id), not a federation one"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        load_site_config(run)
+    assert caught.value.problems == [f"{run}: a federation config (it has [run]), not a site one"]
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
