@@ -72,14 +72,16 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_extracted(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny cohort with every site extracted (read-only: copy it to change it;
-    its paths are relative, so a copy keeps its features and crops)."""
+    """A copy of the tiny cohort with every site extracted on a 2 mm grid (a third of the 1 mm
+    grid's extraction time; read-only: copy it to change it; its paths are relative, so a copy
+    keeps its features and crops)."""
     from fedmets.client.extract import extract_site
     from fedmets.shared.config import load_site_config
 
     out = tmp_path_factory.mktemp("tiny-extracted") / "cohort"
     shutil.copytree(tiny_cohort, out)
     for toml in sorted(out.glob("*/site.toml")):
+        toml.write_text(toml.read_text() + "\n[preprocess]\nspacing_mm = [2.0, 2.0, 2.0]\n")
         extract_site(load_site_config(toml), workers=2)
     return out
 

@@ -27,19 +27,21 @@ from fedmets.simulation.simulate import federation_config, run_name, simulation_
 from fedmets.simulation.synth import generate_cohort
 
 FEDMETS = str(Path(sys.executable).parent / "fedmets")
+PREPROCESS = "\n[preprocess]\nspacing_mm = [2.0, 2.0, 2.0]\ncrop_voxels = [32, 32, 32]\n"
+"""The simulated sites' grid and crops (the tiny cohort's radiomics preset is "fast")."""
 
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> tuple[Path, Path, dict]:
-    """A 3-site tiny cohort (fast radiomics, 32^3 crops) simulated with the tiny preset's
+    """A 3-site tiny cohort (fast radiomics on a 2 mm grid: a third of the 1 mm grid's
+    extraction time; 32^3 crops) simulated with the tiny preset's
     settings in fewer rounds, its 3 folds at once, from a federation TOML: (cohort, run
     folder, metrics.json)."""
     root = tmp_path_factory.mktemp("simulate")
     cohort = root / "cohort"
     generate_cohort("tiny", 3, 3, cohort, workers=2)
     for toml in cohort.glob("*/site.toml"):
-        text = toml.read_text().replace('params = "default"', 'params = "fast"')
-        toml.write_text(text + "\n[preprocess]\ncrop_voxels = [32, 32, 32]\n")
+        toml.write_text(toml.read_text() + PREPROCESS)
     run = root / "run"
     settings = federation_config("tiny", "run", 7).model_dump(mode="json", exclude_none=True)
     settings["stages"] |= {"image_rounds": 1, "fusion_rounds": 3}  # structure, not learning
@@ -248,8 +250,7 @@ def test_a_hospital_that_never_joined_scores_new_raw_patients(simulated, tmp_pat
     generate_cohort("tiny", 1, 11, fresh, workers=2)
     (toml,) = fresh.glob("*/site.toml")
     site = toml.parent
-    text = toml.read_text().replace('params = "default"', 'params = "fast"')
-    toml.write_text(text + "\n[preprocess]\ncrop_voxels = [32, 32, 32]\n")
+    toml.write_text(toml.read_text() + PREPROCESS)
     table = pd.read_csv(site / "manifest.csv").head(8)
     table.to_csv(site / "manifest.csv", index=False)  # the reference: a full extraction
     done = subprocess.run(
