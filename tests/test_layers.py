@@ -79,17 +79,18 @@ def test_only_the_fedmets_namespace_is_importable_outside_the_checkout(tmp_path:
     assert outcome("fedmets.cli") == "ok fedmets.cli"
 
 
+def modules_loaded(imports: str, names: set[str]) -> list[str]:
+    """Of ``names`` (packages or modules), those a fresh interpreter holds after ``import
+    imports`` (comma-separated)."""
+    code = f"import sys, {imports}\nprint([n for n in {sorted(names)!r} if n in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return ast.literal_eval(done.stdout.strip())
+
+
 def test_the_server_app_and_the_site_service_start_without_the_image_libraries() -> None:
     """A deployed run starts a ServerApp process, and a site its service, for every run or
     restart: neither loads MONAI, PyRadiomics, SimpleITK, matplotlib or Opacus until an image,
     extraction, figure or DP route needs them (the presets live in
     ``fedmets.shared.image_presets``, apart from the networks)."""
-    code = (
-        "import sys, fedmets.server.server_app, fedmets.client.site_service\n"
-        "heavy = {'monai', 'radiomics', 'SimpleITK', 'matplotlib', 'opacus'}\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert loaded.strip() == "[]"
+    heavy = {"monai", "radiomics", "SimpleITK", "matplotlib", "opacus"}
+    assert modules_loaded("fedmets.server.server_app, fedmets.client.site_service", heavy) == []

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_layers import modules_loaded
 
 from fedmets.client.audit import verify
 from fedmets.client.release import answer, site_audit_path
@@ -90,17 +89,9 @@ def test_no_service_behind_the_socket_says_how_to_start_one(tmp_path) -> None:
 def test_the_relay_loads_no_torch_and_no_site_code() -> None:
     """The ClientApp a deployed SuperNode starts for every message imports Flower and the
     channel only: no torch, scikit-learn or pandas, and not the site's worker or gate."""
-    code = (
-        "import sys, fedmets.client.client_app\n"
-        "heavy = {'torch', 'sklearn', 'pandas', 'monai', 'radiomics'}\n"
-        "site = {'fedmets.client.site_worker', 'fedmets.client.release',"
-        " 'fedmets.client.site_service'}\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy | set(sys.modules) & site))"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert loaded.strip() == "[]"
+    heavy = {"torch", "sklearn", "pandas", "monai", "radiomics"}
+    site = {"fedmets.client.site_worker", "fedmets.client.release", "fedmets.client.site_service"}
+    assert modules_loaded("fedmets.client.client_app", heavy | site) == []
 
 
 def test_a_batch_is_answered_in_lanes_as_its_requests_one_by_one(tmp_path_factory) -> None:
