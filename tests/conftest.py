@@ -101,16 +101,16 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFed
 
 
 LONGEST_MODULES = (
-    "test_simulate.py",  # its simulate fixture ~295 s, then its tests
-    "test_study.py",  # its study fixture ~140 s, its folds-in-parallel test ~65 s
-    "test_deployment_resume.py",  # ~220 s, much of it waiting on Flower's processes
-    "test_deployment_dropout.py",  # ~235 s, likewise
-    "test_runbook.py",  # ~150 s
+    "test_simulate.py",  # its simulate fixture ~225 s, then its tests
+    "test_study.py",  # its study fixture ~55 s, its folds-in-parallel test ~65 s
+    "test_deployment_resume.py",  # ~225 s, much of it waiting on Flower's processes
+    "test_deployment_dropout.py",  # ~260 s, likewise
+    "test_runbook.py",  # ~200 s
 )
-"""The modules that take longest on 2 cores (fresh-clone CI ``--durations``, 2026-12-06),
-longest first: a worker takes a module whole, so the suite ends soonest when these start
-first. pytest-xdist keeps two modules queued on a worker whose module has two tests or fewer,
-so the two one-test deployment modules share the third worker."""
+"""The modules that take longest on 2 cores (fresh-clone CI ``--durations``, 2026-12-06,
+50aeecb), in the order they start: a worker takes a module whole, so the suite ends soonest
+when these start first. pytest-xdist keeps two modules queued on a worker whose module has
+two tests or fewer, so the two one-test deployment modules share the third worker."""
 
 
 def _start_rank(item: pytest.Item) -> tuple[int, bool]:
