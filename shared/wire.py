@@ -5,9 +5,14 @@ Every message of the federated protocol is a *route* (Flower message type, e.g.
 ``name -> value``, each name declared in :data:`ROUTES` with a :class:`Kind`. Values are
 
 - ``int`` / ``float`` / ``bool`` / ``str`` scalars -> one Flower ``ConfigRecord`` ("scalars");
-- ``numpy`` arrays -> one ``ArrayRecord`` ("arrays");
-- model weights ``{parameter name: array}`` under names ``weights:<model>`` -> one
-  ``ArrayRecord`` each.
+- ``numpy`` arrays, and model weights ``{parameter name: array}`` under names
+  ``weights:<model>`` -> their bytes one after another in one Flower ``Array`` ("arrays"),
+  each array's field, parameter, dtype and shape in a ``ConfigRecord`` ("layout").
+
+One array for all, because Flower 1.42 sends every ``Array`` and record of a message as an
+object of its own, one HTTP request per object on each hop (ServerApp, SuperLink, SuperNode,
+ClientApp): an array each made ~40 objects of a training message (every parameter of seven
+networks), one makes ~7.
 
 A name may end in ``:*``: it then stands for a family (``hist_pos:*`` matches
 ``hist_pos:swin3d/deep+clinical``). :func:`check_reply` is the wire audit's rule book: a site's
@@ -92,6 +97,14 @@ MODEL_KEY = re.compile(
 """A model key (``fedmets.shared.models.model_key``): backbone, then its feature groups."""
 SCALARS = "scalars"
 ARRAYS = "arrays"
+LAYOUT = "layout"
+PACKED_DTYPES = frozenset(
+    np.dtype(f"{order}{code}").str
+    for order in "<>"
+    for code in ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
+)
+"""The array dtypes a payload may carry (numpy's ``dtype.str``: booleans, integers, floats of
+either byte order; never objects, strings or records)."""
 
 
 MAX_JSON_CHARS = 4_000_000
@@ -469,10 +482,23 @@ def route(name: str) -> Route:
 def to_records(route_name: str, payload: Mapping[str, Any], reply: bool) -> RecordDict:
     """Encode a request (``reply=False``) or reply of ``route_name`` as a Flower RecordDict;
     WireError for a field the route does not declare in that direction."""
+    scalars, arrays = _split_fields(route_name, payload, reply)
+    records = RecordDict({SCALARS: ConfigRecord(scalars)})
+    if arrays:
+        layout, packed = _pack(arrays, [k for k in payload if k.startswith(WEIGHTS_PREFIX)])
+        records[LAYOUT] = layout
+        records[ARRAYS] = ArrayRecord(array_dict={ARRAYS: Array(packed)})
+    return records
+
+
+def _split_fields(
+    route_name: str, payload: Mapping[str, Any], reply: bool
+) -> tuple[dict[str, Any], list[tuple[str, str, np.ndarray]]]:
+    """``payload``'s scalars and its arrays as ``(field, parameter, array)`` (parameter "" for
+    a plain array field); WireError for an undeclared field or an unsupported value."""
     spec = route(route_name)
     scalars: dict[str, Any] = {}
-    arrays: dict[str, Array] = {}
-    records = RecordDict()
+    arrays: list[tuple[str, str, np.ndarray]] = []
     for key, value in payload.items():
         kind = spec.reply_kind(key) if reply else spec.request_param(key)
         if kind is None:
@@ -481,34 +507,88 @@ def to_records(route_name: str, payload: Mapping[str, Any], reply: bool) -> Reco
                 f"{route_name}: {side} field {key!r} is not declared in fedmets.shared.wire"
             )
         if key.startswith(WEIGHTS_PREFIX):
-            records[key] = ArrayRecord(
-                array_dict={k: Array(np.ascontiguousarray(v)) for k, v in value.items()}
-            )
+            arrays += [(key, str(name), np.asarray(v)) for name, v in value.items()]
         elif isinstance(value, np.ndarray):
-            arrays[key] = Array(np.ascontiguousarray(value))
+            arrays.append((key, "", value))
         elif isinstance(value, (bool, int, float, str)) and not isinstance(value, np.generic):
             scalars[key] = value
         elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
             scalars[key] = list(value)
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
-            arrays[key] = Array(np.asarray(value))
+            arrays.append((key, "", np.asarray(value)))
         else:
             raise WireError(f"{route_name}: field {key!r} has an unsupported type {type(value)}")
-    records[SCALARS] = ConfigRecord(scalars)
-    records[ARRAYS] = ArrayRecord(array_dict=arrays)
-    return records
+    for key, name, array in arrays:
+        if array.dtype.str not in PACKED_DTYPES:
+            raise WireError(f"{route_name}: field {key!r} {name} has dtype {array.dtype}")
+    return scalars, arrays
+
+
+def _pack(
+    arrays: Sequence[tuple[str, str, np.ndarray]], models: Sequence[str]
+) -> tuple[ConfigRecord, np.ndarray]:
+    """The layout record and the packed bytes (uint8, 1-D) of ``arrays``; ``models``: every
+    weights field, so that one without parameters still arrives."""
+    layout = ConfigRecord(
+        {
+            "fields": [key for key, _, _ in arrays],
+            "parameters": [name for _, name, _ in arrays],
+            "dtypes": [array.dtype.str for _, _, array in arrays],
+            "ndims": [array.ndim for _, _, array in arrays],
+            "dims": [int(d) for _, _, array in arrays for d in array.shape],
+            "models": list(models),
+        }
+    )
+    data = b"".join(np.ascontiguousarray(array).tobytes() for _, _, array in arrays)
+    return layout, np.frombuffer(data, dtype=np.uint8)
+
+
+def _unpack(layout: ConfigRecord, packed: np.ndarray) -> dict[str, Any]:
+    """The array fields and weights of :func:`_pack`'s layout and bytes; WireError when the
+    layout is malformed or does not account for every byte."""
+    try:
+        fields, parameters = list(layout["fields"]), list(layout["parameters"])
+        dtypes, ndims = list(layout["dtypes"]), list(layout["ndims"])
+        dims, models = list(layout["dims"]), list(layout["models"])
+    except KeyError as error:
+        raise WireError(f"the array layout has no {error.args[0]!r}") from None
+    if not len(fields) == len(parameters) == len(dtypes) == len(ndims):
+        raise WireError("the array layout's lists differ in length")
+    if any(n < 0 for n in ndims) or sum(ndims) != len(dims) or any(d < 0 for d in dims):
+        raise WireError("the array layout's shapes do not add up")
+    data = np.asarray(packed, dtype=np.uint8).reshape(-1).tobytes()
+    payload: dict[str, Any] = {model: {} for model in models}
+    offset = 0
+    for field, parameter, dtype, ndim in zip(fields, parameters, dtypes, ndims, strict=True):
+        if dtype not in PACKED_DTYPES:
+            raise WireError(f"{field} {parameter}: dtype {dtype!r} may not be sent")
+        shape, dims = tuple(dims[:ndim]), dims[ndim:]
+        count = int(np.prod(shape, dtype=np.int64))
+        size = count * np.dtype(dtype).itemsize
+        if offset + size > len(data):
+            raise WireError(f"{field} {parameter}: past the end of the packed arrays")
+        array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+        offset += size
+        if parameter:
+            payload.setdefault(field, {})[parameter] = array.copy()
+        else:
+            payload[field] = array.copy()
+    if offset != len(data):
+        raise WireError(f"{len(data) - offset} packed bytes beyond the layout's arrays")
+    return payload
 
 
 def from_records(records: RecordDict) -> dict[str, Any]:
-    """Decode a RecordDict written by :func:`to_records` back into a payload."""
-    payload: dict[str, Any] = {}
-    for key, record in records.items():
-        if key == SCALARS:
-            payload.update(dict(record))
-        elif key == ARRAYS:
-            payload.update({k: v.numpy() for k, v in record.items()})
-        elif key.startswith(WEIGHTS_PREFIX):
-            payload[key] = {k: v.numpy() for k, v in record.items()}
+    """Decode a RecordDict written by :func:`to_records` back into a payload; WireError for
+    arrays without their layout, or a layout that does not fit them."""
+    payload: dict[str, Any] = dict(records[SCALARS]) if SCALARS in records else {}
+    if (ARRAYS in records) != (LAYOUT in records):
+        raise WireError("packed arrays come with their layout, and a layout with its arrays")
+    if ARRAYS in records:
+        packed = records[ARRAYS]
+        if not isinstance(packed, ArrayRecord) or list(packed) != [ARRAYS]:
+            raise WireError("the packed arrays are not one array")
+        payload.update(_unpack(records[LAYOUT], packed[ARRAYS].numpy()))
     return payload
 
 
@@ -871,17 +951,13 @@ def to_fitins(route_name: str, request: Mapping[str, Any]) -> FitIns:
     JSON header. Validated as :func:`to_records` does (WireError)."""
     if route_name not in SECURE_ROUTES:
         raise WireError(f"{route_name}: not a route of secure aggregation ({SECURE_ROUTES})")
-    records = to_records(route_name, request, reply=False)
-    names, tensors = [], []
-    for key, record in records.array_records.items():
-        for name, array in record.items():
-            names.append([key, name])
-            tensors.append(array.numpy())
+    scalars, arrays = _split_fields(route_name, request, reply=False)
     header = {
         "route": route_name,
-        "arrays": names,
-        "scalars": dict(records.config_records[SCALARS]),
+        "arrays": [[key, name] for key, name, _ in arrays],
+        "scalars": scalars,
     }
+    tensors = [array for _, _, array in arrays]
     return FitIns(ndarrays_to_parameters(tensors), {_HEADER: json.dumps(header)})
 
 
@@ -896,12 +972,13 @@ def from_fitins(fitins: FitIns) -> tuple[str, dict[str, Any]]:
     tensors = parameters_to_ndarrays(fitins.parameters)
     if len(tensors) != len(header["arrays"]):
         raise WireError(f"{len(tensors)} tensors for {len(header['arrays'])} declared arrays")
-    grouped: dict[str, dict[str, Array]] = {}
+    request: dict[str, Any] = dict(header["scalars"])
     for (key, name), tensor in zip(header["arrays"], tensors, strict=True):
-        grouped.setdefault(key, {})[name] = Array(np.ascontiguousarray(tensor))
-    records = RecordDict({key: ArrayRecord(array_dict=arrays) for key, arrays in grouped.items()})
-    records[SCALARS] = ConfigRecord(header["scalars"])
-    return route_name, from_records(records)
+        if name:
+            request.setdefault(key, {})[name] = tensor
+        else:
+            request[key] = tensor
+    return route_name, request
 
 
 def _masked_vector(

@@ -26,6 +26,95 @@ def test_round_trip_through_flower_records() -> None:
     )
 
 
+def _seven_networks() -> dict:
+    """A training request's weights: seven fusion networks of two layers each."""
+    rng = np.random.default_rng(0)
+    layers = {
+        "net.0.weight": (8, 20),
+        "net.0.bias": (8,),
+        "net.3.weight": (1, 8),
+        "net.3.bias": (1,),
+    }
+    return {
+        f"weights:none/{group}": {
+            name: rng.normal(size=shape).astype(np.float32) for name, shape in layers.items()
+        }
+        for group in (
+            "radiomics",
+            "clinical",
+            "radiomics+clinical",
+            "deep",
+            "deep+clinical",
+            "deep+radiomics",
+            "deep+radiomics+clinical",
+        )
+    }
+
+
+def test_a_training_message_is_a_handful_of_flower_objects() -> None:
+    """Flower 1.42 moves each record and array of a message as an object of its own (one HTTP
+    request per object and hop): every array of a payload travels packed in one."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    request = {"run": "r1", "fold": 0, "round": 1, **_seven_networks()}
+    records = wire.to_records("train.fusion", request, reply=False)
+    assert len(get_all_nested_objects(records)) <= 6  # was 37: one per parameter and model
+    back = wire.from_records(records)
+    for model, weights in _seven_networks().items():
+        assert set(back[model]) == set(weights)
+        for name, array in weights.items():
+            assert back[model][name].dtype == np.float32
+            np.testing.assert_array_equal(back[model][name], array)
+
+
+def test_packed_arrays_keep_their_dtype_and_shape() -> None:
+    request = {
+        "run": "r1",
+        "fold": 1,
+        "radiomics_mean": np.arange(6, dtype=np.float64).reshape(2, 3),
+        "radiomics_scale": np.zeros((0,), np.float32),
+        "weights:none/clinical": {"count": np.array(7, np.int64), "on": np.array([True, False])},
+        "weights:none/radiomics": {},
+    }
+    back = wire.from_records(wire.to_records("query.validate", request, reply=False))
+    assert back["radiomics_mean"].shape == (2, 3) and back["radiomics_mean"].dtype == np.float64
+    assert back["radiomics_scale"].shape == (0,) and back["radiomics_scale"].dtype == np.float32
+    assert back["weights:none/clinical"]["count"].shape == ()
+    assert back["weights:none/clinical"]["count"] == 7
+    assert back["weights:none/clinical"]["on"].tolist() == [True, False]
+    assert back["weights:none/radiomics"] == {}
+    with pytest.raises(wire.WireError, match="dtype object"):
+        wire.to_records("query.validate", {"radiomics_mean": np.array([None])}, reply=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda layout, data: layout.__setitem__("dtypes", ["|O"]), "may not be sent"),
+        (lambda layout, data: layout.__setitem__("dims", [7]), "past the end"),
+        (lambda layout, data: layout.__setitem__("dims", [2]), "beyond the layout"),
+        (lambda layout, data: layout.__setitem__("ndims", [2]), "do not add up"),
+        (lambda layout, data: layout.__setitem__("fields", []), "differ in length"),
+        (lambda layout, data: layout.pop("models"), "no 'models'"),
+        (lambda layout, data: data.pop("layout"), "with their layout"),
+    ],
+)
+def test_packed_arrays_that_do_not_fit_their_layout_are_refused(change, problem) -> None:
+    """A reply's layout is the sender's word: the receiver reads no byte outside the packed
+    array and no dtype beyond plain numbers."""
+    records = wire.to_records("query.moments", _moments(10), reply=True)
+    layout = records["layout"]
+    layout["fields"], layout["parameters"] = ["radiomics_sum"], [""]
+    layout["dtypes"], layout["ndims"], layout["dims"] = ["<f8"], [1], [4]
+    from flwr.app import Array, ArrayRecord
+
+    records["arrays"] = ArrayRecord(array_dict={"arrays": Array(np.zeros(32, np.uint8))})
+    assert wire.from_records(records)["radiomics_sum"].tolist() == [0.0] * 4
+    change(layout, records)
+    with pytest.raises(wire.WireError, match=problem):
+        wire.from_records(records)
+
+
 def test_undeclared_fields_are_refused_before_sending() -> None:
     with pytest.raises(WireError := wire.WireError, match="'patient_ids' is not declared"):
         wire.to_records("query.moments", {"n": 10, "patient_ids": np.arange(3)}, reply=True)
