@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -563,7 +564,7 @@ def _unpack(layout: ConfigRecord, packed: np.ndarray) -> dict[str, Any]:
         if dtype not in PACKED_DTYPES:
             raise WireError(f"{field} {parameter}: dtype {dtype!r} may not be sent")
         shape, dims = tuple(dims[:ndim]), dims[ndim:]
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # Python ints: a crafted shape cannot overflow
         size = count * np.dtype(dtype).itemsize
         if offset + size > len(data):
             raise WireError(f"{field} {parameter}: past the end of the packed arrays")

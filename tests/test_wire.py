@@ -93,6 +93,14 @@ def test_packed_arrays_keep_their_dtype_and_shape() -> None:
         (lambda layout, data: layout.__setitem__("dtypes", ["|O"]), "may not be sent"),
         (lambda layout, data: layout.__setitem__("dims", [7]), "past the end"),
         (lambda layout, data: layout.__setitem__("dims", [2]), "beyond the layout"),
+        (lambda layout, data: layout.__setitem__("dims", [2**40, 2**40, 0]), "do not add up"),
+        (
+            lambda layout, data: (
+                layout.__setitem__("ndims", [3]),
+                layout.__setitem__("dims", [2**32] * 3),
+            ),
+            "past the end",
+        ),
         (lambda layout, data: layout.__setitem__("ndims", [2]), "do not add up"),
         (lambda layout, data: layout.__setitem__("fields", []), "differ in length"),
         (lambda layout, data: layout.pop("models"), "no 'models'"),
