@@ -53,7 +53,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-from flwr.supercore.differential_privacy import compute_stdv
 
 from fedmets.shared.privacy import PrivacyLedger, epsilon_of, plan_noise_multiplier
 
@@ -66,12 +65,6 @@ WEIGHT_KEY = "num-examples"  # FedAvg's weighting key: 1 per site (client-level 
 def float_keys(state: State) -> list[str]:
     """Names of the floating-point entries of ``state`` (the ones clipped and noised)."""
     return [k for k, v in state.items() if np.asarray(v).dtype.kind == "f"]
-
-
-def noise_std(noise_multiplier: float, clip: float, n_sites: int) -> float:
-    """Standard deviation of the noise on the average: ``noise_multiplier * clip / n_sites``
-    (Flower's ``compute_stdv``)."""
-    return compute_stdv(noise_multiplier, clip, n_sites)
 
 
 def _float_record(state: State, keys: Sequence[str]) -> ArrayRecord:

@@ -250,10 +250,6 @@ class PrivacyLedger:
             )
         return planned_eps
 
-    def remaining(self) -> float:
-        """Budget minus spent epsilon (inf without a budget)."""
-        return math.inf if self.budget is None else self.budget - self.epsilon()
-
     # ---- recording -----------------------------------------------------------------------------
 
     def record(

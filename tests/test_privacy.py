@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.supercore.differential_privacy import compute_stdv
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -26,7 +27,6 @@ from fedmets.client.privacy import (
 from fedmets.client.site_worker import NOT_ABOUT_PATIENTS
 from fedmets.server.privacy import (
     ClientLevelDP,
-    noise_std,
     privacy_report,
     summary_from_reply,
 )
@@ -307,7 +307,6 @@ def test_client_level_noise_std_and_accounting(tmp_path):
     global_state = {"w": np.zeros((400, 250), np.float32), "index": np.arange(3)}
     sites = [{"w": np.full((400, 250), 1e-4, np.float32), "index": np.arange(3)} for _ in range(4)]
     dp = ClientLevelDP(noise_multiplier=2.0, clip=0.5, delta=1e-5, ledger_dir=tmp_path, seed=3)
-    assert noise_std(2.0, 0.5, 4) == pytest.approx(2.0 * 0.5 / 4)
     out = dp.aggregate(global_state, sites, stage="fusion", fold=0, round=1, model="m")
     noise = out["w"].astype(np.float64) - 1e-4
     assert noise.std() == pytest.approx(0.25, rel=0.02)
@@ -363,7 +362,7 @@ def test_client_level_aggregation_is_flowers_dp_wrapper(tmp_path):
     assert np.array_equal(np.random.get_state()[1], before)  # noqa: NPY002
 
     noise = np.random.RandomState(seed)  # noqa: NPY002 -- the stream Flower's noise comes from
-    std = noise_std(z, clip, len(sites))
+    std = compute_stdv(z, clip, len(sites))  # Flower's: z * clip / sites
     clipped = [_clipped(global_state, s, clip) for s in sites]
     norms = [_norm({k: c[k] - global_state[k] for k in c}) for c in clipped]
     assert norms[0] < clip and norms[1:] == pytest.approx([clip, clip], rel=1e-4)
