@@ -352,6 +352,42 @@ class DifferencingGuard:
         return None
 
 
+FOREST_SCALE_RANGE = 300.0
+"""How far (in the column's own SD on the forest's rows) the centre's mean may lie from the
+site's, and by what factor its scale may differ from the site's SD, before the site brings them
+within (:func:`forest_standardisation`)."""
+
+
+def forest_standardisation(
+    values: np.ndarray, mean: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The request's radiomics ``mean`` and ``scale`` (k,) for a forest on ``values`` (rows,
+    k: the raw values of the rows it is fitted on), each brought within
+    :data:`FOREST_SCALE_RANGE` of the column's own mean and SD on those rows (columns without
+    two non-missing values or with SD 0 as sent). A forest sees its inputs only through their
+    order, so an honest standardisation (the pooled mean and SD) changes nothing; but a
+    crafted one makes the inputs' bound (``fedmets.client.scoring.INPUT_BOUND``) or float32
+    rounding merge every value on one side of a threshold t, and then the importance of the
+    column is 0 exactly when no patient is past t: bisecting t gives a patient's value. Within
+    the range no input reaches the bound (a value lies at most sqrt(rows) SD from the mean:
+    300 x (sqrt(rows) + 300) < 10^6 for fewer than 9 million rows) and float32 keeps values
+    1e-4 SD apart distinct."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    finite = np.isfinite(values)
+    present = finite.sum(axis=0)
+    centre = np.where(finite, values, 0.0).sum(axis=0) / np.maximum(present, 1)
+    deviations = np.where(finite, values - centre, 0.0)
+    sd = np.sqrt((deviations**2).sum(axis=0) / np.maximum(present, 1))
+    own = (present >= 2) & (sd > 0)
+    r = FOREST_SCALE_RANGE
+    with np.errstate(all="ignore"):
+        bounded_mean = np.clip(mean, centre - r * sd, centre + r * sd)
+        bounded_scale = np.clip(scale, sd / r, sd * r)
+    return np.where(own, bounded_mean, mean), np.where(own, bounded_scale, scale)
+
+
 class ScoreGroups:
     """Patients sorted by score (whatever their labels) in consecutive groups of ``min_count``
     (``policy.min_bin_count``; a short last group joins the one before): the only form in which

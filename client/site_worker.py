@@ -47,6 +47,7 @@ from fedmets.client.policy import (
     DifferencingGuard,
     ScoreGroups,
     fold_seed,
+    forest_standardisation,
     private_seed,
     release_families,
     suppressed_groups,
@@ -776,7 +777,15 @@ class SiteWorker:
         each on a random half of the training rows (stratified; halves of at least the floor
         of patients, drawn from the site's own randomness), that rank it in their ``top_k``."""
         train = self._rows(request)["train"]
-        X = standardised_groups(self._fold_data(request), request, None)["radiomics"][train]
+        data = self._fold_data(request)
+        columns = np.asarray(request["radiomics_columns"], dtype=int)
+        mean, scale = forest_standardisation(  # no crafted threshold (policy.py)
+            data.radiomics.to_numpy()[np.ix_(train, columns)],
+            request["radiomics_mean"],
+            request["radiomics_scale"],
+        )
+        standardise = {**request, "radiomics_mean": mean, "radiomics_scale": scale}
+        X = standardised_groups(data, standardise, None)["radiomics"][train]
         y = self.data.labels[train]
         reply: dict[str, Any] = {"n": int(train.sum()), "positives": int(y.sum())}
         if 0 < y.sum() < len(y):

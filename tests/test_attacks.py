@@ -765,6 +765,43 @@ def test_a_failure_answers_few_questions_about_the_patients(site) -> None:
     assert ask(site, "query.moments", fold=0, run="another")["n"] > 0  # approval bounds runs
 
 
+def test_a_forest_cannot_be_made_a_threshold_on_one_column(site) -> None:
+    """The attack: ``query.importance`` of one column standardised with a scale of 1e-300
+    around t: every value below t is clipped to -10^6 SD, every value above to +10^6 SD
+    (``INPUT_BOUND``), so the forest can split the rows only when some patient is past t, and
+    the column's importance is 0 exactly when none is; bisecting t on the same training rows
+    (the guard admits the same set again) gives the largest value of the column, one
+    patient's (before the rule: 4049.710278670486, exact to 1e-16, in 62 requests). The site
+    brings the centre's mean and scale within 300 of its own SD of the column
+    (``policy.forest_standardisation``): a forest sees its inputs only through their order,
+    so every threshold now gets the reply of the honest standardisation."""
+    ask(site, "query.folds", folds=5)
+    column = 3
+    X = site.data.radiomics.to_numpy()[:, column]
+
+    def importances(mean: float, scale: float) -> np.ndarray:
+        return ask(
+            site,
+            "query.importance",
+            fold=wire.FINAL_FOLD,
+            radiomics_columns=np.array([column, 0]),
+            radiomics_mean=np.array([mean, 0.0]),
+            radiomics_scale=np.array([scale, 1e-300]),  # column 0 at one value: no split
+            trees=20,
+            seed=1,
+        )["importances"]
+
+    honest = importances(X.mean(), X.std())
+    assert honest[0] > 0
+    lo, hi = X.mean(), X.mean() + 1e3 * X.std()  # the centre knows the mean (query.moments)
+    for _ in range(45):
+        mid = (lo + hi) / 2
+        reply = importances(mid, 1e-300)
+        assert np.array_equal(reply, honest)  # the same, whatever the threshold
+        lo, hi = (mid, hi) if reply[0] > 0 else (lo, mid)
+    assert np.abs(X - lo).min() > X.std()  # the bisection ends on no patient's value
+
+
 def test_undeclared_request_fields_are_refused(site) -> None:
     ask(site, "query.folds", folds=5)
     message = refused(site, "query.moments", "wire.declaration", fold=0, rows=np.array([3]))
