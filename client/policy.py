@@ -11,6 +11,9 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   one of them or the final model's (``wire.FINAL_FOLD``: every patient) (``policy.folds``);
   the assignment itself comes from a seed the site draws once per
   cohort (:func:`fold_seed`), never from the request;
+- the work a request asks for is bounded by the site's data (``policy.size``): at most as
+  many covariates as the clinical schema has columns, and radiomics column indices at most
+  as many as the site's columns, each one of them;
 - training and scoring within bounds: ``policy.min_batch``, ``policy.max_epochs``,
   ``policy.lr``, ``policy.network`` (fusion widths and layers, the run's and each variant
   network's), ``policy.max_trees``,
@@ -116,15 +119,42 @@ class FailureCount:
         return counts[run]
 
 
-def check_request(route_name: str, request: Mapping[str, Any], policy: PolicySection) -> None:
+def check_request(
+    route_name: str,
+    request: Mapping[str, Any],
+    policy: PolicySection,
+    radiomics_columns: int | None = None,
+) -> None:
     """Refuse ``request`` on ``route_name`` (PolicyRefused) when it breaks its declaration
-    or a bound of ``policy``; return when it may be answered."""
+    or a bound of ``policy``; return when it may be answered. ``radiomics_columns``: the
+    site's count of radiomics columns (the request's column indices are then bounded by it)."""
     problems = wire.check_request(route_name, request)
     if problems:
         raise PolicyRefused("wire.declaration", f"{route_name}: {'; '.join(problems)}")
 
     def refuse(rule: str, message: str) -> None:
         raise PolicyRefused(rule, f"{route_name}: {message}")
+
+    # The work a request asks for, bounded by the site's data, not by the message's size: a
+    # covariate list costs the square of its length (every level's patient sets, compared two
+    # at a time), and each column index a row of every patient's values.
+    from fedmets.shared.clinical import CLINICAL_COLUMNS  # (pandas: not for the CLI's imports)
+
+    if len(request.get("covariates", ())) > len(CLINICAL_COLUMNS):
+        refuse(
+            "policy.size",
+            f"{len(request['covariates'])} covariates: the clinical schema has "
+            f"{len(CLINICAL_COLUMNS)} columns",
+        )
+    columns = np.asarray(request.get("radiomics_columns", []))
+    if radiomics_columns is not None and (
+        columns.size > radiomics_columns or (columns.size and columns.max() >= radiomics_columns)
+    ):
+        refuse(
+            "policy.size",
+            f"{columns.size} radiomics column indices up to {columns.max()}: this site has "
+            f"{radiomics_columns} columns",
+        )
 
     if "folds" in request and request["folds"] != policy.folds:
         refuse(

@@ -70,7 +70,7 @@ def answer(
     failures = FailureCount(worker.policy_folder())
     run = str(request.get("run", ""))
     try:
-        check_request(route_name, request, worker.policy)
+        check_request(route_name, request, worker.policy, worker.data.radiomics.shape[1])
         if worker.require_approval:
             check_approved(worker.configs[0], route_name, request, app)
         failures.check(run, worker.policy)

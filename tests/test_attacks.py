@@ -802,6 +802,49 @@ def test_a_forest_cannot_be_made_a_threshold_on_one_column(site) -> None:
     assert np.abs(X - lo).min() > X.std()  # the bisection ends on no patient's value
 
 
+def test_a_request_cannot_make_the_site_work_without_bound(site) -> None:
+    """The attack: a few kB of request that keep the site busy for hours or take its memory.
+    ``covariates`` repeated: each name's levels give patient sets, and the cost grows with the
+    square of the list (400 names in ~3 kB took 8.9 s, 4,000 would take ~15 min, during which
+    the site service answers nothing else); ``radiomics_columns`` repeated: each index is a
+    column of every patient's values, several copies of them (10^6 one-byte indices, 1 MB,
+    took 2.5 GB at this 72-patient site). Both are bounded by the site's data: at most the
+    clinical schema's columns of covariates, at most the site's radiomics columns of indices
+    (``policy.size``); an honest request is within both."""
+    ask(site, "query.folds", folds=5)
+    p = site.data.radiomics.shape[1]
+    message = refused(
+        site,
+        "query.combat_statistics",
+        "policy.size",
+        fold=0,
+        radiomics_mean=np.zeros(p),
+        covariates=["sex"] * 200,
+    )
+    assert "200 covariates" in message
+    refused(
+        site,
+        "query.importance",
+        "policy.size",
+        fold=0,
+        radiomics_columns=np.zeros(10**5, dtype=np.uint8),
+        radiomics_mean=np.zeros(1),
+        radiomics_scale=np.ones(1),
+        trees=1,
+        seed=1,
+    )
+    scores = {**fusion_request(site), "fold": 0, "bins": 10}
+    scores["radiomics_columns"] = np.r_[np.arange(p - 1), p]  # no column p
+    refused(site, "query.train_scores", "policy.size", **scores)
+    honest = {"radiomics_columns": np.arange(p), "radiomics_mean": np.zeros(p)}
+    reply = ask(
+        site, "query.importance", fold=0, **honest, radiomics_scale=np.ones(p), trees=1, seed=1
+    )
+    assert "importances" in reply
+    covariates = ["age", "sex", "t_stage"]  # the default [harmonisation] covariates
+    ask(site, "query.combat_statistics", fold=0, radiomics_mean=np.zeros(p), covariates=covariates)
+
+
 def test_undeclared_request_fields_are_refused(site) -> None:
     ask(site, "query.folds", folds=5)
     message = refused(site, "query.moments", "wire.declaration", fold=0, rows=np.array([3]))
