@@ -252,58 +252,60 @@ def synth(
 
 
 def _print_cohort_summary(summary: dict, out: Path, seconds: float) -> None:
+    """The cohort per site in two tables, each of which fits 80 columns (a log, CI) without a
+    word split: its patients and labels, then its images."""
     from rich.table import Table
 
-    table = Table(title=f"{summary['preset']} cohort, seed {summary['seed']} -> {out}")
-    for column in (
-        "site",
-        "patients",
-        "DM+",
-        "prevalence",
-        "in-plane mm",
-        "slice mm",
-        "contrast",
-        "noise HU",
-        "median GTV cc",
-        "MB/patient",
-        "oracle AUC",
-    ):
-        table.add_column(column, justify="left" if column == "site" else "right", overflow="fold")
+    oracle = summary["oracle_auc"]
+    labels = Table(title=f"{summary['preset']} cohort, seed {summary['seed']}")
+    images = Table(title="images")
+    for table, columns in (
+        (labels, ("site", "patients", "DM+", "prevalence", "oracle AUC")),
+        (
+            images,
+            ("site", "in-plane mm", "slice mm", "contrast", "noise HU", "median GTV cc",
+             "MB/patient"),
+        ),
+    ):  # fmt: skip
+        for column in columns:
+            justify = "left" if column == "site" else "right"
+            table.add_column(column, justify=justify, overflow="fold")
     for site in summary["sites"]:
         spacing = site["spacing_mm"]
-        table.add_row(
+        labels.add_row(
             site["site_id"],
             str(site["n_patients"]),
             str(site["positives"]),
             f"{site['prevalence']:.1%}",
+            "n/a" if site["oracle_auc"] is None else f"{site['oracle_auc']:.3f}",
+        )
+        images.add_row(
+            site["site_id"],
             f"{spacing[0]:.2f}",
             f"{spacing[2]:.2f}",
             f"{site['contrast_share']:.0%}",
             f"{site['noise_hu']:.1f}",
             f"{site['median_volume_cc']:.1f}",
             f"{site['mb_per_patient']:.2f}",
-            "n/a" if site["oracle_auc"] is None else f"{site['oracle_auc']:.3f}",
         )
-    oracle = summary["oracle_auc"]
-    table.add_section()
-    table.add_row(
+    labels.add_section()
+    labels.add_row(
         "all",
         str(summary["n_patients"]),
         str(summary["positives"]),
         f"{summary['prevalence']:.1%}",
-        "",
-        "",
-        "",
-        "",
-        "",
-        f"{summary['mb_per_patient']:.2f}",
         f"{oracle['pooled']:.3f}",
     )
-    console.print(table)
-    console.print(
-        f"oracle AUC of the risk model's parts alone: image {oracle['image_part_only']:.3f}, "
-        f"clinical {oracle['clinical_part_only']:.3f}; written in {seconds:.1f} s. "
-        f"Site configs: {out}/<site>/site.toml"
+    images.add_section()
+    images.add_row("all", "", "", "", "", "", f"{summary['mb_per_patient']:.2f}")
+    console.print(_fit_columns(labels))
+    console.print(_fit_columns(images))
+    console.print(  # wrapped between words
+        f"oracle AUC of the risk model's parts alone: image {oracle['image_part_only']:.3f},"
+        f" clinical {oracle['clinical_part_only']:.3f}; written in {seconds:.1f} s to {out}."
+        f" Site configs: {out}/<site>/site.toml",
+        markup=False,
+        highlight=False,
     )
 
 
@@ -721,6 +723,34 @@ def study(
         _print_study(result.metrics, shown, out)
 
 
+def _fit_columns(table, output: Console | None = None):
+    """``table`` with its columns' widths set so that no word is split where its words fit
+    ``output``'s width (rich would narrow the widest columns alike, splitting a short header
+    word such as "MB/patient" while another column has room): each column gets its longest
+    word, and the room left goes to the columns with longer lines. A table that fits as it is,
+    or whose words cannot fit, is left as it is."""
+    from rich.measure import Measurement
+
+    output = output or console
+    options = output.options.update_width(10_000)  # the widths the words and lines want
+    whole = Measurement.get(output, options, table)
+    if whole.maximum <= output.width:
+        return table
+    ranges = [
+        [Measurement.get(output, options, cell) for cell in (column.header, *column.cells)]
+        for column in table.columns
+    ]
+    least = [max(r.minimum for r in cells) for cells in ranges]
+    most = [max(r.maximum for r in cells) for cells in ranges]
+    room = output.width - whole.minimum  # beyond every column's longest word
+    if room < 0:
+        return table
+    wants = [high - low for low, high in zip(least, most, strict=True)]
+    for column, low, want in zip(table.columns, least, wants, strict=True):
+        column.width = low + (room * want // sum(wants) if sum(wants) else 0)
+    return table
+
+
 def _plain(text: str) -> None:
     """Print ``text`` as it is: no markup, no highlighting, long lines wrapped not cut."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -1042,18 +1072,26 @@ def audit_verify(config: Annotated[Path, typer.Option(help="This site's TOML fil
 def audit_show(config: Annotated[Path, typer.Option(help="This site's TOML file.")]) -> None:
     """What left this site, per run and route: requests, answered, withheld (only the count
     left), refused, and the bytes sent."""
+    from itertools import groupby
+
+    from rich import box
     from rich.table import Table
 
     from fedmets.client.audit import summarise
 
-    table = Table(title=str(_audit_log(config)))
-    columns = ("run", "route", "requests", "answered", "withheld", "refused", "bytes")
-    for column in columns:
-        justify = "left" if column in ("run", "route") else "right"
-        table.add_column(column, justify=justify, overflow="fold")
-    for row in summarise(_audit_log(config)):
-        table.add_row(*(str(row[c]) for c in columns))
-    console.print(table)
+    path = _audit_log(config)
+    _plain(f"audit log: {path}")
+    columns = ("route", "requests", "answered", "withheld", "refused", "bytes")
+    # a table per run, light borders: a run's name and a route ("query.bundle_evaluation")
+    # fit 80 columns (a log, CI) whole, not split mid-word
+    for run, rows in groupby(summarise(path), key=lambda row: row["run"]):
+        table = Table(title=f"run {run}", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for column in columns:
+            justify = "left" if column == "route" else "right"
+            table.add_column(column, justify=justify, overflow="fold")
+        for row in rows:
+            table.add_row(*(str(row[c]) for c in columns))
+        console.print(_fit_columns(table))
 
 
 @site_app.command("recalibrate")

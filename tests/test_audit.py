@@ -118,3 +118,30 @@ def test_show_counts_what_left_per_run_and_route(site) -> None:
     assert rows["query.moments"]["bytes"] > 0
     done = run_fedmets("site", "audit", "show", "--config", toml)
     assert done.returncode == 0 and "query.moments" in done.stdout
+
+
+def test_show_splits_no_run_or_route_at_80_columns(tmp_path, monkeypatch) -> None:
+    """In a log folded at 80 columns (COLUMNS=80, CI) every run name (up to 32 characters) and
+    route is shown whole, not split mid-word as in one 7-column table ("query.bun/dle_evalu")."""
+    import io
+
+    from rich.console import Console
+
+    from fedmets import cli
+
+    (toml,) = write_feature_sites(tmp_path / "sites", [40], folds=2)
+    path = site_audit_path(load_site_config(toml))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs = ("hnscc-pilot-2025-spring-cohort-b", "demo")
+    for run in runs:
+        for route in ("query.census", "query.bundle_evaluation", "train.image"):
+            append_entry(path, {"run": run, "route": route, "fields": {"w": {"bytes": 10**10}}})
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, width=80))
+    done = run_fedmets("site", "audit", "show", "--config", toml)
+    assert done.returncode == 0, done.stderr
+    lines = screen.getvalue().splitlines()
+    assert lines[0] == f"audit log: {path}"  # a path as it is, never cut (soft wrap)
+    assert max(map(len, lines[1:])) <= 80
+    words = {word for line in lines for word in line.split()}
+    assert {*runs, "query.bundle_evaluation", "train.image", "10000000000", "requests"} <= words

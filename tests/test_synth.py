@@ -147,3 +147,30 @@ def test_a_bad_site_count_or_folder_name_is_named_as_written(tmp_path):
     (folder / "notes.txt").write_text("kept\n")
     result = _synth(folder, "--sites", "1")
     assert result.returncode == 1 and f"{folder} is not empty" in result.stderr.replace("\n", "")
+
+
+def test_the_summary_splits_no_word_at_80_columns(monkeypatch):
+    """In a log folded at 80 columns (COLUMNS=80, CI) the summary shows every header, site and
+    value whole: one 11-column table split words ("preva/lence", "hosp/ital_a")."""
+    import io
+
+    from rich.console import Console
+
+    from fedmets import cli
+
+    site = {"n_patients": 654, "positives": 57, "prevalence": 0.087, "spacing_mm": [1.1, 1.1, 1.25]}
+    site |= {"contrast_share": 0.61, "noise_hu": 23.3, "median_volume_cc": 19.3}
+    site |= {"mb_per_patient": 1.66, "oracle_auc": 0.884}
+    oracle = {"pooled": 0.896, "image_part_only": 0.852, "clinical_part_only": 0.714}
+    summary = {"preset": "paper", "seed": 5, "n_patients": 1497, "positives": 162}
+    summary |= {"prevalence": 0.108, "mb_per_patient": 1.47, "oracle_auc": oracle}
+    summary["sites"] = [site | {"site_id": f"hospital_{s}"} for s in "abcdef"]
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, width=80))
+    cli._print_cohort_summary(summary, Path("/data/cohorts/paper-seed-5"), 1.0)
+    lines = screen.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80
+    words = {w for line in lines for w in line.replace("│", " ").replace("┃", " ").split()}
+    headers = "site patients DM+ prevalence in-plane slice contrast noise HU median GTV MB/patient"
+    expected = {*headers.split(), "oracle", "AUC", "hospital_a", "hospital_f", "1497", "10.8%"}
+    assert expected | {"1.66", "0.884", "19.3", "/data/cohorts/paper-seed-5."} <= words
