@@ -982,12 +982,26 @@ def site_keys(
     """Make this hospital's key pair, here: OUT/SITE (private, mode 600: the SuperNode's
     --auth-supernode-private-key and the service's [service] identity_key) and OUT/SITE.pub,
     the only file sent to the coordinating centre."""
-    from fedmets.shared.identity import make_site_keys
+    from fedmets.shared.files import check_writable
+    from fedmets.shared.identity import check_site_id, make_site_keys
 
     try:
+        check_site_id(site)
+        check_writable(out, "--out")  # a file there, or no right to write it: named, no errno
         private, public = make_site_keys(out, site)
-    except (FileExistsError, ValueError) as error:
-        err_console.print(f"error: {error}", markup=False, soft_wrap=True)
+    except (FileExistsError, ValueError) as error:  # a key made before; not a site id
+        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
+    except OSError as error:
+        reason = str(error)
+        if error.strerror:  # the system's words, without errno's "[Errno 13] ..."
+            reason = f"--out: cannot write {error.filename or out}: {error.strerror}"
+        err_console.print(
+            f"error: {reason}; --out is a folder of yours for the key pair (made if missing)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from error
     _plain(f"private key (stays here)     {private}")
     _plain(f"public key (send the centre) {public}")
@@ -1015,10 +1029,20 @@ def site_approve(
 
     cfg = _load_site_config_or_exit(config)
     run = _load_federation_config_or_exit(run_config)
+    if app is not None and not app.is_file():
+        problem = "a folder, not a file" if app.is_dir() else "not found"
+        err_console.print(
+            f"--app {app}: {problem}: give the app bundle (.fab file) the centre sent you",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
     try:
         digest = fab_digest(app) if app is not None else ""
     except (OSError, ValueError) as error:
-        err_console.print(f"--app: {error}", markup=False, highlight=False, soft_wrap=True)
+        reason = getattr(error, "strerror", None) or error  # not errno's "[Errno 13] ..."
+        err_console.print(f"--app {app}: {reason}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from error
     try:
         record = approve_run(cfg, run, digest)

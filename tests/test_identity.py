@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import tomli_w
+from conftest import run_fedmets
 from flwr.cli.install import install_from_fab
 from test_protocol import _cfg, write_sites
 from typer.testing import CliRunner
@@ -116,6 +117,33 @@ def test_keys_are_made_once_and_a_bad_identity_is_a_config_error(tmp_path) -> No
     bad.write_text(tomli_w.dumps(data))
     with pytest.raises(ConfigError, match="site_a: not an OpenSSH ECDSA public key"):
         load_federation_config(bad)
+
+
+def test_keys_into_a_file_or_an_unwritable_folder_name_out(tmp_path) -> None:
+    """``--out`` naming a file (or a folder under one) is one line naming it, no errno."""
+    (tmp_path / "passwd").write_text("root:x:0:0\n")
+    for out in (tmp_path / "passwd", tmp_path / "passwd" / "keys"):
+        done = run_fedmets("site", "keys", "--site", "site_a", "--out", out)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(f"error: --out: cannot write {out}: ")
+        assert "a folder of yours for the key pair" in done.stderr
+        assert "Errno" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert (tmp_path / "passwd").read_text() == "root:x:0:0\n"
+
+
+def test_approving_a_missing_app_bundle_names_it(tmp_path) -> None:
+    """``--app`` naming no file or a folder: one line naming it, no errno, nothing approved."""
+    toml = write_sites(tmp_path / "sites")["site_b"]
+    fed = tmp_path / "fed.toml"
+    fed.write_text(tomli_w.dumps(_cfg().model_dump(mode="json", exclude_none=True)))
+    command = ["site", "approve", "--config", toml, "--run-config", fed, "--app"]
+    for fab, problem in ((tmp_path / "nope.fab", "not found"), (tmp_path, "a folder, not a file")):
+        done = run_fedmets(*command, fab)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.strip() == (
+            f"--app {fab}: {problem}: give the app bundle (.fab file) the centre sent you"
+        )
+    assert not approvals_path(load_site_config(toml)).exists()
 
 
 def test_a_deployed_site_answers_only_approved_runs(tmp_path) -> None:
