@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
+from conftest import run_fedmets
 from typer.testing import CliRunner
 
 from fedmets.server.report import binned_roc, write_report
@@ -283,6 +284,24 @@ def test_cli_report(tmp_path):
     damaged = CliRunner().invoke(app, ["report", str(drifted)])
     assert damaged.exit_code == 1
     assert "metrics.json: not readable JSON" in damaged.output.replace("\n", "")
+
+
+def test_report_of_a_failed_deployed_run_shows_its_error(tmp_path):
+    """A deployed run that stopped (the ServerApp wrote error.txt, no federated.json): the
+    report says so with error.txt's first line, not that no results file was found."""
+    for out, where in ((tmp_path / "a", "."), (tmp_path / "b", "federated")):
+        (out / where).mkdir(parents=True)
+        (out / where / "error.txt").write_text(
+            "census: 1 site(s) answered, fewer than federation.min_sites = 2\nmore\n"
+        )
+        done = run_fedmets("report", out)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        said = done.stderr.replace("\n", "")
+        assert said.startswith(
+            f"error: {out}: the run failed and wrote no results: census: 1 site(s) answered,"
+            " fewer than federation.min_sites = 2 (all of it in"
+        )
+        assert "more" not in said and "neither metrics.json" not in said
 
 
 def test_run_without_roc_points_falls_back_to_the_binned_pooled_roc(tmp_path):

@@ -45,6 +45,7 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
                 f"{metrics_file}: not the results of a run: {'; '.join(keys[:3])}{more}"
             ) from error
     if server_file is None:
+        _raise_if_failed(run_dir)
         raise FileNotFoundError(
             f"{run_dir}: neither metrics.json (a simulation run) nor federated.json "
             "(a server output folder) found"
@@ -84,6 +85,22 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
         timing_s=server.get("timing_s") or {},
     )
     return typed(SimulationResults, metrics), [server_file]
+
+
+def _raise_if_failed(run_dir: Path) -> None:
+    """ValueError with the first line of the ``error.txt`` the ServerApp wrote in ``run_dir``
+    (or its ``federated/``) when the run stopped with no results."""
+    files = [run_dir / "error.txt", run_dir / "federated" / "error.txt"]
+    error_file = next((f for f in files if f.is_file()), None)
+    if error_file is None:
+        return
+    lines = error_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    first = next((line.strip() for line in lines if line.strip()), "no reason given")
+    raise ValueError(
+        f"{run_dir}: the run failed and wrote no results: {first} (all of it in {error_file},"
+        f" the server's log in {error_file.parent / 'server.log'}; fix that, then run again or"
+        " resume it: docs/deployment.md)"
+    )
 
 
 def _read(path: Path) -> dict:
