@@ -650,10 +650,14 @@ def check_paths(cfg: SiteConfig, source: str | Path) -> list[str]:
     if not cfg.data.root.is_dir():
         found = "not a folder" if cfg.data.root.exists() else "folder not found"
         problems.append(f"{source}: data.root: {found}: {cfg.data.root}")
-    if not cfg.data.manifest.is_file():
-        problems.append(f"{source}: data.manifest: file not found: {cfg.data.manifest}")
-    if isinstance(cfg.radiomics.params, Path) and not cfg.radiomics.params.is_file():
-        problems.append(f"{source}: radiomics.params: file not found: {cfg.radiomics.params}")
+    files = {"data.manifest": (cfg.data.manifest, "the manifest CSV")}
+    if isinstance(cfg.radiomics.params, Path):
+        files["radiomics.params"] = (cfg.radiomics.params, "the PyRadiomics parameter file")
+    for key, (path, what) in files.items():
+        if path.is_dir():
+            problems.append(f"{source}: {key}: a folder, not a file (give {what}): {path}")
+        elif not path.is_file():
+            problems.append(f"{source}: {key}: file not found: {path}")
     return problems
 
 

@@ -426,6 +426,21 @@ def test_missing_manifest_and_params(tmp_path: Path) -> None:
     ]
 
 
+def test_a_manifest_or_params_that_is_a_folder_is_named_a_folder(tmp_path: Path) -> None:
+    """data.manifest (or radiomics.params) naming a folder: "a folder", not "file not found"."""
+    (tmp_path / "data" / "manifest.csv").mkdir(parents=True)
+    (tmp_path / "params").mkdir()
+    path = write(tmp_path, SITE + 'params = "params"\n')
+    done = run_fedmets("config", "check", path)
+    assert done.returncode == 1 and "not found" not in done.stderr
+    assert done.stderr.splitlines() == [
+        f"{path}: data.manifest: a folder, not a file (give the manifest CSV):"
+        f" {(tmp_path / 'data' / 'manifest.csv').resolve()}",
+        f"{path}: radiomics.params: a folder, not a file (give the PyRadiomics parameter file):"
+        f" {(tmp_path / 'params').resolve()}",
+    ]
+
+
 def test_several_problems_all_reported(tmp_path: Path) -> None:
     text = (
         SITE.replace("seed = 3", "seed = -1\nextra = 1")
