@@ -467,7 +467,7 @@ def _failure(
             "ct": shown_path(record.ct_path, cfg),
             "tumour_mask": shown_path(record.tumour_mask_path, cfg),
             "paths.cache": str(entry),
-        }.get(field, f"{shown_path(cfg.data.manifest, cfg)} row {record.row}")
+        }.get(field, f"{shown_path(cfg.data.manifest, cfg)} line {record.line}")
     detail = " ".join(detail.split())  # ITK messages span lines
     return {
         "stage": stage,

@@ -61,7 +61,7 @@ class PatientRecord:
     organ_mask_path: Path | None
     clinical: dict[str, object]  # raw clinical cells, None for empty
     label: int | None
-    row: int  # 1-based data row number in the manifest (for messages)
+    line: int  # the row's line in the manifest file as an editor numbers it (header: line 1)
 
 
 @dataclass
@@ -75,19 +75,20 @@ class PatientImages:
 
 class PatientDataError(Exception):
     """A problem with one patient's data: ``patient_id``, ``file`` (as shown, or None),
-    ``field`` (manifest column or input kind), ``message`` and the manifest ``row`` if known.
+    ``field`` (manifest column or input kind), ``message`` and the ``line`` of the patient's
+    row in the manifest file (as an editor numbers it: the header is line 1) if known.
 
     str() = 'patient HA-0003: masks/HA-0003_tumour.nii.gz: tumour_mask: mask is empty'
     """
 
     def __init__(
-        self, patient_id: str, file: str | None, field: str, message: str, row: int | None = None
+        self, patient_id: str, file: str | None, field: str, message: str, line: int | None = None
     ) -> None:
         self.patient_id = patient_id
         self.file = file
         self.field = field
         self.message = message
-        self.row = row
+        self.line = line
         super().__init__(f"patient {patient_id}: {self.problem}")
 
     @property
@@ -97,7 +98,7 @@ class PatientDataError(Exception):
         return f"{where}{self.field}: {self.message}"
 
     def __reduce__(self):  # pickle by fields (for process pools)
-        return PatientDataError, (self.patient_id, self.file, self.field, self.message, self.row)
+        return PatientDataError, (self.patient_id, self.file, self.field, self.message, self.line)
 
 
 # ---- manifest ---------------------------------------------------------------------------------
@@ -144,30 +145,35 @@ def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDat
     records: list[PatientRecord] = []
     problems = [
         PatientDataError(
-            bad.cells.get(cfg.data.id_column) or f"(row {row})", name, bad.field, bad.reason, row
+            bad.cells.get(cfg.data.id_column) or f"(line {line})", name, bad.field, bad.reason, line
         )
-        for row, bad in unreadable.items()
+        for line, bad in unreadable.items()
     ]
-    rows_of: dict[str, list[int]] = defaultdict(list)
-    for row, cells in zip(table.index, table.to_dict("records"), strict=True):
+    lines_of: dict[str, list[int]] = defaultdict(list)
+    for line, cells in zip(table.index, table.to_dict("records"), strict=True):
         cells = {key: (value.strip() or None) for key, value in cells.items()}
-        record, row_problems = _parse_row(cells, row, name, cfg)
+        record, row_problems = _parse_row(cells, line, name, cfg)
         problems += row_problems
         if record is not None:
             records.append(record)
         if cells[cfg.data.id_column] is not None:
-            rows_of[cells[cfg.data.id_column]].append(row)
-    for patient_id, rows in rows_of.items():
-        if len(rows) > 1:
-            where = ", ".join(map(str, rows[:-1])) + f" and {rows[-1]}"
-            message = f"id used by rows {where}; ids must be unique"
+            lines_of[cells[cfg.data.id_column]].append(line)
+    for patient_id, lines in lines_of.items():
+        if len(lines) > 1:
+            message = f"id used by {listed_lines(lines)}; ids must be unique"
             problems += [
-                PatientDataError(patient_id, name, cfg.data.id_column, message, row) for row in rows
+                PatientDataError(patient_id, name, cfg.data.id_column, message, line)
+                for line in lines
             ]
-    duplicated = {patient_id for patient_id, rows in rows_of.items() if len(rows) > 1}
+    duplicated = {patient_id for patient_id, lines in lines_of.items() if len(lines) > 1}
     records = [record for record in records if record.patient_id not in duplicated]
     records, shared = _own_files(records, name)
-    return records, sorted(problems + shared, key=lambda problem: problem.row)
+    return records, sorted(problems + shared, key=lambda problem: problem.line)
+
+
+def listed_lines(numbers: list[int]) -> str:
+    """'lines 3 and 8', 'lines 3, 5 and 8': rows of a table file as an editor numbers them."""
+    return "lines " + ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
 
 
 def _own_files(
@@ -188,7 +194,7 @@ def _own_files(
         for record in rows:
             others = ", ".join(other.patient_id for other in rows if other is not record)
             message = f"{path.name} is also listed for patient(s) {others}; one patient's files"
-            problems.append(PatientDataError(record.patient_id, name, column, message, record.row))
+            problems.append(PatientDataError(record.patient_id, name, column, message, record.line))
         sharing |= {record.patient_id for record in rows}
     return [r for r in records if r.patient_id not in sharing], problems
 
@@ -206,10 +212,11 @@ class UnreadableRow:
 def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]:
     """The manifest as text cells ('' for empty; a short row's missing cells empty), columns
     named by the stripped header cells (a column with an empty header cell dropped), indexed by
-    row number (1 = the first row after the header; blank lines and rows of empty cells are
-    skipped, not counted), and the rows left out, by row number: those holding bytes that are
-    not UTF-8 or more cells than the header. ValueError naming the file when it cannot be read
-    at all, is not comma-separated or repeats a column name."""
+    the line each row starts on in the file, as an editor numbers them (the header: line 1;
+    blank lines and rows of empty cells are skipped, not indexed), and the rows left out, by
+    line: those holding bytes that are not UTF-8 or more cells than the header. ValueError
+    naming the file when it cannot be read at all, is not comma-separated or repeats a column
+    name."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -217,17 +224,19 @@ def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]
     except IsADirectoryError:
         raise ValueError(f"{path}: is a folder, not a manifest file") from None
     text = raw.decode("utf-8-sig", errors="surrogateescape")  # bad bytes kept, found below
+    reader = csv.reader(io.StringIO(text, newline=""))
+    lines: list[tuple[int, list[str]]] = []  # (the line a row starts on, its cells)
     try:
-        lines = [
-            cells
-            for cells in csv.reader(io.StringIO(text, newline=""))
-            if any(cell.strip() for cell in cells)
-        ]
+        start = 1
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                lines.append((start, cells))
+            start = reader.line_num + 1  # a quoted cell may span lines
     except csv.Error as error:
         raise ValueError(f"{path}: not a valid CSV file ({error})") from None
     if not lines:
         raise ValueError(f"{path}: manifest is empty")
-    header = [cell.strip() for cell in lines[0]]
+    header = [cell.strip() for cell in lines[0][1]]
     if any(_undecoded(cell) for cell in header):
         raise ValueError(f"{path}: the header row is not UTF-8 text")
     if sum(cell.count(";") for cell in header) > len(header) - 1:  # more ';' than separators
@@ -242,7 +251,7 @@ def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]
             " each column needs its own name"
         )
     rows, unreadable = {}, {}
-    for row, cells in enumerate(lines[1:], start=1):
+    for line, cells in lines[1:]:
         named = {
             column: cell.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             for column, cell in zip(header, cells, strict=False)
@@ -251,12 +260,12 @@ def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]
         if bad is not None:
             byte = _undecoded(cells[header.index(bad)])
             reason = f"not UTF-8 text (byte 0x{byte:02X}): save the manifest as UTF-8"
-            unreadable[row] = UnreadableRow(named, bad, reason)
+            unreadable[line] = UnreadableRow(named, bad, reason)
         elif len(cells) > len(header):
             reason = f"{len(cells)} cells where the header has {len(header)}"
-            unreadable[row] = UnreadableRow(named, "row", reason)
+            unreadable[line] = UnreadableRow(named, "row", reason)
         else:
-            rows[row] = cells + [""] * (len(header) - len(cells))
+            rows[line] = cells + [""] * (len(header) - len(cells))
     table = pd.DataFrame.from_dict(rows, orient="index", columns=header, dtype=str)
     return table.drop(columns="", errors="ignore"), unreadable
 
@@ -275,13 +284,13 @@ def _undecoded(cell: str) -> int | None:
 
 
 def _parse_row(
-    cells: dict[str, str | None], row: int, manifest: str, cfg: SiteConfig
+    cells: dict[str, str | None], line: int, manifest: str, cfg: SiteConfig
 ) -> tuple[PatientRecord | None, list[PatientDataError]]:
     data = cfg.data
-    patient_id = cells[data.id_column] or f"(row {row})"
+    patient_id = cells[data.id_column] or f"(line {line})"
 
     def problem(column: str, message: str) -> PatientDataError:
-        return PatientDataError(patient_id, manifest, column, message, row)
+        return PatientDataError(patient_id, manifest, column, message, line)
 
     problems = [] if cells[data.id_column] else [problem(data.id_column, "empty id cell")]
     paths: dict[str, Path | None] = {}
@@ -315,7 +324,7 @@ def _parse_row(
         organ_mask_path=paths["organ_mask"],
         clinical=clinical,
         label=None if label is None else int(float(label)),
-        row=row,
+        line=line,
     )
     return record, []
 
@@ -368,7 +377,7 @@ class _Loader:
 
     def error(self, path: Path, field: str, message: str) -> PatientDataError:
         shown = shown_path(path, self.cfg)
-        return PatientDataError(self.record.patient_id, shown, field, message, self.record.row)
+        return PatientDataError(self.record.patient_id, shown, field, message, self.record.line)
 
     def ct(self) -> tuple[sitk.Image, str | None]:
         """The CT in HU (int16 when integer-valued and in range, else float32) and its DICOM

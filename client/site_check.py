@@ -96,11 +96,11 @@ def check_site(
         records, row_problems = read_manifest(cfg)
     except ValueError as error:
         return SiteCheckReport(cfg.site_id, 0, [], {}, [str(error)])
-    found = [(problem.row, problem.patient_id, problem.problem) for problem in row_problems]
+    found = [(problem.line, problem.patient_id, problem.problem) for problem in row_problems]
     check = partial(check_patient, cfg=cfg, labelled=labelled)
     checks = _map(check, records, workers or cfg.compute.workers)
     for done, problems in enumerate(checks, start=1):
-        found += [(problem.row, problem.patient_id, problem.problem) for problem in problems]
+        found += [(problem.line, problem.patient_id, problem.problem) for problem in problems]
         if on_patient_done:
             on_patient_done(done, len(records))
     quarantined: dict[str, list[str]] = {}
@@ -109,7 +109,7 @@ def check_site(
         if message not in messages:  # duplicate ids: one message for the rows sharing the id
             messages.append(message)
     usable = [record.patient_id for record in records if record.patient_id not in quarantined]
-    n_patients = len(records) + len({problem.row for problem in row_problems})
+    n_patients = len(records) + len({problem.line for problem in row_problems})
     site_problems = [] if usable else [f"no usable patient: all {n_patients} are quarantined"]
     return SiteCheckReport(cfg.site_id, n_patients, usable, quarantined, site_problems)
 
@@ -122,7 +122,7 @@ def check_patient(
     manifest = shown_path(cfg.data.manifest, cfg)
 
     def problem(field: str, message: str) -> PatientDataError:
-        return PatientDataError(record.patient_id, manifest, field, message, record.row)
+        return PatientDataError(record.patient_id, manifest, field, message, record.line)
 
     problems = []
     if "clinical" in cfg.data.modalities:
@@ -143,7 +143,7 @@ def _plausibility(
 ) -> list[PatientDataError]:
     def problem(path, field: str, message: str) -> PatientDataError:
         return PatientDataError(
-            record.patient_id, shown_path(path, cfg), field, message, record.row
+            record.patient_id, shown_path(path, cfg), field, message, record.line
         )
 
     problems = [problem(record.ct_path, "ct", message) for message in ct_value_problems(images.ct)]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fedmets.client.ingest import quoted, read_text_table, shown_path
+from fedmets.client.ingest import listed_lines, quoted, read_text_table, shown_path
 from fedmets.shared.clinical import CLINICAL_COLUMNS, encode_clinical, validate_clinical
 from fedmets.shared.config import SiteConfig
 
@@ -66,7 +66,7 @@ class FeatureTable:
 
     n_rows: int  # data rows in the table (0 when it cannot be read)
     features: pd.DataFrame  # usable rows: patient_id, label, radiomics, encoded clinical
-    quarantined: dict[str, list[str]]  # patient id -> messages ('<file> row N: field: message')
+    quarantined: dict[str, list[str]]  # patient id -> messages ('<file> line N: field: message')
     site_problems: list[str]
     radiomics_columns: list[str]
     clinical_sources: dict[str, str | None]  # schema column -> table column (None: not found)
@@ -95,16 +95,16 @@ def load_feature_table(cfg: SiteConfig, labelled: bool = True) -> FeatureTable:
         index=table.index,
         columns=list(CLINICAL_COLUMNS),
     )
-    found: list[tuple[int, str, str]] = [  # (row, patient id, message)
+    found: list[tuple[int, str, str]] = [  # (line, patient id, message)
         (
-            row,
-            bad.cells.get(cfg.data.id_column) or f"(row {row})",
-            f"{name} row {row}: {bad.field}: {bad.reason}",
+            line,
+            bad.cells.get(cfg.data.id_column) or f"(line {line})",
+            f"{name} line {line}: {bad.field}: {bad.reason}",
         )
-        for row, bad in unreadable.items()
+        for line, bad in unreadable.items()
     ]
-    for row, patient_id in ids.items():  # the table's index is its row numbers
-        where = f"{name} row {row}"
+    for row, patient_id in ids.items():  # the table's index: the line each row is on
+        where = f"{name} line {row}"
         messages = [] if patient_id else [f"{where}: {cfg.data.id_column}: empty id cell"]
         label = table.at[row, cfg.data.label_column]
         if labelled or label.strip():
@@ -115,12 +115,12 @@ def load_feature_table(cfg: SiteConfig, labelled: bool = True) -> FeatureTable:
                 f"{where}: {_shown_field(field, sources)}: {message}"
                 for field, message in validate_clinical(raw.loc[row].to_dict())
             ]
-        found += [(row, patient_id or f"(row {row})", message) for message in messages]
+        found += [(row, patient_id or f"(line {row})", message) for message in messages]
     repeated = ids[ids.ne("") & ids.duplicated(keep=False)]
     for patient_id, group in repeated.groupby(repeated, sort=False):
         rows = list(group.index)
-        where = ", ".join(map(str, rows[:-1])) + f" and {rows[-1]}"
-        message = f"{name}: {cfg.data.id_column}: id used by rows {where}; ids must be unique"
+        used = f"id used by {listed_lines(rows)}; ids must be unique"
+        message = f"{name}: {cfg.data.id_column}: {used}"
         found += [(row, patient_id, message) for row in rows]
     quarantined: dict[str, list[str]] = {}
     for _, patient_id, message in sorted(found, key=lambda item: item[0]):

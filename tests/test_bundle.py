@@ -227,7 +227,7 @@ def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
     table.assign(pid=[f"april-{i}" for i in range(6)], age="").to_csv(new, index=False)
     done = run_fedmets(*predict, "--manifest", new, "--out", tmp_path / "april.csv")
     assert done.returncode == 1 and "no patient in" in done.stderr, done.stdout
-    assert "quarantined: april-0: new_patients.csv row 1: age:" in done.stderr
+    assert "quarantined: april-0: new_patients.csv line 2: age:" in done.stderr
     assert not (tmp_path / "april.csv").exists()
     table.head(0).to_csv(new, index=False)  # the header alone
     done = run_fedmets(*predict, "--manifest", new, "--out", tmp_path / "may.csv")

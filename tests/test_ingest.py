@@ -72,7 +72,7 @@ def test_read_manifest_resolves_rows(site: Path) -> None:
     table = manifest(site)
     assert problems == []
     assert [r.patient_id for r in records] == list(table["patient_id"])
-    assert [r.row for r in records] == list(range(1, len(table) + 1))
+    assert [r.line for r in records] == list(range(2, len(table) + 2))  # the header: line 1
     for record in records:
         assert record.ct_path.is_absolute() and record.ct_path.is_file()
         assert record.tumour_mask_path.is_file() and record.organ_mask_path.is_file()
@@ -81,7 +81,7 @@ def test_read_manifest_resolves_rows(site: Path) -> None:
     empty = [(r, c) for r in records for c, v in r.clinical.items() if v is None]
     assert empty, "the generator leaves some clinical cells empty"
     record, column = empty[0]
-    assert table.loc[record.row - 1, column] == ""
+    assert table.loc[record.line - 2, column] == ""
 
 
 def test_read_manifest_reports_bad_rows(site: Path) -> None:
@@ -98,16 +98,41 @@ def test_read_manifest_reports_bad_rows(site: Path) -> None:
 
     messages = [str(problem) for problem in problems]
     assert messages == [
-        "patient (row 1): manifest.csv: patient_id: empty id cell",
+        "patient (line 2): manifest.csv: patient_id: empty id cell",
         f"patient {ids[1]}: manifest.csv: ct_path: empty cell: the ct file is required",
         f"patient {ids[2]}: manifest.csv: dm: label must be 0 or 1, got 'yes'",
-        f"patient {ids[4]}: manifest.csv: patient_id: id used by rows 5 and 6; ids must be unique",
-        f"patient {ids[4]}: manifest.csv: patient_id: id used by rows 5 and 6; ids must be unique",
+        f"patient {ids[4]}: manifest.csv: patient_id: id used by lines 6 and 7; ids must be unique",
+        f"patient {ids[4]}: manifest.csv: patient_id: id used by lines 6 and 7; ids must be unique",
     ]
-    assert [problem.row for problem in problems] == [1, 2, 3, 5, 6]
+    assert [problem.line for problem in problems] == [2, 3, 4, 6, 7]
     kept = [record.patient_id for record in records]
     assert kept == [ids[3], *ids[6:]]
     assert records[0].label is None  # an empty label cell is not a row problem
+
+
+def test_problems_name_the_line_an_editor_shows(site: Path) -> None:
+    """A message names a row by its line in the file, as an editor numbers them (the header is
+    line 1), across a blank line and a quoted cell over two lines: not the data row's count."""
+    lines = (site / "manifest.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[2].split(",")
+    cells[header.index("subsite")] = '"oropharynx\n(base of tongue)"'  # a cell on two lines
+    lines[2] = ",".join(cells)
+    lines.insert(3, "")  # a blank line
+    first = lines[4].split(",")[0]
+    lines[7] = ",".join([first, *lines[7].split(",")[1:]])  # line 9 repeats line 6's id
+    lines[8] = ",".join(["", *lines[8].split(",")[1:]])  # line 10: no id
+    (site / "manifest.csv").write_text("\n".join(lines) + "\n")
+    editor = (site / "manifest.csv").read_text().splitlines()
+    assert editor[5].startswith(first + ",") and editor[8].startswith(first + ",")
+
+    _, problems = read_manifest(config(site))
+
+    assert [str(problem) for problem in problems] == [
+        f"patient {first}: manifest.csv: patient_id: id used by lines 6 and 9; ids must be unique",
+        f"patient {first}: manifest.csv: patient_id: id used by lines 6 and 9; ids must be unique",
+        "patient (line 10): manifest.csv: patient_id: empty id cell",
+    ]
 
 
 def test_two_patients_listed_with_the_same_image_file_are_both_quarantined(site: Path) -> None:
@@ -151,7 +176,7 @@ def test_an_unreadable_manifest_row_is_that_patients_problem(site: Path) -> None
         f"{len(header)}",
     ]
     assert [record.patient_id for record in records] == ids[2:]
-    assert [record.row for record in records] == list(range(3, len(ids) + 1))
+    assert [record.line for record in records] == list(range(4, len(ids) + 2))
 
 
 def test_a_rows_clinical_problems_are_named_with_its_label(site: Path) -> None:
@@ -159,7 +184,7 @@ def test_a_rows_clinical_problems_are_named_with_its_label(site: Path) -> None:
     table.loc[0, ["dm", "age"]] = ["2", "seventy"]
     table.to_csv(site / "manifest.csv", index=False)
     _, problems = read_manifest(config(site))
-    assert [(problem.field, problem.row) for problem in problems] == [("dm", 1), ("age", 1)]
+    assert [(problem.field, problem.line) for problem in problems] == [("dm", 2), ("age", 2)]
 
 
 @pytest.mark.parametrize("column", ["tumour_mask_path", "hpv", "dm"])
@@ -182,7 +207,8 @@ def test_header_cells_are_stripped_and_rows_of_empty_cells_skipped(site: Path) -
     records, problems = read_manifest(config(site))
 
     assert problems == []
-    assert [record.row for record in records] == list(range(1, len(lines) - 2))
+    lines_of_rows = [2, 3, *range(5, len(lines))]  # line 4: empty cells; the last: spaces
+    assert [record.line for record in records] == lines_of_rows
     assert all(record.label in (0, 1) for record in records)
 
 

@@ -159,7 +159,7 @@ DEFECTS: dict[str, tuple[Callable[[Path, pd.DataFrame, int], None], str, str]] =
     "duplicate_id": (
         duplicate_into_next_row,
         "manifest.csv: patient_id",
-        "id used by rows {row} and {next_row}; ids must be unique",
+        "id used by lines {row} and {next_row}; ids must be unique",
     ),
 }
 # Inputs that must pass: a 0/255 tumour mask, and NRRD / MHA files.
@@ -206,7 +206,7 @@ def test_each_defect_quarantines_its_patient(broken, defect: str) -> None:
         "tumour": row["tumour_mask_path"],
         "organs": row["organ_mask_path"],
     }
-    expected = where.format(**names) + ": " + message.format(row=i + 1, next_row=i + 2)
+    expected = where.format(**names) + ": " + message.format(row=i + 2, next_row=i + 3)
     problems = report.quarantined.get(row["patient_id"], [])
     assert any(problem.startswith(expected) for problem in problems), problems
     assert all(problem.startswith(where.format(**names) + ": ") for problem in problems)

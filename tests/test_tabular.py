@@ -137,11 +137,11 @@ GOOD_ROWS = [
     "A3,0,55,male,,,3.5,0.75,",
 ]
 BAD_ROWS = [
-    "D1,0,60,M,T1,+,1.0,0.1,",  # row 4: id repeated in row 8
-    "L2,2,60,M,T1,+,1.0,0.1,",  # row 5: label 2
-    "N3,1,60,M,T1,+,,0.1,",  # row 6: empty radiomics cell
-    "U4,0,60,X,T1,+,1.0,0.1,",  # row 7: unknown sex
-    "D1,1,61,F,T2,-,2.0,0.2,",  # row 8
+    "D1,0,60,M,T1,+,1.0,0.1,",  # line 5 (the header: line 1): id repeated on line 9
+    "L2,2,60,M,T1,+,1.0,0.1,",  # line 6: label 2
+    "N3,1,60,M,T1,+,,0.1,",  # line 7: empty radiomics cell
+    "U4,0,60,X,T1,+,1.0,0.1,",  # line 8: unknown sex
+    "D1,1,61,F,T2,-,2.0,0.2,",  # line 9
 ]
 
 
@@ -164,10 +164,10 @@ def test_bad_rows_are_quarantined_with_their_message_and_the_others_kept(tmp_pat
     report = check_site(cfg)
     assert (report.n_patients, report.usable, report.site_problems) == (8, ["A1", "A2", "A3"], [])
     assert report.quarantined == {
-        "D1": ["features.csv: pid: id used by rows 4 and 8; ids must be unique"],
-        "L2": ["features.csv row 5: DM: label must be 0 or 1, got '2'"],
-        "N3": ["features.csv row 6: original_firstorder_Mean: radiomics value is missing"],
-        "U4": ["features.csv row 7: gender (sex): unknown category 'X' (known: M, F)"],
+        "D1": ["features.csv: pid: id used by lines 5 and 9; ids must be unique"],
+        "L2": ["features.csv line 6: DM: label must be 0 or 1, got '2'"],
+        "N3": ["features.csv line 7: original_firstorder_Mean: radiomics value is missing"],
+        "U4": ["features.csv line 8: gender (sex): unknown category 'X' (known: M, F)"],
     }
     extracted = extract_site(cfg)
     assert extracted == json.loads((cfg.paths.output / REPORT_FILE).read_text())
@@ -206,11 +206,11 @@ def test_non_finite_radiomics_empty_id_and_missing_label(tmp_path: Path) -> None
     loaded = load_feature_table(load_site_config(tabular_site(tmp_path / "site", rows)))
     assert loaded.quarantined == {
         "I1": [
-            "features.csv row 4: original_firstorder_Mean: radiomics value must be a finite"
+            "features.csv line 5: original_firstorder_Mean: radiomics value must be a finite"
             " number, got 'inf'"
         ],
-        "(row 5)": ["features.csv row 5: pid: empty id cell"],
-        "E3": ["features.csv row 6: DM: label is missing (must be 0 or 1)"],
+        "(line 6)": ["features.csv line 6: pid: empty id cell"],
+        "E3": ["features.csv line 7: DM: label is missing (must be 0 or 1)"],
     }
     assert list(loaded.features["patient_id"]) == ["A1", "A2", "A3"]
 
@@ -234,7 +234,7 @@ def test_clinical_columns_mapping_and_out_of_range_age(tmp_path: Path) -> None:
     cfg = load_site_config(tabular_site(tmp_path / "site", rows, header=header, data=mapping))
     loaded = load_feature_table(cfg)
     assert loaded.quarantined == {
-        "O1": ["features.csv row 4: age_years (age): must be between 18 and 100 years, got 12"]
+        "O1": ["features.csv line 5: age_years (age): must be between 18 and 100 years, got 12"]
     }
     assert loaded.clinical_sources["t_stage"] == "stage_t"
     assert loaded.features["t_stage_t4"].tolist() == [0.0, 1.0, 0.0]
