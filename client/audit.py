@@ -85,10 +85,19 @@ def verify(path: Path) -> AuditCheck:
 
 def summarise(path: Path) -> list[dict[str, Any]]:
     """Per run and route: requests, answered, withheld (the count alone left), refused, and
-    the bytes of what left."""
+    the bytes of what left. ValueError naming the first line that is not a JSON object."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"{path}: line {number}: not a JSON object (an edited or damaged log):"
+                " `fedmets site audit verify` checks the whole chain"
+            )
         key = (str(entry.get("run", "")), str(entry.get("route", "")))
         row = rows.setdefault(
             key,

@@ -1104,11 +1104,16 @@ def audit_show(config: Annotated[Path, typer.Option(help="This site's TOML file.
     from fedmets.client.audit import summarise
 
     path = _audit_log(config)
+    try:
+        summary = summarise(path)
+    except ValueError as error:
+        err_console.print(str(error), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
     _plain(f"audit log: {path}")
     columns = ("route", "requests", "answered", "withheld", "refused", "bytes")
     # a table per run, light borders: a run's name and a route ("query.bundle_evaluation")
     # fit 80 columns (a log, CI) whole, not split mid-word
-    for run, rows in groupby(summarise(path), key=lambda row: row["run"]):
+    for run, rows in groupby(summary, key=lambda row: row["run"]):
         table = Table(title=f"run {run}", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for column in columns:
             justify = "left" if column == "route" else "right"

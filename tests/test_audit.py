@@ -145,3 +145,17 @@ def test_show_splits_no_run_or_route_at_80_columns(tmp_path, monkeypatch) -> Non
     assert max(map(len, lines[1:])) <= 80
     words = {word for line in lines for word in line.split()}
     assert {*runs, "query.bundle_evaluation", "train.image", "10000000000", "requests"} <= words
+
+
+def test_show_names_a_damaged_line_without_a_traceback(site) -> None:
+    """A line that is not JSON (edited by hand, a disk cut short): ``show`` names it in one
+    line and points to ``verify``, exit 1, no traceback."""
+    toml, path = site
+    lines = path.read_bytes().splitlines()
+    _rewrite(path, [*lines[:2], b"garbage", *lines[2:]])
+    done = run_fedmets("site", "audit", "show", "--config", toml)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.replace("\n", "") == (
+        f"{path}: line 3: not a JSON object (an edited or damaged log): `fedmets site audit"
+        " verify` checks the whole chain"
+    )
