@@ -1304,7 +1304,10 @@ def certs(
         try:
             paths = make_certificates(out, hosts, site or [], days, ca_days)
         except (OSError, ValueError) as error:
-            err_console.print(f"error: {error}", markup=False, soft_wrap=True)
+            reason = str(error)
+            if isinstance(error, OSError) and error.strerror:  # not errno's "[Errno 13] ..."
+                reason = f"--out: cannot write {error.filename or out}: {error.strerror}"
+            err_console.print(f"error: {reason}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from error
     for role, path in paths.items():
         _plain(f"{role:24s} {path}")

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedmets.shared.files import write_atomically
+from fedmets.shared.files import check_writable, write_atomically
 from fedmets.shared.identity import check_site_id, make_site_keys
 
 VALID_DAYS = 365
@@ -85,7 +85,8 @@ def make_certificates(
     ``server_cert``, ``server_key``, ``site:<id>``, ``site:<id>.pub``). Before anything is
     written: ValueError for a site that is no site id, FileExistsError when ``out`` holds a
     CA, server certificate or one of the site keys already (every hospital trusts the CA: a
-    new one would cut them all off)."""
+    new one would cut them all off); OSError ``--out: cannot write ...`` when ``out`` is a file
+    or cannot be written."""
     out = Path(out)
     for site in sites:
         check_site_id(site)
@@ -98,6 +99,7 @@ def make_certificates(
             "hospital trusts it: renew the server certificate with --renew-server CA_KEY, add "
             "a site's key pair with `fedmets site keys`, or give a new --out"
         )
+    check_writable(out, "--out")  # a file there, or no right to write: named, no errno
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (

@@ -251,6 +251,17 @@ def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None
     assert broken.exit_code == 1 and "not a Flower app bundle" in broken.output
 
 
+def test_certs_into_a_file_names_out(tmp_path) -> None:
+    """``fedmets certs --out`` naming a file: one line naming it, no errno, nothing written."""
+    (tmp_path / "notes").write_text("x\n")
+    for out in (tmp_path / "notes", tmp_path / "notes" / "pki"):
+        done = run_fedmets("certs", "--out", out)
+        assert done.returncode == 1 and "Errno" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"error: --out: cannot write {out}: ")
+        assert len(done.stderr.splitlines()) == 1
+    assert (tmp_path / "notes").read_text() == "x\n"
+
+
 def test_the_server_certificate_is_renewed_from_the_same_ca(tmp_path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec as ec_keys
