@@ -390,7 +390,7 @@ within (:func:`forest_standardisation`)."""
 
 def forest_standardisation(
     values: np.ndarray, mean: np.ndarray, scale: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The request's radiomics ``mean`` and ``scale`` (k,) for a forest on ``values`` (rows,
     k: the raw values of the rows it is fitted on), each brought within
     :data:`FOREST_SCALE_RANGE` of the column's own mean and SD on those rows (columns without
@@ -401,7 +401,13 @@ def forest_standardisation(
     column is 0 exactly when no patient is past t: bisecting t gives a patient's value. Within
     the range no input reaches the bound (a value lies at most sqrt(rows) SD from the mean:
     300 x (sqrt(rows) + 300) < 10^6 for fewer than 9 million rows) and float32 keeps values
-    1e-4 SD apart distinct."""
+    1e-4 SD apart distinct.
+
+    Also the raw value (k,) a missing value takes: the column's own mean on the forest's rows
+    (the request's mean where no value is present), never the request's. At the request's
+    mean, the centre placed the patients with a missing value where it chose, and the forest
+    changed exactly when that point crossed another patient's value: sliding it gave every
+    value of the column (bisection, each to sklearn's 1e-7 SD tie threshold)."""
     values = np.asarray(values, dtype=np.float64)
     mean = np.asarray(mean, dtype=np.float64)
     scale = np.asarray(scale, dtype=np.float64)
@@ -415,7 +421,8 @@ def forest_standardisation(
     with np.errstate(all="ignore"):
         bounded_mean = np.clip(mean, centre - r * sd, centre + r * sd)
         bounded_scale = np.clip(scale, sd / r, sd * r)
-    return np.where(own, bounded_mean, mean), np.where(own, bounded_scale, scale)
+    fill = np.where(present > 0, centre, mean)
+    return np.where(own, bounded_mean, mean), np.where(own, bounded_scale, scale), fill
 
 
 class ScoreGroups:

@@ -779,13 +779,18 @@ class SiteWorker:
         train = self._rows(request)["train"]
         data = self._fold_data(request)
         columns = np.asarray(request["radiomics_columns"], dtype=int)
-        mean, scale = forest_standardisation(  # no crafted threshold (policy.py)
-            data.radiomics.to_numpy()[np.ix_(train, columns)],
-            request["radiomics_mean"],
-            request["radiomics_scale"],
+        values = data.radiomics.to_numpy()[:, columns]
+        mean, scale, fill = forest_standardisation(  # no crafted threshold (policy.py)
+            values[train], request["radiomics_mean"], request["radiomics_scale"]
         )
-        standardise = {**request, "radiomics_mean": mean, "radiomics_scale": scale}
-        X = standardised_groups(data, standardise, None)["radiomics"][train]
+        # a missing value at the site's own mean, not the centre's (policy.py)
+        filled = replace(data, radiomics=pd.DataFrame(np.where(np.isnan(values), fill, values)))
+        standardise = {
+            "radiomics_columns": np.arange(len(columns)),
+            "radiomics_mean": mean,
+            "radiomics_scale": scale,
+        }
+        X = standardised_groups(filled, standardise, None)["radiomics"][train]
         y = self.data.labels[train]
         reply: dict[str, Any] = {"n": int(train.sum()), "positives": int(y.sum())}
         if 0 < y.sum() < len(y):

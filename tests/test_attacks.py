@@ -802,6 +802,42 @@ def test_a_forest_cannot_be_made_a_threshold_on_one_column(site) -> None:
     assert np.abs(X - lo).min() > X.std()  # the bisection ends on no patient's value
 
 
+def test_a_missing_value_is_not_placed_where_the_centre_chooses(site) -> None:
+    """The attack: a forest's missing values were imputed at the request's mean (standardised
+    0), a point the centre chooses (anywhere within 300 SD of the site's mean: all of the
+    column's values), so the patients with a missing value were a probe it could slide: the
+    forest's splits, and the importances, changed exactly when that point crossed another
+    patient's value. A scan of ``query.importance`` over the mean, then bisection where the
+    reply changes, gave the column's values one by one (before the rule: each to 1.5e-4, the
+    1e-7 SD of sklearn's tie threshold, in about 50 requests). A missing value now takes the
+    column's own mean on the forest's rows (``policy.forest_standardisation``): every mean the
+    centre sends gets the same importances."""
+    column = 3
+    name = site.data.radiomics.columns[column]
+    values = site.data.radiomics[name].to_numpy().copy()
+    values[[5, 40]] = np.nan  # two patients without this feature
+    site = _relabel(site, **{name: values})
+    ask(site, "query.folds", folds=5)
+    other = site.data.radiomics.to_numpy()[:, 1]
+    present = np.sort(values[np.isfinite(values)])
+
+    def importances(mean: float) -> np.ndarray:
+        return ask(
+            site,
+            "query.importance",
+            fold=wire.FINAL_FOLD,
+            radiomics_columns=np.array([column, 1]),
+            radiomics_mean=np.array([mean, other.mean()]),
+            radiomics_scale=np.array([np.nanstd(values), other.std()]),
+            trees=20,
+            seed=1,
+        )["importances"]
+
+    honest = importances(np.nanmean(values))
+    for t in (present[15:55:2] + present[16:56:2]) / 2:  # between two patients' values
+        assert np.array_equal(importances(t), honest)  # (16 of 20 differed before)
+
+
 def test_a_request_cannot_make_the_site_work_without_bound(site) -> None:
     """The attack: a few kB of request that keep the site busy for hours or take its memory.
     ``covariates`` repeated: each name's levels give patient sets, and the cost grows with the
