@@ -13,7 +13,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   cohort (:func:`fold_seed`), never from the request;
 - the work a request asks for is bounded by the site's data (``policy.size``): at most as
   many covariates as the clinical schema has columns, and radiomics column indices at most
-  as many as the site's columns, each one of them;
+  as many as the site's columns, each one of them; at most ``max_forest_trees`` trees of
+  one importance request (``trees`` x (1 + ``resamples``));
 - training and scoring within bounds: ``policy.min_batch``, ``policy.max_epochs``,
   ``policy.lr``, ``policy.network`` (fusion widths and layers, the run's and each variant
   network's), ``policy.max_trees``,
@@ -156,6 +157,13 @@ def check_request(
             f"{radiomics_columns} columns",
         )
 
+    forests = 1 + request.get("resamples", 0)  # the stability ranking's forests on halves
+    if "trees" in request and request["trees"] * forests > policy.max_forest_trees:
+        refuse(
+            "policy.size",
+            f"{request['trees']} trees x {forests} forests: this site fits at most "
+            f"{policy.max_forest_trees} trees a request (max_forest_trees)",
+        )
     if "folds" in request and request["folds"] != policy.folds:
         refuse(
             "policy.folds",
