@@ -14,7 +14,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
 - the work a request asks for is bounded by the site's data (``policy.size``): at most as
   many covariates as the clinical schema has columns, and radiomics column indices at most
   as many as the site's columns, each one of them; at most ``max_forest_trees`` trees of
-  one importance request (``trees`` x (1 + ``resamples``));
+  one importance request (``trees`` x (1 + ``resamples``)); an evaluation's thresholds
+  one for each of the site's folds, each under a model key (``wire.MODEL_KEY``);
 - training and scoring within bounds: ``policy.min_batch``, ``policy.max_epochs``,
   ``policy.lr``, ``policy.network`` (fusion widths and layers, the run's and each variant
   network's), ``policy.max_trees``,
@@ -164,6 +165,16 @@ def check_request(
             f"{request['trees']} trees x {forests} forests: this site fits at most "
             f"{policy.max_forest_trees} trees a request (max_forest_trees)",
         )
+    for key, value in request.items():  # the evaluation's thresholds: one a fold, a model's
+        if key.startswith("thresholds:") and (
+            not wire.MODEL_KEY.match(key.removeprefix("thresholds:"))
+            or np.shape(value) != (policy.folds,)
+        ):
+            refuse(
+                "policy.size",
+                f"{key[:80]!r} of shape {np.shape(value)}: thresholds are one for each of this "
+                f"site's {policy.folds} folds, under a model key",
+            )
     if "folds" in request and request["folds"] != policy.folds:
         refuse(
             "policy.folds",

@@ -849,7 +849,12 @@ def test_a_request_cannot_make_the_site_work_without_bound(site) -> None:
     (``policy.size``); an honest request is within both. ``query.importance``'s
     ``resamples`` (<= 200) forests of ``trees`` (<= max_trees, 1000) each on halves: 1000 x
     201 trees took ~3.5 min at this 72-patient, 12-column site (1.06 s per 1000 trees), more
-    at a site of more patients and columns; at most ``max_forest_trees`` (20,000) now."""
+    at a site of more patients and columns; at most ``max_forest_trees`` (20,000) now.
+    ``query.evaluation``'s ``thresholds:<model>``: the site looked for a fold's scores for
+    each entry (10^6 one-byte entries, 1 MB, took 7.9 s), and any name the site's model key
+    maps to in its score file (``_safe``: every non-alphanumeric character to ``_``) was a
+    model of its own (2,000 such aliases, ~100 kB, got a 96 MB reply of 1000-bin histograms):
+    thresholds are one for each of the site's folds, under a model key, now."""
     ask(site, "query.folds", folds=5)
     p = site.data.radiomics.shape[1]
     message = refused(
@@ -903,6 +908,16 @@ def test_a_request_cannot_make_the_site_work_without_bound(site) -> None:
         resamples=20,
         top_k=5,
     )
+    for fold in range(5):
+        ask(site, "query.train_scores", **fusion_request(site), fold=fold, bins=10)
+    long = {"thresholds:" + MAIN: np.zeros(10**6, dtype=np.int8)}  # 1 MB: 7.9 s before
+    refused(site, "query.evaluation", "policy.size", bins=10, **long)
+    aliases = {
+        f"thresholds:none{chr(0x4E00 + i)}radiomics+clinical": np.full(5, 0.5) for i in range(2)
+    }
+    refused(site, "query.evaluation", "policy.size", bins=1000, **aliases)
+    reply = ask(site, "query.evaluation", bins=1000, **{"thresholds:" + MAIN: np.full(5, 0.5)})
+    assert f"brier_sum:{MAIN}" in reply
     covariates = ["age", "sex", "t_stage"]  # the default [harmonisation] covariates
     ask(site, "query.combat_statistics", fold=0, radiomics_mean=np.zeros(p), covariates=covariates)
 
