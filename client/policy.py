@@ -15,7 +15,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   many covariates as the clinical schema has columns, and radiomics column indices at most
   as many as the site's columns, each one of them; at most ``max_forest_trees`` trees of
   one importance request (``trees`` x (1 + ``resamples``)); an evaluation's thresholds
-  one for each of the site's folds, each under a model key (``wire.MODEL_KEY``);
+  one for each of the site's folds, each under a model key (``wire.MODEL_KEY``); at most
+  ``max_networks`` networks (``weights:*``) a request;
 - training and scoring within bounds: ``policy.min_batch``, ``policy.max_epochs``,
   ``policy.lr``, ``policy.network`` (fusion widths and layers, the run's and each variant
   network's), ``policy.max_trees``,
@@ -164,6 +165,13 @@ def check_request(
             "policy.size",
             f"{request['trees']} trees x {forests} forests: this site fits at most "
             f"{policy.max_forest_trees} trees a request (max_forest_trees)",
+        )
+    networks = sum(key.startswith(wire.WEIGHTS_PREFIX) for key in request)
+    if networks > policy.max_networks:
+        refuse(
+            "policy.size",
+            f"{networks} networks: this site trains or scores at most {policy.max_networks} "
+            "a request (max_networks)",
         )
     for key, value in request.items():  # the evaluation's thresholds: one a fold, a model's
         if key.startswith("thresholds:") and (

@@ -268,6 +268,9 @@ class PolicySection(_Section):
     # Most trees one importance request fits: trees x (1 + resamples), the stability ranking's
     # forests on halves included (the default run's 200 x 21 = 4,200).
     max_forest_trees: int = Field(20000, ge=1)
+    # Most networks one request carries (each trained or scored): an honest run's models (at
+    # most 7) times fusion_members (at most 20), and the main model's candidates.
+    max_networks: int = Field(256, ge=1)
     max_repeats: int = Field(10, ge=1)
     # Admit a training reply outside sample-level DP as the class sums a crafted network's
     # weights can carry: every class must hold min_patients in the fitting rows, the cohort and
