@@ -101,14 +101,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFed
 
 
 LONGEST_MODULES = (
-    "test_simulate.py",  # its simulate fixture ~225 s, then its tests
-    "test_study.py",  # its study fixture ~55 s, its folds-in-parallel test ~65 s
-    "test_deployment_resume.py",  # ~225 s, much of it waiting on Flower's processes
-    "test_deployment_dropout.py",  # ~260 s, likewise
-    "test_runbook.py",  # ~200 s
+    "test_simulate.py",  # its simulate fixture ~200 s, then its tests
+    "test_study.py",  # its study fixture ~60 s, its folds-in-parallel test ~55 s
+    "test_deployment_resume.py",  # ~205 s, much of it waiting on Flower's processes
+    "test_deployment_dropout.py",  # ~220 s, likewise
+    "test_runbook.py",  # ~170 s
 )
-"""The modules that take longest on 2 cores (fresh-clone CI ``--durations``, 2026-12-06,
-50aeecb), in the order they start: a worker takes a module whole, so the suite ends soonest
+"""The modules that take longest on 2 cores (fresh-clone CI ``--durations``, 2026-12-07,
+2d3f262), in the order they start: a worker takes a module whole, so the suite ends soonest
 when these start first. pytest-xdist keeps two modules queued on a worker whose module has
 two tests or fewer, so the two one-test deployment modules share the third worker."""
 
