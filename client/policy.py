@@ -266,9 +266,11 @@ def fold_seed(policy: PolicySection, site_seed: int, ids: np.ndarray, folder: Pa
 def private_seed(policy: PolicySection, seed: int, site_id: str, *keys: int) -> int:
     """The seed of a DP-SGD training's noise and sampling: fresh from the OS's CSPRNG with
     ``randomness = "secure"`` (the centre, which picks the request's ``seed``, cannot replay
-    it); derived from ``seed``, the site and ``keys`` with ``"seeded"``."""
+    it); derived from ``seed``, the site and ``keys`` with ``"seeded"``. A secure seed is at
+    least 2^62, so that it sets the whole state of DP-SGD's generators
+    (``fedmets.client.privacy.seeded_generator``), never only a 32-bit seed."""
     if policy.randomness == "secure":
-        return secrets.randbits(63)
+        return (1 << 62) | secrets.randbits(62)
     entropy = [seed, zlib.crc32(site_id.encode()), *keys]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] % 2**31)
 

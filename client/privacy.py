@@ -64,6 +64,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "PrivacyLedger",
     "plan_site_noise",
+    "seeded_generator",
     "site_ledger",
     "strip_module_prefix",
     "train_private",
@@ -105,6 +106,43 @@ def plan_site_noise(
     return plan_noise_multiplier(
         target_epsilon, delta, sample_rate_for(n, batch_size), steps, spent=spent
     )
+
+
+MT19937_WORDS = 624
+_MT19937_OFFSET = 24
+"""Where torch's CPU generator state (``Generator.get_state``: ``CPUGeneratorImplStateLegacy``,
+5056 bytes) keeps mt19937's 624 state words, one uint64 each: after the initial seed (int64),
+``left`` and ``seeded`` (int32 each) and ``next`` (uint64)."""
+_CPU_STATE_BYTES = 5056
+
+
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` that depends on every bit of ``seed``. torch's CPU
+    generator (mt19937) keeps only the low 32 bits of ``manual_seed``: a secure site's 63-bit
+    draw would leave the centre 2^32 seeds to try (about 4 us each in torch) to replay DP-SGD's
+    noise and Poisson sampling, then subtract the noise (docs/privacy.md). A seed under 2^32
+    seeds it as ``manual_seed`` does (a seeded site's runs repeat as before); a larger one sets
+    mt19937's whole state (624 words) from ``numpy.random.SeedSequence(seed)``, reproducibly.
+    CUDA's generator (Philox) keeps the 64-bit seed. RuntimeError when the CPU generator's
+    state is not laid out as expected: no DP-SGD on noise a centre could search."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device)
+    if device.type != "cpu" or 0 <= seed < 2**32:
+        return generator.manual_seed(int(seed) % 2**64)
+    generator.manual_seed(int(seed) % 2**32)
+    state = generator.get_state().numpy().copy()
+    words = slice(_MT19937_OFFSET, _MT19937_OFFSET + 8 * MT19937_WORDS)
+    if state.size != _CPU_STATE_BYTES or state[words].view(np.uint64)[0] != int(seed) % 2**32:
+        raise RuntimeError(
+            "torch's CPU generator state is not laid out as fedmets expects: its noise "
+            "cannot be seeded with more than 32 bits (see fedmets.client.privacy)"
+        )
+    entropy = np.random.SeedSequence(int(seed)).generate_state(MT19937_WORDS, np.uint32)
+    state[words] = entropy.astype(np.uint64).view(np.uint8)
+    generator.set_state(torch.from_numpy(state))
+    if not np.array_equal(generator.get_state().numpy()[words], state[words]):
+        raise RuntimeError("torch's CPU generator did not take the seeded state")
+    return generator
 
 
 def _dataset(data: Dataset | tuple[np.ndarray, np.ndarray]) -> Dataset:
@@ -174,9 +212,7 @@ def train_private(
     _no_inplace(model)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, generator=seeded_generator(seed))
     from opacus import PrivacyEngine  # here: a message without DP-SGD never imports Opacus
 
     with _quiet():
@@ -188,9 +224,7 @@ def train_private(
             noise_multiplier=float(noise_multiplier),
             max_grad_norm=float(max_grad_norm),
             poisson_sampling=True,
-            noise_generator=None
-            if secure_rng
-            else torch.Generator(device=device).manual_seed(seed + 1),
+            noise_generator=None if secure_rng else seeded_generator(seed + 1, device),
         )
     if anchor:
         _add_proximal_hook(dp_optimiser, anchor, proximal_mu)

@@ -1012,9 +1012,9 @@ def test_a_site_under_dp_releases_no_statistic_of_the_deep_features(tmp_path) ->
 # ---- DP noise ----------------------------------------------------------------------------------
 
 
-def _private_training(worker: SiteWorker, weights: dict, epochs: int = 1) -> dict[str, np.ndarray]:
-    request = {
-        **weights,
+def _dp_settings(epochs: int = 1) -> dict:
+    """A sample-level DP training round's settings (fold 0, round 1, epsilon 8 over 10)."""
+    return {
         "fold": 0,
         "round": 1,
         "epochs": epochs,
@@ -1029,6 +1029,10 @@ def _private_training(worker: SiteWorker, weights: dict, epochs: int = 1) -> dic
         "dp_releases": 10,
         "max_grad_norm": 1.0,
     }
+
+
+def _private_training(worker: SiteWorker, weights: dict, epochs: int = 1) -> dict[str, np.ndarray]:
+    request = {**weights, **_dp_settings(epochs)}
     return ask(worker, "train.fusion", **request)[wire.WEIGHTS_PREFIX + "none/radiomics+clinical"]
 
 
@@ -1049,6 +1053,57 @@ def test_the_centre_cannot_replay_a_secure_sites_dp_noise(tmp_path) -> None:
     ask(seeded, "query.folds", folds=5)
     again = _differ(_private_training(seeded, request), _private_training(seeded, request))
     assert again == 0.0
+
+
+def test_a_secure_sites_dp_noise_is_not_found_by_its_seeds_low_32_bits(
+    tmp_path, monkeypatch
+) -> None:
+    """The attack: torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so a
+    secure site's 63-bit draw left the centre 2^32 seeds to try (~4 us each in torch: ~5 h on
+    one core) to replay DP-SGD's noise. The centre sends a linear network whose radiomics
+    inputs are 0 (scale 1e300: their weights' gradients are the noise alone), a batch of all
+    the fit rows (q = 1, one step) and a clipping norm of 1e-9 (Adam's first step then linear in
+    the noisy gradient: inverted exactly); the seed whose noise fits those weights gives the
+    rest of the noise, and the reply minus it is the un-noised sum of clipped gradients. Here
+    the site's draws are made to fall in 2^10 low values (high bits random): the search the
+    test can afford. The site seeds the generators with every bit of its draw."""
+    from fedmets.client import policy as site_policy
+    from fedmets.client.privacy import plan_site_noise
+
+    worker = make_site(tmp_path, policy={"randomness": "secure"})
+    ask(worker, "query.folds", folds=5)
+    p = worker.data.radiomics.shape[1]
+    key = wire.WEIGHTS_PREFIX + "none/radiomics+clinical"
+    crafted = fusion_request(worker)
+    crafted["radiomics_scale"] = np.full(p, 1e300)
+    crafted[key] = {k: np.zeros_like(v) for k, v in crafted[key].items()}
+    lr, clip, tried = 0.1, 1e-9, 2**10
+    draws = np.random.default_rng(0)
+    monkeypatch.setattr(
+        site_policy.secrets,
+        "randbits",
+        lambda bits: (int(draws.integers(2**31)) << 32) | int(draws.integers(tried)),
+    )
+    recovered = []
+    for _ in range(2):  # two trainings, two secret draws
+        settings = {"epochs": 1, "lr": lr, "batch": 1000, "max_grad_norm": clip}
+        reply = ask(worker, "train.fusion", **{**_dp_settings(), **crafted, **settings})
+        u = np.concatenate([reply[key]["net.0.weight"].ravel(), reply[key]["net.0.bias"]])
+        u = u.astype(np.float64)
+        n = reply["n"]
+        summed = -np.sign(u) * 1e-8 * np.abs(u) / (lr - np.abs(u)) * n  # Adam's step inverted
+        z = plan_site_noise(8.0, 1e-5, n, 1000, 1, 10)  # the site's plan, the centre's to redo
+        for seed in range(tried):
+            generator = torch.Generator().manual_seed(seed + 1)
+            shapes = [(1, len(u) - 1), (1,)]  # Opacus' noise, parameter by parameter
+            noise = torch.cat(
+                [torch.normal(0, z * clip, s, generator=generator).ravel() for s in shapes]
+            )
+            noise = noise.double().numpy()
+            if np.allclose(noise[:p], summed[:p], rtol=1e-3, atol=0):
+                recovered.append(summed - noise)  # the clipped gradients' sum, noise removed
+                break
+    assert not recovered, "the centre replayed the site's DP noise"
 
 
 def test_trainings_at_once_cannot_spend_the_budget_twice(tmp_path) -> None:
