@@ -46,7 +46,8 @@ from fedmets.client.site_files import FEATURES_FILE
 from fedmets.client.site_lanes import SiteLanes
 from fedmets.client.site_worker import SiteWorker
 from fedmets.shared import wire
-from fedmets.shared.config import load_site_config
+from fedmets.shared.config import SiteConfig, load_site_config
+from fedmets.shared.identity import load_private_key
 
 REFUSALS = (PolicyRefused, ReleaseRefused, wire.WireError)
 """What the gate refuses: sent back as ``PERMISSION_DENIED`` with its message."""
@@ -235,9 +236,30 @@ def start_service(
     return server
 
 
+def check_identity_key(cfg: SiteConfig) -> None:
+    """RuntimeError, one line naming the file and ``fedmets site keys``, when ``[service]
+    identity_key`` is set but is not a readable ECDSA private key. A configuration error of
+    the hospital's, refused when the service starts: unlike data not yet extracted (the
+    service starts "not ready" so that the census sees it), no request could be answered
+    until the config changes."""
+    key = cfg.service.identity_key
+    if key is None:
+        return
+    try:
+        load_private_key(key)
+    except ValueError as error:
+        raise RuntimeError(
+            f"{error}: make the site's key pair with `fedmets site keys --site {cfg.site_id} "
+            f"--out FOLDER` and set identity_key to FOLDER/{cfg.site_id}, or leave "
+            "identity_key out (unsigned census replies)"
+        ) from error
+
+
 def serve(config_path: Path, say: Callable[[str], None] = print) -> None:
-    """``fedmets site serve``: load the site, serve it on its socket until SIGTERM or SIGINT."""
+    """``fedmets site serve``: load the site, serve it on its socket until SIGTERM or SIGINT.
+    RuntimeError before serving when ``[service] identity_key`` is no usable key."""
     service = SiteService(config_path, served=True)
+    check_identity_key(service.cfg)
     socket = service.cfg.service_socket
     try:
         worker = service.worker

@@ -81,14 +81,19 @@ def make_site_keys(folder: Path, site: str) -> tuple[Path, Path]:
 
 def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """The site's private key at ``path``; ValueError names the file when it is missing,
-    unreadable or not an ECDSA key in OpenSSH or PEM format."""
+    unreadable or not an ECDSA key in OpenSSH or PEM format (one line, no errno)."""
     try:
         data = Path(path).read_bytes()
         if data.startswith(b"-----BEGIN OPENSSH PRIVATE KEY"):
             key = serialization.load_ssh_private_key(data, password=None)
         else:
             key = serialization.load_pem_private_key(data, password=None)
-    except (OSError, ValueError, TypeError) as error:
+    except FileNotFoundError as error:
+        raise ValueError(f"[service] identity_key {path}: file not found") from error
+    except OSError as error:  # the system's words, without errno's "[Errno 13] ..."
+        reason = error.strerror or str(error)
+        raise ValueError(f"[service] identity_key {path}: cannot read it: {reason}") from error
+    except (ValueError, TypeError) as error:
         raise ValueError(f"[service] identity_key {path}: not a readable key ({error})") from error
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"[service] identity_key {path}: not an ECDSA key")

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_fedmets
 from test_layers import modules_loaded
 
+from fedmets.client import site_service
 from fedmets.client.audit import verify
 from fedmets.client.release import answer, site_audit_path
 from fedmets.client.service_channel import ServiceClient, ServiceRefused
@@ -21,6 +23,7 @@ from fedmets.client.site_service import SiteService, start_service
 from fedmets.client.site_worker import SiteWorker
 from fedmets.shared import wire
 from fedmets.shared.config import load_site_config
+from fedmets.shared.identity import make_site_keys
 from fedmets.simulation.feature_sites import write_feature_sites
 
 
@@ -84,6 +87,32 @@ def test_a_file_at_the_socket_path_is_never_removed(served, tmp_path) -> None:
 def test_no_service_behind_the_socket_says_how_to_start_one(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="fedmets site serve"):
         ServiceClient(tmp_path / "none.sock").site_id()
+
+
+def test_an_identity_key_that_is_no_key_stops_the_service_at_start(tmp_path, monkeypatch) -> None:
+    """``[service] identity_key`` naming no file (or no key) is the hospital's configuration
+    error, not a data state: ``site serve`` refuses to start, in one line naming the file and
+    ``fedmets site keys`` (no errno), rather than serve and fail every request later."""
+
+    def no_serving(*_args, **_kwargs):
+        raise AssertionError("the service started serving")
+
+    monkeypatch.setattr(site_service, "start_service", no_serving)
+    (toml,) = write_feature_sites(tmp_path / "sites", [20], folds=2)
+    base = toml.read_text()
+    not_a_key = tmp_path / "notes.txt"
+    not_a_key.write_text("not a key\n")
+    for key, reason in (("keys/site_000", "file not found"), (not_a_key, "not a readable key")):
+        toml.write_text(base + f'\n[service]\nidentity_key = "{key}"\n')
+        done = run_fedmets("site", "serve", "--config", toml)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("error: [service] identity_key "), done.stderr
+        assert reason in done.stderr and "fedmets site keys --site site_000" in done.stderr
+        assert "Errno" not in done.stderr and len(done.stderr.splitlines()) == 1
+    private, _ = make_site_keys(tmp_path / "keys", "site_000")  # a real key: it serves
+    toml.write_text(base + f'\n[service]\nidentity_key = "{private}"\n')
+    done = run_fedmets("site", "serve", "--config", toml)
+    assert "the service started serving" in done.stderr
 
 
 def test_the_relay_loads_no_torch_and_no_site_code() -> None:
