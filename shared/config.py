@@ -675,7 +675,8 @@ def check_config_file(path: str | Path, check_paths: bool = True) -> tuple[str, 
     """Tell whether ``path`` is a "site" or "federation" config and list its problems.
 
     The kind is "unknown" when the file cannot be read or has neither ``site_id`` nor ``[run]``.
-    With ``check_paths`` a valid site config's data paths must also exist.
+    With ``check_paths`` a valid site config's data paths must also exist, and its ``[service]
+    identity_key`` file when set (``fedmets site serve`` refuses to start without it).
     """
     try:
         data = _read_toml(path)
@@ -695,7 +696,15 @@ def check_config_file(path: str | Path, check_paths: bool = True) -> tuple[str, 
     except ConfigError as error:
         return kind, error.problems
     if kind == "site" and check_paths:
-        return kind, _check_site_paths(cfg, path)
+        problems = _check_site_paths(cfg, path)
+        key = cfg.service.identity_key  # the site service's, so not in check_paths
+        if key is not None and not key.is_file():
+            found = "a folder, not a file" if key.is_dir() else "file not found"
+            problems.append(
+                f"{path}: service.identity_key: {found}: {key} (make it with `fedmets site "
+                f"keys --site {cfg.site_id} --out FOLDER`)"
+            )
+        return kind, problems
     return kind, []
 
 

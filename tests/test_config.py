@@ -441,6 +441,25 @@ def test_a_manifest_or_params_that_is_a_folder_is_named_a_folder(tmp_path: Path)
     ]
 
 
+def test_a_missing_identity_key_is_a_path_problem(tmp_path: Path) -> None:
+    """``[service] identity_key`` naming no file: ``config check`` says so (``site serve``
+    would refuse to start), naming ``fedmets site keys``; ``--schema-only`` does not look."""
+    write(tmp_path, "patient_id,dm\n", "data/manifest.csv")
+    path = write(tmp_path, SITE + '\n[service]\nidentity_key = "keys/hospital_b"\n')
+    key = (tmp_path / "keys" / "hospital_b").resolve()
+    assert check_config_file(path) == (
+        "site",
+        [
+            f"{path}: service.identity_key: file not found: {key} (make it with "
+            "`fedmets site keys --site hospital_b --out FOLDER`)"
+        ],
+    )
+    assert check_config_file(path, check_paths=False) == ("site", [])
+    key.parent.mkdir()
+    key.write_text("a key\n")
+    assert check_config_file(path) == ("site", [])
+
+
 def test_several_problems_all_reported(tmp_path: Path) -> None:
     text = (
         SITE.replace("seed = 3", "seed = -1\nextra = 1")
