@@ -286,6 +286,20 @@ def test_cli_report(tmp_path):
     assert "metrics.json: not readable JSON" in damaged.output.replace("\n", "")
 
 
+def test_a_study_run_is_named_as_one(tmp_path):
+    """``fedmets report`` on a ``fedmets study`` folder: one line saying what it is and where
+    its figures are, not the keys a simulation's metrics.json would have."""
+    run = tmp_path / "study"
+    run.mkdir()
+    config = {"mode": "tabular", "threshold_rule": "Youden J", "folds": 2}
+    (run / "metrics.json").write_text(json.dumps({"config": config, "models": {}}))
+    done = run_fedmets("report", run)
+    said = done.stderr.replace("\n", "")
+    assert done.returncode == 1 and "Traceback" not in said
+    assert said.startswith(f"error: {run / 'metrics.json'}: the results of `fedmets study`")
+    assert "roc.png" in said and "field required" not in said
+
+
 def test_report_of_a_failed_deployed_run_shows_its_error(tmp_path):
     """A deployed run that stopped (the ServerApp wrote error.txt, no federated.json): the
     report says so with error.txt's first line, not that no results file was found."""

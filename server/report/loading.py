@@ -27,6 +27,13 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
     server_file = next((f for f in server_files if f.is_file()), None)
     if metrics_file.is_file():
         metrics = _read(metrics_file)
+        if "federated" not in metrics and "threshold_rule" in (metrics.get("config") or {}):
+            raise ValueError(
+                f"{metrics_file}: the results of `fedmets study`, not of a federated run: its "
+                "figures (roc.png, calibration.png, ablation.png) and tables are in "
+                f"{run_dir} already; `fedmets report` reads a `fedmets simulate` run or a "
+                "server output folder"
+            )
         sources = [metrics_file]
         if server_file is not None:
             server = _read(server_file)
