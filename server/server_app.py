@@ -209,7 +209,11 @@ class FlowerLink:
             if reply.has_error():
                 self.say(f"  {site}: {route} failed: {reply.error.reason}", WARNING)
                 continue
-            replies[site] = wire.from_records(reply.content)
+            try:
+                replies[site] = wire.from_records(reply.content)
+            except wire.WireError as error:  # another wire version, or crafted: this site only
+                self.say(f"  {site}: {route} reply not readable ({error}): dropped", WARNING)
+                continue
             self._log_receipt(route, site, requests[site], replies[site])
         return replies
 

@@ -54,11 +54,11 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-PROTOCOL_VERSION = 11
+PROTOCOL_VERSION = 12
 """Bumped whenever a route's request or reply changes (8: statistics on score groups, variant
 networks; 9: the ``paper`` image preset; 10: batches, :data:`BATCH_MESSAGE_TYPE`; 11: a
-covariance reply may leave out the label products it was asked for); the census refuses other
-versions."""
+covariance reply may leave out the label products it was asked for; 12: a payload's arrays
+packed in one ``Array`` with their layout); the census refuses other versions."""
 
 
 class Kind(StrEnum):
@@ -485,8 +485,9 @@ def to_records(route_name: str, payload: Mapping[str, Any], reply: bool) -> Reco
     WireError for a field the route does not declare in that direction."""
     scalars, arrays = _split_fields(route_name, payload, reply)
     records = RecordDict({SCALARS: ConfigRecord(scalars)})
-    if arrays:
-        layout, packed = _pack(arrays, [k for k in payload if k.startswith(WEIGHTS_PREFIX)])
+    models = [key for key in payload if key.startswith(WEIGHTS_PREFIX)]
+    if arrays or models:
+        layout, packed = _pack(arrays, models)
         records[LAYOUT] = layout
         records[ARRAYS] = ArrayRecord(array_dict={ARRAYS: Array(packed)})
     return records
@@ -555,6 +556,14 @@ def _unpack(layout: ConfigRecord, packed: np.ndarray) -> dict[str, Any]:
         raise WireError(f"the array layout has no {error.args[0]!r}") from None
     if not len(fields) == len(parameters) == len(dtypes) == len(ndims):
         raise WireError("the array layout's lists differ in length")
+    if not all(isinstance(v, str) for v in fields + parameters + dtypes + models) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in ndims + dims
+    ):
+        raise WireError("the array layout holds names that are not text or sizes not integers")
+    entries = list(zip(fields, parameters, strict=True))
+    plain = {field for field, parameter in entries if not parameter}
+    if len(set(entries)) < len(entries) or plain & ({f for f, p in entries if p} | set(models)):
+        raise WireError("the array layout names an array twice")
     if any(n < 0 for n in ndims) or sum(ndims) != len(dims) or any(d < 0 for d in dims):
         raise WireError("the array layout's shapes do not add up")
     data = np.asarray(packed, dtype=np.uint8).reshape(-1).tobytes()

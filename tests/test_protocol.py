@@ -687,3 +687,48 @@ def test_a_site_over_its_budget_refuses_to_train(sites) -> None:
             _cfg(dp={"mode": "sample", "epsilon": 8.0}, stages={"fusion_rounds": 2}),
             "over-budget",
         ).run_all()
+
+
+class _ReplyingGrid:
+    """The part of a Flower Grid that ``FlowerLink`` uses: nodes that answer every message with
+    their fixed ``replies`` content."""
+
+    def __init__(self, replies: dict[int, object]) -> None:
+        self.replies = replies
+        self.pushed: list = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.replies)
+
+    def push_messages(self, messages) -> list[str]:
+        self.pushed = list(messages)
+        return [message.object_id for message in self.pushed]
+
+    def pull_messages(self, message_ids) -> list:
+        from flwr.app import Message
+
+        pushed, self.pushed = self.pushed, []
+        return [Message(self.replies[m.metadata.dst_node_id], reply_to=m) for m in pushed]
+
+
+def test_a_reply_the_server_cannot_read_drops_that_site_alone(tmp_path, monkeypatch) -> None:
+    """A reply whose packed arrays do not fit their layout (another wire version, or crafted)
+    leaves that site out of the round; the other sites' replies are kept."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmets.server.server_app import FlowerLink
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    reply = {"n": 10, "positives": 3, "radiomics_sum": np.ones(4), "radiomics_count": np.ones(4)}
+    bad = wire.to_records("query.moments", reply, reply=True)
+    bad["arrays"] = ArrayRecord(array_dict={"arrays": Array(np.zeros(8, np.uint8))})
+    grid = _ReplyingGrid({1: wire.to_records("query.moments", reply, reply=True), 2: bad})
+    said: list[str] = []
+    cfg = _cfg(federation={"round_timeout_s": 0.2})
+    link = FlowerLink(grid, cfg, lambda text, *level: said.append(text), tmp_path / "r.jsonl")
+    request = {"run": "test-run", "fold": 0, "min_patients": 5}
+    replies = link.ask("query.moments", {"node-1": request, "node-2": request})
+    assert list(replies) == ["node-1"] and replies["node-1"]["n"] == 10
+    assert any("node-2: query.moments reply not readable" in line for line in said), said

@@ -83,6 +83,8 @@ def test_packed_arrays_keep_their_dtype_and_shape() -> None:
     assert back["weights:none/clinical"]["count"] == 7
     assert back["weights:none/clinical"]["on"].tolist() == [True, False]
     assert back["weights:none/radiomics"] == {}
+    alone = {"run": "r1", "fold": 1, "weights:none/radiomics": {}}  # the only array field
+    assert wire.from_records(wire.to_records("query.validate", alone, reply=False)) == alone
     with pytest.raises(wire.WireError, match="dtype object"):
         wire.to_records("query.validate", {"radiomics_mean": np.array([None])}, reply=False)
 
@@ -104,6 +106,9 @@ def test_packed_arrays_keep_their_dtype_and_shape() -> None:
         (lambda layout, data: layout.__setitem__("ndims", [2]), "do not add up"),
         (lambda layout, data: layout.__setitem__("fields", []), "differ in length"),
         (lambda layout, data: layout.pop("models"), "no 'models'"),
+        (lambda layout, data: layout.__setitem__("dims", [4.0]), "not integers"),
+        (lambda layout, data: layout.__setitem__("ndims", [True]), "not integers"),
+        (lambda layout, data: layout.__setitem__("models", ["radiomics_sum"]), "twice"),
         (lambda layout, data: data.pop("layout"), "with their layout"),
     ],
 )
