@@ -85,6 +85,11 @@ def test_packed_arrays_keep_their_dtype_and_shape() -> None:
     assert back["weights:none/radiomics"] == {}
     alone = {"run": "r1", "fold": 1, "weights:none/radiomics": {}}  # the only array field
     assert wire.from_records(wire.to_records("query.validate", alone, reply=False)) == alone
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    census = {"protocol": 11, "site_id": "site_a"}  # as protocol 11 wrote it: version is told
+    old = RecordDict({"scalars": ConfigRecord(census), "arrays": ArrayRecord()})
+    assert wire.from_records(old) == census
     with pytest.raises(wire.WireError, match="dtype object"):
         wire.to_records("query.validate", {"radiomics_mean": np.array([None])}, reply=False)
 
