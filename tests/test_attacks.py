@@ -888,29 +888,11 @@ def test_a_request_cannot_make_the_site_work_without_bound(site) -> None:
         site, "query.importance", fold=0, **honest, radiomics_scale=np.ones(p), trees=1, seed=1
     )
     assert "importances" in reply
-    refused(  # 1000 trees x 201 forests: ~3.5 min of this site's time for ~100 bytes
-        site,
-        "query.importance",
-        "policy.size",
-        fold=0,
-        **honest,
-        radiomics_scale=np.ones(p),
-        trees=1000,
-        seed=1,
-        resamples=200,
-        top_k=5,
-    )
-    ask(  # the default run's stability ranking: 200 trees x 21 forests
-        site,
-        "query.importance",
-        fold=0,
-        **honest,
-        radiomics_scale=np.ones(p),
-        trees=200,
-        seed=1,
-        resamples=20,
-        top_k=5,
-    )
+    stability = {"fold": 0, **honest, "radiomics_scale": np.ones(p), "seed": 1, "top_k": 5}
+    # 1000 trees x 201 forests: ~3.5 min of this site's time for ~100 bytes
+    refused(site, "query.importance", "policy.size", **stability, trees=1000, resamples=200)
+    # the default run's stability ranking: 200 trees x 21 forests
+    ask(site, "query.importance", **stability, trees=200, resamples=20)
     for fold in range(5):
         ask(site, "query.train_scores", **fusion_request(site), fold=fold, bins=10)
     long = {"thresholds:" + MAIN: np.zeros(10**6, dtype=np.int8)}  # 1 MB: 7.9 s before
