@@ -48,6 +48,27 @@ def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 
     pytest.fail(f"{text!r} did not appear in {path} within {timeout} s")
 
 
+def wait_online(
+    federation: LoopbackFederation, node_id: int, process: subprocess.Popen, timeout: float = 120
+) -> None:
+    """Wait until the SuperLink lists SuperNode ``node_id`` as online (fails if ``process``, the
+    SuperNode, ends first). A message sent to a node registered but not yet online is refused
+    by Flower ("destination SuperNode ... never existed")."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = json.loads(federation.flwr("supernode", "list", "--format", "json").stdout)
+        # ``flwr supernode register`` prints the id as a number, ``list`` as a string
+        if any(
+            n.get("node-id") == str(node_id) and n.get("status") == "online"
+            for n in listed.get("nodes", [])
+        ):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"SuperNode {node_id} ended before it was online")
+        time.sleep(1)
+    pytest.fail(f"SuperNode {node_id} was not online within {timeout} s")
+
+
 def start_all_and_wait(federation: LoopbackFederation, timeout: float = 240) -> None:
     """(Re)start every site's SuperNode until all run and the SuperLink lists exactly them as
     online. A SuperNode restarted while its killed predecessor is still listed online (until

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from deployment import start_all_and_wait
+from deployment import start_all_and_wait, wait_online
 
 from fedmets.shared.identity import make_site_keys
 from fedmets.simulation.loopback import flower_bin, free_port, stop_process
@@ -183,6 +183,7 @@ def test_the_uploaded_app_cannot_read_the_data_nor_pass_the_policy(federation) -
                 cwd=shared,
             )
         )
+        wait_online(federation, node, started[-1])
         out = root / "probe.json"
         features = site / "output" / "features.parquet"
         run_config = f"data-file='{features}' node-id='{node}' out='{out}'"
