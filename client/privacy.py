@@ -28,10 +28,11 @@ wrapper is removed after training and :func:`strip_module_prefix` cleans any sta
 from a wrapped model, so the returned state loads into the plain model.
 
 Training runs in float32 (no autocast): per-sample gradients under mixed precision are not
-worth the risk to the clipping bound. The noise and the Poisson sampler draw from generators
-seeded with ``seed`` (reproducible research runs); ``secure_rng=True`` uses Opacus' secure mode
-instead (cryptographically strong randomness; needs the ``torchcsprng`` package), which a
-production site should use.
+worth the risk to the clipping bound. The noise and the Poisson sampler draw from torch's
+generators (mt19937) seeded with ``seed``: a seeded site's derived seed (reproducible research
+runs) or a secure site's draw from the OS's CSPRNG, which sets the whole state
+(:func:`seeded_generator`). Opacus' own ``secure_mode`` needs ``torchcsprng``, which has no
+build for this torch; docs/privacy.md ("What is NOT covered") says what that leaves.
 """
 
 from __future__ import annotations
@@ -175,7 +176,6 @@ def train_private(
     round: int | None = None,
     run: str | None = None,
     model_name: str | None = None,
-    secure_rng: bool = False,
     delta: float = 1e-5,
 ) -> dict[str, Any]:
     """Train ``model`` ((B, ...) -> (B,) logits) in place with DP-SGD on ``data`` (a Dataset of
@@ -216,7 +216,7 @@ def train_private(
     from opacus import PrivacyEngine  # here: a message without DP-SGD never imports Opacus
 
     with _quiet():
-        engine = PrivacyEngine(accountant="rdp", secure_mode=secure_rng)
+        engine = PrivacyEngine(accountant="rdp")
         private, dp_optimiser, dp_loader = engine.make_private(
             module=model,
             optimizer=optimiser,
@@ -224,7 +224,7 @@ def train_private(
             noise_multiplier=float(noise_multiplier),
             max_grad_norm=float(max_grad_norm),
             poisson_sampling=True,
-            noise_generator=None if secure_rng else seeded_generator(seed + 1, device),
+            noise_generator=seeded_generator(seed + 1, device),
         )
     if anchor:
         _add_proximal_hook(dp_optimiser, anchor, proximal_mu)
