@@ -333,13 +333,14 @@ def run_baselines(
 
 LOGISTIC_FEDERATED, LOGISTIC_CENTRALIZED = "logistic-federated", "logistic-centralized"
 LOGISTIC_WEIGHT_DECAY = 1e-2
-"""The L2 penalty (Adam weight decay) of the plain logistic baseline."""
+"""The plain logistic baseline's weight decay (AdamW's decoupled decay: a shrinkage like,
+but not the same as, an L2 penalty in the loss)."""
 
 
 def logistic_config(fed: FederationConfig) -> FederationConfig:
     """The plain baseline of ``fed``: the same protocol, selection, harmonisation and clinical
-    encoding, with a logistic regression (a fusion network without hidden layers, L2 by weight
-    decay, no dropout, no choice of the main model's network) for the fusion network and no
+    encoding, with a logistic regression (a fusion network without hidden layers, shrunk by AdamW's
+    weight decay, no dropout, no choice of the main model's network) for the fusion network and no
     image stage or final model."""
     data = fed.model_dump(mode="json")
     data["model"] |= {
