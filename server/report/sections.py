@@ -106,7 +106,7 @@ def results_html(metrics: dict, sites: list[str], figures: Figures) -> str:
         notes.append("No local-only baseline in this run.")
     if logistic:
         notes.append(
-            f"Logistic baseline: an L2 logistic regression ({e(logistic['model'])}, weight decay "
+            f"Logistic baseline: a logistic regression ({e(logistic['model'])}, weight decay "
             f"{logistic['weight_decay']:g}) on the same selected features, clinical encoding "
             "and folds, through the same protocol."
         )
