@@ -134,6 +134,18 @@ def check_request(
     problems = wire.check_request(route_name, request)
     if problems:
         raise PolicyRefused("wire.declaration", f"{route_name}: {'; '.join(problems)}")
+    check_bounds(route_name, request, policy, radiomics_columns)
+
+
+def check_bounds(
+    route_name: str,
+    request: Mapping[str, Any],
+    policy: PolicySection,
+    radiomics_columns: int | None = None,
+) -> None:
+    """:func:`check_request` without the wire declaration: ``request``'s settings against
+    ``policy``'s bounds (also what ``fedmets site approve`` asks of a run's planned settings,
+    ``fedmets.shared.run_plan.policy_requests``)."""
 
     def refuse(rule: str, message: str) -> None:
         raise PolicyRefused(rule, f"{route_name}: {message}")

@@ -1025,10 +1025,21 @@ def site_approve(
     app bundle, which the site service then answers (while [policy] require_approval holds;
     docs/hospital_guide.md)."""
     from fedmets.client.app_digest import fab_digest
-    from fedmets.client.approval import approvals_path, approve_run
+    from fedmets.client.approval import approvals_path, approve_run, policy_conflicts
 
     cfg = _load_site_config_or_exit(config)
     run = _load_federation_config_or_exit(run_config)
+    conflicts = policy_conflicts(cfg, run)
+    if conflicts:
+        for line in [
+            f"not approved: this site's [policy] ({config}) would refuse run {run.run.name}'s "
+            "requests:",
+            *(f"  {conflict}" for conflict in conflicts),
+            "ask the centre for a run within these bounds, or widen the [policy] key named "
+            "(docs/configuration.md), then approve again",
+        ]:
+            err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     if app is not None and not app.is_file():
         problem = "a folder, not a file" if app.is_dir() else "not found"
         err_console.print(

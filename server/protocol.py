@@ -74,22 +74,22 @@ from fedmets.shared.metrics import (
     youden_from_histograms,
 )
 from fedmets.shared.models import (
-    NO_IMAGE,
     FusionNet,
-    fusion_networks,
-    group_subsets,
     input_blocks,
-    model_groups,
-    model_key,
     network_dims,
     network_hidden,
-    variant_name,
 )
 from fedmets.shared.reproducibility import set_seed
+from fedmets.shared.run_plan import (
+    IMPORTANCE_REPEATS,
+    main_candidates,
+    main_model,
+    planned_models,
+    planned_networks,
+)
 from fedmets.shared.selection import correlation_filter, correlation_from_sums
 
 IMAGE = "image"
-IMPORTANCE_REPEATS = 3
 CENSUS_FIELDS = frozenset(
     {
         "site_id",
@@ -190,11 +190,6 @@ def census_request(cfg: FederationConfig) -> Payload:
         "challenge": new_challenge(),
         "config_sha256": cfg.fingerprint(),
     }
-
-
-def main_model(models: list[str]) -> str:
-    """The model of the headline numbers: every group fused (the last, widest key)."""
-    return max(models, key=lambda k: (len(model_groups(k)), k.startswith(NO_IMAGE)))
 
 
 class FederatedProtocol:
@@ -363,26 +358,19 @@ class FederatedProtocol:
         images = self.cfg.stages.image and all(c["has_images"] for c in census.values())
         clinical = all(c["clinical_columns"] > 0 for c in census.values())
         backbone = self.cfg.model.backbone if images else None
-        groups = ("radiomics",) + (("clinical",) if clinical else ())
-        models = [model_key(None, s) for s in group_subsets() if set(s) <= set(groups)]
-        if images:
-            models += [
-                model_key(backbone, s)
-                for s in group_subsets()
-                if "deep" in s and set(s) - {"deep"} <= set(groups)
-            ]
+        models = planned_models(self.cfg, images, clinical)
         if self.cfg.dp.mode != "off" and not self.cfg.dp.ablation:
-            models = [main_model(models)]
             self.say(
                 f"dp.mode {self.cfg.dp.mode!r}: the main model {models[0]} alone is trained "
                 "(each ablation network would spend the same patients' budget; dp.ablation)"
             )
-        networks = fusion_networks(models, self.cfg.model.fusion, self.cfg.model.fusion_members)
-        self.candidates = self._main_candidates(main_model(models))
+        networks = planned_networks(self.cfg, models)
+        self.candidates = main_candidates(self.cfg, main_model(models))
         if self.candidates:
-            main = main_model(models)
-            networks = [n for n in networks if n != main] + self.candidates
-            self.say(f"main model {main}: its network chosen per fold among {self.candidates}")
+            self.say(
+                f"main model {main_model(models)}: its network chosen per fold among "
+                f"{self.candidates}"
+            )
         self.folds()
         self._plan_privacy(images, len(networks))
         return images, backbone, models, networks
@@ -1320,18 +1308,6 @@ class FederatedProtocol:
             scale = np.sqrt(np.maximum(values[top], 1e-12))
             out["deep_projection"] = vectors[:, top] / scale
         return out
-
-    def _main_candidates(self, main: str) -> list[str]:
-        """The variant networks the main model chooses among (``[model] main_radiomics`` x
-        ``main_hidden``, either defaulting to the run's setting), or [] when neither is set.
-        A 0-radiomics variant of a radiomics-only model is left out (it would read nothing)."""
-        model = self.cfg.model
-        if not (model.main_radiomics or model.main_hidden):
-            return []
-        widths = model.main_radiomics or [self.cfg.selection.top_k]
-        hiddens = model.main_hidden or [model.fusion_hidden]
-        names = [variant_name(main, k, h) for k in widths for h in hiddens]
-        return [n for n in names if model_groups(n)]
 
     def _choose_main(self, candidates: list[str], curves: dict) -> tuple[str, dict]:
         """The candidate with the best pooled inner-validation figure at its kept round (the

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import tomli_w
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 from fedmets.cli import app
 from fedmets.client.app_digest import fab_digest, folder_digest, running_app_digest
-from fedmets.client.approval import approvals_path, approve_run
+from fedmets.client.approval import approvals_path, approve_run, approved_runs
 from fedmets.client.policy import PolicyRefused
 from fedmets.client.release import answer, site_audit_path
 from fedmets.client.service_channel import ServiceClient, ServiceRefused
@@ -186,6 +187,31 @@ def test_a_deployed_site_answers_only_approved_runs(tmp_path) -> None:
     assert done.exit_code == 1 and "approved-runs.json: not a record of approved runs" in (
         done.output
     )
+
+
+def test_a_run_the_sites_policy_would_refuse_is_not_approved(tmp_path) -> None:
+    """``fedmets site approve`` checks the run's planned settings against the site's
+    ``[policy]``: a run with more trees and wider networks than the site allows is not
+    approved, each refusal named by its rule and route; within the bounds it is."""
+    toml = write_sites(tmp_path / "sites")["site_b"]
+    site = tomllib.loads(toml.read_text())
+    site["policy"] |= {"max_trees": 10, "max_width": 4}
+    toml.write_text(tomli_w.dumps(site))
+    fed = tmp_path / "fed.toml"
+    fed.write_text(tomli_w.dumps(_cfg().model_dump(mode="json", exclude_none=True)))
+    approve = ["site", "approve", "--config", str(toml), "--run-config", str(fed)]
+    done = CliRunner().invoke(app, approve)
+    assert done.exit_code == 1
+    assert "not approved: this site's [policy]" in done.output
+    assert "policy.max_trees: query.importance: trees 20 is outside" in done.output
+    assert "policy.network: train.fusion: hidden [8]: this site trains at most" in done.output
+    assert not approvals_path(load_site_config(toml)).exists()
+
+    within = _cfg(selection={"rf_trees": 10}, model={"fusion_hidden": [4]})
+    fed.write_text(tomli_w.dumps(within.model_dump(mode="json", exclude_none=True)))
+    done = CliRunner().invoke(app, approve)
+    assert done.exit_code == 0, done.output
+    assert within.run.name in approved_runs(load_site_config(toml))
 
 
 def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:
