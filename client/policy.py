@@ -466,6 +466,23 @@ def forest_standardisation(
     return np.where(own, bounded_mean, mean), np.where(own, bounded_scale, scale), fill
 
 
+def missing_fill(values: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """The raw value (p,) a missing value of each column of ``values`` (rows, p: the rows a
+    sum is over) takes in a sum of feature values: the column's own mean on those rows (the
+    ``fallback``, the request's mean, where no value is present: every row then holds it).
+    Never the request's mean: there, a missing value sat still while the centre moved every
+    present one (centred on its mean), so two requests' cross-products differed by the sum
+    of each other column over the patients a column is missing for (and the ComBat routes'
+    covariate products by their clinical values): one patient's row where one lacked a
+    value (docs/privacy.md)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    present = finite.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        own = np.where(finite, values, 0.0).sum(axis=0) / present
+    return np.where(present > 0, own, np.asarray(fallback, dtype=np.float64))
+
+
 class ScoreGroups:
     """Patients sorted by score (whatever their labels) in consecutive groups of ``min_count``
     (``policy.min_bin_count``; a short last group joins the one before): the only form in which

@@ -48,6 +48,7 @@ from fedmets.client.policy import (
     ScoreGroups,
     fold_seed,
     forest_standardisation,
+    missing_fill,
     private_seed,
     release_families,
     suppressed_groups,
@@ -615,7 +616,8 @@ class SiteWorker:
         train = self._rows(request)["train"]
         mean = np.asarray(request["radiomics_mean"], dtype=np.float64)
         X = self._fold_data(request).radiomics.to_numpy()[train]
-        centred = np.where(np.isfinite(X), X, mean) - mean
+        fill = missing_fill(X, mean)  # the site's own mean, not the request's (policy.py)
+        centred = np.where(np.isfinite(X), X, fill) - mean
         reply = {
             "n": int(train.sum()),
             "centred_sum": centred.sum(axis=0),
@@ -639,8 +641,10 @@ class SiteWorker:
     def _combat_inputs(
         self, request: Mapping[str, Any]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every row's raw radiomics with missing values at the request's mean (n, p), its
-        covariate design (n, q) and the row's training mask (n,)."""
+        """Every row's raw radiomics with missing values at the column's own mean on the
+        training rows (``fedmets.client.policy.missing_fill``: the request's mean let the centre
+        move the present values past the missing ones) (n, p), its covariate design (n, q) and
+        the row's training mask (n,)."""
         X = self.data.radiomics.to_numpy()
         mean = np.asarray(request["radiomics_mean"], dtype=np.float64)
         if mean.shape != (X.shape[1],):
@@ -649,7 +653,8 @@ class SiteWorker:
                 f"{X.shape[1]} radiomics columns"
             )
         c = covariate_design(self.data.clinical, list(request["covariates"]))
-        return impute(X, mean), c, self._rows(request)["train"]
+        train = self._rows(request)["train"]
+        return impute(X, missing_fill(X[train], mean)), c, train
 
     def combat_statistics(self, request: dict) -> dict:
         """Each batch's sums over its training rows (``design_statistics``), released when

@@ -838,6 +838,50 @@ def test_a_missing_value_is_not_placed_where_the_centre_chooses(site) -> None:
         assert np.array_equal(importances(t), honest)  # (16 of 20 differed before)
 
 
+def test_a_missing_value_does_not_stay_put_while_the_centre_moves_the_mean(site) -> None:
+    """The attack: a sum route placed a missing value at the request's mean, so it stayed at 0
+    (centred) while the centre moved every present value of that column by choosing its mean.
+    With one patient lacking column k, two ``query.covariance`` requests (the mean of k at 0,
+    then 1) differ in ``cross_products[:, k]`` by the sum of each other column over the
+    patients that have k: added to ``centred_sum``, the lacking patient's whole row (to 7e-11
+    before this rule); in ``label_products[k]`` by the positives among them: its label. The
+    ComBat statistics at two means differ, in ``covariate_response[:, k]``, by its clinical
+    values (its age). A missing value now takes the column's own mean on the rows the
+    sums are over (``policy.missing_fill``): the two replies differ as for a site where every
+    patient has k, and the ComBat statistics do not depend on the request's mean at all."""
+    k, lone = 3, 40
+    name = site.data.radiomics.columns[k]
+    values = site.data.radiomics[name].to_numpy().copy()
+    values[lone] = np.nan  # one patient without feature k
+    labels = (np.arange(72) % 2 == 0).astype(float)  # 7 of each class a fold: products leave
+    site = _relabel(site, **{name: values}, label=labels)
+    assert site.data.labels[lone] == 1
+    ask(site, "query.folds", folds=5)
+    p = site.data.radiomics.shape[1]
+    X = site.data.radiomics.to_numpy()
+    others = np.arange(p) != k
+
+    def at(mean_k: float) -> np.ndarray:
+        return np.where(np.arange(p) == k, mean_k, 0.0)
+
+    low, high = (
+        ask(site, "query.covariance", fold=-1, radiomics_mean=at(m), label_products=True)
+        for m in (0.0, 1.0)
+    )
+    row = low["centred_sum"] + high["cross_products"][:, k] - low["cross_products"][:, k]
+    error = np.abs(row[others] - X[lone, others]) / np.abs(X[lone, others])
+    label = low["positives"] - (low["label_products"][k] - high["label_products"][k])
+    assert error.min() > 0.5, error  # every column of the row missed (7e-11 before)
+    assert label == 0 != site.data.labels[lone]  # the positives of all, not of those with k
+    covariates = {"covariates": ["age"], "fold": -1}
+    low, high = (
+        ask(site, "query.combat_statistics", radiomics_mean=at(m), **covariates) for m in (0, 1e3)
+    )
+    assert "covariate_response" in low  # released: the lone patient's age, before the rule
+    np.testing.assert_array_equal(low["covariate_response"], high["covariate_response"])
+    np.testing.assert_array_equal(low["batch_response_sum"], high["batch_response_sum"])
+
+
 def test_a_request_cannot_make_the_site_work_without_bound(site) -> None:
     """The attack: a few kB of request that keep the site busy for hours or take its memory.
     ``covariates`` repeated: each name's levels give patient sets, and the cost grows with the
