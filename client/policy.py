@@ -16,7 +16,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   as many as the site's columns, each one of them; at most ``max_forest_trees`` trees of
   one importance request (``trees`` x (1 + ``resamples``)); an evaluation's thresholds
   one for each of the site's folds, each under a model key (``wire.MODEL_KEY``); at most
-  ``max_networks`` networks (``weights:*``) a request;
+  ``max_networks`` networks (``weights:*``) a request; a model bundle to keep, distinct
+  model keys and at most ``max_networks`` fusion networks;
 - training and scoring within bounds: ``policy.min_batch``, ``policy.max_epochs``,
   ``policy.lr``, ``policy.network`` (fusion widths and layers, the run's and each variant
   network's), ``policy.max_trees``,
@@ -185,6 +186,8 @@ def check_bounds(
             f"{networks} networks: this site trains or scores at most {policy.max_networks} "
             "a request (max_networks)",
         )
+    if route_name == "query.model_bundle":  # what its held-out evaluation scores, and sends
+        _check_bundle_size(request, policy, refuse)
     for key, value in request.items():  # the evaluation's thresholds: one a fold, a model's
         if key.startswith("thresholds:") and (
             not wire.MODEL_KEY.match(key.removeprefix("thresholds:"))
@@ -255,6 +258,28 @@ def check_bounds(
             "policy.require_dp",
             "this site trains and releases model outputs only in runs under sample-level DP "
             "(dp_mode 'sample': DP-SGD with the site's own noise)",
+        )
+
+
+def _check_bundle_size(request: Mapping[str, Any], policy: PolicySection, refuse) -> None:
+    """``policy.size`` of a model bundle to keep: ``query.bundle_evaluation`` scores each of its
+    models with all its networks and replies two histograms of ``bins`` for each, so its models
+    are distinct model keys (``wire.MODEL_KEY``: at most 156) and its fusion networks
+    (``fusion/<network>/<parameter>`` arrays) at most ``max_networks``, as a request's."""
+    models = json.loads(request.get("manifest", "{}")).get("models")
+    if not isinstance(models, list) or not all(
+        isinstance(m, str) and wire.MODEL_KEY.match(m) for m in models
+    ):
+        refuse("policy.size", f"the bundle's models {str(models)[:80]}: not a list of model keys")
+    if len(set(models)) < len(models):
+        refuse("policy.size", f"the bundle lists a model twice ({len(models)} entries)")
+    arrays = request.get(wire.WEIGHTS_PREFIX + "bundle", {})
+    networks = {k.rsplit("/", 1)[0] for k in arrays if str(k).startswith("fusion/")}
+    if len(networks) > policy.max_networks:
+        refuse(
+            "policy.size",
+            f"a bundle of {len(networks)} networks: this site scores at most "
+            f"{policy.max_networks} a request (max_networks)",
         )
 
 

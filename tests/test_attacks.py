@@ -959,6 +959,49 @@ def test_a_request_cannot_make_the_site_work_without_bound(site) -> None:
     ask(site, "query.combat_statistics", fold=0, radiomics_mean=np.zeros(p), covariates=covariates)
 
 
+def _many_model_bundle(site: SiteWorker, census: dict, names: list[str]) -> dict:
+    """A bundle the centre crafts with one linear radiomics network for each model ``names``."""
+    crafted = _combat_bundle(site, census, *site.data.radiomics.columns[:2])
+    manifest = json.loads(crafted["manifest"])
+    fusion = {**manifest["fusion"], "networks": names}
+    manifest |= {"models": names, "main_model": names[0], "fusion": fusion}
+    manifest |= {"thresholds": dict.fromkeys(names, 0.5), "harmonisation": {"method": "none"}}
+    manifest |= {"clinical_columns": [], "radiomics_features": [site.data.radiomics.columns[0]]}
+    arrays = {"radiomics_mean": np.zeros(1), "radiomics_scale": np.ones(1)}
+    for name in names:
+        arrays[f"fusion/{name}/net.0.weight"] = np.ones((1, 1), dtype=np.float32)
+        arrays[f"fusion/{name}/net.0.bias"] = np.zeros(1, dtype=np.float32)
+    return {"manifest": json.dumps(manifest), "weights:bundle": arrays}
+
+
+def test_a_bundle_cannot_make_the_held_out_evaluation_work_without_bound(site) -> None:
+    """The attack: ``query.model_bundle`` keeps any bundle, and ``query.bundle_evaluation``
+    scored every model its manifest lists with all its networks, and replied two histograms of
+    ``bins`` for each: 2,000 models named ``m<i>/radiomics`` (any backbone word made a network
+    the site would load), a linear network each, ~137 kB, took 34 s of the site's time and got
+    a 32 MB reply (200: 2.2 s, 3.2 MB). A bundle's models are now distinct model keys
+    (``wire.MODEL_KEY``) and its networks at most ``max_networks`` (``policy.size``), as a
+    request's; the run's own bundle is kept and evaluated."""
+    census = ask(site, "query.census")
+    many = [f"m{i}/radiomics" for i in range(200)]
+    refused(site, "query.model_bundle", "policy.size", **_many_model_bundle(site, census, many))
+    twice = ["none/radiomics"] * 200
+    refused(site, "query.model_bundle", "policy.size", **_many_model_bundle(site, census, twice))
+    members = [f"none/radiomics~{m}" for m in range(300)]  # one model, 300 networks
+    request = _many_model_bundle(site, census, ["none/radiomics"])
+    manifest = json.loads(request["manifest"])
+    manifest["fusion"]["networks"] = members
+    arrays = {k: v for k, v in request["weights:bundle"].items() if not k.startswith("fusion/")}
+    for name in members:
+        arrays[f"fusion/{name}/net.0.weight"] = np.ones((1, 1), dtype=np.float32)
+        arrays[f"fusion/{name}/net.0.bias"] = np.zeros(1, dtype=np.float32)
+    crowded = {"manifest": json.dumps(manifest), "weights:bundle": arrays}
+    refused(site, "query.model_bundle", "policy.size", **crowded)
+    ask(site, "query.model_bundle", **_many_model_bundle(site, census, ["none/radiomics"]))
+    reply = ask(site, "query.bundle_evaluation", bins=1000)
+    assert reply["n"] == 72 and reply["hist_pos:none/radiomics"].shape == (1000,)
+
+
 def test_undeclared_request_fields_are_refused(site) -> None:
     ask(site, "query.folds", folds=5)
     message = refused(site, "query.moments", "wire.declaration", fold=0, rows=np.array([3]))
