@@ -704,9 +704,11 @@ class SiteWorker:
 
     def combat_apply(self, request: dict) -> dict:
         """Fit each batch's empirical-Bayes location and scale on its training rows and
-        harmonise all its rows (held-out ones too) with them; kept for the fold's later
-        requests (:meth:`_fold_data`) and, for the final model, for ``fedmets site predict``
-        (:func:`fedmets.client.harmonise.keep_adjustment`). Replies the count alone."""
+        harmonise all its rows (held-out ones too) with them, a missing value at its imputed
+        value (:meth:`_combat_inputs`: the column's own mean on the training rows); kept for
+        the fold's later requests (:meth:`_fold_data`) and, for the final model, for
+        ``fedmets site predict`` (:func:`fedmets.client.harmonise.keep_adjustment`). Replies
+        the count alone."""
         y, c, train = self._combat_inputs(request)
         effects = self._effects(request, y, c)
         grand_mean = np.asarray(request["grand_mean"], dtype=np.float64)
@@ -715,14 +717,17 @@ class SiteWorker:
             raise ValueError(f"{self.site_id}: grand_mean/pooled_variance are not ({y.shape[1]},)")
         if (variance <= 0).any():
             raise ValueError(f"{self.site_id}: pooled_variance must be > 0")
-        raw = self.data.radiomics.to_numpy()
-        harmonised = np.empty_like(raw)
+        harmonised = np.empty_like(y)
         adjustments = {}
         mean = np.asarray(request["radiomics_mean"], dtype=np.float64)
         for b in self._batches():
             rows, fit = self.data.site == b, train & (self.data.site == b)
             adjustment = BatchAdjustment.fit(y[fit], c[fit], grand_mean, effects, variance)
-            harmonised[rows] = adjustment.apply(raw[rows], c[rows], mean)
+            # a missing value is harmonised at its imputed value with the patient's own
+            # covariates, and kept: left missing, it stood outside the covariate shift the
+            # centre chose while every present value took it, and a sum over the present
+            # values then gave the covariates of the patients that lack the column
+            harmonised[rows] = adjustment.apply(y[rows], c[rows], mean)
             adjustments[b] = adjustment
         write_array(self._harmonised_path(request), harmonised)
         # The centre's covariate effects ride in every later sum over these values (a crafted

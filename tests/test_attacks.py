@@ -29,7 +29,7 @@ from fedmets.shared.bundle import BUNDLE_FORMAT
 from fedmets.shared.clinical import encoded_columns
 from fedmets.shared.config import ConfigError, FederationConfig, load_site_config
 from fedmets.shared.files import exclusive
-from fedmets.shared.harmonisation import covariate_columns
+from fedmets.shared.harmonisation import BatchAdjustment, covariate_columns
 from fedmets.shared.metrics import logit
 from fedmets.shared.models import FusionNet
 from fedmets.shared.privacy import PrivacyBudgetExceeded
@@ -957,6 +957,61 @@ def test_a_request_cannot_make_the_site_work_without_bound(site) -> None:
     assert wire.WEIGHTS_PREFIX + MAIN in reply
     covariates = ["age", "sex", "t_stage"]  # the default [harmonisation] covariates
     ask(site, "query.combat_statistics", fold=0, radiomics_mean=np.zeros(p), covariates=covariates)
+
+
+def test_a_harmonised_sum_keeps_every_patient_in_the_covariate_shift(site) -> None:
+    """The attack: ``query.combat_apply`` with a covariate effect the centre crafts (a large
+    one of ``age`` on column k, which one patient lacks), then the harmonised moments of
+    column k. A missing value stayed missing after harmonisation, outside the age shift that
+    every present value took, so the harmonised sum was one over the patients with k: the
+    centre replicates the site's empirical-Bayes fit from the ComBat statistics (per column
+    the first two moments of the standardised values), and the sum less that fit's part is
+    the effect times their summed ages: the lone patient's age (to 1e-12 before this rule;
+    with an indicator, its stage or sex). A missing value is now harmonised at its imputed
+    value with the patient's own covariates and kept: the sum is over every patient, and is
+    the one the centre predicts from the cohort's aggregates alone."""
+    k, lone = 3, 40
+    name = site.data.radiomics.columns[k]
+    values = site.data.radiomics[name].to_numpy().copy()
+    values[lone] = np.nan
+    site = _relabel(site, **{name: values})
+    ask(site, "query.folds", folds=5)
+    n, p = site.data.radiomics.shape
+    raw = ask(site, "query.moments", fold=-1)
+    mean = raw["radiomics_sum"] / raw["radiomics_count"]
+    request = {"covariates": ["age"], "fold": -1, "radiomics_mean": mean}
+    sums = ask(site, "query.combat_statistics", **request)
+    zero = {"batch_intercepts": np.zeros((1, p)), "covariate_effects": np.zeros((1, p))}
+    squares = ask(site, "query.combat_variance", **request, **zero)["residual_sumsq"]
+    y, age = sums["batch_response_sum"][0], sums["batch_covariate_sum"][0, 0]
+    age2, age_y = sums["covariate_gram"][0, 0], sums["covariate_response"][0]
+    v = squares / n - (y / n) ** 2
+    beta = np.where(np.arange(p) == k, 10 * np.sqrt(v), 0.0)
+    # the site's fit, replicated: each column's standardised values' mean and variance
+    s1 = (y - n * mean - beta * age) / np.sqrt(v)
+    s2 = squares + n * mean**2 + beta**2 * age2 - 2 * mean * y - 2 * beta * age_y
+    s2 = (s2 + 2 * mean * beta * age) / v
+    z = np.where(np.arange(n) < n // 2, 1.0, -1.0)
+    z = (z - z.mean()) / z.std(ddof=1)
+    like = s1 / n + np.sqrt((s2 - s1**2 / n) / (n - 1)) * z[:, None]
+    fit = BatchAdjustment.fit(like, np.zeros((n, 0)), np.zeros(p), np.zeros((0, p)), np.ones(p))
+    gamma, delta = fit.gamma[k], fit.delta[k]
+    applied = {"grand_mean": mean, "covariate_effects": beta[None], "pooled_variance": v}
+    ask(site, "query.combat_apply", **request, **applied)
+    harmonised = ask(site, "query.moments", fold=-1, harmonised=True)
+
+    def summed(rows: float, values: float, ages: float) -> float:  # harmonised, over rows
+        scale = 1 / np.sqrt(delta)
+        location = rows * (mean[k] * (1 - scale) - gamma * np.sqrt(v[k]) * scale)
+        return values * scale + location + beta[k] * ages * (1 - scale)
+
+    have = raw["radiomics_count"][k]  # the patients with column k
+    known = summed(have, raw["radiomics_sum"][k], 0.0)
+    ages = (harmonised["radiomics_sum"][k] - known) / (beta[k] * (1 - 1 / np.sqrt(delta)))
+    assert abs(age - ages - site.data.clinical["age"].iloc[lone]) > 10  # (1e-12 before)
+    assert harmonised["radiomics_count"][k] == n
+    every = summed(n, n * mean[k], age)  # every patient, the imputed one at the mean
+    np.testing.assert_allclose(harmonised["radiomics_sum"][k], every, rtol=1e-9)
 
 
 def _many_model_bundle(site: SiteWorker, census: dict, names: list[str]) -> dict:
