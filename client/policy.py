@@ -113,6 +113,10 @@ class FailureCount:
                 f"{policy.max_failures}); it answers no more of this run",
             )
 
+    def count(self, run: str) -> int:
+        """The failures of ``run`` so far (the file is replaced whole: no lock to read it)."""
+        return self._read().get(run, 0)
+
     def record(self, run: str) -> int:
         """Count one more failure of ``run``; the run's count so far."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,7 @@ def answer(
         count = failures.record(run)
         message = f"{type(error).__name__}: {error}"
         _log(worker, route_name, request, {}, [message], masked, "failed", app=app)
+        _refuse_past_failures(worker, route_name, request, count, masked, app)
         raise RequestFailed(
             f"{worker.site_id}: {route_name} failed ({type(error).__name__}; the site's audit "
             f"log has the message; failure {count} of run {run!r}, max_failures "
@@ -98,9 +99,37 @@ def answer(
         problems = wire.check_masked(route_name, request, reply)
     _log(worker, route_name, request, reply, problems, masked, withheld=withheld, app=app)
     if problems:
-        failures.record(run)
+        _refuse_past_failures(worker, route_name, request, failures.record(run), masked, app)
         raise ReleaseRefused(f"{worker.site_id}: {route_name} reply refused: {'; '.join(problems)}")
+    # Requests of a run answered at once (a batch's lanes) all passed the check above before
+    # any of them failed: one that ends after the run used up its failures is refused too,
+    # answered or failed, so that no more than max_failures failures (and no answer after
+    # them) reach the centre, as when they come one by one.
+    _refuse_past_failures(worker, route_name, request, failures.count(run), masked, app, 1)
     return reply
+
+
+def _refuse_past_failures(
+    worker: SiteWorker,
+    route_name: str,
+    request: Mapping[str, Any],
+    count: int,
+    masked: bool,
+    app: str | None,
+    allowed: int = 0,
+) -> None:
+    """PolicyRefused (``policy.max_failures``, logged) when the run's failures ``count``
+    (this request's own among them, if it failed) are past ``max_failures`` (``allowed``: 1
+    for an answered request, which may not follow the last allowed failure)."""
+    limit = worker.policy.max_failures
+    if count + allowed > limit:
+        refusal = PolicyRefused(
+            "policy.max_failures",
+            f"run {str(request.get('run', ''))!r}: the site failed {count} of its requests "
+            f"(max_failures {limit}), some of them while this one was answered",
+        )
+        _log(worker, route_name, request, {}, [str(refusal)], masked, refusal.rule, app=app)
+        raise refusal
 
 
 def audit_path(worker: SiteWorker) -> Path:

@@ -765,6 +765,40 @@ def test_a_failure_answers_few_questions_about_the_patients(site) -> None:
     assert ask(site, "query.moments", fold=0, run="another")["n"] > 0  # approval bounds runs
 
 
+def test_failures_at_once_answer_no_more_questions(site) -> None:
+    """The attack: a batch of requests that fail for some patients' values, answered at once
+    by the site's lanes (``[compute] parallel_folds``): each checked the run's failures before
+    any of them had failed, so all of them failed, each a yes/no answer (8 at once: 5 or more
+    failures of a run that gets 3; no other request of the run was answered after them). A
+    request that ends after the run used up its failures is now refused, failed or answered:
+    at most ``max_failures`` failures reach the centre, as when the requests come one by one."""
+    ask(site, "query.folds", folds=5)
+    top = float(site.data.radiomics.to_numpy()[:, 0].max())
+    lanes = [SiteWorker(site.configs) for _ in range(8)]  # eight processes' workers, one site
+    start = threading.Barrier(len(lanes))
+    outcomes: list[str] = []
+
+    def fail(lane: SiteWorker) -> None:
+        start.wait()
+        try:
+            ask(lane, "query.train_scores", **_above(lane, 0, top - 1e-3), fold=0, bins=10)
+            outcomes.append("answered")
+        except RequestFailed:
+            outcomes.append("failed")
+        except PolicyRefused as refusal:
+            outcomes.append(refusal.rule)
+
+    threads = [threading.Thread(target=fail, args=(lane,)) for lane in lanes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(outcomes) == len(lanes)
+    assert outcomes.count("failed") == site.policy.max_failures, outcomes  # (5-8 before)
+    assert set(outcomes) == {"failed", "policy.max_failures"}
+    refused(site, "query.moments", "policy.max_failures", fold=0)
+
+
 def test_a_forest_cannot_be_made_a_threshold_on_one_column(site) -> None:
     """The attack: ``query.importance`` of one column standardised with a scale of 1e-300
     around t: every value below t is clipped to -10^6 SD, every value above to +10^6 SD
