@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing
 import threading
 from pathlib import Path
@@ -614,6 +615,52 @@ def test_training_weights_can_be_admitted_as_class_sums(tmp_path) -> None:
     many = _relabel(guarded, label=(np.arange(72) % 2).astype(float))  # 7 DM+ a fold
     ask(many, "query.folds", folds=5)
     assert wire.WEIGHTS_PREFIX + MAIN in ask(many, "train.fusion", **request, fold=wire.FINAL_FOLD)
+
+
+def _validation_counts(n: int, positives: int, r: int, fraction: float = 0.2) -> list[int]:
+    """Each fold's inner-validation rows as ``assign_folds`` drew them before this rule, from
+    public numbers: the positives dealt first, round-robin from fold ``r``; ``fraction`` of
+    each class of a fold's training rows, rounded class by class."""
+    fold, i = (np.arange(n) + r) % 5, np.arange(n)
+    counts = []
+    for f in range(5):
+        p, t = ((fold != f) & (i < positives)).sum(), (fold != f).sum()
+        counts.append(int(round(fraction * p)) + int(round(fraction * (t - p))))
+    return counts
+
+
+def test_the_counts_of_a_cohort_one_patient_apart_carry_no_label(site) -> None:
+    """The attack: after a patient left, the guard withholds every label statistic of the
+    new cohort (the census' positives among them), but each reply still carries its count,
+    and the inner-validation rows were ``val_fraction`` of each class of a fold's training
+    rows, rounded class by class: their number (``query.validate``'s ``n``, or the training
+    rows' minus it) depended on the positives. With the fold sizes (which give the fold the
+    round-robin started at), the centre predicts the counts for the positives the census
+    gave before, and for one fewer: only one fits, the leaver's label (here 18 DM+ of 72; so
+    for about 2 in 3 positives counts of a 71-patient cohort). Each fold now validates on
+    ``val_fraction`` of its training rows, the positives' share stratified: the counts depend
+    on the fold's size alone (a fifth of its training rows, rounded up), whatever the label."""
+    labels = (np.arange(72) % 4 == 0).astype(float)  # 18 DM+
+    site = _relabel(site, label=labels)
+    assert ask(site, "query.census")["positives"] == 18
+    features = site.configs[0].paths.output / "features.parquet"
+    table = pd.read_parquet(features)
+    request = {k: v for k, v in fusion_request(site).items() if k != "group_dropout"}
+    for leaver in (0, 1):  # a DM+ patient, then a DM- one
+        table.drop(index=leaver).to_parquet(features)
+        worker = SiteWorker(site.configs)
+        run = f"left{leaver}"
+        assert "positives" not in ask(worker, "query.census", run=run)  # withheld
+        folds = ask(worker, "query.folds", folds=5, run=run)
+        n, sizes = folds["n"], folds["fold_sizes"].tolist()
+        starts = [r for r in range(5) if np.bincount((np.arange(n) + r) % 5).tolist() == sizes]
+        scoring = {"stage": "fusion", "pos_weight": 1.0, "run": run, **request}
+        counts = [ask(worker, "query.validate", fold=f, **scoring)["n"] for f in range(5)]
+        # class by class, the counts of the two possible cohorts differ (only the leaver's
+        # label fitted the site's counts before this rule) ...
+        assert all(_validation_counts(n, 18, r) != _validation_counts(n, 17, r) for r in starts)
+        # ... and now they depend on the fold sizes alone: the same whatever the label
+        assert counts == [math.ceil(round(0.2 * (n - size), 9)) for size in sizes]
 
 
 def test_a_cohort_one_patient_apart_gets_no_training_weights(site) -> None:
