@@ -93,6 +93,17 @@ class PolicyRefused(RuntimeError):
         return type(self), (self.rule, self.message)
 
 
+def failures_used_up(run: str, max_failures: int) -> PolicyRefused:
+    """The refusal of a request of a run past its failures: the same words whatever the
+    count (failures past ``max_failures``, of requests answered at once, are refused unsaid:
+    a count in the message would tell how many of them failed)."""
+    return PolicyRefused(
+        "policy.max_failures",
+        f"run {run!r} used up the failures this site allows (max_failures {max_failures}); "
+        "it answers no more of this run",
+    )
+
+
 class FailureCount:
     """The requests of each run the site failed to answer (``folder/failed-requests.json``:
     run -> count), kept across restarts under a file lock (the site's processes share it)."""
@@ -105,13 +116,8 @@ class FailureCount:
 
     def check(self, run: str, policy: PolicySection) -> None:
         """PolicyRefused (``policy.max_failures``) when ``run`` has used up its failures."""
-        failed = self._read().get(run, 0)
-        if failed >= policy.max_failures:
-            raise PolicyRefused(
-                "policy.max_failures",
-                f"run {run!r}: the site failed {failed} of its requests (max_failures "
-                f"{policy.max_failures}); it answers no more of this run",
-            )
+        if self._read().get(run, 0) >= policy.max_failures:
+            raise failures_used_up(run, policy.max_failures)
 
     def count(self, run: str) -> int:
         """The failures of ``run`` so far (the file is replaced whole: no lock to read it)."""

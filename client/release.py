@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedmets.client.approval import check_approved
 from fedmets.client.audit import append_entry
-from fedmets.client.policy import FailureCount, PolicyRefused, check_request
+from fedmets.client.policy import FailureCount, PolicyRefused, check_request, failures_used_up
 from fedmets.shared import wire
 from fedmets.shared.config import SiteConfig
 from fedmets.shared.privacy import PrivacyBudgetExceeded
@@ -97,15 +97,17 @@ def answer(
     problems = wire.check_reply(route_name, reply, worker.min_patients(request))
     if masked and not problems:
         problems = wire.check_masked(route_name, request, reply)
+    if not problems:
+        # Requests of a run answered at once (a batch's lanes) all passed the check above
+        # before any of them failed: one that ends after the run used up its failures is
+        # refused too, answered or failed (and logged as refused, not sent), so that no more
+        # than max_failures failures (and no answer after them) reach the centre, as when
+        # they come one by one.
+        _refuse_past_failures(worker, route_name, request, failures.count(run), masked, app, 1)
     _log(worker, route_name, request, reply, problems, masked, withheld=withheld, app=app)
     if problems:
         _refuse_past_failures(worker, route_name, request, failures.record(run), masked, app)
         raise ReleaseRefused(f"{worker.site_id}: {route_name} reply refused: {'; '.join(problems)}")
-    # Requests of a run answered at once (a batch's lanes) all passed the check above before
-    # any of them failed: one that ends after the run used up its failures is refused too,
-    # answered or failed, so that no more than max_failures failures (and no answer after
-    # them) reach the centre, as when they come one by one.
-    _refuse_past_failures(worker, route_name, request, failures.count(run), masked, app, 1)
     return reply
 
 
@@ -122,12 +124,8 @@ def _refuse_past_failures(
     (this request's own among them, if it failed) are past ``max_failures`` (``allowed``: 1
     for an answered request, which may not follow the last allowed failure)."""
     limit = worker.policy.max_failures
-    if count + allowed > limit:
-        refusal = PolicyRefused(
-            "policy.max_failures",
-            f"run {str(request.get('run', ''))!r}: the site failed {count} of its requests "
-            f"(max_failures {limit}), some of them while this one was answered",
-        )
+    if count + allowed > limit:  # the same words whether this request failed or not
+        refusal = failures_used_up(str(request.get("run", "")), limit)
         _log(worker, route_name, request, {}, [str(refusal)], masked, refusal.rule, app=app)
         raise refusal
 

@@ -824,6 +824,7 @@ def test_failures_at_once_answer_no_more_questions(site) -> None:
     lanes = [SiteWorker(site.configs) for _ in range(8)]  # eight processes' workers, one site
     start = threading.Barrier(len(lanes))
     outcomes: list[str] = []
+    refusals: set[str] = set()
 
     def fail(lane: SiteWorker) -> None:
         start.wait()
@@ -834,6 +835,7 @@ def test_failures_at_once_answer_no_more_questions(site) -> None:
             outcomes.append("failed")
         except PolicyRefused as refusal:
             outcomes.append(refusal.rule)
+            refusals.add(refusal.message)
 
     threads = [threading.Thread(target=fail, args=(lane,)) for lane in lanes]
     for thread in threads:
@@ -843,6 +845,7 @@ def test_failures_at_once_answer_no_more_questions(site) -> None:
     assert len(outcomes) == len(lanes)
     assert outcomes.count("failed") == site.policy.max_failures, outcomes  # (5-8 before)
     assert set(outcomes) == {"failed", "policy.max_failures"}
+    assert len(refusals) == 1  # the same words whether the refused request failed or not
     refused(site, "query.moments", "policy.max_failures", fold=0)
 
 
