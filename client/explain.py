@@ -12,6 +12,7 @@ raised the predicted risk).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,9 @@ def occlusion_map(model: ImageClassifier, image: np.ndarray, mask_size: int = 8)
         overlap=0.25,
         activate=torch.sigmoid,
     )
-    occluded, _ = occlusion(x)  # (1, 1, S, S, S), a trailing class axis in some versions
+    with warnings.catch_warnings():  # MONAI's indexing, deprecated by torch: not the site's
+        warnings.filterwarnings("ignore", "Using a non-tuple sequence", UserWarning)
+        occluded, _ = occlusion(x)  # (1, 1, S, S, S), a trailing class axis in some versions
     side = image.shape[-1]
     return base - occluded.reshape(-1, side, side, side).mean(axis=0).numpy()
 
@@ -105,12 +108,32 @@ def save_slices(
     return paths
 
 
+def _check_fold(runs: Path, run: str, fold: int) -> None:
+    """FileNotFoundError naming the runs or the cross-validation folds this site kept image
+    models of, when ``run`` or its ``fold`` is not one of them (fold -1, the final model, has
+    no held-out patient)."""
+    kept = sorted(p.name for p in runs.glob("*") if p.is_dir() and any(p.glob("image-fold*")))
+    if run not in kept:
+        known = ", ".join(kept) if kept else "none yet (run a federation)"
+        raise FileNotFoundError(f"--run {run}: no image model of this run in {runs}; runs: {known}")
+    folds = sorted(
+        int(n) for p in (runs / run).glob("image-fold*.npz") if (n := p.stem[10:]).isdigit()
+    )
+    if fold not in folds:
+        shown = ", ".join(map(str, folds)) or "none"
+        raise FileNotFoundError(
+            f"--fold {fold}: run {run} has image models of cross-validation folds {shown}"
+            " (the final model, fold -1, has no held-out patient to explain)"
+        )
+
+
 def explain_site(
     cfg: SiteConfig, run: str, fold: int = 0, patients: int = 3, mask_size: int = 8
 ) -> list[Path]:
     """Occlusion maps of the first ``patients`` held-out patients of ``fold`` of ``run`` at
     this site, with its fold model; PNGs under ``<paths.output>/explain/<run>/<patient>/``."""
     state = cfg.paths.cache / STATE_DIR / run
+    _check_fold(cfg.paths.cache / STATE_DIR, run, fold)
     model, settings = load_fold_model(state, fold)
     with np.load(state / "folds.npz") as stored:
         ids, held_out = stored["ids"], np.flatnonzero(stored["fold"] == fold)

@@ -1181,7 +1181,9 @@ def site_explain(
     config: Annotated[Path, typer.Option(help="This site's TOML file.")],
     run: Annotated[str, typer.Option(help="Name of the federated run (its [run] name).")],
     fold: Annotated[int, typer.Option(help="Cross-validation fold whose model to explain.")] = 0,
-    patients: Annotated[int, typer.Option(help="Held-out patients of that fold to map.")] = 3,
+    patients: Annotated[
+        int, typer.Option(min=1, help="Held-out patients of that fold to map.")
+    ] = 3,
 ) -> None:
     """Occlusion maps of the fold's federated image model over this site's held-out patients,
     written as PNG slices with the tumour contour under <paths.output>/explain/ (never sent)."""
