@@ -268,7 +268,10 @@ def test_cli_report(tmp_path):
     assert result.exit_code == 0, result.output
     assert (run / "report" / "report.html").is_file()
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
-    assert missing.exit_code == 1
+    assert missing.exit_code == 1 and "nothing: folder not found" in missing.output
+    a_file = CliRunner().invoke(app, ["report", str(run / "metrics.json")])
+    assert a_file.exit_code == 1
+    assert f"a file, not a run folder (give {run})" in a_file.output.replace("\n", "")
     # typed results (fedmets.server.results): a key the writers do not declare is refused
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["federated"]["pooled"]["auroc"] = 0.7

@@ -22,6 +22,9 @@ def load_run(run_dir: Path) -> tuple[dict, list[Path]]:
     pooled and per-site results become ``federated.pooled`` / ``per_site``. Keys that only
     ``federated.json`` holds (a privacy ledger, DP results) are taken from it too."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = f"a file, not a run folder (give {run_dir.parent})" if run_dir.exists() else None
+        raise FileNotFoundError(f"{run_dir}: {what or 'folder not found'}")
     metrics_file = run_dir / "metrics.json"
     server_files = [run_dir / "federated.json", run_dir / "federated" / "federated.json"]
     server_file = next((f for f in server_files if f.is_file()), None)
