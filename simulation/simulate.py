@@ -574,12 +574,17 @@ def _calibration(metrics: dict | None) -> str:
     )
 
 
+def _oracle_text(auc: float | None) -> str:
+    """The synthetic cohort's oracle AUC, or why there is none."""
+    return "unknown (not a synthetic cohort)" if auc is None else f"{auc:.3f}"
+
+
 def summary_text(metrics: dict) -> str:
     """The human summary of a simulation's metrics.json."""
     main = metrics["main_model"]
     lines = [
         f"fedmets simulation: {len(metrics['config']['sites'])} sites, model {main}",
-        f"oracle AUC (true risk, pooled): {metrics['oracle_auc']}",
+        f"oracle AUC (true risk, pooled): {_oracle_text(metrics['oracle_auc'])}",
         f"federated   pooled: {_fmt(metrics['federated']['pooled'])}",
     ]
     if "centralized" in metrics:

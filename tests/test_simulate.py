@@ -23,7 +23,12 @@ from fedmets.shared.config import PreprocessSection, load_site_config
 from fedmets.shared.image_presets import IMAGE_PRESETS
 from fedmets.shared.wire import REPLY_KINDS
 from fedmets.simulation.feature_sites import write_feature_sites
-from fedmets.simulation.simulate import federation_config, run_name, simulation_resources
+from fedmets.simulation.simulate import (
+    federation_config,
+    run_name,
+    simulation_resources,
+    summary_text,
+)
 from fedmets.simulation.synth import generate_cohort
 
 FEDMETS = str(Path(sys.executable).parent / "fedmets")
@@ -178,6 +183,20 @@ def test_site_explains_its_image_model_locally(simulated) -> None:
     assert done.returncode == 0, done.stderr
     pngs = sorted((site / "output" / "explain" / run.name).glob("*/occlusion-z*.png"))
     assert 1 <= len(pngs) <= 3 and all(p.stat().st_size > 2000 for p in pngs)
+
+
+def test_the_summary_of_a_real_cohort_says_its_oracle_auc_is_unknown() -> None:
+    pooled = {"auc": 0.6571, "auc_ci": [0.48, 0.834], "acc": 0.7}
+    metrics = {
+        "main_model": "none/radiomics",
+        "config": {"sites": ["chum"]},
+        "federated": {"pooled": pooled, "per_site": {"chum": pooled}, "timing_s": {}},
+        "timing_s": {"federated": 12.0},
+    }
+    real = summary_text({**metrics, "oracle_auc": None}).splitlines()
+    assert real[1] == "oracle AUC (true risk, pooled): unknown (not a synthetic cohort)"
+    synthetic = summary_text({**metrics, "oracle_auc": 0.73324}).splitlines()
+    assert synthetic[1] == "oracle AUC (true risk, pooled): 0.733"
 
 
 def test_sites_get_the_gpu_share_asked_for() -> None:
