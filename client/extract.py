@@ -142,7 +142,9 @@ def extract_site(
     context = _worker_context()  # the workers' server starts now, beside the site check
     check = check_site(cfg, workers, on_patient_checked, labelled=labelled)
     usable = set(check.usable)
-    records = [r for r in read_manifest(cfg)[0] if r.patient_id in usable] if usable else []
+    records = (
+        [r for r in read_manifest(cfg, labelled)[0] if r.patient_id in usable] if usable else []
+    )
     fingerprint = settings_fingerprint(cfg, params)
     only = tuple(sorted(features)) if features is not None else None
     keyed = fingerprint if only is None else {**fingerprint, "only_features": list(only)}

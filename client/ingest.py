@@ -122,9 +122,12 @@ def required_columns(cfg: SiteConfig) -> list[str]:
     return [*columns, cfg.data.label_column]
 
 
-def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDataError]]:
+def read_manifest(
+    cfg: SiteConfig, labelled: bool = True
+) -> tuple[list[PatientRecord], list[PatientDataError]]:
     """Rows that parse, and one problem per defect of the rows that don't (empty id, duplicate id,
-    empty path cell, label not 0/1). Empty label cells give ``label=None``.
+    empty path cell, label not 0/1). Empty label cells give ``label=None``; ``labelled=False``
+    (new patients to score): the label column may be left out too.
 
     Raise ValueError naming the manifest when it cannot be read, lacks a required column or has
     no rows, or when ``data.mode`` is not ``"images"``.
@@ -133,6 +136,8 @@ def read_manifest(cfg: SiteConfig) -> tuple[list[PatientRecord], list[PatientDat
     if cfg.data.mode != "images":
         raise ValueError(f"{manifest}: data.mode is {cfg.data.mode!r}; ingest needs 'images'")
     table, unreadable = read_text_table(manifest)
+    if not labelled and cfg.data.label_column not in table.columns:
+        table[cfg.data.label_column] = ""
     missing = [column for column in required_columns(cfg) if column not in table.columns]
     if missing:
         raise ValueError(

@@ -93,7 +93,7 @@ def check_site(
             cfg.site_id, table.n_rows, usable, table.quarantined, table.site_problems
         )
     try:
-        records, row_problems = read_manifest(cfg)
+        records, row_problems = read_manifest(cfg, labelled)
     except ValueError as error:
         return SiteCheckReport(cfg.site_id, 0, [], {}, [str(error)])
     found = [(problem.line, problem.patient_id, problem.problem) for problem in row_problems]

@@ -76,11 +76,14 @@ def load_feature_table(cfg: SiteConfig, labelled: bool = True) -> FeatureTable:
     """Read and check the site's feature table (see the module docstring). Bad data never
     raises: site-level problems (file unreadable, id/label column missing, no radiomics column,
     a required clinical column missing, no usable row) come back in ``site_problems``.
-    ``labelled=False`` (new patients to score): an empty label cell is no problem (label NA)."""
+    ``labelled=False`` (new patients to score): an empty label cell, or no label column, is no
+    problem (label NA)."""
     try:
         table, unreadable = read_text_table(cfg.data.manifest)
     except ValueError as error:
         return _no_rows(0, [str(error)])
+    if not labelled and cfg.data.label_column not in table.columns:
+        table[cfg.data.label_column] = ""
     n_rows = len(table) + len(unreadable)
     numbers, sources, problems = _columns(table, cfg)
     if problems:

@@ -899,8 +899,8 @@ def site_predict(
     manifest: Annotated[
         Path | None,
         typer.Option(
-            help="New patients (a manifest like the site's; empty labels allowed): checked and"
-            " extracted first, only the radiomics features the bundle reads."
+            help="New patients (a manifest like the site's; labels may be empty or left out):"
+            " checked and extracted first, only the radiomics features the bundle reads."
         ),
     ] = None,
 ) -> None:

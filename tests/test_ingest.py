@@ -67,6 +67,15 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 # ---- manifest -----------------------------------------------------------------------------------
 
 
+def test_a_list_of_new_patients_may_leave_out_the_label_column(site: Path) -> None:
+    manifest(site).drop(columns="dm").to_csv(site / "manifest.csv", index=False)
+    records, problems = read_manifest(config(site), labelled=False)
+    assert problems == [] and len(records) == len(manifest(site))
+    assert all(record.label is None for record in records)
+    with pytest.raises(ValueError, match="missing column\\(s\\) 'dm'"):
+        read_manifest(config(site))
+
+
 def test_read_manifest_resolves_rows(site: Path) -> None:
     records, problems = read_manifest(config(site))
     table = manifest(site)

@@ -215,6 +215,18 @@ def test_non_finite_radiomics_empty_id_and_missing_label(tmp_path: Path) -> None
     assert list(loaded.features["patient_id"]) == ["A1", "A2", "A3"]
 
 
+def test_a_list_of_new_patients_may_leave_out_the_label_column(tmp_path: Path) -> None:
+    """New patients to score (``labelled=False``, `site predict --manifest`) have no outcome
+    yet: their table may lack the label column; a training site's table may not."""
+    rows = [row.replace(",0,", ",", 1).replace(",1,", ",", 1) for row in GOOD_ROWS]
+    cfg = load_site_config(tabular_site(tmp_path / "site", rows, header=HEADER.replace("DM,", "")))
+    new = load_feature_table(cfg, labelled=False)
+    assert (new.quarantined, new.site_problems) == ({}, [])
+    assert list(new.features["patient_id"]) == ["A1", "A2", "A3"]
+    assert new.features["label"].isna().all()
+    assert "data.label_column: column 'DM' not found" in load_feature_table(cfg).site_problems[0]
+
+
 def test_padded_header_cells_and_rows_of_empty_cells(tmp_path: Path) -> None:
     """Header cells are stripped like data cells; rows of empty cells (Excel leftovers) are
     skipped like blank lines, not counted as patients."""
