@@ -21,6 +21,7 @@ non-square images.
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import io
 import re
@@ -142,7 +143,7 @@ def read_manifest(
     if missing:
         raise ValueError(
             f"{manifest}: missing column(s) {quoted(missing)}"
-            f" (columns found: {quoted(table.columns)})"
+            f" ({columns_found(table.columns, missing)})"
         )
     if table.empty and not unreadable:
         raise ValueError(f"{manifest}: no patient rows")
@@ -278,6 +279,23 @@ def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]
 def quoted(names) -> str:
     """Column names for a message, quoted so that spaces show: 'age', 'dm '."""
     return ", ".join(repr(name) for name in names)
+
+
+def columns_found(columns, wanted: list[str]) -> str:
+    """What a table has, for a message naming its missing ``wanted`` columns: every column of a
+    narrow table (a manifest); of a wide one (a feature table), their count and the names
+    nearest those wanted."""
+    columns = list(columns)
+    if len(columns) <= 20:
+        return f"columns found: {quoted(columns)}"
+    by_lower = {column.lower(): column for column in columns}
+    near = dict.fromkeys(
+        by_lower[name]
+        for column in wanted
+        for name in difflib.get_close_matches(column.lower(), by_lower, n=3, cutoff=0.6)
+    )
+    nearest = f"the nearest: {quoted(near)}" if near else "none named alike"
+    return f"{len(columns)} columns found, {nearest}"
 
 
 def _undecoded(cell: str) -> int | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fedmets.client.ingest import listed_lines, quoted, read_text_table, shown_path
+from fedmets.client.ingest import columns_found, listed_lines, read_text_table, shown_path
 from fedmets.shared.clinical import CLINICAL_COLUMNS, encode_clinical, validate_clinical
 from fedmets.shared.config import SiteConfig
 
@@ -158,7 +158,7 @@ def _columns(
         if column not in table.columns:
             problems.append(
                 f"{path}: data.{key}: column {column!r} not found"
-                f" (columns found: {quoted(table.columns)})"
+                f" ({columns_found(table.columns, [column])})"
             )
     if table.empty:
         return pd.DataFrame(index=table.index), {}, [*problems, f"{path}: no patient rows"]

@@ -227,6 +227,24 @@ def test_a_list_of_new_patients_may_leave_out_the_label_column(tmp_path: Path) -
     assert "data.label_column: column 'DM' not found" in load_feature_table(cfg).site_problems[0]
 
 
+def test_a_wide_table_without_its_label_column_names_the_nearest_not_every_column(
+    tmp_path: Path,
+) -> None:
+    """A feature table of hundreds of columns: the message names the columns like the one
+    missing, not all of them (a narrow manifest's message lists every column)."""
+    header = HEADER.replace("DM,", "DMet,").replace("notes", ",".join(f"f{i}" for i in range(30)))
+    cfg = load_site_config(tabular_site(tmp_path / "site", GOOD_ROWS, header=header))
+    (problem,) = load_feature_table(cfg).site_problems
+    assert problem.endswith(
+        "data.label_column: column 'DM' not found (38 columns found, the nearest: 'DMet')"
+    )
+    header = HEADER.replace("DM,", "outcome,").replace(
+        "notes", ",".join(f"f{i}" for i in range(30))
+    )
+    cfg = load_site_config(tabular_site(tmp_path / "other", GOOD_ROWS, header=header))
+    assert load_feature_table(cfg).site_problems[0].endswith("(38 columns found, none named alike)")
+
+
 def test_padded_header_cells_and_rows_of_empty_cells(tmp_path: Path) -> None:
     """Header cells are stripped like data cells; rows of empty cells (Excel leftovers) are
     skipped like blank lines, not counted as patients."""
