@@ -174,7 +174,8 @@ def simulate(
     (``metrics.json`` key ``holdout``); ``loso``: that for each site in turn (key ``loso``;
     ``fedmets.simulation.holdout``). ValueError, before anything is written, when ``out``
     holds a run already (``metrics.json`` or ``federated/``) and not ``overwrite``, a
-    held-out site is not in the cohort, or a site's ``[policy] folds`` is not ``[cv] folds``."""
+    held-out site is not in the cohort or too few sites would train without the held-out ones,
+    or a site's ``[policy] folds`` is not ``[cv] folds``."""
     started = time.perf_counter()
     out = Path(out).resolve()
     earlier = [p.name for p in (out / "metrics.json", out / "federated") if p.exists()]
@@ -196,6 +197,15 @@ def simulate(
     unknown = sorted(set(holdout) - {c.site_id for c in configs})
     if unknown:
         raise ValueError(f"--holdout: sites not in the cohort {cohort}: {', '.join(unknown)}")
+    left = {"--holdout": len(configs) - len(set(holdout))} if holdout else {}
+    if loso:
+        left["--loso"] = len(configs) - 1
+    for option, training in left.items():  # found by the validation after the whole run
+        if training < fed.federation.min_sites:
+            raise ValueError(
+                f"{option}: {training} of the cohort's {len(configs)} sites would train, fewer "
+                f"than [federation] min_sites = {fed.federation.min_sites}"
+            )
     other_folds = [c for c in configs if c.policy.folds != fed.cv.folds]
     if other_folds:  # the run's census would refuse them, after extraction and Flower's start
         raise ValueError(

@@ -249,6 +249,13 @@ def test_a_run_folder_is_not_replaced_unasked_and_a_holdout_typo_stops_at_once(t
     done = CliRunner().invoke(app, [*command, "--out", str(typo), "--holdout", "site_009"])
     assert done.exit_code == 1 and "--holdout: sites not in the cohort" in done.output
     assert "site_009" in done.output and not typo.exists()
+    every = CliRunner().invoke(
+        app, [*command, "--out", str(typo), "--holdout", "site_000,site_001"]
+    )
+    assert every.exit_code == 1 and not typo.exists()
+    assert "--holdout: 0 of the cohort's 2 sites would train, fewer than [federation]" in (
+        every.output.replace("\n", "")
+    )
     assert run_name(run) == "my-run-v2" and run_name(tmp_path / "_") == "simulation"
 
 
