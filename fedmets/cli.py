@@ -129,6 +129,10 @@ class _LogProgress:
 
 
 EXTRACTION_STOPPED = "the patients extracted so far are cached: the same command goes on from them"
+SIMULATION_STOPPED = (
+    "its Flower processes are stopped; the sites' extracted patients are cached: the same"
+    " command with --overwrite starts the run again from them"
+)
 
 
 @contextlib.contextmanager
@@ -1251,20 +1255,21 @@ def simulate(
     from fedmets.simulation.simulate import simulate as run_simulation
 
     try:
-        metrics = run_simulation(
-            cohort,
-            out,
-            preset,
-            config,
-            seed,
-            workers,
-            baselines,
-            log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
-            gpus_per_site=gpus_per_site,
-            holdout=[s.strip() for s in (holdout or "").split(",") if s.strip()],
-            loso=loso,
-            overwrite=overwrite,
-        )
+        with _sigterm_as_ctrl_c(SIMULATION_STOPPED):
+            metrics = run_simulation(
+                cohort,
+                out,
+                preset,
+                config,
+                seed,
+                workers,
+                baselines,
+                log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+                gpus_per_site=gpus_per_site,
+                holdout=[s.strip() for s in (holdout or "").split(",") if s.strip()],
+                loso=loso,
+                overwrite=overwrite,
+            )
     except (ValueError, RuntimeError, ConfigError, OSError) as error:  # the run's own words
         err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
         raise typer.Exit(1) from error

@@ -513,6 +513,7 @@ def run_flower_simulation(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    process = None
     try:
         wait_for_port(port, superlink)
         run_config = (
@@ -549,7 +550,14 @@ def run_flower_simulation(
             where = reason or f"see {out / 'flwr-run.log'}"
             raise RuntimeError(f"the federated run wrote no results ({where})")
         return json.loads(result.read_text(encoding="utf-8"))
-    finally:
+    finally:  # also when stopped (Ctrl-C; SIGTERM, which `fedmets simulate` turns into Ctrl-C)
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         stop_process(superlink)
         link_log.close()
 

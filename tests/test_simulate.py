@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +259,36 @@ def test_a_run_folder_is_not_replaced_unasked_and_a_holdout_typo_stops_at_once(t
         every.output.replace("\n", "")
     )
     assert run_name(run) == "my-run-v2" and run_name(tmp_path / "_") == "simulation"
+
+
+@pytest.mark.slow
+def test_a_simulation_stopped_by_sigterm_leaves_no_flower_process(tmp_path) -> None:
+    """SIGTERM (``kill``, a batch job's time limit) stops `fedmets simulate` as Ctrl-C does:
+    its SuperLink and the simulation it started end with it, none is left running."""
+    cohort = tmp_path / "sites"
+    write_feature_sites(cohort, [20, 20], seed=1, folds=3)
+    run = tmp_path / "run"
+    command = [FEDMETS, "simulate", "--cohort", str(cohort), "--preset", "tiny", "--out", str(run)]
+    process = subprocess.Popen(
+        [*command, "--no-baselines"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    for line in process.stdout:
+        if line.startswith("census:"):
+            break
+    process.send_signal(signal.SIGTERM)
+    said = process.communicate(timeout=120)[0]
+    assert "stopped: its Flower processes are stopped" in said
+    address = re.search(r"127\.0\.0\.1:\d+", (run / "flwr-home" / "config.toml").read_text())[0]
+    time.sleep(2)
+    ps = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
+    alive = [
+        p for p in ps.splitlines() if not p.startswith("Z") and (str(run) in p or address in p)
+    ]
+    assert alive == []
 
 
 @pytest.mark.slow
