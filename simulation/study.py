@@ -116,11 +116,15 @@ def table_site(path: Path, label: str, id_column: str, out: Path) -> StudySites:
     radiomics = the columns matching ``fedmets.shared.config.DEFAULT_RADIOMICS_PATTERN``;
     clinical = the columns named in ``CLINICAL_NAMES``, mapped onto the fedmets schema), its
     features written under ``OUT/table-site`` (the table's folder is only read). Rows that fail
-    the checks (no 0/1 label, a bad cell) are left out and reported by the extraction."""
+    the checks (no 0/1 label, a bad cell) are left out and reported by the extraction.
+    ValueError naming the table's problem when it is not found or no row is usable (an --id or
+    --label column it lacks)."""
     from fedmets.client.extract import extract_site
     from fedmets.client.tabular import CLINICAL_NAMES
 
     path = Path(path).resolve()
+    if not path.is_file():
+        raise ValueError(f"--table: {path}: {'a folder' if path.is_dir() else 'file not found'}")
     header = {str(c).lower() for c in pd.read_csv(path, nrows=0).columns}
     names = {n for name, more in CLINICAL_NAMES.items() for n in (name, *more)}
     with_clinical = bool(header & names)
@@ -142,6 +146,13 @@ def table_site(path: Path, label: str, id_column: str, out: Path) -> StudySites:
         context={"base_dir": path.parent},
     )
     report = extract_site(cfg)
+    if report["site_problems"]:
+        options = {"data.id_column": "--id", "data.label_column": "--label"}
+        problems = [
+            next((p.replace(k, v) for k, v in options.items() if k in p), p)
+            for p in report["site_problems"]
+        ]
+        raise ValueError("; ".join(problems))
     notes = [] if with_clinical else ["no clinical columns in the table"]
     quarantined = report.get("counts", {}).get("quarantined", 0) if report else 0
     if quarantined:

@@ -194,6 +194,18 @@ def test_the_study_is_simulates_centralised_baseline(cohort_run, tmp_path, monke
     assert protocol["folds"][0]["thresholds"] == centralized["folds"][0]["thresholds"]
 
 
+def test_a_table_without_its_id_or_label_column_is_named_as_such(tmp_path):
+    """`fedmets study --table`: an --id or --label the table lacks, or a table not there, is
+    said so, not as "no labelled patient in .../features.parquet"."""
+    table = noise_table(tmp_path / "t.csv", n=20, p=5)
+    with pytest.raises(ValueError, match=r"t\.csv: --id: column 'id' not found \(columns found"):
+        table_site(table, "label", "id", tmp_path / "a")
+    with pytest.raises(ValueError, match=r"t\.csv: --label: column 'DM' not found"):
+        table_site(table, "DM", "pid", tmp_path / "b")
+    with pytest.raises(ValueError, match=r"--table: .*u\.csv: file not found"):
+        table_site(tmp_path / "u.csv", "label", "pid", tmp_path / "c")
+
+
 def test_late_fusion_scores_with_the_mean_logit_of_the_single_group_models(tmp_path):
     """With ``[model] fusion = "late"`` a model of several groups gives each patient the sigmoid
     of the mean logit of that fold's single-group models of its groups; nothing more is
