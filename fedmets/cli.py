@@ -249,7 +249,7 @@ def synth(
                 ),
                 crop_voxels=crop_voxels,
             )
-        except (ValueError, FileExistsError) as error:
+        except (ValueError, OSError) as error:
             err_console.print(Text.assemble(("error: ", "red"), str(error)), soft_wrap=True)
             raise typer.Exit(1) from error
     _print_cohort_summary(summary, out, time.perf_counter() - started)

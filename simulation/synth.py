@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from fedmets.shared.files import check_writable
 from fedmets.simulation.anatomy import RenderSpec, render_patient
 from fedmets.simulation.cohort import (
     MANIFEST_CLINICAL_COLUMNS,
@@ -166,10 +167,13 @@ def generate_cohort(
     preset = PRESETS[preset_name]
     n_sites = preset.default_sites if n_sites is None else n_sites
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out: {out_dir} is a file, not a folder for the cohort")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
         shutil.rmtree(out_dir)
+    check_writable(out_dir, "--out")
 
     tables = sample_cohort(preset, n_sites, seed)
     for site in tables.sites:

@@ -147,6 +147,9 @@ def test_a_bad_site_count_or_folder_name_is_named_as_written(tmp_path):
     (folder / "notes.txt").write_text("kept\n")
     result = _synth(folder, "--sites", "1")
     assert result.returncode == 1 and f"{folder} is not empty" in result.stderr.replace("\n", "")
+    result = _synth(folder / "notes.txt", "--sites", "1")  # a file: said, no traceback
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "notes.txt is a file, not a folder for the cohort" in result.stderr.replace("\n", "")
 
 
 def test_the_summary_splits_no_word_at_80_columns(monkeypatch):
