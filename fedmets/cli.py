@@ -695,6 +695,8 @@ def study(
         console.print(message, markup=False, highlight=False)
 
     try:
+        if out.exists() and not out.is_dir():  # found before the cohort's extraction
+            raise ValueError(f"--out: {out} is a file, not a folder for the study")
         name = "study"
         fed = with_seed(
             load_federation_config(config) if config else federation_config(preset, name), seed

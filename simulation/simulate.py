@@ -178,6 +178,8 @@ def simulate(
     or a site's ``[policy] folds`` is not ``[cv] folds``."""
     started = time.perf_counter()
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a run folder")
     earlier = [p.name for p in (out / "metrics.json", out / "federated") if p.exists()]
     if earlier and not overwrite:
         raise ValueError(

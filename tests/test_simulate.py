@@ -251,6 +251,8 @@ def test_a_run_folder_is_not_replaced_unasked_and_a_holdout_typo_stops_at_once(t
     done = CliRunner().invoke(app, [*command, "--out", str(typo), "--holdout", "site_009"])
     assert done.exit_code == 1 and "--holdout: sites not in the cohort" in done.output
     assert "site_009" in done.output and not typo.exists()
+    done = CliRunner().invoke(app, [*command, "--out", str(run / "metrics.json")])
+    assert done.exit_code == 1 and "metrics.json is a file, not a run folder" in done.output
     every = CliRunner().invoke(
         app, [*command, "--out", str(typo), "--holdout", "site_000,site_001"]
     )

@@ -206,6 +206,13 @@ def test_a_table_without_its_id_or_label_column_is_named_as_such(tmp_path):
         table_site(tmp_path / "u.csv", "label", "pid", tmp_path / "c")
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path):
+    table = noise_table(tmp_path / "t.csv", n=20, p=5)
+    done = run_fedmets("study", "--table", table, "--label", "label", "--id", "pid", "--out", table)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "t.csv is a file, not a folder for the study" in done.stderr.replace("\n", "")
+
+
 def test_late_fusion_scores_with_the_mean_logit_of_the_single_group_models(tmp_path):
     """With ``[model] fusion = "late"`` a model of several groups gives each patient the sigmoid
     of the mean logit of that fold's single-group models of its groups; nothing more is
