@@ -18,6 +18,7 @@ route releases, nothing per patient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +57,19 @@ def new_patients_site(cfg: SiteConfig, manifest: Path) -> SiteConfig:
     )
 
 
-def extract_new_patients(cfg: SiteConfig, model_dir: Path, manifest: Path) -> SiteConfig:
+def extract_new_patients(
+    cfg: SiteConfig,
+    model_dir: Path,
+    manifest: Path,
+    on_patient_done: Callable[[int, int], None] | None = None,
+    on_patient_checked: Callable[[int, int], None] | None = None,
+) -> SiteConfig:
     """Check the patients of ``manifest`` and extract, of the radiomics, only the features the
     bundle in ``model_dir`` reads (and every crop); returns their site config
     (:func:`new_patients_site`), whose ``extraction_report.json`` lists the quarantined and
     failed patients. The feature table and report of an earlier list of the same file name
     are removed first: a list whose every patient fails leaves no table to score, not the
-    earlier list's."""
+    earlier list's. The callbacks: progress, as for ``extract_site``."""
     from fedmets.client.extract import extract_site
     from fedmets.client.site_files import FEATURES_FILE, REPORT_FILE
 
@@ -70,7 +77,13 @@ def extract_new_patients(cfg: SiteConfig, model_dir: Path, manifest: Path) -> Si
     features = load_bundle(model_dir).manifest["radiomics_features"]
     for earlier in (FEATURES_FILE, REPORT_FILE):
         (new.paths.output / earlier).unlink(missing_ok=True)
-    extract_site(new, features=features, labelled=False)
+    extract_site(
+        new,
+        on_patient_done=on_patient_done,
+        on_patient_checked=on_patient_checked,
+        features=features,
+        labelled=False,
+    )
     return new
 
 

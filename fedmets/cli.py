@@ -931,8 +931,20 @@ def site_predict(
         if manifest is not None:
             new = new_patients_site(cfg, manifest)
             try:
-                with _sigterm_as_ctrl_c(EXTRACTION_STOPPED):
-                    extract_new_patients(cfg, model, manifest)
+                with _sigterm_as_ctrl_c(EXTRACTION_STOPPED), _patient_progress() as progress:
+                    checking = progress.add_task(f"checking {manifest.name}", total=None)
+                    extracting = progress.add_task(
+                        f"extracting {manifest.name}", total=None, visible=False
+                    )
+                    extract_new_patients(
+                        cfg,
+                        model,
+                        manifest,
+                        lambda done, total: progress.update(
+                            extracting, completed=done, total=total, visible=True
+                        ),
+                        lambda done, total: progress.update(checking, completed=done, total=total),
+                    )
             finally:  # the patients it could not use, also when none was usable
                 _say_extraction_problems(new.paths.output / REPORT_FILE)
             cfg = new

@@ -193,7 +193,8 @@ def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
     """`fedmets site predict --manifest`: a list without labels, its sex column under another
     name fedmets knows, is scored; next month's list under the same file name, its every
     patient quarantined, is an error naming them; it neither scores last month's patients
-    again nor writes a predictions file. A list of no row is an error too."""
+    again nor writes a predictions file. A list of no row is an error too. The extraction
+    shows its progress."""
     configs = {}
     for i, n in enumerate([60, 60]):
         folder = tmp_path / "sites" / f"site_{i}"
@@ -224,6 +225,7 @@ def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
     predict = ["site", "predict", "--config", site / "site.toml", "--model", tmp_path / "model"]
     done = run_fedmets(*predict, "--manifest", new, "--out", tmp_path / "march.csv")
     assert done.returncode == 0 and "6 patients scored" in done.stdout, done.stderr
+    assert "extracting new_patients.csv: 6/6 patients" in done.stdout  # progress, as extract's
     table.assign(pid=[f"april-{i}" for i in range(6)], age="").to_csv(new, index=False)
     done = run_fedmets(*predict, "--manifest", new, "--out", tmp_path / "april.csv")
     assert done.returncode == 1 and "no patient in" in done.stderr, done.stdout
