@@ -710,7 +710,7 @@ def study(
             settings["model"]["fusion_members"] = members
         fed = FederationConfig.model_validate(settings)
         if cohort:
-            sites = cohort_sites(cohort, workers)
+            sites = cohort_sites(cohort, workers, say)
         else:
             sites = table_site(table, label, id_column, out)
         if repeats > 1:

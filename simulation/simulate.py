@@ -132,17 +132,49 @@ def extract_missing(
     workers: int | None = None,
     say: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Extract each site whose ``features.parquet`` is missing (``say`` told before each); the
-    ids of those extracted. PyRadiomics and SimpleITK are imported only then: the study, which
-    imports this module, runs on machines without them (benchmarks/gpu_check.sh)."""
+    """Extract each site whose ``features.parquet`` is missing; the ids of those extracted.
+    ``say`` is told before each site, its progress (at most every
+    :data:`EXTRACTION_PROGRESS_S`) and then its counts with every quarantined or failed patient.
+    PyRadiomics and SimpleITK are imported only then: the study, which imports this module,
+    runs on machines without them (benchmarks/gpu_check.sh)."""
     missing = [cfg for cfg in configs if not (cfg.paths.output / FEATURES_FILE).is_file()]
     if missing:
         from fedmets.client.extract import extract_site
     for cfg in missing:
-        if say is not None:
-            say(f"extracting {cfg.site_id} (features missing)")
-        extract_site(cfg, workers)
+        if say is None:
+            extract_site(cfg, workers)
+            continue
+        say(f"extracting {cfg.site_id} (features missing)")
+        report = extract_site(cfg, workers, _extraction_progress(cfg.site_id, say))
+        counts = report["counts"]
+        say(
+            f"  {cfg.site_id}: {counts['extracted'] + counts['cached']} patients with features,"
+            f" {counts['quarantined']} quarantined, {counts['failed']} failed"
+            f" ({cfg.paths.output / 'extraction_report.json'})"
+        )
+        for patient, reasons in report["quarantined"].items():
+            say(f"  quarantined: patient {patient}: {'; '.join(reasons)}")
+        for patient, failure in report["failed"].items():
+            say(f"  failed: patient {patient}: {failure['message']}")
     return [cfg.site_id for cfg in missing]
+
+
+EXTRACTION_PROGRESS_S = 30.0
+"""A site's extraction progress line comes at most this often (besides its first and last)."""
+
+
+def _extraction_progress(site_id: str, say: Callable[[str], None]) -> Callable[[int, int], None]:
+    """``on_patient_done`` of a site's extraction: a line ``site: done/total patients`` at
+    most every :data:`EXTRACTION_PROGRESS_S` seconds, and the last."""
+    shown_at = -EXTRACTION_PROGRESS_S
+
+    def done(count: int, total: int) -> None:
+        nonlocal shown_at
+        if count == total or time.monotonic() - shown_at >= EXTRACTION_PROGRESS_S:
+            shown_at = time.monotonic()
+            say(f"  {site_id}: {count}/{total} patients")
+
+    return done
 
 
 def run_name(out: Path) -> str:

@@ -93,11 +93,14 @@ class StudySites:
     notes: list[str] = field(default_factory=list)
 
 
-def cohort_sites(cohort: Path, workers: int | None = None) -> StudySites:
+def cohort_sites(
+    cohort: Path, workers: int | None = None, say: Callable[[str], None] | None = None
+) -> StudySites:
     """The sites of ``cohort`` (``*/site.toml``, sorted), each extracted first when its
-    ``features.parquet`` is missing, and the cohort's ground truth (``ground_truth/``)."""
+    ``features.parquet`` is missing (its progress and left-out patients told to ``say``), and
+    the cohort's ground truth (``ground_truth/``)."""
     sites = StudySites(str(cohort), "cohort", site_configs(cohort))
-    for site_id in extract_missing(sites.configs, workers):
+    for site_id in extract_missing(sites.configs, workers, say):
         sites.notes.append(f"{site_id}: features extracted")
     for cfg in sites.configs:
         if cfg.data.mode == "tabular":

@@ -16,6 +16,7 @@ from fedmets.client.site_files import FEATURES_FILE, REPORT_FILE
 from fedmets.client.tabular import load_feature_table
 from fedmets.shared.clinical import encode_clinical, encoded_columns
 from fedmets.shared.config import load_site_config
+from fedmets.simulation.simulate import extract_missing
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
@@ -245,7 +246,23 @@ def test_a_wide_table_without_its_label_column_names_the_nearest_not_every_colum
     assert load_feature_table(cfg).site_problems[0].endswith("(38 columns found, none named alike)")
 
 
-def test_padded_header_cells_and_rows_of_empty_cells(tmp_path: Path) -> None:
+def test_a_simulation_says_how_its_extraction_goes_and_whom_it_left_out(tmp_path: Path) -> None:
+    """`fedmets simulate` / `study` extract a site whose features are missing: its progress,
+    its counts and each quarantined patient are said, not only written to its report."""
+    cfg = load_site_config(tabular_site(tmp_path / "site", [*GOOD_ROWS, BAD_ROWS[1]]))
+    said: list[str] = []
+    assert extract_missing([cfg], say=said.append) == ["tab"]
+    assert said[:3] == [
+        "extracting tab (features missing)",
+        "  tab: 4/4 patients",
+        "  tab: 3 patients with features, 1 quarantined, 0 failed"
+        f" ({cfg.paths.output / REPORT_FILE})",
+    ]
+    assert said[3:] == [
+        "  quarantined: patient L2: features.csv line 5: DM: label must be 0 or 1, got '2'"
+    ]
+    assert extract_missing([cfg], say=said.append) == []  # extracted now: nothing said
+
     """Header cells are stripped like data cells; rows of empty cells (Excel leftovers) are
     skipped like blank lines, not counted as patients."""
     header = HEADER.replace("pid,DM,", " pid , DM,")
