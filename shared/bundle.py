@@ -124,7 +124,13 @@ def load_bundle(path: Path) -> Bundle:
     digest_file = path / DIGEST_FILE
     for needed in (manifest_file, arrays_file, digest_file):
         if not needed.is_file():
-            raise ValueError(f"{needed}: missing; is {path} a fedmets model bundle?")
+            inside = [  # a run or server output folder given for its bundle
+                str(path / where)
+                for where in ("federated/model", "model")
+                if (path / where / MANIFEST_FILE).is_file()
+            ]
+            hint = f" (a run's folder: its bundle is {inside[0]})" if inside else ""
+            raise ValueError(f"{needed}: missing; is {path} a fedmets model bundle?{hint}")
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -189,6 +189,19 @@ def test_a_bundle_that_does_not_fit_the_site_is_refused(tmp_path):
         predict_site(next(iter(configs.values())), tmp_path / "model")
 
 
+def test_a_run_folder_given_as_the_bundle_names_the_bundle_inside_it(tmp_path):
+    """`site predict --model runs/demo` (the run, not its bundle): the refusal says where the
+    bundle is; a folder without one says only that it is none."""
+    (tmp_path / "run" / "federated" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "federated" / "model" / "manifest.json").write_text("{}")
+    bundle = tmp_path / "run" / "federated" / "model"
+    for given in (tmp_path / "run", tmp_path / "run" / "federated"):
+        with pytest.raises(ValueError, match=f"a run's folder: its bundle is {bundle}\\)$"):
+            load_bundle(given)
+    with pytest.raises(ValueError, match=r"a fedmets model bundle\?$"):
+        load_bundle(tmp_path)
+
+
 def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
     """`fedmets site predict --manifest`: a list without labels, its sex column under another
     name fedmets knows, is scored; next month's list under the same file name, its every
