@@ -255,11 +255,29 @@ def check_identity_key(cfg: SiteConfig) -> None:
         ) from error
 
 
+def check_socket_group(cfg: SiteConfig) -> None:
+    """RuntimeError, one line naming the key, when ``[service] socket_group`` is set but no
+    group of that name exists on this machine."""
+    group = cfg.service.socket_group
+    if group is None:
+        return
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        raise RuntimeError(
+            f"[service] socket_group {group!r}: no such group on this machine: create it"
+            " (the SuperNode's user a member), or leave socket_group out (the socket is then"
+            " the service's user's alone, mode 0600)"
+        ) from None
+
+
 def serve(config_path: Path, say: Callable[[str], None] = print) -> None:
     """``fedmets site serve``: load the site, serve it on its socket until SIGTERM or SIGINT.
-    RuntimeError before serving when ``[service] identity_key`` is no usable key."""
+    RuntimeError before serving when ``[service] identity_key`` is no usable key or its
+    ``socket_group`` no group."""
     service = SiteService(config_path, served=True)
     check_identity_key(service.cfg)
+    check_socket_group(service.cfg)
     socket = service.cfg.service_socket
     try:
         worker = service.worker

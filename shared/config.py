@@ -8,6 +8,7 @@ in either file are resolved against the folder of the TOML file (``data.manifest
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
 import re
@@ -676,7 +677,8 @@ def check_config_file(path: str | Path, check_paths: bool = True) -> tuple[str, 
 
     The kind is "unknown" when the file cannot be read or has neither ``site_id`` nor ``[run]``.
     With ``check_paths`` a valid site config's data paths must also exist, and its ``[service]
-    identity_key`` file when set (``fedmets site serve`` refuses to start without it).
+    identity_key`` file when set (``fedmets site serve`` refuses to start without it), and
+    its ``socket_group``.
     """
     try:
         data = _read_toml(path)
@@ -704,6 +706,9 @@ def check_config_file(path: str | Path, check_paths: bool = True) -> tuple[str, 
                 f"{path}: service.identity_key: {found}: {key} (make it with `fedmets site "
                 f"keys --site {cfg.site_id} --out FOLDER`)"
             )
+        group = cfg.service.socket_group
+        if group is not None and group not in {g.gr_name for g in grp.getgrall()}:
+            problems.append(f"{path}: service.socket_group: no group {group!r} on this machine")
         return kind, problems
     return kind, []
 

@@ -458,6 +458,11 @@ def test_a_missing_identity_key_is_a_path_problem(tmp_path: Path) -> None:
     key.parent.mkdir()
     key.write_text("a key\n")
     assert check_config_file(path) == ("site", [])
+    path.write_text(path.read_text() + 'socket_group = "no-such-group-9"\n')
+    assert check_config_file(path) == (
+        "site",
+        [f"{path}: service.socket_group: no group 'no-such-group-9' on this machine"],
+    )
 
 
 def test_several_problems_all_reported(tmp_path: Path) -> None:

@@ -115,6 +115,19 @@ def test_an_identity_key_that_is_no_key_stops_the_service_at_start(tmp_path, mon
     assert "the service started serving" in done.stderr
 
 
+def test_a_socket_group_that_does_not_exist_stops_the_service_at_start(tmp_path) -> None:
+    """``[service] socket_group`` naming no group: one line naming the key, before the site's
+    data is loaded (was: ``"getgrnam(): name not found: 'x'"`` once the data was loaded)."""
+    (toml,) = write_feature_sites(tmp_path / "sites", [20], folds=2)
+    toml.write_text(toml.read_text() + '\n[service]\nsocket_group = "no-such-group-9"\n')
+    done = run_fedmets("site", "serve", "--config", toml)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(
+        "error: [service] socket_group 'no-such-group-9': no such group on this machine"
+    )
+    assert "labelled patients loaded" not in done.stdout
+
+
 def test_the_relay_loads_no_torch_and_no_site_code() -> None:
     """The ClientApp a deployed SuperNode starts for every message imports Flower and the
     channel only: no torch, scikit-learn or pandas, and not the site's worker or gate."""
