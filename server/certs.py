@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,6 +64,29 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*$", re.I)
+"""A host name: dot-separated labels of letters, digits, inner hyphens and (as container
+names have them) underscores."""
+
+
+def check_hosts(hosts: Sequence[str]) -> None:
+    """ValueError naming each of ``hosts`` that is neither an IP address nor a host name (a
+    scheme, port, path or space typed with it): its certificate would match no address."""
+    bad = []
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not HOST_NAME.match(host):
+                bad.append(repr(host))
+    if bad:
+        raise ValueError(
+            f"--host {', '.join(bad)}: not a host name or IP address (e.g. fl.example.org or"
+            " 10.0.0.5, without scheme, port or path)"
+        )
+
+
 def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -83,11 +107,13 @@ def make_certificates(
     """Write the CA (valid ``ca_days``), the server certificate for ``hosts`` (valid ``days``)
     and a key pair per site into ``out``; return the paths by role (``ca``, ``ca_key``,
     ``server_cert``, ``server_key``, ``site:<id>``, ``site:<id>.pub``). Before anything is
-    written: ValueError for a site that is no site id, FileExistsError when ``out`` holds a
+    written: ValueError for a site that is no site id or a host that is no host name or IP
+    address, FileExistsError when ``out`` holds a
     CA, server certificate or one of the site keys already (every hospital trusts the CA: a
     new one would cut them all off); OSError ``--out: cannot write ...`` when ``out`` is a file
     or cannot be written."""
     out = Path(out)
+    check_hosts(hosts)
     for site in sites:
         check_site_id(site)
     names = ("ca.crt", "ca.key", "server.pem", "server.key")
@@ -141,8 +167,10 @@ def renew_server_certificate(
 ) -> dict[str, Path]:
     """A new ``out/server.pem`` / ``server.key`` for ``hosts`` from the CA of ``out/ca.crt``
     and its key ``ca_key`` (restart the SuperLink with them; the SuperNodes, which trust the
-    CA, and their registrations stay as they are). ValueError when the key is not the CA's."""
+    CA, and their registrations stay as they are). ValueError when the key is not the CA's
+    or a host is no host name or IP address."""
     out = Path(out)
+    check_hosts(hosts)
     if not (out / "ca.crt").is_file():
         raise FileNotFoundError(
             f"{out / 'ca.crt'}: not found; --renew-server renews the server certificate in the"

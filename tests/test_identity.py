@@ -288,6 +288,17 @@ def test_certs_into_a_file_names_out(tmp_path) -> None:
     assert (tmp_path / "notes").read_text() == "x\n"
 
 
+def test_a_host_typed_with_a_scheme_or_port_makes_no_ca(tmp_path) -> None:
+    """``--host https://fl.example.org`` or ``fl.example.org:9091`` would make the CA (once
+    only) and a server certificate that matches no address: refused, nothing written."""
+    for host in ("https://fl.example.org", "fl.example.org:9091", "fl example.org"):
+        done = run_fedmets("certs", "--out", tmp_path / "pki", "--host", host)
+        assert done.returncode == 1 and done.stderr.startswith(f"error: --host {host!r}: not a")
+        assert not (tmp_path / "pki").exists()
+    for host in ("fl.example.org", "10.0.0.5", "superlink_1"):
+        assert run_fedmets("certs", "--out", tmp_path / host, "--host", host).returncode == 0
+
+
 def test_the_server_certificate_is_renewed_from_the_same_ca(tmp_path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec as ec_keys
