@@ -1361,7 +1361,10 @@ def proxy_config(
         "0.0.0.0:9091"
     ),
     superlink_port: Annotated[
-        int, typer.Option(help="The SuperLink's port on 127.0.0.1 (flower-superlink --port).")
+        int,
+        typer.Option(
+            min=1, max=65535, help="The SuperLink's port on 127.0.0.1 (flower-superlink --port)."
+        ),
     ] = 9093,
 ) -> None:
     """Print the nginx configuration of the centre's proxy: TLS on LISTEN, the Fleet API
@@ -1371,6 +1374,15 @@ def proxy_config(
 
     from fedmets.server.proxy import nginx_config
 
+    host, _, port = listen.rpartition(":") if not listen.isdigit() else ("*", "", listen)
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:  # nginx would not start
+        err_console.print(
+            f"error: --listen {listen!r}: not HOST:PORT (or PORT) with a port from 1 to 65535"
+            " (e.g. 0.0.0.0:9091)",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
     certs = certs.resolve()
     missing = [n for n in ("server.pem", "server.key", "ca.crt") if not (certs / n).is_file()]
     if missing:  # nginx would start on none of them

@@ -371,3 +371,9 @@ def test_the_proxy_config_needs_the_certificates(tmp_path) -> None:
     assert (
         done.exit_code == 0 and f"ssl_certificate {tmp_path / 'pki' / 'server.pem'}" in done.output
     )
+    for listen in ("nonsense", "0.0.0.0:99999", "fl.example.org:abc"):  # nginx would not start
+        done = runner.invoke(app, [*command, str(tmp_path / "pki"), "--listen", listen])
+        assert done.exit_code == 1 and "daemon off" not in done.output
+        assert f"--listen {listen!r}: not HOST:PORT (or PORT)" in done.output
+    done = runner.invoke(app, [*command, str(tmp_path / "pki"), "--superlink-port", "0"])
+    assert done.exit_code == 2 and "daemon off" not in done.output
