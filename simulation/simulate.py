@@ -47,6 +47,7 @@ from fedmets.shared.config import (
     load_site_config,
 )
 from fedmets.shared.files import write_json, write_text
+from fedmets.shared.harmonisation import MIN_OWN_BATCH
 from fedmets.simulation.holdout import held_out_validation, leave_one_site_out
 from fedmets.simulation.in_process import InProcessLink, drain_progress, run_in_process
 from fedmets.simulation.loopback import (
@@ -253,6 +254,7 @@ def simulate(
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "report", ignore_errors=True)
     extract_missing(configs, workers, log)
+    _check_held_out_batches(configs, fed, holdout, loso)
     fed_path = out / "federation.toml"
     fed_path.write_text(
         tomli_w.dumps(fed.model_dump(mode="json", exclude_none=True)), encoding="utf-8"
@@ -412,6 +414,30 @@ def _logistic_summary(logistic: dict[str, dict]) -> dict:
         "weight_decay": LOGISTIC_WEIGHT_DECAY,
         **{kind: r["models"][model]["pooled"] for kind, r in logistic.items()},
     }
+
+
+def _check_held_out_batches(
+    configs: Sequence[SiteConfig], fed: FederationConfig, holdout: Sequence[str], loso: bool
+) -> None:
+    """ValueError, before the run, when ComBat harmonises and a site to hold out has fewer
+    labelled patients than a held-out site's own batch needs (found after the run, else)."""
+    if fed.harmonisation.method != "combat":
+        return
+    held = [c for c in configs if loso or c.site_id in holdout]
+    counts = {c.site_id: _labelled(c) for c in held}
+    small = [f"{site} has {n}" for site, n in counts.items() if n < MIN_OWN_BATCH]
+    if small:
+        raise ValueError(
+            f'{"--loso" if loso else "--holdout"}: with [harmonisation] method = "combat" a'
+            f" held-out site's own ComBat batch is fitted on its labelled patients, at least"
+            f" {MIN_OWN_BATCH}: {', '.join(small)}"
+        )
+
+
+def _labelled(cfg: SiteConfig) -> int:
+    """Labelled patients of a site's feature table."""
+    labels = pq.read_table(cfg.paths.output / FEATURES_FILE, columns=["label"])["label"]
+    return len(labels) - labels.null_count
 
 
 def _patients(cfg: SiteConfig) -> int:

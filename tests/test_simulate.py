@@ -24,6 +24,7 @@ from fedmets.shared.bundle import load_bundle
 from fedmets.shared.config import PreprocessSection, load_site_config
 from fedmets.shared.image_presets import IMAGE_PRESETS
 from fedmets.shared.wire import REPLY_KINDS
+from fedmets.simulation import simulate as simulate_module
 from fedmets.simulation.feature_sites import write_feature_sites
 from fedmets.simulation.simulate import (
     federation_config,
@@ -261,6 +262,32 @@ def test_a_run_folder_is_not_replaced_unasked_and_a_holdout_typo_stops_at_once(t
         every.output.replace("\n", "")
     )
     assert run_name(run) == "my-run-v2" and run_name(tmp_path / "_") == "simulation"
+
+
+def test_a_held_out_site_too_small_for_its_own_combat_batch_stops_at_once(
+    tmp_path, monkeypatch
+) -> None:
+    """Under ComBat a held-out site fits its own batch on at least 20 labelled patients: one of
+    15 is refused before the run (was: after the federated run and the training without it)."""
+
+    def no_run(*_args, **_kwargs):
+        raise AssertionError("the federated run started")
+
+    monkeypatch.setattr(simulate_module, "run_flower_simulation", no_run)
+    cohort = tmp_path / "sites"
+    write_feature_sites(cohort, [30, 30, 15], seed=1, folds=2)
+    settings = federation_config("tiny", "combat", 7).model_dump(mode="json", exclude_none=True)
+    settings["cv"]["folds"] = 2
+    settings["harmonisation"] = {"method": "combat", "covariates": ["age"]}
+    fed = tmp_path / "federation.toml"
+    fed.write_text(tomli_w.dumps(settings))
+    command = ["simulate", "--cohort", str(cohort), "--config", str(fed), "--no-baselines"]
+    for option in (["--holdout", "site_002"], ["--loso"]):
+        done = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "run"), *option])
+        assert done.exit_code == 1 and "Traceback" not in done.output
+        said = done.output.replace("\n", "")
+        assert f'{option[0]}: with [harmonisation] method = "combat"' in said
+        assert said.endswith("at least 20: site_002 has 15")
 
 
 @pytest.mark.slow
