@@ -252,7 +252,8 @@ def simulate(
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.json", "summary.txt"):  # of the run being replaced
         (out / stale).unlink(missing_ok=True)
-    shutil.rmtree(out / "report", ignore_errors=True)
+    for stale in ("report", "holdout", "loso"):  # its held-out sites' bundles among them
+        shutil.rmtree(out / stale, ignore_errors=True)
     extract_missing(configs, workers, log)
     _check_held_out_batches(configs, fed, holdout, loso)
     fed_path = out / "federation.toml"

@@ -264,6 +264,25 @@ def test_a_run_folder_is_not_replaced_unasked_and_a_holdout_typo_stops_at_once(t
     assert run_name(run) == "my-run-v2" and run_name(tmp_path / "_") == "simulation"
 
 
+def test_overwrite_removes_the_replaced_runs_held_out_bundles(tmp_path, monkeypatch) -> None:
+    """``--overwrite`` without ``--holdout``/``--loso``: the replaced run's held-out bundles go
+    with its other results, so that none is taken for the new run's."""
+
+    def stop(*_args, **_kwargs):
+        raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(simulate_module, "run_flower_simulation", stop)
+    cohort = tmp_path / "sites"
+    write_feature_sites(cohort, [20, 20], seed=1, folds=3)
+    run = tmp_path / "run"
+    for old in ("federated/model", "holdout/model", "loso/site_000/model"):
+        (run / old).mkdir(parents=True)
+    command = ["simulate", "--cohort", str(cohort), "--preset", "tiny", "--out", str(run)]
+    done = CliRunner().invoke(app, [*command, "--no-baselines", "--overwrite"])
+    assert done.exit_code == 1 and "stopped here" in done.output
+    assert not (run / "holdout").exists() and not (run / "loso").exists()
+
+
 def test_a_held_out_site_too_small_for_its_own_combat_batch_stops_at_once(
     tmp_path, monkeypatch
 ) -> None:
