@@ -78,6 +78,12 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     dp = (federation.get("dp") or {}).get("mode", "off")
     image = manifest.get("image")
     events = cohort.get("events")
+    tabular = manifest.get("mode") == "tabular"  # the sites' feature tables, no images
+    inputs = (
+        "radiomics features of the tumour from the sites' feature tables and clinical variables"
+        if tabular
+        else "the planning CT, the tumour contour and clinical variables"
+    )
     lines = [
         f"# Model card: {main} (run {manifest['run']})",
         "",
@@ -89,9 +95,9 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         "## Intended use",
         "",
         "Risk of distant metastasis of a head-and-neck squamous cell carcinoma, estimated before"
-        " treatment from the planning CT, the tumour contour and clinical variables, for adults"
-        " like those of the training cohort. A research model: it supports, and does not replace,"
-        " a clinician's judgement; it has not been evaluated prospectively.",
+        f" treatment from {inputs}, for adults like those of the training cohort. A research"
+        " model: it supports, and does not replace, a clinician's judgement; it has not been"
+        " evaluated prospectively.",
         "",
         "## Source of data and participants",
         "",
@@ -102,8 +108,13 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         "",
         "## Predictors",
         "",
-        f"- Radiomics: {len(manifest['radiomics_features'])} PyRadiomics features of the tumour"
-        " and its peritumoral ring, selected on the training rows (extraction settings hash"
+        f"- Radiomics: {len(manifest['radiomics_features'])} "
+        + (
+            "columns of the sites' feature tables (as named there)"
+            if tabular
+            else "PyRadiomics features of the tumour and its peritumoral ring"
+        )
+        + ", selected on the training rows (extraction settings hash"
         f" `{manifest['params_hash'][:16]}`): "
         + ", ".join(f"`{name}`" for name in manifest["radiomics_features"]),
         "- Harmonisation: " + _harmonisation(manifest.get("harmonisation")),

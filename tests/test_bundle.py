@@ -96,6 +96,9 @@ def test_the_bundle_scores_every_patient_as_the_run_did(tmp_path, fusion):
     for heading in ("Intended use", "Predictors", "Performance", "Calibration", "Limitations"):
         assert f"## {heading}" in card
     assert f"| **{result['main_model']}** | 180 | {main_auc:.3f} [" in card
+    # tabular sites: the card names their tables, not a CT, contour or peritumoral ring
+    assert "from radiomics features of the tumour from the sites' feature tables" in card
+    assert "planning CT" not in card and "peritumoral ring" not in card
     n = {site: len(worker.data.ids) for site, worker in workers.items()}
     assert all(v.ndim == 0 or v.shape[0] not in n.values() for v in bundle.arrays.values())
     for site, cfg in configs.items():
