@@ -221,14 +221,19 @@ def read_text_table(path: Path) -> tuple[pd.DataFrame, dict[int, UnreadableRow]]
     the line each row starts on in the file, as an editor numbers them (the header: line 1;
     blank lines and rows of empty cells are skipped, not indexed), and the rows left out, by
     line: those holding bytes that are not UTF-8 or more cells than the header. ValueError
-    naming the file when it cannot be read at all, is not comma-separated or repeats a column
-    name."""
+    naming the file when it cannot be read at all, is a spreadsheet workbook, is not
+    comma-separated or repeats a column name."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ValueError(f"{path}: manifest file not found") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a folder, not a manifest file") from None
+    if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):  # a ZIP (xlsx, ods) or OLE (xls)
+        raise ValueError(
+            f"{path}: a spreadsheet workbook (Excel or LibreOffice), not CSV text: save the sheet"
+            ' as "CSV UTF-8 (comma delimited)"'
+        )
     text = raw.decode("utf-8-sig", errors="surrogateescape")  # bad bytes kept, found below
     reader = csv.reader(io.StringIO(text, newline=""))
     lines: list[tuple[int, list[str]]] = []  # (the line a row starts on, its cells)

@@ -315,6 +315,11 @@ SITE_PROBLEMS = {
         "",
         "the header row is separated by semicolons (;), not commas",
     ),
+    "an xlsx workbook named .csv": (  # a ZIP file's first bytes
+        "PK\x03\x04" + HEADER,
+        "",
+        'a spreadsheet workbook (Excel or LibreOffice), not CSV text: save the sheet as "CSV',
+    ),
 }
 
 
