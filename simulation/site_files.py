@@ -206,6 +206,11 @@ def split_input(
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    """The table's cells as text; ValueError naming the file when it is no comma-separated
+    UTF-8 table (a workbook, semicolons: the site check's words, ``read_text_table``)."""
+    from fedmets.client.ingest import read_text_table  # SimpleITK and the rest: here only
+
+    read_text_table(Path(path))
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

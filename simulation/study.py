@@ -123,12 +123,13 @@ def table_site(path: Path, label: str, id_column: str, out: Path) -> StudySites:
     ValueError naming the table's problem when it is not found or no row is usable (an --id or
     --label column it lacks)."""
     from fedmets.client.extract import extract_site
+    from fedmets.client.ingest import read_text_table
     from fedmets.client.tabular import CLINICAL_NAMES
 
     path = Path(path).resolve()
     if not path.is_file():
         raise ValueError(f"--table: {path}: {'a folder' if path.is_dir() else 'file not found'}")
-    header = {str(c).lower() for c in pd.read_csv(path, nrows=0).columns}
+    header = {str(c).lower() for c in read_text_table(path)[0].columns}
     names = {n for name, more in CLINICAL_NAMES.items() for n in (name, *more)}
     with_clinical = bool(header & names)
     site = Path(out).resolve() / "table-site"

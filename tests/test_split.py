@@ -302,6 +302,18 @@ def test_duplicate_ids_are_an_error(tmp_path: Path) -> None:
         split_input(path, tmp_path / "out", "iid", n_sites=2)
 
 
+def test_a_workbook_or_semicolon_table_is_named_as_such(tmp_path: Path) -> None:
+    """A table saved as a workbook (renamed .csv) or with semicolons: the site check's words,
+    not a codec error or "id column 'patient_id' not found"."""
+    path = tmp_path / "t.csv"
+    _table(20).to_csv(path, index=False, sep=";")
+    with pytest.raises(ValueError, match=r"t\.csv: the header row is separated by semicolons"):
+        split_input(path, tmp_path / "out", "iid", n_sites=2)
+    path.write_bytes(b"PK\x03\x04\x14\x00\x06\x00\x08\x00\xec\x00")
+    with pytest.raises(ValueError, match=r"t\.csv: a spreadsheet workbook"):
+        split_input(path, tmp_path / "out", "iid", n_sites=2)
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 

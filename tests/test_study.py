@@ -204,6 +204,9 @@ def test_a_table_without_its_id_or_label_column_is_named_as_such(tmp_path):
         table_site(table, "DM", "pid", tmp_path / "b")
     with pytest.raises(ValueError, match=r"--table: .*u\.csv: file not found"):
         table_site(tmp_path / "u.csv", "label", "pid", tmp_path / "c")
+    table.write_bytes(b"PK\x03\x04\x14\x00\x06\x00\x08\x00\xec\x00")  # an .xlsx named .csv
+    with pytest.raises(ValueError, match=r"t\.csv: a spreadsheet workbook"):
+        table_site(table, "label", "pid", tmp_path / "d")
 
 
 def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path):
