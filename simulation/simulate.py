@@ -357,23 +357,32 @@ def run_baselines(
         initargs=(threads, progress),
     ) as pool:
         pending = {pool.submit(_baseline, kind, tomls, data, out): kind for kind, tomls in tasks}
-        while pending:
-            done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-            drain_progress(progress, log)
-            for job in done:
-                kind = pending.pop(job)
-                outcome = job.result()
-                if kind == "centralized":
-                    centralized = outcome
-                elif kind in (LOGISTIC_FEDERATED, LOGISTIC_CENTRALIZED):
-                    logistic[kind.removeprefix("logistic-")] = outcome
-                    log(f"logistic baseline ({kind.removeprefix('logistic-')}) done")
-                elif isinstance(outcome, str):  # too small to train alone under its policy
-                    not_run[kind] = outcome
-                    log(f"local-only baseline: {kind} alone cannot run: {outcome}")
-                else:
-                    local[kind] = outcome
-                    log(f"local-only baseline: {kind} done")
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                drain_progress(progress, log)
+                for job in done:
+                    kind = pending.pop(job)
+                    outcome = job.result()
+                    if kind == "centralized":
+                        centralized = outcome
+                    elif kind in (LOGISTIC_FEDERATED, LOGISTIC_CENTRALIZED):
+                        logistic[kind.removeprefix("logistic-")] = outcome
+                        log(f"logistic baseline ({kind.removeprefix('logistic-')}) done")
+                    elif isinstance(outcome, str):  # too small to train alone under its policy
+                        not_run[kind] = outcome
+                        log(f"local-only baseline: {kind} alone cannot run: {outcome}")
+                    else:
+                        local[kind] = outcome
+                        log(f"local-only baseline: {kind} done")
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM made one: the baselines stop too
+            pool.shutdown(wait=False, cancel_futures=True)
+            workers = multiprocessing.active_children()
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.join(timeout=10)
+            raise
     drain_progress(progress, log)
     return centralized, dict(sorted(local.items())), not_run, logistic
 

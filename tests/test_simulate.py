@@ -340,6 +340,28 @@ def test_a_simulation_stopped_by_sigterm_leaves_no_flower_process(tmp_path) -> N
 
 
 @pytest.mark.slow
+def test_stopped_baselines_end_their_workers_at_once(tmp_path, monkeypatch) -> None:
+    """Ctrl-C (or SIGTERM, which `fedmets simulate` turns into one) while the baselines run:
+    their worker processes end at once, instead of the command waiting for every baseline
+    to finish (seconds here, minutes on the demo cohort)."""
+    import multiprocessing
+
+    tomls = write_feature_sites(tmp_path / "sites", [40, 40], seed=1, folds=3)
+    configs = [load_site_config(t) for t in tomls]
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulate_module, "wait", interrupted)
+    fed = federation_config("tiny", "stopped", 7)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        simulate_module.run_baselines(configs, fed, tmp_path / "run", lambda _: None)
+    assert time.monotonic() - started < 15  # the baselines alone take longer
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.slow
 def test_a_hospital_that_never_joined_scores_new_raw_patients(simulated, tmp_path) -> None:
     """`fedmets site predict --manifest` at a freshly synthesised site outside the federation:
     eight raw patients (NIfTI; one as a DICOM series + RTSTRUCT, one without a label) are
