@@ -70,16 +70,16 @@ def policy_conflicts(cfg: SiteConfig, run_config: FederationConfig) -> list[str]
     """What this site's ``[policy]`` would refuse of ``run_config``'s requests, one line a
     rule and route (``rule: route: what was asked and what the policy allows``; [] when
     nothing): its planned settings (``fedmets.shared.run_plan.policy_requests``, as for a
-    federation whose every site has this site's kinds of data; a tabular site's clinical
-    columns counted as present) through the site's own bounds
-    (``fedmets.client.policy.check_bounds``)."""
+    federation whose every site has this site's kinds of data; a held-out site's evaluation
+    of the bundle alone) through the site's own bounds (``fedmets.client.policy.check_bounds``)."""
     from fedmets.client.policy import check_bounds  # numpy, torch: not for the CLI's imports
     from fedmets.shared.run_plan import policy_requests
 
     images = cfg.data.mode == "images" and run_config.stages.image
-    clinical = cfg.data.mode == "tabular" or "clinical" in cfg.data.modalities
+    clinical = "clinical" in cfg.data.modalities
+    held_out = cfg.site_id in run_config.federation.held_out
     conflicts = []
-    for route, request in policy_requests(run_config, images, clinical):
+    for route, request in policy_requests(run_config, images, clinical, held_out):
         try:
             check_bounds(route, request, cfg.policy)
         except PolicyRefused as refused:

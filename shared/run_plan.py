@@ -78,18 +78,23 @@ POLICY_FIELDS = ("batch", "epochs", "lr", "trees", "resamples", "repeats", "bins
 
 
 def policy_requests(
-    cfg: FederationConfig, images: bool, clinical: bool
+    cfg: FederationConfig, images: bool, clinical: bool, held_out: bool = False
 ) -> list[tuple[str, dict[str, Any]]]:
     """(route, request) pairs holding every setting of ``cfg`` that a site's policy bounds,
     as the run sends them when ``images`` (the image stage runs) and ``clinical`` (every site
     has clinical data): the folds, the
     forest ranking's trees, the training settings, the histogram bins, the permutation
     repeats, DP's mode and each network a request carries (its ``weights:`` key, value None).
-    Not a request the site could answer: its data-dependent fields are left out."""
-    models = planned_models(cfg, images, clinical)
-    weights = dict.fromkeys(wire.WEIGHTS_PREFIX + n for n in planned_networks(cfg, models))
-    dp = {"dp_mode": cfg.dp.mode}
+    A ``held_out`` site (``[federation] held_out``) is asked only for its evaluation of the
+    final model's bundle. Not a request the site could answer: its data-dependent fields are
+    left out."""
     model, bins = cfg.model, {"bins": cfg.evaluation.histogram_bins}
+    if held_out:
+        return [("query.bundle_evaluation", bins)]
+    models = planned_models(cfg, images, clinical)
+    networks = planned_networks(cfg, models)
+    weights = dict.fromkeys(wire.WEIGHTS_PREFIX + n for n in networks)
+    dp = {"dp_mode": cfg.dp.mode}
     importance: dict[str, Any] = {"trees": cfg.selection.rf_trees}
     if cfg.selection.ranking == "stability":
         importance["resamples"] = cfg.selection.stability_resamples
@@ -108,8 +113,10 @@ def policy_requests(
         ),
         ("query.train_scores", {**fusion, **bins}),
         ("query.evaluation", {**bins, **dp}),
-        ("query.permutation", {**fusion, "repeats": IMPORTANCE_REPEATS}),
     ]
+    main = main_model(models)
+    if main in networks or main_candidates(cfg, main):  # late fusion's may be no network
+        requests.append(("query.permutation", {**fusion, "repeats": IMPORTANCE_REPEATS}))
     if cfg.dp.mode == "off":  # under DP no round is chosen on validation
         requests.append(("query.validate", {**fusion, **bins}))
     if images:

@@ -213,6 +213,13 @@ def test_a_run_the_sites_policy_would_refuse_is_not_approved(tmp_path) -> None:
     assert done.exit_code == 0, done.output
     assert within.run.name in approved_runs(load_site_config(toml))
 
+    # held out, the site is asked only to evaluate the bundle: the training bounds do not apply
+    held = _cfg(stages={"final_model": True}, federation={"held_out": ["site_b"]})
+    held.run.name = "held-out-run"
+    fed.write_text(tomli_w.dumps(held.model_dump(mode="json", exclude_none=True)))
+    done = CliRunner().invoke(app, approve)
+    assert done.exit_code == 0, done.output
+
 
 def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:
     """The app digest of a real ``flwr build`` bundle is the one its relay reports once Flower

@@ -41,13 +41,15 @@ def _plain(value):
     [
         {"model": {"main_radiomics": [3, 6], "main_hidden": [[4], [8, 4]]}},
         {"dp": {"mode": "sample", "epsilon": 50.0}},
+        {"model": {"fusion": "late"}},
     ],
-    ids=["main-candidates", "dp-sgd"],
+    ids=["main-candidates", "dp-sgd", "late-fusion"],
 )
 def test_the_planned_settings_are_those_the_run_sends(sites, sections) -> None:  # noqa: F811
     """Every policy-bounded setting of every request of a run (stability ranking, the final
-    model; the main model's candidate networks, or DP-SGD) is one the plan holds for that
-    route, and every network a request carries is planned."""
+    model; the main model's candidate networks, DP-SGD or late fusion) is one the plan holds
+    for that route, every network a request carries is planned, and every planned route is
+    asked."""
     cfg = _cfg(
         cv={"folds": 3},
         stages={"fusion_rounds": 1, "final_model": True},
@@ -72,6 +74,7 @@ def test_the_planned_settings_are_those_the_run_sends(sites, sections) -> None: 
             checked.add((route, field))
         planned_networks = set().union(*plan[route])
         assert networks <= planned_networks, (route, sorted(networks - planned_networks))
+    assert set(plan) <= {route for route, _ in link.sent}  # nothing planned that is not asked
     assert {("query.importance", "resamples"), ("train.fusion", "hidden")} <= checked
     assert {"query.folds", "query.importance", "train.fusion", "query.evaluation"} <= {
         route for route, _ in checked
