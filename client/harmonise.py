@@ -88,8 +88,10 @@ def harmonised_for_bundle(
 ) -> tuple[SiteData, str]:
     """``data`` with the bundle's radiomics columns harmonised as the bundle's run did, and
     how: ``"site"`` (the site's own correction from the run), ``"own-batch"`` (fitted here on
-    these patients) or ``"none"`` (the bundle does not harmonise). ValueError when the site
-    has no correction and too few patients to fit one."""
+    these patients) or ``"none"`` (the bundle does not harmonise). A missing value is
+    harmonised at its imputed value and kept, as the run's ``combat_apply`` did (with the
+    site's correction at the fill the run used; fitted here, at the bundle's mean).
+    ValueError when the site has no correction and too few patients to fit one."""
     spec = bundle.manifest.get("harmonisation") or {"method": "none"}
     if spec["method"] == "none":
         return data, "none"
@@ -121,5 +123,5 @@ def harmonised_for_bundle(
         )
         how = "own-batch"
     radiomics = data.radiomics.copy()
-    radiomics[names] = adjustment.apply(raw, c, mean)
+    radiomics[names] = adjustment.apply(impute(raw, mean), c, mean)
     return replace(data, radiomics=radiomics), how

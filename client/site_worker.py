@@ -256,7 +256,8 @@ def assign_folds(
         want = extra > 0  # rows to add (not yet validation) or to remove (validation)
         for value in (0, 1):
             rows = np.flatnonzero((fold != f) & (labels == value) & (val[f] != want))
-            take = min(abs(extra), len(rows))
+            # a row added to validation leaves its class at least one fitting row
+            take = min(abs(extra), max(len(rows) - 1, 0) if want else len(rows))
             val[f, rng.choice(rows, size=take, replace=False)] = want
             extra -= take if want else -take
     return fold, val
@@ -751,13 +752,13 @@ class SiteWorker:
         # ComBat groups (:meth:`_admit_together`).
         groups = self._training_sets(request, self._combat_groups(request, c))
         write_array(self._harmonised_groups_path(request), np.array(groups, dtype=bool))
-        if int(request["fold"]) == wire.FINAL_FOLD:
+        if int(request["fold"]) == wire.FINAL_FOLD:  # with the fill of missing values used
             save_adjustments(
                 self._state(request) / FINAL_ADJUSTMENTS,
                 adjustments,
                 list(self.data.radiomics.columns),
                 list(request["covariates"]),
-                mean,
+                missing_fill(self.data.radiomics.to_numpy()[train], mean),
             )
         return self._released(request, train, {"n": int(train.sum())})
 

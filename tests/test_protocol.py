@@ -119,6 +119,17 @@ def test_assign_folds_is_stratified_and_inner_validation_is_inside_training() ->
     for f in range(5):
         assert not (val[f] & (fold == f)).any()
         assert val[f].sum() == round(0.2 * (fold != f).sum())
+    # small cohorts: the row added to reach the rounded-up count never takes a class's last
+    # fitting row (10 patients, 7 DM+, 2 folds, 45 %: it took the last negative)
+    for n, positives, folds, fraction in [(4, 1, 2, 0.2), (10, 7, 2, 0.45), (10, 6, 3, 0.35)]:
+        labels = np.array([1] * positives + [0] * (n - positives))
+        for seed in range(5):
+            fold, val = assign_folds(labels, folds, fraction, seed=seed)
+            for f in range(folds):
+                if len(set(labels[fold != f])) < 2:
+                    continue
+                fitting = (fold != f) & ~val[f]
+                assert set(labels[fitting]) == {0, 1}, (n, positives, seed, f)
 
 
 def _pooled_training_rows(
