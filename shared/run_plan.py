@@ -65,9 +65,10 @@ def planned_networks(cfg: FederationConfig, models: list[str]) -> list[str]:
     (``fusion_networks``), the main model's network replaced by its candidates when
     ``[model] main_*`` sets any."""
     networks = fusion_networks(models, cfg.model.fusion, cfg.model.fusion_members)
-    candidates = main_candidates(cfg, main_model(models))
+    main = main_model(models)
+    candidates = main_candidates(cfg, main)
     if candidates:
-        networks = [n for n in networks if n != main_model(models)] + candidates
+        networks = [n for n in networks if n != main] + candidates
     return networks
 
 

@@ -381,7 +381,10 @@ def run_baselines(
             for worker in workers:
                 worker.terminate()
             for worker in workers:
-                worker.join(timeout=10)
+                worker.join(timeout=5)
+                if worker.is_alive():  # SIGTERM not acted on yet (seen once on a busy CI)
+                    worker.kill()
+                    worker.join()
             raise
     drain_progress(progress, log)
     return centralized, dict(sorted(local.items())), not_run, logistic

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from test_protocol import write_sites
 from typer.testing import CliRunner
+from xdist.scheduler import LoadFileScheduling
 
 # pytest-xdist sets COLUMNS=80 in its workers; the command line's consoles (made when
 # fedmets.cli is imported) then cut tables at 80 columns. Tests see what a log file sees.
@@ -101,16 +102,16 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFed
 
 
 LONGEST_MODULES = (
-    "test_simulate.py",  # its simulate fixture ~200 s, then its tests
-    "test_study.py",  # its study fixture ~60 s, its folds-in-parallel test ~55 s
-    "test_deployment_resume.py",  # ~205 s, much of it waiting on Flower's processes
-    "test_deployment_dropout.py",  # ~220 s, likewise
-    "test_runbook.py",  # ~170 s
+    "test_simulate.py",  # its simulate fixture ~430 s, then its tests (~650 s in all)
+    "test_deployment_dropout.py",  # ~490 s, much of it waiting on Flower's processes
+    "test_deployment_resume.py",  # ~480 s, likewise
+    "test_study.py",  # its study fixture ~105 s, then its tests (~450 s in all)
+    "test_runbook.py",  # ~400 s
+    "test_secure_aggregation.py",  # ~250 s
 )
 """The modules that take longest on 2 cores (fresh-clone CI ``--durations``, 2026-12-07,
-2d3f262), in the order they start: a worker takes a module whole, so the suite ends soonest
-when these start first. pytest-xdist keeps two modules queued on a worker whose module has
-two tests or fewer, so the two one-test deployment modules share the third worker."""
+39a0a60, three workers), longest first: a worker takes a module whole, so the suite ends
+soonest when these start first and never queue behind one another (:class:`ApartScheduling`)."""
 
 
 def _start_rank(item: pytest.Item) -> tuple[int, bool]:
@@ -124,3 +125,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest modules first, then the other slow tests, then the rest (a stable sort:
     the order inside each kind is kept), so the longest work starts first."""
     items.sort(key=_start_rank)
+
+
+def _longest(scope: str) -> bool:
+    """Whether a work unit (a test module's path) is one of LONGEST_MODULES."""
+    return Path(scope).name in LONGEST_MODULES
+
+
+class ApartScheduling(LoadFileScheduling):
+    """``--dist loadfile``, except that a worker still running one of LONGEST_MODULES takes its
+    next module from the quick end of the queue. pytest-xdist hands a worker another module
+    whenever it has two tests or fewer left, to run them (a worker runs a test only once it
+    knows the next); with plain loadfile a one-test deployment module took the next long one
+    behind it, and the three deployment modules ran one after another on one worker (CI
+    2026-12-07: 1345 s, two workers idle for the last ~500 s)."""
+
+    def _assign_work_unit(self, node) -> None:
+        busy = any(
+            _longest(scope) and not all(tests.values())
+            for scope, tests in self.assigned_work.get(node, {}).items()
+        )
+        last = next(reversed(self.workqueue))
+        if busy and not _longest(last):
+            self.workqueue.move_to_end(last, last=False)
+        super()._assign_work_unit(node)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> ApartScheduling | None:
+    """:class:`ApartScheduling` for ``--dist loadfile`` (what scripts/test.sh runs)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    return ApartScheduling(config, log)
