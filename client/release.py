@@ -9,7 +9,9 @@ size and SHA-256), the number of patients behind the reply, and per reply field 
 shape, dtype and size in bytes (never the values). A refused request (nothing computed) has
 ``"sent": false`` and ``rule``; a withheld reply (its count alone sent) has ``withheld`` and
 ``rule``; a request the worker failed to answer has ``"rule": "failed"`` and the error in
-``problems`` (the centre hears its type alone: :class:`RequestFailed`). Each line carries the
+``problems`` (the centre hears its type alone: :class:`RequestFailed`); a request refused on
+the site's data (a policy rule that needs it, the DP budget: ``policy.epsilon_budget``, a site
+not ready) has ``"sent": false``, the reason and its rule where it has one. Each line carries the
 hash of the one before it (``fedmets.client.audit``: ``fedmets site audit verify``). Hospital
 IT reads it to see what left the site (``docs/hospital_guide.md``).
 
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from fedmets.client.site_worker import SiteWorker
 
 AUDIT_FILE = "wire-audit.jsonl"
+BUDGET_RULE = "policy.epsilon_budget"
+"""The audit log's rule of a DP training refused by the site's ``[policy] epsilon_budget``."""
 
 
 class ReleaseRefused(RuntimeError):
@@ -82,7 +86,11 @@ def answer(
         reply = worker.handle(route_name, request)
     except Withheld as held:
         reply, withheld = held.reply, held
-    except (PolicyRefused, PrivacyBudgetExceeded, SiteNotReady):  # the counts' or the order's
+    except (PolicyRefused, PrivacyBudgetExceeded, SiteNotReady) as refusal:  # on the data
+        rule = getattr(refusal, "rule", None)
+        if isinstance(refusal, PrivacyBudgetExceeded):
+            rule = BUDGET_RULE
+        _log(worker, route_name, request, {}, [str(refusal)], masked, rule, app=app)
         raise
     except Exception as error:
         count = failures.record(run)

@@ -58,7 +58,8 @@ class PrivacyBudgetExceeded(RuntimeError):
             f"{who}: privacy budget exceeded: epsilon spent so far {spent:.3f}, after the "
             f"planned training it would be {planned:.3f}, the budget is {budget:.3f} "
             f"(delta {delta:g}); nothing was trained or released. Raise the noise, train "
-            f"fewer steps, or raise the budget in the site config's [privacy] section."
+            f"fewer steps, or raise the budget (a site's: [policy] epsilon_budget in its "
+            f"config; the centre's: the run's [dp] epsilon)."
         )
 
 

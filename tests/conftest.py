@@ -12,7 +12,8 @@ session, and how the suite spreads over pytest-xdist workers.
   module's tests stay on one worker, so a module-scoped fixture is built once, and the long
   real-process runs sit in modules of their own (``test_deployment*.py``) to run side by side.
   The longest modules (``LONGEST_MODULES``), then the other slow tests, are collected first
-  so the longest work starts first.
+  so the longest work starts first, and a worker still busy with one of them takes quick
+  modules meanwhile (``ApartScheduling``).
 """
 
 from __future__ import annotations
@@ -88,12 +89,16 @@ def tiny_extracted(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFederation]:
+def federation(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LoopbackFederation]:
     """A loopback deployment per test module: a TLS SuperLink with SuperNode authentication and
-    three registered tabular sites (2 folds; ``test_protocol.write_sites``), stopped after the
-    module."""
+    three registered tabular sites (2 folds; ``test_protocol.write_sites``), or those the
+    module names in ``DEPLOYED_SITES`` (each site spawns a ClientApp process per message:
+    ~3 s of CPU, mostly Flower's imports), stopped after the module."""
     root = tmp_path_factory.mktemp("deployment")
     sites = write_sites(root / "sites", folds=2)
+    sites = {site: sites[site] for site in getattr(request.module, "DEPLOYED_SITES", sites)}
     with LoopbackFederation(root, sites) as fed:
         fed.start_superlink()
         for site in sites:
@@ -103,7 +108,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackFed
 
 LONGEST_MODULES = (
     "test_simulate.py",  # its simulate fixture ~430 s, then its tests (~650 s in all)
-    "test_deployment_dropout.py",  # ~490 s, much of it waiting on Flower's processes
+    "test_deployment_dropout.py",  # ~490 s, most of it in Flower's processes
     "test_deployment_resume.py",  # ~480 s, likewise
     "test_study.py",  # its study fixture ~105 s, then its tests (~450 s in all)
     "test_runbook.py",  # ~400 s
@@ -151,6 +156,7 @@ class ApartScheduling(LoadFileScheduling):
         super()._assign_work_unit(node)
 
 
+@pytest.hookimpl(optionalhook=True)  # (``-p no:xdist`` runs without it)
 def pytest_xdist_make_scheduler(config: pytest.Config, log) -> ApartScheduling | None:
     """:class:`ApartScheduling` for ``--dist loadfile`` (what scripts/test.sh runs)."""
     if config.getoption("dist") != "loadfile":

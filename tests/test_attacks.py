@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fedmets.client.policy import DifferencingGuard, PolicyRefused, ScoreGroups
-from fedmets.client.release import RequestFailed, answer, site_audit_path
+from fedmets.client.release import BUDGET_RULE, RequestFailed, answer, site_audit_path
 from fedmets.client.scoring import image_config
 from fedmets.client.site_worker import SiteWorker
 from fedmets.client.training import get_state
@@ -1347,6 +1347,9 @@ def test_trainings_at_once_cannot_spend_the_budget_twice(tmp_path) -> None:
         thread.join(120)
     assert sorted(outcomes) == ["refused", "trained"]
     assert worker.ledger().epsilon() <= budget
+    # the hospital reads the refusal in its audit log, as it reads a policy rule's
+    (entry,) = [e for e in audit(worker) if e["route"] == "train.fusion" and not e["sent"]]
+    assert entry["rule"] == BUDGET_RULE and "budget" in entry["problems"][0]
 
 
 def test_a_secure_sites_folds_do_not_follow_its_config_seed(tmp_path) -> None:

@@ -30,6 +30,8 @@ from fedmets.simulation.loopback import flower_bin, free_port, stop_process
 
 pytestmark = pytest.mark.slow  # real flower-superlink / flower-supernode processes
 
+DEPLOYED_SITES = ("site_a", "site_b")  # the conftest's ``federation``: no test here needs three
+
 NOBODY = 65534  # the user (and group, "nogroup") the probe's SuperNode runs as
 PROBE_APP = Path(__file__).resolve().parent / "data" / "probe_app"
 
