@@ -21,7 +21,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from fedmets.server.protocol import FederatedProtocol, FoldRunner, Payload, ProtocolError, SiteLink
+from fedmets.server.protocol import (
+    CensusTaken,
+    FederatedProtocol,
+    FoldRunner,
+    Payload,
+    ProtocolError,
+    SiteLink,
+)
 from fedmets.shared.config import FederationConfig
 
 
@@ -133,10 +140,11 @@ def fold_lanes(
     log: Callable[[str], None],
 ) -> FoldRunner:
     """The ``FoldRunner`` of run ``run`` of ``cfg`` over ``link``: ``[federation]
-    parallel_folds`` folds at once (:class:`FoldLanes`), each into ``checkpoints``; their
-    progress lines, led by ``[fold k]``, go to ``log``."""
+    parallel_folds`` folds at once (:class:`FoldLanes`), each into ``checkpoints`` and with the
+    run's census (no lane asks ``query.census`` or ``query.folds`` again: two message rounds
+    fewer a run); their progress lines, led by ``[fold k]``, go to ``log``."""
 
-    def run_folds(folds: Sequence[int]) -> dict[int, dict]:
+    def run_folds(folds: Sequence[int], taken: CensusTaken) -> dict[int, dict]:
         queue = list(folds)
         lanes = FoldLanes(link, min(cfg.federation.parallel_folds, len(queue)))
         log(f"{lanes.running} folds at once: their requests reach each site in batches")
@@ -160,7 +168,7 @@ def fold_lanes(
                         privacy_dir=privacy_dir,
                     )
                     try:
-                        done.update(protocol.run_folds([fold]))
+                        done.update(protocol.run_folds([fold], taken))
                     except Exception as error:  # noqa: BLE001 - raised below, once all stop
                         failed[fold] = error
                         return

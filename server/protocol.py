@@ -142,10 +142,21 @@ class SiteLink(Protocol):
     # fedmets.server.secure_aggregation.SecureRound``; a link without the attribute cannot.
 
 
-FoldRunner = Callable[[Sequence[int]], dict[int, dict]]
+@dataclass(frozen=True)
+class CensusTaken:
+    """What a run's ``query.census`` and ``query.folds`` found (its training sites' census
+    replies, its held-out sites', each site's fold sizes), for the protocols of its folds run
+    at once over the same link: they ask neither again."""
+
+    census: dict[str, Payload]
+    held_out: dict[str, Payload]
+    fold_sizes: dict[str, np.ndarray]
+
+
+FoldRunner = Callable[[Sequence[int], CensusTaken], dict[int, dict]]
 """Runs the given cross-validation folds elsewhere, at once (each a protocol of the same config,
-run name and checkpoints folder calling :meth:`FederatedProtocol.run_folds`); returns what
-``run_folds`` returns for each."""
+run name and checkpoints folder calling :meth:`FederatedProtocol.run_folds`, given the run's
+census where it asks over the run's own link); returns what ``run_folds`` returns for each."""
 
 
 def merged_dropouts(record: list[dict], saved: Sequence[dict]) -> list[dict]:
@@ -346,15 +357,18 @@ class FederatedProtocol:
 
     # ---- the run -------------------------------------------------------------------------------
 
-    def _prepare(self) -> tuple[bool, str | None, list[str], list[str]]:
-        """The census, then what every fold trains: (images, backbone, models, networks); the
-        sites' folds drawn and the privacy plan made."""
+    def _prepare(
+        self, taken: CensusTaken | None = None
+    ) -> tuple[bool, str | None, list[str], list[str]]:
+        """The census (``taken``: the run's, not asked again), then what every fold trains:
+        (images, backbone, models, networks); the sites' folds drawn and the privacy plan
+        made."""
         if self.cfg.strategy.secure_aggregation and not self.secure:
             self.say(
                 f"secure_aggregation: {type(self.link).__name__} cannot run SecAgg+; the "
                 "training rounds are aggregated in clear"
             )
-        census = self.census()
+        census = self.census() if taken is None else self._adopt(taken)
         images = self.cfg.stages.image and all(c["has_images"] for c in census.values())
         clinical = all(c["clinical_columns"] > 0 for c in census.values())
         backbone = self.cfg.model.backbone if images else None
@@ -371,9 +385,23 @@ class FederatedProtocol:
                 f"main model {main_model(models)}: its network chosen per fold among "
                 f"{self.candidates}"
             )
-        self.folds()
+        if taken is None:
+            self.folds()
         self._plan_privacy(images, len(networks))
         return images, backbone, models, networks
+
+    def _adopt(self, taken: CensusTaken) -> dict[str, Payload]:
+        """The run's census and fold sizes as this protocol's own (its link already knows the
+        sites by their proven ids, and has left out those the census refused)."""
+        self.record.census = dict(taken.census)
+        self.record.held_out = dict(taken.held_out)
+        self.held_out = sorted(taken.held_out)
+        self.fold_sizes = dict(taken.fold_sizes)
+        return self.record.census
+
+    def census_taken(self) -> CensusTaken:
+        """This protocol's census and fold sizes (after its :meth:`census` and :meth:`folds`)."""
+        return CensusTaken(self.record.census, self.record.held_out, self.fold_sizes)
 
     @contextlib.contextmanager
     def _muted(self) -> Iterator[None]:
@@ -384,12 +412,13 @@ class FederatedProtocol:
         finally:
             self.say = say
 
-    def run_folds(self, folds: Sequence[int]) -> dict[int, dict]:
-        """Only the cross-validation folds ``folds`` (after the census), each to the end of its
-        steps, saved in the checkpoints folder: a :data:`FoldRunner`'s work. Returns per fold
-        ``seconds`` and ``timing_s`` (seconds per stage)."""
+    def run_folds(self, folds: Sequence[int], taken: CensusTaken | None = None) -> dict[int, dict]:
+        """Only the cross-validation folds ``folds`` (after the census, or with the run's:
+        ``taken``), each to the end of its steps, saved in the checkpoints folder: a
+        :data:`FoldRunner`'s work. Returns per fold ``seconds`` and ``timing_s`` (seconds per
+        stage)."""
         with self._muted():  # the parent protocol has said it all
-            images, _, models, networks = self._prepare()
+            images, _, models, networks = self._prepare(taken)
         done = {}
         for fold in folds:
             self.record.timing_s = {}
@@ -407,7 +436,8 @@ class FederatedProtocol:
         started = time.perf_counter()
         images, backbone, models, networks = self._prepare()
         thresholds = {m: np.full(self.cfg.cv.folds, np.nan) for m in models}
-        elsewhere = self.fold_runner(range(self.cfg.cv.folds)) if self.fold_runner else {}
+        folds = range(self.cfg.cv.folds)
+        elsewhere = self.fold_runner(folds, self.census_taken()) if self.fold_runner else {}
         for ran in elsewhere.values():
             for stage, seconds in ran["timing_s"].items():
                 spent = self.record.timing_s.get(stage, 0.0) + seconds

@@ -28,7 +28,7 @@ import torch
 
 from fedmets.client.release import answer
 from fedmets.client.site_worker import SiteWorker
-from fedmets.server.protocol import FederatedProtocol, FoldRunner, ProtocolError
+from fedmets.server.protocol import CensusTaken, FederatedProtocol, FoldRunner, ProtocolError
 from fedmets.shared import wire
 from fedmets.shared.config import FederationConfig, SiteConfig
 
@@ -132,7 +132,8 @@ class FoldPool:
         (its folds into ``checkpoints``); ``log`` hears when each fold is done."""
         settings = cfg.model_dump(mode="json")
 
-        def run_folds(folds: Sequence[int]) -> dict[int, dict]:
+        def run_folds(folds: Sequence[int], taken: CensusTaken) -> dict[int, dict]:
+            del taken  # each fold process asks its own: a fresh worker, in process (no message)
             pending = {
                 self.pool.submit(
                     _run_fold,

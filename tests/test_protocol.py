@@ -4,6 +4,7 @@ refused, dropouts are recorded and bounded, results repeat under a seed."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -395,14 +396,21 @@ def test_same_seed_same_results(sites) -> None:
 
 
 class _BatchCountingLink(InProcessLink):
-    """Counts the items of every batch it sends to each site."""
+    """Counts the items of every batch it sends to each site, and the routes of every
+    message (a batch's items, or a request alone)."""
 
     def __init__(self, workers) -> None:
         super().__init__(workers)
         self.batches: list[int] = []
+        self.routes: Counter[str] = Counter()
+
+    def ask(self, route, requests):
+        self.routes[route] += 1
+        return super().ask(route, requests)
 
     def ask_batch(self, items):
         self.batches += [len(batch) for batch in items.values()]
+        self.routes.update(route for route, _ in next(iter(items.values())))
         return super().ask_batch(items)
 
 
@@ -421,6 +429,8 @@ def test_folds_at_once_reach_the_sites_in_batches_and_give_the_sequential_result
         link, cfg, "at-once", checkpoints=tmp_path / "checkpoints", fold_runner=runner
     ).run_all()
     assert max(link.batches) == 3 and len(link.batches) > 3 * 10  # every step of every fold
+    # the folds start from the run's census: asked once, as the folds' sizes
+    assert link.routes["query.census"] == link.routes["query.folds"] == 1
     assert {f"fold {k}: done" for k in (1, 2, 3)} <= {line.split(" in ")[0] for line in heard}
     for model in sequential["models"]:
         assert at_once["models"][model]["pooled"] == sequential["models"][model]["pooled"]
