@@ -152,7 +152,7 @@ class ApartScheduling(LoadFileScheduling):
     whenever it has two tests or fewer left, to run them (a worker runs a test only once it
     knows the next); with plain loadfile a one-test deployment module took the next long one
     behind it, and the three deployment modules ran one after another on one worker (CI
-    2026-12-07: 1345 s, two workers idle for the last ~500 s)."""
+    2026-12-07: 487 + 476 + 396 s in a row, of the suite's 1345 s)."""
 
     def _assign_work_unit(self, node) -> None:
         busy = any(
