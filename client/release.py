@@ -87,9 +87,8 @@ def answer(
     except Withheld as held:
         reply, withheld = held.reply, held
     except (PolicyRefused, PrivacyBudgetExceeded, SiteNotReady) as refusal:  # on the data
-        rule = getattr(refusal, "rule", None)
-        if isinstance(refusal, PrivacyBudgetExceeded):
-            rule = BUDGET_RULE
+        budget = isinstance(refusal, PrivacyBudgetExceeded)
+        rule = BUDGET_RULE if budget else getattr(refusal, "rule", None)
         _log(worker, route_name, request, {}, [str(refusal)], masked, rule, app=app)
         raise
     except Exception as error:
