@@ -376,7 +376,6 @@ def run_baselines(
                         local[kind] = outcome
                         log(f"local-only baseline: {kind} done")
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM made one: the baselines stop too
-            pool.shutdown(wait=False, cancel_futures=True)
             workers = multiprocessing.active_children()
             for worker in workers:
                 worker.terminate()
@@ -385,6 +384,10 @@ def run_baselines(
                 if worker.is_alive():  # SIGTERM not acted on yet (seen once on a busy CI)
                     worker.kill()
                     worker.join()
+            # the pool's manager thread reaps the workers too: whichever thread's waitpid
+            # loses sees no child and leaves the worker listed as running until the other
+            # records its exit, so wait for that thread (seen once on a busy CI)
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     drain_progress(progress, log)
     return centralized, dict(sorted(local.items())), not_run, logistic
