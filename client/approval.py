@@ -71,7 +71,9 @@ def policy_conflicts(cfg: SiteConfig, run_config: FederationConfig) -> list[str]
     rule and route (``rule: route: what was asked and what the policy allows``; [] when
     nothing): its planned settings (``fedmets.shared.run_plan.policy_requests``, as for a
     federation whose every site has this site's kinds of data; a held-out site's evaluation
-    of the bundle alone) through the site's own bounds (``fedmets.client.policy.check_bounds``)."""
+    of the bundle alone) through the site's own bounds (``fedmets.client.policy.check_bounds``);
+    and, for a run that trains here under sample-level DP, a privacy ledger that already holds
+    ``[policy] epsilon_budget`` (what else the run may spend: :func:`budget_outlook`)."""
     from fedmets.client.policy import check_bounds  # numpy, torch: not for the CLI's imports
     from fedmets.shared.run_plan import policy_requests
 
@@ -84,7 +86,69 @@ def policy_conflicts(cfg: SiteConfig, run_config: FederationConfig) -> list[str]
             check_bounds(route, request, cfg.policy)
         except PolicyRefused as refused:
             conflicts.append(str(refused))
+    budget = cfg.policy.epsilon_budget
+    if _spends_budget(cfg, run_config) and budget is not None:
+        spent = _ledger_epsilon(cfg)
+        if spent >= budget:
+            conflicts.append(
+                f"policy.epsilon_budget: train.*: this site's privacy ledger holds epsilon "
+                f"{spent:.3g}, its budget is {budget:g}: every DP training would be refused"
+            )
     return conflicts
+
+
+def planned_epsilon(run_config: FederationConfig) -> float:
+    """The most epsilon (at the site's own delta) that ``run_config``'s sample-level DP
+    trainings spend at a site that trains: the protocol plans each stage's noise (the image
+    model's and the fusion networks', ``epsilon / 2`` each with an image stage) so that the
+    stage's trainings end at its share of ``[dp] epsilon``, over the folds (``epsilon_scope =
+    "run"``) or in each fold (``"fold"``). Composed (with the ledger's history too), they spend
+    at most the sum of the parts: at the smallest of the parts' best RDP orders every other
+    part's divergence is at most its own best order's (Renyi divergence grows with the
+    order), and each conversion's delta term is positive for the orders accounted (up to 63)
+    when delta is below ~5e-3, as a site's should be (well under one over its patients)."""
+    assert run_config.dp.epsilon is not None  # a config with dp.mode on has one
+    folds = run_config.cv.folds if run_config.dp.epsilon_scope == "fold" else 1
+    return run_config.dp.epsilon * folds
+
+
+def budget_outlook(cfg: SiteConfig, run_config: FederationConfig) -> str | None:
+    """What ``run_config`` would spend of this site's privacy budget, in one line (None when
+    the site trains nothing under sample-level DP in it): the ledger's epsilon now, the most
+    the run adds (:func:`planned_epsilon`) and ``[policy] epsilon_budget``. It starts with
+    ``warning:`` when the two together may pass the budget: the site's gate then refuses the
+    training that would, mid-run (``policy.epsilon_budget`` in the audit log)."""
+    if not _spends_budget(cfg, run_config):
+        return None
+    spent, most = _ledger_epsilon(cfg), planned_epsilon(run_config)
+    budget = cfg.policy.epsilon_budget
+    line = (
+        f"DP: run {run_config.run.name} spends at most epsilon {most:g} here ([dp] epsilon "
+        f"{run_config.dp.epsilon:g}, epsilon_scope {run_config.dp.epsilon_scope!r}); this "
+        f"site's ledger holds {spent:.3g}"
+    )
+    if budget is None:
+        return f"{line}, no [policy] epsilon_budget set"
+    line = f"{line} of its budget {budget:g}"
+    if spent + most > budget:
+        return (
+            f"warning: {line}: the run may be refused mid-way, at the training that would "
+            "pass the budget"
+        )
+    return f"{line}: at most {spent + most:.3g} after it"
+
+
+def _spends_budget(cfg: SiteConfig, run_config: FederationConfig) -> bool:
+    """Whether ``run_config`` trains at this site under sample-level DP (a held-out site
+    only evaluates the bundle)."""
+    return run_config.dp.mode == "sample" and cfg.site_id not in run_config.federation.held_out
+
+
+def _ledger_epsilon(cfg: SiteConfig) -> float:
+    """The epsilon this site's privacy ledger has spent so far (0 without a ledger)."""
+    from fedmets.client.privacy import site_ledger  # torch: not for the CLI's imports
+
+    return site_ledger(cfg.paths.output, cfg.site_id, cfg.policy.delta, None).epsilon()
 
 
 def approval_required(cfg: SiteConfig, served: bool) -> bool:

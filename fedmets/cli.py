@@ -1043,11 +1043,20 @@ def site_approve(
     app bundle, which the site service then answers (while [policy] require_approval holds;
     docs/hospital_guide.md)."""
     from fedmets.client.app_digest import fab_digest
-    from fedmets.client.approval import approvals_path, approve_run, policy_conflicts
+    from fedmets.client.approval import (
+        approvals_path,
+        approve_run,
+        budget_outlook,
+        policy_conflicts,
+    )
 
     cfg = _load_site_config_or_exit(config)
     run = _load_federation_config_or_exit(run_config)
-    conflicts = policy_conflicts(cfg, run)
+    try:
+        conflicts, outlook = policy_conflicts(cfg, run), budget_outlook(cfg, run)
+    except ValueError as error:  # a ledger of another site or delta
+        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from error
     if conflicts:
         for line in [
             f"not approved: this site's [policy] ({config}) would refuse run {run.run.name}'s "
@@ -1080,6 +1089,10 @@ def site_approve(
         err_console.print(message, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from error
     _plain(f"approved run {run.run.name} (config sha256 {record['config_sha256']})")
+    if outlook is not None and outlook.startswith("warning:"):
+        err_console.print(outlook, markup=False, highlight=False, soft_wrap=True)
+    elif outlook is not None:
+        _plain(outlook)
     if digest:
         _plain(f"pinned app {app.name} (app sha256 {digest})")
     _plain(f"recorded in {approvals_path(cfg)}")

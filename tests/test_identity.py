@@ -221,6 +221,78 @@ def test_a_run_the_sites_policy_would_refuse_is_not_approved(tmp_path) -> None:
     assert done.exit_code == 0, done.output
 
 
+def test_an_approval_says_what_the_run_would_spend_of_the_privacy_budget(tmp_path) -> None:
+    """``fedmets site approve`` of a run with sample-level DP names the most epsilon the run
+    adds at the site (its ``[dp] epsilon``, times the folds under ``epsilon_scope = "fold"``),
+    what the site's ledger holds and its budget; a warning when the two together may pass the
+    budget (approved: the gate refuses the training that would); not approved once the ledger
+    holds the budget, when the gate's ledger check refuses every DP training."""
+    from fedmets.client.privacy import site_ledger
+    from fedmets.shared.privacy import PrivacyBudgetExceeded, plan_noise_multiplier
+
+    toml = write_sites(tmp_path / "sites")["site_b"]
+    site = tomllib.loads(toml.read_text())
+    site["policy"]["epsilon_budget"] = 10.0
+    toml.write_text(tomli_w.dumps(site))
+    cfg = load_site_config(toml)
+    fed = tmp_path / "fed.toml"
+
+    def approving(name: str, **dp) -> object:
+        run = _cfg(dp={"mode": "sample", **dp})
+        run.run.name = name
+        fed.write_text(tomli_w.dumps(run.model_dump(mode="json", exclude_none=True)))
+        return CliRunner().invoke(
+            app, ["site", "approve", "--config", str(toml), "--run-config", str(fed)]
+        )
+
+    done = approving("first", epsilon=4.0)
+    assert done.exit_code == 0, done.output
+    assert (
+        "DP: run first spends at most epsilon 4 here ([dp] epsilon 4, epsilon_scope 'run'); "
+        "this site's ledger holds 0 of its budget 10: at most 4 after it"
+    ) in done.output.replace("\n", "")
+
+    def spend(epsilon: float) -> None:  # DP-SGD trainings of earlier runs, in the site's ledger
+        ledger = site_ledger(cfg.paths.output, cfg.site_id, cfg.policy.delta, None)
+        z = plan_noise_multiplier(epsilon, cfg.policy.delta, 0.2, 40, spent=ledger.history())
+        ledger.record(
+            stage="fusion",
+            mechanism="dp-sgd",
+            noise_multiplier=z,
+            sample_rate=0.2,
+            steps=40,
+            max_grad_norm=1.0,
+        )
+
+    spend(7.0)
+    done = approving("second", epsilon=1.5, epsilon_scope="fold")  # 3 folds: at most 4.5
+    assert done.exit_code == 0, done.output
+    said = done.output.replace("\n", "")
+    assert "warning: DP: run second spends at most epsilon 4.5 here" in said
+    spent = site_ledger(cfg.paths.output, cfg.site_id, cfg.policy.delta, None).epsilon()
+    assert 6.9 < spent <= 7.0
+    assert f"holds {spent:.3g} of its budget 10: the run may be refused mid-way" in said
+    assert "second" in approved_runs(cfg)
+
+    spend(10.01)
+    done = approving("third", epsilon=1.0)
+    assert done.exit_code == 1
+    said = done.output.replace("\n", "")
+    assert "policy.epsilon_budget: train.*: this site's privacy ledger holds epsilon 10" in said
+    assert "its budget is 10: every DP training would be refused" in said
+    assert "third" not in approved_runs(cfg)
+    with pytest.raises(PrivacyBudgetExceeded):  # as the site's gate would
+        site_ledger(cfg.paths.output, cfg.site_id, cfg.policy.delta, 10.0).check([(1.0, 0.1, 1)])
+    assert approving("off", epsilon=1.0).exit_code == 1  # a DP run: still refused
+    off = _cfg()  # without DP the budget is not asked
+    off.run.name = "plain"
+    fed.write_text(tomli_w.dumps(off.model_dump(mode="json", exclude_none=True)))
+    done = CliRunner().invoke(
+        app, ["site", "approve", "--config", str(toml), "--run-config", str(fed)]
+    )
+    assert done.exit_code == 0 and "DP:" not in done.output
+
+
 def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:
     """The app digest of a real ``flwr build`` bundle is the one its relay reports once Flower
     installed it (``install_from_fab``); ``fedmets site approve --app`` pins it, and the
