@@ -283,7 +283,7 @@ def test_an_approval_says_what_the_run_would_spend_of_the_privacy_budget(tmp_pat
     assert "third" not in approved_runs(cfg)
     with pytest.raises(PrivacyBudgetExceeded):  # as the site's gate would
         site_ledger(cfg.paths.output, cfg.site_id, cfg.policy.delta, 10.0).check([(1.0, 0.1, 1)])
-    assert approving("off", epsilon=1.0).exit_code == 1  # a DP run: still refused
+    assert approving("fourth", epsilon=0.1).exit_code == 1  # however little it asks
     off = _cfg()  # without DP the budget is not asked
     off.run.name = "plain"
     fed.write_text(tomli_w.dumps(off.model_dump(mode="json", exclude_none=True)))
