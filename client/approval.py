@@ -97,6 +97,10 @@ def policy_conflicts(cfg: SiteConfig, run_config: FederationConfig) -> list[str]
     return conflicts
 
 
+SUM_BOUND_DELTA = 5e-3
+"""The largest delta at which composed epsilons stay under their sum (:func:`planned_epsilon`)."""
+
+
 def planned_epsilon(run_config: FederationConfig) -> float:
     """The most epsilon (at the site's own delta) that ``run_config``'s sample-level DP
     trainings spend at a site that trains: the protocol plans each stage's noise (the image
@@ -105,8 +109,9 @@ def planned_epsilon(run_config: FederationConfig) -> float:
     "run"``) or in each fold (``"fold"``). Composed (with the ledger's history too), they spend
     at most the sum of the parts: at the smallest of the parts' best RDP orders every other
     part's divergence is at most its own best order's (Renyi divergence grows with the
-    order), and each conversion's delta term is positive for the orders accounted (up to 63)
-    when delta is below ~5e-3, as a site's should be (well under one over its patients)."""
+    order), and each conversion's delta term is positive for the orders accounted (1.1 to 63)
+    when delta is at most :data:`SUM_BOUND_DELTA`, as a site's should be (well under one over
+    its patients)."""
     assert run_config.dp.epsilon is not None  # a config with dp.mode on has one
     folds = run_config.cv.folds if run_config.dp.epsilon_scope == "fold" else 1
     return run_config.dp.epsilon * folds
@@ -122,8 +127,9 @@ def budget_outlook(cfg: SiteConfig, run_config: FederationConfig) -> str | None:
         return None
     spent, most = _ledger_epsilon(cfg), planned_epsilon(run_config)
     budget = cfg.policy.epsilon_budget
+    bound = "at most" if cfg.policy.delta <= SUM_BOUND_DELTA else "about (delta above 5e-3)"
     line = (
-        f"DP: run {run_config.run.name} spends at most epsilon {most:g} here ([dp] epsilon "
+        f"DP: run {run_config.run.name} spends {bound} epsilon {most:g} here ([dp] epsilon "
         f"{run_config.dp.epsilon:g}, epsilon_scope {run_config.dp.epsilon_scope!r}); this "
         f"site's ledger holds {spent:.3g}"
     )

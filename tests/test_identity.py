@@ -292,6 +292,16 @@ def test_an_approval_says_what_the_run_would_spend_of_the_privacy_budget(tmp_pat
     )
     assert done.exit_code == 0 and "DP:" not in done.output
 
+    # another delta: the ledger (kept at 1e-5) is named, not mixed; above 5e-3 epsilons may
+    # compose past their sum, so the run's is no longer called a bound
+    site["policy"]["delta"] = 0.01
+    toml.write_text(tomli_w.dumps(site))
+    done = approving("fifth", epsilon=1.0)
+    assert done.exit_code == 1 and "accounts at delta 1e-05, not 0.01" in done.output
+    shutil.rmtree(cfg.paths.output / "privacy")
+    done = approving("sixth", epsilon=1.0)
+    assert "DP: run sixth spends about (delta above 5e-3) epsilon 1 here" in done.output
+
 
 def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:
     """The app digest of a real ``flwr build`` bundle is the one its relay reports once Flower
