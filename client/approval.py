@@ -127,7 +127,8 @@ def budget_outlook(cfg: SiteConfig, run_config: FederationConfig) -> str | None:
         return None
     spent, most = _ledger_epsilon(cfg), planned_epsilon(run_config)
     budget = cfg.policy.epsilon_budget
-    bound = "at most" if cfg.policy.delta <= SUM_BOUND_DELTA else "about (delta above 5e-3)"
+    bounded = cfg.policy.delta <= SUM_BOUND_DELTA
+    bound = "at most" if bounded else "about (delta above 5e-3)"
     line = (
         f"DP: run {run_config.run.name} spends {bound} epsilon {most:g} here ([dp] epsilon "
         f"{run_config.dp.epsilon:g}, epsilon_scope {run_config.dp.epsilon_scope!r}); this "
@@ -141,7 +142,7 @@ def budget_outlook(cfg: SiteConfig, run_config: FederationConfig) -> str | None:
             f"warning: {line}: the run may be refused mid-way, at the training that would "
             "pass the budget"
         )
-    return f"{line}: at most {spent + most:.3g} after it"
+    return f"{line}: {'at most' if bounded else 'about'} {spent + most:.3g} after it"
 
 
 def _spends_budget(cfg: SiteConfig, run_config: FederationConfig) -> bool:

@@ -300,7 +300,9 @@ def test_an_approval_says_what_the_run_would_spend_of_the_privacy_budget(tmp_pat
     assert done.exit_code == 1 and "accounts at delta 1e-05, not 0.01" in done.output
     shutil.rmtree(cfg.paths.output / "privacy")
     done = approving("sixth", epsilon=1.0)
-    assert "DP: run sixth spends about (delta above 5e-3) epsilon 1 here" in done.output
+    said = done.output.replace("\n", "")
+    assert "DP: run sixth spends about (delta above 5e-3) epsilon 1 here" in said
+    assert "holds 0 of its budget 10: about 1 after it" in said
 
 
 def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:
