@@ -1041,7 +1041,8 @@ def site_approve(
 ) -> None:
     """Approve a run: its name and its federation config's fingerprint, and with --app the
     app bundle, which the site service then answers (while [policy] require_approval holds;
-    docs/hospital_guide.md)."""
+    docs/hospital_guide.md). Checks the run against the site's [policy] first, and says what a
+    run under DP would spend of the site's privacy budget."""
     from fedmets.client.app_digest import fab_digest
     from fedmets.client.approval import (
         approvals_path,
