@@ -1367,6 +1367,41 @@ def certs(
     )
 
 
+@app.command("app-folder")
+def app_folder(
+    out: Annotated[Path, typer.Argument(help="The folder to write (new, or empty).")],
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace OUT when it holds an app folder written before.")
+    ] = False,
+) -> None:
+    """Write the Flower app alone (pyproject.toml and the folders its fab-include names) to
+    OUT, for `flwr build --app OUT` and `flwr run OUT`: its bundle is this checkout's, but
+    Flower no longer reads the checkout's .venv, cohorts and runs first (seconds per command)."""
+    from fedmets.server.app_folder import write_app_folder
+
+    problem = None
+    if out.exists() and not out.is_dir():
+        problem = "is a file"
+    elif out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            problem = "is not empty (--overwrite replaces an app folder written before)"
+        elif not (out / "pyproject.toml").is_file():
+            problem = "is not empty and holds no app folder (no pyproject.toml): not replaced"
+    if problem:
+        err_console.print(f"error: {out} {problem}", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    try:
+        written = write_app_folder(out)
+    except (OSError, ValueError) as error:
+        err_console.print(f"error: {error}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from error
+    _plain(f"app folder: {written}")
+    _next_steps(
+        f"flwr build --app {written} (the bundle the hospitals approve), "
+        f"flwr run {written} <connection> --stream --run-config '...'"
+    )
+
+
 @app.command("proxy-config")
 def proxy_config(
     certs: Annotated[Path, typer.Option(help="The folder `fedmets certs` wrote.")],

@@ -85,7 +85,8 @@ Path(out).write_text(tomli_w.dumps(config))
 EOF
 fedmets config check "$work/federation.toml"
 echo "== centre: the app bundle the run uploads, sent to the hospitals with the config"
-(cd "$work" && flwr build --app "$repo" >/dev/null)
+fedmets app-folder "$work/app"
+(cd "$work" && flwr build --app "$work/app" >/dev/null)
 bundle=$(ls "$work"/*.fab)
 
 echo "== centre: SuperLink on loopback, proxy for the hospitals"
@@ -139,7 +140,7 @@ for site in "${sites[@]}"; do
 done
 
 echo "== centre: the run"
-flwr run "$repo" centre --stream \
+flwr run "$work/app" centre --stream \
     --run-config "federation-config=\"$work/federation.toml\" out=\"$work/run\"" \
     >>"$work/logs/flwr-run.log" 2>&1
 if [[ ! -f $work/run/federated.json ]]; then

@@ -26,12 +26,12 @@ import tomli_w
 
 from fedmets.client.approval import approve_run
 from fedmets.client.service_channel import ServiceClient
+from fedmets.server.app_folder import write_app_folder
 from fedmets.server.certs import make_certificates
 from fedmets.server.proxy import write_nginx_config
 from fedmets.shared.config import load_federation_config, load_site_config
 from fedmets.shared.identity import make_site_keys
 
-APP_DIR = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
 SERVICE_START_TIMEOUT_S = 180.0
 """A site service loads torch and the site's features before it answers (busy 2-core CI)."""
@@ -183,6 +183,7 @@ class LoopbackFederation:
         self.supernodes: dict[str, subprocess.Popen] = {}
         self.services: dict[str, subprocess.Popen] = {}
         self.connection = "pilot"
+        self.app = write_app_folder(self.root / "app")  # what `flwr run` submits
         entry = f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
         entry += f'address = "127.0.0.1:{self.port}"\n'
         entry += f'root-certificates = "{self.certs["ca"]}"\n' if tls else "insecure = true\n"
@@ -344,7 +345,7 @@ class LoopbackFederation:
         run_config = (
             f"federation-config='{federation_toml}' out='{out}' resume={str(resume).lower()}"
         )
-        command = [flower_bin("flwr"), "run", str(APP_DIR), self.connection]
+        command = [flower_bin("flwr"), "run", str(self.app), self.connection]
         command += ["--run-config", run_config, "--stream"]
         return self._spawn("flwr-run", command)
 

@@ -38,6 +38,7 @@ import torch
 
 from fedmets.client.site_files import FEATURES_FILE
 from fedmets.client.site_worker import SiteWorker
+from fedmets.server.app_folder import write_app_folder
 from fedmets.server.protocol import FederatedProtocol, ProtocolError, main_model
 from fedmets.server.results import SimulationResults, to_jsonable, typed
 from fedmets.shared.config import (
@@ -58,9 +59,6 @@ from fedmets.simulation.loopback import (
     wait_for_port,
 )
 from fedmets.simulation.site_effect import site_effect
-
-APP_DIR = Path(__file__).resolve().parent.parent
-"""The Flower app (the folder holding pyproject.toml's ``[tool.flwr.app]``)."""
 
 _DEMO = {
     "stages": {"image_rounds": 5, "local_epochs": 2, "fusion_rounds": 30, "fusion_local_epochs": 3},
@@ -601,7 +599,7 @@ def run_flower_simulation(
         command = [
             flower_bin("flwr"),
             "run",
-            str(APP_DIR),
+            str(write_app_folder(home / "submitted-app")),
             "sim",
             "--run-config",
             run_config,

@@ -20,7 +20,7 @@ from fedmets.client.audit import verify
 from fedmets.client.release import site_audit_path
 from fedmets.shared.config import load_site_config
 from fedmets.shared.wire import REPLY_KINDS
-from fedmets.simulation.loopback import APP_DIR, flower_bin, stop_process
+from fedmets.simulation.loopback import flower_bin, stop_process
 
 pytestmark = pytest.mark.slow  # real flower-superlink / flower-supernode processes
 
@@ -70,7 +70,7 @@ def test_approval_identities_and_a_crashed_site_that_rejoins_with_every_reply_au
     # site_c approves the same run and the app bundle with the real commands (site_b through
     # the harness): the run is answered, and goes on without the impostor
     subprocess.run(
-        [flower_bin("flwr"), "build", "--app", str(APP_DIR)], cwd=root, check=True, text=True
+        [flower_bin("flwr"), "build", "--app", str(federation.app)], cwd=root, check=True, text=True
     )
     (fab,) = root.glob("*.fab")
     approve = [

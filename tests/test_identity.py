@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 
 import pytest
 import tomli_w
@@ -28,12 +29,13 @@ from fedmets.client.release import answer, site_audit_path
 from fedmets.client.service_channel import ServiceClient, ServiceRefused
 from fedmets.client.site_service import SiteService, start_service
 from fedmets.client.site_worker import SiteWorker
+from fedmets.server.app_folder import SOURCE, app_folders, write_app_folder
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.shared import wire
 from fedmets.shared.config import ConfigError, load_federation_config, load_site_config
 from fedmets.shared.identity import identity_problem, make_site_keys, new_challenge, sign
 from fedmets.simulation.in_process import InProcessLink
-from fedmets.simulation.loopback import APP_DIR, flower_bin
+from fedmets.simulation.loopback import flower_bin
 
 
 def _with_key(toml, key) -> None:
@@ -305,19 +307,64 @@ def test_an_approval_says_what_the_run_would_spend_of_the_privacy_budget(tmp_pat
     assert "holds 0 of its budget 10: about 1 after it" in said
 
 
+def test_an_app_folder_is_written_new_or_over_an_app_folder_only(tmp_path) -> None:
+    """`fedmets app-folder OUT` writes the bundle's files and nothing else; it refuses a folder
+    that is not empty, and with --overwrite one that holds no app folder, keeping its files."""
+    out = tmp_path / "app"
+    assert CliRunner().invoke(app, ["app-folder", str(out)]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".gitignore", "pyproject.toml", *app_folders()]
+    )
+    assert not list(out.rglob("__pycache__")) and (out / "client" / "client_app.py").is_file()
+    again = CliRunner().invoke(app, ["app-folder", str(out)])
+    assert again.exit_code == 1 and "is not empty (--overwrite replaces" in again.output
+    (out / "client" / "stale.py").write_text("")
+    assert CliRunner().invoke(app, ["app-folder", str(out), "--overwrite"]).exit_code == 0
+    assert not (out / "client" / "stale.py").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    refused = CliRunner().invoke(app, ["app-folder", str(other), "--overwrite"])
+    assert refused.exit_code == 1 and "holds no app folder" in refused.output
+    assert (other / "notes.txt").read_text() == "keep"
+    for inside_out in (SOURCE, SOURCE.parent, SOURCE / "client" / "app"):
+        with pytest.raises(ValueError, match="cannot hold its source nor lie in it"):
+            write_app_folder(inside_out)
+
+
 def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:
     """The app digest of a real ``flwr build`` bundle is the one its relay reports once Flower
-    installed it (``install_from_fab``); ``fedmets site approve --app`` pins it, and the
-    service refuses a request relayed by another app, logging the app of every request."""
-    built = subprocess.run(
-        [flower_bin("flwr"), "build", "--app", str(APP_DIR)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    (fab,) = tmp_path.glob("*.fab")
+    installed it (``install_from_fab``); the bundle of the checkout and that of its app folder
+    (``fedmets app-folder``) are the same code, with no docs, tests or simulation tools;
+    ``fedmets site approve --app`` pins it, and the service refuses a request relayed by
+    another app, logging the app of every request."""
+    written = CliRunner().invoke(app, ["app-folder", str(tmp_path / "app")])
+    assert written.exit_code == 0 and "next: flwr build --app" in written.output, written.output
+    fabs = []
+    for name, folder in (("checkout", SOURCE), ("folder", tmp_path / "app")):
+        (tmp_path / name).mkdir()
+        built = subprocess.run(
+            [flower_bin("flwr"), "build", "--app", str(folder)],
+            cwd=tmp_path / name,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        fabs += list((tmp_path / name).glob("*.fab"))
+    fab = fabs[0]
     digest = fab_digest(fab)
+    assert len(fabs) == 2 and fab_digest(fabs[1]) == digest
+    with zipfile.ZipFile(fab) as bundle:
+        tops = {name.split("/")[0] for name in bundle.namelist()}
+    assert tops == {
+        ".info",
+        "pyproject.toml",
+        "fedmets",
+        "client",
+        "server",
+        "shared",
+        "site_configs",
+    }
     installed = install_from_fab(fab, install_dir=tmp_path / "flwr-home", skip_prompt=True)
     reported = subprocess.run(  # the installed copy's own code, as the relay runs it
         [
