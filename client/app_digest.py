@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -52,6 +53,21 @@ def fab_digest(fab: Path) -> str:
             return content_digest((n, bundle.read(n)) for n in names)
     except zipfile.BadZipFile as error:
         raise ValueError(f"{fab}: not a Flower app bundle (.fab): {error}") from None
+
+
+def fab_contents(fab: Path) -> str:
+    """What the bundle ``fab`` holds, for the hospital's review, in one line: its file count,
+    then each top-level folder with its files and each top-level file (e.g. ``80 files:
+    client/ 31, fedmets/ 3, ..., pyproject.toml``). ValueError when it is not a zip."""
+    try:
+        with zipfile.ZipFile(fab) as bundle:
+            names = [n for n in bundle.namelist() if not _skipped(n)]
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{fab}: not a Flower app bundle (.fab): {error}") from None
+    tops = Counter(f"{n.split('/')[0]}/" if "/" in n else n for n in names)
+    order = sorted(tops, key=lambda top: (not top.endswith("/"), top))  # folders, then files
+    parts = [f"{top} {tops[top]}" if top.endswith("/") else top for top in order]
+    return f"{len(names)} files: {', '.join(parts)}"
 
 
 def folder_digest(root: Path) -> str:

@@ -1043,7 +1043,7 @@ def site_approve(
     app bundle, which the site service then answers (while [policy] require_approval holds;
     docs/hospital_guide.md). Checks the run against the site's [policy] first, and says what a
     run under DP would spend of the site's privacy budget."""
-    from fedmets.client.app_digest import fab_digest
+    from fedmets.client.app_digest import fab_contents, fab_digest
     from fedmets.client.approval import (
         approvals_path,
         approve_run,
@@ -1095,7 +1095,7 @@ def site_approve(
     elif outlook is not None:
         _plain(outlook)
     if digest:
-        _plain(f"pinned app {app.name} (app sha256 {digest})")
+        _plain(f"pinned app {app.name} (app sha256 {digest}): {fab_contents(app)}")
     _plain(f"recorded in {approvals_path(cfg)}")
 
 

@@ -8,6 +8,7 @@ approved (``fedmets site approve``). Real processes: test_deployment_dropout.py.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -395,6 +396,9 @@ def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None
     command = ["site", "approve", "--config", str(toml), "--run-config", str(fed)]
     done = CliRunner().invoke(app, [*command, "--app", str(fab)])
     assert done.exit_code == 0 and digest in done.output, done.output
+    listed = re.search(r"\): (\d+) files: (.*)\nrecorded in", done.output)
+    assert int(listed[1]) == len([n for n in zipfile.ZipFile(fab).namelist() if ".info" not in n])
+    assert listed[2].startswith("client/ ") and listed[2].endswith(", pyproject.toml")
     said: list[str] = []
     socket = tmp_path / "site_b.sock"
     server = start_service(SiteService(toml, served=True), socket, say=said.append)
