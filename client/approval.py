@@ -7,7 +7,7 @@ of a run not recorded there, and a census whose declared fingerprint is not the 
 (rule ``policy.approval``, logged in the audit log like every refusal).
 
 With ``--app FILE.fab`` the approval also pins the app bundle the hospital reviewed (its
-content digest, ``fedmets.client.app_digest``): a request relayed by another app is refused.
+content digest, ``fedmets.shared.app_digest``): a request relayed by another app is refused.
 
 The fingerprint and the digest are what the centre's code declares; they bind the approval to
 the reviewed files for an honest centre, while the site's ``[policy]`` bounds every request

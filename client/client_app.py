@@ -28,9 +28,9 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from fedmets.client.app_digest import running_app_digest
 from fedmets.client.service_channel import ServiceClient
 from fedmets.shared import wire
+from fedmets.shared.app_digest import running_app_digest
 
 if TYPE_CHECKING:
     from fedmets.client.site_service import SiteService

@@ -67,7 +67,7 @@ def answer(
     logs the refusal) when it breaks them. ``masked``: the reply goes to SecAgg+
     (``fedmets.shared.wire.to_fitres``), so it must also fit the masked vector's layout.
     ``app``: the digest of the app bundle that relayed the request, as its relay reports it
-    (``fedmets.client.app_digest``; "" from a source checkout), logged and checked against
+    (``fedmets.shared.app_digest``; "" from a source checkout), logged and checked against
     the run's approval; None in process (no relay)."""
     from fedmets.client.site_worker import SiteNotReady, Withheld
 

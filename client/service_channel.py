@@ -38,7 +38,7 @@ ROUTE_KEY = "fedmets-route"
 stage (``KeyExchange``)."""
 APP_KEY = "fedmets-app"
 """Call metadata: the digest of the app bundle the relay runs from
-(``fedmets.client.app_digest``; "" from a source checkout)."""
+(``fedmets.shared.app_digest``; "" from a source checkout)."""
 MAX_MESSAGE_BYTES = 1 << 30
 """Largest message either way (model weights: the `gpu` Swin3D is ~32 MB in float32)."""
 CHANNEL_OPTIONS = [

@@ -1043,13 +1043,13 @@ def site_approve(
     app bundle, which the site service then answers (while [policy] require_approval holds;
     docs/hospital_guide.md). Checks the run against the site's [policy] first, and says what a
     run under DP would spend of the site's privacy budget."""
-    from fedmets.client.app_digest import fab_contents, fab_digest
     from fedmets.client.approval import (
         approvals_path,
         approve_run,
         budget_outlook,
         policy_conflicts,
     )
+    from fedmets.shared.app_digest import fab_contents, fab_digest
 
     cfg = _load_site_config_or_exit(config)
     run = _load_federation_config_or_exit(run_config)

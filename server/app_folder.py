@@ -6,7 +6,7 @@ and runs inside is ~50,000 files, 6-13 s of CPU for each ``flwr build`` or ``flw
 The bundle itself holds only ``pyproject.toml`` and the folders its ``[tool.flwr.app]
 fab-include`` names (the code the ServerApp and the ClientApp import, and the example configs);
 :func:`write_app_folder` copies exactly those to a folder of their own, whose bundle is the
-checkout's file for file (the same app digest, ``fedmets.client.app_digest``).
+checkout's file for file (the same app digest, ``fedmets.shared.app_digest``).
 """
 
 from __future__ import annotations

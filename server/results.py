@@ -161,6 +161,7 @@ class SimulationResults(_Strict):
     backbone: str | None = None  # a deployed run's image backbone
     secure_aggregation: bool | None = None  # a deployed run: its rounds went through SecAgg+
     model: dict[str, Any] | None = None  # a deployed run: its bundle's path and rounds
+    app_sha256: str | None = None  # the app bundle that ran the federated run (app digest)
 
 
 class PairedTest(_Strict):

@@ -38,6 +38,7 @@ from fedmets.server.report import write_report
 from fedmets.server.results import to_jsonable
 from fedmets.server.secure_aggregation import SecureRound, secure_round
 from fedmets.shared import wire
+from fedmets.shared.app_digest import running_app_digest
 from fedmets.shared.config import FederationConfig, load_federation_config
 from fedmets.shared.files import InUse, sole_user, write_json
 from fedmets.shared.identity import identity_problem
@@ -335,6 +336,7 @@ def _run(grid: Grid, cfg: FederationConfig, out: Path, resume: bool, say: Callab
         link, cfg, cfg.run.name, say, checkpoints, out / "privacy", fold_runner=runner
     ).run_all()
     results["config"] = cfg.model_dump(mode="json")
+    results["app_sha256"] = running_app_digest() or None  # None: run from a source checkout
     final = results.pop("final")
     if final is not None:
         bundle = write_bundle(out / "model", {**results, "final": final}, cfg)

@@ -272,6 +272,7 @@ def simulate(
         },
         "oracle_auc": _oracle(Path(cohort)),
         "main_model": federated["main_model"],
+        "app_sha256": federated["app_sha256"],
         "federated": _summary(federated),
         "census": federated["census"],
         "dropouts": federated["dropouts"],

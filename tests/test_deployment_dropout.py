@@ -15,9 +15,9 @@ import pytest
 from deployment import RUN_TIMEOUT_S, federation_toml, start_all_and_wait, wait_for
 from test_protocol import SITES
 
-from fedmets.client.app_digest import fab_digest
 from fedmets.client.audit import verify
 from fedmets.client.release import site_audit_path
+from fedmets.shared.app_digest import fab_digest
 from fedmets.shared.config import load_site_config
 from fedmets.shared.wire import REPLY_KINDS
 from fedmets.simulation.loopback import flower_bin, stop_process
@@ -95,6 +95,7 @@ def test_approval_identities_and_a_crashed_site_that_rejoins_with_every_reply_au
     finally:
         stop_process(run)
     result = json.loads((out / "federated.json").read_text())
+    assert result["app_sha256"] == fab_digest(fab)  # the results name the app that ran
     assert "site_c" in {d["site"] for d in result["dropouts"]}
     assert "site site_c rejoined" in (out / "server.log").read_text()
     assert (

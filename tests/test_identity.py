@@ -23,7 +23,6 @@ from test_protocol import _cfg, write_sites
 from typer.testing import CliRunner
 
 from fedmets.cli import app
-from fedmets.client.app_digest import fab_digest, folder_digest, running_app_digest
 from fedmets.client.approval import approvals_path, approve_run, approved_runs
 from fedmets.client.policy import PolicyRefused
 from fedmets.client.release import answer, site_audit_path
@@ -33,6 +32,7 @@ from fedmets.client.site_worker import SiteWorker
 from fedmets.server.app_folder import SOURCE, app_folders, write_app_folder
 from fedmets.server.protocol import FederatedProtocol, ProtocolError
 from fedmets.shared import wire
+from fedmets.shared.app_digest import fab_digest, folder_digest, running_app_digest
 from fedmets.shared.config import ConfigError, load_federation_config, load_site_config
 from fedmets.shared.identity import identity_problem, make_site_keys, new_challenge, sign
 from fedmets.simulation.in_process import InProcessLink
@@ -372,7 +372,7 @@ def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None
             sys.executable,
             "-c",
             "import sys; sys.path.insert(0, sys.argv[1]); "
-            "from fedmets.client.app_digest import running_app_digest; print(running_app_digest())",
+            "from fedmets.shared.app_digest import running_app_digest; print(running_app_digest())",
             str(installed),
         ],
         capture_output=True,

@@ -133,10 +133,12 @@ def _without_roc(value):
 def test_report_from_simulation_run(tmp_path):
     metrics = json.loads(FIXTURE.read_text())
     metrics["dropouts"] = [{"route": "train.image", "site": EVIL, "fold": 0}]
+    metrics["app_sha256"] = "5e" * 32
     run = make_sim_run(tmp_path, metrics)
     page = write_report(run)
     assert page == run / "report" / "report.html"
     text = page.read_text(encoding="utf-8")
+    assert f"federated run: sha256 <code>{'5e' * 32}</code>, the app digest" in text
     assert assert_no_broken_images(page) == 6
     for name in ("roc_pooled", "calibration", "roc_per_site", "auc_per_site", "ablation"):
         assert (run / "report" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -18,7 +18,7 @@ import pytest
 from deployment import federation_toml
 from test_protocol import SITES, write_sites
 
-from fedmets.client.app_digest import fab_digest
+from fedmets.shared.app_digest import fab_digest
 
 pytestmark = pytest.mark.slow  # real processes, one whole run
 

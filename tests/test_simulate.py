@@ -20,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedmets.cli import app
+from fedmets.shared.app_digest import folder_digest
 from fedmets.shared.bundle import load_bundle
 from fedmets.shared.config import PreprocessSection, load_site_config
 from fedmets.shared.image_presets import IMAGE_PRESETS
@@ -91,6 +92,8 @@ def test_metrics_have_every_comparison(simulated) -> None:
     assert re.search(r"federated +[\d.]+ +\(selection \d+, image \d+, deep \d+", summary)
     assert re.search(r"baselines +[\d.]+ +side by side: centralised \d+ \(selection", summary)
     assert set(metrics["timing_s"]) == {"federated", "baselines", "total"}
+    (installed,) = (run / "flwr-home" / "apps").iterdir()  # the bundle Flower ran
+    assert metrics["app_sha256"] == folder_digest(installed)
     server_log = (run / "federated" / "server.log").read_text()
     assert "3 folds at once" in server_log and "fold 3: done" in server_log
     # the plain model beside the main one, through the same protocol, federated and pooled

@@ -550,6 +550,12 @@ def config_html(metrics: dict, run_dir: Path) -> str:
 
     config = metrics.get("config") or {}
     out = ["<h2>Configuration</h2>"]
+    if metrics.get("app_sha256"):
+        out.append(
+            f"<p>The app bundle that ran the federated run: sha256 <code>{e(metrics['app_sha256'])}"
+            "</code>, the app digest that each site's approval pins (<code>fedmets site approve "
+            "--app</code>) and its audit log names for every request it answered.</p>"
+        )
     other = {k: v for k, v in config.items() if k != "federation"}
     if other:
         out.append(generic(other))

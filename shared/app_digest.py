@@ -13,7 +13,8 @@ out of both).
 The relay is the centre's code, so a hostile app can report any digest; the pin catches an app
 other than the reviewed one from an honest centre (a new release, an edited bundle), and it
 names in the site's log the app each request came through. What leaves the site is decided by
-the gate in the service either way.
+the gate in the service either way. The ServerApp records its own digest in the results
+(``app_sha256``), so a run's results name the bundle the sites' approvals and audit logs name.
 """
 
 from __future__ import annotations
