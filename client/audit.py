@@ -84,8 +84,9 @@ def verify(path: Path) -> AuditCheck:
 
 
 def summarise(path: Path) -> list[dict[str, Any]]:
-    """Per run and route: requests, answered, withheld (the count alone left), refused, and
-    the bytes of what left. ValueError naming the first line that is not a JSON object."""
+    """Per run and route: requests, answered, withheld (the count alone left), refused, the
+    bytes of what left, and the app digests that relayed the requests (``apps``, sorted; none
+    in process). ValueError naming the first line that is not a JSON object."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     for number, line in enumerate(text.splitlines(), start=1):
@@ -102,9 +103,11 @@ def summarise(path: Path) -> list[dict[str, Any]]:
         row = rows.setdefault(
             key,
             {"run": key[0], "route": key[1], "requests": 0, "answered": 0, "withheld": 0,
-             "refused": 0, "bytes": 0},
+             "refused": 0, "bytes": 0, "apps": []},
         )  # fmt: skip
         row["requests"] += 1
+        if entry.get("app_sha256") and entry["app_sha256"] not in row["apps"]:
+            row["apps"] = sorted([*row["apps"], str(entry["app_sha256"])])
         if not entry.get("sent", True):
             row["refused"] += 1
             continue

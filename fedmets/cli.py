@@ -1138,7 +1138,8 @@ def audit_verify(config: Annotated[Path, typer.Option(help="This site's TOML fil
 @audit_app.command("show")
 def audit_show(config: Annotated[Path, typer.Option(help="This site's TOML file.")]) -> None:
     """What left this site, per run and route: requests, answered, withheld (only the count
-    left), refused, and the bytes sent."""
+    left), refused, and the bytes sent; under each run, the app bundles (app sha256) that
+    relayed its requests, to compare with the run's results (federated.json app_sha256)."""
     from itertools import groupby
 
     from rich import box
@@ -1156,7 +1157,8 @@ def audit_show(config: Annotated[Path, typer.Option(help="This site's TOML file.
     columns = ("route", "requests", "answered", "withheld", "refused", "bytes")
     # a table per run, light borders: a run's name and a route ("query.bundle_evaluation")
     # fit 80 columns (a log, CI) whole, not split mid-word
-    for run, rows in groupby(summary, key=lambda row: row["run"]):
+    for run, group in groupby(summary, key=lambda row: row["run"]):
+        rows = list(group)
         table = Table(title=f"run {run}", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for column in columns:
             justify = "left" if column == "route" else "right"
@@ -1164,6 +1166,8 @@ def audit_show(config: Annotated[Path, typer.Option(help="This site's TOML file.
         for row in rows:
             table.add_row(*(str(row[c]) for c in columns))
         console.print(_fit_columns(table))
+        for digest in sorted({app for row in rows for app in row["apps"]}):
+            _plain(f"  app sha256 {digest}")  # 77 characters: whole at 80 columns
 
 
 @site_app.command("recalibrate")

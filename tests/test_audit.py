@@ -114,10 +114,18 @@ def test_show_counts_what_left_per_run_and_route(site) -> None:
         "withheld": 0,
         "refused": 1,
         "bytes": 0,
+        "apps": [],
     }
     assert rows["query.moments"]["bytes"] > 0
     done = run_fedmets("site", "audit", "show", "--config", toml)
     assert done.returncode == 0 and "query.moments" in done.stdout
+    assert "app sha256" not in done.stdout  # answered in process: no relay named an app
+    for app in ("b2" * 32, "a1" * 32, "b2" * 32):
+        append_entry(path, {"run": "r1", "route": "query.ledger", "sent": True, "app_sha256": app})
+    ledger = {r["route"]: r for r in summarise(path)}["query.ledger"]
+    assert ledger["apps"] == ["a1" * 32, "b2" * 32] and ledger["requests"] == 3
+    done = run_fedmets("site", "audit", "show", "--config", toml)
+    assert f"  app sha256 {'a1' * 32}\n  app sha256 {'b2' * 32}\n" in done.stdout
 
 
 def test_show_splits_no_run_or_route_at_80_columns(tmp_path, monkeypatch) -> None:
