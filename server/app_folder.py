@@ -24,7 +24,13 @@ COPIED_FILES = ("pyproject.toml", ".gitignore")
 
 def app_folders(source: Path = SOURCE) -> list[str]:
     """The top-level folders of the app bundle: each ``FOLDER/**`` of ``[tool.flwr.app]
-    fab-include`` in ``source``'s pyproject.toml. ValueError for any other kind of pattern."""
+    fab-include`` in ``source``'s pyproject.toml. ValueError without that file (an installed
+    wheel holds none) or for any other kind of pattern."""
+    if not (source / "pyproject.toml").is_file():
+        raise ValueError(
+            f"{source}: no pyproject.toml: the Flower app is a checkout or release of fedmets "
+            "(its pyproject.toml declares the app); an installed package holds none"
+        )
     config = tomllib.loads((source / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = config["tool"]["flwr"]["app"]["fab-include"]
     folders = [p.removesuffix("/**") for p in patterns]

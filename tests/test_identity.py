@@ -331,6 +331,8 @@ def test_an_app_folder_is_written_new_or_over_an_app_folder_only(tmp_path) -> No
     for inside_out in (SOURCE, SOURCE.parent, SOURCE / "client" / "app"):
         with pytest.raises(ValueError, match="cannot hold its source nor lie in it"):
             write_app_folder(inside_out)
+    with pytest.raises(ValueError, match="no pyproject.toml: the Flower app is a checkout"):
+        write_app_folder(tmp_path / "from-a-wheel", source=SOURCE / "fedmets")
 
 
 def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:
