@@ -68,6 +68,7 @@ import numpy as np
 from fedmets.shared import wire
 from fedmets.shared.config import PolicySection
 from fedmets.shared.files import exclusive, write_json
+from fedmets.shared.model_names import network_variant
 
 TRAINING_ROUTES = ("train.image", "train.fusion")
 MODEL_OUTPUT_ROUTES = (
@@ -243,8 +244,6 @@ def check_bounds(
     for field, rule, allowed, wanted in bounds:
         if field in request and not allowed(request[field]):
             refuse(rule, f"{field} {request[field]!r} is outside this site's bound ({wanted})")
-    from fedmets.shared.models import network_variant  # torch: not for the CLI's imports
-
     networks = {"hidden": np.asarray(request.get("hidden", [])).reshape(-1)}
     for key in request:
         if key.startswith(wire.WEIGHTS_PREFIX):

@@ -35,7 +35,8 @@ from fedmets.shared.bundle import Bundle, load_bundle
 from fedmets.shared.config import SiteConfig
 from fedmets.shared.files import write_atomically
 from fedmets.shared.metrics import logit
-from fedmets.shared.models import combine_scores, model_groups
+from fedmets.shared.model_names import model_groups
+from fedmets.shared.models import combine_scores
 
 
 def new_patients_site(cfg: SiteConfig, manifest: Path) -> SiteConfig:

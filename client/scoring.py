@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedmets.client.training import set_state
-from fedmets.shared.models import FUSION_GROUPS, FusionNet, network_dims, network_hidden
+from fedmets.shared.model_names import FUSION_GROUPS, network_dims, network_hidden
+from fedmets.shared.models import FusionNet
 
 if TYPE_CHECKING:
     from fedmets.client.site_worker import SiteData
@@ -80,7 +81,7 @@ def load_networks(
 ) -> dict[str, tuple[FusionNet, np.ndarray]]:
     """Each network (name -> state dict) as (the loaded FusionNet, its input matrix (n, F) from
     ``groups``); ``settings``: ``hidden``, ``dropout``, ``group_dropout``. A variant network
-    (``fedmets.shared.models.network_variant``) has its own hidden widths and reads the first
+    (``fedmets.shared.model_names.network_variant``) has its own hidden widths and reads the first
     (top-ranked) of the radiomics columns only."""
     networks = {}
     for name, state in states.items():

@@ -93,12 +93,8 @@ from fedmets.shared.harmonisation import (
     residual_sumsq,
 )
 from fedmets.shared.identity import load_private_key, sign
-from fedmets.shared.models import (
-    FusionNet,
-    base_model,
-    combine_scores,
-    input_blocks,
-)
+from fedmets.shared.model_names import base_model
+from fedmets.shared.models import FusionNet, combine_scores, input_blocks
 from fedmets.shared.privacy import PrivacyLedger, sample_rate_for, steps_per_epoch
 
 if TYPE_CHECKING:

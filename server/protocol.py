@@ -73,12 +73,8 @@ from fedmets.shared.metrics import (
     roc_from_histograms,
     youden_from_histograms,
 )
-from fedmets.shared.models import (
-    FusionNet,
-    input_blocks,
-    network_dims,
-    network_hidden,
-)
+from fedmets.shared.model_names import network_dims, network_hidden
+from fedmets.shared.models import FusionNet, input_blocks
 from fedmets.shared.reproducibility import set_seed
 from fedmets.shared.run_plan import (
     IMPORTANCE_REPEATS,
@@ -684,7 +680,7 @@ class FederatedProtocol:
         rounds: dict[str, int] | None = None,
     ) -> tuple[dict, dict]:
         """Everything fitted on a fold's training rows: selection, the image model,
-        deep-feature statistics, the fusion ``networks`` (``fedmets.shared.models.
+        deep-feature statistics, the fusion ``networks`` (``fedmets.shared.model_names.
         fusion_networks``) and the thresholds of the ``models`` they make. ``rounds``
         (network or ``"image"`` -> rounds): train each that long and keep its last round,
         unvalidated (the final model); else each keeps its best validated round. Returns

@@ -493,7 +493,7 @@ class ModelSection(_Section):
     # sites' grouped validation-score histograms). docs/federated.md: why.
     fusion_monitor: Literal["auc", "loss"] = "loss"
     # Models of several feature groups: "joint", one network on the concatenated groups; "late",
-    # the mean logit of the single-group models (fedmets.shared.models.FusionMode).
+    # the mean logit of the single-group models (fedmets.shared.model_names.FusionMode).
     fusion: Literal["joint", "late"] = "joint"
     # Networks per model, each from its own initial weights and early-stopped on its own; the
     # model's score is their mean probability (an ensemble; 1 = one network).

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedmets.shared.models import network_hidden, network_variant
+from fedmets.shared.model_names import network_hidden, network_variant
 
 
 def _chosen_network(fusion: Mapping[str, Any], main: str) -> str:
     """How the main model's network differs from the others when it was chosen on inner
     validation (a variant network among the manifest's ``fusion`` networks,
-    ``fedmets.shared.models.network_variant``), or ""."""
+    ``fedmets.shared.model_names.network_variant``), or ""."""
     variant = next((n for n in fusion["networks"] if n.startswith(f"{main}#")), None)
     if variant is None:
         return ""

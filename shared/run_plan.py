@@ -11,7 +11,7 @@ from typing import Any
 
 from fedmets.shared import wire
 from fedmets.shared.config import FederationConfig
-from fedmets.shared.models import (
+from fedmets.shared.model_names import (
     NO_IMAGE,
     fusion_networks,
     group_subsets,

@@ -95,7 +95,7 @@ MODEL_KEY = re.compile(
     r"^(none|swin3d|resnet3d|densenet3d)/"
     r"(deep|radiomics|clinical)(\+(deep|radiomics|clinical)){0,2}$"
 )
-"""A model key (``fedmets.shared.models.model_key``): backbone, then its feature groups."""
+"""A model key (``fedmets.shared.model_names.model_key``): backbone, then its feature groups."""
 SCALARS = "scalars"
 ARRAYS = "arrays"
 LAYOUT = "layout"

@@ -62,7 +62,7 @@ from fedmets.server.report.figures import (
 from fedmets.server.results import StudyResults, to_jsonable, typed
 from fedmets.shared.config import FederationConfig, SiteConfig
 from fedmets.shared.metrics import binary_metrics, calibration, delong_paired_test
-from fedmets.shared.models import (
+from fedmets.shared.model_names import (
     FUSION_GROUPS,
     NO_IMAGE,
     model_groups,

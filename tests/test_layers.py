@@ -94,3 +94,11 @@ def test_the_server_app_and_the_site_service_start_without_the_image_libraries()
     ``fedmets.shared.image_presets``, apart from the networks)."""
     heavy = {"monai", "radiomics", "SimpleITK", "matplotlib", "opacus"}
     assert modules_loaded("fedmets.server.server_app, fedmets.client.site_service", heavy) == []
+
+
+def test_a_hospitals_approval_plans_the_run_without_torch() -> None:
+    """``fedmets site approve`` checks a run against the site's policy from the run's plan
+    (``fedmets.shared.run_plan``): the models' names live apart from the networks
+    (``fedmets.shared.model_names``), so planning loads neither torch nor scikit-learn."""
+    imports = "fedmets.client.approval, fedmets.shared.run_plan, fedmets.client.policy"
+    assert modules_loaded(imports, {"torch", "sklearn", "monai"}) == []

@@ -12,23 +12,20 @@ from fedmets.shared import wire
 from fedmets.shared.config import FederationConfig, ModelSection
 from fedmets.shared.image_models import build_image_model
 from fedmets.shared.image_presets import BACKBONES, IMAGE_PRESETS, ImageModelConfig, at_crop_size
-from fedmets.shared.models import (
+from fedmets.shared.model_names import (
     FUSION_GROUPS,
-    FusionNet,
     Variant,
     base_model,
-    combine_scores,
-    count_parameters,
     fusion_networks,
     group_subsets,
     model_groups,
     network_dims,
     network_hidden,
     network_variant,
-    positive_class_weight,
     single_group_models,
     variant_name,
 )
+from fedmets.shared.models import FusionNet, combine_scores, count_parameters, positive_class_weight
 from fedmets.shared.reproducibility import set_seed
 
 SMALL = IMAGE_PRESETS["cpu-small"]

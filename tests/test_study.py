@@ -26,7 +26,7 @@ from fedmets.client.site_files import FEATURES_FILE, crop_path
 from fedmets.client.site_worker import load_site_data
 from fedmets.shared.config import FederationConfig, load_site_config
 from fedmets.shared.metrics import metrics_from_histograms
-from fedmets.shared.models import group_subsets, model_key, single_group_models
+from fedmets.shared.model_names import group_subsets, model_key, single_group_models
 from fedmets.simulation import simulate
 from fedmets.simulation.packed_cohort import pack_cohort, unpack_cohort
 from fedmets.simulation.repeated_study import run_repeated_study, summarise_repeats
