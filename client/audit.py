@@ -103,11 +103,11 @@ def summarise(path: Path) -> list[dict[str, Any]]:
         row = rows.setdefault(
             key,
             {"run": key[0], "route": key[1], "requests": 0, "answered": 0, "withheld": 0,
-             "refused": 0, "bytes": 0, "apps": []},
+             "refused": 0, "bytes": 0, "apps": set()},
         )  # fmt: skip
         row["requests"] += 1
-        if entry.get("app_sha256") and entry["app_sha256"] not in row["apps"]:
-            row["apps"] = sorted([*row["apps"], str(entry["app_sha256"])])
+        if entry.get("app_sha256"):
+            row["apps"].add(str(entry["app_sha256"]))
         if not entry.get("sent", True):
             row["refused"] += 1
             continue
@@ -116,4 +116,7 @@ def summarise(path: Path) -> list[dict[str, Any]]:
         row["bytes"] += sum(
             f.get("bytes", 8 * f.get("values", 0)) for f in fields.values() if isinstance(f, dict)
         )
-    return sorted(rows.values(), key=lambda r: (r["run"], r["route"]))
+    return [
+        {**row, "apps": sorted(row["apps"])}
+        for row in sorted(rows.values(), key=lambda r: (r["run"], r["route"]))
+    ]

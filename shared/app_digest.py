@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,27 +46,31 @@ def content_digest(files: Iterable[tuple[str, bytes]]) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+@contextmanager
+def _bundle_files(fab: Path) -> Iterator[tuple[zipfile.ZipFile, list[str]]]:
+    """The open bundle ``fab`` and its app files' names (no manifest, no bytecode caches);
+    ValueError when it is not a zip."""
+    try:
+        bundle = zipfile.ZipFile(fab)
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{fab}: not a Flower app bundle (.fab): {error}") from None
+    with bundle:
+        yield bundle, [n for n in bundle.namelist() if not _skipped(n)]
+
+
 def fab_digest(fab: Path) -> str:
     """The app digest of the Flower app bundle ``fab`` (a ``.fab`` zip file); ValueError when
     it is not a zip."""
-    try:
-        with zipfile.ZipFile(fab) as bundle:
-            names = [n for n in bundle.namelist() if not _skipped(n)]
-            return content_digest((n, bundle.read(n)) for n in names)
-    except zipfile.BadZipFile as error:
-        raise ValueError(f"{fab}: not a Flower app bundle (.fab): {error}") from None
+    with _bundle_files(fab) as (bundle, names):
+        return content_digest((n, bundle.read(n)) for n in names)
 
 
 def fab_contents(fab: Path) -> str:
     """What the bundle ``fab`` holds, for the hospital's review, in one line: its file count,
-    then each top-level folder with its files and each top-level file (e.g. ``80 files:
+    then each top-level folder with its files and each top-level file (e.g. ``79 files:
     client/ 31, fedmets/ 3, ..., pyproject.toml``). ValueError when it is not a zip."""
-    try:
-        with zipfile.ZipFile(fab) as bundle:
-            names = [n for n in bundle.namelist() if not _skipped(n)]
-    except zipfile.BadZipFile as error:
-        raise ValueError(f"{fab}: not a Flower app bundle (.fab): {error}") from None
-    tops = Counter(f"{n.split('/')[0]}/" if "/" in n else n for n in names)
+    with _bundle_files(fab) as (_, names):
+        tops = Counter(f"{n.split('/')[0]}/" if "/" in n else n for n in names)
     order = sorted(tops, key=lambda top: (not top.endswith("/"), top))  # folders, then files
     parts = [f"{top} {tops[top]}" if top.endswith("/") else top for top in order]
     return f"{len(names)} files: {', '.join(parts)}"
