@@ -17,9 +17,10 @@ gives the same values and costs about a third more compute. On the CPU nothing i
 the whole batch is used.
 
 The budget is the site's ``[compute] gpu_memory_gib`` when set, else what the device has free
-now; trainings run at once share it (``fedmets study --parallel-folds``). It bounds what
-PyTorch reserves on the device for the whole training (weights, AdamW state, the crops held
-there, activations); the CUDA context (about half a GiB) comes on top.
+now. It bounds what PyTorch reserves on the device for the whole training (weights, AdamW
+state, the crops held there, activations); the CUDA context (about half a GiB) comes on top.
+Trainings run at once, each in a process of its own (``fedmets study --parallel-folds``, a
+site's ``[compute] parallel_folds``), share it: :func:`lane_budget_bytes`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from torch import nn
 GIB = 2**30
 CUDA_CONTEXT_BYTES = GIB // 2
 """What a process's CUDA context takes on the device besides PyTorch's own reservations (about
-half a GiB on recent GPUs): counted when deciding how many trainings share one device."""
+half a GiB on recent GPUs): each process that trains beside others takes one
+(:func:`split_budget`)."""
 
 
 class MemoryBudgetError(RuntimeError):
@@ -77,6 +79,31 @@ def device_budget_bytes(device: torch.device, gib: float | None = None) -> int |
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device)
     return free if gib is None else min(free, int(gib * GIB))
+
+
+def lane_budget_bytes(device: torch.device, gib: float | None, lanes: int) -> int | None:
+    """Each of ``lanes`` trainings' budget in bytes when they share ``device``, each in a
+    process of its own started after this call (:func:`split_budget` of what is free for this
+    process and ``gib``); None on the CPU."""
+    free = device_budget_bytes(device)
+    return None if free is None else split_budget(free, gib, lanes)
+
+
+def split_budget(free_bytes: int, gib: float | None, lanes: int) -> int:
+    """Each of ``lanes`` processes' share of the device: what is free less a CUDA context per
+    process (:data:`CUDA_CONTEXT_BYTES`), capped by ``gib`` GiB in all when given, split
+    evenly. MemoryBudgetError when the contexts leave nothing to train in."""
+    usable = free_bytes - lanes * CUDA_CONTEXT_BYTES
+    if gib is not None:
+        usable = min(usable, int(gib * GIB))
+    if usable < lanes:
+        contexts = lanes * CUDA_CONTEXT_BYTES / GIB
+        raise MemoryBudgetError(
+            f"{lanes} trainings at once: their CUDA contexts ({contexts:.1f} GiB) leave nothing "
+            f"of the {free_bytes / GIB:.1f} GiB free on the device; run fewer at once "
+            "(parallel_folds)"
+        )
+    return usable // lanes
 
 
 def micro_batches(batch: int) -> list[int]:

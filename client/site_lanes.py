@@ -31,21 +31,21 @@ Item = tuple[str, dict[str, Any]]
 
 class SiteLanes:
     """``lanes`` spawned processes, each serving the site of ``config_path`` (``served``: as
-    ``fedmets site serve`` does, approvals required) with ``memory_bytes // lanes`` of GPU
-    memory (None: the site's own budget). Close it with :meth:`close`."""
+    ``fedmets site serve`` does, approvals required) with ``memory_bytes`` of GPU memory
+    each (``fedmets.client.memory.lane_budget_bytes``; None: the site's own budget). Close it
+    with :meth:`close`."""
 
     def __init__(
         self, config_path: Path, served: bool, lanes: int, memory_bytes: int | None
     ) -> None:
         self.lanes = lanes
         self.broken = False
-        share = None if memory_bytes is None else memory_bytes // lanes
         threads = max(1, (os.cpu_count() or 1) // lanes)
         self.pool = ProcessPoolExecutor(
             lanes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_lane,
-            initargs=(str(config_path), served, threads, share),
+            initargs=(str(config_path), served, threads, memory_bytes),
         )
 
     def answer(self, items: Sequence[Item], app: str | None) -> list[dict[str, Any] | str]:

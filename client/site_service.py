@@ -28,7 +28,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.compat.common import recorddict_compat
 
 from fedmets.client.approval import approval_required
-from fedmets.client.memory import device_budget_bytes
+from fedmets.client.memory import lane_budget_bytes
 from fedmets.client.policy import PolicyRefused
 from fedmets.client.release import ReleaseRefused, answer, log_key_exchange
 from fedmets.client.service_channel import (
@@ -129,8 +129,8 @@ class SiteService:
         lanes = self.cfg.compute.parallel_folds
         if self._lanes is None or self._lanes.lanes != lanes or self._lanes.broken:
             self.close()
-            budget = device_budget_bytes(self.worker.device, self.cfg.compute.gpu_memory_gib)
-            self._lanes = SiteLanes(self.config_path, self.served, lanes, budget)
+            share = lane_budget_bytes(self.worker.device, self.cfg.compute.gpu_memory_gib, lanes)
+            self._lanes = SiteLanes(self.config_path, self.served, lanes, share)
         return self._lanes
 
     def close(self) -> None:

@@ -86,19 +86,19 @@ def one_site_config(fed: FederationConfig) -> FederationConfig:
 
 class FoldPool:
     """``processes`` spawned fold processes shared by protocol runs (the study's backbones),
-    each with ``cores // processes`` torch threads and, on a GPU, ``budget_bytes //
-    processes`` of GPU memory for its image trainings (None: the site's own budget); their
+    each with ``cores // processes`` torch threads and, on a GPU, ``share_bytes`` of GPU
+    memory for its image trainings (``fedmets.client.memory.lane_budget_bytes``; None: the
+    site's own budget); their
     progress lines, each led by its run and fold, go to ``log``. Use it as a context manager;
     :meth:`runner` gives each run its ``FoldRunner``."""
 
     def __init__(
         self,
         processes: int,
-        budget_bytes: int | None = None,
+        share_bytes: int | None = None,
         log: Callable[[str], None] = lambda message: None,
     ) -> None:
-        self.processes, self.log = processes, log
-        self.share = None if budget_bytes is None else budget_bytes // processes
+        self.processes, self.log, self.share = processes, log, share_bytes
         spawn = multiprocessing.get_context("spawn")
         self.progress = spawn.Queue()
         self.pool = ProcessPoolExecutor(

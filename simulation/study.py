@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from fedmets.client.memory import device_budget_bytes
+from fedmets.client.memory import lane_budget_bytes
 from fedmets.client.site_worker import SiteNotReady, SiteWorker
 from fedmets.server.protocol import ProtocolError
 from fedmets.server.report.figures import (
@@ -250,9 +250,10 @@ def run_study(
 
     runs = backbones or [None]
     if parallel_folds > 1:  # every backbone's run at once, their folds in one pool
-        budget = device_budget_bytes(worker.device, configs[0].compute.gpu_memory_gib)
+        gib = configs[0].compute.gpu_memory_gib
+        share = lane_budget_bytes(worker.device, gib, parallel_folds)
         run_workers = [worker] + [SiteWorker(configs, state, state) for _ in runs[1:]]
-        with FoldPool(parallel_folds, budget, say) as pool, ThreadPoolExecutor(len(runs)) as side:
+        with FoldPool(parallel_folds, share, say) as pool, ThreadPoolExecutor(len(runs)) as side:
             say(f"fold processes: {pool.describe()}")
             finished = list(side.map(protocol_run, runs, run_workers, [pool] * len(runs)))
     else:

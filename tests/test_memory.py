@@ -9,13 +9,16 @@ from torch.utils.data import DataLoader
 
 from fedmets.client.crops import CropDataset
 from fedmets.client.memory import (
+    CUDA_CONTEXT_BYTES,
     GIB,
     MemoryBudgetError,
     MemoryPlan,
     choose_plan,
+    lane_budget_bytes,
     measure_step_peak,
     micro_batches,
     plan_image_training,
+    split_budget,
 )
 from fedmets.client.training import WholeBatches, _autocast, _backward, train_image_model
 from fedmets.shared.image_models import build_image_model
@@ -141,6 +144,23 @@ def test_the_planner_keeps_the_first_plan_that_fits() -> None:
     assert (plan.micro_batch, plan.checkpointing) == (2, True)
     with pytest.raises(MemoryBudgetError, match=r"2.10 GiB.*smallest peak: 2.25 GiB"):
         choose_plan(16, int(2.1 * GIB), peak)
+
+
+def test_trainings_at_once_share_what_their_cuda_contexts_leave() -> None:
+    """Each process that trains beside others takes a CUDA context (~0.5 GiB) besides its
+    share: the shares and the contexts together stay within what the device has free."""
+    assert CUDA_CONTEXT_BYTES == GIB // 2
+    assert split_budget(24 * GIB, None, 4) == int(5.5 * GIB)  # (24 - 4 x 0.5) / 4
+    assert split_budget(24 * GIB, 16.0, 4) == 4 * GIB  # the site's cap binds
+    assert split_budget(24 * GIB, 24.0, 4) == int(5.5 * GIB)  # the free memory binds
+    assert split_budget(24 * GIB, None, 1) == int(23.5 * GIB)
+    for free, gib, lanes in [(24 * GIB, None, 5), (80 * GIB, 40.0, 8), (int(4.2 * GIB), 3.0, 8)]:
+        share = split_budget(free, gib, lanes)
+        assert lanes * (share + CUDA_CONTEXT_BYTES) <= free
+        assert gib is None or lanes * share <= gib * GIB
+    with pytest.raises(MemoryBudgetError, match=r"8 trainings at once.*4.0 GiB\) leave nothing"):
+        split_budget(4 * GIB, None, 8)
+    assert lane_budget_bytes(torch.device("cpu"), 8.0, 4) is None  # no budget on the CPU
 
 
 def test_no_plan_is_measured_on_the_cpu() -> None:
