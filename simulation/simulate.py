@@ -95,9 +95,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Federation settings per preset, on top of ``FederationConfig``'s defaults."""
 
-SERVER_START_TIMEOUT_S = 30.0
-
-
 DEFAULT_SEED = 7
 """The ``[run] seed`` of a preset's federation config."""
 
