@@ -31,13 +31,14 @@ from fedmets.server.protocol import (
 )
 from fedmets.shared.config import FederationConfig
 
+Items = Mapping[str, Sequence[tuple[str, Payload]]]
+"""Per site, the requests ``(route, request)`` of one batch message."""
+
 
 class BatchLink(SiteLink, Protocol):
     """A :class:`~fedmets.server.protocol.SiteLink` that also sends batches."""
 
-    def ask_batch(
-        self, items: Mapping[str, Sequence[tuple[str, Payload]]]
-    ) -> dict[str, list[Payload | None]]:
+    def ask_batch(self, items: Items) -> dict[str, list[Payload | None]]:
         """Per site its requests ``(route, request)`` in one message; per site that answered,
         each item's reply, or None where the site refused or failed that item."""
         ...
@@ -51,18 +52,19 @@ class FoldLanes:
         self.link = link
         self.running = lanes
         self.turn = threading.Condition()
-        self.waiting: dict[int, tuple[str, dict[str, Payload]]] = {}
-        self.answers: dict[int, dict[str, Payload] | BaseException] = {}
+        self.waiting: dict[int, Items] = {}
+        self.answers: dict[int, dict[str, list[Payload | None]] | BaseException] = {}
 
     def view(self, lane: int) -> _LaneView:
         """The ``SiteLink`` that lane ``lane``'s protocol asks through."""
         return _LaneView(self, lane)
 
-    def ask(self, lane: int, route: str, requests: Mapping[str, Payload]) -> dict[str, Payload]:
-        """Lane ``lane``'s request on ``route`` (per site), answered when the batch it joins
-        comes back: per site that answered, its reply."""
+    def ask(self, lane: int, items: Items) -> dict[str, list[Payload | None]]:
+        """Lane ``lane``'s requests (per site, its items ``(route, request)``), answered when
+        the batch they join comes back: per site that answered, each item's reply or None
+        (``BatchLink.ask_batch``)."""
         with self.turn:
-            self.waiting[lane] = (route, dict(requests))
+            self.waiting[lane] = {site: list(batch) for site, batch in items.items()}
             self._send_if_all_wait()
             self.turn.wait_for(lambda: lane in self.answers)
             answer = self.answers.pop(lane)
@@ -82,27 +84,31 @@ class FoldLanes:
             return
         asks, self.waiting = self.waiting, {}
         try:
-            answers: dict[int, dict[str, Payload] | BaseException] = dict(self._send(asks))
+            answers: dict[int, dict | BaseException] = dict(self._send(asks))
         except Exception as error:  # noqa: BLE001 - each waiting lane raises it
             answers = {lane: error for lane in asks}
         self.answers.update(answers)
         self.turn.notify_all()
 
-    def _send(self, asks: dict[int, tuple[str, dict[str, Payload]]]) -> dict[int, dict]:
+    def _send(self, asks: dict[int, Items]) -> dict[int, dict[str, list[Payload | None]]]:
+        """The waiting lanes' items in one batch per site (one request alone goes as it is):
+        per lane, what :meth:`ask` returns."""
         if len(asks) == 1:
-            ((lane, (route, requests)),) = asks.items()
-            return {lane: self.link.ask(route, requests)}
-        items: dict[str, list[tuple[str, Payload]]] = {}
-        lanes: dict[str, list[int]] = {}
-        for lane, (route, requests) in sorted(asks.items()):
-            for site, request in requests.items():
-                items.setdefault(site, []).append((route, request))
-                lanes.setdefault(site, []).append(lane)
-        answers: dict[int, dict] = {lane: {} for lane in asks}
-        for site, replies in self.link.ask_batch(items).items():
-            for lane, reply in zip(lanes[site], replies, strict=True):
-                if reply is not None:
-                    answers[lane][site] = reply
+            ((lane, items),) = asks.items()
+            routes = {route for batch in items.values() for route, _ in batch}
+            if all(len(batch) == 1 for batch in items.values()) and len(routes) == 1:
+                replies = self.link.ask(routes.pop(), {s: b[0][1] for s, b in items.items()})
+                return {lane: {site: [reply] for site, reply in replies.items()}}
+        joined: dict[str, list[tuple[str, Payload]]] = {}
+        owners: dict[str, list[int]] = {}
+        for lane, items in sorted(asks.items()):
+            for site, batch in items.items():
+                joined.setdefault(site, []).extend(batch)
+                owners.setdefault(site, []).extend([lane] * len(batch))
+        answers: dict[int, dict[str, list[Payload | None]]] = {lane: {} for lane in asks}
+        for site, replies in self.link.ask_batch(joined).items():
+            for lane, reply in zip(owners[site], replies, strict=True):
+                answers[lane].setdefault(site, []).append(reply)
         return answers
 
 
@@ -114,6 +120,7 @@ class _LaneView:
 
     def __init__(self, lanes: FoldLanes, lane: int) -> None:
         self.lanes, self.lane = lanes, lane
+        self.batch_validation = getattr(lanes.link, "batch_validation", False)
 
     def sites(self) -> list[str]:
         with self.lanes.turn:
@@ -128,7 +135,11 @@ class _LaneView:
             self.lanes.link.refuse(key)
 
     def ask(self, route: str, requests: Mapping[str, Payload]) -> dict[str, Payload]:
-        return self.lanes.ask(self.lane, route, requests)
+        answers = self.lanes.ask(self.lane, {s: [(route, r)] for s, r in requests.items()})
+        return {site: replies[0] for site, replies in answers.items() if replies[0] is not None}
+
+    def ask_batch(self, items: Items) -> dict[str, list[Payload | None]]:
+        return self.lanes.ask(self.lane, items)
 
 
 def fold_lanes(

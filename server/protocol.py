@@ -136,6 +136,9 @@ class SiteLink(Protocol):
     # Links that can run a training round through SecAgg+ set ``secure_aggregation = True``
     # and have ``ask_secure(route, requests, weight_cap, round_id) ->
     # fedmets.server.secure_aggregation.SecureRound``; a link without the attribute cannot.
+    # Links whose message rounds cost time (Flower) set ``batch_validation = True`` and have
+    # ``ask_batch`` (``fedmets.server.fold_lanes.BatchLink``): a training round's validation
+    # then goes with the next round's training, in one message per site.
 
 
 @dataclass(frozen=True)
@@ -287,14 +290,58 @@ class FederatedProtocol:
         """Ask every training site (not the held-out ones), or those of ``only`` (the same
         ``payload``, or per-site payloads keyed by site id); record dropouts; ProtocolError
         when fewer than ``min_sites`` answered."""
-        sites = [
+        sites = self._asked_sites(only)
+        requests = self._requests(sites, payload)
+        return self._checked(route, sites, requests, self.link.ask(route, requests), where)
+
+    def _ask_together(self, asks: Sequence[tuple[str, Payload, dict]]) -> list[dict]:
+        """Each ``(route, payload, where)`` of ``asks`` to every training site, all of them in
+        one message per site (the link's ``ask_batch``; each item gated at the site as if it
+        came alone): per ask, what :meth:`_ask` would return."""
+        sites = self._asked_sites(None)
+        routes = [route for route, _, _ in asks]
+        requests = [self._requests(sites, payload) for _, payload, _ in asks]
+        asked = list(zip(routes, requests, strict=True))
+        items = {s: [(route, r[s]) for route, r in asked] for s in sites}
+        back = self.link.ask_batch(items)
+        return [
+            self._checked(
+                route,
+                sites,
+                sent,
+                {s: got[i] for s, got in back.items() if got[i] is not None},
+                where,
+            )
+            for i, ((route, _, where), sent) in enumerate(zip(asks, requests, strict=True))
+        ]
+
+    def _asked_sites(self, only: Sequence[str] | None) -> list[str]:
+        """The sites a request goes to: those of ``only``, else every training site."""
+        return [
             s
             for s in self.link.sites()
             if (s in only if only is not None else s not in self.held_out)
         ]
+
+    def _requests(
+        self, sites: list[str], payload: Payload | Mapping[str, Payload]
+    ) -> dict[str, Payload]:
+        """Each site's request: the run's base fields and ``payload`` (or its own, when
+        ``payload`` holds one per site)."""
         per_site = payload if set(payload) == set(sites) and sites else None
-        requests = {s: {**self.base, **(per_site[s] if per_site else payload)} for s in sites}
-        replies = self.link.ask(route, requests)
+        return {s: {**self.base, **(per_site[s] if per_site else payload)} for s in sites}
+
+    def _checked(
+        self,
+        route: str,
+        sites: list[str],
+        requests: dict[str, Payload],
+        replies: dict[str, Payload],
+        where: dict,
+    ) -> dict:
+        """``replies`` to ``requests`` less the unusable ones; the sites that did not answer
+        or sent an unusable reply recorded as dropouts; ProtocolError when fewer than
+        ``min_sites`` are left."""
         for site in sorted(set(sites) - set(replies)):
             self.record.dropouts.append({"route": route, "site": site, **where})
             self.say(f"  site {site} did not answer {route} {where or ''}: dropped")
@@ -1054,7 +1101,12 @@ class FederatedProtocol:
         """``rounds`` rounds of ``train.<stage>`` + aggregation + validation of every model in
         ``initial`` (name -> state); returns the best-validation state per model (under DP the
         last round's: no validation) and the curves. ``keep`` (model -> round, at most
-        ``rounds``): nothing validated, each model's state after its round is kept."""
+        ``rounds``): nothing validated, each model's state after its round is kept.
+
+        Over a link whose message rounds cost time (``batch_validation``: Flower), a round's
+        validation goes to the sites with the next round's training, in one message: both
+        take the same global model, so the results are those of asking them one by one, in
+        about half the message rounds."""
         strategy = self.cfg.strategy
         aggregators = {m: Aggregator(strategy.name, strategy.server_learning_rate) for m in initial}
         current = {m: dict(state) for m, state in initial.items()}
@@ -1070,9 +1122,48 @@ class FederatedProtocol:
             start, current, best, curves, aggregators = saved
             self.say(f"  {stage}: resuming at round {start}/{rounds}")
         sample_dp = self.dp_request["dp_mode"] == "sample"
+        # Under DP nothing is validated: choosing a round on validation scores would be a
+        # selection outside the guarantee, and the noise inflates the weights (and the loss)
+        # long before it spoils the ranking, so the last round is kept (the sites train on
+        # every training row instead: ``SiteWorker._rows``).
+        validated = keep is None and self.cfg.dp.mode == "off"
+        together = validated and not self.secure and getattr(self.link, "batch_validation", False)
+        shown = IMAGE if stage == IMAGE else main_model(list(initial))
+        # the last trained round, when its validation waits for the next round's training
+        pending = len(curves[shown]["train_loss"]) > len(curves[shown]["val_loss"])
         loss_keys = {
             m: "train_loss_sum" if stage == IMAGE else f"train_loss_sum:{m}" for m in initial
         }
+
+        def validation_ask(r: int) -> tuple[str, Payload, dict]:
+            """The validation of the global models after round ``r`` (``current``)."""
+            weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
+            bins = {"bins": self.cfg.evaluation.histogram_bins} if by_auc else {}
+            payload = {**validate_request, **weights, **bins, "fold": fold, "stage": stage}
+            where = {"fold": fold, "round": r, "stage": f"validate {stage}"}
+            return "query.validate", {**payload, "dp_mode": "off"}, where
+
+        def validate_alone(r: int) -> dict[str, Payload]:
+            route, payload, where = validation_ask(r)
+            return self._ask(route, payload, **where)
+
+        def settle(r: int, replies: dict[str, Payload] | None) -> None:
+            """Round ``r``'s validation (``replies``; None: not asked) into the curves and the
+            kept states (``current`` is still round ``r``'s), and its progress line."""
+            validation = None if replies is None else _pooled_validation(replies, current)
+            for m in initial:  # nothing validated: the latest round is kept
+                loss, auc = (float("nan"), None) if validation is None else validation[m]
+                curves[m]["val_loss"].append(loss)
+                curves[m]["val_auc"].append(auc)
+                score = -auc if by_auc and auc is not None else loss  # lower is better
+                if keep is not None:
+                    if r == keep[m]:
+                        best[m] = (score, current[m], r)
+                elif validation is None or score < best[m][0]:  # ties: the earlier round
+                    best[m] = (score, current[m], r)
+            if stage == IMAGE or r == rounds or r % 5 == 0:
+                self._say_round(stage, r, rounds, curves[shown], keep is not None, sample_dp)
+
         for r in range(start, rounds + 1):
             weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
             request = {
@@ -1085,12 +1176,21 @@ class FederatedProtocol:
                 **({"dp_releases": self.dp_releases[stage]} if sample_dp else {}),
             }
             where = {"fold": fold, "round": r, "stage": stage}
+            if pending and not together:  # a stopped run's last round, resumed elsewhere
+                settle(r - 1, validate_alone(r - 1))
+                pending = False
             if self.secure:  # the loss sums (not released under DP-SGD) ride in the masked sum
                 if not sample_dp:
                     request[wire.SECURE_SUMS] = [loss_keys[m] for m in sorted(initial)]
                 trained, sites = self._ask_secure(f"train.{stage}", request, **where)
             else:
-                replies = self._ask(f"train.{stage}", request, **where)
+                train = (f"train.{stage}", request, where)
+                if pending:
+                    replies, checked = self._ask_together([train, validation_ask(r - 1)])
+                    settle(r - 1, checked)
+                    pending = False
+                else:
+                    replies = self._ask(train[0], request, **where)
                 trained = {s: rep for s, rep in replies.items() if len(rep) > 1}
                 trained = self._valid_updates(
                     f"train.{stage}", trained, current, where, len(replies)
@@ -1115,51 +1215,48 @@ class FederatedProtocol:
                     else float("nan")
                 )
                 curves[m]["sites"].append(sites)
-            validation = None
-            if keep is None:
-                validation = self._validation(stage, fold, r, current, validate_request, by_auc)
-            for m in initial:  # nothing validated: the latest round is kept
-                loss, auc = (float("nan"), None) if validation is None else validation[m]
-                curves[m]["val_loss"].append(loss)
-                curves[m]["val_auc"].append(auc)
-                score = -auc if by_auc and auc is not None else loss  # lower is better
-                if keep is not None:
-                    if r == keep[m]:
-                        best[m] = (score, current[m], r)
-                elif validation is None or score < best[m][0]:  # ties: the earlier round
-                    best[m] = (score, current[m], r)
-            if stage == IMAGE or r == rounds or r % 5 == 0:
-                shown = IMAGE if stage == IMAGE else main_model(list(initial))
-                latest = {k: curves[shown][k][-1] for k in ("train_loss", "val_loss", "val_auc")}
-                trained_shown = (
-                    f"train loss {latest['train_loss']:.4f}"
-                    if np.isfinite(latest["train_loss"])
-                    else "no train loss (each site's inner-validation rows under its floor: "
-                    "the training rows' loss would give theirs)"
-                )
-                if sample_dp:
-                    losses_shown = "losses not released under DP-SGD"
-                elif np.isnan(latest["val_loss"]):  # say why, and what is kept instead
-                    losses_shown = f"{trained_shown}, " + (
-                        "not validated (the final model: the folds' median round)"
-                        if keep is not None
-                        else "not validated under DP (the last round is kept)"
-                        if self.cfg.dp.mode != "off"
-                        else "no validation loss: no site's inner-validation rows reached its "
-                        "floor (min_patients), so the last round is kept"
-                    )
-                else:
-                    losses_shown = f"{trained_shown}, validation loss {latest['val_loss']:.4f}"
-                    if latest["val_auc"] is not None:
-                        losses_shown += f", AUC {latest['val_auc']:.3f}"
-                self.say(
-                    f"  {stage} round {r}/{rounds}: {losses_shown} ({len(sites)} sites"
-                    f"{', SecAgg+' if self.secure else ''})"
-                )
+            if together:
+                pending = True  # asked with the next round's training (or alone after the last)
+            else:
+                settle(r, validate_alone(r) if validated else None)
             self._save(progress, (r + 1, current, best, curves, aggregators))
+        if pending:
+            settle(rounds, validate_alone(rounds))
         for m in initial:
             curves[m]["best_round"] = best[m][2]
         return {m: best[m][1] for m in initial}, curves
+
+    def _say_round(
+        self, stage: str, r: int, rounds: int, curve: dict[str, list], kept: bool, sample_dp: bool
+    ) -> None:
+        """The progress line of round ``r`` from the shown model's ``curve`` (its latest
+        entries: round ``r``'s); ``kept``: the final model's rounds, not validated."""
+        latest = {k: curve[k][-1] for k in ("train_loss", "val_loss", "val_auc")}
+        trained_shown = (
+            f"train loss {latest['train_loss']:.4f}"
+            if np.isfinite(latest["train_loss"])
+            else "no train loss (each site's inner-validation rows under its floor: "
+            "the training rows' loss would give theirs)"
+        )
+        if sample_dp:
+            losses_shown = "losses not released under DP-SGD"
+        elif np.isnan(latest["val_loss"]):  # say why, and what is kept instead
+            losses_shown = f"{trained_shown}, " + (
+                "not validated (the final model: the folds' median round)"
+                if kept
+                else "not validated under DP (the last round is kept)"
+                if self.cfg.dp.mode != "off"
+                else "no validation loss: no site's inner-validation rows reached its "
+                "floor (min_patients), so the last round is kept"
+            )
+        else:
+            losses_shown = f"{trained_shown}, validation loss {latest['val_loss']:.4f}"
+            if latest["val_auc"] is not None:
+                losses_shown += f", AUC {latest['val_auc']:.3f}"
+        self.say(
+            f"  {stage} round {r}/{rounds}: {losses_shown} ({len(curve['sites'][-1])} sites"
+            f"{', SecAgg+' if self.secure else ''})"
+        )
 
     def _training_rows(self, site: str, fold: int) -> int:
         """The patients of ``site`` outside ``fold`` (all of them for the final model's fold
@@ -1226,46 +1323,6 @@ class FederatedProtocol:
                 f"{self.cfg.federation.min_sites}"
             )
         return valid
-
-    def _validation(
-        self,
-        stage: str,
-        fold: int,
-        r: int,
-        current: dict,
-        validate_request: Payload,
-        with_auc: bool,
-    ) -> dict[str, tuple[float, float | None]] | None:
-        """(pooled inner-validation loss, pooled validation AUC or None) of each model in
-        ``current`` after round ``r``; the AUC (from the sites' validation-score histograms,
-        ``[evaluation] histogram_bins``) only ``with_auc``. None when no site could validate,
-        and under DP, where nothing is asked: choosing a round on validation scores would be a
-        selection outside the guarantee, and the noise inflates the weights (and the loss) long
-        before it spoils the ranking, so the last round is kept (the sites train on every
-        training row instead: ``SiteWorker._rows``)."""
-        if self.cfg.dp.mode != "off":
-            return None
-        weights = {wire.WEIGHTS_PREFIX + m: s for m, s in current.items()}
-        bins = {"bins": self.cfg.evaluation.histogram_bins} if with_auc else {}
-        checked = self._ask(
-            "query.validate",
-            {**validate_request, **weights, **bins, "fold": fold, "stage": stage, "dp_mode": "off"},
-            fold=fold,
-            round=r,
-            stage=f"validate {stage}",
-        )
-        checked = {s: rep for s, rep in checked.items() if len(rep) > 1}
-        n_val = sum(rep["n"] for rep in checked.values())
-        if not n_val:
-            return None
-        replies = list(checked.values())
-        return {
-            m: (
-                float(sum(rep[f"val_loss_sum:{m}"] for rep in replies) / n_val),
-                _validation_auc(replies, m),
-            )
-            for m in current
-        }
 
     def train_image(
         self, fold: int, pos_weight: float, rounds: dict[str, int] | None = None
@@ -1606,3 +1663,23 @@ def metrics_from_replies(
             fpr, tpr, _ = roc_from_histograms(pos, neg)
             result["roc"] = {"fpr": np.round(fpr, 4).tolist(), "tpr": np.round(tpr, 4).tolist()}
     return result
+
+
+def _pooled_validation(
+    replies: Mapping[str, Payload], models: Mapping[str, Any]
+) -> dict[str, tuple[float, float | None]] | None:
+    """(pooled inner-validation loss, pooled validation AUC or None) of each of ``models``
+    from the sites' ``query.validate`` replies; the AUC from their validation-score
+    histograms (``[evaluation] histogram_bins``), when asked. None when no site could
+    validate."""
+    checked = [rep for rep in replies.values() if len(rep) > 1]
+    n_val = sum(rep["n"] for rep in checked)
+    if not n_val:
+        return None
+    return {
+        m: (
+            float(sum(rep[f"val_loss_sum:{m}"] for rep in checked) / n_val),
+            _validation_auc(checked, m),
+        )
+        for m in models
+    }

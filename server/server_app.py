@@ -68,9 +68,12 @@ class FlowerLink:
 
     ``secure_aggregation``: this link can run a training round through SecAgg+
     (:meth:`ask_secure`, ``fedmets.server.secure_aggregation``). :meth:`ask_batch` sends the
-    requests of folds run at once (``fedmets.server.fold_lanes``)."""
+    requests of folds run at once (``fedmets.server.fold_lanes``) and, ``batch_validation``,
+    a training round's validation with the next round's training: every message round costs a
+    ClientApp process at each site and Flower's polling."""
 
     secure_aggregation = True
+    batch_validation = True
 
     def __init__(self, grid: Grid, cfg: FederationConfig, say: Any, received: Path) -> None:
         self.grid = grid

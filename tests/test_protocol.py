@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from fedmets.client.approval import planned_epsilon
 from fedmets.client.policy import ScoreGroups
 from fedmets.client.site_worker import SiteWorker, assign_folds
+from fedmets.server.checkpoints import load_checkpoint
 from fedmets.server.fold_lanes import fold_lanes
 from fedmets.server.protocol import FederatedProtocol, ProtocolError, _most_chosen
 from fedmets.shared import wire
@@ -437,6 +438,90 @@ def test_folds_at_once_reach_the_sites_in_batches_and_give_the_sequential_result
         assert at_once["models"][model]["pooled"] == sequential["models"][model]["pooled"]
     for one, other in zip(sequential["folds"], at_once["folds"], strict=True):
         assert one["thresholds"] == other["thresholds"]
+
+
+class _RoundTripLink(_BatchCountingLink):
+    """A link whose message rounds cost time (``batch_validation``, as Flower's; ``paired``),
+    or not, counting its messages; it stops (like a server that stops) at its
+    ``stop_at``-th message, if given."""
+
+    def __init__(self, workers, paired: bool = True, stop_at: int | None = None) -> None:
+        super().__init__(workers)
+        self.batch_validation = paired
+        self.messages, self.stop_at = 0, stop_at
+
+    def _count(self) -> None:
+        self.messages += 1
+        if self.messages == self.stop_at:
+            raise KeyboardInterrupt(f"stopped at message {self.messages}")
+
+    def ask(self, route, requests):
+        self._count()
+        return super().ask(route, requests)
+
+    def ask_batch(self, items):
+        self._count()
+        return super().ask_batch(items)
+
+
+@pytest.mark.parametrize("parallel_folds", [1, 3])
+def test_a_rounds_validation_rides_with_the_next_rounds_training(
+    sites, tmp_path, parallel_folds
+) -> None:
+    """Over a link whose message rounds cost time, each round's validation reaches the sites
+    with the next round's training in one message (the last round's alone): the same curves,
+    kept rounds and results as asking one by one, in fewer message rounds; folds at once
+    batch these pairs too."""
+    workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
+    plain = _RoundTripLink(workers, paired=False)
+    cfg = _cfg(federation={"parallel_folds": parallel_folds})
+    one_by_one = FederatedProtocol(plain, _cfg(), "one-by-one").run_all()
+    link = _RoundTripLink(workers)
+    runner = None
+    if parallel_folds > 1:
+        runner = fold_lanes(link, cfg, "paired", tmp_path / "checkpoints", None, lambda _: None)
+    paired = FederatedProtocol(
+        link, cfg, "paired", checkpoints=tmp_path / "checkpoints", fold_runner=runner
+    ).run_all()
+    rounds = _cfg().stages.fusion_rounds
+    assert plain.routes["query.validate"] == plain.routes["train.fusion"] == 3 * rounds
+    assert link.routes["query.validate"] == link.routes["train.fusion"] == 3 * rounds
+    if parallel_folds == 1:  # every round but the first carries the round before's validation
+        assert link.batches == [2] * (len(workers) * 3 * (rounds - 1))
+        assert link.messages == plain.messages - 3 * (rounds - 1)
+    else:  # and the folds' pairs go together
+        assert max(link.batches) == 6 and link.messages < plain.messages / 2
+    for one, other in zip(one_by_one["folds"], paired["folds"], strict=True):
+        assert one["fusion"] == other["fusion"]  # losses, AUCs and kept rounds per network
+        assert one["thresholds"] == other["thresholds"]
+    for model in one_by_one["models"]:
+        assert paired["models"][model]["pooled"] == one_by_one["models"][model]["pooled"]
+
+
+STOP_AT = 8
+"""The message a paired run stops at: fold 1's third fusion round, with the second round's
+validation (census, folds, moments, covariance, importance, round 1, then round 2 with round 1's
+validation: its checkpoint holds round 2's models, their validation still to come)."""
+
+
+def test_a_paired_run_stopped_mid_rounds_resumes_to_the_same_result(sites, tmp_path) -> None:
+    """A run stopped while a round's validation waits for the next round's training resumes
+    from its checkpoint to the uninterrupted result, paired again or one by one."""
+    workers = {s: SiteWorker([load_site_config(p)]) for s, p in sites.items()}
+    reference = FederatedProtocol(InProcessLink(workers), _cfg(), "uninterrupted").run_all()
+    for resumed_over in (_RoundTripLink(workers), InProcessLink(workers)):
+        checkpoints = tmp_path / type(resumed_over).__name__
+        with pytest.raises(KeyboardInterrupt):  # mid-way through fold 1's fusion rounds
+            FederatedProtocol(
+                _RoundTripLink(workers, stop_at=STOP_AT), _cfg(), "resumed", None, checkpoints
+            ).run_all()
+        rounds = load_checkpoint(checkpoints / "fold0-fusion-rounds.npz")["value"]
+        curves = next(iter(rounds[3].values()))
+        assert len(curves["train_loss"]) == len(curves["val_loss"]) + 1  # one validation waits
+        resumed = FederatedProtocol(resumed_over, _cfg(), "resumed", None, checkpoints).run_all()
+        for model in reference["models"]:
+            assert resumed["models"][model]["pooled"] == reference["models"][model]["pooled"]
+        assert resumed["folds"][0]["fusion"] == reference["folds"][0]["fusion"]
 
 
 def test_folds_at_once_need_dp_off_and_no_secure_aggregation() -> None:
