@@ -299,21 +299,13 @@ class FederatedProtocol:
         one message per site (the link's ``ask_batch``; each item gated at the site as if it
         came alone): per ask, what :meth:`_ask` would return."""
         sites = self._asked_sites(None)
-        routes = [route for route, _, _ in asks]
-        requests = [self._requests(sites, payload) for _, payload, _ in asks]
-        asked = list(zip(routes, requests, strict=True))
-        items = {s: [(route, r[s]) for route, r in asked] for s in sites}
-        back = self.link.ask_batch(items)
-        return [
-            self._checked(
-                route,
-                sites,
-                sent,
-                {s: got[i] for s, got in back.items() if got[i] is not None},
-                where,
-            )
-            for i, ((route, _, where), sent) in enumerate(zip(asks, requests, strict=True))
-        ]
+        asked = [(route, self._requests(sites, payload), where) for route, payload, where in asks]
+        back = self.link.ask_batch({s: [(route, r[s]) for route, r, _ in asked] for s in sites})
+        results = []
+        for i, (route, sent, where) in enumerate(asked):
+            replies = {s: got[i] for s, got in back.items() if got[i] is not None}
+            results.append(self._checked(route, sites, sent, replies, where))
+        return results
 
     def _asked_sites(self, only: Sequence[str] | None) -> list[str]:
         """The sites a request goes to: those of ``only``, else every training site."""
