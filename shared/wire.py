@@ -873,11 +873,14 @@ def describe(route_name: str, payload: Mapping[str, Any]) -> dict[str, dict]:
 
 BATCH_MESSAGE_TYPE = "query.batch"
 """The Flower message type of a batch: the requests of several folds that the centre runs at
-once (``[federation] parallel_folds``) in one message, since a Flower 1.42 SuperNode handles
-one message at a time. Each item is a request of its own route, checked, answered and logged
-by the site as if it had come alone; the reply holds each item's reply, or the site's refusal
-of it (the text a refused single request would carry)."""
-MAX_BATCH_ITEMS = 64
+once (``[federation] parallel_folds``), and a training round's validation with the next
+round's training, in one message, since a Flower 1.42 SuperNode handles one message at a time.
+Each item is a request of its own route, checked, answered and logged by the site as if it had
+come alone; the reply holds each item's reply, or the site's refusal of it (the text a refused
+single request would carry)."""
+MAX_BATCH_ITEMS = 2 * 64
+"""The most items of a batch: two requests (a round's training, the round before's validation)
+of each of up to 64 folds at once."""
 _BATCH = "batch"
 
 

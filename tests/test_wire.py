@@ -174,6 +174,10 @@ def test_a_batch_carries_each_request_and_each_reply_or_refusal() -> None:
     renamed.config_records["batch"]["routes"] = ["query.everything"]
     with pytest.raises(wire.WireError, match="unknown route"):
         wire.from_batch(renamed)
+    most = [("query.folds", {"run": "r1", "folds": 3})] * (2 * 64)  # 64 folds' pairs
+    assert len(wire.from_batch(wire.to_batch(most, reply=False))) == 128
+    with pytest.raises(wire.WireError, match="a batch holds 1 to 128 items, not 129"):
+        wire.to_batch([*most, most[0]], reply=False)
 
 
 def _moments(n: int) -> dict:
