@@ -4,6 +4,7 @@ and a SuperNode whose ClientApp relays each message to it).
 
     .venv/bin/python benchmarks/bench_deployment.py [--sites 3] [--patients 60] [--out DIR]
                                                      [--secure-aggregation] [--folds 2]
+                                                     [--fusion-rounds 2]
                                                      [--parallel-folds N] [--site-lanes K]
 
 The same tiny tabular federation (``fedmets.simulation.feature_sites``; 2 folds, 2 fusion rounds)
@@ -41,13 +42,17 @@ from fedmets.simulation.simulate import run_flower_simulation
 
 
 def federation_toml(
-    path: Path, secure_aggregation: bool = False, folds: int = 2, parallel_folds: int = 1
+    path: Path,
+    secure_aggregation: bool = False,
+    folds: int = 2,
+    parallel_folds: int = 1,
+    fusion_rounds: int = 2,
 ) -> Path:
     cfg = FederationConfig.model_validate(
         {
             "run": {"name": "bench-deploy", "seed": 1},
             "cv": {"folds": folds},
-            "stages": {"fusion_rounds": 2, "fusion_local_epochs": 2},
+            "stages": {"fusion_rounds": fusion_rounds, "fusion_local_epochs": 2},
             "selection": {"top_k": 10, "rf_trees": 20},
             "federation": {
                 "min_sites": 2,
@@ -112,6 +117,7 @@ def main() -> None:
         help="training rounds through SecAgg+ (4 Flower message rounds each)",
     )
     args.add_argument("--folds", type=int, default=2)
+    args.add_argument("--fusion-rounds", type=int, default=2)
     args.add_argument(
         "--parallel-folds",
         type=int,
@@ -133,7 +139,9 @@ def main() -> None:
     for toml in tomls:  # each site answers a batch's items that many at once (lanes)
         text = toml.read_text().replace("[compute]\n", f"[compute]\nparallel_folds = {lanes}\n")
         toml.write_text(text)
-    fed = federation_toml(root / "federation.toml", opts.secure_aggregation, opts.folds)
+    fed = federation_toml(
+        root / "federation.toml", opts.secure_aggregation, opts.folds, 1, opts.fusion_rounds
+    )
     results = {}
 
     tic, cpu = time.perf_counter(), machine_cpu_s()
@@ -152,7 +160,11 @@ def main() -> None:
         ways = {"deployment": fed}
         if opts.parallel_folds > 1:
             ways[f"{opts.parallel_folds} at once"] = federation_toml(
-                root / "federation-at-once.toml", False, opts.folds, opts.parallel_folds
+                root / "federation-at-once.toml",
+                False,
+                opts.folds,
+                opts.parallel_folds,
+                opts.fusion_rounds,
             )
         for way, toml in ways.items():
             out = root / "deployment" / way.replace(" ", "-")
