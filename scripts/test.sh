@@ -2,7 +2,8 @@
 # README command 2: install, lint, run the test suite.
 #   bash scripts/test.sh            the full suite (what CI runs)
 #   bash scripts/test.sh --quick    everything not marked slow (real Flower processes, whole
-#                                   simulations, extraction fixtures): the development loop
+#                                   simulations, extraction fixtures, any other test of 10 s
+#                                   or more on 2 cores): the development loop, under 4 minutes
 # Other arguments go to pytest (e.g. -k attacks, -x). Tests run on 3 pytest-xdist workers, a
 # module's tests on one, modules in collection order (the longest first: tests/conftest.py);
 # FEDMETS_TEST_WORKERS changes the count (0: one process, as plain pytest).

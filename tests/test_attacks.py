@@ -966,6 +966,7 @@ def test_a_missing_value_does_not_stay_put_while_the_centre_moves_the_mean(site)
     np.testing.assert_array_equal(low["batch_response_sum"], high["batch_response_sum"])
 
 
+@pytest.mark.slow
 def test_a_request_cannot_make_the_site_work_without_bound(site) -> None:
     """The attack: a few kB of request that keep the site busy for hours or take its memory.
     ``covariates`` repeated: each name's levels give patient sets, and the cost grows with the
@@ -1180,6 +1181,7 @@ def with_crops(worker: SiteWorker, root: Path, voxels: int = 32) -> SiteWorker:
     return worker
 
 
+@pytest.mark.slow
 def test_a_site_under_dp_releases_no_statistic_of_the_deep_features(tmp_path) -> None:
     """The attack: the deep-feature sums are exact whatever network computed them, so an
     image network the centre crafts can pass one patient's image through them (docs/privacy.md,

@@ -114,6 +114,7 @@ def test_the_bundle_scores_every_patient_as_the_run_did(tmp_path, fusion):
         assert pd.read_csv(tmp_path / f"{site}.csv").shape == predicted.shape
 
 
+@pytest.mark.slow
 def test_the_main_models_network_is_chosen_on_inner_validation_and_kept_in_the_bundle(tmp_path):
     """``[model] main_radiomics`` x ``main_hidden``: per fold the main model's network is the
     candidate with the lowest pooled inner-validation loss (its radiomics width and hidden
@@ -161,6 +162,7 @@ def _check_contributions(predicted: pd.DataFrame, fusion: str) -> None:
         np.testing.assert_allclose(offset, offset.mean(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_bundle_that_does_not_fit_the_site_is_refused(tmp_path):
     tomls = write_feature_sites(tmp_path / "sites", [60, 60], seed=4, folds=2)
     configs = {load_site_config(t).site_id: load_site_config(t) for t in tomls}
@@ -205,6 +207,7 @@ def test_a_run_folder_given_as_the_bundle_names_the_bundle_inside_it(tmp_path):
         load_bundle(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_new_list_whose_every_patient_fails_scores_nobody(tmp_path):
     """`fedmets site predict --manifest`: a list without labels, its sex column under another
     name fedmets knows, is scored; next month's list under the same file name, its every
@@ -269,6 +272,7 @@ def _held_out_config(name: str, **sections) -> FederationConfig:
     return FederationConfig.model_validate(data | sections)
 
 
+@pytest.mark.slow
 def test_held_out_sites_are_scored_by_the_model_trained_without_them(tmp_path):
     """--holdout / --loso: the final model trained on the other sites, each held-out site's
     release (grouped histograms, confusion counts, Brier sum, calibration fit) giving its
@@ -345,6 +349,7 @@ def test_a_deployed_held_out_site_trains_nothing_and_evaluates_the_bundle(tmp_pa
         )
 
 
+@pytest.mark.slow
 def test_a_site_recalibrates_the_bundle_to_its_own_patients(tmp_path):
     """`fedmets site recalibrate`: the slope and intercept on the main model's log-odds, fitted
     on the site's labelled patients, are applied by `site predict` to that bundle only; the

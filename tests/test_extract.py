@@ -87,6 +87,7 @@ def site(cohort, tmp_path_factory):
     return cfg, report, table, entry_times(cfg.paths.cache)
 
 
+@pytest.mark.slow
 def test_cold_run_extracts_every_usable_patient_and_reports_the_bad_ones(site):
     cfg, report, _, _ = site
     assert report == json.loads((cfg.paths.output / REPORT_FILE).read_text())
@@ -122,6 +123,7 @@ def test_cold_run_extracts_every_usable_patient_and_reports_the_bad_ones(site):
     )
 
 
+@pytest.mark.slow
 def test_feature_table_rows_columns_labels_and_clinical(site):
     cfg, _, table, _ = site
     assert list(table["patient_id"]) == GOOD
@@ -138,6 +140,7 @@ def test_feature_table_rows_columns_labels_and_clinical(site):
     pd.testing.assert_frame_equal(table[encoded_columns()], expected)
 
 
+@pytest.mark.slow
 def test_features_equal_a_direct_pyradiomics_call(site):
     cfg, _, table, _ = site
     records = {r.patient_id: r for r in read_manifest(cfg)[0]}
@@ -163,6 +166,7 @@ def test_features_equal_a_direct_pyradiomics_call(site):
     np.testing.assert_array_equal(crop["ring"], prepared.deep_box.array(ring))
 
 
+@pytest.mark.slow
 def test_second_run_is_all_cached_and_touches_no_entry(site):
     cfg, first, table, times = site
     report = extract_site(cfg, workers=2)
@@ -175,6 +179,7 @@ def test_second_run_is_all_cached_and_touches_no_entry(site):
     pd.testing.assert_frame_equal(pd.read_parquet(cfg.paths.output / FEATURES_FILE), table)
 
 
+@pytest.mark.slow
 def test_a_lost_entry_is_all_that_is_redone(site):
     cfg, _, table, times = site
     shutil.rmtree(cfg.paths.cache / "extract" / GOOD[2])
@@ -186,6 +191,7 @@ def test_a_lost_entry_is_all_that_is_redone(site):
     pd.testing.assert_frame_equal(pd.read_parquet(cfg.paths.output / FEATURES_FILE), table)
 
 
+@pytest.mark.slow
 def test_changing_margin_or_params_invalidates_the_cache(site, tmp_path):
     cfg, _, table, _ = site
     folder = tmp_path / "hospital_a"
@@ -213,6 +219,7 @@ def test_changing_margin_or_params_invalidates_the_cache(site, tmp_path):
     assert report["settings"]["params_sha256"] != site[1]["settings"]["params_sha256"]
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_is_replaced_and_its_patients_retried(cohort, tmp_path):
     cfg = load_site_config(make_site(cohort, tmp_path / "hospital_a"))
     killed = []
@@ -277,6 +284,7 @@ def run_cli(*args: str) -> CliResult:
     return run_fedmets("site", "extract", *args)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_feature_table_and_exits_0_despite_a_bad_patient(site):
     cfg = site[0]
     shutil.rmtree(cfg.paths.output)
@@ -304,6 +312,7 @@ def test_cli_rejects_a_bad_config(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_run_with_no_usable_patient_keeps_the_last_table(site):
     """The image folder moved away: every patient is quarantined, the command exits 1 and says
     so, and the feature table of the last extraction stays as it was (nothing is lost)."""

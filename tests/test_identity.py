@@ -224,6 +224,7 @@ def test_a_run_the_sites_policy_would_refuse_is_not_approved(tmp_path) -> None:
     assert done.exit_code == 0, done.output
 
 
+@pytest.mark.slow
 def test_an_approval_says_what_the_run_would_spend_of_the_privacy_budget(tmp_path) -> None:
     """``fedmets site approve`` of a run with sample-level DP names the most epsilon the run
     adds at the site (its ``[dp] epsilon``, times the folds under ``epsilon_scope = "fold"``),
@@ -335,6 +336,7 @@ def test_an_app_folder_is_written_new_or_over_an_app_folder_only(tmp_path) -> No
         write_app_folder(tmp_path / "from-a-wheel", source=SOURCE / "fedmets")
 
 
+@pytest.mark.slow
 def test_an_approval_pins_the_app_bundle_the_hospital_reviewed(tmp_path) -> None:
     """The app digest of a real ``flwr build`` bundle is the one its relay reports once Flower
     installed it (``install_from_fab``); the bundle of the checkout and that of its app folder

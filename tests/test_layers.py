@@ -87,6 +87,7 @@ def modules_loaded(imports: str, names: set[str]) -> list[str]:
     return ast.literal_eval(done.stdout.strip())
 
 
+@pytest.mark.slow
 def test_the_server_app_and_the_site_service_start_without_the_image_libraries() -> None:
     """A deployed run starts a ServerApp process, and a site its service, for every run or
     restart: neither loads MONAI, PyRadiomics, SimpleITK, matplotlib or Opacus until an image,

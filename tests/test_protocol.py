@@ -283,6 +283,7 @@ def test_selection_never_reads_a_test_fold_row(sites) -> None:
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
     cfg = _cfg(stages={"fusion_rounds": 10})
     result = FederatedProtocol(_link(sites), cfg, "test-run").run_all()
@@ -342,6 +343,7 @@ def test_full_run_histogram_metrics_match_the_pooled_scores(sites) -> None:
     assert blocks[0] == "clinical:age" or int(top) % 4 == 0  # a column of the label's factor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("monitor", ["auc", "loss"])
 def test_each_network_keeps_its_round_of_best_pooled_validation_score(sites, monitor) -> None:
     cfg = _cfg(model={"fusion_monitor": monitor}, stages={"fusion_rounds": 6})
@@ -390,6 +392,7 @@ def test_the_final_model_keeps_the_network_chosen_most_often() -> None:
     assert _most_chosen(tie, ["a", "b"], higher_is_better=True) == "a"  # as AUCs
 
 
+@pytest.mark.slow
 def test_same_seed_same_results(sites) -> None:
     first = FederatedProtocol(_link(sites), _cfg(), "run-one").run_all()
     second = FederatedProtocol(_link(sites), _cfg(), "run-two").run_all()
@@ -416,6 +419,7 @@ class _BatchCountingLink(InProcessLink):
         return super().ask_batch(items)
 
 
+@pytest.mark.slow
 def test_folds_at_once_reach_the_sites_in_batches_and_give_the_sequential_results(
     sites, tmp_path
 ) -> None:
@@ -464,7 +468,7 @@ class _RoundTripLink(_BatchCountingLink):
         return super().ask_batch(items)
 
 
-@pytest.mark.parametrize("parallel_folds", [1, 3])
+@pytest.mark.parametrize("parallel_folds", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_a_rounds_validation_rides_with_the_next_rounds_training(
     sites, tmp_path, parallel_folds
 ) -> None:
@@ -504,6 +508,7 @@ validation (census, folds, moments, covariance, importance, round 1, then round 
 validation: its checkpoint holds round 2's models, their validation still to come)."""
 
 
+@pytest.mark.slow
 def test_a_paired_run_stopped_mid_rounds_resumes_to_the_same_result(sites, tmp_path) -> None:
     """A run stopped while a round's validation waits for the next round's training resumes
     from its checkpoint to the uninterrupted result, paired again or one by one."""

@@ -79,6 +79,7 @@ def assert_same_values(mine: dict[str, float], direct: dict[str, float]) -> None
         assert value == direct[name] or (math.isnan(value) and math.isnan(direct[name])), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resampled", [False, True], ids=["shared filters", "execute per region"])
 def test_features_equal_one_direct_pyradiomics_call_per_region(regions, tmp_path, resampled):
     """Each filter runs once for both regions, yet every value is the one PyRadiomics gives each
@@ -133,6 +134,7 @@ def test_fast_preset_gives_293_tumour_and_279_ring_features(regions):
         assert not any("diagnostics" in name for name in features)
 
 
+@pytest.mark.slow
 def test_a_bundle_asking_for_ring_shape_features_gets_them(regions):
     """Names that a model trained before the ring lost its shape features still extract."""
     ct, tumour, ring = next(iter(regions.values()))
@@ -145,6 +147,7 @@ def test_a_bundle_asking_for_ring_shape_features_gets_them(regions):
     assert features["ring_original_shape_VoxelVolume"] == direct["original_shape_VoxelVolume"]
 
 
+@pytest.mark.slow
 def test_full_preset_gives_about_1500_features_per_region(regions):
     """Run once, on the patient with the smallest tumour (the slow part of this file)."""
     ct, tumour, ring = min(regions.values(), key=lambda r: sitk.GetArrayViewFromImage(r[1]).sum())

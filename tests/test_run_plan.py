@@ -40,7 +40,7 @@ def _plain(value):
     "sections",
     [
         {"model": {"main_radiomics": [3, 6], "main_hidden": [[4], [8, 4]]}},
-        {"dp": {"mode": "sample", "epsilon": 50.0}},
+        pytest.param({"dp": {"mode": "sample", "epsilon": 50.0}}, marks=pytest.mark.slow),
         {"model": {"fusion": "late"}},
     ],
     ids=["main-candidates", "dp-sgd", "late-fusion"],

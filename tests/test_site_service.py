@@ -136,6 +136,7 @@ def test_the_relay_loads_no_torch_and_no_site_code() -> None:
     assert modules_loaded("fedmets.client.client_app", heavy | site) == []
 
 
+@pytest.mark.slow
 def test_a_batch_is_answered_in_lanes_as_its_requests_one_by_one(tmp_path_factory) -> None:
     """A batch (the folds a centre runs at once) at a site that answers two at a time: each
     item is gated as if it had come alone (the same replies, a refusal for the one outside

@@ -285,6 +285,7 @@ def test_folds_in_parallel_give_the_sequential_results(cohort_run, tmp_path):
         assert set(parallel["timing_s"]) >= {"selection", "image", "fusion", "total"}
 
 
+@pytest.mark.slow
 def test_repeated_study_is_the_study_once_per_repeat(tmp_path):
     """``repeats = 3``: repeat k is exactly the study with ``repeat=k`` (folds from each site's
     seed + k, training seed + k; the same seed gives the same metrics, byte for byte, and
@@ -322,6 +323,7 @@ def test_repeated_study_is_the_study_once_per_repeat(tmp_path):
         summarise_repeats(runs)
 
 
+@pytest.mark.slow
 def test_permuted_labels_give_chance_auc(tmp_path):
     """Many noise features, few rows: selection fitted on all rows would pick features that
     happen to match the test rows' labels too and lift the AUC well above 0.5."""

@@ -35,6 +35,7 @@ def _all_files(root: Path) -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_same_seed_identical_files_whatever_the_worker_count(cohort, tmp_path):
     again = tmp_path / "again"
     assert _synth(again, "--seed", "5", "--workers", "1").returncode == 0
@@ -44,6 +45,7 @@ def test_same_seed_identical_files_whatever_the_worker_count(cohort, tmp_path):
     assert mismatch == [] and errors == []
 
 
+@pytest.mark.slow
 def test_other_seed_gives_other_images(cohort, tmp_path):
     other = tmp_path / "other"
     assert _synth(other, "--seed", "6", "--workers", "2").returncode == 0
