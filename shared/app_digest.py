@@ -67,8 +67,8 @@ def fab_digest(fab: Path) -> str:
 
 def fab_contents(fab: Path) -> str:
     """What the bundle ``fab`` holds, for the hospital's review, in one line: its file count,
-    then each top-level folder with its files and each top-level file (e.g. ``79 files:
-    client/ 31, fedmets/ 3, ..., pyproject.toml``). ValueError when it is not a zip."""
+    then each top-level folder with its files and each top-level file (e.g. ``80 files:
+    client/ 30, fedmets/ 3, ..., pyproject.toml``). ValueError when it is not a zip."""
     with _bundle_files(fab) as (_, names):
         tops = Counter(f"{n.split('/')[0]}/" if "/" in n else n for n in names)
     order = sorted(tops, key=lambda top: (not top.endswith("/"), top))  # folders, then files

@@ -1,7 +1,7 @@
 """The layers' import rules, checked on the source: client and server never import each other,
 shared imports neither, none of the three imports the simulation or the command line; every
 import of the project goes through the one ``fedmets.*`` namespace; the long-lived processes
-start without the image libraries."""
+start without the image libraries; docs/architecture.md names every module."""
 
 import ast
 import subprocess
@@ -63,6 +63,26 @@ def test_no_import_uses_the_old_top_level_names() -> None:
         if module.split(".")[0] in OLD_NAMES
     ]
     assert old == []
+
+
+def test_every_module_of_the_layers_is_in_the_architecture_table() -> None:
+    """docs/architecture.md's table names each module (``fedmets.<layer>.<module>``; the
+    simulation row names them bare, in backticks), so the next engineer finds its role."""
+    table = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    modules = [
+        (layer, path.stem if path.suffix else path.name)
+        for layer in sorted(OLD_NAMES)
+        for path in (ROOT / layer).iterdir()
+        if (path.suffix == ".py" and path.stem != "__init__") or (path / "__init__.py").is_file()
+    ]
+    assert len(modules) > 60
+    unnamed = [
+        f"fedmets.{layer}.{name}"
+        for layer, name in modules
+        if f"fedmets.{layer}.{name}`" not in table
+        and not (layer == "simulation" and f"`{name}`" in table)
+    ]
+    assert unnamed == []
 
 
 def test_only_the_fedmets_namespace_is_importable_outside_the_checkout(tmp_path: Path) -> None:
