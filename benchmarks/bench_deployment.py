@@ -43,11 +43,14 @@ from fedmets.simulation.simulate import run_flower_simulation
 
 def federation_toml(
     path: Path,
+    *,
     secure_aggregation: bool = False,
     folds: int = 2,
     parallel_folds: int = 1,
     fusion_rounds: int = 2,
 ) -> Path:
+    """Write the benchmark's federation config to ``path`` (folds one after another unless
+    ``parallel_folds``) and return ``path``."""
     cfg = FederationConfig.model_validate(
         {
             "run": {"name": "bench-deploy", "seed": 1},
@@ -140,7 +143,10 @@ def main() -> None:
         text = toml.read_text().replace("[compute]\n", f"[compute]\nparallel_folds = {lanes}\n")
         toml.write_text(text)
     fed = federation_toml(
-        root / "federation.toml", opts.secure_aggregation, opts.folds, 1, opts.fusion_rounds
+        root / "federation.toml",
+        secure_aggregation=opts.secure_aggregation,
+        folds=opts.folds,
+        fusion_rounds=opts.fusion_rounds,
     )
     results = {}
 
@@ -161,10 +167,9 @@ def main() -> None:
         if opts.parallel_folds > 1:
             ways[f"{opts.parallel_folds} at once"] = federation_toml(
                 root / "federation-at-once.toml",
-                False,
-                opts.folds,
-                opts.parallel_folds,
-                opts.fusion_rounds,
+                folds=opts.folds,
+                parallel_folds=opts.parallel_folds,
+                fusion_rounds=opts.fusion_rounds,
             )
         for way, toml in ways.items():
             out = root / "deployment" / way.replace(" ", "-")
