@@ -25,7 +25,9 @@ Rules (each named in refusals and in the audit log by the string in brackets):
 - ``policy.require_dp``: training and every route that releases anything computed from a
   model's outputs answer only in runs whose sites train under DP-SGD (``dp_mode = "sample"``:
   the noise is the site's own; client-level DP is added by the centre), in which the deep
-  features route replies its count alone (the site worker);
+  features route replies its count alone (the site worker) and nothing is validated;
+- ``policy.max_scorings``: with ``require_dp``, each model-output route answers a run at most
+  that many times a fold (:class:`ScoringCount`, counted by the gate): a DP run asks each once;
 - ``policy.min_patients``: nothing is released on fewer patients than the floor (the larger of
   the site's and the request's);
 - ``policy.difference``: the :class:`DifferencingGuard` remembers, per statistic, every
@@ -132,6 +134,37 @@ class FailureCount:
             counts[run] = counts.get(run, 0) + 1
             write_json(self.path, counts)
         return counts[run]
+
+
+class ScoringCount:
+    """The replies of each model-output route each run got on each fold at a site with
+    ``require_dp`` (``folder/scorings.json``: run -> "route@fold" -> count), kept across
+    restarts under a file lock (the site's processes share it; a batch's lanes take turns)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / "scorings.json"
+
+    def admit(self, route_name: str, request: Mapping[str, Any], policy: PolicySection) -> None:
+        """Count ``request`` as one more reply of its run on its route and fold, or refuse it
+        (PolicyRefused, ``policy.max_scorings``, nothing counted) when the run already had
+        ``policy.max_scorings`` of them. Counted when admitted: a request that then fails or
+        is withheld counts too."""
+        run, fold = str(request.get("run", "")), request.get("fold")
+        key = f"{route_name}@{'all' if fold is None else int(fold)}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.path):
+            saved = self.path.is_file()
+            counts = json.loads(self.path.read_text(encoding="utf-8")) if saved else {}
+            done = counts.get(run, {}).get(key, 0)
+            if done >= policy.max_scorings:
+                raise PolicyRefused(
+                    "policy.max_scorings",
+                    f"run {run!r} had {done} {route_name} replies on fold "
+                    f"{key.split('@')[1]}, the most this site gives a run under DP "
+                    f"(max_scorings {policy.max_scorings})",
+                )
+            counts.setdefault(run, {})[key] = done + 1
+            write_json(self.path, counts)
 
 
 def check_request(
@@ -267,6 +300,12 @@ def check_bounds(
             "policy.require_dp",
             "this site trains and releases model outputs only in runs under sample-level DP "
             "(dp_mode 'sample': DP-SGD with the site's own noise)",
+        )
+    if policy.require_dp and route_name == "query.validate":
+        refuse(
+            "policy.require_dp",
+            "a run under DP validates nothing (it keeps each network's last round): this site "
+            "answers no validation",
         )
 
 

@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from fedmets.client.approval import check_approved
 from fedmets.client.audit import append_entry
-from fedmets.client.policy import FailureCount, PolicyRefused, check_request, failures_used_up
+from fedmets.client.policy import (
+    MODEL_OUTPUT_ROUTES,
+    FailureCount,
+    PolicyRefused,
+    ScoringCount,
+    check_request,
+    failures_used_up,
+)
 from fedmets.shared import wire
 from fedmets.shared.config import SiteConfig
 from fedmets.shared.privacy import PrivacyBudgetExceeded
@@ -78,6 +85,8 @@ def answer(
         if worker.require_approval:
             check_approved(worker.configs[0], route_name, request, app)
         failures.check(run, worker.policy)
+        if worker.policy.require_dp and route_name in MODEL_OUTPUT_ROUTES:
+            ScoringCount(worker.policy_folder()).admit(route_name, request, worker.policy)
     except PolicyRefused as refusal:
         _log(worker, route_name, request, {}, [str(refusal)], masked, refusal.rule, app=app)
         raise

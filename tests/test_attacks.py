@@ -1164,6 +1164,69 @@ def test_a_site_that_requires_dp_answers_model_routes_only_under_dp(tmp_path) ->
     assert ask(worker, "query.train_scores", dp_mode="sample", **request)["n"] > 0
 
 
+def _bisect_a_folds_largest_value(worker: SiteWorker, column: int, requests: int) -> list[float]:
+    """The attack: a linear network reads radiomics ``column`` alone, standardised by the
+    centre at mean t and scale 1e-300 (every value then clipped to +-1e6, the weight of 1 a
+    step), so each patient scores 0 or 1 by whether its value passes t; whether any score
+    group of fold 0's training rows lies above the lowest of 1000 bins says whether the
+    largest value there does. ``query.train_scores`` at each midpoint bisects it, under
+    sample-level DP (scores are exact there), until the site refuses; the bounds [low, high]
+    it got to."""
+    p = worker.data.radiomics.shape[1]
+    values = worker.data.radiomics.to_numpy()[:, column]
+    low, high = values.mean(), values.mean() + 1e3 * values.std()
+    request = {**fusion_request(worker), "fold": 0, "bins": 1000, "dp_mode": "sample"}
+    weights = {k: np.zeros_like(v) for k, v in request[wire.WEIGHTS_PREFIX + MAIN].items()}
+    weights["net.0.weight"][0, column] = 1.0
+    request[wire.WEIGHTS_PREFIX + MAIN] = weights
+    for _ in range(requests):
+        middle = (low + high) / 2
+        request["radiomics_mean"] = np.where(np.arange(p) == column, middle, 0.0)
+        request["radiomics_scale"] = np.where(np.arange(p) == column, 1e-300, 1.0)
+        try:
+            reply = ask(worker, "query.train_scores", **request)
+        except PolicyRefused:
+            break
+        above = (reply[f"hist_pos:{MAIN}"] + reply[f"hist_neg:{MAIN}"])[1:].sum() > 0
+        low, high = (middle, high) if above else (low, middle)
+    return [low, high]
+
+
+def test_a_dp_site_answers_a_runs_crafted_scorings_a_few_times_a_fold(tmp_path) -> None:
+    """Each reply of a crafted network's scores answers a question of the centre's choosing,
+    DP or not: the largest value of a column in a fold is bisected to the last bit in ~60
+    replies of one run (a review,
+    2026-12-07: with a few hundred more, other columns of the patients so picked out and
+    their labels). A site with ``require_dp`` gives a run ``max_scorings`` (2) replies of each
+    model-output route a fold, what a DP run asks (once), and no validation."""
+    budget = {"require_dp": True, "epsilon_budget": 8.0}
+    unbounded = make_site(tmp_path / "unbounded", policy={**budget, "max_scorings": 1000})
+    bounded = make_site(tmp_path / "bounded", policy=budget)
+    column = 3
+    largest = {}
+    for worker in (unbounded, bounded):
+        ask(worker, "query.folds", folds=5)
+        train = np.load(worker.state_root / "attack" / "folds.npz")["fold"] != 0
+        largest[worker] = worker.data.radiomics.to_numpy()[train, column].max()
+    low, high = _bisect_a_folds_largest_value(unbounded, column, 80)
+    assert low <= largest[unbounded] <= high
+    assert high - low <= 1e-12 * abs(largest[unbounded])  # found, to the last bits
+    values = bounded.data.radiomics.to_numpy()[:, column]
+    low, high = _bisect_a_folds_largest_value(bounded, column, 80)
+    assert low <= largest[bounded] <= high and high - low >= 100 * values.std()  # two halvings
+    entry = audit(bounded)[-1]
+    assert (entry["route"], entry["sent"], entry["rule"]) == (
+        "query.train_scores",
+        False,
+        "policy.max_scorings",
+    )
+    other_fold = {**fusion_request(bounded), "fold": 1, "bins": 100, "dp_mode": "sample"}
+    assert ask(bounded, "query.train_scores", **other_fold)["n"] > 0  # counted a fold
+    ask(bounded, "query.folds", folds=5, run="next")
+    assert ask(bounded, "query.train_scores", **{**other_fold, "run": "next"})["n"] > 0
+    refused(bounded, "query.validate", "policy.require_dp", stage="fusion", **other_fold)
+
+
 def with_crops(worker: SiteWorker, root: Path, voxels: int = 32) -> SiteWorker:
     """``worker`` given an image crop per patient (random CT and tumour, ``voxels``^3), as an
     extracted image site has (``ct``, ``tumour``, ``ring`` in each crop.npz)."""
