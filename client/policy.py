@@ -27,7 +27,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
   the noise is the site's own; client-level DP is added by the centre), in which the deep
   features route replies its count alone (the site worker) and nothing is validated;
 - ``policy.max_scorings``: with ``require_dp``, each model-output route answers a run at most
-  that many times a fold (:class:`ScoringCount`, counted by the gate): a DP run asks each once;
+  that many times a fold (:class:`ScoringCount`, counted by the gate), and a reply scores at
+  most :data:`DP_MODELS` models: a DP run asks each once, for its ablations at most;
 - ``policy.min_patients``: nothing is released on fewer patients than the floor (the larger of
   the site's and the request's);
 - ``policy.difference``: the :class:`DifferencingGuard` remembers, per statistic, every
@@ -70,7 +71,7 @@ import numpy as np
 from fedmets.shared import wire
 from fedmets.shared.config import PolicySection
 from fedmets.shared.files import exclusive, write_json
-from fedmets.shared.model_names import network_variant
+from fedmets.shared.model_names import base_model, group_subsets, network_variant
 
 TRAINING_ROUTES = ("train.image", "train.fusion")
 MODEL_OUTPUT_ROUTES = (
@@ -82,6 +83,9 @@ MODEL_OUTPUT_ROUTES = (
     "query.bundle_evaluation",
 )
 """Routes whose replies are computed from a model's outputs (scores, losses, features)."""
+DP_MODELS = len(group_subsets())
+"""The most models a run under DP scores in one request: its ablations, one model per subset of
+the input groups (7)."""
 
 
 class PolicyRefused(RuntimeError):
@@ -301,12 +305,35 @@ def check_bounds(
             "this site trains and releases model outputs only in runs under sample-level DP "
             "(dp_mode 'sample': DP-SGD with the site's own noise)",
         )
+    if policy.require_dp and scored_models(route_name, request) > DP_MODELS:
+        refuse(
+            "policy.max_scorings",
+            f"{scored_models(route_name, request)} models scored in one request: a run under "
+            f"DP scores at most {DP_MODELS}, one per subset of the input groups",
+        )
     if policy.require_dp and route_name == "query.validate":
         refuse(
             "policy.require_dp",
             "a run under DP validates nothing (it keeps each network's last round): this site "
             "answers no validation",
         )
+
+
+def scored_models(route_name: str, request: Mapping[str, Any]) -> int:
+    """How many models' scores a reply to ``request`` releases statistics of: training
+    scores, the models it names (else its networks' models); an evaluation, the models it
+    gives thresholds for; 0 on a route that scores nothing; else 1."""
+    if route_name not in MODEL_OUTPUT_ROUTES:
+        return 0
+    if route_name == "query.train_scores":
+        names = request.get("models")
+        if names is None:
+            prefix = wire.WEIGHTS_PREFIX
+            names = [base_model(k[len(prefix) :]) for k in request if k.startswith(prefix)]
+        return len(set(map(str, names)))
+    if route_name == "query.evaluation":
+        return sum(str(k).startswith("thresholds:") for k in request)
+    return 1
 
 
 def _check_bundle_size(request: Mapping[str, Any], policy: PolicySection, refuse) -> None:

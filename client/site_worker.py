@@ -1075,7 +1075,8 @@ class SiteWorker:
         of the fold: the summed weighted-BCE increase (on score groups) when one input block (a
         radiomics column, a clinical variable, the deep features) is shuffled across those rows,
         averaged over ``repeats`` shuffles; (blocks,) in ``fedmets.shared.models.input_blocks``
-        order."""
+        order. With ``randomness = "secure"`` the shuffles are the site's own draw: a centre
+        that knew them would know which patients each block's loss change compares."""
         rows = self._rows(request)["test"]
         n = int(rows.sum())
         if n < self.min_patients(request):
@@ -1089,7 +1090,10 @@ class SiteWorker:
 
         clinical = [] if self.data.clinical is None else list(self.data.clinical.columns)
         blocks = input_blocks(net.group_dims, clinical)
-        rng = np.random.default_rng(site_seed(int(request["seed"]), self.site_id))
+        seed = site_seed(int(request["seed"]), self.site_id)
+        if self.policy.randomness == "secure":  # shuffles the centre cannot replay
+            seed = private_seed(self.policy, seed, self.site_id)
+        rng = np.random.default_rng(seed)
         base = loss_sum(X)
         increase = np.zeros(len(blocks))
         for _ in range(int(request["repeats"])):

@@ -255,9 +255,10 @@ class PolicySection(_Section):
     # The site's own cross-validation: a request for another number of folds is refused.
     folds: int = Field(5, ge=2, le=10)
     validation_fraction: float = Field(0.2, gt=0, lt=0.5)
-    # "secure": the fold seed (drawn once per cohort, kept on disk) and DP-SGD's noise and
-    # sampling come from the operating system's CSPRNG; "seeded": from ``seed`` (simulation
-    # and tests only: the centre may then know them; every run records which).
+    # "secure": the fold seed (drawn once per cohort, kept on disk), DP-SGD's noise and
+    # sampling and permutation importance's shuffles come from the operating system's CSPRNG;
+    # "seeded": from ``seed`` (simulation and tests only: the centre may then know them; every
+    # run records which).
     randomness: Literal["secure", "seeded"] = "secure"
     # Score histograms: at most this many bins, and every non-empty bin holds at least
     # min_bin_count patients (the patients sorted by score form groups of min_bin_count, each

@@ -1225,6 +1225,43 @@ def test_a_dp_site_answers_a_runs_crafted_scorings_a_few_times_a_fold(tmp_path) 
     ask(bounded, "query.folds", folds=5, run="next")
     assert ask(bounded, "query.train_scores", **{**other_fold, "run": "next"})["n"] > 0
     refused(bounded, "query.validate", "policy.require_dp", stage="fusion", **other_fold)
+    # one reply, many questions: a model per subset of the input groups at most (7), what a
+    # DP run's ablations score; 8 models (their keys in another order) are refused
+    keys = ["none/radiomics", "none/clinical", "none/radiomics+clinical", "none/clinical+radiomics"]
+    keys += ["resnet3d/radiomics", "resnet3d/clinical", "swin3d/radiomics", "swin3d/clinical"]
+    many = {**other_fold, "run": "many", "models": keys}
+    message = refused(bounded, "query.train_scores", "policy.max_scorings", **many)
+    assert "8 models scored in one request" in message
+    refused(
+        bounded,
+        "query.evaluation",
+        "policy.max_scorings",
+        bins=100,
+        dp_mode="sample",
+        **{f"thresholds:{key}": np.full(5, 0.5) for key in keys},
+    )
+
+
+def test_a_secure_sites_permutation_shuffles_are_its_own(tmp_path) -> None:
+    """Permutation importance shuffles each input block across the held-out rows; shuffles the
+    centre can replay (from the request's seed and the site id) tell it which patients each
+    block's loss change compares, so a crafted network turns every block into a question of
+    its choosing. A site with ``randomness = "secure"`` draws them itself: the same request
+    gets other answers, none of them the replayable shuffles' (what a seeded site, whose
+    shuffles are the public ones, answers: twice the same)."""
+    replies = {}
+    for randomness in ("seeded", "secure"):
+        worker = make_site(tmp_path / randomness, policy={"randomness": randomness})
+        ask(worker, "query.folds", folds=5)
+        request = {**fusion_request(worker, [8]), "fold": 0, "dp_mode": "off"}
+        request.update(pos_weight=2.0, repeats=1, seed=0)
+        replies[randomness] = [
+            ask(worker, "query.permutation", **request)["loss_increase_sum"] for _ in range(2)
+        ]
+    public, own = replies["seeded"], replies["secure"]
+    assert np.array_equal(public[0], public[1])
+    assert not np.allclose(own[0], own[1])
+    assert not any(np.allclose(reply, public[0]) for reply in own)
 
 
 def with_crops(worker: SiteWorker, root: Path, voxels: int = 32) -> SiteWorker:
