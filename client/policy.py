@@ -25,7 +25,8 @@ Rules (each named in refusals and in the audit log by the string in brackets):
 - ``policy.require_dp``: training and every route that releases anything computed from a
   model's outputs answer only in runs whose sites train under DP-SGD (``dp_mode = "sample"``:
   the noise is the site's own; client-level DP is added by the centre), in which the deep
-  features route replies its count alone (the site worker) and nothing is validated;
+  features route replies its count alone (the site worker), nothing is validated, and each
+  score group sits at its cell of the ``max_bins`` grid (:func:`score_groups`);
 - ``policy.max_scorings``: with ``require_dp``, each model-output route answers a run at most
   that many times a fold (:class:`ScoringCount`, counted by the gate), and a reply scores at
   most :data:`DP_MODELS` models: a DP run asks each once, for its ablations at most;
@@ -593,10 +594,18 @@ class ScoreGroups:
     on the scores only, never on the request's bins or thresholds, so two statistics of the
     same scores cannot be differenced into a smaller group.
 
+    ``grid``: each group's mean is placed at the centre of its cell of ``grid`` equal cells of
+    [0, 1] (what :func:`score_groups` does at a site with ``require_dp``): every statistic is
+    then a function of the groups' class counts and cells, so a sum (Brier, a loss) says no
+    more than a histogram on that grid (an exact sum over a group of patients whose scores the
+    centre crafted gives the one score it does not know).
+
     ``mean`` (G,) the groups' mean scores, ``pos``/``neg`` (G,) int64 their DM+ / DM- counts,
     ``members`` the row indices of each group (site-side only)."""
 
-    def __init__(self, y: np.ndarray, scores: np.ndarray, min_count: int) -> None:
+    def __init__(
+        self, y: np.ndarray, scores: np.ndarray, min_count: int, grid: int | None = None
+    ) -> None:
         y = np.asarray(y).astype(bool)
         s = np.asarray(scores, dtype=float)
         order = np.argsort(s, kind="stable")
@@ -605,6 +614,8 @@ class ScoreGroups:
             starts.pop()  # a short last group joins the one before
         self.members = [order[a:b] for a, b in zip(starts, [*starts[1:], len(s)], strict=True)]
         self.mean = np.array([s[m].mean() for m in self.members], dtype=float)
+        if grid is not None:
+            self.mean = (np.minimum(np.floor(self.mean * grid), grid - 1) + 0.5) / grid
         self.pos = np.array([y[m].sum() for m in self.members], dtype=np.int64)
         self.neg = np.array([len(m) for m in self.members], dtype=np.int64) - self.pos
         self.size = len(s)
@@ -656,6 +667,14 @@ class ScoreGroups:
             np.r_[self.mean, self.mean],
             weights=np.r_[self.pos, self.neg],
         )
+
+
+def score_groups(y: np.ndarray, scores: np.ndarray, policy: PolicySection) -> ScoreGroups:
+    """Labels ``y`` (n,) and scores (n,) in ``policy``'s groups of ``min_bin_count`` patients
+    by score, the form every score-and-label statistic leaves in; at a site with
+    ``require_dp`` each group at the centre of its cell of the ``max_bins`` grid."""
+    grid = policy.max_bins if policy.require_dp else None
+    return ScoreGroups(y, scores, policy.min_bin_count, grid)
 
 
 def suppressed_groups(

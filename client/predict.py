@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from fedmets.client.harmonise import harmonised_for_bundle
-from fedmets.client.policy import ScoreGroups
+from fedmets.client.policy import score_groups
 from fedmets.client.recalibration import apply as apply_recalibration
 from fedmets.client.recalibration import site_recalibration
 from fedmets.client.scoring import image_config, load_networks, standardised_groups
@@ -249,7 +249,7 @@ def evaluate_bundle(cfg: SiteConfig, model_dir: Path, bins: int) -> dict:
     y = labelled.labels
     reply: dict = {"n": int(len(y))}
     for name in manifest["models"]:
-        groups = ScoreGroups(y, table[f"risk:{name}"].to_numpy(), policy.min_bin_count)
+        groups = score_groups(y, table[f"risk:{name}"].to_numpy(), policy)
         reply[f"hist_pos:{name}"], reply[f"hist_neg:{name}"] = groups.histograms(bins)
         reply[f"confusion:{name}"] = groups.confusion(float(manifest["thresholds"][name]))
         reply[f"brier_sum:{name}"] = groups.brier_sum()

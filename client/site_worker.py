@@ -52,6 +52,7 @@ from fedmets.client.policy import (
     missing_fill,
     private_seed,
     release_families,
+    score_groups,
     suppressed_groups,
 )
 from fedmets.client.privacy import (
@@ -1240,9 +1241,9 @@ class SiteWorker:
         return groups.loss_sum(float(request["pos_weight"]))
 
     def _score_groups(self, y: np.ndarray, scores: np.ndarray) -> ScoreGroups:
-        """Labels ``y`` (n,) and scores (n,) in the policy's groups of ``min_bin_count``
-        patients by score: the form every score-and-label statistic leaves in."""
-        return ScoreGroups(y, scores, self.policy.min_bin_count)
+        """Labels ``y`` (n,) and scores (n,) in the policy's score groups
+        (``fedmets.client.policy.score_groups``)."""
+        return score_groups(y, scores, self.policy)
 
     def _histograms(
         self, y: np.ndarray, scores: np.ndarray, request: Mapping[str, Any]

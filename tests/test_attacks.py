@@ -1242,6 +1242,30 @@ def test_a_dp_site_answers_a_runs_crafted_scorings_a_few_times_a_fold(tmp_path) 
     )
 
 
+def test_a_dp_sites_score_sums_say_no_more_than_its_histogram_grid(tmp_path) -> None:
+    """A sum over score groups (Brier, a loss) is an exact float: a group of four patients
+    whose scores the centre crafted and one it does not know gives that one's score, and two
+    networks a hair apart give the difference of their scores. At a site with ``require_dp``
+    each group is placed at the centre of its cell of the ``max_bins`` grid, so the sums of
+    two networks whose groups share their cells are equal (they differ at a site without)."""
+    sums = {}
+    for name, policy in {"dp": {"require_dp": True, "epsilon_budget": 8.0}, "open": {}}.items():
+        worker = make_site(tmp_path / name, policy=policy)
+        ask(worker, "query.folds", folds=5)
+        request = {**fusion_request(worker), "fold": 0, "pos_weight": 2.0, "repeats": 1}
+        request.update(seed=0, dp_mode="sample" if policy else "off")
+        key = wire.WEIGHTS_PREFIX + MAIN
+        apart = {k: v * (1 + 1e-6) for k, v in request[key].items()}
+        sums[name] = [
+            ask(worker, "query.permutation", **{**request, key: weights})["base_loss_sum"]
+            for weights in (request[key], apart)
+        ]
+    assert sums["dp"][0] == sums["dp"][1]
+    assert sums["open"][0] != sums["open"][1]
+    groups = ScoreGroups(np.r_[np.ones(5), np.zeros(5)], np.linspace(0.1, 0.2, 10), 5, 1000)
+    assert np.allclose(groups.mean * 1000 % 1, 0.5)  # each group at its cell's centre
+
+
 def test_a_secure_sites_permutation_shuffles_are_its_own(tmp_path) -> None:
     """Permutation importance shuffles each input block across the held-out rows; shuffles the
     centre can replay (from the request's seed and the site id) tell it which patients each
