@@ -4,6 +4,7 @@ refused, dropouts are recorded and bounded, results repeat under a seed."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from fedmets.client.approval import planned_epsilon
 from fedmets.client.policy import ScoreGroups
+from fedmets.client.release import site_audit_path
 from fedmets.client.site_worker import SiteWorker, assign_folds
 from fedmets.server.checkpoints import load_checkpoint
 from fedmets.server.fold_lanes import fold_lanes
@@ -755,8 +757,15 @@ def test_a_stopped_run_resumes_from_its_checkpoints_to_the_same_result(
 @pytest.mark.slow  # DP-SGD over every fold
 @pytest.mark.parametrize("mode", ["sample", "client"])
 def test_a_private_run_completes_and_its_ledger_is_reported(sites, mode) -> None:
+    if mode == "sample":  # sites that require DP answer every request of a DP run
+        for toml in sites.values():
+            with toml.open("a") as policy:  # into [policy], the file's last table
+                policy.write("require_dp = true\nepsilon_budget = 100.0\n")
     cfg = _cfg(dp={"mode": mode, "epsilon": 8.0}, stages={"fusion_rounds": 2})
     result = FederatedProtocol(_link(sites), cfg, f"dp-{mode}").run_all()
+    for toml in sites.values():
+        audit = site_audit_path(load_site_config(toml)).read_text().splitlines()
+        assert all(json.loads(line)["sent"] for line in audit)
     privacy = result["privacy"]
     assert privacy["mode"] == mode
     assert set(privacy["sites"]) == set(SITES)
