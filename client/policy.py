@@ -306,11 +306,12 @@ def check_bounds(
             "this site trains and releases model outputs only in runs under sample-level DP "
             "(dp_mode 'sample': DP-SGD with the site's own noise)",
         )
-    if policy.require_dp and scored_models(route_name, request) > DP_MODELS:
+    scored = scored_models(route_name, request)
+    if policy.require_dp and scored > DP_MODELS:
         refuse(
             "policy.max_scorings",
-            f"{scored_models(route_name, request)} models scored in one request: a run under "
-            f"DP scores at most {DP_MODELS}, one per subset of the input groups",
+            f"{scored} models scored in one request: a run under DP scores at most "
+            f"{DP_MODELS}, one per subset of the input groups",
         )
     if policy.require_dp and route_name == "query.validate":
         refuse(
@@ -596,9 +597,10 @@ class ScoreGroups:
 
     ``grid``: each group's mean is placed at the centre of its cell of ``grid`` equal cells of
     [0, 1] (what :func:`score_groups` does at a site with ``require_dp``): every statistic is
-    then a function of the groups' class counts and cells, so a sum (Brier, a loss) says no
-    more than a histogram on that grid (an exact sum over a group of patients whose scores the
-    centre crafted gives the one score it does not know).
+    then a function of the groups' class counts and cells (the confusion counts also of the
+    thresholds of the folds their members are in), so a sum (Brier, a loss) says no more than
+    a histogram on that grid (an exact sum over a group of patients whose scores the centre
+    crafted gives the one score it does not know).
 
     ``mean`` (G,) the groups' mean scores, ``pos``/``neg`` (G,) int64 their DM+ / DM- counts,
     ``members`` the row indices of each group (site-side only)."""

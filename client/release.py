@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from fedmets.client.approval import check_approved
 from fedmets.client.audit import append_entry
 from fedmets.client.policy import (
@@ -179,6 +181,12 @@ def log_key_exchange(cfg: SiteConfig, stage: str, sent: Mapping[str, Any]) -> No
     append_entry(site_audit_path(cfg), entry)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as the audit log's JSON can hold it: a numpy scalar or array (what a crafted
+    request's layout may decode to) as its Python value(s)."""
+    return value.tolist() if isinstance(value, np.generic | np.ndarray) else value
+
+
 def _log(
     worker: SiteWorker,
     route_name: str,
@@ -195,8 +203,8 @@ def _log(
         "site": worker.site_id,
         "run": str(request.get("run", "")),
         "route": route_name,
-        "fold": request.get("fold"),
-        "round": request.get("round"),
+        "fold": _plain(request.get("fold")),
+        "round": _plain(request.get("round")),
         "request": wire.describe_request(route_name, request),
         "patients": reply.get("n"),
         "sent": not problems,

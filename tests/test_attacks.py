@@ -1266,6 +1266,17 @@ def test_a_dp_sites_score_sums_say_no_more_than_its_histogram_grid(tmp_path) -> 
     assert np.allclose(groups.mean * 1000 % 1, 0.5)  # each group at its cell's centre
 
 
+def test_a_fold_that_is_an_array_is_refused_and_logged(site) -> None:
+    """A crafted request's layout can decode its fold or round to a numpy value; the gate
+    refuses it and its audit line is written (the log's JSON failed on it before: no line,
+    no refusal, no failure counted)."""
+    ask(site, "query.folds", folds=5)
+    request = {**fusion_request(site), "bins": 100, "dp_mode": "off"}
+    for fold in (np.array(0), np.int64(0), np.array([0, 1])):
+        refused(site, "query.train_scores", "wire.declaration", **{**request, "fold": fold})
+    assert audit(site)[-1]["fold"] == [0, 1]
+
+
 def test_a_secure_sites_permutation_shuffles_are_its_own(tmp_path) -> None:
     """Permutation importance shuffles each input block across the held-out rows; shuffles the
     centre can replay (from the request's seed and the site id) tell it which patients each
