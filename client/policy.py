@@ -324,7 +324,8 @@ def check_bounds(
 def scored_models(route_name: str, request: Mapping[str, Any]) -> int:
     """How many models' scores a reply to ``request`` releases statistics of: training
     scores, the models it names (else its networks' models); an evaluation, the models it
-    gives thresholds for; 0 on a route that scores nothing; else 1."""
+    gives thresholds for; 0 on a route that scores nothing; else 1 (a held-out evaluation
+    scores the kept bundle's models, bounded when the bundle is kept: ``_check_bundle_size``)."""
     if route_name not in MODEL_OUTPUT_ROUTES:
         return 0
     if route_name == "query.train_scores":
@@ -350,6 +351,12 @@ def _check_bundle_size(request: Mapping[str, Any], policy: PolicySection, refuse
         refuse("policy.size", f"the bundle's models {str(models)[:80]}: not a list of model keys")
     if len(set(models)) < len(models):
         refuse("policy.size", f"the bundle lists a model twice ({len(models)} entries)")
+    if policy.require_dp and len(models) > DP_MODELS:
+        refuse(
+            "policy.max_scorings",
+            f"a bundle of {len(models)} models: a site under DP scores at most {DP_MODELS} a "
+            "request (query.bundle_evaluation scores every model of the bundle it keeps)",
+        )
     arrays = request.get(wire.WEIGHTS_PREFIX + "bundle", {})
     networks = {k.rsplit("/", 1)[0] for k in arrays if str(k).startswith("fusion/")}
     if len(networks) > policy.max_networks:

@@ -149,6 +149,7 @@ def evaluate_held_out(
         "run": result["run"],
         "min_patients": cfg.federation.min_patients,
         "bins": bins,
+        "dp_mode": cfg.dp.mode,
     }
     present = [s for s in cfg.federation.held_out if s in link.sites()]
     replies = link.ask("query.bundle_evaluation", {site: request for site in present})

@@ -247,10 +247,10 @@ class PolicySection(_Section):
     epsilon_budget: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     # With require_dp: the replies of each model-output route (training scores, evaluation,
-    # permutation importance, deep features) that one run gets on one fold. A DP run asks
-    # each once (again where it was stopped in that step and resumed); each reply of a crafted
-    # network's scores answers questions of the centre's choosing, so this bounds how many a
-    # run the hospital approved can ask.
+    # permutation importance, deep features, a held-out site's evaluation of the bundle) that
+    # one run gets on one fold. A DP run asks each once (again where it was stopped in that
+    # step and resumed); each reply of a crafted network's scores answers questions of the
+    # centre's choosing, so this bounds how many a run the hospital approved can ask.
     max_scorings: int = Field(2, ge=1)
     # The site's own cross-validation: a request for another number of folds is refused.
     folds: int = Field(5, ge=2, le=10)

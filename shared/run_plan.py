@@ -90,12 +90,12 @@ def policy_requests(
     final model's bundle. Not a request the site could answer: its data-dependent fields are
     left out."""
     model, bins = cfg.model, {"bins": cfg.evaluation.histogram_bins}
+    dp = {"dp_mode": cfg.dp.mode}
     if held_out:
-        return [("query.bundle_evaluation", bins)]
+        return [("query.bundle_evaluation", {**bins, **dp})]
     models = planned_models(cfg, images, clinical)
     networks = planned_networks(cfg, models)
     weights = dict.fromkeys(wire.WEIGHTS_PREFIX + n for n in networks)
-    dp = {"dp_mode": cfg.dp.mode}
     importance: dict[str, Any] = {"trees": cfg.selection.rf_trees}
     if cfg.selection.ranking == "stability":
         importance["resamples"] = cfg.selection.stability_resamples

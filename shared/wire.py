@@ -426,7 +426,12 @@ ROUTES: dict[str, Route] = {
         ),
         Route(
             "query.bundle_evaluation",  # a held-out site: its patients scored by the kept bundle
-            {"run": Param("name"), "min_patients": _RUN["min_patients"], **_BINS},
+            {
+                "run": Param("name"),
+                "min_patients": _RUN["min_patients"],
+                **_BINS,
+                "dp_mode": _DP["dp_mode"],  # the run's: a require_dp site answers a DP run's
+            },
             {
                 "n": C,
                 "hist_pos:*": Kind.HISTOGRAM,  # per model, grouped as query.evaluation's

@@ -1151,8 +1151,9 @@ def test_undeclared_request_fields_are_refused(site) -> None:
 
 def test_a_site_that_requires_dp_answers_model_routes_only_under_dp(tmp_path) -> None:
     """Every route computed from model outputs, a held-out site's evaluation of the bundle
-    included, needs a run under sample-level DP; and the site must set its own budget, since
-    each run's epsilon (and so its noise) is the centre's to pick."""
+    included, needs a run under sample-level DP (the held-out evaluation could not say it was
+    one, so a held-out site under DP refused every run's before); and the site must set its
+    own budget, since each run's epsilon (and so its noise) is the centre's to pick."""
     with pytest.raises(ConfigError, match="epsilon_budget: required when require_dp"):
         make_site(tmp_path / "no-budget", policy={"require_dp": True})
     worker = make_site(tmp_path, policy={"require_dp": True, "epsilon_budget": 8.0})
@@ -1162,6 +1163,20 @@ def test_a_site_that_requires_dp_answers_model_routes_only_under_dp(tmp_path) ->
     refused(worker, "query.train_scores", "policy.require_dp", dp_mode="client", **request)
     refused(worker, "query.bundle_evaluation", "policy.require_dp", bins=100)
     assert ask(worker, "query.train_scores", dp_mode="sample", **request)["n"] > 0
+    # a held-out site under DP evaluates a DP run's bundle; one of more models than a DP run
+    # scores (7) is not kept
+    census = ask(worker, "query.census")
+    keys = ["none/radiomics", "none/clinical", "none/radiomics+clinical", "resnet3d/radiomics"]
+    keys += ["resnet3d/clinical", "swin3d/radiomics", "swin3d/clinical", "densenet3d/radiomics"]
+    refused(
+        worker,
+        "query.model_bundle",
+        "policy.max_scorings",
+        **_many_model_bundle(worker, census, keys),
+    )
+    ask(worker, "query.model_bundle", **_many_model_bundle(worker, census, keys[:1]))
+    reply = ask(worker, "query.bundle_evaluation", bins=100, dp_mode="sample")
+    assert reply["n"] == 72 and reply["hist_pos:none/radiomics"].sum() > 0
 
 
 def _bisect_a_folds_largest_value(worker: SiteWorker, column: int, requests: int) -> list[float]:
