@@ -610,13 +610,16 @@ class ScoreGroups:
     crafted gives the one score it does not know).
 
     ``mean`` (G,) the groups' mean scores, ``pos``/``neg`` (G,) int64 their DM+ / DM- counts,
-    ``members`` the row indices of each group (site-side only)."""
+    ``members`` the row indices of each group (site-side only). ValueError when a score is not
+    finite (the request fails: a failure the run's ``max_failures`` counts)."""
 
     def __init__(
         self, y: np.ndarray, scores: np.ndarray, min_count: int, grid: int | None = None
     ) -> None:
         y = np.asarray(y).astype(bool)
         s = np.asarray(scores, dtype=float)
+        if not np.isfinite(s).all():  # a crafted network's failure: no group holds it
+            raise ValueError("the model's scores are not all finite")
         order = np.argsort(s, kind="stable")
         starts = list(range(0, len(s), max(min_count, 1)))
         if len(starts) > 1 and len(s) - starts[-1] < min_count:

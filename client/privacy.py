@@ -243,6 +243,7 @@ def train_private(
                         total += float(loss.item()) * len(y)
                         count += len(y)
                     loss.backward()
+                    _drop_failed_samples(dp_optimiser)
                     dp_optimiser.step()  # an empty batch still takes a (noise-only) step
                 history["train_loss"].append(total / max(count, 1))
             steps_taken = sum(s for _, _, s in engine.accountant.history)
@@ -281,6 +282,23 @@ def train_private(
     history["state"] = state
     history["seconds"] = time.perf_counter() - started
     return history
+
+
+def _drop_failed_samples(optimiser: DPOptimizer) -> None:
+    """Zero the per-sample gradients (Opacus' ``grad_sample``, (B, *shape) per parameter) of
+    every sample whose gradient is not finite in some parameter, before they are clipped.
+    Clipping bounds a finite gradient; a NaN or infinite one made the noisy sum, and so every
+    weight of the reply, NaN: a network crafted to fail on the patients past a threshold read
+    "is anyone past it?" exactly, whatever the noise, at no cost to the budget's accounting
+    (docs/privacy.md). Each sample's contribution is now its clipped gradient or zero, decided
+    by that sample alone: within the bound DP-SGD's accounting assumes."""
+    samples = [g for p in optimiser.params if (g := getattr(p, "grad_sample", None)) is not None]
+    if not samples or len(samples[0]) == 0:
+        return
+    finite = torch.stack([g.reshape(len(g), -1).isfinite().all(dim=1) for g in samples]).all(0)
+    if not finite.all():
+        for g in samples:
+            g[~finite] = 0.0
 
 
 def _no_inplace(model: nn.Module) -> None:

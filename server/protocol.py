@@ -1266,9 +1266,10 @@ class FederatedProtocol:
         answered: int,
     ) -> dict[str, Payload]:
         """The training replies whose updates the server takes: each model's state has the
-        global model's tensors, shapes and types, only finite values, and lies within
-        ``[federation] max_update_norm`` (L2 over all tensors) of the global state; ``n`` is a
-        whole number from 1 to the site's patients outside the fold (:meth:`_training_rows`).
+        global model's tensors, shapes and types (its values are finite: ``_checked``), and
+        lies within ``[federation] max_update_norm`` (L2 over all tensors) of the global state;
+        ``n`` is a whole number from 1 to the site's patients outside the fold
+        (:meth:`_training_rows`).
         A site breaking a rule is left out of this round (logged, recorded as a dropout with
         the rule); ProtocolError when fewer than ``min_sites`` of the ``answered`` sites
         remain."""
@@ -1290,8 +1291,6 @@ class FederatedProtocol:
                     problem = ("update.shape", f"{model}: tensors or shapes differ from the model")
                 elif any(np.asarray(update[k]).dtype != np.asarray(state[k]).dtype for k in state):
                     problem = ("update.dtype", f"{model}: tensor types differ from the model's")
-                elif not all(np.isfinite(update[k]).all() for k in state):
-                    problem = ("update.finite", f"{model}: values that are not finite")
                 elif bound is not None:
                     distance = float(
                         np.sqrt(sum(np.sum((update[k] - state[k]) ** 2) for k in state))

@@ -718,6 +718,10 @@ def check_reply(route_name: str, payload: Mapping[str, Any], min_patients: int) 
             problems.append(f"{key}: not a declared reply field of {route_name}")
             continue
         problems += [f"{key}: {p}" for p in _kind_problems(kind, value)]
+    if any(not all_finite(payload[k]) for k in payload if spec.reply_kind(k) in NUMERIC_KINDS):
+        # one problem, whichever and however many fields: which of a reply's models failed on
+        # the site's data would be a bit each (the audit log describes the fields)
+        problems.append(NOT_FINITE)
     count = payload.get(spec.count_field) if spec.count_field else None
     aggregated = any(
         spec.reply_kind(k) in (Kind.AGGREGATE, Kind.HISTOGRAM, Kind.METRIC, Kind.WEIGHTS)
@@ -737,9 +741,10 @@ def received_problems(
     what an honest site's gate checks before sending) or cannot be a site's honest answer to
     ``request``: a missing or negative patient count, negative counts or metrics (every metric
     is a sum of losses, a Brier sum or an epsilon), a histogram of other than the request's
-    ``bins``, confusion counts that are not four or not the histograms' patients, values that
-    are not finite. Model weights are checked where they are averaged
-    (``FederatedProtocol._valid_updates``). Empty when the reply is usable."""
+    ``bins``, confusion counts that are not four or not the histograms' patients. Model
+    weights are checked where they are averaged (``FederatedProtocol._valid_updates``; a value
+    that is not finite, weights included, :func:`check_reply` names). Empty when the reply is
+    usable."""
     problems = check_reply(route_name, payload, min_patients)
     spec = route(route_name)
     count = payload.get(spec.count_field) if spec.count_field else 0
@@ -752,9 +757,7 @@ def received_problems(
         array = np.asarray(value)
         if array.dtype.kind not in "biuf":
             continue  # check_reply names it
-        if not np.isfinite(array).all():
-            problems.append(f"{key}: values that are not finite")
-        elif kind in (Kind.COUNT, Kind.HISTOGRAM) and (array < 0).any():
+        if kind in (Kind.COUNT, Kind.HISTOGRAM) and (array < 0).any():
             problems.append(f"{key}: negative counts")
         elif kind == Kind.METRIC and (array < 0).any():  # loss and Brier sums, epsilons
             problems.append(f"{key}: a negative sum of losses")
@@ -780,6 +783,22 @@ def received_problems(
 
 MAX_COUNT_VALUES = 64
 """Longest integer array of kind COUNT (per-fold counts, a confusion matrix)."""
+
+
+NUMERIC_KINDS = frozenset({Kind.AGGREGATE, Kind.METRIC, Kind.WEIGHTS})
+NOT_FINITE = "a value that is not finite: a reply holding one may not leave"
+"""Reply kinds whose values may be floats: a site sends them finite or not at all (a NaN
+where a crafted network failed on some patients told the centre so, uncounted)."""
+
+
+def all_finite(value: Any) -> bool:
+    """Whether every number in a reply value (an array, a scalar, or a mapping of arrays:
+    weights) is finite; True for what is not numeric (its kind's rule names it)."""
+    arrays = value.values() if isinstance(value, Mapping) else [value]
+    for array in map(np.asarray, arrays):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            return False
+    return True
 
 
 def _kind_problems(kind: Kind, value: Any) -> list[str]:

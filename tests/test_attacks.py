@@ -20,7 +20,13 @@ import pytest
 import torch
 
 from fedmets.client.policy import DifferencingGuard, PolicyRefused, ScoreGroups
-from fedmets.client.release import BUDGET_RULE, RequestFailed, answer, site_audit_path
+from fedmets.client.release import (
+    BUDGET_RULE,
+    ReleaseRefused,
+    RequestFailed,
+    answer,
+    site_audit_path,
+)
 from fedmets.client.scoring import image_config
 from fedmets.client.site_worker import SiteWorker
 from fedmets.client.training import get_state
@@ -849,6 +855,53 @@ def test_failures_at_once_answer_no_more_questions(site) -> None:
     refused(site, "query.moments", "policy.max_failures", fold=0)
 
 
+def test_a_network_that_fails_on_some_patients_gets_a_failure_not_a_nan(site) -> None:
+    """The attack: the network of :func:`_above` scores NaN for the patients past t; a loss
+    sum (validation, permutation importance) or a training round's weights over rows holding
+    one of them came back NaN, answered and not counted as a failure: "is any of these
+    patients past t?", a bit a request, as many requests as the run made (a default site
+    answers every validation round). Scores that are not finite now fail the request
+    (``ScoreGroups``) and a reply holding a value that is not finite does not leave
+    (``wire.check_reply``): each is one of the run's ``max_failures``."""
+    ask(site, "query.folds", folds=5)
+    X = site.data.radiomics.to_numpy()[:, 0]
+    scoring = {"fold": 0, "pos_weight": 1.0}
+    training = {**scoring, "round": 1, "epochs": 1, "lr": 1e-3, "batch": 16}
+    training.update(weight_decay=0.0, proximal_mu=0.0, seed=0, dp_mode="off")
+    asked = [
+        ("query.validate", {**scoring, "stage": "fusion"}),
+        ("query.permutation", {**scoring, "repeats": 1, "seed": 0}),
+        ("train.fusion", training),
+    ]
+    for route, settings in asked:  # nobody past t: answered, every value finite
+        reply = ask(site, route, **_above(site, 0, X.max() + 1.0), **settings)
+        assert all(wire.all_finite(v) for v in reply.values()), route
+    for failure, (route, settings) in enumerate(asked, 1):  # everybody past t
+        with pytest.raises(RequestFailed) as failed:
+            ask(site, route, **_above(site, 0, X.min() - 1.0), **settings)
+        assert f"failure {failure} of run 'attack'" in str(failed.value)
+        entry = audit(site)[-1]
+        assert (entry["route"], entry["rule"], entry["sent"]) == (route, "failed", False)
+    refused(site, "query.validate", "policy.max_failures", **_above(site, 0, 0.0), **asked[0][1])
+
+
+def test_a_dp_training_says_nothing_exact_of_the_patients_a_network_fails_on(tmp_path) -> None:
+    """The attack: under DP-SGD the same network (NaN for the patients past t) made every
+    per-sample gradient of those patients NaN, so the noisy sum and every weight of the reply
+    were NaN exactly when one of them was in the round's rows, whatever the noise: an exact
+    bit a training at a site with ``require_dp``, at the budget's price of noise that hid
+    nothing. A sample whose gradient is not finite now adds zero
+    (``fedmets.client.privacy``): the reply is finite and a DP release like any other."""
+    worker = make_site(tmp_path, policy={"require_dp": True, "epsilon_budget": 100.0})
+    ask(worker, "query.folds", folds=5)
+    X = worker.data.radiomics.to_numpy()[:, 0]
+    for t in (X.max() + 1.0, X.min() - 1.0):  # nobody past t, then everybody
+        reply = ask(worker, "train.fusion", **_above(worker, 0, t), **_dp_settings())
+        assert set(reply) == {"n", wire.WEIGHTS_PREFIX + MAIN}
+        assert wire.all_finite(reply[wire.WEIGHTS_PREFIX + MAIN]), t
+    assert [e["sent"] for e in audit(worker)[-2:]] == [True, True]
+
+
 def test_a_forest_cannot_be_made_a_threshold_on_one_column(site) -> None:
     """The attack: ``query.importance`` of one column standardised with a scale of 1e-300
     around t: every value below t is clipped to -10^6 SD, every value above to +10^6 SD
@@ -1367,6 +1420,17 @@ def test_a_site_under_dp_releases_no_statistic_of_the_deep_features(tmp_path) ->
     ask(plain, "query.folds", folds=5)
     reply = ask(plain, "query.deep_features", dp_mode="off", **request)
     assert reply["deep_sum"].shape == (image.feature_dim,)  # exact sums without DP
+    # ... but never a sum that is not finite (a crafted network's failure on some crops)
+    weights = {k: v.copy() for k, v in request[wire.WEIGHTS_PREFIX + "image"].items()}
+    weights[next(k for k in weights if k.endswith("weight"))][...] = 3e38  # inf - inf: NaN
+    with pytest.raises(ReleaseRefused, match="not finite"):
+        ask(
+            plain,
+            "query.deep_features",
+            dp_mode="off",
+            **request | {wire.WEIGHTS_PREFIX + "image": weights},
+        )
+    assert (audit(plain)[-1]["route"], audit(plain)[-1]["sent"]) == ("query.deep_features", False)
 
 
 # ---- DP noise ----------------------------------------------------------------------------------

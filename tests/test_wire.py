@@ -215,6 +215,22 @@ def test_replies_that_may_not_leave(route: str, reply: dict, problem: str) -> No
     assert any(problem in p for p in problems), problems
 
 
+def test_a_reply_with_a_value_that_is_not_finite_may_not_leave_whichever_field() -> None:
+    """One problem, naming no field: which of a reply's models failed would be a bit each."""
+    nan = {**_moments(12), "radiomics_sum": np.array([1.0, np.nan, 0, 0])}
+    both = {**nan, "radiomics_count": np.array([np.inf, 1, 1, 1])}
+    weights = {"n": 12, "weights:none/clinical": {"w": np.ones(3), "b": np.array([np.nan])}}
+    for route, reply in (
+        ("query.moments", nan),
+        ("query.moments", both),
+        ("train.fusion", weights),
+    ):
+        problems = wire.check_reply(route, reply, min_patients=5)
+        assert problems == [wire.NOT_FINITE]
+    finite = {"n": 12, "weights:none/clinical": {"w": np.ones(3), "b": np.zeros(1)}}
+    assert wire.check_reply("train.fusion", finite, min_patients=5) == []
+
+
 def test_every_route_declares_a_patient_count_or_replies_only_hashes() -> None:
     for spec in wire.ROUTES.values():
         if spec.count_field is None:  # the stored model bundle's hash: nothing about patients
@@ -318,7 +334,7 @@ def _evaluation_reply() -> dict:
         ({"confusion:m": np.array([5, 0, 7])}, "confusion:m: 3 counts, not (TP, FN, TN, FP)"),
         ({"confusion:m": np.array([5, 0, 70, 0])}, "confusion:m: 75 patients, its histograms 12"),
         ({"brier_sum:m": -1.0}, "brier_sum:m: a negative sum of losses"),
-        ({"brier_sum:m": float("nan")}, "brier_sum:m: values that are not finite"),
+        ({"brier_sum:m": float("nan")}, wire.NOT_FINITE),
         ({"brier_sum:m": None}, "brier_sum:m: missing beside the model's other fields"),
         ({"n": "12"}, "n: not a count of patients: '12'"),
         ({"note": 3}, "note: not a declared reply field of query.evaluation"),
