@@ -786,9 +786,11 @@ MAX_COUNT_VALUES = 64
 
 
 NUMERIC_KINDS = frozenset({Kind.AGGREGATE, Kind.METRIC, Kind.WEIGHTS})
-NOT_FINITE = "a value that is not finite: a reply holding one may not leave"
 """Reply kinds whose values may be floats: a site sends them finite or not at all (a NaN
 where a crafted network failed on some patients told the centre so, uncounted)."""
+NOT_FINITE = "a value that is not finite: a reply holding one may not leave"
+""":func:`check_reply`'s one problem for such a reply, naming no field (which of a reply's
+models failed would be a bit each)."""
 
 
 def all_finite(value: Any) -> bool:
