@@ -95,12 +95,17 @@ def answer(
     withheld = None
     try:
         reply = worker.handle(route_name, request)
+        if not wire.reply_is_finite(route_name, reply):
+            # a failure, told as any other (a score that is not finite fails as ValueError):
+            # which way a crafted network failed on the site's data would be another bit
+            raise ValueError(wire.NOT_FINITE)
     except Withheld as held:
         reply, withheld = held.reply, held
     except (PolicyRefused, PrivacyBudgetExceeded, SiteNotReady) as refusal:  # on the data
         budget = isinstance(refusal, PrivacyBudgetExceeded)
         rule = BUDGET_RULE if budget else getattr(refusal, "rule", None)
-        _log(worker, route_name, request, {}, [str(refusal)], masked, rule, app=app)
+        said = refusal.local() if isinstance(refusal, SiteNotReady) else str(refusal)
+        _log(worker, route_name, request, {}, [said], masked, rule, app=app)
         raise
     except Exception as error:
         count = failures.record(run)

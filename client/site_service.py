@@ -44,7 +44,7 @@ from fedmets.client.service_channel import (
 )
 from fedmets.client.site_files import FEATURES_FILE
 from fedmets.client.site_lanes import SiteLanes
-from fedmets.client.site_worker import SiteWorker
+from fedmets.client.site_worker import SiteNotReady, SiteWorker
 from fedmets.shared import wire
 from fedmets.shared.config import SiteConfig, load_site_config
 from fedmets.shared.identity import load_private_key
@@ -282,7 +282,9 @@ def serve(config_path: Path, say: Callable[[str], None] = print) -> None:
     try:
         worker = service.worker
         say(f"{worker.site_id}: {len(worker.data.ids)} labelled patients loaded")
-    except Exception as error:  # noqa: BLE001 - the service still starts; requests will say
+    except SiteNotReady as error:  # the service still starts; requests will say
+        say(f"{service.cfg.site_id}: not ready: {error.local()}")
+    except Exception as error:  # noqa: BLE001 - likewise
         say(f"{service.cfg.site_id}: not ready: {error}")
     server = start_service(service, socket, say)
     mode = oct(os.stat(socket).st_mode & 0o777)

@@ -122,7 +122,17 @@ stored model bundle): not listed in the privacy ledger."""
 
 
 class SiteNotReady(RuntimeError):
-    """The site cannot take part yet (features not extracted, no labelled patient)."""
+    """The site cannot take part yet (features not extracted, no labelled patient). Its
+    message is what the centre hears of a request refused for it; ``detail`` (a patient's file,
+    say) stays at the site: in :meth:`local`, for the site's own logs and errors."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    def local(self) -> str:
+        """The message with its site-only ``detail``."""
+        return f"{self}: {self.detail}" if self.detail else str(self)
 
 
 @dataclass
@@ -193,7 +203,10 @@ def _one_site(cfg: SiteConfig, keep_unlabelled: bool = False) -> dict:
         crops = [crop_path(cfg, str(pid)) for pid in table["patient_id"]]
         missing = [str(p) for p in crops if not p.is_file()]
         if missing:
-            raise SiteNotReady(f"{cfg.site_id}: {len(missing)} crops missing, e.g. {missing[0]}")
+            raise SiteNotReady(  # which patient's stays at the site
+                f"{cfg.site_id}: {len(missing)} crops missing: run `fedmets site extract` again",
+                f"e.g. {missing[0]}",
+            )
     counts = report.get("counts", {})
     return {
         "site": cfg.site_id,

@@ -718,7 +718,7 @@ def check_reply(route_name: str, payload: Mapping[str, Any], min_patients: int) 
             problems.append(f"{key}: not a declared reply field of {route_name}")
             continue
         problems += [f"{key}: {p}" for p in _kind_problems(kind, value)]
-    if any(not all_finite(payload[k]) for k in payload if spec.reply_kind(k) in NUMERIC_KINDS):
+    if not reply_is_finite(route_name, payload):
         # one problem, whichever and however many fields: which of a reply's models failed on
         # the site's data would be a bit each (the audit log describes the fields)
         problems.append(NOT_FINITE)
@@ -791,6 +791,12 @@ where a crafted network failed on some patients told the centre so, uncounted)."
 NOT_FINITE = "a value that is not finite: a reply holding one may not leave"
 """:func:`check_reply`'s one problem for such a reply, naming no field (which of a reply's
 models failed would be a bit each)."""
+
+
+def reply_is_finite(route_name: str, payload: Mapping[str, Any]) -> bool:
+    """Whether every float of ``payload``'s fields of :data:`NUMERIC_KINDS` is finite."""
+    spec = route(route_name)
+    return all(all_finite(v) for k, v in payload.items() if spec.reply_kind(k) in NUMERIC_KINDS)
 
 
 def all_finite(value: Any) -> bool:

@@ -220,7 +220,7 @@ def run_study(
     try:
         worker = SiteWorker(configs, state_root=state, ledger_root=state)
     except SiteNotReady as error:
-        raise ValueError(str(error)) from error
+        raise ValueError(error.local()) from error
     data = worker.data
     if len(set(data.ids)) != len(data.ids):
         raise ValueError("patient ids repeat across sites")

@@ -20,13 +20,7 @@ import pytest
 import torch
 
 from fedmets.client.policy import DifferencingGuard, PolicyRefused, ScoreGroups
-from fedmets.client.release import (
-    BUDGET_RULE,
-    ReleaseRefused,
-    RequestFailed,
-    answer,
-    site_audit_path,
-)
+from fedmets.client.release import BUDGET_RULE, RequestFailed, answer, site_audit_path
 from fedmets.client.scoring import image_config
 from fedmets.client.site_worker import SiteWorker
 from fedmets.client.training import get_state
@@ -1423,14 +1417,20 @@ def test_a_site_under_dp_releases_no_statistic_of_the_deep_features(tmp_path) ->
     # ... but never a sum that is not finite (a crafted network's failure on some crops)
     weights = {k: v.copy() for k, v in request[wire.WEIGHTS_PREFIX + "image"].items()}
     weights[next(k for k in weights if k.endswith("weight"))][...] = 3e38  # inf - inf: NaN
-    with pytest.raises(ReleaseRefused, match="not finite"):
+    with pytest.raises(RequestFailed, match=r"\(ValueError;"):  # as a score that is not finite
         ask(
             plain,
             "query.deep_features",
             dp_mode="off",
             **request | {wire.WEIGHTS_PREFIX + "image": weights},
         )
-    assert (audit(plain)[-1]["route"], audit(plain)[-1]["sent"]) == ("query.deep_features", False)
+    entry = audit(plain)[-1]
+    assert (entry["route"], entry["rule"], entry["sent"]) == (
+        "query.deep_features",
+        "failed",
+        False,
+    )
+    assert entry["problems"] == [f"ValueError: {wire.NOT_FINITE}"]
 
 
 # ---- DP noise ----------------------------------------------------------------------------------

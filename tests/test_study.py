@@ -23,7 +23,9 @@ from packaging.utils import canonicalize_name
 from fedmets.client.crops import HU_WINDOW, load_crops
 from fedmets.client.policy import ScoreGroups
 from fedmets.client.site_files import FEATURES_FILE, crop_path
-from fedmets.client.site_worker import load_site_data
+from fedmets.client.site_service import SiteService
+from fedmets.client.site_worker import SiteNotReady, load_site_data
+from fedmets.shared import wire
 from fedmets.shared.config import FederationConfig, load_site_config
 from fedmets.shared.metrics import metrics_from_histograms
 from fedmets.shared.model_names import group_subsets, model_key, single_group_models
@@ -239,14 +241,21 @@ def test_late_fusion_scores_with_the_mean_logit_of_the_single_group_models(tmp_p
 
 
 @pytest.mark.slow
-def test_a_site_missing_a_crop_is_named(cohort_run, tmp_path):
+def test_a_site_missing_a_crop_is_named_at_the_site_alone(cohort_run, tmp_path):
     cohort = tmp_path / "cohort"
     shutil.copytree(cohort_run[0], cohort)
     cfg = load_site_config(sorted(cohort.glob("*/site.toml"))[1])
     patient = pd.read_parquet(cfg.paths.output / FEATURES_FILE)["patient_id"].iloc[0]
     crop_path(cfg, str(patient)).unlink()
-    with pytest.raises(ValueError, match=rf"{cfg.site_id}: 1 crops missing, e.g. .*{patient}"):
+    with pytest.raises(ValueError, match=rf"{cfg.site_id}: 1 crops missing.*{patient}"):
         run_study(cohort_sites(cohort), tiny(), tmp_path / "run", ["swin3d"])
+    # what the centre would hear of it names no patient; the site's own error does
+    with pytest.raises(SiteNotReady) as caught:
+        SiteService(cfg.source).answer(
+            "query.census", wire.to_records("query.census", {}, reply=False)
+        )
+    assert "1 crops missing" in str(caught.value) and str(patient) not in str(caught.value)
+    assert str(patient) in caught.value.local()
 
 
 def test_folds_in_parallel_need_dp_off(tmp_path):
