@@ -35,7 +35,9 @@ Rules (each named in refusals and in the audit log by the string in brackets):
 - ``policy.difference``: the :class:`DifferencingGuard` remembers, per statistic, every
   patient set the site released it on, across runs, and withholds a release on a set that
   differs from an earlier one by fewer than the floor (the same statistic on two sets that
-  differ by one patient gives that patient's value); a sum over a fold's training rows is a
+  differ by one patient gives that patient's value), or that lets a linear combination of
+  the statistic's sums over all its sets be one over fewer than the floor
+  (``fedmets.client.combined_sets``); a sum over a fold's training rows is a
   release on the cohort and every held-out fold too (the site worker gives the guard those
   sets), and every route's sums of feature values are one statistic (``FEATURE_FIELDS``);
 - ``policy.min_bin_count``: every statistic of scores and labels (histograms, confusion
@@ -69,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmets.client.combined_sets import smallest_isolated
 from fedmets.shared import wire
 from fedmets.shared.config import PolicySection
 from fedmets.shared.files import exclusive, write_json
@@ -455,10 +458,13 @@ class DifferencingGuard:
     """The patient sets a site has released each statistic on (``folder/released-sets.json``,
     every run on the cohort, by :func:`release_families`), and the rule that a new release of
     a statistic is on the same set as each earlier release of it or on a set that differs from
-    it by at least ``floor`` patients. Different statistics on overlapping sets cannot be
-    subtracted from each other, so they are not compared. The guard compares sets two at a
-    time: the site also gives it the sets that several releases together make known (a
-    fold's training rows: the cohort and every held-out fold, ``SiteWorker._training_sets``)."""
+    it by at least ``floor`` patients, and no linear combination of the statistic's sums over
+    all its sets, earlier and new, is a sum over fewer than ``floor`` patients
+    (``fedmets.client.combined_sets``: three sets no two of which are close can still
+    isolate one patient). Different statistics on overlapping sets cannot be subtracted from
+    each other, so they are not compared. The site also gives the guard the sets that
+    several releases together make known (a fold's training rows: the cohort and every
+    held-out fold, ``SiteWorker._training_sets``)."""
 
     def __init__(self, folder: Path, floor: int) -> None:
         self.path = Path(folder) / "released-sets.json"
@@ -521,6 +527,18 @@ class DifferencingGuard:
                         )
             pending[key] = members
             where.setdefault(key, set()).update(set_families)
+        for family in sorted(set().union(*where.values())):
+            new_sets = [k for k in pending if family in where[k] and k not in known.get(family, {})]
+            if not new_sets:
+                continue
+            combined = [*known.get(family, {}).values(), *(pending[k] for k in new_sets)]
+            isolated = smallest_isolated(combined, self.floor)
+            if isolated is not None:
+                return (
+                    f"{family}: with the sets this site already released it on, a combination "
+                    f"of sums over them would be one over {isolated} patients; the floor is "
+                    f"{self.floor}"
+                )
         if not record or all(
             key in known.get(family, {}) for key in pending for family in where[key]
         ):

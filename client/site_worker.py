@@ -495,9 +495,8 @@ class SiteWorker:
         with the other folds' releases of the same sum also the group's whole cohort (the k
         folds' training sets add up to k - 1 times it; the final model's fold is it) and
         each fold's held-out rows of it (the cohort minus that fold's training rows). The
-        guard compares sets two at a time, so it is given them all: a cohort that changed
-        by a patient since an earlier release, or a fold holding fewer than the floor of
-        the group, withholds the sum."""
+        guard is given them all: a cohort that changed by a patient since an earlier
+        release, or a fold holding fewer than the floor of the group, withholds the sum."""
         fold, _ = self._partition(request)
         train = self._rows(request)["train"]
         sets = [train]  # the cohort and its folds: every fold-wise release (_admit_together)

@@ -338,6 +338,44 @@ def test_combat_releases_no_covariate_group_under_the_floor(site, tmp_path) -> N
     )
 
 
+def test_three_covariate_levels_no_two_close_are_not_combined_into_one_patient(tmp_path) -> None:
+    """The attack: ComBat's statistics over three category covariates the centre names, whose
+    levels at this site are A = U1 + {p} (male), B = U1 + U2 (HPV's reference level:
+    positive) and C = U2 (alcohol's reference level: yes), U1 and U2 ten patients each, half in
+    each fold: every level and each fold's share of it holds the floor, no two sets the guard
+    is given differ by fewer than 5 (the pairwise rule admits them all), and A - B + C is p's
+    radiomics row, exact. The guard also looks for combinations of every set a statistic was
+    released on (``fedmets.client.combined_sets``): withheld; two of the three covariates are
+    released as before."""
+    two = make_site(tmp_path, policy={"folds": 2})
+    ask(two, "query.folds", folds=2)
+    fold = np.load(two.state_root / "attack" / "folds.npz")["fold"]
+    first, second = np.flatnonzero(fold == 0), np.flatnonzero(fold == 1)
+    u1, u2, p = np.r_[first[:5], second[:5]], np.r_[first[5:10], second[5:10]], second[10]
+    a, b, c = (np.isin(np.arange(72), rows).astype(float) for rows in ([*u1, p], [*u1, *u2], u2))
+    assert np.array_equal(a - b + c, np.eye(72)[p])  # the combination is p alone
+    levels = _relabel(
+        two,
+        sex_male=a,
+        hpv_positive=b,
+        hpv_negative=1 - b,
+        hpv_missing=0 * b,
+        alcohol_yes=c,
+        alcohol_no=1 - c,
+        alcohol_missing=0 * c,
+    )
+    ask(levels, "query.folds", folds=2, run="levels")
+    k = levels.data.radiomics.shape[1]
+    request = {"radiomics_mean": np.zeros(k), "run": "levels", "fold": -1}
+    reply = ask(levels, "query.combat_statistics", covariates=["sex", "hpv", "alcohol"], **request)
+    assert "covariate_response" not in reply
+    entry = audit(levels)[-1]
+    assert entry["rule"] == "policy.difference" and "a combination" in entry["withheld"]
+    assert "covariate_response" in ask(
+        levels, "query.combat_statistics", covariates=["hpv", "alcohol"], **request
+    )
+
+
 # ---- histograms and subsites -------------------------------------------------------------------
 
 
