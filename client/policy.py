@@ -461,10 +461,13 @@ class DifferencingGuard:
     it by at least ``floor`` patients, and no linear combination of the statistic's sums over
     all its sets, earlier and new, is a sum over fewer than ``floor`` patients
     (``fedmets.client.combined_sets``: three sets no two of which are close can still
-    isolate one patient). Different statistics on overlapping sets cannot be subtracted from
-    each other, so they are not compared. The site also gives the guard the sets that
-    several releases together make known (a fold's training rows: the cohort and every
-    held-out fold, ``SiteWorker._training_sets``)."""
+    isolate one patient). Not for a training route's weights, whose fitting rows (each
+    fold's training rows less its inner-validation ones) combine with the cohort into a sum
+    over the validation rows: as for pairs, they are not taken for feature sums, or a small
+    site could not train outside DP (docs/privacy.md). Different statistics on overlapping
+    sets cannot be subtracted from each other, so they are not compared. The site also gives
+    the guard the sets that several releases together make known (a fold's training rows:
+    the cohort and every held-out fold, ``SiteWorker._training_sets``)."""
 
     def __init__(self, folder: Path, floor: int) -> None:
         self.path = Path(folder) / "released-sets.json"
@@ -527,7 +530,7 @@ class DifferencingGuard:
                         )
             pending[key] = members
             where.setdefault(key, set()).update(set_families)
-        for family in sorted(set().union(*where.values())):
+        for family in sorted(set().union(*where.values()) - set(TRAINING_ROUTES)):
             new_sets = [k for k in pending if family in where[k] and k not in known.get(family, {})]
             if not new_sets:
                 continue
