@@ -64,12 +64,15 @@ def smallest_isolated(
     for k in range(1, floor):
         if best is not None and best <= k:  # k atoms hold k patients at least
             break
-        unions = [c for c in itertools.combinations(small, k) if sizes[list(c)].sum() < floor]
+        unions = []
+        for union in itertools.combinations(small, k):  # lazily: stop at the limit
+            if sizes[list(union)].sum() < floor:
+                unions.append(union)
+                if tried + len(unions) > limit:
+                    return floor - 1
         if not unions:
             break
         tried += len(unions)
-        if tried > limit:
-            return floor - 1
         if null.shape[1] < k:  # k rows of a space of fewer dimensions: always dependent
             dependent = np.ones(len(unions), dtype=bool)
         else:
