@@ -448,10 +448,17 @@ def release_families(route_name: str, reply: Mapping[str, Any]) -> set[str]:
     return families
 
 
-SHARED_FAMILIES = frozenset({"features", "labels"})
+FEATURES = "features"
+"""The family of every sum of feature values (:func:`release_families`)."""
+SHARED_FAMILIES = frozenset({FEATURES, "labels"})
 """The statistics every release on the cohort or its folds is recorded as too
 (:meth:`DifferencingGuard.admit_together`'s ``shared``): with crafted weights, a training
 reply's weights, a loss sum or a Brier sum is a sum of feature values and a count of labels."""
+
+
+def _digest(members: Sequence[str]) -> str:
+    """The record's key of a patient set (its sorted ids)."""
+    return hashlib.sha256("\n".join(members).encode()).hexdigest()
 
 
 class DifferencingGuard:
@@ -483,6 +490,7 @@ class DifferencingGuard:
         sets: Sequence[np.ndarray],
         families: set[str],
         shared: Sequence[np.ndarray] = (),
+        present: Sequence[np.ndarray] = (),
     ) -> str | None:
         """Record the patient sets (arrays of ids) of one reply for each of ``families`` and
         return None when they may be released on, else why not: each against the earlier
@@ -491,10 +499,14 @@ class DifferencingGuard:
         folds) that the reply makes known whatever statistic it is, recorded for
         :data:`SHARED_FAMILIES` too (a crafted network's weights or loss sums are feature sums
         and label counts, so a cohort one patient apart from one a moments or census reply was
-        on must not get them). Processes answering at once (folds run in parallel) take
-        turns on the record."""
+        on must not get them). ``present``: for each pattern of missing radiomics values,
+        the patients (ids) who have those columns: a feature sum over a set is one over its
+        patients with the column (a missing value sits at the column's mean, which the site
+        releases), so each set's share of each is a release of :data:`FEATURES` too, under
+        a family of its own pattern. Processes answering at once (folds run in parallel)
+        take turns on the record."""
         with exclusive(self.path):
-            return self._admit_together(sets, families, shared=shared)
+            return self._admit_together(sets, families, shared=shared, present=present)
 
     def problem(self, sets: Sequence[np.ndarray], families: set[str]) -> str | None:
         """Why :meth:`admit_together` would refuse ``sets`` now (None: it would admit them),
@@ -508,18 +520,35 @@ class DifferencingGuard:
         families: set[str],
         record: bool = True,
         shared: Sequence[np.ndarray] = (),
+        present: Sequence[np.ndarray] = (),
     ) -> str | None:
         known = self._sets()
         pending: dict[str, list[str]] = {}
         where: dict[str, set[str]] = {}  # each pending set's families
         items = [(ids, set(families)) for ids in sets]
         items += [(ids, set(families) | SHARED_FAMILIES) for ids in shared]
-        for ids, set_families in items:
+        whole = len(items)  # the reply's own sets, compared with each other whatever family
+        for having in present:  # each set's patients with a pattern's columns
+            family = f"{FEATURES}@{_digest(sorted(map(str, having)))[:16]}"
+            for ids, set_families in items[:whole]:
+                kept = np.intersect1d(np.asarray(ids, dtype=str), np.asarray(having, dtype=str))
+                if FEATURES in set_families and 0 < len(kept) < self.floor:
+                    return (
+                        f"{FEATURES}: {len(kept)} of the {len(ids)} patients have every "
+                        f"column the sum is over (a missing value sits at the column's mean); "
+                        f"the floor is {self.floor}"
+                    )
+                if FEATURES in set_families and len(kept):
+                    items.append((kept, {family}))
+        for number, (ids, set_families) in enumerate(items):
             members = sorted(map(str, ids))
-            key = hashlib.sha256("\n".join(members).encode()).hexdigest()
+            key = _digest(members)
             new = set(members)
             for family in sorted(set_families):
-                earlier = {**known.get(family, {}), **pending}
+                # a pattern's share is compared within its family alone: against its own set
+                # it differs by patients whose value is the column's public mean
+                mates = {k: v for k, v in pending.items() if number < whole or family in where[k]}
+                earlier = {**known.get(family, {}), **mates}
                 for digest, other in earlier.items():
                     differ = len(new.symmetric_difference(other))
                     if digest != key and differ < self.floor:

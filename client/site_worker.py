@@ -541,9 +541,21 @@ class SiteWorker:
             [self.data.ids[rows] for rows in groups],
             families,
             shared=[self.data.ids[rows] for rows in shared],
+            present=self._present_patterns(request),
         )
         if problem:
             raise Withheld("policy.difference", problem, {"n": n})
+
+    def _present_patterns(self, request: Mapping[str, Any]) -> list[np.ndarray]:
+        """The patients (ids) who have each pattern's columns, one array per distinct pattern
+        of missing values among the request's radiomics columns (every column without one
+        left out): for the guard, a feature sum is one over each pattern's patients."""
+        values = self.data.radiomics.to_numpy()
+        if "radiomics_columns" in request:
+            values = values[:, np.asarray(request["radiomics_columns"], dtype=int)]
+        having = np.isfinite(values)
+        patterns = np.unique(having[:, ~having.all(axis=0)], axis=1) if having.size else having
+        return [self.data.ids[column] for column in patterns.T]
 
     # ---- census, folds, selection --------------------------------------------------------------
 

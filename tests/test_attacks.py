@@ -376,6 +376,40 @@ def test_three_covariate_levels_no_two_close_are_not_combined_into_one_patient(t
     )
 
 
+def test_levels_apart_by_patients_who_lack_a_column_are_not_a_sum_over_the_rest(tmp_path) -> None:
+    """The attack (a review, 2026-12-07): ComBat's statistics over two levels L1 = U + {p} + M
+    and L2 = U, ten patients in U, where the four patients M lack six radiomics columns: the
+    sets differ by 5 (admitted), but a missing value sits at the column's mean, which the
+    reply gives, so for those columns L1 - L2 - 4 x mean is p's value alone (exact before this
+    rule). The guard now takes a feature sum as one over each pattern of present columns'
+    patients too: L1's and L2's shares of them differ by p alone: withheld."""
+    two = make_site(tmp_path, policy={"folds": 2})
+    ask(two, "query.folds", folds=2)
+    fold = np.load(two.state_root / "attack" / "folds.npz")["fold"]
+    first, second = np.flatnonzero(fold == 0), np.flatnonzero(fold == 1)
+    u, lacking, p = np.r_[first[:5], second[:5]], second[5:9], second[9]
+    l1 = np.isin(np.arange(72), [*u, *lacking, p]).astype(float)
+    l2 = np.isin(np.arange(72), u).astype(float)
+    columns = {}
+    for name in two.data.radiomics.columns[:6]:
+        values = two.data.radiomics[name].to_numpy().copy()
+        values[lacking] = np.nan
+        columns[name] = values
+    levels = _relabel(
+        two, sex_male=l1, hpv_positive=l2, hpv_negative=1 - l2, hpv_missing=0 * l2, **columns
+    )
+    ask(levels, "query.folds", folds=2, run="levels")
+    k = levels.data.radiomics.shape[1]
+    request = {"radiomics_mean": np.zeros(k), "run": "levels", "fold": -1}
+    reply = ask(levels, "query.combat_statistics", covariates=["sex", "hpv"], **request)
+    assert "covariate_response" not in reply
+    entry = audit(levels)[-1]
+    assert entry["rule"] == "policy.difference" and entry["withheld"].startswith("features@")
+    assert "covariate_response" in ask(  # one level alone: released as before
+        levels, "query.combat_statistics", covariates=["hpv"], **request
+    )
+
+
 # ---- histograms and subsites -------------------------------------------------------------------
 
 
