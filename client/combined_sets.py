@@ -13,9 +13,11 @@ How: patients that lie in exactly the same sets (an *atom*) are alike to every c
 the sets are a 0/1 matrix ``M`` (sets, atoms). A combination ``y = x @ M`` is supported on the
 atoms ``S`` alone exactly when ``y`` lies in the row space of ``M`` and is zero elsewhere, i.e.
 when the rows of ``W[S]`` are linearly dependent, ``W`` (atoms, d) an orthonormal basis of the
-null space of ``M``. The atoms of fewer than ``floor`` patients are few in an honest run (the
-main job's sites: 15-25), and the search tries their unions of fewer than ``floor`` patients,
-smallest first.
+null space of ``M``. In floating point, nearly is enough for a centre (huge coefficients, or a
+combination that weighs one patient 1 and the others 1e-7): :data:`RANK_TOLERANCE` and
+:data:`MARGIN` count those too. The atoms of fewer than ``floor`` patients are few in an
+honest run (the main job's sites: 15-25), and the search tries their unions of fewer than
+``floor`` patients, smallest first.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ SEARCH_LIMIT = 500_000
 """Most unions of small atoms :func:`smallest_isolated` tries (~7 s on one core); past it the
 sets count as isolating (a record that splits the patients into that many small groups is a
 crafted one: the main job's sites need under 1,500)."""
-_TOLERANCE = 1e-8
+RANK_TOLERANCE = 1e-12
+"""A singular value of the sets' matrix above this share of the largest counts as a direction
+the sums reach: an ill-conditioned combination (coefficients of 1e7 and more) still reads a
+patient to 1e-5, so only float rounding's null directions (~1e-16) are left out."""
+MARGIN = 1e-3
+"""A union of groups counts as isolated when some unit combination over it lies within this
+distance of what the sums reach (the smallest singular value of its null-space rows): a
+least-squares combination weighing one patient 1 and everyone else under 1e-7 read that
+patient's row to 1e-5. The main job's sites keep a margin of 0.397 or more."""
 
 
 def atoms(sets: Sequence[Collection[str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +68,7 @@ def smallest_isolated(
     if not len(small):
         return None
     _, singular, vt = np.linalg.svd(M, full_matrices=True)
-    rank = int((singular > _TOLERANCE * singular.max()).sum()) if singular.size else 0
+    rank = int((singular > RANK_TOLERANCE * singular.max()).sum()) if singular.size else 0
     null = vt[rank:].T  # (atoms, d): the combinations' orthogonal complement
     tried, best = 0, None
     for k in range(1, floor):
@@ -77,7 +87,7 @@ def smallest_isolated(
             dependent = np.ones(len(unions), dtype=bool)
         else:
             rows = null[np.array(unions)]  # (unions, k, d)
-            dependent = np.linalg.svd(rows, compute_uv=False)[:, -1] < _TOLERANCE
+            dependent = np.linalg.svd(rows, compute_uv=False)[:, -1] < MARGIN
         found = [int(sizes[list(c)].sum()) for c, d in zip(unions, dependent, strict=True) if d]
         if found:
             best = min(found) if best is None else min(best, *found)

@@ -55,3 +55,41 @@ def test_patients_in_the_same_sets_are_one_atom() -> None:
 def test_past_the_search_limit_the_sets_count_as_isolating() -> None:
     singles = [[*REST[:10], f"s{i}"] for i in range(30)]  # 30 atoms of one patient each
     assert smallest_isolated(singles, floor=5, limit=10) == 4
+
+
+def _banded_sets(n: int, leave_out_first: bool) -> tuple[list[list[str]], np.ndarray]:
+    """Sets j = groups j, j-1, j-3, j-5, j-7 of 5 patients (the last group, or with
+    ``leave_out_first`` the first, one target patient): every set holds 5 or more and no two
+    differ by fewer than 5, yet the 0/1 matrix (sets, groups) is unit lower triangular, its
+    inverse's entries growing ~1.6^n. Returns the sets and the matrix."""
+    matrix = np.zeros((n, n))
+    for j in range(n):
+        for offset in (0, 1, 3, 5, 7):
+            if j - offset >= 0:
+                matrix[j, j - offset] = 1
+    target = 0 if leave_out_first else n - 1
+    groups = [["target"] if k == target else [f"g{k}-{i}" for i in range(5)] for k in range(n)]
+    if leave_out_first:
+        matrix = matrix[1:]
+    sets = [sorted(p for k in np.flatnonzero(row) for p in groups[k]) for row in matrix]
+    return sets, matrix
+
+
+def test_an_ill_conditioned_combination_still_isolates() -> None:
+    """40 such sets: exactly invertible, its smallest singular value ~1e-9 of the largest (a
+    1e-8 rank cut took it for a null direction); the centre's solve (coefficients ~4.5e7)
+    still reads the target's sum to 1e-5."""
+    sets, matrix = _banded_sets(40, leave_out_first=False)
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    assert singular[-1] / singular[0] < 1e-8
+    assert smallest_isolated(sets, floor=5) == 1
+
+
+def test_a_combination_nearly_on_one_patient_isolates_it() -> None:
+    """36 such sets less the first: no combination is exactly on the target alone, but the
+    least-squares one weighs it 1 and everyone else under 1e-7."""
+    sets, matrix = _banded_sets(36, leave_out_first=True)
+    x, *_ = np.linalg.lstsq(matrix.T, np.eye(36)[0], rcond=None)
+    weights = x @ matrix
+    assert abs(weights[0] - 1) < 1e-6 and np.abs(weights[1:]).max() < 1e-6
+    assert smallest_isolated(sets, floor=5) == 1
